@@ -1,0 +1,221 @@
+"""Finding and loading models: perceiver-io Hugging Face directories, Hugging Face repo ids,
+LivePerceiver's own `models/<name>/` format, and random-weight configurations for benchmarks.
+
+Loading never unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from liveperceiver import vocab
+from liveperceiver.errors import UserError
+from liveperceiver.model import PerceiverAR, PerceiverARConfig
+
+DEFAULT_MODEL = "liveperceiver-chorale"
+OWN_FORMAT = "liveperceiver"
+SEED_REPO_ID = "krasserm/perceiver-ar-sam-giant-midi"
+
+RANDOM_CONFIGS = {
+    # The 134M seed checkpoint's configuration.
+    "seed": dict(max_seq_len=6144, max_latents=2048, num_channels=768, num_heads=8, num_self_attention_layers=18),
+    # A 5.6M model of the same family (the engine's speed targets refer to it).
+    "small": dict(max_seq_len=6144, max_latents=2048, num_channels=256, num_heads=4, num_self_attention_layers=6),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: PerceiverAR
+    name: str  # what the user asked for, shortened for display
+    source: str  # where the weights came from
+
+
+def models_dirs() -> list[Path]:
+    """Where model names are looked up: $LIVEPERCEIVER_MODELS, the user's data dir, the shipped models/."""
+    dirs = []
+    if os.environ.get("LIVEPERCEIVER_MODELS"):
+        dirs.append(Path(os.environ["LIVEPERCEIVER_MODELS"]))
+    data_home = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    dirs.append(data_home / "liveperceiver" / "models")
+    dirs.append(Path(__file__).resolve().parent.parent / "models")
+    return dirs
+
+
+def shipped_model_names() -> list[str]:
+    names = set()
+    for directory in models_dirs():
+        if directory.is_dir():
+            names.update(p.name for p in directory.iterdir() if (p / "config.json").is_file())
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------- perceiver-io key mapping
+
+_REFERENCE_KEYS = [
+    (r"input_adapter\.txt_embedding\.", "embedding."),
+    (r"input_adapter\.pos_embedding\.", "pos_embedding."),
+    (r"cross_attention\.0\.module\.(q_norm|kv_norm|attention)\.", r"cross_attention.\1."),
+    (r"cross_attention\.1\.module\.0\.", "cross_attention.mlp.norm."),
+    (r"cross_attention\.1\.module\.1\.", "cross_attention.mlp.fc1."),
+    (r"cross_attention\.1\.module\.3\.", "cross_attention.mlp.fc2."),
+    (r"self_attention\.(\d+)\.0\.module\.(norm|attention)\.", r"self_attention.\1.\2."),
+    (r"self_attention\.(\d+)\.1\.module\.0\.", r"self_attention.\1.mlp.norm."),
+    (r"self_attention\.(\d+)\.1\.module\.1\.", r"self_attention.\1.mlp.fc1."),
+    (r"self_attention\.(\d+)\.1\.module\.3\.", r"self_attention.\1.mlp.fc2."),
+    (r"out_norm\.", "out_norm."),
+    (r"output_adapter\.bias$", "output_bias"),
+]
+_DERIVED_REFERENCE_KEYS = ("backend_model.input_adapter.frq_pos_encoding.inv_freq",)
+
+
+def from_reference_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Rename perceiver-io keys (`backend_model.` prefix) to this package's module names."""
+    renamed = {}
+    for key, tensor in state.items():
+        if key in _DERIVED_REFERENCE_KEYS:
+            continue  # rotary inverse frequencies are recomputed
+        short = key.removeprefix("backend_model.")
+        for pattern, replacement in _REFERENCE_KEYS:
+            new_key, count = re.subn("^" + pattern, replacement, short)
+            if count:
+                renamed[new_key] = tensor
+                break
+        else:
+            raise UserError(f"{source}: unexpected tensor {key!r} in checkpoint")
+    return renamed
+
+
+# --------------------------------------------------------------------------- building models
+
+
+def build_model(config: PerceiverARConfig, state: dict[str, torch.Tensor] | None, source: str) -> PerceiverAR:
+    """A model in eval mode with `state` loaded strictly; mismatches become one-line UserErrors."""
+    if config.vocab_size != vocab.VOCAB_SIZE:
+        raise UserError(
+            f"{source}: vocab_size {config.vocab_size} does not match the {vocab.VOCAB_SIZE}-token performance vocabulary"
+        )
+    model = PerceiverAR(config)
+    if state is not None:
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if missing:
+            raise UserError(f"{source}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        if extra:
+            raise UserError(f"{source}: checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[0]!r}")
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise UserError(
+                    f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[key].shape)}"
+                )
+        model.load_state_dict({key: tensor.float() for key, tensor in state.items()})
+    return model.eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: cannot read checkpoint config ({error})") from None
+
+
+def _config_from(values: dict, source: str) -> PerceiverARConfig:
+    try:
+        return PerceiverARConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{source}: invalid model config ({error})") from None
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
+    try:
+        if safetensors_path.is_file():
+            return load_file(str(safetensors_path))
+        if bin_path.is_file():
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or truncated weight files
+        raise UserError(f"{directory}: cannot read weights ({type(error).__name__}: {error})") from None
+    raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def load_directory(directory: str | Path) -> PerceiverAR:
+    """Load a perceiver-io Hugging Face directory or a LivePerceiver `models/<name>/` directory."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{directory}: no config.json, not a model directory")
+    meta = _read_json(config_path)
+    if "model_config" not in meta:
+        raise UserError(f"{config_path}: no 'model_config' section")
+    config = _config_from(meta["model_config"], str(config_path))
+    state = _read_weights(directory)
+    if meta.get("format") != OWN_FORMAT:
+        state = from_reference_state_dict(state, str(directory))
+    return build_model(config, state, str(directory))
+
+
+def save_directory(
+    model: PerceiverAR, directory: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None
+) -> None:
+    """Save in LivePerceiver's own format: config.json + model.safetensors (the model card is written separately)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: tensor.detach().to(dtype).contiguous() for key, tensor in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    meta = {"format": OWN_FORMAT, "model_config": model.config.to_dict(), **(extra or {})}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def random_model(spec: str, seed: int = 0) -> PerceiverAR:
+    """`seed`, `small` or a path to a config.json, with random weights (for benchmarks)."""
+    if spec in RANDOM_CONFIGS:
+        config = PerceiverARConfig(**RANDOM_CONFIGS[spec])
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"random:{spec}: not 'seed', 'small' or an existing config.json")
+        values = _read_json(path)
+        config = _config_from(values.get("model_config", values), spec)
+    torch.manual_seed(seed)
+    return build_model(config, None, f"random:{spec}")
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors", "pytorch_model.bin"])
+        )
+    except Exception as error:  # offline, unknown repo, auth
+        raise UserError(f"{repo_id}: cannot download from Hugging Face ({type(error).__name__}: {error})") from None
+
+
+def load_model(spec: str | None = None) -> LoadedModel:
+    """Resolve a model spec: None (the shipped default), a path, a name under models/, a Hugging Face
+    repo id, or `random:seed|small|<config.json>`."""
+    spec = spec or DEFAULT_MODEL
+    if spec.startswith("random:"):
+        return LoadedModel(random_model(spec.removeprefix("random:")), spec, "random weights")
+    path = Path(spec).expanduser()
+    if path.exists():
+        return LoadedModel(load_directory(path), path.name, str(path))
+    for directory in models_dirs():
+        if (directory / spec / "config.json").is_file():
+            return LoadedModel(load_directory(directory / spec), spec, str(directory / spec))
+    if _looks_like_repo_id(spec):
+        return LoadedModel(load_directory(_download(spec)), spec, f"huggingface:{spec}")
+    known = ", ".join(shipped_model_names()) or "none installed"
+    raise UserError(f"unknown model {spec!r}: not a path, a model name ({known}) or a Hugging Face repo id")

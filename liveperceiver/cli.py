@@ -1,0 +1,109 @@
+"""The `liveperceiver` command: a thin argparse shell over the library.
+
+Each subcommand is declared by a `add_<name>` function that builds its parser and sets `handler`
+to a function taking the parsed arguments; handlers import heavy modules (torch) lazily so that
+`--help` is instant. A UserError anywhere becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from liveperceiver.errors import UserError
+
+# --------------------------------------------------------------------------- tokenize / detokenize
+
+
+def add_tokenize(subparsers) -> None:
+    parser = subparsers.add_parser("tokenize", help="print the token ids of a MIDI file as a JSON list")
+    parser.add_argument("midi", type=Path, help="a .mid/.midi/.mid.gz file")
+    parser.set_defaults(handler=run_tokenize)
+
+
+def run_tokenize(args: argparse.Namespace) -> None:
+    from liveperceiver.tokenizer import encode_file
+
+    print(json.dumps(encode_file(args.midi)))
+
+
+def read_token_file(path: Path) -> list[int]:
+    """A JSON list of token ids (or an object with a `tokens` list); bad content raises UserError."""
+    from liveperceiver.vocab import check_tokens
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise UserError(f"{path}: cannot read token file ({error.strerror or error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a JSON token list ({error})") from None
+    if isinstance(data, dict):
+        data = data.get("tokens")
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of token ids")
+    try:
+        return check_tokens(data, str(path))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def write_midi(midi, path: Path) -> None:
+    """Write a pretty_midi object atomically (no partial file on failure)."""
+    from liveperceiver.errors import atomic_output
+
+    try:
+        with atomic_output(path) as file:
+            midi.write(file)
+    except OSError as error:
+        raise UserError(f"{path}: cannot write MIDI file ({error.strerror or error})") from None
+
+
+def add_detokenize(subparsers) -> None:
+    parser = subparsers.add_parser("detokenize", help="write the MIDI file decoded from a JSON token list")
+    parser.add_argument("tokens", type=Path, help="a JSON file holding a list of token ids")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
+    parser.set_defaults(handler=run_detokenize)
+
+
+def run_detokenize(args: argparse.Namespace) -> None:
+    from liveperceiver.tokenizer import decode_midi
+
+    write_midi(decode_midi(read_token_file(args.tokens)), args.output)
+
+
+# --------------------------------------------------------------------------- main
+
+COMMANDS = [add_tokenize, add_detokenize]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="liveperceiver",
+        description="A live Perceiver AR improvisation partner between your MIDI keyboard and your DAW.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        result = args.handler(args)
+    except UserError as error:
+        print(f"liveperceiver: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
