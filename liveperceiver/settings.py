@@ -1,0 +1,88 @@
+"""Live session settings: one dataclass shared by presets, the CLI flags, the session and the UI.
+
+Every field has a default, a type and an allowed range; `validate()` names the field and the
+allowed values. Presets (TOML) group the fields in sections: top-level `mode`, `model`,
+`description`; `[sampling]`, `[timing]`, `[output]`, `[input]` hold the rest (see SECTIONS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+MODES = ("call", "duet", "listen")
+QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # what the model does
+    mode: str = "call"
+    model: str | None = None  # None: the shipped default model
+    description: str = ""
+    # [sampling]
+    temperature: float = 0.9
+    top_k: int = 0  # 0: off
+    top_p: float = 0.95
+    num_latents: int = 1
+    prefix_cap: int = 0  # 0: the model's max_prefix_len
+    seed: int | None = None
+    # [timing]
+    silence_ms: int = 600
+    response_seconds: float = 6.0
+    lookahead_ms: int = 200
+    quantize: str = "off"
+    max_note_seconds: float = 8.0  # watchdog: longer model notes are cut
+    # [output]
+    out_channel: int = 1  # 1-16
+    transpose: int = 0
+    velocity_scale: float = 1.0
+    pitch_low: int = 21
+    pitch_high: int = 108
+    # [input]
+    in_channel: int = 0  # 0: all channels, else 1-16
+    thru: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field outside its allowed values."""
+        checks = [
+            ("mode", self.mode in MODES, f"one of {', '.join(MODES)}"),
+            ("temperature", 0.0 < self.temperature <= 5.0, "0 < temperature <= 5"),
+            ("top_k", 0 <= self.top_k <= 388, "0 (off) .. 388"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "0 < top_p <= 1"),
+            ("num_latents", 1 <= self.num_latents <= 2048, "1 .. 2048 (and at most the model's max_latents)"),
+            ("prefix_cap", 0 <= self.prefix_cap <= 65536, "0 (model maximum) .. the model's max_prefix_len"),
+            ("silence_ms", 50 <= self.silence_ms <= 10000, "50 .. 10000"),
+            ("response_seconds", 0.5 <= self.response_seconds <= 120, "0.5 .. 120"),
+            ("lookahead_ms", 20 <= self.lookahead_ms <= 2000, "20 .. 2000"),
+            ("quantize", self.quantize in QUANTIZE_GRIDS, f"one of {', '.join(QUANTIZE_GRIDS)}"),
+            ("max_note_seconds", 0.5 <= self.max_note_seconds <= 60, "0.5 .. 60"),
+            ("out_channel", 1 <= self.out_channel <= 16, "1 .. 16"),
+            ("transpose", -48 <= self.transpose <= 48, "-48 .. 48"),
+            ("velocity_scale", 0.0 < self.velocity_scale <= 4.0, "0 < velocity_scale <= 4"),
+            ("pitch_low", 0 <= self.pitch_low <= 127, "0 .. 127"),
+            ("pitch_high", self.pitch_low <= self.pitch_high <= 127, "pitch_low .. 127"),
+            ("in_channel", 0 <= self.in_channel <= 16, "0 (all) .. 16"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is outside the allowed values ({allowed})")
+
+    def updated(self, **changes) -> Settings:
+        """A validated copy with `changes` applied (the original stays valid if they are not)."""
+        new = replace(self, **changes)
+        new.validate()
+        return new
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {
+    "": ("mode", "model", "description"),
+    "sampling": ("temperature", "top_k", "top_p", "num_latents", "prefix_cap", "seed"),
+    "timing": ("silence_ms", "response_seconds", "lookahead_ms", "quantize", "max_note_seconds"),
+    "output": ("out_channel", "transpose", "velocity_scale", "pitch_low", "pitch_high"),
+    "input": ("in_channel", "thru"),
+}
+
+FIELD_TYPES = {field.name: field.type for field in fields(Settings)}
