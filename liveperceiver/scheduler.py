@@ -1,0 +1,236 @@
+"""The timed output thread: the only writer to the output port and the keeper of sounding notes.
+
+Every note-on the scheduler sends gets exactly one note-off, whatever happens: the note's own
+off, a barge-in (`silence`), a mode switch, `panic`, a stop, an exception, a retrigger of the same
+pitch, or the watchdog that cuts notes longer than `max_note_seconds`. Other threads only queue
+work here (under a short lock) and never wait for the port.
+
+Timing: the thread sleeps on a condition until about 1.5 ms before an event is due, then spins
+(yielding the GIL) until its time. `jitter()` reports actual minus scheduled send times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from liveperceiver.settings import Settings
+
+SPIN_S = 0.0015  # wake this long before an event and spin the rest
+IDLE_WAKE_S = 0.1  # wake at least this often to run the watchdog
+
+
+@dataclass(order=True)
+class OutNote:
+    """A model note event to send at `time` (monotonic seconds); pitch and velocity before output options."""
+
+    time: float
+    seq: int = field(default=0, compare=True)
+    on: bool = field(default=True, compare=False)
+    pitch: int = field(default=60, compare=False)
+    velocity: int = field(default=64, compare=False)
+    tag: int = field(default=-1, compare=False)  # the session's marker (engine length after this event)
+
+
+@dataclass
+class Sounding:
+    channel: int
+    pitch: int  # as sent (after transpose)
+    since: float
+
+
+class Scheduler:
+    """Start with `start()`, feed with `schedule()`, stop with `close()` (all notes off)."""
+
+    def __init__(
+        self,
+        send: Callable[[list[int]], bool],
+        settings: Settings,
+        on_sent: Callable[[float, list[int]], None] | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.send = send
+        self.settings = settings  # replaced whole by the session; read once per event
+        self.on_sent = on_sent or (lambda time, message: None)
+        self.log = log
+        self.cond = threading.Condition()
+        self.pending: list[OutNote] = []  # heap, guarded by cond
+        self.raw: deque[list[int]] = deque()  # thru messages and panic CCs, sent as soon as possible
+        self.off_requests = 0  # incremented by silence(); the thread answers with all notes off
+        self.last_tag = -1  # tag of the last event taken for sending (guarded by cond)
+        self.sounding: dict[int, Sounding] = {}  # model pitch -> what was sent; thread-owned
+        self.thru_sounding: set[tuple[int, int]] = set()  # (channel, pitch) of thru notes; thread-owned
+        self.seq = itertools.count()
+        self.jitters: deque[float] = deque(maxlen=4096)
+        self.sent_on = 0
+        self.sent_off = 0
+        self.running = False
+        self.thread = threading.Thread(target=self._run, name="lp-scheduler", daemon=True)
+
+    # ----------------------------------------------------------------- called from other threads
+
+    def start(self) -> None:
+        self.running = True
+        self.thread.start()
+
+    def schedule(self, notes: list[OutNote]) -> None:
+        with self.cond:
+            for note in notes:
+                note.seq = next(self.seq)
+                heapq.heappush(self.pending, note)
+            self.cond.notify()
+
+    def silence(self) -> tuple[int, list[OutNote]]:
+        """Barge-in: drop every pending event and turn sounding notes off now.
+
+        Returns the tag of the last event that was sent (or taken for sending) and the dropped ones,
+        so the caller can roll the unplayed part back out of the model's context.
+        """
+        with self.cond:
+            dropped = sorted(self.pending)
+            self.pending.clear()
+            self.off_requests += 1
+            self.cond.notify()
+            return self.last_tag, dropped
+
+    def panic(self) -> None:
+        """All sounding notes off plus CC123 (all notes off) on the output channel."""
+        self.silence()
+        with self.cond:
+            self.raw.append([0xB0 | (self.settings.out_channel - 1), 123, 0])
+            self.cond.notify()
+
+    def send_raw(self, message: list[int]) -> None:
+        """Send a message as soon as possible (MIDI thru)."""
+        with self.cond:
+            self.raw.append(message)
+            self.cond.notify()
+
+    def pending_count(self) -> int:
+        with self.cond:
+            return len(self.pending)
+
+    def pending_notes(self) -> list[OutNote]:
+        """A copy of the look-ahead (for the piano roll)."""
+        with self.cond:
+            return sorted(self.pending)
+
+    def sounding_pitches(self) -> list[int]:
+        return sorted(s.pitch for s in list(self.sounding.values()))
+
+    def jitter(self) -> list[float]:
+        return list(self.jitters)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the thread after it has turned every sounding note off."""
+        with self.cond:
+            self.running = False
+            self.pending.clear()
+            self.cond.notify()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    # ----------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        seen_off_requests = 0
+        try:
+            while True:
+                with self.cond:
+                    raw = list(self.raw)
+                    self.raw.clear()
+                    off_wanted = self.off_requests != seen_off_requests
+                    seen_off_requests = self.off_requests
+                    running = self.running
+                    note = None
+                    if running and not raw and not off_wanted:
+                        now = time.monotonic()
+                        wake = self._watchdog_deadline(now)
+                        if self.pending and self.pending[0].time - now <= SPIN_S:
+                            note = heapq.heappop(self.pending)
+                            self.last_tag = note.tag
+                        else:
+                            due = self.pending[0].time - SPIN_S if self.pending else now + IDLE_WAKE_S
+                            self.cond.wait(max(0.0, min(due, wake) - now))
+                if not running:
+                    break
+                if off_wanted:
+                    self._all_off()
+                for message in raw:
+                    self._send_raw(message)
+                self._watchdog(time.monotonic())
+                if note is not None:
+                    self._play(note)
+        except Exception:
+            self.log("scheduler error, all notes off:\n" + traceback.format_exc(limit=3))
+        finally:
+            self._all_off()
+            for channel, pitch in list(self.thru_sounding):
+                self._emit([0x80 | channel, pitch, 0])
+            self.thru_sounding.clear()
+
+    def _play(self, note: OutNote) -> None:
+        while (left := note.time - time.monotonic()) > 0:
+            time.sleep(0 if left < 0.0005 else left / 2)
+        settings = self.settings
+        if note.on:
+            if note.pitch in self.sounding:
+                self._off(note.pitch)  # retrigger: the old note ends first
+            pitch = note.pitch + settings.transpose
+            if not settings.pitch_low <= pitch <= settings.pitch_high or not 0 <= pitch <= 127:
+                return
+            velocity = max(1, min(127, round(note.velocity * settings.velocity_scale)))
+            channel = settings.out_channel - 1
+            sent = self._emit([0x90 | channel, pitch, velocity])
+            self.sounding[note.pitch] = Sounding(channel, pitch, sent)
+            self.sent_on += 1
+        else:
+            if note.pitch not in self.sounding:
+                return  # already cut (watchdog, silence) or never sent (out of range)
+            sent = self._off(note.pitch)
+        self.jitters.append(sent - note.time)
+
+    def _off(self, model_pitch: int) -> float:
+        sounding = self.sounding.pop(model_pitch)
+        self.sent_off += 1
+        return self._emit([0x80 | sounding.channel, sounding.pitch, 0])
+
+    def _all_off(self) -> None:
+        for pitch in list(self.sounding):
+            self._off(pitch)
+
+    def _send_raw(self, message: list[int]) -> None:
+        status = message[0] & 0xF0 if message else 0
+        if status == 0x90 and len(message) == 3 and message[2] > 0:
+            self.thru_sounding.add((message[0] & 0x0F, message[1]))
+        elif status in (0x80, 0x90) and len(message) == 3:
+            self.thru_sounding.discard((message[0] & 0x0F, message[1]))
+        self._emit(message)
+
+    def _emit(self, message: list[int]) -> float:
+        now = time.monotonic()
+        try:
+            self.send(message)
+        except Exception as error:  # a vanished port must not kill the only output thread
+            self.log(f"output send failed: {error}")
+        self.on_sent(now, message)
+        return now
+
+    def _watchdog_deadline(self, now: float) -> float:
+        if not self.sounding:
+            return now + IDLE_WAKE_S
+        oldest = min(s.since for s in self.sounding.values())
+        return min(now + IDLE_WAKE_S, oldest + self.settings.max_note_seconds)
+
+    def _watchdog(self, now: float) -> None:
+        limit = self.settings.max_note_seconds
+        for pitch, sounding in list(self.sounding.items()):
+            if now - sounding.since >= limit:
+                self._off(pitch)
+                self.log(f"watchdog: note {sounding.pitch} held over {limit:g} s, cut")

@@ -1,0 +1,158 @@
+"""A private JACK server (dummy driver) for tests, and a test keyboard/listener over real JACK ports.
+
+Import the fixture into a test module with `from tests.jack_fixture import jack_server  # noqa: F401`.
+The server has its own name (`lp-test-<pid>`), set in JACK_DEFAULT_SERVER for every client in this
+process and its children, so tests never touch a user's JACK server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+import rtmidi
+
+from liveperceiver import ports
+
+
+def _die_with_parent() -> None:
+    """Linux: jackd gets SIGTERM when the test process dies, even by a crash."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start_jackd(name: str) -> subprocess.Popen:
+    log = tempfile.NamedTemporaryFile(prefix="jackd-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(
+        ["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "256"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    deadline = time.monotonic() + 10
+    while not ports.jack_server_running():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"jackd did not start: {open(log.name).read()[-2000:]}")
+        time.sleep(0.1)
+    return process
+
+
+def stop_jackd(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+@pytest.fixture(scope="session")
+def jack_server():
+    """The name of a running private JACK server (skips the test when jackd is not installed)."""
+    if shutil.which("jackd") is None:
+        pytest.skip("jackd (jackd2) is not installed")
+    name = f"lp-test-{os.getpid()}"
+    previous = os.environ.get("JACK_DEFAULT_SERVER")
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    os.environ.setdefault("JACK_NO_START_SERVER", "1")
+    process = start_jackd(name)
+    try:
+        yield name
+    finally:
+        stop_jackd(process)
+        if previous is None:
+            os.environ.pop("JACK_DEFAULT_SERVER", None)
+        else:
+            os.environ["JACK_DEFAULT_SERVER"] = previous
+
+
+def wait_for(predicate, timeout: float = 5.0, step: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+class Keyboard:
+    """The test's musician: a JACK client that plays into a port and listens to another."""
+
+    def __init__(self, play_into: str | None = ports.VIRTUAL_IN, listen_to: str | None = ports.VIRTUAL_OUT):
+        self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-keys")
+        self.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="lp-test-ears")
+        self.inp.ignore_types(sysex=True, timing=False, active_sense=True)
+        self.heard: list[tuple[float, list[int]]] = []
+        self.lock = threading.Lock()
+        self.inp.set_callback(self._hear)
+        if play_into is not None:
+            self.connect_out(play_into)
+        if listen_to is not None:
+            self.connect_in(listen_to)
+
+    def connect_out(self, name: str) -> None:
+        assert wait_for(lambda: ports.match_port(self.out.get_ports(), name) is not None), name
+        self.out.open_port(ports.match_port(self.out.get_ports(), name))
+
+    def connect_in(self, name: str) -> None:
+        assert wait_for(lambda: ports.match_port(self.inp.get_ports(), name) is not None), name
+        self.inp.open_port(ports.match_port(self.inp.get_ports(), name))
+
+    def _hear(self, event, data=None) -> None:
+        with self.lock:
+            self.heard.append((time.monotonic(), event[0]))
+
+    def send(self, message: list[int]) -> float:
+        self.out.send_message(message)
+        return time.monotonic()
+
+    def note(self, pitch: int, velocity: int = 90, channel: int = 0) -> float:
+        return self.send([0x90 | channel, pitch, velocity])
+
+    def off(self, pitch: int, channel: int = 0) -> float:
+        return self.send([0x80 | channel, pitch, 0])
+
+    def phrase(self, pitches: list[int], step: float = 0.12, length: float = 0.1) -> float:
+        """Play notes one after another; returns the time of the last note-off."""
+        last = time.monotonic()
+        for pitch in pitches:
+            self.note(pitch)
+            time.sleep(length)
+            last = self.off(pitch)
+            time.sleep(max(0.0, step - length))
+        return last
+
+    def messages(self, since: float = 0.0) -> list[tuple[float, list[int]]]:
+        with self.lock:
+            return [(t, m) for t, m in self.heard if t >= since]
+
+    def note_ons(self, since: float = 0.0) -> list[tuple[float, list[int]]]:
+        return [(t, m) for t, m in self.messages(since) if m[0] & 0xF0 == 0x90 and m[2] > 0]
+
+    def balance(self) -> int:
+        """Note-ons minus note-offs heard (per channel and pitch, summed); 0 means nothing stuck."""
+        sounding: dict[tuple[int, int], int] = {}
+        for _, m in self.messages():
+            if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
+                key = (m[0] & 0x0F, m[1])
+                if m[0] & 0xF0 == 0x90 and m[2] > 0:
+                    sounding[key] = sounding.get(key, 0) + 1
+                else:
+                    sounding[key] = max(0, sounding.get(key, 0) - 1)
+        return sum(sounding.values())
+
+    def close(self) -> None:
+        for port in (self.out, self.inp):
+            port.close_port()
+            port.delete()

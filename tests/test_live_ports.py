@@ -1,0 +1,159 @@
+"""Ports, scheduler, clock and recorder over a real (private, dummy-driver) JACK server."""
+
+from __future__ import annotations
+
+import time
+
+import mido
+import pytest
+import rtmidi
+
+from liveperceiver import ports
+from liveperceiver.clock import ClockTracker
+from liveperceiver.errors import UserError
+from liveperceiver.recorder import Recorder, export_journal, recover
+from liveperceiver.scheduler import OutNote, Scheduler
+from liveperceiver.settings import Settings
+from tests.jack_fixture import Keyboard, jack_server, wait_for  # noqa: F401
+
+pytestmark = [pytest.mark.jack, pytest.mark.usefixtures("jack_server")]
+
+
+def test_virtual_ports_are_listed_and_stamp_input():
+    assert ports.resolve_api("jack") == "jack"
+    midi_in = ports.MidiInput("jack", log=print)
+    midi_out = ports.MidiOutput("jack", log=print)
+    keys = Keyboard()
+    try:
+        inputs, outputs = ports.list_ports("jack")
+        assert any(ports.VIRTUAL_OUT in name for name in inputs)
+        assert any(ports.VIRTUAL_IN in name for name in outputs)
+        assert "jack:" in ports.format_port_listing()
+        before = time.monotonic()
+        keys.note(60)
+        message = midi_in.get(timeout=2)
+        assert message is not None and message[1] == [0x90, 60, 90]
+        assert before <= message[0] <= time.monotonic()
+        keys.send([0xF8])  # clock is kept, not filtered
+        assert midi_in.get(timeout=2)[1] == [0xF8]
+        assert midi_out.send([0x90, 61, 80])
+        assert wait_for(lambda: keys.note_ons() != [])
+        assert keys.note_ons()[0][1] == [0x90, 61, 80]
+    finally:
+        keys.close()
+        midi_in.close()
+        midi_out.close()
+
+
+def test_named_port_errors_and_reconnects():
+    with pytest.raises(UserError, match="no MIDI input port matches"):
+        ports.MidiInput("jack", "no-such-keyboard")
+    keyboard = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-piano")
+    keyboard.open_virtual_port("piano")
+    log: list[str] = []
+    midi_in = ports.MidiInput("jack", "lp-test-piano", log=log.append)
+    try:
+        keyboard.send_message([0x90, 64, 100])
+        assert midi_in.get(timeout=2)[1] == [0x90, 64, 100]
+        keyboard.close_port()
+        keyboard.delete()
+        assert wait_for(lambda: (line := midi_in.check()) and log.append(line) is None and "vanished" in line)
+        keyboard = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-piano")
+        keyboard.open_virtual_port("piano")
+        assert wait_for(lambda: (line := midi_in.check()) and "reconnected" in line)
+        keyboard.send_message([0x90, 65, 100])
+        assert midi_in.get(timeout=2)[1] == [0x90, 65, 100]
+    finally:
+        keyboard.delete()
+        midi_in.close()
+
+
+def test_ambiguous_port_name_is_a_user_error():
+    with pytest.raises(UserError, match="ambiguous"):
+        ports.match_port(["a:piano 1", "a:piano 2"], "piano")
+    assert ports.match_port(["a:piano 1", "a:piano 2"], "piano 2") == 1
+    assert ports.match_port(["x"], "y") is None
+
+
+def test_scheduler_plays_on_time_and_every_note_on_gets_an_off():
+    midi_out = ports.MidiOutput("jack")
+    keys = Keyboard(play_into=None)
+    sent: list[tuple[float, list[int]]] = []
+    settings = Settings(transpose=2, out_channel=3, velocity_scale=0.5, max_note_seconds=0.5)
+    scheduler = Scheduler(midi_out.send, settings, on_sent=lambda t, m: sent.append((t, m)), log=lambda s: None)
+    scheduler.start()
+    try:
+        start = time.monotonic() + 0.05
+        notes = []
+        for i in range(10):
+            notes.append(OutNote(start + i * 0.02, on=True, pitch=60 + i, velocity=100, tag=2 * i))
+            notes.append(OutNote(start + i * 0.02 + 0.015, on=False, pitch=60 + i, tag=2 * i + 1))
+        notes.append(OutNote(start + 0.3, on=True, pitch=40, velocity=100))  # no off: the watchdog cuts it
+        notes.append(OutNote(start + 0.3, on=True, pitch=10, velocity=100))  # out of range: not sent
+        scheduler.schedule(notes)
+        assert wait_for(lambda: keys.balance() == 0 and len(keys.note_ons()) == 11, timeout=3)
+        ons = [m for _, m in keys.note_ons()]
+        assert ons[0] == [0x92, 62, 50]
+        assert [m[1] for m in ons] == [62 + i for i in range(10)] + [42]
+        assert max(abs(j) for j in scheduler.jitter()) < 0.05  # generous CI bound; the bench measures it
+        # barge-in: pending events are dropped and sounding notes turned off at once
+        scheduler.schedule([OutNote(time.monotonic(), on=True, pitch=70, tag=100)])
+        scheduler.schedule([OutNote(time.monotonic() + 5, on=False, pitch=70, tag=101)])
+        assert wait_for(lambda: scheduler.sounding_pitches() == [72])
+        tag, dropped = scheduler.silence()
+        assert tag == 100 and [n.tag for n in dropped] == [101]
+        assert wait_for(lambda: keys.balance() == 0)
+        scheduler.schedule([OutNote(time.monotonic(), on=True, pitch=71)])
+        assert wait_for(lambda: scheduler.sounding_pitches() == [73])
+    finally:
+        scheduler.close()
+        assert wait_for(lambda: keys.balance() == 0)
+        keys.close()
+        midi_out.close()
+
+
+def test_clock_tracks_tempo_and_transport():
+    clock = ClockTracker()
+    assert clock.feed(0xFA, [], 0.0) == "start"
+    t = 0.0
+    for _ in range(96):
+        clock.feed(0xF8, [], t)
+        t += 60 / 120 / 24
+    assert abs(clock.bpm(t) - 120) < 0.01
+    assert clock.bpm(t + 2) is None  # the clock went quiet
+    assert clock.feed(0xFC, [], t) == "stop"
+    assert clock.feed(0xFC, [], t) is None
+    assert clock.quantize(1.01, "1/4", now=0.0, fallback_origin=0.0) == pytest.approx(1.0)
+    assert clock.quantize(1.01, "off", now=0.0, fallback_origin=0.0) == 1.01
+    assert clock.quantize(1.01, "1/4", now=1.2, fallback_origin=0.0) == pytest.approx(1.5)
+
+
+def test_journal_becomes_a_type1_midi_file_and_survives_a_torn_line(tmp_path):
+    recorder = Recorder(tmp_path / "s", origin=100.0)
+    recorder.start()
+    recorder.record("P", 100.010, [0x90, 60, 90])
+    recorder.record("P", 100.020, [0xB0, 64, 127])
+    recorder.record("P", 100.510, [0x80, 60, 0])
+    recorder.record("M", 101.000, [0x90, 72, 80])  # never turned off: closed at the end
+    recorder.record("M", 101.250, [0x90, 74, 80])
+    recorder.record("M", 101.500, [0x80, 74, 0])
+    recorder.record_tempo(101.0, 120.0)
+    out = recorder.save()
+    midi = mido.MidiFile(out)
+    assert midi.type == 1 and [t.name for t in midi.tracks] == ["Tempo", "Player", "LivePerceiver"]
+    assert midi.ticks_per_beat == 500  # 120 bpm: one tick per millisecond
+    player = [(m.type, getattr(m, "note", None)) for m in midi.tracks[1] if not m.is_meta]
+    assert player == [("note_on", 60), ("control_change", None), ("note_off", 60)]
+    ticks, now = {}, 0
+    for message in midi.tracks[2]:
+        now += message.time
+        if message.type in ("note_on", "note_off"):
+            ticks.setdefault((message.type, message.note), now)
+    assert ticks == {("note_on", 72): 1000, ("note_on", 74): 1250, ("note_off", 74): 1500, ("note_off", 72): 1500}
+    recorder.close()
+    with open(tmp_path / "s" / "journal.txt", "a") as journal:
+        journal.write("1600.000 M 90")  # a torn line, as after kill -9
+    counts = recover(tmp_path / "s", tmp_path / "r.mid")
+    assert counts == {"Player": 1, "LivePerceiver": 2}
+    with pytest.raises(UserError):
+        export_journal(tmp_path / "r.mid", tmp_path / "x.mid")
