@@ -73,9 +73,30 @@ def run_detokenize(args: argparse.Namespace) -> None:
     write_midi(decode_midi(read_token_file(args.tokens)), args.output)
 
 
+# --------------------------------------------------------------------------- presets / render
+
+
+def add_presets(subparsers) -> None:
+    parser = subparsers.add_parser("presets", help="list the presets, or show one's merged settings")
+    parser.set_defaults(handler=lambda args: __import__("liveperceiver.presets").presets.run_presets_list(args))
+    actions = parser.add_subparsers(dest="presets_action", metavar="ACTION")
+    show = actions.add_parser("show", help="validate a preset and print all its settings as TOML")
+    show.add_argument("preset", help="a preset name or a .toml file")
+    show.set_defaults(handler=lambda args: __import__("liveperceiver.presets").presets.run_presets_show(args))
+
+
+def add_render(subparsers) -> None:
+    parser = subparsers.add_parser("render", help="render a MIDI file to a WAV file with FluidSynth")
+    parser.add_argument("midi", type=Path, help="a .mid/.midi/.mid.gz file")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the WAV file to write")
+    parser.add_argument("--soundfont", type=Path, help="a GM .sf2 (default: $LIVEPERCEIVER_SOUNDFONT or a system one)")
+    parser.add_argument("--sample-rate", type=int, default=44100, help="in Hz (default 44100)")
+    parser.set_defaults(handler=lambda args: __import__("liveperceiver.render").render.run_render(args))
+
+
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_tokenize, add_detokenize]
+COMMANDS = [add_tokenize, add_detokenize, add_presets, add_render]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,150 @@
+"""Rendering MIDI to WAV with FluidSynth: right length, not silent, atomic, one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+import pytest
+
+from liveperceiver.errors import UserError
+from liveperceiver.render import find_soundfont, render_midi
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("fluidsynth") is None,
+    reason="the fluidsynth command is not installed (Debian/Ubuntu: apt install fluidsynth fluid-soundfont-gm)",
+)
+
+LAST_NOTE_END = 2.0
+
+
+def have_soundfont() -> bool:
+    try:
+        find_soundfont()
+    except UserError:
+        return False
+    return True
+
+
+needs_soundfont = pytest.mark.skipif(
+    not have_soundfont(), reason="no General MIDI soundfont (apt install fluid-soundfont-gm)"
+)
+
+
+@pytest.fixture
+def midi_file(tmp_path) -> Path:
+    """A C major arpeggio on a piano, four half-second notes ending at 2.0 s."""
+    midi = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(program=0)
+    for index, pitch in enumerate([60, 64, 67, 72]):
+        piano.notes.append(pretty_midi.Note(velocity=100, pitch=pitch, start=index * 0.5, end=index * 0.5 + 0.5))
+    midi.instruments.append(piano)
+    path = tmp_path / "arpeggio.mid"
+    midi.write(str(path))
+    return path
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as reader:
+        assert reader.getsampwidth() == 2
+        frames = reader.readframes(reader.getnframes())
+        return np.frombuffer(frames, dtype="<i2").reshape(-1, reader.getnchannels()).astype(
+            np.float64
+        ), reader.getframerate()
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir() if path.name.startswith("."))
+
+
+@needs_soundfont
+@pytest.mark.parametrize("sample_rate", [44100, 22050])
+def test_render_has_the_music_length_and_is_not_silent(midi_file, tmp_path, sample_rate):
+    wav = render_midi(midi_file, tmp_path / "out" / "arpeggio.wav", sample_rate=sample_rate)
+    samples, rate = read_wav(wav)
+    assert rate == sample_rate
+    seconds = len(samples) / rate
+    assert LAST_NOTE_END <= seconds <= LAST_NOTE_END + 2.0, f"{seconds:.2f} s for music ending at {LAST_NOTE_END} s"
+    rms = np.sqrt(np.mean(samples[: int(LAST_NOTE_END * rate)] ** 2)) / 32768
+    assert rms > 1e-3, f"RMS {rms:.2e}: the render is silent"
+    assert leftovers(wav.parent) == [], "no temporary files are left behind"
+
+
+@needs_soundfont
+def test_render_reads_gzipped_midi(midi_file, tmp_path):
+    gz = tmp_path / "arpeggio.mid.gz"
+    gz.write_bytes(gzip.compress(midi_file.read_bytes()))
+    samples, _ = read_wav(render_midi(gz, tmp_path / "gz.wav"))
+    assert np.abs(samples).max() > 1000
+
+
+def test_missing_soundfont_is_one_line_and_leaves_no_file(midi_file, tmp_path):
+    out = tmp_path / "out.wav"
+    with pytest.raises(UserError) as caught:
+        render_midi(midi_file, out, soundfont=tmp_path / "missing.sf2")
+    message = str(caught.value)
+    assert "\n" not in message and "missing.sf2" in message and "apt install" in message and "brew" in message
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_file_that_is_not_a_soundfont_is_refused(midi_file, tmp_path):
+    # FluidSynth itself would quietly fall back to its default soundfont.
+    fake = tmp_path / "fake.sf2"
+    fake.write_bytes(b"not a soundfont at all")
+    with pytest.raises(UserError, match="not a SoundFont"):
+        render_midi(midi_file, tmp_path / "out.wav", soundfont=fake)
+
+
+def test_soundfont_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIVEPERCEIVER_SOUNDFONT", str(tmp_path / "nope.sf2"))
+    with pytest.raises(UserError, match="LIVEPERCEIVER_SOUNDFONT"):
+        find_soundfont()
+
+
+def test_missing_fluidsynth_says_how_to_install(midi_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(UserError) as caught:
+        render_midi(midi_file, tmp_path / "out.wav")
+    message = str(caught.value)
+    assert "fluidsynth not found" in message and "apt install fluidsynth" in message and "Windows" in message
+    assert "\n" not in message
+
+
+def test_corrupt_midi_is_the_tokenizers_one_line_error(tmp_path):
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"MThd\x00\x00\x00\x06garbage")
+    out = tmp_path / "out.wav"
+    with pytest.raises(UserError, match="bad.mid: corrupt MIDI file"):
+        render_midi(bad, out)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_cli_missing_soundfont_exit_2_one_line(midi_file, tmp_path):
+    out = tmp_path / "out.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "liveperceiver", "render", str(midi_file), "-o", str(out), "--soundfont", "nope.sf2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@needs_soundfont
+def test_cli_renders(midi_file, tmp_path):
+    out = tmp_path / "cli.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "liveperceiver", "render", str(midi_file), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 44 * 1000
