@@ -1,0 +1,295 @@
+"""The streaming Perceiver AR sampler: exact, incremental sampling over an unbounded token stream.
+
+At every step the context is the most recent `prefix + num_latents` tokens and the last
+`num_latents` are the latents: the `windowed_greedy` semantics of the reference, i.e. exactly a
+full forward pass of the model over that window (tests check it within 1e-4).
+
+Why it is cheap (GUIDE.md section 2): without absolute position embeddings the cross-attention
+queries, keys and values of a token depend on its id alone; positions enter by rotating q and k.
+So they are 389-row tables, computed once:
+
+    prefix token:  k = k_proj(kv_norm(emb)), v = v_proj(kv_norm(emb))
+    latent token:  q = q_proj(q_norm(emb)),  k = k_proj(q_norm(emb)), v = v_proj(q_norm(emb))
+
+Appending a token writes one rotated key row and one value row into preallocated buffers. A step
+rotates the few latent rows, runs one attention of the latents over the window, and sends only the
+latents (usually 1-16) through the self-attention stack. Keys are stored rotated by their position
+relative to a `base` that is moved forward (and the buffer rebuilt) once every few thousand tokens,
+so positions stay small and the cost per step stays flat on an unbounded stream.
+
+Rollback (`truncate`) just forgets tokens: buffer rows depend on id and position only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from liveperceiver import vocab
+from liveperceiver.model import PerceiverAR, apply_rotary, rotary_tables
+from liveperceiver.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu (or exactly what was asked)."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def prepare_model(model: PerceiverAR, device: torch.device, dtype: torch.dtype, quantize: str | None) -> PerceiverAR:
+    """A private eval-mode copy on `device` in `dtype`, Linear layers optionally int8-quantised (CPU)."""
+    model = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
+    if quantize == "int8":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ValueError("int8 quantisation needs device cpu and dtype float32")
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    elif quantize not in (None, "none"):
+        raise ValueError(f"quantize {quantize!r} is not one of: none, int8")
+    return model
+
+
+class Engine:
+    """One merged performance (player + model) as a token stream, and a sampler over it."""
+
+    def __init__(
+        self,
+        model: PerceiverAR,
+        *,
+        num_latents: int = 1,
+        prefix_cap: int | None = None,
+        sampling: SamplingSettings = SamplingSettings(),
+        constraints: Constraints = Constraints(),
+        device: str | torch.device = "auto",
+        dtype: torch.dtype = torch.float32,
+        quantize: str | None = None,
+    ) -> None:
+        self.config = model.config
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.dtype = dtype
+        self.model = prepare_model(model, self.device, dtype, quantize)
+        self.tokens: list[int] = []
+        self.state = StreamState()
+        self.num_latents = 1
+        self.prefix_cap = self.config.max_prefix_len
+        self.sampling = SamplingSettings()
+        self.constraints = Constraints()
+        self.generator = torch.Generator(device=self.device)
+        self.configure(
+            num_latents=num_latents,
+            prefix_cap=self.config.max_prefix_len if prefix_cap is None else prefix_cap,
+            sampling=sampling,
+            constraints=constraints,
+        )
+        self.exact_tables = not self.config.abs_pos_emb
+        if self.exact_tables:
+            self._build_tables()
+
+    # ------------------------------------------------------------------ settings
+
+    def configure(
+        self,
+        *,
+        num_latents: int | None = None,
+        prefix_cap: int | None = None,
+        sampling: SamplingSettings | None = None,
+        constraints: Constraints | None = None,
+    ) -> None:
+        """Change settings between steps; everything is validated before anything changes."""
+        config = self.config
+        if num_latents is not None and not 1 <= num_latents <= config.max_latents:
+            raise ValueError(f"num_latents {num_latents} outside 1..{config.max_latents} (the model's max_latents)")
+        if prefix_cap is not None and not 0 <= prefix_cap <= config.max_prefix_len:
+            raise ValueError(f"prefix cap {prefix_cap} outside 0..{config.max_prefix_len} (the model's max_prefix_len)")
+        if sampling is not None:
+            sampling.validate()
+        if constraints is not None:
+            constraints.validate()
+        if num_latents is not None:
+            self.num_latents = num_latents
+        if prefix_cap is not None:
+            self.prefix_cap = prefix_cap
+        if constraints is not None:
+            self.constraints = constraints
+        if sampling is not None:
+            if sampling.seed is not None and sampling.seed != self.sampling.seed:
+                self.generator.manual_seed(sampling.seed)
+            elif sampling.seed is None and self.sampling.seed is None and not self.tokens:
+                self.generator.seed()
+            self.sampling = sampling
+
+    # ------------------------------------------------------------------ the stream
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def append(self, tokens: Iterable[int]) -> None:
+        """Absorb tokens (the player's events, or sampled tokens that were played)."""
+        tokens = list(tokens)
+        vocab.check_tokens(tokens, "append")
+        for token in tokens:
+            self.tokens.append(token)
+            self.state.push(token)
+
+    def truncate(self, length: int) -> None:
+        """Drop tokens from the end (sampled but not played)."""
+        if not 0 <= length <= len(self.tokens):
+            raise ValueError(f"truncate length {length} outside 0..{len(self.tokens)}")
+        del self.tokens[length:]
+        self.state.rewind(self.tokens, length)
+        if self.exact_tables:
+            self._kv_upto = min(self._kv_upto, length)
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Sample the next token, append it, and return it."""
+        logits = self.next_logits()
+        if self.constraints.active:
+            constraint_mask(self.constraints, self.state, logits)
+        token = choose(logits, self.sampling, self.generator)
+        self.tokens.append(token)
+        self.state.push(token)
+        return token
+
+    def sample(self, count: int) -> list[int]:
+        return [self.step() for _ in range(count)]
+
+    def window(self) -> tuple[int, int, int]:
+        """(window start, latent start, end) of the current context in stream positions."""
+        end = len(self.tokens)
+        latents = min(self.num_latents, end)
+        prefix = min(self.prefix_cap, end - latents)
+        return end - latents - prefix, end - latents, end
+
+    @torch.inference_mode()
+    def next_logits(self) -> torch.Tensor:
+        """Float32 logits (vocab,) for the next token, on the CPU."""
+        if not self.tokens:
+            raise ValueError("the engine needs at least one token before it can sample")
+        if not self.exact_tables:
+            return self._full_forward_logits()
+        start, latent_start, end = self.window()
+        self._prepare_rows(start, latent_start, end)
+        x = self._cross_attention(start, latent_start, end)
+        x = self._self_attention(x, latent_start, end)
+        return self._output(x[-1:])[0].float().cpu()
+
+    # ------------------------------------------------------------------ internals
+
+    @torch.inference_mode()
+    def _build_tables(self) -> None:
+        """Per-token cross-attention tables and the preallocated key/value buffers."""
+        config, model = self.config, self.model
+        ca = model.cross_attention
+        emb = model.embedding.weight
+        heads, head_dim = config.num_heads, config.head_dim
+
+        def per_head(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(vocab.VOCAB_SIZE, heads, head_dim).contiguous()
+
+        kv_in, q_in = ca.kv_norm(emb), ca.q_norm(emb)
+        attention = ca.attention
+        self.prefix_k, self.prefix_v = per_head(attention.k_proj(kv_in)), per_head(attention.v_proj(kv_in))
+        self.latent_q = per_head(attention.q_proj(q_in))
+        self.latent_k, self.latent_v = per_head(attention.k_proj(q_in)), per_head(attention.v_proj(q_in))
+        self.embedding = emb
+
+        # Buffers hold keys rotated by (position - base); rebuilt when they fill up.
+        self.capacity = config.max_seq_len + max(4096, config.max_seq_len)
+        self.keys = torch.zeros(heads, self.capacity, head_dim, device=self.device, dtype=self.dtype)
+        self.values = torch.zeros_like(self.keys)
+        positions = torch.arange(self.capacity, device=self.device)
+        self.cos, self.sin = rotary_tables(positions, config.rotated_channels, self.dtype)
+        self.scale = head_dim**-0.5
+        self._base = 0  # stream position of buffer row 0
+        self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys/values
+
+    def _prepare_rows(self, start: int, latent_start: int, end: int) -> None:
+        """Make rows [start, latent_start) prefix rows and [latent_start, end) latent rows."""
+        if start < self._base or end > self._base + self.capacity:
+            self._base = max(0, end - self.config.max_seq_len)
+            self._kv_upto = self._base
+        if self._kv_upto < latent_start:
+            self._write_rows(self._kv_upto, latent_start, self.prefix_k, self.prefix_v)
+        self._write_rows(latent_start, end, self.latent_k, self.latent_v)
+        self._kv_upto = latent_start
+
+    def _write_rows(self, first: int, last: int, key_table: torch.Tensor, value_table: torch.Tensor) -> None:
+        ids = torch.tensor(self.tokens[first:last], device=self.device)
+        rows = slice(first - self._base, last - self._base)
+        keys = key_table[ids].transpose(0, 1)  # (H, n, D)
+        self.keys[:, rows] = apply_rotary(keys, self.cos[rows], self.sin[rows])
+        self.values[:, rows] = value_table[ids].transpose(0, 1)
+
+    def _cross_attention(self, start: int, latent_start: int, end: int) -> torch.Tensor:
+        ca = self.model.cross_attention
+        ids = torch.tensor(self.tokens[latent_start:end], device=self.device)
+        latent_rows = slice(latent_start - self._base, end - self._base)
+        window_rows = slice(start - self._base, end - self._base)
+        q = apply_rotary(self.latent_q[ids].transpose(0, 1), self.cos[latent_rows], self.sin[latent_rows])
+        mask = self._causal_mask(end - latent_start, end - start)
+        attended = F.scaled_dot_product_attention(
+            q, self.keys[:, window_rows], self.values[:, window_rows], attn_mask=mask, scale=self.scale
+        )
+        x = self.embedding[ids] + ca.attention.o_proj(attended.transpose(0, 1).flatten(1))
+        return x + ca.mlp(x)
+
+    def _self_attention(self, x: torch.Tensor, latent_start: int, end: int) -> torch.Tensor:
+        rows = slice(latent_start - self._base, end - self._base)
+        cos, sin = self.cos[rows], self.sin[rows]
+        count = end - latent_start
+        mask = self._causal_mask(count, count)
+        for index, layer in enumerate(self.model.self_attention):
+            attention = layer.attention
+            h = layer.norm(x)
+            if count == 1:
+                # One query attending to one key: softmax is exactly 1, the output is its value.
+                attended = attention.v_proj(h)
+            else:
+                q, k, v = (
+                    attention.heads(proj(h)[None])[0] for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+                )
+                if self.config.is_rotary_layer(index):
+                    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).flatten(1)
+            x = x + attention.o_proj(attended)
+            x = x + layer.mlp(x)
+        return x
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        if model.out_norm is not None:
+            x = model.out_norm(x)
+        logits = x @ self.embedding.T
+        return logits + model.output_bias if model.output_bias is not None else logits
+
+    def _causal_mask(self, queries: int, keys: int) -> torch.Tensor | None:
+        """Right-aligned causal mask (query i sees keys up to keys - queries + i); None for one query."""
+        if queries == 1:
+            return None
+        return torch.ones(queries, keys, dtype=torch.bool, device=self.device).tril(keys - queries)
+
+    def _full_forward_logits(self) -> torch.Tensor:
+        """Models with absolute position embeddings: a full forward pass over the window (exact, slower)."""
+        start, latent_start, end = self.window()
+        window = torch.tensor([self.tokens[start:end]], device=self.device)
+        return self.model(window, latent_start - start)[0, -1].float().cpu()
+
+
+def continue_tokens(engine: Engine, prompt: Sequence[int], count: int) -> list[int]:
+    """Append `prompt` and sample `count` tokens (offline continuation)."""
+    engine.append(prompt)
+    return engine.sample(count)

@@ -1,0 +1,137 @@
+"""Sampling the next token: settings, the three small filters, and optional musical constraints.
+
+Constraints are logit masks driven by a `StreamState` that follows the token stream (sounding
+pitches, time since the last onset). All are off by default, where the reference has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from liveperceiver import vocab
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature {self.temperature} must be > 0 (or use greedy sampling)")
+        if not 0 <= self.top_k <= vocab.VOCAB_SIZE:
+            raise ValueError(f"top_k {self.top_k} outside 0..{vocab.VOCAB_SIZE} (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p {self.top_p} outside (0, 1]")
+
+    def updated(self, **changes) -> SamplingSettings:
+        new = replace(self, **changes)
+        new.validate()
+        return new
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Optional musical constraints; None/False/0 means off."""
+
+    no_orphan_note_off: bool = False  # no note-off for a pitch that is not sounding
+    pitch_range: tuple[int, int] | None = None  # note-ons allowed only in [low, high]
+    max_polyphony: int = 0  # no note-on while this many notes sound
+    min_onset_gap_ms: int = 0  # no note-on sooner than this after the previous one
+
+    def validate(self) -> None:
+        if self.pitch_range is not None:
+            low, high = self.pitch_range
+            if not 0 <= low <= high <= 127:
+                raise ValueError(f"pitch_range {self.pitch_range} must satisfy 0 <= low <= high <= 127")
+        if self.max_polyphony < 0:
+            raise ValueError(f"max_polyphony {self.max_polyphony} must be >= 0 (0 = off)")
+        if self.min_onset_gap_ms < 0:
+            raise ValueError(f"min_onset_gap_ms {self.min_onset_gap_ms} must be >= 0 (0 = off)")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.no_orphan_note_off or self.pitch_range or self.max_polyphony or self.min_onset_gap_ms)
+
+
+class StreamState:
+    """What the token stream implies right now: sounding pitches and ms since the last note-on.
+
+    Snapshots every `SNAPSHOT_EVERY` tokens make rollback cheap on unbounded streams."""
+
+    SNAPSHOT_EVERY = 256
+
+    def __init__(self) -> None:
+        self.sounding: set[int] = set()
+        self.ms_since_onset = 1_000_000
+        self.length = 0
+        self._snapshots: list[tuple[frozenset[int], int]] = [(frozenset(), 1_000_000)]
+
+    def push(self, token: int) -> None:
+        if token < vocab.NOTE_OFF:
+            self.sounding.add(token)
+            self.ms_since_onset = 0
+        elif token < vocab.TIME_SHIFT:
+            self.sounding.discard(token - vocab.NOTE_OFF)
+        elif token < vocab.VELOCITY:
+            self.ms_since_onset += vocab.time_shift_steps(token) * 10
+        self.length += 1
+        if self.length % self.SNAPSHOT_EVERY == 0:
+            self._snapshots.append((frozenset(self.sounding), self.ms_since_onset))
+
+    def rewind(self, tokens: list[int], length: int) -> None:
+        """Restore the state after `tokens[:length]` from the nearest snapshot."""
+        index = length // self.SNAPSHOT_EVERY
+        del self._snapshots[index + 1 :]
+        sounding, ms = self._snapshots[index]
+        self.sounding, self.ms_since_onset = set(sounding), ms
+        self.length = index * self.SNAPSHOT_EVERY
+        for token in tokens[self.length : length]:
+            self.push(token)
+
+
+def constraint_mask(constraints: Constraints, state: StreamState, logits: torch.Tensor) -> None:
+    """Set disallowed token logits to -inf, in place."""
+    minus_inf = float("-inf")
+    if constraints.no_orphan_note_off:
+        allowed = torch.zeros(128, dtype=torch.bool)
+        allowed[list(state.sounding)] = True
+        logits[vocab.NOTE_OFF : vocab.TIME_SHIFT].masked_fill_(~allowed.to(logits.device), minus_inf)
+    if constraints.pitch_range is not None:
+        low, high = constraints.pitch_range
+        logits[vocab.NOTE_ON : vocab.NOTE_ON + low] = minus_inf
+        logits[vocab.NOTE_ON + high + 1 : vocab.NOTE_OFF] = minus_inf
+    polyphony_full = constraints.max_polyphony and len(state.sounding) >= constraints.max_polyphony
+    too_soon = constraints.min_onset_gap_ms and state.ms_since_onset < constraints.min_onset_gap_ms
+    if polyphony_full or too_soon:
+        logits[vocab.NOTE_ON : vocab.NOTE_OFF] = minus_inf
+
+
+def apply_temperature_top_k_top_p(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p (nucleus) filtering."""
+    logits = logits / settings.temperature
+    if settings.top_k:
+        kth = torch.topk(logits, settings.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        drop_sorted = cumulative - sorted_probs > settings.top_p  # keep the smallest set reaching top_p
+        probs = probs.masked_fill(drop_sorted.scatter(0, order, drop_sorted), 0.0)
+    return probs
+
+
+def choose(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
+    """The next token id from float logits of shape (vocab,); pad is never chosen."""
+    logits = logits.float()
+    logits[vocab.PAD] = float("-inf")
+    if settings.greedy:
+        return int(logits.argmax())
+    probs = apply_temperature_top_k_top_p(logits, settings)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,173 @@
+"""The streaming engine equals a full forward pass of the model over the same window, always."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from liveperceiver import vocab
+from liveperceiver.engine import Engine
+from liveperceiver.sampling import Constraints, SamplingSettings
+
+
+def full_forward_logits(model, engine: Engine) -> torch.Tensor:
+    start, latent_start, end = engine.window()
+    with torch.no_grad():
+        return model(torch.tensor([engine.tokens[start:end]]), latent_start - start)[0, -1]
+
+
+def max_difference(model, engine: Engine) -> float:
+    return (engine.next_logits() - full_forward_logits(model, engine)).abs().max().item()
+
+
+def test_windowed_greedy_matches_reference(tiny_model, tiny_expected):
+    for case in tiny_expected["windowed_greedy"]:
+        engine = Engine(tiny_model, num_latents=case["num_latents"], sampling=SamplingSettings(greedy=True))
+        engine.append(case["prompt"])
+        assert engine.sample(len(case["continuation"])) == case["continuation"]
+
+
+def test_exact_through_rollbacks_latent_changes_and_rebases(tiny_model):
+    rng = random.Random(3)
+    engine = Engine(tiny_model, num_latents=4, sampling=SamplingSettings(seed=5))
+    engine.append([rng.randrange(388) for _ in range(30)])
+    worst = 0.0
+    checked = 0
+    while len(engine) < 9000:  # past the buffer capacity (96 + 4096), so the base moves twice
+        if rng.random() < 0.02:
+            engine.configure(num_latents=rng.randint(1, 32), prefix_cap=rng.randint(0, 64))
+        if rng.random() < 0.02:
+            engine.truncate(max(1, len(engine) - rng.randint(0, 40)))
+        if rng.random() < 0.3:
+            engine.append([rng.randrange(389) for _ in range(rng.randint(1, 3))])
+        if len(engine) % 11 == 0 or len(engine) < 200:
+            worst = max(worst, max_difference(tiny_model, engine))
+            checked += 1
+        engine.step()
+    assert engine._base > 0  # the buffer was rebuilt on the way
+    assert checked > 700
+    assert worst < 1e-4
+
+
+def test_deep_rollback_below_the_buffer_base(tiny_model):
+    engine = Engine(tiny_model, num_latents=2, sampling=SamplingSettings(seed=1))
+    engine.append([rng_token for rng_token in range(0, 388, 3)] * 80)
+    engine.step()
+    assert engine._base > 0
+    engine.truncate(50)
+    assert max_difference(tiny_model, engine) < 1e-4
+
+
+def test_same_seed_same_output(tiny_model):
+    outputs = []
+    for _ in range(2):
+        engine = Engine(tiny_model, sampling=SamplingSettings(temperature=1.2, top_p=0.9, seed=42))
+        engine.append([60, 300, 188])
+        outputs.append(engine.sample(64))
+    assert outputs[0] == outputs[1]
+    engine = Engine(tiny_model, sampling=SamplingSettings(temperature=1.2, top_p=0.9, seed=43))
+    engine.append([60, 300, 188])
+    assert engine.sample(64) != outputs[0]
+
+
+def test_top_k_one_is_greedy(tiny_model):
+    greedy = Engine(tiny_model, sampling=SamplingSettings(greedy=True))
+    top1 = Engine(tiny_model, sampling=SamplingSettings(top_k=1, seed=0))
+    for engine in (greedy, top1):
+        engine.append([376, 60, 300, 188, 62])
+    assert greedy.sample(40) == top1.sample(40)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_latents=0), "num_latents 0 outside 1..32"),
+        (dict(num_latents=33), "num_latents 33 outside 1..32"),
+        (dict(prefix_cap=65), "prefix cap 65 outside 0..64"),
+        (dict(sampling=SamplingSettings(top_p=0.0)), r"top_p 0.0 outside \(0, 1\]"),
+        (dict(sampling=SamplingSettings(top_p=1.5)), r"top_p 1.5 outside \(0, 1\]"),
+        (dict(sampling=SamplingSettings(temperature=0.0)), "temperature 0.0 must be > 0"),
+        (dict(constraints=Constraints(pitch_range=(80, 20))), "pitch_range"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_change(tiny_model, change, message):
+    engine = Engine(tiny_model, num_latents=3, sampling=SamplingSettings(temperature=0.8))
+    with pytest.raises(ValueError, match=message):
+        engine.configure(num_latents=2, **change) if "num_latents" not in change else engine.configure(**change)
+    assert engine.num_latents == 3 and engine.sampling.temperature == 0.8
+
+
+def test_out_of_range_tokens_are_refused_without_change(tiny_model):
+    engine = Engine(tiny_model)
+    engine.append([60, 300])
+    with pytest.raises(ValueError, match="389, outside 0..388"):
+        engine.append([61, 389])
+    assert engine.tokens == [60, 300]
+
+
+def sample_under(tiny_model, constraints: Constraints, steps: int = 400) -> list[int]:
+    engine = Engine(tiny_model, sampling=SamplingSettings(temperature=2.0, seed=7), constraints=constraints)
+    engine.append([376, 60, 300, 62, 300, 64])
+    return engine.tokens[:6], engine.sample(steps)
+
+
+def test_constraint_no_orphan_note_off_bites(tiny_model):
+    prompt, free = sample_under(tiny_model, Constraints())
+
+    def orphans(tokens):
+        sounding, count = set(), 0
+        for token in tokens:
+            if token < 128:
+                sounding.add(token)
+            elif token < 256:
+                count += token - 128 not in sounding
+                sounding.discard(token - 128)
+        return count
+
+    assert orphans(prompt + free) > 0  # the random tiny model does emit orphan note-offs
+    prompt, constrained = sample_under(tiny_model, Constraints(no_orphan_note_off=True))
+    assert orphans(prompt + constrained) == 0
+
+
+def test_constraint_pitch_range_bites(tiny_model):
+    _, free = sample_under(tiny_model, Constraints())
+    assert any(t < 128 and not 50 <= t <= 70 for t in free)
+    _, constrained = sample_under(tiny_model, Constraints(pitch_range=(50, 70)))
+    assert all(50 <= t <= 70 for t in constrained if t < 128)
+
+
+def test_constraint_max_polyphony_bites(tiny_model):
+    def peak(tokens):
+        sounding, most = set(), 0
+        for token in tokens:
+            if token < 128:
+                sounding.add(token)
+            elif token < 256:
+                sounding.discard(token - 128)
+            most = max(most, len(sounding))
+        return most
+
+    prompt, free = sample_under(tiny_model, Constraints())
+    assert peak(prompt + free) > 3
+    prompt, constrained = sample_under(tiny_model, Constraints(max_polyphony=3))
+    assert peak(prompt + constrained) <= 3
+
+
+def test_constraint_min_onset_gap_bites(tiny_model):
+    def smallest_gap_ms(tokens):
+        gap, smallest = None, 10**9
+        for token in tokens:
+            if token < 128:
+                if gap is not None:
+                    smallest = min(smallest, gap)
+                gap = 0
+            elif vocab.TIME_SHIFT <= token < vocab.VELOCITY and gap is not None:
+                gap += vocab.time_shift_steps(token) * 10
+        return smallest
+
+    _, free = sample_under(tiny_model, Constraints())
+    assert smallest_gap_ms(free) < 100
+    _, constrained = sample_under(tiny_model, Constraints(min_onset_gap_ms=100))
+    assert smallest_gap_ms(constrained) >= 100
