@@ -73,6 +73,44 @@ def run_detokenize(args: argparse.Namespace) -> None:
     write_midi(decode_midi(read_token_file(args.tokens)), args.output)
 
 
+# --------------------------------------------------------------------------- dataset / train / eval (issue 7)
+
+
+def add_dataset(subparsers) -> None:
+    parser = subparsers.add_parser("dataset", help="build training data from MIDI folders and the music21 corpus")
+    sub = parser.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    build = sub.add_parser("build", help="convert sources into a token memmap + JSON index (cached per file)")
+    build.add_argument("--source", nargs="+", required=True, help="MIDI folders/files, music21, music21:<subset>[,..]")
+    build.add_argument("--out", type=Path, required=True, help="the dataset directory to write")
+    build.add_argument("--jobs", type=int, default=2, help="parallel conversion processes (default 2)")
+    build.add_argument("--licence", help="licence note for these sources (marks them not shippable)")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(handler=lambda args: __import__("liveperceiver.dataset").dataset.run_build(args))
+
+
+def add_train(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a model on a built dataset (torchrun for data-parallel)")
+    parser.add_argument("--config", type=Path, required=True, help="training config (TOML)")
+    parser.add_argument("--data", type=Path, required=True, help="a dataset directory from `dataset build`")
+    parser.add_argument("--out", type=Path, required=True, help="run directory: checkpoints and CSV log")
+    parser.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (overrides the config)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=lambda args: __import__("liveperceiver.train").train.run_train(args))
+
+
+def add_eval(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="NLL, perplexity, n-gram baseline and musical statistics")
+    parser.add_argument("inputs", nargs="+", help="MIDI files/folders, or a dataset directory (uses its test split)")
+    parser.add_argument("--model", help="model name or path (default: the shipped model)")
+    parser.add_argument("--split", default="test", help="dataset split to score (default test)")
+    parser.add_argument("--ngram-data", type=Path, help="dataset whose train split fits the n-gram baseline")
+    parser.add_argument("--continuations", type=int, default=0, metavar="K", help="continue K held-out prompts")
+    parser.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.set_defaults(handler=lambda args: __import__("liveperceiver.evaluate").evaluate.run_eval(args))
+
+
 # --------------------------------------------------------------------------- presets / render
 
 
@@ -96,7 +134,7 @@ def add_render(subparsers) -> None:
 
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_tokenize, add_detokenize, add_presets, add_render]
+COMMANDS = [add_tokenize, add_detokenize, add_dataset, add_train, add_eval, add_presets, add_render]
 
 
 def build_parser() -> argparse.ArgumentParser:

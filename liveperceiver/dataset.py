@@ -1,0 +1,315 @@
+"""Training data: MIDI folders and the music21 corpus -> one token memmap + a JSON index of pieces.
+
+Layout of a dataset directory:
+
+    tokens.u16      all pieces' tokens back to back (numpy uint16 memmap)
+    index.json      {"pieces": [{source, licence, shippable, split, offset, length}, ...], ...}
+    cache/          one JSON file per converted source file, so a rerun converts nothing new
+
+A piece goes wholly to train/validation/test by a stable hash of its source path, so adding files
+never moves an existing piece between splits (no test leakage across rebuilds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from liveperceiver.errors import UserError
+
+MIDI_SUFFIXES = (".mid", ".midi", ".mid.gz")
+SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")
+SPLITS = ("train", "validation", "test")
+CACHE_VERSION = 1
+
+# Licence notes for the music21 corpus (from music21/corpus/license.txt and the files themselves).
+# Only `shippable` parts may train the weights we ship.
+MUSIC21_LICENCES: dict[str, tuple[str, bool]] = {
+    "bach": (
+        "J.S. Bach chorales: public-domain compositions; MusicXML encodings (jsbchorales.net, "
+        "M. Greentree) distributed with music21",
+        True,
+    ),
+    "oneills1850": ("O'Neill's Music of Ireland (1850): public-domain tune book, ABC transcription", True),
+    "ryansMammoth": ("Ryan's Mammoth Collection (1883): public-domain tune book, ABC transcription", True),
+    "airdsAirs": ("Aird's Airs (18th c.): public-domain tune book, ABC transcription", True),
+    "essenFolksong": ("Essen folksongs: non-commercial distribution with music21 only", False),
+    "palestrina": ("Palestrina (CCARH): rights to derivative electronic formats reserved", False),
+}
+MUSIC21_DEFAULT_LICENCE = ("music21 corpus: mixed encodings, see music21/corpus/license.txt", False)
+CCARH_RESERVED = "Rights to all derivative electronic formats reserved"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file to convert: its stable name (hashed for the split) and where it lives."""
+
+    name: str  # e.g. "music21:bach/bwv1.6.mxl" or "maestro/2004/x.midi"
+    path: Path
+    licence: str
+    shippable: bool
+
+
+def split_of(name: str, validation: float = 0.05, test: float = 0.05) -> str:
+    """train/validation/test from a SHA-1 of the source name: stable across machines and reruns."""
+    value = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
+    if value < test:
+        return "test"
+    if value < test + validation:
+        return "validation"
+    return "train"
+
+
+# --------------------------------------------------------------------------- finding sources
+
+
+def music21_corpus_dir() -> Path:
+    import music21
+
+    return Path(music21.__file__).resolve().parent / "corpus"
+
+
+def find_sources(spec: str, licence: str | None = None) -> list[SourceFile]:
+    """Expand `music21`, `music21:<subset>[,<subset>...]` or a folder/file of MIDI files."""
+    if spec == "music21" or spec.startswith("music21:"):
+        corpus = music21_corpus_dir()
+        subsets = spec.removeprefix("music21").removeprefix(":")
+        if subsets == "shippable":
+            names = [name for name, (_, ok) in MUSIC21_LICENCES.items() if ok]
+        elif subsets:
+            names = subsets.split(",")
+        else:
+            names = sorted(p.name for p in corpus.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+        sources = []
+        for subset in names:
+            folder = corpus / subset
+            if not folder.is_dir():
+                raise UserError(f"{spec}: no music21 corpus subset {subset!r}")
+            note, shippable = MUSIC21_LICENCES.get(subset, MUSIC21_DEFAULT_LICENCE)
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and path.name.lower().endswith(SCORE_SUFFIXES + MIDI_SUFFIXES):
+                    file_note, file_ok = note, shippable
+                    if path.suffix == ".krn" and CCARH_RESERVED in path.read_text(errors="replace"):
+                        file_note, file_ok = f"CCARH encoding: {CCARH_RESERVED.lower()}", False
+                    name = f"music21:{path.relative_to(corpus).as_posix()}"
+                    sources.append(SourceFile(name, path, licence or file_note, file_ok and licence is None))
+        return sources
+    root = Path(spec).expanduser()
+    if root.is_file():
+        return [SourceFile(root.name, root, licence or "user-supplied MIDI, licence unknown", False)]
+    if not root.is_dir():
+        raise UserError(f"{spec}: not a folder, a MIDI file, 'music21' or 'music21:<subset>'")
+    return [
+        SourceFile(f"{root.name}/{path.relative_to(root).as_posix()}", path, licence or "user-supplied MIDI", False)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name.lower().endswith(MIDI_SUFFIXES)
+    ]
+
+
+# --------------------------------------------------------------------------- converting one file
+
+
+def _abc_to_midis(path: Path) -> list[tuple[str, bytes]]:
+    """abc2midi expands repeats and handles multi-tune books far faster than music21's ABC parser."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "tune.abc"  # abc2midi writes its outputs beside the input file
+        local.write_bytes(path.read_bytes())
+        subprocess.run(
+            ["abc2midi", local.name], cwd=tmp, capture_output=True, timeout=120, check=False
+        )  # warnings go to stdout and the exit status is unreliable; the files written are what counts
+        outputs = sorted(Path(tmp).glob("*.mid"), key=lambda p: (len(p.name), p.name))
+        return [(p.stem, p.read_bytes()) for p in outputs]
+
+
+def _score_to_midi(path: Path) -> bytes:
+    """Parse with music21, expand repeats (stripping them where expansion fails), export MIDI."""
+    import music21
+
+    score = music21.converter.parse(str(path))
+    try:
+        score = score.expandRepeats()
+    except Exception:  # inconsistent repeat marks: drop them and play straight through
+        for element in list(score.recurse().getElementsByClass(music21.bar.Repeat)):
+            element.activeSite.remove(element)
+    midi_file = music21.midi.translate.streamToMidiFile(score)
+    return midi_file.writestr()
+
+
+def convert_file(path: Path) -> list[tuple[str, list[int]]]:
+    """Token lists of the pieces in one file (an ABC book holds many); raises on unreadable files."""
+    import pretty_midi
+
+    from liveperceiver.tokenizer import encode_file, encode_midi
+
+    lower = path.name.lower()
+    if lower.endswith(MIDI_SUFFIXES):
+        return [("", encode_file(path))]
+    if lower.endswith(".abc") and _has_abc2midi():
+        midis = _abc_to_midis(path)
+        if not midis:
+            raise ValueError("abc2midi wrote no MIDI file")
+    else:
+        midis = [("", _score_to_midi(path))]
+    pieces = []
+    for tune, data in midis:
+        tokens = encode_midi(pretty_midi.PrettyMIDI(io.BytesIO(data)))
+        if tokens:
+            pieces.append((tune, tokens))
+    return pieces
+
+
+def _has_abc2midi() -> bool:
+    from shutil import which
+
+    return which("abc2midi") is not None
+
+
+def cache_key(source: SourceFile) -> str:
+    """Name + size + mtime: a changed file is converted again, an unchanged one never."""
+    stat = source.path.stat()
+    text = f"{CACHE_VERSION}|{source.name}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def convert_cached(job: tuple[SourceFile, Path]) -> tuple[SourceFile, dict, bool]:
+    """Convert one file through the cache; returns (source, {pieces|error}, was_cached)."""
+    source, cache_dir = job
+    cache_path = cache_dir / f"{cache_key(source)}.json"
+    if cache_path.is_file():
+        return source, json.loads(cache_path.read_text()), True
+    try:
+        result = {"pieces": [{"tune": tune, "tokens": tokens} for tune, tokens in convert_file(source.path)]}
+    except Exception as error:  # any parser failure: skip the file, remember why
+        message = str(error).splitlines()[0] if str(error) else ""
+        result = {"error": f"{type(error).__name__}: {message}"[:200]}
+    tmp = cache_path.with_suffix(".part")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, cache_path)
+    return source, result, False
+
+
+# --------------------------------------------------------------------------- building a dataset
+
+
+def build(sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = True) -> dict:
+    """Convert (in parallel, cached) and write tokens.u16 + index.json; returns a summary."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = out / "cache"
+    cache_dir.mkdir(exist_ok=True)
+    results: dict[str, tuple[SourceFile, dict]] = {}
+    converted = skipped = 0
+    work = [(source, cache_dir) for source in sources]
+    bar = tqdm(total=len(work), desc="converting", unit="file", disable=not progress, file=sys.stderr)
+    if jobs > 1 and len(work) > 1:
+        pool = multiprocessing.get_context("spawn").Pool(jobs)
+        iterator = pool.imap_unordered(convert_cached, work, chunksize=4)
+    else:
+        pool, iterator = None, map(convert_cached, work)
+    try:
+        for source, result, cached in iterator:
+            results[source.name] = (source, result)
+            converted += not cached
+            if "error" in result:
+                skipped += 1
+                tqdm.write(f"warning: skipping {source.path}: {result['error']}", file=sys.stderr)
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    pieces, arrays, offset = [], [], 0
+    for name in sorted(results):
+        source, result = results[name]
+        for piece in result.get("pieces", []):
+            tokens = np.asarray(piece["tokens"], dtype=np.uint16)
+            pieces.append(
+                {
+                    "source": name + (f"#{piece['tune']}" if piece["tune"] else ""),
+                    "licence": source.licence,
+                    "shippable": source.shippable,
+                    "split": split_of(name),
+                    "offset": offset,
+                    "length": int(len(tokens)),
+                }
+            )
+            arrays.append(tokens)
+            offset += len(tokens)
+    all_tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
+    memmap_path = out / "tokens.u16"
+    all_tokens.tofile(memmap_path.with_suffix(".part"))
+    os.replace(memmap_path.with_suffix(".part"), memmap_path)
+    summary = {
+        "files": len(sources),
+        "converted": converted,
+        "skipped": skipped,
+        "pieces": len(pieces),
+        "tokens": int(offset),
+        "tokens_by_split": {s: sum(p["length"] for p in pieces if p["split"] == s) for s in SPLITS},
+    }
+    index = {"format": "liveperceiver-dataset", "version": CACHE_VERSION, "summary": summary, "pieces": pieces}
+    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return summary
+
+
+# --------------------------------------------------------------------------- reading a dataset
+
+
+class TokenDataset:
+    """A built dataset: the memmap plus its piece index, filtered by split (and licence if asked)."""
+
+    def __init__(self, directory: str | Path, split: str | None = None, shippable_only: bool = False):
+        directory = Path(directory)
+        index_path = directory / "index.json"
+        if not index_path.is_file():
+            raise UserError(f"{directory}: no index.json, not a dataset (build one with `liveperceiver dataset build`)")
+        self.directory = directory
+        self.index = json.loads(index_path.read_text())
+        self.tokens = np.memmap(directory / "tokens.u16", dtype=np.uint16, mode="r")
+        self.pieces = [
+            p
+            for p in self.index["pieces"]
+            if (split is None or p["split"] == split) and (p["shippable"] or not shippable_only) and p["length"] > 1
+        ]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def piece(self, i: int) -> np.ndarray:
+        p = self.pieces[i]
+        return self.tokens[p["offset"] : p["offset"] + p["length"]]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p["length"] for p in self.pieces)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_build(args) -> None:
+    sources: list[SourceFile] = []
+    for spec in args.source:
+        sources.extend(find_sources(spec, args.licence))
+    if not sources:
+        raise UserError("no MIDI or score files found in the given sources")
+    summary = build(sources, Path(args.out), jobs=args.jobs, progress=not args.quiet)
+    print(
+        f"{summary['files']} files ({summary['converted']} converted, {summary['files'] - summary['converted']} cached), "
+        f"{summary['skipped']} skipped; {summary['pieces']} pieces, {summary['tokens']:,} tokens "
+        f"(train {summary['tokens_by_split']['train']:,}, validation {summary['tokens_by_split']['validation']:,}, "
+        f"test {summary['tokens_by_split']['test']:,}) -> {args.out}"
+    )
