@@ -49,17 +49,6 @@ def read_token_file(path: Path) -> list[int]:
         raise UserError(str(error)) from None
 
 
-def write_midi(midi, path: Path) -> None:
-    """Write a pretty_midi object atomically (no partial file on failure)."""
-    from liveperceiver.errors import atomic_output
-
-    try:
-        with atomic_output(path) as file:
-            midi.write(file)
-    except OSError as error:
-        raise UserError(f"{path}: cannot write MIDI file ({error.strerror or error})") from None
-
-
 def add_detokenize(subparsers) -> None:
     parser = subparsers.add_parser("detokenize", help="write the MIDI file decoded from a JSON token list")
     parser.add_argument("tokens", type=Path, help="a JSON file holding a list of token ids")
@@ -68,7 +57,7 @@ def add_detokenize(subparsers) -> None:
 
 
 def run_detokenize(args: argparse.Namespace) -> None:
-    from liveperceiver.tokenizer import decode_midi
+    from liveperceiver.tokenizer import decode_midi, write_midi
 
     write_midi(decode_midi(read_token_file(args.tokens)), args.output)
 
@@ -132,9 +121,77 @@ def add_render(subparsers) -> None:
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.render").render.run_render(args))
 
 
+# --------------------------------------------------------------------------- continue
+
+
+def add_continue(subparsers) -> None:
+    parser = subparsers.add_parser("continue", help="continue a MIDI file or token list with the model")
+    parser.add_argument("prompt", type=Path, help="a MIDI file or a .json token list")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
+    parser.add_argument("--model", help="path, Hugging Face repo id, or name under models/ (default: shipped model)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 1024, or no cap with --seconds")
+    parser.add_argument("--seconds", type=float, help="stop when the continuation holds this much music")
+    parser.add_argument("--num-latents", type=int, default=1, help="latent window (1 .. the model's max_latents)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--seed", type=int, help="same seed, same output")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--include-prompt", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tokens-out", type=Path, help="also write the generated token ids as JSON")
+    parser.add_argument("--wav", type=Path, help="also render the result to audio with FluidSynth")
+    parser.set_defaults(handler=run_continue)
+
+
+def read_prompt(path: Path) -> list[int]:
+    from liveperceiver.tokenizer import encode_file
+
+    return read_token_file(path) if path.suffix == ".json" else encode_file(path)
+
+
+def run_continue(args: argparse.Namespace) -> None:
+    from liveperceiver.checkpoint import load_model
+    from liveperceiver.continuation import generate, write_continuation
+    from liveperceiver.engine import DTYPES, Engine
+    from liveperceiver.errors import atomic_output
+    from liveperceiver.sampling import SamplingSettings
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.seconds is not None and args.seconds <= 0:
+        raise UserError(f"--seconds {args.seconds} must be > 0")
+    prompt = read_prompt(args.prompt)
+    if not prompt:
+        raise UserError(f"{args.prompt}: the prompt holds no tokens")
+    loaded = load_model(args.model)
+    sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.greedy, args.seed)
+    try:
+        engine = Engine(
+            loaded.model, num_latents=args.num_latents, sampling=sampling, device=args.device, dtype=DTYPES[args.dtype]
+        )
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"{loaded.name}: {error}") from None
+    max_new = args.max_new_tokens or (10**7 if args.seconds else 1024)
+    continuation = generate(engine, prompt, max_new, args.seconds)
+    write_continuation(continuation, args.output, args.include_prompt)
+    if args.tokens_out:
+        with atomic_output(args.tokens_out, "w") as file:
+            json.dump(continuation.generated, file)
+    if args.wav:
+        from liveperceiver.render import render_midi
+
+        render_midi(args.output, args.wav)
+    print(
+        f"{args.output}: {len(continuation.generated)} tokens, {continuation.music_seconds():.1f} s of music",
+        file=sys.stderr,
+    )
+
+
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_tokenize, add_detokenize, add_dataset, add_train, add_eval, add_presets, add_render]
+COMMANDS = [add_tokenize, add_detokenize, add_continue, add_dataset, add_train, add_eval, add_presets, add_render]
 
 
 def build_parser() -> argparse.ArgumentParser:

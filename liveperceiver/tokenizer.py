@@ -22,7 +22,7 @@ from pathlib import Path
 import pretty_midi
 
 from liveperceiver import vocab
-from liveperceiver.errors import UserError
+from liveperceiver.errors import UserError, atomic_output
 
 # music21 writes 10,080 ticks per quarter; pretty_midi refuses files past 10^7 ticks by default.
 pretty_midi.pretty_midi.MAX_TICK = 10**9
@@ -242,3 +242,12 @@ def notes_to_midi(notes: list[Note], name: str = "LivePerceiver") -> pretty_midi
 def decode_midi(tokens: list[int]) -> pretty_midi.PrettyMIDI:
     """A single-track MIDI file from token ids."""
     return notes_to_midi(decode_notes(tokens))
+
+
+def write_midi(midi: pretty_midi.PrettyMIDI, path: str | Path) -> None:
+    """Write a MIDI file atomically: a failure leaves no partial file behind."""
+    try:
+        with atomic_output(path) as file:
+            midi.write(file)
+    except OSError as error:
+        raise UserError(f"{path}: cannot write MIDI file ({error.strerror or error})") from None

@@ -1,0 +1,69 @@
+"""Offline continuation: a prompt (MIDI file or token list) in, the model's continuation out, on the engine."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from liveperceiver import vocab
+from liveperceiver.engine import Engine
+from liveperceiver.sampling import StreamState
+from liveperceiver.tokenizer import Note, decode_notes, notes_to_midi, write_midi
+
+
+@dataclass
+class Continuation:
+    prompt: list[int]
+    generated: list[int]
+
+    def music_seconds(self) -> float:
+        return seconds_of(self.generated)
+
+    def notes(self, include_prompt: bool) -> list[Note]:
+        """Decoded notes; notes still sounding at the end are closed there, so none are lost.
+
+        The whole sequence is decoded (so the continuation keeps the prompt's velocity and its
+        note-offs match); without the prompt, notes starting before the continuation are dropped
+        and times start at 0."""
+        tokens = self.prompt + self.generated
+        state = StreamState()
+        for token in tokens:
+            state.push(token)
+        closing = [vocab.TIME_SHIFT] + [vocab.note_off(pitch) for pitch in sorted(state.sounding)]
+        notes = decode_notes(tokens + closing)
+        if include_prompt:
+            return notes
+        offset = seconds_of(self.prompt)
+        kept = [note for note in notes if note.start >= offset - 1e-9]
+        return [Note(n.pitch, n.velocity, n.start - offset, n.end - offset) for n in kept]
+
+
+def seconds_of(tokens: list[int]) -> float:
+    """Music time that time-shift tokens add up to."""
+    steps = sum(vocab.time_shift_steps(t) for t in tokens if vocab.TIME_SHIFT <= t < vocab.VELOCITY)
+    return steps * vocab.TIME_STEP_S
+
+
+def generate(engine: Engine, prompt: list[int], max_new_tokens: int, seconds: float | None = None) -> Continuation:
+    """Sample until `max_new_tokens` or until the continuation holds `seconds` of music."""
+    engine.append(prompt)
+    generated: list[int] = []
+    steps_10ms = 0
+    limit_10ms = None if seconds is None else round(seconds * 100)
+    with tqdm(total=max_new_tokens, unit="tok", disable=not sys.stderr.isatty(), leave=False) as progress:
+        while len(generated) < max_new_tokens:
+            token = engine.step()
+            generated.append(token)
+            progress.update()
+            if vocab.TIME_SHIFT <= token < vocab.VELOCITY:
+                steps_10ms += vocab.time_shift_steps(token)
+                if limit_10ms is not None and steps_10ms >= limit_10ms:
+                    break
+    return Continuation(list(prompt), generated)
+
+
+def write_continuation(continuation: Continuation, path: Path, include_prompt: bool) -> None:
+    write_midi(notes_to_midi(continuation.notes(include_prompt)), path)

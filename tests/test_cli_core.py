@@ -1,0 +1,84 @@
+"""tokenize / detokenize / continue from the command line, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import MODEL_GOLDEN, TOKENIZER_GOLDEN, load_json
+
+from liveperceiver.tokenizer import decode_notes, encode_file, read_midi
+
+TINY = str(MODEL_GOLDEN / "tiny-a")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "liveperceiver", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_tokenize_prints_the_reference_tokens():
+    result = run("tokenize", str(TOKENIZER_GOLDEN / "v_improv_pedal.mid"))
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == load_json(TOKENIZER_GOLDEN / "v_improv_pedal.json")["tokens"]
+
+
+def test_detokenize_writes_the_decoded_notes(tmp_path):
+    tokens = load_json(TOKENIZER_GOLDEN / "v_chords.json")["tokens"]
+    (tmp_path / "t.json").write_text(json.dumps(tokens))
+    assert run("detokenize", str(tmp_path / "t.json"), "-o", str(tmp_path / "out.mid")).returncode == 0
+    assert encode_file(tmp_path / "out.mid") == tokens
+
+
+def test_continue_is_seeded_and_writes_tokens_and_midi(tmp_path):
+    prompt = str(TOKENIZER_GOLDEN / "v_chords.mid")
+    outputs = []
+    for name in ("a", "b"):
+        args = ["continue", prompt, "-o", str(tmp_path / f"{name}.mid"), "--model", TINY, "--seed", "3"]
+        args += ["--max-new-tokens", "60", "--tokens-out", str(tmp_path / f"{name}.json"), "--temperature", "1.1"]
+        assert run(*args).returncode == 0
+        outputs.append(load_json(tmp_path / f"{name}.json"))
+    assert len(outputs[0]) == 60 and outputs[0] == outputs[1]
+    prompt_notes = len(decode_notes(encode_file(prompt)))
+    assert len(read_midi(tmp_path / "a.mid").instruments[0].notes) >= prompt_notes
+
+
+def test_continue_seconds_and_no_prompt(tmp_path):
+    out = tmp_path / "c.mid"
+    args = ["continue", str(TOKENIZER_GOLDEN / "v_basic.json"), "-o", str(out), "--model", TINY, "--seed", "1"]
+    result = run(*args, "--seconds", "3", "--no-include-prompt", "--tokens-out", str(tmp_path / "t.json"))
+    assert result.returncode == 0, result.stderr
+    generated = load_json(tmp_path / "t.json")
+    seconds = sum(t - 255 for t in generated if 256 <= t < 356) / 100
+    last_shift = next(t - 255 for t in reversed(generated) if 256 <= t < 356) / 100
+    assert 3.0 <= seconds < 3.0 + last_shift + 1e-9
+    midi = read_midi(out) if read_midi(out).instruments[0].notes else None
+    if midi is not None:
+        assert min(n.start for n in midi.instruments[0].notes) >= 0.0
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (lambda d: (d / "x.mid").write_bytes(b"garbage"), ["continue", "{d}/x.mid"], "not a MIDI file"),
+        (lambda d: (d / "t.json").write_text("[1, 2, 999]"), ["continue", "{d}/t.json"], "999, outside 0..388"),
+        (lambda d: (d / "t.json").write_text("{oops"), ["continue", "{d}/t.json"], "not a JSON token list"),
+        (lambda d: None, ["continue", "{d}/missing.mid"], "cannot read MIDI file"),
+        (
+            lambda d: None,
+            ["continue", str(TOKENIZER_GOLDEN / "v_basic.mid"), "--model", "no-such-model"],
+            "unknown model",
+        ),
+        (lambda d: None, ["continue", str(TOKENIZER_GOLDEN / "v_basic.mid"), "--model", "{d}"], "no config.json"),
+        (lambda d: None, ["continue", str(TOKENIZER_GOLDEN / "v_basic.mid"), "--model", TINY, "--top-p", "2"], "top_p"),
+        (lambda d: (d / "t.json").write_text("[1, 2, 999]"), ["detokenize", "{d}/t.json"], "999"),
+    ],
+)
+def test_bad_input_gives_one_line_exit_2_and_no_output(tmp_path, setup, args, message):
+    setup(tmp_path)
+    out = tmp_path / "out.mid"
+    result = run(*[a.format(d=tmp_path) for a in args], "-o", str(out))
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.part"))
