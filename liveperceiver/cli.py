@@ -189,9 +189,56 @@ def run_continue(args: argparse.Namespace) -> None:
     )
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def add_bench(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="measure engine speed (or the live bridge with --live)")
+    parser.add_argument("--model", help="path, repo id, name, or random:seed | random:small | random:<config.json>")
+    parser.add_argument("--prefix", type=int_list, default=[0, 1024, 4096], help="prefix lengths, e.g. 0,1024,4096")
+    parser.add_argument("--latents", type=int_list, default=[1, 16, 64], help="latent windows, e.g. 1,16,64")
+    parser.add_argument("--steps", type=int, default=300, help="measured steps per row (after warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core for MIDI)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantisation of Linear layers (CPU)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
+    parser.add_argument("--flat", action="store_true", help="also compare step time after 100k vs 5k tokens")
+    parser.add_argument("--live", action="store_true", help="benchmark the live bridge over JACK dummy ports")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON")
+    parser.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    if args.live:
+        from liveperceiver import live_bench
+
+        live_bench.run(args)
+        return
+    from liveperceiver import bench
+
+    bench.run(args)
+
+
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_tokenize, add_detokenize, add_continue, add_dataset, add_train, add_eval, add_presets, add_render]
+COMMANDS = [
+    add_tokenize,
+    add_detokenize,
+    add_continue,
+    add_bench,
+    add_dataset,
+    add_train,
+    add_eval,
+    add_presets,
+    add_render,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

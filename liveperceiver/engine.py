@@ -167,6 +167,14 @@ class Engine:
     def sample(self, count: int) -> list[int]:
         return [self.step() for _ in range(count)]
 
+    @torch.inference_mode()
+    def prepare(self) -> None:
+        """Write the key/value rows of newly absorbed tokens now, so the next step does less.
+
+        The live engine thread calls this right after absorbing the player's tokens."""
+        if self.exact_tables and self.tokens:
+            self._prepare_rows(*self.window())
+
     def window(self) -> tuple[int, int, int]:
         """(window start, latent start, end) of the current context in stream positions."""
         end = len(self.tokens)

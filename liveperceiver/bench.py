@@ -1,0 +1,226 @@
+"""`liveperceiver bench`: engine speed per (prefix, latents), beside the memory-bandwidth bound.
+
+A step = absorb one token + sample one token, the unit of live work. Figures are medians and p99
+over many steps after warm-up, with the thread count stated. The bound is the bytes of weights a
+step must read divided by the memory bandwidth measured in the same run (one `sum` over 256 MB).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from liveperceiver.engine import DTYPES, Engine
+from liveperceiver.errors import UserError, atomic_output
+from liveperceiver.model import PerceiverAR
+from liveperceiver.sampling import SamplingSettings
+
+
+@dataclass
+class BenchRow:
+    prefix: int
+    latents: int
+    step_ms_p50: float
+    step_ms_p99: float
+    absorb_ms_p99: float
+    tokens_per_s: float
+    weights_mb: float
+    kv_mb: float
+    bandwidth_bound_ms: float
+    flat_ratio: float | None = None  # step p50 after 100k tokens / after 5k (only with --flat)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def read_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
+    """Memory read bandwidth: the best of a few sums over a buffer much larger than the caches."""
+    buffer = torch.ones(megabytes * 1024 * 1024 // 4)
+    buffer.sum()
+    best = min(_timed(buffer.sum) for _ in range(repeats))
+    return buffer.numel() * 4 / best / 1e9
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def weights_read_per_step(engine: Engine) -> int:
+    """Bytes of weights one step reads: every Linear and norm outside the cross-attention's q/k/v
+    (those became per-token tables) plus the tied embedding for the output projection."""
+    skipped = {
+        id(m)
+        for m in (
+            engine.model.cross_attention.attention.q_proj,
+            engine.model.cross_attention.attention.k_proj,
+            engine.model.cross_attention.attention.v_proj,
+        )
+    }
+    total = engine.model.embedding.weight.numel() * engine.model.embedding.weight.element_size()
+    for module in engine.model.modules():
+        if id(module) in skipped or module is engine.model.embedding:
+            continue
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) or "Linear" in type(module).__name__:
+            total += _module_bytes(module)
+    return total
+
+
+def _module_bytes(module: nn.Module) -> int:
+    if hasattr(module, "_packed_params"):  # int8 dynamic quantised Linear
+        weight = module.weight()
+        return weight.numel() * weight.element_size()
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+
+def bench_row(
+    model: PerceiverAR, prefix: int, latents: int, steps: int, dtype: torch.dtype, quantize: str | None, device: str
+) -> tuple[BenchRow, Engine]:
+    config = model.config
+    if prefix > config.max_prefix_len or latents > config.max_latents:
+        raise UserError(
+            f"prefix {prefix} / latents {latents} exceed the model ({config.max_prefix_len} / {config.max_latents})"
+        )
+    rng = random.Random(0)
+    engine = Engine(
+        model,
+        num_latents=latents,
+        prefix_cap=prefix,
+        sampling=SamplingSettings(seed=0),
+        dtype=dtype,
+        quantize=quantize,
+        device=device,
+    )
+    engine.append(rng.randrange(388) for _ in range(prefix + latents))
+    step_times, absorb_times = [], []
+    warmup = max(5, steps // 10)
+    for index in range(warmup + steps):
+        start = time.perf_counter()
+        engine.append([rng.randrange(388)])
+        engine.step()
+        elapsed = time.perf_counter() - start
+        if index >= warmup:
+            step_times.append(elapsed * 1000)
+        if index % 4 == 0:
+            start = time.perf_counter()
+            engine.append([rng.randrange(388) for _ in range(3)])
+            engine.prepare()
+            if index >= warmup:
+                absorb_times.append((time.perf_counter() - start) * 1000)
+    p50 = statistics.median(step_times)
+    kv_bytes = (prefix + latents) * config.num_channels * 2 * torch.finfo(dtype).bits // 8
+    row = BenchRow(
+        prefix=prefix,
+        latents=latents,
+        step_ms_p50=round(p50, 3),
+        step_ms_p99=round(percentile(step_times, 0.99), 3),
+        absorb_ms_p99=round(percentile(absorb_times, 0.99), 3),
+        tokens_per_s=round(1000 / p50, 1),
+        weights_mb=round(weights_read_per_step(engine) / 1e6, 2),
+        kv_mb=round(kv_bytes / 1e6, 2),
+        bandwidth_bound_ms=0.0,
+    )
+    return row, engine
+
+
+def flat_ratio(engine: Engine, steps: int) -> float:
+    """Step p50 after 100,000 tokens divided by step p50 after 5,000 (cost must stay flat)."""
+    rng = random.Random(1)
+
+    def median_step() -> float:
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.append([rng.randrange(388)])
+            engine.step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    engine.truncate(0)
+    engine.append(rng.randrange(388) for _ in range(5000))
+    early = median_step()
+    engine.append(rng.randrange(388) for _ in range(100_000 - len(engine)))
+    late = median_step()
+    return round(late / early, 3)
+
+
+def top1_agreement(
+    model: PerceiverAR, dtype: torch.dtype, quantize: str | None, device: str, steps: int = 1000
+) -> float:
+    """Share of steps where the low-precision engine's argmax equals float32's, teacher-forced on float32's greedy path."""
+    rng = random.Random(2)
+    prompt = [rng.randrange(388) for _ in range(min(1024, model.config.max_prefix_len))]
+    engines = [
+        Engine(model, sampling=SamplingSettings(greedy=True), device=device),
+        Engine(model, sampling=SamplingSettings(greedy=True), dtype=dtype, quantize=quantize, device=device),
+    ]
+    for engine in engines:
+        engine.append(prompt)
+    agree = 0
+    for _ in range(steps):
+        reference = int(engines[0].next_logits()[:388].argmax())
+        agree += int(engines[1].next_logits()[:388].argmax()) == reference
+        for engine in engines:
+            engine.append([reference])
+    return agree / steps
+
+
+def run(args) -> list[dict]:
+    from liveperceiver.checkpoint import load_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    dtype = DTYPES[args.dtype]
+    bandwidth = read_bandwidth_gb_s()
+    rows = []
+    header = f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'absorb p99':>10} {'tok/s':>8} {'weights MB':>10} {'bound ms':>8}"
+    print(
+        f"model {loaded.name} ({loaded.model.num_parameters() / 1e6:.1f}M parameters), dtype {args.dtype}, quantize {args.quantize or 'none'}, threads {args.threads}"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, read bandwidth {bandwidth:.1f} GB/s"
+    )
+    print(header + ("  after-100k/5k" if args.flat else ""))
+    for prefix in args.prefix:
+        for latents in args.latents:
+            if prefix > loaded.model.config.max_prefix_len or latents > loaded.model.config.max_latents:
+                print(f"{prefix:>6} {latents:>7}  skipped: beyond the model's context")
+                continue
+            row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, args.quantize, args.device)
+            row.bandwidth_bound_ms = round(row.weights_mb * 1e6 / (bandwidth * 1e9) * 1000, 3)
+            if args.flat:
+                row.flat_ratio = flat_ratio(engine, args.steps)
+            rows.append(
+                asdict(row)
+                | {
+                    "threads": args.threads,
+                    "dtype": args.dtype,
+                    "quantize": args.quantize or "none",
+                    "model": loaded.name,
+                }
+            )
+            line = (
+                f"{row.prefix:>6} {row.latents:>7} {row.step_ms_p50:>8.2f} {row.step_ms_p99:>8.2f} {row.absorb_ms_p99:>10.3f}"
+                f" {row.tokens_per_s:>8.0f} {row.weights_mb:>10.1f} {row.bandwidth_bound_ms:>8.2f}"
+            )
+            print(line + (f"  {row.flat_ratio:.3f}" if row.flat_ratio is not None else ""), flush=True)
+    if args.dtype != "float32" or args.quantize:
+        agreement = top1_agreement(loaded.model, dtype, args.quantize, args.device)
+        print(f"top-1 agreement with float32 over 1000 greedy steps: {agreement:.3f}")
+        for row in rows:
+            row["top1_agreement"] = agreement
+    if args.json:
+        with atomic_output(Path(args.json), "w") as file:
+            json.dump(rows, file, indent=2)
+    return rows
