@@ -52,18 +52,19 @@ class Scheduler:
         self,
         send: Callable[[list[int]], bool],
         settings: Settings,
-        on_sent: Callable[[float, list[int]], None] | None = None,
+        on_sent: Callable[[float, list[int], bool], None] | None = None,
         log: Callable[[str], None] = print,
     ):
         self.send = send
         self.settings = settings  # replaced whole by the session; read once per event
-        self.on_sent = on_sent or (lambda time, message: None)
+        self.on_sent = on_sent or (lambda time, message, model: None)  # model=False: thru
         self.log = log
         self.cond = threading.Condition()
         self.pending: list[OutNote] = []  # heap, guarded by cond
         self.raw: deque[list[int]] = deque()  # thru messages and panic CCs, sent as soon as possible
         self.off_requests = 0  # incremented by silence(); the thread answers with all notes off
-        self.last_tag = -1  # tag of the last event taken for sending (guarded by cond)
+        self.last_tag = -1  # highest tag of the events taken for sending (guarded by cond)
+        self.epoch = 0  # bumped by silence(); schedule() drops notes planned in an older epoch
         self.sounding: dict[int, Sounding] = {}  # model pitch -> what was sent; thread-owned
         self.thru_sounding: set[tuple[int, int]] = set()  # (channel, pitch) of thru notes; thread-owned
         self.seq = itertools.count()
@@ -79,25 +80,37 @@ class Scheduler:
         self.running = True
         self.thread.start()
 
-    def schedule(self, notes: list[OutNote]) -> None:
+    def schedule(self, notes: list[OutNote], epoch: int | None = None) -> bool:
+        """Queue notes; with `epoch`, only if no silence() came since it was read (else False)."""
         with self.cond:
+            if epoch is not None and epoch != self.epoch:
+                return False
             for note in notes:
                 note.seq = next(self.seq)
                 heapq.heappush(self.pending, note)
             self.cond.notify()
+            return True
 
-    def silence(self) -> tuple[int, list[OutNote]]:
+    def silence(self, reset_tags: bool = False) -> tuple[int, list[OutNote]]:
         """Barge-in: drop every pending event and turn sounding notes off now.
 
-        Returns the tag of the last event that was sent (or taken for sending) and the dropped ones,
-        so the caller can roll the unplayed part back out of the model's context.
+        Returns the highest tag of the events sent (or taken for sending) and the dropped ones, so
+        the caller can roll the unplayed part back out of the model's context.
         """
         with self.cond:
             dropped = sorted(self.pending)
             self.pending.clear()
             self.off_requests += 1
+            self.epoch += 1
+            tag = self.last_tag
+            if reset_tags:
+                self.last_tag = -1
             self.cond.notify()
-            return self.last_tag, dropped
+            return tag, dropped
+
+    def played_tag(self) -> int:
+        with self.cond:
+            return self.last_tag
 
     def panic(self) -> None:
         """All sounding notes off plus CC123 (all notes off) on the output channel."""
@@ -154,7 +167,7 @@ class Scheduler:
                         wake = self._watchdog_deadline(now)
                         if self.pending and self.pending[0].time - now <= SPIN_S:
                             note = heapq.heappop(self.pending)
-                            self.last_tag = note.tag
+                            self.last_tag = max(self.last_tag, note.tag)
                         else:
                             due = self.pending[0].time - SPIN_S if self.pending else now + IDLE_WAKE_S
                             self.cond.wait(max(0.0, min(due, wake) - now))
@@ -172,7 +185,7 @@ class Scheduler:
         finally:
             self._all_off()
             for channel, pitch in list(self.thru_sounding):
-                self._emit([0x80 | channel, pitch, 0])
+                self._emit([0x80 | channel, pitch, 0], model=False)
             self.thru_sounding.clear()
 
     def _play(self, note: OutNote) -> None:
@@ -211,15 +224,15 @@ class Scheduler:
             self.thru_sounding.add((message[0] & 0x0F, message[1]))
         elif status in (0x80, 0x90) and len(message) == 3:
             self.thru_sounding.discard((message[0] & 0x0F, message[1]))
-        self._emit(message)
+        self._emit(message, model=False)
 
-    def _emit(self, message: list[int]) -> float:
+    def _emit(self, message: list[int], model: bool = True) -> float:
         now = time.monotonic()
         try:
             self.send(message)
         except Exception as error:  # a vanished port must not kill the only output thread
             self.log(f"output send failed: {error}")
-        self.on_sent(now, message)
+        self.on_sent(now, message, model)
         return now
 
     def _watchdog_deadline(self, now: float) -> float:

@@ -80,7 +80,7 @@ def test_scheduler_plays_on_time_and_every_note_on_gets_an_off():
     keys = Keyboard(play_into=None)
     sent: list[tuple[float, list[int]]] = []
     settings = Settings(transpose=2, out_channel=3, velocity_scale=0.5, max_note_seconds=0.5)
-    scheduler = Scheduler(midi_out.send, settings, on_sent=lambda t, m: sent.append((t, m)), log=lambda s: None)
+    scheduler = Scheduler(midi_out.send, settings, on_sent=lambda t, m, model: sent.append((t, m)), log=lambda s: None)
     scheduler.start()
     try:
         start = time.monotonic() + 0.05

@@ -1,0 +1,707 @@
+"""A live session: ports -> stream encoder -> engine thread -> scheduler -> ports, plus the recorder.
+
+One object, driven the same way by `play --headless` and by the UI. Public surface:
+
+    session = Session(settings, model=..., api="auto", in_port=None, out_port=None, session_dir=...)
+    session.start()
+    session.set_mode("duet"); session.update(temperature=1.1, model="other"); session.panic()
+    session.pause(True); session.reset(); session.save(path)
+    snap = session.snapshot()      # thread-safe, cheap: for a UI at <= 30 Hz
+    session.close()                # stop sampling, all notes off, save, close ports (< 1 s)
+
+Threads and who owns what (GUIDE.md section 3):
+
+- backend callback (ports.MidiInput): stamps and queues raw bytes.
+- input thread: filters (channel, feedback of our own notes), MIDI clock, journals the player,
+  barge-in (`scheduler.silence()` at once, before the engine hears of it), thru; hands note and
+  pedal events to the engine thread. Never waits on the model or the disk.
+- engine thread: owns the Engine, the StreamEncoder and the mode logic. Absorbs the player's
+  tokens, samples ahead of playback by `lookahead_ms`, decodes to timed notes, schedules them,
+  commits the played part of what it sampled and rolls back (engine.truncate) what was not played.
+- scheduler thread: the only writer to the output; every note-on gets its note-off.
+- recorder thread: journal flushes.
+
+The timeline: the encoder works in seconds since `self.t0` (reset by `reset()`); the scheduler in
+`time.monotonic()` seconds. Sampled tokens are speculative until the scheduler has sent their
+events; only then are they merged into the encoder (`absorb_model_tokens`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import statistics
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from liveperceiver import vocab
+from liveperceiver.clock import ClockTracker
+from liveperceiver.errors import UserError
+from liveperceiver.ports import MidiInput, MidiOutput, resolve_api
+from liveperceiver.recorder import MODEL, PLAYER, Recorder
+from liveperceiver.scheduler import OutNote, Scheduler
+from liveperceiver.settings import Settings
+from liveperceiver.stream import StreamDecoder, StreamEncoder
+from liveperceiver.tokenizer import time_shift_tokens
+
+FEEDBACK_WINDOW_S = 0.030  # an input note matching one we sent this recently is our own echo
+PORT_CHECK_S = 0.5
+IDLE_WAIT_S = 0.005  # the engine thread's poll while waiting for silence or look-ahead room
+ROLL_SECONDS = 10.0
+LOG_LINES = 200
+SAMPLE_BATCH = 4  # tokens sampled between looks at the command queue
+
+
+def default_session_dir() -> Path:
+    import platformdirs
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(platformdirs.user_data_dir("liveperceiver")) / "sessions" / stamp
+
+
+def percentiles(values, qs=(50, 99)) -> tuple[float | None, ...]:
+    """Nearest-rank percentiles (None when empty)."""
+    data = sorted(values)
+    if not data:
+        return tuple(None for _ in qs)
+    return tuple(data[min(len(data) - 1, max(0, round(q / 100 * len(data)) - 1))] for q in qs)
+
+
+@dataclass
+class Snapshot:
+    """What a UI shows; built under a lock from copies, so it never blocks the real-time threads."""
+
+    mode: str
+    state: str  # "listening", "waiting", "answering", "playing", "paused", "stopped (transport)"
+    settings: Settings
+    notes_in: int
+    notes_out: int
+    held: list[int]  # player keys down
+    sounding: list[int]  # model notes sounding (as sent)
+    roll: list[tuple[float, float | None, int, str]]  # (start, end, pitch, "player"|"model"|"ahead"), seconds ago
+    step_ms: float | None
+    reaction_ms: tuple[float | None, float | None]  # p50, p99
+    jitter_ms: tuple[float | None, float | None]
+    realtime_factor: float | None  # sampling seconds per second of music (< 1: faster than real time)
+    bpm: float | None
+    transport_running: bool
+    context_tokens: int
+    context_window: int
+    recording: str  # journal path
+    recorded: int
+    in_port: str
+    out_port: str
+    log: list[str] = field(default_factory=list)
+
+
+class Session:
+    """See the module docstring. Construct, `start()`, drive, `close()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model=None,
+        api: str = "auto",
+        in_port: str | None = None,
+        out_port: str | None = None,
+        session_dir: str | Path | None = None,
+        record_path: str | Path | None = None,
+    ):
+        settings.validate()
+        self.settings = settings
+        self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.lock = threading.Lock()  # guards the small shared state below (stats, roll, held keys)
+        self.api = resolve_api(api)
+        self.model = self._load_model(model if model is not None else settings.model)
+        self.engine = self._new_engine(self.model, settings)
+        self.midi_in = MidiInput(self.api, in_port, log=self.warn)
+        try:
+            self.midi_out = MidiOutput(self.api, out_port, log=self.warn)
+        except BaseException:
+            self.midi_in.close()
+            raise
+        self.t0 = time.monotonic()
+        self.recorder = Recorder(session_dir or default_session_dir(), origin=self.t0)
+        self.record_path = Path(record_path) if record_path else None
+        self.scheduler = Scheduler(self.midi_out.send, settings, on_sent=self._on_sent, log=self.warn)
+        self.clock = ClockTracker()
+        self.commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.closed = False
+        # input-thread state
+        self.recent_out: deque[tuple[float, bool, int]] = deque(maxlen=256)  # (time, is_on, pitch) sent
+        self.held: set[tuple[int, int]] = set()
+        self.pedal_down = False
+        self.last_activity = 0.0
+        self.suppressed = 0
+        self.last_port_check = 0.0
+        self.last_tempo_log = 0.0
+        # engine-thread state (see _engine_loop)
+        self.encoder = StreamEncoder()
+        self.committed = len(self.engine)
+        self.decoder: StreamDecoder | None = None
+        self.run_tokens_start = 0
+        self.answer_end: float | None = None
+        self.call_pending = False
+        self.paused = False
+        self.transport_stopped = False
+        self.quant_shift: dict[int, float] = {}
+        self.epoch = 0  # the scheduler epoch this run plans in (a barge-in makes it stale)
+        # statistics and the piano roll (guarded by self.lock)
+        self.notes_in = 0
+        self.notes_out = 0
+        self.step_times: deque[float] = deque(maxlen=2048)
+        self.reactions: deque[float] = deque(maxlen=2048)
+        self.sample_seconds = 0.0
+        self.music_seconds = 0.0
+        self.roll: deque[tuple[float, bool, int, str]] = deque(maxlen=4096)
+        self.answer_starts: deque[tuple[float, float]] = deque(maxlen=256)  # (silence threshold time, first note)
+        self.pending_answer_start: float | None = None
+        self.barge_ins: deque[tuple[float, float]] = deque(maxlen=256)  # (player note time, last model off)
+        self.barge_at: float | None = None
+        self.errors = 0
+        self.rolled_back = 0  # sampled tokens dropped unplayed (barge-ins, switches)
+        self.threads = [
+            threading.Thread(target=self._input_loop, name="lp-input", daemon=True),
+            threading.Thread(target=self._engine_loop, name="lp-engine", daemon=True),
+        ]
+
+    # ------------------------------------------------------------------ public commands
+
+    def start(self) -> None:
+        self.recorder.start()
+        self.scheduler.start()
+        for thread in self.threads:
+            thread.start()
+        self.info(
+            f"session started: {self.api}, in {self.midi_in.name!r}, out {self.midi_out.name!r}, "
+            f"mode {self.settings.mode}, journal {self.recorder.path}"
+        )
+
+    def set_mode(self, mode: str) -> None:
+        self.update(mode=mode)
+
+    def update(self, **changes) -> Settings:
+        """Change settings live (mode, sampling, timing, output, model); invalid values raise ValueError."""
+        new = self.settings.updated(**changes)
+        self.settings = new
+        self.scheduler.settings = new
+        self.commands.put(("settings", new, tuple(changes)))
+        return new
+
+    def panic(self) -> None:
+        """All model notes off, CC123, and the current answer dropped."""
+        self.scheduler.panic()
+        self.commands.put(("rollback", time.monotonic(), "panic"))
+
+    def pause(self, paused: bool = True) -> None:
+        self.commands.put(("pause", paused))
+
+    def reset(self) -> None:
+        """Forget the context (the recording goes on)."""
+        self.commands.put(("reset",))
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the session's MIDI file now (the journal keeps growing)."""
+        return self.recorder.save(path)
+
+    def close(self) -> Path | None:
+        """Stop sampling, all notes off, save, close ports. Safe to call twice."""
+        if self.closed:
+            return None
+        self.closed = True
+        self.stopping.set()
+        self.commands.put(("stop",))
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(0.5)
+        self.scheduler.close()
+        time.sleep(0.03)  # let the backend deliver the last note-offs before the port goes
+        saved = None
+        try:
+            saved = self.recorder.save(self.record_path)
+            if self.record_path is not None:
+                self.recorder.save()
+        except UserError as error:
+            self.warn(str(error))
+        finally:
+            self.recorder.close()
+            self.midi_in.close()
+            self.midi_out.close()
+        return saved
+
+    def snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        with self.lock:
+            roll_events = list(self.roll)
+            steps = list(self.step_times)
+            reactions = list(self.reactions)
+            notes_in, notes_out = self.notes_in, self.notes_out
+            held = sorted(pitch for _, pitch in self.held)
+            rtf = self.sample_seconds / self.music_seconds if self.music_seconds > 0.5 else None
+        roll = _roll(roll_events, now)
+        for note in self.scheduler.pending_notes():
+            if note.on and note.time - now < 5:
+                roll.append((now - note.time, None, note.pitch + self.settings.transpose, "ahead"))
+        jitter = [j * 1000 for j in self.scheduler.jitter()]
+        start, _, end = self.engine.window()
+        return Snapshot(
+            mode=self.settings.mode,
+            state=self._state(),
+            settings=self.settings,
+            notes_in=notes_in,
+            notes_out=notes_out,
+            held=held,
+            sounding=self.scheduler.sounding_pitches(),
+            roll=roll,
+            step_ms=statistics.median(steps) * 1000 if steps else None,
+            reaction_ms=tuple(None if v is None else v * 1000 for v in percentiles(reactions)),
+            jitter_ms=percentiles(jitter),
+            realtime_factor=rtf,
+            bpm=self.clock.bpm(now),
+            transport_running=self.clock.running,
+            context_tokens=len(self.engine),
+            context_window=end - start,
+            recording=str(self.recorder.path),
+            recorded=sum(self.recorder.counts.values()),
+            in_port=self.midi_in.name,
+            out_port=self.midi_out.name,
+            log=list(self.log_lines)[-50:],
+        )
+
+    # ------------------------------------------------------------------ logging
+
+    def info(self, message: str) -> None:
+        self.log_lines.append(f"{time.strftime('%H:%M:%S')} {message}")
+
+    def warn(self, message: str) -> None:
+        self.log_lines.append(f"{time.strftime('%H:%M:%S')} warning: {message}")
+
+    def _state(self) -> str:
+        if self.transport_stopped:
+            return "stopped (transport)"
+        if self.paused:
+            return "paused"
+        mode = self.settings.mode
+        if mode == "listen":
+            return "listening"
+        if mode == "duet":
+            return "playing"
+        return "answering" if self.decoder is not None else "waiting"
+
+    # ------------------------------------------------------------------ model and engine
+
+    def _load_model(self, spec):
+        """A PerceiverAR, a LoadedModel, or a spec for checkpoint.load_model."""
+        if spec is None or isinstance(spec, str | Path):
+            from liveperceiver.checkpoint import load_model
+
+            return load_model(None if spec is None else str(spec)).model
+        return getattr(spec, "model", spec)
+
+    def _new_engine(self, model, settings: Settings):
+        from liveperceiver.engine import Engine
+
+        max_latents = model.config.max_latents
+        if settings.num_latents > max_latents:
+            raise UserError(f"num_latents {settings.num_latents} is more than the model's max_latents {max_latents}")
+        cap = settings.prefix_cap or None
+        if cap is not None:
+            cap = min(cap, model.config.max_prefix_len)
+        return Engine(
+            model,
+            num_latents=settings.num_latents,
+            prefix_cap=cap,
+            sampling=self._sampling(settings),
+            device="cpu",
+        )
+
+    @staticmethod
+    def _sampling(settings: Settings):
+        from liveperceiver.sampling import SamplingSettings
+
+        return SamplingSettings(
+            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed
+        )
+
+    # ------------------------------------------------------------------ scheduler callback
+
+    def _on_sent(self, when: float, message: list[int], model: bool) -> None:
+        """Runs on the scheduler thread for every message sent: journal, echo memory, roll."""
+        status = message[0] & 0xF0
+        if status in (0x80, 0x90) and len(message) == 3:
+            self.recent_out.append((when, status == 0x90 and message[2] > 0, message[1]))
+        if not model:
+            return  # thru: the player's own notes, already journaled as the player's
+        self.recorder.record(MODEL, when, message)
+        if status in (0x80, 0x90) and len(message) == 3:
+            is_on = status == 0x90 and message[2] > 0
+            with self.lock:
+                self.roll.append((when, is_on, message[1], "model"))
+                if is_on:
+                    self.notes_out += 1
+                    if self.pending_answer_start is not None:
+                        self.answer_starts.append((self.pending_answer_start, when))
+                        self.pending_answer_start = None
+                elif self.barge_at is not None:
+                    self.barge_ins.append((self.barge_at, when))
+
+    # ------------------------------------------------------------------ input thread
+
+    def _input_loop(self) -> None:
+        while not self.stopping.is_set():
+            item = self.midi_in.get(timeout=0.05)
+            now = time.monotonic()
+            if now - self.last_port_check > PORT_CHECK_S:
+                self.last_port_check = now
+                for port in (self.midi_in, self.midi_out):
+                    try:
+                        line = port.check()
+                    except Exception as error:  # a backend hiccup must not end input
+                        line = f"port check failed: {error}"
+                    if line:
+                        self.warn(line)
+                bpm = self.clock.bpm(now)
+                if bpm is not None and now - self.last_tempo_log > 2.0:
+                    self.last_tempo_log = now
+                    self.recorder.record_tempo(now, bpm)
+            if item is None:
+                continue
+            try:
+                self._hear(*item)
+            except Exception:
+                self.errors += 1
+                self.warn("input error: " + traceback.format_exc(limit=2).strip().splitlines()[-1])
+
+    def _hear(self, when: float, message: list[int]) -> None:
+        """One incoming message: classify, filter, and pass on. Anything unknown is ignored."""
+        if not message:
+            return
+        status = message[0]
+        if status >= 0xF0:
+            change = self.clock.feed(status, message[1:], when)
+            if change == "stop":
+                self.scheduler.silence()
+                self.commands.put(("transport", False, when))
+            elif change in ("start", "continue"):
+                self.commands.put(("transport", True, when))
+            return
+        kind, channel = status & 0xF0, status & 0x0F
+        if len(message) < 3 or kind not in (0x80, 0x90, 0xB0) or any(b > 127 for b in message[1:3]):
+            return
+        settings = self.settings
+        if settings.in_channel and channel != settings.in_channel - 1:
+            return
+        number, value = message[1], message[2]
+        if kind == 0xB0:
+            if number == 64:
+                self._player(when, message, ("pedal", when, value, channel))
+                self.pedal_down = value >= 64
+            elif number in (120, 123):  # all sound/notes off from the player's side
+                self.scheduler.silence()
+                released = list(self.held)
+                self.held.clear()
+                for ch, pitch in released:
+                    self._player(when, [0x80 | ch, pitch, 0], ("note_off", when, pitch, ch))
+            return
+        is_on = kind == 0x90 and value > 0
+        if self._is_echo(when, is_on, number):
+            self.suppressed += 1
+            return
+        if is_on:
+            if settings.mode in ("call", "duet"):
+                self.barge_at = when
+                tag, _ = self.scheduler.silence()
+                self.commands.put(("rollback", when, tag))
+            self.held.add((channel, number))
+            self._player(when, message, ("note_on", when, number, channel, value))
+        else:
+            self.held.discard((channel, number))
+            self._player(when, message, ("note_off", when, number, channel))
+
+    def _player(self, when: float, message: list[int], event: tuple) -> None:
+        self.last_activity = when
+        self.recorder.record(PLAYER, when, message)
+        if self.settings.thru:
+            self.scheduler.send_raw(list(message))
+        if event[0] != "pedal":
+            with self.lock:
+                is_on = event[0] == "note_on"
+                self.roll.append((when, is_on, event[2], "player"))
+                self.notes_in += is_on
+        self.commands.put(("player", event))
+
+    def _is_echo(self, when: float, is_on: bool, pitch: int) -> bool:
+        for index, (sent, sent_on, sent_pitch) in enumerate(list(self.recent_out)):
+            if sent_pitch == pitch and sent_on == is_on and 0 <= when - sent <= FEEDBACK_WINDOW_S:
+                try:
+                    del self.recent_out[index]
+                except IndexError:
+                    pass
+                return True
+        return False
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _rel(self, when: float) -> float:
+        """Monotonic seconds -> encoder seconds (never before the encoder's latest time)."""
+        return max(when - self.t0, self.encoder._last_time)
+
+    def _engine_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._engine_tick()
+            except Exception:
+                self.errors += 1
+                self.warn("engine error, notes off and answer dropped: " + traceback.format_exc(limit=3))
+                self.scheduler.silence()
+                try:
+                    self._end_run(rollback=True)
+                except Exception:
+                    self.decoder = None
+                time.sleep(0.05)
+
+    def _engine_tick(self) -> None:
+        wait = IDLE_WAIT_S if self.settings.mode != "listen" else 0.05
+        try:
+            command = self.commands.get(timeout=wait)
+        except queue.Empty:
+            command = None
+        while command is not None:
+            self._command(command)
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                command = None
+        if self.stopping.is_set():
+            return
+        self._commit_played()
+        if self.paused or self.transport_stopped:
+            return
+        now = time.monotonic()
+        mode = self.settings.mode
+        if self.decoder is None:
+            silent_for = now - self.last_activity
+            threshold = self.settings.silence_ms / 1000
+            if mode == "duet" and len(self.engine) > 0:
+                self._start_run(now, None)
+            elif (
+                mode == "call"
+                and self.call_pending
+                and not self.held
+                and not self.pedal_down
+                and silent_for >= threshold
+            ):
+                with self.lock:
+                    self.pending_answer_start = self.last_activity + threshold
+                self._start_run(now, now + self.settings.response_seconds)
+        if self.decoder is not None:
+            self._sample_ahead(now)
+
+    def _command(self, command: tuple) -> None:
+        name = command[0]
+        if name == "player":
+            self._absorb_player(command[1])
+        elif name == "rollback":
+            self._rollback(command[1], command[2])
+        elif name == "settings":
+            self._apply_settings(command[1], command[2])
+        elif name == "pause":
+            self.paused = command[1]
+            if self.paused:
+                self.scheduler.silence()
+                self._end_run(rollback=True)
+        elif name == "transport":
+            self.transport_stopped = not command[1]
+            if self.transport_stopped:
+                self._end_run(rollback=True)
+            self.info("transport " + ("start" if command[1] else "stop"))
+        elif name == "reset":
+            self.scheduler.silence(reset_tags=True)
+            self.decoder = None
+            self.engine.reset()
+            self.encoder = StreamEncoder()
+            self.t0 = time.monotonic()
+            self.committed = 0
+            self.call_pending = False
+            self.info("context reset")
+        elif name == "stop":
+            self.scheduler.silence()
+            self.decoder = None
+
+    def _absorb_player(self, event: tuple) -> None:
+        kind, when = event[0], event[1]
+        if self.decoder is not None or len(self.engine) > self.committed:
+            # the player's tokens go in at their true time: unplayed look-ahead must go first
+            tag, _ = self.scheduler.silence()
+            self._end_run(rollback=True, cut_at=when, tag=tag)
+        t = self._rel(when)
+        if kind == "pedal":
+            tokens = self.encoder.pedal(t, event[2], voice=event[3])
+        elif kind == "note_on":
+            tokens = self.encoder.note_on(t, event[2], event[4], voice=event[3])
+            self.call_pending = True
+        else:
+            tokens = self.encoder.note_off(t, event[2], voice=event[3])
+        self.engine.append(tokens)
+        self.committed = len(self.engine)
+        with self.lock:
+            self.reactions.append(time.monotonic() - when)
+
+    def _apply_settings(self, settings: Settings, changed: tuple) -> None:
+        if "mode" in changed or "model" in changed:
+            self.scheduler.silence()
+            self._end_run(rollback=True)
+        if "model" in changed and settings.model is not None:
+            tokens = list(self.engine.tokens)
+            self.model = self._load_model(settings.model)
+            self.engine = self._new_engine(self.model, settings)
+            self.engine.append(tokens[-self.model.config.max_prefix_len :])
+            self.committed = len(self.engine)
+            self.scheduler.silence(reset_tags=True)
+            self.info(f"model {settings.model} loaded")
+            return
+        cap = settings.prefix_cap or self.model.config.max_prefix_len
+        try:
+            self.engine.configure(
+                num_latents=settings.num_latents,
+                prefix_cap=min(cap, self.model.config.max_prefix_len),
+                sampling=self._sampling(settings),
+            )
+        except ValueError as error:
+            self.warn(f"settings not applied to the engine: {error}")
+
+    # ------------------------------------------------------------------ runs: sampling, commit, rollback
+
+    def _start_run(self, now: float, end: float | None) -> None:
+        """Begin sampling: the stream is completed with the silence up to now."""
+        self.engine.append(self.encoder.advance(self._rel(now)))
+        self.committed = len(self.engine)
+        if len(self.engine) == 0:
+            return
+        self.decoder = StreamDecoder()
+        self.decoder.time = self.encoder.clock
+        self.run_tokens_start = self.committed
+        self.answer_end = None if end is None else end - self.t0
+        self.call_pending = False
+        self.quant_shift.clear()
+        self.epoch = self.scheduler.epoch
+
+    def _sample_ahead(self, now: float) -> None:
+        settings = self.settings
+        horizon = now - self.t0 + settings.lookahead_ms / 1000
+        for _ in range(SAMPLE_BATCH):
+            decoder = self.decoder
+            if decoder is None or decoder.time >= horizon:
+                return
+            if self.answer_end is not None and decoder.time >= self.answer_end:
+                self._finish_answer()
+                return
+            if self.stopping.is_set() or not self.commands.empty():
+                return
+            started = time.perf_counter()
+            token = self.engine.step()
+            elapsed = time.perf_counter() - started
+            before = decoder.time
+            events = decoder.feed(token)
+            with self.lock:
+                self.step_times.append(elapsed)
+                self.sample_seconds += elapsed
+                self.music_seconds += decoder.time - before
+            if events:
+                # a note-on is released by the time shift after it: it belongs before that token
+                tag = len(self.engine) - (1 if vocab.event_type(token) == "time_shift" else 0)
+                if not self._schedule(events, tag):
+                    return
+
+    def _schedule(self, events, tag: int) -> bool:
+        settings = self.settings
+        now = time.monotonic()
+        notes = []
+        for event in events:
+            when = self.t0 + event.time
+            if event.kind == "note_on":
+                shifted = self.clock.quantize(when, settings.quantize, now, self.t0)
+                self.quant_shift[event.pitch] = shifted - when
+                when = shifted
+            else:
+                when += self.quant_shift.pop(event.pitch, 0.0)
+            notes.append(OutNote(when, on=event.kind == "note_on", pitch=event.pitch, velocity=event.velocity, tag=tag))
+        if not self.scheduler.schedule(notes, self.epoch):
+            return False  # a barge-in came first: its rollback command is in the queue
+        return True
+
+    def _finish_answer(self) -> None:
+        """Call mode: the answer is long enough; close its open notes and stop sampling."""
+        decoder = self.decoder
+        closing = decoder.close()
+        tokens = [vocab.note_off(e.pitch) for e in closing]
+        self.engine.append(tokens)
+        self._schedule(closing, len(self.engine))
+        self.decoder = None
+
+    def _commit_played(self) -> None:
+        """Merge the sampled tokens whose events were sent into the encoder's stream state."""
+        tag = min(self.scheduler.played_tag(), len(self.engine))
+        if tag > self.committed:
+            self.encoder.absorb_model_tokens(self.engine.tokens[self.committed : tag])
+            self.committed = tag
+
+    def _rollback(self, when: float, tag) -> None:
+        """Barge-in: keep what was played, drop the rest, close the cut notes at the player's time."""
+        self._end_run(rollback=True, cut_at=when, tag=tag if isinstance(tag, int) else None)
+
+    def _end_run(self, rollback: bool, cut_at: float | None = None, tag: int | None = None) -> None:
+        if tag is None:
+            tag = self.scheduler.played_tag()
+        keep = max(self.committed, min(tag, len(self.engine)))
+        if keep > self.committed:
+            self.encoder.absorb_model_tokens(self.engine.tokens[self.committed : keep])
+        if rollback and keep < len(self.engine):
+            self.rolled_back += len(self.engine) - keep
+            self.engine.truncate(keep)
+        self.committed = len(self.engine)
+        # model notes that sounded in the kept part but whose note-off was dropped: close them now
+        open_notes = _open_model_notes(self.engine.tokens[self.run_tokens_start : self.committed])
+        if open_notes:
+            at = self._rel(cut_at if cut_at is not None else time.monotonic())
+            tokens = time_shift_tokens(max(0.0, at - self.encoder.clock))
+            tokens += [vocab.note_off(pitch) for pitch in open_notes]
+            self.engine.append(tokens)
+            self.encoder.absorb_model_tokens(tokens)
+            self.committed = len(self.engine)
+        self.decoder = None
+        self.run_tokens_start = self.committed
+
+
+def _open_model_notes(tokens: list[int]) -> list[int]:
+    """Pitches whose note-on in `tokens` has no later note-off there."""
+    sounding: dict[int, bool] = {}
+    for token in tokens:
+        if token < vocab.NOTE_OFF:
+            sounding[token] = True
+        elif token < vocab.TIME_SHIFT:
+            sounding.pop(token - vocab.NOTE_OFF, None)
+    return list(sounding)
+
+
+def _roll(events: list[tuple[float, bool, int, str]], now: float) -> list[tuple[float, float | None, int, str]]:
+    """Note intervals of the last ROLL_SECONDS as (start, end) seconds ago; end None while sounding."""
+    open_notes: dict[tuple[str, int], float] = {}
+    notes = []
+    for when, is_on, pitch, who in events:
+        if now - when > ROLL_SECONDS * 2:
+            continue
+        key = (who, pitch)
+        if is_on:
+            if key in open_notes:
+                notes.append((now - open_notes[key], now - when, pitch, who))
+            open_notes[key] = when
+        elif key in open_notes:
+            notes.append((now - open_notes.pop(key), now - when, pitch, who))
+    notes += [(now - start, None, pitch, who) for (who, pitch), start in open_notes.items()]
+    return [n for n in notes if n[1] is None or n[1] <= ROLL_SECONDS]
