@@ -226,6 +226,42 @@ def run_bench(args: argparse.Namespace) -> None:
     bench.run(args)
 
 
+# --------------------------------------------------------------------------- live: play / ports / recover
+
+
+def add_play(subparsers) -> None:
+    parser = subparsers.add_parser("play", help="play live: listen on a MIDI input, answer on a MIDI output")
+    parser.add_argument("--headless", action="store_true", help="no terminal UI; stop with Ctrl-C or SIGTERM")
+    parser.add_argument("--preset", help="a preset name or TOML file (flags override its values)")
+    parser.add_argument("--model", help="path, Hugging Face repo id, or name under models/")
+    parser.add_argument("--midi-api", default="auto", choices=["auto", "alsa", "jack", "coremidi", "windows"])
+    parser.add_argument("--in", dest="in_port", metavar="PORT", help="attach to this input port (default: virtual)")
+    parser.add_argument("--out", dest="out_port", metavar="PORT", help="attach to this output port (default: virtual)")
+    parser.add_argument("--in-channel", metavar="N|all", help="listen to MIDI channel 1-16, or all")
+    parser.add_argument("--out-channel", type=int, metavar="N", help="play on MIDI channel 1-16")
+    parser.add_argument("--mode", choices=["call", "duet", "listen"])
+    parser.add_argument("--silence-ms", type=int, metavar="MS", help="call mode: silence before the answer")
+    parser.add_argument("--response-seconds", type=float, metavar="S", help="call mode: longest answer")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--num-latents", type=int, metavar="N")
+    parser.add_argument("--record", type=Path, metavar="FILE.mid", help="also write the session's MIDI file here")
+    parser.add_argument("--session-dir", type=Path, metavar="DIR", help="journal and session.mid (default: data dir)")
+    parser.set_defaults(handler=lambda args: __import__("liveperceiver.session").session.run_play(args))
+
+
+def add_ports(subparsers) -> None:
+    parser = subparsers.add_parser("ports", help="list the MIDI ports of every available MIDI system")
+    parser.set_defaults(handler=lambda args: __import__("liveperceiver.ports").ports.run_ports(args))
+
+
+def add_recover(subparsers) -> None:
+    parser = subparsers.add_parser("recover", help="rebuild a session's MIDI file from its journal (after a crash)")
+    parser.add_argument("session_dir", type=Path, metavar="SESSION_DIR", help="the session directory (or journal)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
+    parser.set_defaults(handler=lambda args: __import__("liveperceiver.recorder").recorder.run_recover(args))
+
+
 # --------------------------------------------------------------------------- main
 
 COMMANDS = [
@@ -238,6 +274,9 @@ COMMANDS = [
     add_eval,
     add_presets,
     add_render,
+    add_play,
+    add_ports,
+    add_recover,
 ]
 
 

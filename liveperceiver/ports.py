@@ -280,3 +280,8 @@ def format_port_listing() -> str:
         lines.append("  outputs (send LivePerceiver's notes with --out NAME):")
         lines += [f"    {name}" for name in outputs] or ["    (none)"]
     return "\n".join(lines)
+
+
+def run_ports(args) -> None:
+    """`liveperceiver ports`."""
+    print(format_port_listing())

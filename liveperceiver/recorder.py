@@ -210,3 +210,9 @@ def recover(session_dir: str | Path, out: str | Path) -> dict[str, int]:
     if not journal.is_file():
         raise UserError(f"{session_dir}: no session journal ({JOURNAL}) found")
     return export_journal(journal, out)
+
+
+def run_recover(args) -> None:
+    """`liveperceiver recover SESSION_DIR -o OUT.mid`."""
+    counts = recover(args.session_dir, args.output)
+    print(f"wrote {args.output}: " + ", ".join(f"{name} {n} notes" for name, n in counts.items()))

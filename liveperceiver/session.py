@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import queue
 import statistics
+import sys
 import threading
 import time
 import traceback
@@ -216,9 +217,10 @@ class Session:
         self.closed = True
         self.stopping.set()
         self.commands.put(("stop",))
+        deadline = time.monotonic() + 0.5
         for thread in self.threads:
             if thread is not threading.current_thread():
-                thread.join(0.5)
+                thread.join(max(0.0, deadline - time.monotonic()))
         self.scheduler.close()
         time.sleep(0.03)  # let the backend deliver the last note-offs before the port goes
         saved = None
@@ -705,3 +707,83 @@ def _roll(events: list[tuple[float, bool, int, str]], now: float) -> list[tuple[
             notes.append((now - open_notes.pop(key), now - when, pitch, who))
     notes += [(now - start, None, pitch, who) for (who, pitch), start in open_notes.items()]
     return [n for n in notes if n[1] is None or n[1] <= ROLL_SECONDS]
+
+
+# --------------------------------------------------------------------------- `liveperceiver play`
+
+
+def settings_from_args(args) -> Settings:
+    """The preset (or the defaults) with the command-line flags that were given on top."""
+    try:
+        from liveperceiver import presets
+    except ImportError:  # presets not installed: defaults plus flags
+        presets = None
+    settings = presets.load_preset(args.preset) if presets and args.preset else Settings()
+    in_channel = None
+    if args.in_channel is not None:
+        in_channel = 0 if args.in_channel == "all" else _int_flag("--in-channel", args.in_channel)
+    flags = dict(
+        mode=args.mode,
+        model=args.model,
+        silence_ms=args.silence_ms,
+        response_seconds=args.response_seconds,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_latents=args.num_latents,
+        in_channel=in_channel,
+        out_channel=args.out_channel,
+    )
+    if presets is not None:
+        return presets.apply_overrides(settings, **flags)
+    try:
+        return settings.updated(**{k: v for k, v in flags.items() if v is not None})
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _int_flag(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{flag} {text!r} must be a number or 'all'") from None
+
+
+def run_play(args) -> int:
+    """Open the ports and play until the UI quits or, headless, until SIGINT/SIGTERM."""
+    import signal
+
+    settings = settings_from_args(args)
+    session = Session(
+        settings,
+        model=settings.model,
+        api=args.midi_api,
+        in_port=args.in_port,
+        out_port=args.out_port,
+        session_dir=args.session_dir,
+        record_path=args.record,
+    )
+    if not args.headless:
+        try:
+            from liveperceiver.ui import run_ui  # the Textual UI drives this same session
+        except ImportError:
+            print("liveperceiver: the terminal UI is not available; running headless", file=sys.stderr)
+        else:
+            session.start()
+            try:
+                run_ui(session)
+            finally:
+                session.close()
+            return 0
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    session.start()
+    print(f"LivePerceiver {settings.mode}: in {session.midi_in.name!r}, out {session.midi_out.name!r}", flush=True)
+    print(f"journal: {session.recorder.path}  (Ctrl-C to stop and save)", flush=True)
+    try:
+        while not done.wait(0.1):
+            pass
+    finally:
+        saved = session.close()
+    print(f"saved {saved}", flush=True)
+    return 0
