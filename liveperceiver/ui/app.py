@@ -1,0 +1,504 @@
+"""The Textual UI: a window onto a running `Session`, never part of its real-time path.
+
+The session runs its own threads. The app reads `session.snapshot()` on a timer (REFRESH_HZ) and
+turns keys into the session's command methods. Anything that may block (save, close, loading a
+preset, listing ports) runs in a worker thread, so a slow terminal or disk never delays a note.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Footer, Input, Label, OptionList, Static
+
+from liveperceiver.session import Snapshot
+from liveperceiver.settings import MODES, QUANTIZE_GRIDS
+from liveperceiver.ui.widgets import (
+    CONTROLS,
+    ModelInfo,
+    Panel,
+    PianoRoll,
+    controls_text,
+    meters_text,
+    model_text,
+    ports_text,
+    session_text,
+)
+
+REFRESH_HZ = 15  # <= 30: enough for a scrolling roll, cheap for the session's lock
+ACTIVITY_S = 0.3  # how long an activity light stays on after a note
+LOG_KEEP = 200
+
+# per control: how one -/+ press changes it (a step, or a list of choices)
+STEPS: dict[str, float | tuple] = {
+    "mode": MODES,
+    "temperature": 0.05,
+    "top_p": 0.01,
+    "top_k": 1,
+    "num_latents": 0,  # doubles and halves
+    "prefix_cap": 256,
+    "silence_ms": 50,
+    "response_seconds": 0.5,
+    "lookahead_ms": 20,
+    "out_channel": 1,
+    "transpose": 1,
+    "velocity_scale": 0.05,
+    "quantize": QUANTIZE_GRIDS,
+}
+
+HELP = """\
+[b]LivePerceiver[/b] — keys
+
+  [b]space[/b]      pause / resume the model
+  [b]m[/b]          next mode (call → duet → listen)
+  [b]↑ ↓[/b]        temperature up / down
+  [b]← →[/b]        latent window halve / double
+  [b], .[/b]        select a control     [b]- +[/b]  change it
+  [b]z x[/b]        piano roll zoom in / out
+  [b]p[/b]          panic: all notes off
+  [b]s[/b]          save the session now (asks for a name)
+  [b]r[/b]          reset the model's context
+  [b]1-9[/b]        load a preset (order of `liveperceiver presets`)
+  [b]o[/b]          ports
+  [b]ctrl+p[/b]     command palette (every action)
+  [b]?[/b]          this help
+  [b]q[/b]          quit: all notes off, save, exit
+
+Blue notes are yours, orange the model's; faint orange is what the
+model has sampled but not yet played. The bar under the roll is the pedal.
+
+[dim]any key closes this help[/dim]"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """The key list; any key closes it."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(HELP, id="help")
+
+    def on_key(self) -> None:
+        self.dismiss()
+
+    def on_click(self) -> None:
+        self.dismiss()
+
+
+class SaveScreen(ModalScreen[str | None]):
+    """Ask for a file name (default timestamped); Enter saves, Escape cancels."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel")]
+
+    def __init__(self, default: str) -> None:
+        super().__init__()
+        self.default = default
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Save the session as (in the session folder):")
+            yield Input(value=self.default, id="name")
+            yield Label("[dim]enter: save   escape: cancel[/dim]")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or self.default)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PortsScreen(ModalScreen[None]):
+    """The ports the MIDI API sees now (listed in a worker: the backend may be slow)."""
+
+    BINDINGS = [Binding("escape,o,q", "close", "close")]
+
+    def __init__(self, api: str, current: tuple[str, str]) -> None:
+        super().__init__()
+        self.api = api
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(f"MIDI ports ({self.api}); connected: in {self.current[0]!r}, out {self.current[1]!r}")
+            yield OptionList("listing…", id="ports")
+            yield Label(
+                "[dim]Connect other apps to the LivePerceiver ports from your DAW or patchbay,\n"
+                "or restart with --in/--out NAME to open another port.   escape: close[/dim]"
+            )
+
+    def on_mount(self) -> None:
+        self.list_ports()
+
+    @work(thread=True, exclusive=True)
+    def list_ports(self) -> None:
+        try:
+            from liveperceiver.ports import list_ports
+
+            inputs, outputs = list_ports(self.api)
+            lines = [f"in   {name}" for name in inputs] + [f"out  {name}" for name in outputs]
+        except Exception as error:  # a backend that fails must not take the UI down
+            lines = [f"cannot list ports: {error}"]
+        self.app.call_from_thread(self._show, lines or ["no ports"])
+
+    def _show(self, lines: list[str]) -> None:
+        options = self.query_one(OptionList)
+        options.clear_options()
+        options.add_options(lines)
+
+    def action_close(self) -> None:
+        self.dismiss()
+
+
+class LivePerceiverApp(App):
+    """The live UI over one Session (or anything with the same methods, for tests)."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "LivePerceiver"
+    ENABLE_COMMAND_PALETTE = True
+    BINDINGS = [
+        Binding("space", "pause", "pause"),
+        Binding("m", "mode", "mode"),
+        Binding("up", "temperature(1)", "temp+", show=False),
+        Binding("down", "temperature(-1)", "temp−", show=False),
+        Binding("right", "latents(1)", "latents+", show=False),
+        Binding("left", "latents(-1)", "latents−", show=False),
+        Binding("comma", "select(-1)", "prev control", show=False),
+        Binding("full_stop", "select(1)", "next control", show=False),
+        Binding("minus", "adjust(-1)", "less", show=False),
+        Binding("plus,equals_sign", "adjust(1)", "more", show=False),
+        Binding("z", "zoom(-1)", "zoom in", show=False),
+        Binding("x", "zoom(1)", "zoom out", show=False),
+        Binding("p", "panic", "panic"),
+        Binding("s", "save", "save"),
+        Binding("r", "reset", "reset"),
+        Binding("o", "ports", "ports"),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit", "quit"),
+        *[Binding(str(n), f"preset({n})", f"preset {n}", show=False) for n in range(1, 10)],
+    ]
+
+    def __init__(self, session, clock: Callable[[], float] = time.monotonic, presets: list | None = None) -> None:
+        super().__init__()
+        self.session = session
+        self.clock = clock
+        self.started = clock()
+        self.presets = presets
+        self.selected = 1  # the control -/+ change: temperature
+        self.ui_log: deque[str] = deque(maxlen=LOG_KEEP)
+        self.last_save = "–"
+        self.snap: Snapshot | None = None
+        self.counts = (0, 0)
+        self.lit = [-1e9, -1e9]  # when the in/out lights last turned on
+        self.quitting = False
+        self.saved: Path | None = None
+        self.info = self._model_info()
+
+    # ------------------------------------------------------------------ layout and refresh
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="top"):
+            yield Panel("Ports", id="ports")
+            yield Panel("Model", id="model")
+            yield Panel("Session", id="session")
+        with Horizontal(id="middle"):
+            with Vertical(id="roll-box"):
+                yield PianoRoll(id="roll")
+            with VerticalScroll(id="side"):
+                yield Panel("Controls  , . select  - + change", id="controls")
+                yield Panel("Meters  p50 / p99", id="meters")
+        yield Panel("Log", id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#roll-box").border_title = "Piano roll  [#4fc3f7]■[/] you  [#ffb74d]■[/] model  z x zoom"
+        self.refresh_view()
+        self.set_interval(1 / REFRESH_HZ, self.refresh_view)
+
+    @property
+    def main(self) -> Screen:
+        """The screen holding the panels (it stays drawn under a dialog)."""
+        return self.screen_stack[0]
+
+    def _model_info(self) -> ModelInfo:
+        """Facts that do not change while playing, read once from the session's model and engine."""
+        info = ModelInfo()
+        model = getattr(self.session, "model", None)
+        engine = getattr(self.session, "engine", None)
+        settings = self.session.settings
+        info.name = Path(str(settings.model)).name if settings.model else "default"
+        if model is not None:
+            info.parameters = sum(p.numel() for p in model.parameters())
+            info.max_prefix = model.config.max_prefix_len
+            info.max_latents = model.config.max_latents
+        if engine is not None:
+            info.device = str(getattr(engine, "device", "cpu"))
+            info.dtype = str(getattr(engine, "dtype", "float32")).replace("torch.", "")
+        try:
+            import torch
+
+            info.threads = torch.get_num_threads()
+        except ImportError:
+            pass
+        return info
+
+    def log_line(self, message: str) -> None:
+        stamp = datetime.datetime.now().strftime("%H:%M:%S")
+        self.ui_log.append(f"{stamp} {message}")
+
+    def refresh_view(self) -> None:
+        """One frame: read the snapshot and redraw. A failing snapshot is logged, never raised."""
+        try:
+            snap = self.session.snapshot()
+        except Exception as error:
+            self.log_line(f"warning: snapshot failed: {error}")
+            snap = self.snap
+            if snap is None:
+                return
+        self.snap = snap
+        now = self.clock()
+        if snap.notes_in != self.counts[0] and self.snap_seen:
+            self.lit[0] = now
+        if snap.notes_out != self.counts[1] and self.snap_seen:
+            self.lit[1] = now
+        self.counts = (snap.notes_in, snap.notes_out)
+        self.snap_seen = True
+        screen = self.main
+        midi_in = getattr(self.session, "midi_in", None)
+        midi_out = getattr(self.session, "midi_out", None)
+        in_ok = midi_in is None or getattr(midi_in, "connected_name", "") is not None
+        out_ok = midi_out is None or getattr(midi_out, "connected_name", "") is not None
+        api = str(getattr(self.session, "api", "?"))
+        lights = (now - self.lit[0] < ACTIVITY_S, now - self.lit[1] < ACTIVITY_S)
+        screen.query_one("#ports", Panel).update(ports_text(snap, api, in_ok, out_ok, *lights))
+        screen.query_one("#model", Panel).update(model_text(snap, self.info))
+        recorder = getattr(self.session, "recorder", None)
+        save_to = str(Path(recorder.dir) / "session.mid") if recorder is not None else snap.recording
+        screen.query_one("#session", Panel).update(session_text(snap, now - self.started, save_to, self.last_save))
+        screen.query_one("#controls", Panel).update(controls_text(snap, self.selected))
+        screen.query_one("#meters", Panel).update(meters_text(snap))
+        pedal = bool(getattr(self.session, "pedal_down", False))
+        screen.query_one(PianoRoll).show(snap, now, pedal)
+        log = screen.query_one("#log", Panel)
+        lines = sorted([*snap.log[-20:], *list(self.ui_log)[-20:]])
+        log.update("\n".join(line.replace("[", r"\[") for line in lines[-max(1, log.size.height) :]))
+
+    snap_seen = False
+
+    # ------------------------------------------------------------------ commands
+
+    def _update(self, **changes) -> bool:
+        """Apply settings live; an invalid value is logged, not raised."""
+        try:
+            self.session.update(**changes)
+        except (ValueError, TypeError) as error:
+            self.log_line(f"warning: {error}")
+            return False
+        self.refresh_view()
+        return True
+
+    def action_pause(self) -> None:
+        paused = self.snap is not None and self.snap.state == "paused"
+        self.session.pause(not paused)
+        self.log_line("model resumed" if paused else "model paused")
+
+    def action_mode(self) -> None:
+        mode = self.session.settings.mode
+        self._update(mode=MODES[(MODES.index(mode) + 1) % len(MODES)])
+
+    def action_temperature(self, direction: int) -> None:
+        value = round(self.session.settings.temperature + 0.05 * direction, 2)
+        self._update(temperature=min(5.0, max(0.05, value)))
+
+    def action_latents(self, direction: int) -> None:
+        current = self.session.settings.num_latents
+        value = current * 2 if direction > 0 else current // 2
+        self._update(num_latents=max(1, min(self.info.max_latents or value, value)))
+
+    def action_select(self, direction: int) -> None:
+        self.selected = (self.selected + direction) % len(CONTROLS)
+        self.refresh_view()
+
+    def action_adjust(self, direction: int) -> None:
+        name = CONTROLS[self.selected][1]
+        if name == "num_latents":
+            self.action_latents(direction)
+            return
+        current = getattr(self.session.settings, name)
+        step = STEPS[name]
+        if isinstance(step, tuple):
+            value = step[(step.index(current) + direction) % len(step)]
+        else:
+            value = type(current)(round(current + step * direction, 2))
+        self._update(**{name: value})
+
+    def action_zoom(self, step: int) -> None:
+        self.main.query_one(PianoRoll).zoom(step)
+
+    def action_panic(self) -> None:
+        self.session.panic()
+        self.log_line("panic: all notes off")
+
+    def action_reset(self) -> None:
+        self.session.reset()
+        self.log_line("context reset")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_ports(self) -> None:
+        snap = self.snap
+        current = (snap.in_port, snap.out_port) if snap else ("?", "?")
+        self.push_screen(PortsScreen(str(getattr(self.session, "api", "auto")), current))
+
+    def action_save(self) -> None:
+        default = "session-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.push_screen(SaveScreen(default), self._save_named)
+
+    def _save_named(self, name: str | None) -> None:
+        if name is None:
+            return
+        recorder = getattr(self.session, "recorder", None)
+        folder = Path(recorder.dir) if recorder is not None else Path.cwd()
+        path = Path(name) if Path(name).is_absolute() else folder / name
+        self.save_in_background(path if path.suffix in (".mid", ".midi") else path.with_suffix(".mid"))
+
+    @work(thread=True, group="save")
+    def save_in_background(self, path: Path) -> None:
+        try:
+            saved = self.session.save(path)
+        except Exception as error:
+            self.call_from_thread(self.log_line, f"warning: save failed: {error}")
+            return
+        self.call_from_thread(self._saved, saved)
+
+    def _saved(self, path: Path) -> None:
+        self.saved = Path(path)
+        self.last_save = f"{datetime.datetime.now():%H:%M:%S} {Path(path).name}"
+        self.log_line(f"saved {path}")
+
+    def action_preset(self, number: int) -> None:
+        self.load_preset_in_background(number)
+
+    @work(thread=True, group="preset", exclusive=True)
+    def load_preset_in_background(self, number: int) -> None:
+        """Read the preset file off the event loop; apply what differs from the current settings."""
+        try:
+            from liveperceiver.presets import list_presets, load_preset
+
+            presets = self.presets if self.presets is not None else list_presets()
+            if number > len(presets):
+                self.call_from_thread(self.log_line, f"no preset {number} ({len(presets)} presets)")
+                return
+            info = presets[number - 1]
+            settings = load_preset(info.path)
+        except Exception as error:
+            self.call_from_thread(self.log_line, f"warning: preset {number}: {error}")
+            return
+        current = self.session.settings
+        changes = {
+            name: value
+            for name, value in settings.to_dict().items()
+            if name != "seed" and getattr(current, name) != value and not (name == "model" and value is None)
+        }
+        self.call_from_thread(self._apply_preset, info.name, changes)
+
+    def _apply_preset(self, name: str, changes: dict) -> None:
+        if self._update(**changes):
+            self.log_line(f"preset {name} loaded")
+
+    async def action_quit(self) -> None:
+        """All notes off, save, exit: `session.close()` does all three, in a worker thread."""
+        if self.quitting:
+            return
+        self.quitting = True
+        self.log_line("quitting: notes off, saving…")
+        self.close_in_background()
+
+    @work(thread=True, group="quit")
+    def close_in_background(self) -> None:
+        saved = None
+        try:
+            saved = self.session.close()
+        except Exception as error:
+            self.call_from_thread(self.log_line, f"warning: close failed: {error}")
+        self.saved = Path(saved) if saved else self.saved
+        self.call_from_thread(self.exit, self.saved)
+
+    # ------------------------------------------------------------------ command palette
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Pause / resume the model", "space", self.action_pause)
+        yield SystemCommand("Next mode", "call, duet, listen", self.action_mode)
+        yield SystemCommand("Temperature up", "↑", lambda: self.action_temperature(1))
+        yield SystemCommand("Temperature down", "↓", lambda: self.action_temperature(-1))
+        yield SystemCommand("Latent window larger", "→", lambda: self.action_latents(1))
+        yield SystemCommand("Latent window smaller", "←", lambda: self.action_latents(-1))
+        yield SystemCommand("Panic", "all notes off (p)", self.action_panic)
+        yield SystemCommand("Save session now", "s", self.action_save)
+        yield SystemCommand("Reset context", "forget what the model heard (r)", self.action_reset)
+        yield SystemCommand("Ports", "the MIDI ports (o)", self.action_ports)
+        yield SystemCommand("Help", "the keys (?)", self.action_help)
+        yield SystemCommand("Quit LivePerceiver", "notes off, save, exit (q)", self.action_quit)
+        for name, _, _ in CONTROLS:
+            index = [c[0] for c in CONTROLS].index(name)
+            yield SystemCommand(f"Select control: {name}", "then - / +", lambda i=index: self._select(i))
+        presets = self.presets
+        if presets is None:
+            try:
+                from liveperceiver.presets import list_presets
+
+                presets = list_presets()
+            except Exception:
+                presets = []
+        for number, info in enumerate(presets[:9], start=1):
+            yield SystemCommand(
+                f"Preset {number}: {info.name}", info.description or "", lambda n=number: self.action_preset(n)
+            )
+
+    def _select(self, index: int) -> None:
+        self.selected = index
+        self.refresh_view()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_ui(args) -> int:
+    """`liveperceiver` / `liveperceiver play` without --headless: build the session, run the UI.
+
+    Reads the play options from `args` when they are there (model, preset, api, ports, session
+    folder); anything missing takes its default, so a bare `liveperceiver` works.
+    """
+    from liveperceiver.presets import load_preset
+    from liveperceiver.session import Session
+    from liveperceiver.settings import Settings
+
+    preset = getattr(args, "preset", None)
+    settings = load_preset(preset) if preset else Settings()
+    model = getattr(args, "model", None)
+    if model:
+        settings = settings.updated(model=model)
+    session = Session(
+        settings,
+        api=getattr(args, "api", None) or "auto",
+        in_port=getattr(args, "in_port", None),
+        out_port=getattr(args, "out_port", None),
+        session_dir=getattr(args, "session_dir", None),
+        record_path=getattr(args, "record", None),
+    )
+    session.start()
+    try:
+        saved = LivePerceiverApp(session).run()
+    finally:
+        session.close()
+    if saved:
+        print(f"saved {saved}")
+    return 0

@@ -1,0 +1,270 @@
+"""Widgets of the live UI: each one renders a `Snapshot` (plus a little UI-side history) as Rich text.
+
+They never call the session: the app hands them the latest snapshot on its timer, so a slow
+terminal only delays drawing, never the music.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual.widget import Widget
+from textual.widgets import Static
+
+from liveperceiver.session import Snapshot
+
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+PLAYER_STYLE = "bold #4fc3f7"
+MODEL_STYLE = "bold #ffb74d"
+AHEAD_STYLE = "#8d6e4a"
+PEDAL_STYLE = "#81c784"
+CURSOR_STYLE = "bold #e0e0e0"
+GRID_STYLE = "#3a3f4b"
+ZOOMS = (2.0, 4.0, 6.0, 8.0, 10.0)  # seconds of past shown; the session keeps 10 s of roll
+
+
+def note_name(pitch: int) -> str:
+    return f"{NOTE_NAMES[pitch % 12]}{pitch // 12 - 1}"
+
+
+def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
+    """A meter value, or an en dash while there is nothing to show yet."""
+    return "–" if value is None else f"{value:{spec}}{unit}"
+
+
+@dataclass
+class ModelInfo:
+    """Static facts about the loaded model, gathered once (not per frame)."""
+
+    name: str = "default"
+    parameters: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1
+    max_prefix: int = 0
+    max_latents: int = 1
+
+
+class PianoRoll(Widget):
+    """The last few seconds scrolling right to left: rows are pitches, the cursor is now.
+
+    Player notes and model notes have their own colours, the look-ahead (sampled, not yet played)
+    is drawn faintly right of the cursor, and the bottom row shows the sustain pedal.
+    """
+
+    DEFAULT_CSS = "PianoRoll { height: 1fr; }"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.snapshot: Snapshot | None = None
+        self.zoom_index = 2
+        self.pedal: deque[tuple[float, bool]] = deque(maxlen=1024)  # (UI time, down)
+        self.now = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return ZOOMS[self.zoom_index]
+
+    def zoom(self, step: int) -> None:
+        self.zoom_index = max(0, min(len(ZOOMS) - 1, self.zoom_index + step))
+        self.refresh()
+
+    def show(self, snapshot: Snapshot, now: float, pedal_down: bool) -> None:
+        self.snapshot = snapshot
+        self.now = now
+        if not self.pedal or self.pedal[-1][1] != pedal_down:
+            self.pedal.append((now, pedal_down))
+        self.refresh()
+
+    def _pitch_rows(self, rows: int) -> tuple[int, int]:
+        """(top pitch, pitches per row): fit the notes on screen, centred, at least two octaves."""
+        pitches = [n[2] for n in self.snapshot.roll] if self.snapshot else []
+        low, high = (min(pitches), max(pitches)) if pitches else (48, 72)
+        low, high = min(low, 48), max(high, 72)
+        per_row = 1
+        while (high - low + 1) > rows * per_row:
+            per_row += 1
+        span = rows * per_row
+        top = min(127, (low + high) // 2 + span // 2)
+        top = max(top, low + span - 1)
+        return top, per_row
+
+    def render(self) -> Text:
+        width, height = self.size.width, self.size.height
+        if width < 12 or height < 3:
+            return Text("")
+        label_w = 5
+        cols = width - label_w
+        ahead_cols = max(2, cols // 7)
+        now_col = cols - ahead_cols - 1
+        per_col = self.seconds / max(1, now_col)  # seconds per column
+        rows = height - 2  # pitch rows; then the pedal row and the time axis
+        top, per_row = self._pitch_rows(rows)
+        grid: list[list[tuple[str, str]]] = [[(" ", "")] * cols for _ in range(rows)]
+        for row in range(rows):
+            pitch = top - row * per_row
+            if any((pitch - k) % 12 == 0 for k in range(per_row)):
+                grid[row] = [("·", GRID_STYLE)] * cols
+        rank = {"ahead": 0, "player": 1, "model": 2}
+        notes = sorted(self.snapshot.roll if self.snapshot else [], key=lambda n: rank.get(n[3], 0))
+        for start, end, pitch, who in notes:
+            row = (top - pitch) // per_row
+            if not 0 <= row < rows:
+                continue
+            if who == "ahead":
+                first = now_col + round(-start / per_col)
+                last = first + max(1, round(0.15 / per_col))
+                char, style = "░", AHEAD_STYLE
+            else:
+                first = now_col - round(start / per_col)
+                last = now_col - round((end or 0.0) / per_col)
+                char, style = "█", PLAYER_STYLE if who == "player" else MODEL_STYLE
+            for col in range(max(0, first), min(cols, max(last, first + 1))):
+                if col != now_col:
+                    grid[row][col] = (char, style)
+        text = Text(no_wrap=True, overflow="crop")
+        for row in range(rows):
+            pitch = top - row * per_row
+            c_here = next((pitch - k for k in range(per_row) if (pitch - k) % 12 == 0), None)
+            label = note_name(c_here) if c_here is not None else ""
+            text.append(f"{label:>4} ", style="dim")
+            for col, (char, style) in enumerate(grid[row]):
+                if col == now_col:
+                    text.append("│", CURSOR_STYLE)
+                else:
+                    text.append(char, style)
+            text.append("\n")
+        text.append(" ped ", style="dim")
+        text.append_text(self._pedal_line(cols, now_col, per_col))
+        text.append("\n")
+        axis = f"-{self.seconds:g}s"
+        text.append(" " * label_w + axis + " " * max(0, now_col - len(axis) - 1) + "now", style="dim")
+        text.append(" ahead" if ahead_cols >= 7 else "", style=AHEAD_STYLE)
+        return text
+
+    def _pedal_line(self, cols: int, now_col: int, per_col: float) -> Text:
+        line = Text()
+        changes = list(self.pedal)
+        for col in range(cols):
+            if col >= now_col:
+                line.append("│" if col == now_col else " ", CURSOR_STYLE)
+                continue
+            at = self.now - (now_col - col) * per_col
+            down = False
+            for when, state in changes:
+                if when > at:
+                    break
+                down = state
+            line.append("▀" if down else " ", PEDAL_STYLE)
+        return line
+
+
+class Panel(Static):
+    """A titled box whose body is replaced on every refresh."""
+
+    def __init__(self, title: str, **kwargs) -> None:
+        super().__init__("", **kwargs)
+        self.border_title = title
+
+
+def _row(text: Text, key: str, value: str, style: str = "bold") -> None:
+    text.append(f"{key:<10}", style="dim")
+    text.append(value + "\n", style=style)
+
+
+def ports_text(snapshot: Snapshot, api: str, in_ok: bool, out_ok: bool, in_lit: bool, out_lit: bool) -> Text:
+    text = Text(no_wrap=True, overflow="ellipsis")
+    for label, name, ok, lit in (("in ", snapshot.in_port, in_ok, in_lit), ("out", snapshot.out_port, out_ok, out_lit)):
+        text.append("● " if lit else "○ ", style=(PLAYER_STYLE if label == "in " else MODEL_STYLE) if lit else "dim")
+        text.append(f"{label} ", style="dim")
+        text.append(name, style="bold" if ok else "bold red")
+        text.append("\n" if ok else "  (disconnected)\n", style="red")
+    text.append("api ", style="dim")
+    text.append(api)
+    return text
+
+
+def model_text(snapshot: Snapshot, info: ModelInfo) -> Text:
+    text = Text(no_wrap=True, overflow="ellipsis")
+    _row(text, "model", info.name)
+    _row(text, "params", f"{info.parameters / 1e6:.2f} M" if info.parameters >= 1e5 else f"{info.parameters:,}")
+    _row(text, "device", f"{info.device} {info.dtype} ×{info.threads}")
+    fill = snapshot.context_tokens / info.max_prefix if info.max_prefix else 0.0
+    _row(text, "context", f"{snapshot.context_tokens:,}/{info.max_prefix:,} ({fill:.0%})")
+    _row(text, "latents", f"{snapshot.settings.num_latents}/{info.max_latents}")
+    text.rstrip()
+    return text
+
+
+# (label, Settings field, formatter): the controls the player can change from the keyboard
+CONTROLS: tuple[tuple[str, str, str], ...] = (
+    ("mode", "mode", "{}"),
+    ("temp", "temperature", "{:.2f}"),
+    ("top-p", "top_p", "{:.2f}"),
+    ("top-k", "top_k", "{}"),
+    ("latents", "num_latents", "{}"),
+    ("prefix", "prefix_cap", "{}"),
+    ("silence", "silence_ms", "{} ms"),
+    ("response", "response_seconds", "{:.1f} s"),
+    ("lookahead", "lookahead_ms", "{} ms"),
+    ("channel", "out_channel", "{}"),
+    ("transpose", "transpose", "{:+d}"),
+    ("velocity", "velocity_scale", "×{:.2f}"),
+    ("quantise", "quantize", "{}"),
+)
+
+
+def controls_text(snapshot: Snapshot, selected: int, columns: int = 2) -> Text:
+    """The controls in `columns` columns; the selected one (changed by -/+) is highlighted."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    settings = snapshot.settings
+    rows = -(-len(CONTROLS) // columns)
+    for row in range(rows):
+        for column in range(columns):
+            index = column * rows + row
+            if index >= len(CONTROLS):
+                continue
+            label, name, spec = CONTROLS[index]
+            value = getattr(settings, name)
+            shown = "max" if name == "prefix_cap" and value == 0 else spec.format(value)
+            chosen = index == selected
+            text.append(("▸" if chosen else " ") + f"{label:<9}", style="bold" if chosen else "dim")
+            text.append(f"{shown:<7}", style="reverse bold" if chosen else "bold")
+            text.append(" ")
+        text.append("\n")
+    text.rstrip()
+    return text
+
+
+def meters_text(snapshot: Snapshot) -> Text:
+    text = Text(no_wrap=True, overflow="ellipsis")
+    step_p99 = getattr(snapshot, "step_p99_ms", None)  # not in Snapshot yet: shown as – until it is
+    _row(text, "step", f"{fmt(snapshot.step_ms)} / {fmt(step_p99)} ms")
+    _row(text, "reaction", f"{fmt(snapshot.reaction_ms[0])} / {fmt(snapshot.reaction_ms[1])} ms")
+    _row(text, "jitter", f"{fmt(snapshot.jitter_ms[0])} / {fmt(snapshot.jitter_ms[1])} ms")
+    rtf = snapshot.realtime_factor
+    tempo = "free" if snapshot.bpm is None else f"{snapshot.bpm:.1f} bpm" + ("" if snapshot.transport_running else " ■")
+    text.append(f"{'rt factor':<10}", style="dim")
+    text.append(fmt(rtf, ".2f"), style="bold red" if rtf is not None and rtf > 0.8 else "bold")
+    text.append("  tempo ", style="dim")
+    text.append(tempo + "\n", style="bold")
+    sounding = " ".join(note_name(p) for p in snapshot.sounding[:4]) or "–"
+    text.append(f"{'notes':<10}", style="dim")
+    text.append(f"in {snapshot.notes_in} out {snapshot.notes_out} ", style="bold")
+    text.append("♪ " + sounding, style=MODEL_STYLE)
+    return text
+
+
+def session_text(snapshot: Snapshot, elapsed: float, save_to: str, last_save: str) -> Text:
+    text = Text(no_wrap=True, overflow="ellipsis")
+    state = snapshot.state
+    style = {"paused": "bold yellow", "answering": MODEL_STYLE, "playing": MODEL_STYLE}.get(state, "bold")
+    _row(text, "state", state, style)
+    minutes, seconds = divmod(int(elapsed), 60)
+    _row(text, "recording", f"● {minutes:02d}:{seconds:02d}  {snapshot.recorded} events", "bold red")
+    _row(text, "saves to", save_to)
+    _row(text, "last save", last_save)
+    text.rstrip()
+    return text

@@ -1,0 +1,354 @@
+"""The Textual UI: key bindings, resilience, snapshots of the main screen, and one run over real JACK ports.
+
+Most tests drive a `ReplaySession`: the session's public surface with a fixed, recorded snapshot (a
+phrase and the tiny model's answer), so the screen is the same on every run. The JACK tests drive a
+real `Session` with the tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mido
+import pytest
+
+from liveperceiver.session import Session, Snapshot
+from liveperceiver.settings import Settings
+from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen
+from liveperceiver.ui.widgets import CONTROLS, PianoRoll
+from tests.conftest import MODEL_GOLDEN
+from tests.jack_fixture import Keyboard, jack_server, wait_for  # noqa: F401
+
+TINY = MODEL_GOLDEN / "tiny-a"
+FROZEN = 1000.0
+
+# (start, end, pitch, who), seconds ago: a phrase, the model's answer, and its unplayed look-ahead
+ROLL = [
+    (6.2, 5.9, 60, "player"),
+    (5.9, 5.6, 64, "player"),
+    (5.6, 5.3, 67, "player"),
+    (5.3, 4.6, 72, "player"),
+    (6.2, 4.6, 48, "player"),
+    (3.9, 3.5, 71, "model"),
+    (3.5, 3.2, 69, "model"),
+    (3.2, 2.6, 67, "model"),
+    (2.6, 2.2, 65, "model"),
+    (2.2, 1.4, 64, "model"),
+    (2.2, 0.9, 52, "model"),
+    (1.4, 0.7, 62, "model"),
+    (0.7, None, 60, "model"),
+    (0.7, None, 55, "model"),
+    (-0.1, None, 64, "ahead"),
+    (-0.3, None, 67, "ahead"),
+]
+LOG = [
+    "21:04:05 session started: jack, in 'LivePerceiver In', out 'LivePerceiver Out', mode call",
+    "21:04:31 warning: output port busy for 3 ms",
+]
+
+
+class ReplaySession:
+    """The Session surface the UI uses, replaying one recorded moment; it records every command."""
+
+    def __init__(self, tiny_model, folder: Path) -> None:
+        self.settings = Settings(seed=1, model=str(TINY))
+        self.model = getattr(tiny_model, "model", tiny_model)
+        self.engine = SimpleNamespace(device="cpu", dtype="float32")
+        self.api = "jack"
+        self.midi_in = SimpleNamespace(connected_name="LivePerceiver In")
+        self.midi_out = SimpleNamespace(connected_name="LivePerceiver Out")
+        self.recorder = SimpleNamespace(dir=Path("~/.local/share/liveperceiver/sessions/20261121-210405"))
+        self.folder = folder
+        self.pedal_down = False
+        self.paused = False
+        self.calls: list[tuple] = []
+        self.fail_snapshot = False
+
+    def snapshot(self) -> Snapshot:
+        if self.fail_snapshot:
+            raise RuntimeError("model error: injected")
+        return Snapshot(
+            mode=self.settings.mode,
+            state="paused" if self.paused else "answering",
+            settings=self.settings,
+            notes_in=5,
+            notes_out=9,
+            held=[],
+            sounding=[55, 60],
+            roll=list(ROLL),
+            step_ms=1.9,
+            reaction_ms=(0.4, 1.1),
+            jitter_ms=(0.3, 0.9),
+            realtime_factor=0.21,
+            bpm=None,
+            transport_running=False,
+            context_tokens=412,
+            context_window=1,
+            recording=str(self.recorder.dir / "journal.lpj"),
+            recorded=28,
+            in_port="LivePerceiver In",
+            out_port="LivePerceiver Out",
+            log=list(LOG),
+        )
+
+    def update(self, **changes) -> Settings:
+        self.settings = self.settings.updated(**changes)
+        self.calls.append(("update", changes))
+        return self.settings
+
+    def pause(self, paused: bool = True) -> None:
+        self.paused = paused
+        self.calls.append(("pause", paused))
+
+    def panic(self) -> None:
+        self.calls.append(("panic",))
+
+    def reset(self) -> None:
+        self.calls.append(("reset",))
+
+    def save(self, path=None) -> Path:
+        path = self.folder / Path(path).name
+        path.write_bytes(b"MThd")
+        self.calls.append(("save", path))
+        return path
+
+    def close(self) -> Path:
+        self.calls.append(("close",))
+        return self.save("session.mid")
+
+
+def replay_app(tiny_model, tmp_path, presets=None) -> tuple[LivePerceiverApp, ReplaySession]:
+    session = ReplaySession(tiny_model, tmp_path)
+    app = LivePerceiverApp(session, clock=lambda: FROZEN, presets=presets)
+    app.started = FROZEN - 134  # 02:14 into the session
+    return app, session
+
+
+def changes(session: ReplaySession) -> list[dict]:
+    return [call[1] for call in session.calls if call[0] == "update"]
+
+
+# --------------------------------------------------------------------------- key bindings
+
+
+def test_every_binding_changes_the_session(tiny_model, tmp_path):
+    preset_file = tmp_path / "warm.toml"
+    preset_file.write_text('mode = "duet"\n[sampling]\ntemperature = 1.3\n')
+    presets = [SimpleNamespace(name="warm", path=preset_file, description="")]
+    app, session = replay_app(tiny_model, tmp_path, presets)
+
+    async def drive():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("space")
+            assert session.calls[-1] == ("pause", True)
+            await pilot.pause()
+            app.refresh_view()
+            await pilot.press("space")
+            assert session.calls[-1] == ("pause", False)
+            await pilot.press("m")
+            assert session.settings.mode == "duet"
+            await pilot.press("up", "up")
+            assert session.settings.temperature == pytest.approx(1.0)
+            await pilot.press("down")
+            assert session.settings.temperature == pytest.approx(0.95)
+            await pilot.press("right", "right")
+            assert session.settings.num_latents == 4
+            await pilot.press("left")
+            assert session.settings.num_latents == 2
+            await pilot.press("p")
+            assert session.calls[-1] == ("panic",)
+            await pilot.press("r")
+            assert session.calls[-1] == ("reset",)
+            # every control is reachable with , . and changed with - +
+            for index, (_, name, _) in enumerate(CONTROLS):
+                app.selected = index
+                before = getattr(session.settings, name)
+                await pilot.press("plus")
+                assert getattr(session.settings, name) != before, name
+            await pilot.press("minus")
+            await pilot.press("full_stop")
+            assert app.selected == 0
+            # zoom
+            roll = app.main.query_one(PianoRoll)
+            seconds = roll.seconds
+            await pilot.press("z")
+            assert roll.seconds < seconds
+            # preset 1 from the list, loaded in a worker
+            await pilot.press("1")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert session.settings.temperature == pytest.approx(1.3) and session.settings.mode == "duet"
+            await pilot.press("9")  # no such preset: logged, nothing changes
+            await app.workers.wait_for_complete()
+            # save asks for a name (timestamped default), then saves in a worker
+            await pilot.press("s")
+            assert isinstance(app.screen, SaveScreen)
+            assert app.screen.query_one("Input").value.startswith("session-")
+            app.screen.query_one("Input").value = "take-1"
+            await pilot.press("enter")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert ("save", tmp_path / "take-1.mid") in session.calls
+            assert "take-1.mid" in app.last_save
+            # help and ports screens open and close
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("a")
+            await pilot.press("o")
+            assert isinstance(app.screen, PortsScreen)
+            await pilot.press("escape")
+            assert not isinstance(app.screen, PortsScreen | HelpScreen)
+            # quit: close() (notes off + save) in a worker, then exit with the saved file
+            await pilot.press("q")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+        assert session.calls[-2][0] == "close"
+        assert app.return_value == tmp_path / "session.mid"
+
+    asyncio.run(drive())
+
+
+def test_command_palette_offers_every_action(tiny_model, tmp_path):
+    app, _ = replay_app(tiny_model, tmp_path, presets=[])
+
+    async def drive():
+        async with app.run_test(size=(100, 30)):
+            titles = [command.title for command in app.get_system_commands(app.screen)]
+        for wanted in ("Pause", "Next mode", "Temperature up", "Latent window", "Panic", "Save", "Reset", "Ports"):
+            assert any(title.startswith(wanted) for title in titles), wanted
+        assert any(title.startswith("Quit") for title in titles)
+
+    asyncio.run(drive())
+
+
+def test_snapshot_error_is_shown_and_the_ui_keeps_running(tiny_model, tmp_path):
+    app, session = replay_app(tiny_model, tmp_path)
+
+    async def drive():
+        async with app.run_test(size=(80, 24)) as pilot:
+            session.fail_snapshot = True
+            await pilot.pause(0.2)
+            session.fail_snapshot = False
+            await pilot.pause(0.2)
+            assert any("injected" in line for line in app.ui_log)
+            await pilot.press("m")
+            assert session.settings.mode == "duet"
+            app._update(temperature=99.0)
+            assert any("temperature" in line for line in app.ui_log)
+
+    asyncio.run(drive())
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def _prepare(pilot) -> None:
+    """Show a pedal held for the last two seconds (the UI's own history, at the frozen clock)."""
+    roll = pilot.app.main.query_one(PianoRoll)
+    roll.pedal.clear()
+    roll.pedal.extend([(FROZEN - 6.3, True), (FROZEN - 4.5, False), (FROZEN - 2.2, True)])
+    pilot.app.refresh_view()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_main_screen_snapshot(snap_compare, tiny_model, tmp_path, size):
+    app, _ = replay_app(tiny_model, tmp_path, presets=[])
+    assert snap_compare(app, terminal_size=size, run_before=_prepare)
+
+
+# --------------------------------------------------------------------------- real JACK ports
+
+
+@pytest.fixture
+def live_ui(tmp_path, jack_server):  # noqa: F811
+    sessions: list[Session] = []
+
+    def open_(**kwargs) -> Session:
+        settings = Settings(seed=1, silence_ms=300, response_seconds=1.5, lookahead_ms=300)
+        session = Session(settings, model=str(TINY), api="jack", session_dir=tmp_path / "session", **kwargs)
+        session.start()
+        sessions.append(session)
+        return session
+
+    yield open_
+    for session in sessions:
+        session.close()
+
+
+@pytest.mark.jack
+def test_phrase_and_answer_on_the_roll_then_quit_saves_and_silences(live_ui):
+    session = live_ui()
+    keys = Keyboard()
+    app = LivePerceiverApp(session)
+
+    async def drive():
+        async with app.run_test(size=(120, 36)) as pilot:
+            await pilot.pause(0.3)
+            last_off = await asyncio.to_thread(keys.phrase, [60, 62, 64, 65, 67])
+            for _ in range(100):
+                await pilot.pause(0.1)
+                if keys.note_ons(since=last_off) and any(n[3] == "model" for n in app.snap.roll):
+                    break
+            roll = app.main.query_one(PianoRoll)
+            whos = {note[3] for note in roll.snapshot.roll}
+            assert "player" in whos and "model" in whos, app.snap.log
+            assert {60, 62, 64, 65, 67} <= {n[2] for n in roll.snapshot.roll if n[3] == "player"}
+            rendered = roll.render()
+            assert "█" in rendered.plain
+            await pilot.press("space")  # pause while notes may be sounding, then quit
+            await pilot.press("q")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+
+    try:
+        asyncio.run(drive())
+        saved = app.return_value
+        assert saved is not None and Path(saved).exists()
+        assert wait_for(lambda: keys.balance() == 0, timeout=2)
+        notes = [m for m in mido.MidiFile(saved).tracks[1] if m.type == "note_on" and m.velocity > 0]
+        assert [m.note for m in notes] == [60, 62, 64, 65, 67]
+    finally:
+        keys.close()
+
+
+@pytest.mark.jack
+def test_port_vanishing_and_engine_error_are_shown(live_ui):
+    import rtmidi
+
+    source = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-source")
+    source.open_virtual_port("vanishing")
+    session = live_ui(in_port="vanishing", out_port=None)
+    app = LivePerceiverApp(session)
+
+    async def drive():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.2)
+            assert "(disconnected)" not in str(app.main.query_one("#ports").render())
+            source.close_port()
+            source.delete()
+            for _ in range(40):
+                await pilot.pause(0.1)
+                if session.midi_in.connected_name is None:
+                    break
+            await pilot.pause(0.2)
+            assert "disconnected" in str(app.main.query_one("#ports").render())
+            assert any("vanished" in line for line in app.snap.log)
+            # an engine fault: logged, shown, and the UI goes on
+            session.update(mode="duet")
+            session.engine.step = lambda: (_ for _ in ()).throw(RuntimeError("injected engine fault"))
+            session.commands.put(("player", ("note_on", time.monotonic(), 60, 0, 90)))
+            for _ in range(30):
+                await pilot.pause(0.1)
+                if session.errors:
+                    break
+            await pilot.pause(0.2)
+            assert "injected engine fault" in str(app.main.query_one("#log").render())
+            await pilot.press("m")
+            assert session.settings.mode == "listen"
+
+    start = time.monotonic()
+    asyncio.run(drive())
+    assert time.monotonic() - start < 20
