@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["play", *argv]  # no subcommand: the UI (`play` without --headless), same options as play
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
