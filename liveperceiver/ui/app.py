@@ -471,34 +471,13 @@ class LivePerceiverApp(App):
 # --------------------------------------------------------------------------- entry point
 
 
-def run_ui(args) -> int:
-    """`liveperceiver` / `liveperceiver play` without --headless: build the session, run the UI.
+def run_ui(session) -> Path | None:
+    """Run the UI over a started session until the player quits; returns the saved MIDI file.
 
-    Reads the play options from `args` when they are there (model, preset, api, ports, session
-    folder); anything missing takes its default, so a bare `liveperceiver` works.
+    `liveperceiver` and `liveperceiver play` (without --headless) build and start the session,
+    call this, and close the session afterwards (closing twice is safe).
     """
-    from liveperceiver.presets import load_preset
-    from liveperceiver.session import Session
-    from liveperceiver.settings import Settings
-
-    preset = getattr(args, "preset", None)
-    settings = load_preset(preset) if preset else Settings()
-    model = getattr(args, "model", None)
-    if model:
-        settings = settings.updated(model=model)
-    session = Session(
-        settings,
-        api=getattr(args, "api", None) or "auto",
-        in_port=getattr(args, "in_port", None),
-        out_port=getattr(args, "out_port", None),
-        session_dir=getattr(args, "session_dir", None),
-        record_path=getattr(args, "record", None),
-    )
-    session.start()
-    try:
-        saved = LivePerceiverApp(session).run()
-    finally:
-        session.close()
+    saved = LivePerceiverApp(session).run()
     if saved:
-        print(f"saved {saved}")
-    return 0
+        print(f"saved {saved}", flush=True)
+    return saved
