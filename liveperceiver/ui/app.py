@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -163,7 +164,7 @@ class LivePerceiverApp(App):
     TITLE = "LivePerceiver"
     ENABLE_COMMAND_PALETTE = True
     BINDINGS = [
-        Binding("space", "pause", "pause"),
+        Binding("space", "pause", "pause", key_display="space"),
         Binding("m", "mode", "mode"),
         Binding("up", "temperature(1)", "temp+", show=False),
         Binding("down", "temperature(-1)", "temp−", show=False),
@@ -178,7 +179,7 @@ class LivePerceiverApp(App):
         Binding("p", "panic", "panic"),
         Binding("s", "save", "save"),
         Binding("r", "reset", "reset"),
-        Binding("o", "ports", "ports"),
+        Binding("o", "ports", "ports", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
         *[Binding(str(n), f"preset({n})", f"preset {n}", show=False) for n in range(1, 10)],
@@ -280,14 +281,17 @@ class LivePerceiverApp(App):
         screen.query_one("#model", Panel).update(model_text(snap, self.info))
         recorder = getattr(self.session, "recorder", None)
         save_to = str(Path(recorder.dir) / "session.mid") if recorder is not None else snap.recording
-        screen.query_one("#session", Panel).update(session_text(snap, now - self.started, save_to, self.last_save))
+        panel = screen.query_one("#session", Panel)
+        width = panel.content_size.width or 40
+        panel.update(session_text(snap, now - self.started, save_to, self.last_save, width))
         screen.query_one("#controls", Panel).update(controls_text(snap, self.selected))
         screen.query_one("#meters", Panel).update(meters_text(snap))
         pedal = bool(getattr(self.session, "pedal_down", False))
         screen.query_one(PianoRoll).show(snap, now, pedal)
         log = screen.query_one("#log", Panel)
         lines = sorted([*snap.log[-20:], *list(self.ui_log)[-20:]])
-        log.update("\n".join(line.replace("[", r"\[") for line in lines[-max(1, log.size.height) :]))
+        shown = lines[-max(1, log.content_size.height) :]
+        log.update(Text("\n".join(shown), no_wrap=True, overflow="ellipsis", style="#9aa3b5"))
 
     snap_seen = False
 

@@ -191,8 +191,9 @@ def model_text(snapshot: Snapshot, info: ModelInfo) -> Text:
     _row(text, "model", info.name)
     _row(text, "params", f"{info.parameters / 1e6:.2f} M" if info.parameters >= 1e5 else f"{info.parameters:,}")
     _row(text, "device", f"{info.device} {info.dtype} ×{info.threads}")
-    fill = snapshot.context_tokens / info.max_prefix if info.max_prefix else 0.0
-    _row(text, "context", f"{snapshot.context_tokens:,}/{info.max_prefix:,} ({fill:.0%})")
+    # the engine keeps every token heard; the model attends to the last max_prefix of them
+    in_view = min(snapshot.context_tokens, info.max_prefix) if info.max_prefix else snapshot.context_tokens
+    _row(text, "context", f"{in_view:,}/{info.max_prefix:,} of {snapshot.context_tokens:,}")
     _row(text, "latents", f"{snapshot.settings.num_latents}/{info.max_latents}")
     text.rstrip()
     return text
@@ -207,10 +208,10 @@ CONTROLS: tuple[tuple[str, str, str], ...] = (
     ("latents", "num_latents", "{}"),
     ("prefix", "prefix_cap", "{}"),
     ("silence", "silence_ms", "{} ms"),
-    ("response", "response_seconds", "{:.1f} s"),
-    ("lookahead", "lookahead_ms", "{} ms"),
+    ("answer", "response_seconds", "{:.1f} s"),
+    ("ahead", "lookahead_ms", "{} ms"),
     ("channel", "out_channel", "{}"),
-    ("transpose", "transpose", "{:+d}"),
+    ("transp", "transpose", "{:+d}"),
     ("velocity", "velocity_scale", "×{:.2f}"),
     ("quantise", "quantize", "{}"),
 )
@@ -257,14 +258,18 @@ def meters_text(snapshot: Snapshot) -> Text:
     return text
 
 
-def session_text(snapshot: Snapshot, elapsed: float, save_to: str, last_save: str) -> Text:
+def session_text(snapshot: Snapshot, elapsed: float, save_to: str, last_save: str, width: int = 40) -> Text:
     text = Text(no_wrap=True, overflow="ellipsis")
     state = snapshot.state
     style = {"paused": "bold yellow", "answering": MODEL_STYLE, "playing": MODEL_STYLE}.get(state, "bold")
     _row(text, "state", state, style)
     minutes, seconds = divmod(int(elapsed), 60)
-    _row(text, "recording", f"● {minutes:02d}:{seconds:02d}  {snapshot.recorded} events", "bold red")
-    _row(text, "saves to", save_to)
+    text.append(f"{'recording':<10}", style="dim")
+    text.append(f"● {minutes:02d}:{seconds:02d}", style="bold red")
+    text.append(f"  {snapshot.recorded} ev\n", style="dim")
+    room = max(8, width - 10)
+    shown = save_to if len(save_to) <= room else "…" + save_to[-(room - 1) :]  # the end is what tells files apart
+    _row(text, "saves to", shown)
     _row(text, "last save", last_save)
     text.rstrip()
     return text
