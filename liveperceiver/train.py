@@ -205,6 +205,20 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _record_rank_checksums(model: PerceiverAR, out: Path, rank: int, world: int) -> None:
+    """Per-rank parameter checksums in ranks.json: data-parallel ranks must hold identical weights."""
+    import json
+
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        mine = [float(p.double().sum()) + float(p.double().square().sum()) for p in model.parameters()]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        (out / "ranks.json").write_text(json.dumps({"world_size": world, "checksums": gathered}) + "\n")
+
+
 def train(
     run: RunConfig, data_dir: Path, out: Path, resume: bool = False, max_steps: int | None = None, progress: bool = True
 ) -> dict:
@@ -351,6 +365,8 @@ def train(
                 save_checkpoint()
                 last_ckpt = time.monotonic()
         save_checkpoint()
+        if world > 1:
+            _record_rank_checksums(model, out, rank, world)
     finally:
         bar.close()
         if log_file is not None:

@@ -1,0 +1,353 @@
+"""Evaluation: NLL per token against an n-gram baseline, and musical statistics of continuations.
+
+The model is scored with the context it had in training (a prefix of up to max_prefix_len tokens
+before each span of max_latents targets, within a piece). The baseline is an interpolated
+Kneser-Ney 4-gram fitted on the train split of the same dataset and scored on the same targets,
+so "x% below the baseline" says what the Perceiver's long context buys over local statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from liveperceiver import vocab
+from liveperceiver.errors import UserError
+
+TYPES = ("note_on", "note_off", "time_shift", "velocity")
+
+
+# --------------------------------------------------------------------------- n-gram baseline
+
+
+class KneserNey:
+    """Interpolated Kneser-Ney n-gram model over token ids (discount 0.75, uniform floor)."""
+
+    def __init__(self, order: int = 4, discount: float = 0.75, vocab_size: int = vocab.VOCAB_SIZE):
+        self.order, self.discount, self.vocab_size = order, discount, vocab_size
+        self.counts: list[Counter] = [Counter() for _ in range(order + 1)]  # n -> (history + w) counts
+        self.history_totals: list[Counter] = [Counter() for _ in range(order + 1)]
+        self.history_types: list[Counter] = [Counter() for _ in range(order + 1)]
+
+    def fit(self, pieces) -> KneserNey:
+        """Top order: real counts; lower orders: continuation counts (distinct one-token left extensions)."""
+        real: list[Counter] = [Counter() for _ in range(self.order + 1)]
+        for piece in pieces:
+            seq = [int(t) for t in piece]
+            for n in range(1, self.order + 1):
+                real[n].update(zip(*(seq[k:] for k in range(n)), strict=False))
+        self.counts[self.order] = real[self.order]
+        for n in range(1, self.order):
+            self.counts[n] = Counter(gram[1:] for gram in real[n + 1])
+        for n in range(1, self.order + 1):
+            for gram, count in self.counts[n].items():
+                self.history_totals[n][gram[:-1]] += count
+                self.history_types[n][gram[:-1]] += 1
+        return self
+
+    def prob(self, history: tuple[int, ...], token: int) -> float:
+        p = 1.0 / self.vocab_size
+        for n in range(1, self.order + 1):
+            if n - 1 > len(history):
+                break
+            h = history[len(history) - (n - 1) :] if n > 1 else ()
+            total = self.history_totals[n].get(h, 0)
+            if total == 0:
+                break  # a longer history was never seen either
+            count = self.counts[n].get(h + (token,), 0)
+            types = self.history_types[n][h]
+            p = max(count - self.discount, 0.0) / total + self.discount * types / total * p
+        return p
+
+    def nll(self, piece) -> np.ndarray:
+        """NLL (nats) of tokens 1.. of a piece, each given up to order-1 previous tokens of the piece."""
+        seq = [int(t) for t in piece]
+        out = np.empty(max(len(seq) - 1, 0))
+        for i in range(1, len(seq)):
+            out[i - 1] = -math.log(self.prob(tuple(seq[max(0, i - self.order + 1) : i]), seq[i]))
+        return out
+
+
+# --------------------------------------------------------------------------- model scoring
+
+
+def model_nll(model, pieces: list[list[int]], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-target NLL and the target ids, over tokens 1.. of every piece, context as in training."""
+    import torch
+    from tqdm import tqdm
+
+    from liveperceiver.train import window_nll
+
+    config = model.config
+    latents = config.max_latents
+    nlls, targets = [], []
+    jobs = []
+    for piece in pieces:
+        for target_start in range(1, len(piece), latents):
+            end = min(len(piece), target_start + latents)
+            begin = max(0, target_start - 1 - config.max_prefix_len)
+            jobs.append((piece[begin:end], target_start - 1 - begin))
+    model.eval()
+    with torch.inference_mode():
+        for tokens, prefix_len in tqdm(jobs, desc="scoring", unit="window", disable=not progress, file=sys.stderr):
+            nlls.append(window_nll(model, tokens, prefix_len).numpy())
+            targets.append(np.asarray(tokens[prefix_len + 1 :]))
+    if not nlls:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(nlls), np.concatenate(targets)
+
+
+def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
+    result = {}
+    kinds = np.array([vocab.event_type(int(t)) for t in targets])
+    for kind in TYPES:
+        mask = kinds == kind
+        if mask.any():
+            result[kind] = {"nll": float(nll[mask].mean()), "tokens": int(mask.sum())}
+    return result
+
+
+# --------------------------------------------------------------------------- musical statistics
+
+
+def well_formed(prompt: list[int], continuation: list[int]) -> bool:
+    """No note-off without a sounding note, no re-strike of a sounding pitch, all notes closed at the end."""
+    sounding: set[int] = set()
+    for token in prompt:
+        if token < vocab.NOTE_OFF:
+            sounding.add(token)
+        elif token < vocab.TIME_SHIFT:
+            sounding.discard(token - vocab.NOTE_OFF)
+    for token in continuation:
+        if token < vocab.NOTE_OFF:
+            if token in sounding:
+                return False
+            sounding.add(token)
+        elif token < vocab.TIME_SHIFT:
+            if token - vocab.NOTE_OFF not in sounding:
+                return False
+            sounding.discard(token - vocab.NOTE_OFF)
+    return not sounding
+
+
+def note_stats(tokens: list[int]) -> dict:
+    """Pitch classes, density, polyphony, note lengths and inter-onset intervals of decoded notes."""
+    from liveperceiver.tokenizer import decode_notes
+
+    notes = decode_notes(tokens)
+    duration = sum(vocab.time_shift_steps(t) for t in tokens if vocab.TIME_SHIFT <= t < vocab.VELOCITY) / 100
+    pcs = np.bincount([n.pitch % 12 for n in notes], minlength=12).astype(float)
+    onsets = np.array(sorted(n.start for n in notes))
+    lengths = np.array([n.end - n.start for n in notes])
+    iois = np.diff(onsets) if len(onsets) > 1 else np.zeros(0)
+    polyphony = [sum(1 for m in notes if m.start <= n.start < m.end) for n in notes]
+    return {
+        "notes": len(notes),
+        "pitch_classes": pcs / pcs.sum() if pcs.sum() else pcs,
+        "density": len(notes) / duration if duration > 0 else 0.0,
+        "polyphony": float(np.mean(polyphony)) if polyphony else 0.0,
+        "lengths": lengths,
+        "iois": iois[iois > 0],
+    }
+
+
+def histogram_overlap(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -> float:
+    """Sum of bin-wise minima of two normalised histograms (1 = same distribution)."""
+    if len(a) == 0 or len(b) == 0:
+        return 0.0
+    ha = np.histogram(np.clip(a, bins[0], bins[-1]), bins)[0] / len(a)
+    hb = np.histogram(np.clip(b, bins[0], bins[-1]), bins)[0] / len(b)
+    return float(np.minimum(ha, hb).sum())
+
+
+def continuation_stats(
+    model, pieces: list[list[int]], count: int, prompt_len: int = 512, length: int = 512, seed: int = 0, **sampling
+) -> dict:
+    """Continue `count` held-out prompts with the engine and compare with what the piece really does."""
+    from liveperceiver.engine import Engine, continue_tokens
+    from liveperceiver.sampling import SamplingSettings
+
+    candidates = [p for p in pieces if len(p) >= prompt_len + length]
+    if not candidates:
+        candidates = [p for p in pieces if len(p) >= 64]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False) if candidates else []
+    rows = []
+    time_bins = np.geomspace(0.01, 8.0, 25)
+    for k, index in enumerate(chosen):
+        piece = candidates[int(index)]
+        p_len = min(prompt_len, len(piece) // 2)
+        prompt, truth = piece[:p_len], piece[p_len : p_len + length]
+        settings = SamplingSettings(seed=seed + k, **sampling)
+        engine = Engine(model, num_latents=min(16, model.config.max_latents), sampling=settings, device="cpu")
+        generated = continue_tokens(engine, prompt, len(truth))
+        gen, true = note_stats(generated), note_stats(truth)
+        rows.append(
+            {
+                "well_formed": well_formed(prompt, generated + _closing(prompt + generated)),
+                "strict_well_formed": well_formed(prompt, generated),
+                "pitch_class_overlap": float(np.minimum(gen["pitch_classes"], true["pitch_classes"]).sum()),
+                "density": (gen["density"], true["density"]),
+                "polyphony": (gen["polyphony"], true["polyphony"]),
+                "length_overlap": histogram_overlap(gen["lengths"], true["lengths"], time_bins),
+                "ioi_overlap": histogram_overlap(gen["iois"], true["iois"], time_bins),
+                "median_length": (_median(gen["lengths"]), _median(true["lengths"])),
+                "median_ioi": (_median(gen["iois"]), _median(true["iois"])),
+            }
+        )
+    if not rows:
+        return {"count": 0}
+    mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+
+    def pair(key):
+        return {
+            "generated": float(np.mean([r[key][0] for r in rows])),
+            "true": float(np.mean([r[key][1] for r in rows])),
+        }  # noqa: E731
+
+    return {
+        "count": len(rows),
+        "prompt_tokens": prompt_len,
+        "continuation_tokens": length,
+        "sampling": sampling,
+        "well_formed": mean("well_formed"),
+        "strict_well_formed": mean("strict_well_formed"),
+        "pitch_class_overlap": mean("pitch_class_overlap"),
+        "note_length_overlap": mean("length_overlap"),
+        "inter_onset_overlap": mean("ioi_overlap"),
+        "notes_per_second": pair("density"),
+        "polyphony": pair("polyphony"),
+        "median_note_length_s": pair("median_length"),
+        "median_inter_onset_s": pair("median_ioi"),
+    }
+
+
+def _closing(tokens: list[int]) -> list[int]:
+    """Note-offs for notes still sounding when a continuation is cut at a fixed token count: being
+    cut mid-note is not malformed, so `well_formed` counts them closed (strict_well_formed does not)."""
+    sounding: dict[int, None] = {}
+    for token in tokens:
+        if token < vocab.NOTE_OFF:
+            sounding[token] = None
+        elif token < vocab.TIME_SHIFT:
+            sounding.pop(token - vocab.NOTE_OFF, None)
+    return [vocab.note_off(p) for p in sounding]
+
+
+def _median(values: np.ndarray) -> float:
+    return float(np.median(values)) if len(values) else 0.0
+
+
+# --------------------------------------------------------------------------- inputs and the command
+
+
+def load_inputs(inputs: list[str], split: str) -> tuple[list[list[int]], Path | None]:
+    """Token lists of the pieces to score, and the dataset they came from (if any)."""
+    from liveperceiver.dataset import MIDI_SUFFIXES, TokenDataset
+    from liveperceiver.tokenizer import encode_file
+
+    pieces, dataset_dir = [], None
+    for spec in inputs:
+        path = Path(spec)
+        if (path / "index.json").is_file():
+            data = TokenDataset(path, split)
+            pieces += [[int(t) for t in data.piece(i)] for i in range(len(data))]
+            dataset_dir = dataset_dir or path
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(MIDI_SUFFIXES))
+            for file in files:
+                try:
+                    pieces.append(encode_file(file))
+                except UserError as error:
+                    print(f"warning: skipping {error}", file=sys.stderr)
+        elif path.is_file():
+            pieces.append(encode_file(path))
+        else:
+            raise UserError(f"{spec}: no such file, folder or dataset")
+    pieces = [p for p in pieces if len(p) > 1]
+    if not pieces:
+        raise UserError("nothing to evaluate: no pieces with at least two tokens")
+    return pieces, dataset_dir
+
+
+def evaluate(
+    model, pieces: list[list[int]], ngram_data: Path | None, continuations: int = 0, progress: bool = True, **sampling
+) -> dict:
+    nll, targets = model_nll(model, pieces, progress)
+    result: dict = {
+        "tokens": int(len(nll)),
+        "pieces": len(pieces),
+        "nll": float(nll.mean()),
+        "perplexity": float(math.exp(nll.mean())),
+        "by_type": by_type(nll, targets),
+        "baseline": None,
+        "baseline_nll": None,
+    }
+    if ngram_data is not None:
+        from liveperceiver.dataset import TokenDataset
+
+        train = TokenDataset(ngram_data, "train")
+        ngram = KneserNey(4).fit(train.piece(i) for i in range(len(train)))
+        base = np.concatenate([ngram.nll(p) for p in pieces])
+        result["baseline"] = f"interpolated Kneser-Ney 4-gram fitted on {ngram_data} (train split)"
+        result["baseline_nll"] = float(base.mean())
+        result["baseline_perplexity"] = float(math.exp(base.mean()))
+        result["baseline_by_type"] = by_type(base, targets)
+        result["improvement_over_baseline"] = 1.0 - result["nll"] / result["baseline_nll"]
+    if continuations:
+        result["continuations"] = continuation_stats(model, pieces, continuations, **sampling)
+    return result
+
+
+def run_eval(args) -> None:
+    import torch
+
+    from liveperceiver.checkpoint import load_model
+
+    torch.set_num_threads(max(1, getattr(args, "threads", 1) or 1))
+    loaded = load_model(args.model)
+    pieces, dataset_dir = load_inputs(args.inputs, args.split)
+    if args.max_tokens:
+        kept, total = [], 0
+        for piece in pieces:
+            if total >= args.max_tokens:
+                break
+            kept.append(piece[: args.max_tokens - total + 1])
+            total += len(kept[-1]) - 1
+        pieces = kept
+    result = evaluate(loaded.model, pieces, args.ngram_data or dataset_dir, args.continuations)
+    result["model"] = loaded.source
+    lines = [
+        f"model {loaded.name}: {result['tokens']:,} tokens in {result['pieces']} pieces",
+        f"  NLL {result['nll']:.4f} nats/token, perplexity {result['perplexity']:.2f}",
+    ]
+    if result["baseline_nll"] is not None:
+        lines.append(
+            f"  4-gram baseline NLL {result['baseline_nll']:.4f} ({100 * result['improvement_over_baseline']:.1f}% better)"
+        )
+    for kind, row in result["by_type"].items():
+        base = result.get("baseline_by_type", {}).get(kind, {}).get("nll")
+        lines.append(f"  {kind:10s} NLL {row['nll']:.4f}" + (f"  (4-gram {base:.4f})" if base is not None else ""))
+    if "continuations" in result and result["continuations"].get("count"):
+        c = result["continuations"]
+        lines.append(
+            f"  {c['count']} continuations: well-formed {100 * c['well_formed']:.1f}%, "
+            f"pitch-class overlap {c['pitch_class_overlap']:.3f}, note-length overlap {c['note_length_overlap']:.3f}, "
+            f"inter-onset overlap {c['inter_onset_overlap']:.3f}"
+        )
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)

@@ -1,0 +1,263 @@
+"""Dataset building, augmentation, training (exact resume, 2-process data parallel) and evaluation,
+all on small synthetic MIDI files made on the fly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+import pytest
+import torch
+
+from liveperceiver import vocab
+from liveperceiver.augment import AugmentConfig, augment_tokens, encode_notes, jitter_onsets, scale_velocity, stretch
+from liveperceiver.augment import transpose as transpose_notes
+from liveperceiver.dataset import TokenDataset, build, find_sources, split_of
+from liveperceiver.tokenizer import Note, decode_notes, encode_midi
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "liveperceiver" / "configs" / "tiny-test.toml"
+
+
+def write_tune(path: Path, seed: int, notes: int = 40) -> None:
+    """A simple repetitive melody with a bass note: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    scale = [60, 62, 64, 65, 67, 69, 71, 72]
+    midi = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(0)
+    for i in range(notes):
+        start = i * 0.25
+        piano.notes.append(pretty_midi.Note(80, scale[(i + seed) % 8], start, start + 0.2))
+        if i % 4 == 0:
+            piano.notes.append(pretty_midi.Note(60, 48 + int(rng.integers(0, 5)), start, start + 0.9))
+    midi.instruments.append(piano)
+    midi.write(str(path))
+
+
+@pytest.fixture(scope="module")
+def midi_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("midis") / "tunes"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(24):
+        write_tune(folder / ("sub" if i % 3 == 0 else "") / f"tune{i:02d}.mid", i)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(midi_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    build(find_sources(str(midi_folder)), out, jobs=1, progress=False)
+    return out
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def test_split_is_a_stable_hash_of_the_source_name():
+    names = [f"music21:bach/bwv{i}.mxl" for i in range(2000)]
+    splits = [split_of(n) for n in names]
+    assert splits == [split_of(n) for n in names]
+    assert split_of("music21:bach/bwv1.6.mxl") == "train"  # pinned: changing the hash moves pieces
+    shares = {s: splits.count(s) / len(splits) for s in ("train", "validation", "test")}
+    assert 0.85 < shares["train"] < 0.95 and 0.02 < shares["test"] < 0.08
+
+
+def test_build_is_cached_skips_bad_files_and_keeps_splits(midi_folder, tmp_path, capsys):
+    folder = tmp_path / "tunes"
+    folder.mkdir()
+    for i in range(4):
+        write_tune(folder / f"t{i}.mid", i)
+    (folder / "broken.mid").write_bytes(b"MThd not really")
+    first = build(find_sources(str(folder)), tmp_path / "out", jobs=2, progress=False)
+    assert first["converted"] == 5 and first["skipped"] == 1 and first["pieces"] == 4
+    assert "warning: skipping" in capsys.readouterr().err
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    again = build(find_sources(str(folder)), tmp_path / "out", jobs=2, progress=False)
+    assert again["converted"] == 0 and again["skipped"] == 1  # a rerun converts nothing new
+    # Adding a file never moves an existing piece to another split.
+    write_tune(folder / "t9.mid", 9)
+    build(find_sources(str(folder)), tmp_path / "out", jobs=1, progress=False)
+    after = {p["source"]: p["split"] for p in json.loads((tmp_path / "out" / "index.json").read_text())["pieces"]}
+    assert all(after[p["source"]] == p["split"] for p in index["pieces"])
+    data = TokenDataset(tmp_path / "out")
+    assert len(data) == 5
+    assert [int(t) for t in data.piece(0)] == encode_midi(pretty_midi.PrettyMIDI(str(folder / "t0.mid")))
+
+
+def test_music21_sources_carry_licence_notes():
+    sources = find_sources("music21:bach")
+    assert sources and all(s.name.startswith("music21:bach/") for s in sources)
+    krn = [s for s in sources if s.path.suffix == ".krn"]
+    assert all(not s.shippable for s in krn)  # CCARH encodings reserve derivative rights
+    assert any(s.shippable for s in sources if s.path.suffix == ".mxl")
+    assert not any(s.shippable for s in find_sources("music21:palestrina")[:5])
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def sample_tokens() -> list[int]:
+    notes = [Note(60 + i % 12, 64 + 4 * (i % 5), 0.5 * i, 0.5 * i + 0.4) for i in range(16)]
+    notes.append(Note(126, 80, 1.0, 2.0))
+    return encode_notes(notes)
+
+
+def assert_exact_format(tokens: list[int]) -> None:
+    vocab.check_tokens(tokens)
+    assert encode_notes(decode_notes(tokens)) == tokens  # re-encoding changes nothing: exact format
+
+
+def test_transpose_shifts_note_tokens_and_drops_notes_out_of_range():
+    tokens = sample_tokens()
+    up = encode_notes(transpose_notes(decode_notes(tokens), 3))
+    assert_exact_format(up)
+    ons = [t for t in tokens if t < vocab.NOTE_OFF]
+    assert sorted(t for t in up if t < vocab.NOTE_OFF) == sorted(t + 3 for t in ons if t + 3 <= 127)
+    assert 126 + 3 - 128 + 128 not in up and len([t for t in up if t < 128]) == len(ons) - 1  # 126 -> 129 dropped
+
+
+def test_stretch_scales_time_shifts():
+    tokens = sample_tokens()
+
+    def seconds(ts: list[int]) -> float:
+        return sum(vocab.time_shift_steps(t) for t in ts if vocab.TIME_SHIFT <= t < vocab.VELOCITY) / 100
+
+    slower = encode_notes(stretch(decode_notes(tokens), 1.15))
+    assert_exact_format(slower)
+    assert seconds(slower) == pytest.approx(1.15 * seconds(tokens), rel=0.01)  # gaps round to 10 ms each
+    assert [t for t in slower if t < vocab.TIME_SHIFT] == [t for t in tokens if t < vocab.TIME_SHIFT]
+
+
+def test_velocity_scaling_and_jitter_change_velocity_tokens_only():
+    tokens = sample_tokens()
+    notes = decode_notes(tokens)
+    louder = encode_notes(scale_velocity(notes, 1.25, np.zeros(len(notes))))
+    assert_exact_format(louder)
+    before = [n.velocity for n in decode_notes(tokens)]
+    after = [n.velocity for n in decode_notes(louder)]
+    assert after == [min(127, round(v * 1.25)) // 4 * 4 for v in before]
+    jittered = decode_notes(encode_notes(scale_velocity(notes, 1.0, np.full(len(notes), 8.0))))
+    assert [n.velocity for n in jittered] == [min(127, v + 8) // 4 * 4 for v in before]
+    assert [t for t in louder if t < vocab.VELOCITY] == [t for t in tokens if t < vocab.VELOCITY]
+
+
+def test_onset_jitter_moves_onsets_by_tens_of_ms():
+    notes = [Note(40 + i, 80, 0.5 + 0.25 * i, 0.5 + 0.25 * i + 0.2) for i in range(12)]  # distinct pitches
+    tokens = encode_notes(notes)
+    later = encode_notes(jitter_onsets(notes, np.full(len(notes), 0.03)))
+    assert later[0] == tokens[0] + 3 and later[1:] == tokens[1:]  # only the opening gap grows by 30 ms
+    offsets = np.tile([0.02, -0.03, 0.0], 4)
+    moved = encode_notes(jitter_onsets(notes, offsets))
+    assert_exact_format(moved)
+    assert moved != tokens
+    starts = {n.pitch: n.start for n in decode_notes(moved)}
+    for note, offset in zip(notes, offsets, strict=True):
+        assert starts[note.pitch] == pytest.approx(note.start + offset, abs=0.011)
+
+
+def test_random_augmentation_is_exact_format_and_seeded():
+    tokens = sample_tokens()
+    config = AugmentConfig(probability=1.0)
+    a = augment_tokens(tokens, config, np.random.default_rng(1))
+    b = augment_tokens(tokens, config, np.random.default_rng(1))
+    assert a == b and a != tokens
+    assert_exact_format(a)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "liveperceiver", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=120,
+    )
+
+
+def test_resume_continues_exactly(dataset_dir, tmp_path):
+    from liveperceiver.train import RunConfig, train
+
+    run = RunConfig.load(TINY_CONFIG)
+    train(run, dataset_dir, tmp_path / "straight", max_steps=8, progress=False)
+    train(run, dataset_dir, tmp_path / "split", max_steps=4, progress=False)
+    train(RunConfig.load(TINY_CONFIG), dataset_dir, tmp_path / "split", resume=True, max_steps=8, progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    rows = list(csv.DictReader((tmp_path / "split" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+
+
+def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["-m", "liveperceiver", "train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir)]
+        + ["--out", str(out), "--max-steps", "30", "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and ranks["checksums"][0] == ranks["checksums"][1]
+    losses = [float(r["loss"]) for r in csv.DictReader((out / "log.csv").open())]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_path):
+    from liveperceiver.checkpoint import save_directory
+    from liveperceiver.train import RunConfig, train
+
+    run = RunConfig.load(TINY_CONFIG)
+    train(run, dataset_dir, tmp_path / "run", max_steps=20, progress=False)
+    model = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    from liveperceiver.model import PerceiverAR
+
+    net = PerceiverAR(run.model)
+    net.load_state_dict(model["model"])
+    save_directory(net, tmp_path / "model")
+    result = run_cli(
+        "eval", "--model", str(tmp_path / "model"), str(dataset_dir), "--split", "train", "--max-tokens", "400",
+        "--continuations", "2", "--json", str(tmp_path / "eval.json"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["tokens"] == 400 and report["perplexity"] == pytest.approx(np.exp(report["nll"]))
+    assert report["baseline_nll"] > 0 and set(report["by_type"]) <= {"note_on", "note_off", "time_shift", "velocity"}
+    assert report["continuations"]["count"] == 2 and 0 <= report["continuations"]["pitch_class_overlap"] <= 1
+
+
+def test_kneser_ney_is_a_distribution():
+    from liveperceiver.evaluate import KneserNey
+
+    rng = np.random.default_rng(0)
+    ngram = KneserNey(4).fit([rng.integers(0, 20, 500), rng.integers(0, 30, 300)])
+    for history in [(), (3,), (3, 4, 5), (1, 2, 300)]:
+        assert sum(ngram.prob(history, t) for t in range(vocab.VOCAB_SIZE)) == pytest.approx(1.0)
+
+
+def test_well_formed():
+    from liveperceiver.evaluate import well_formed
+
+    assert well_formed([60], [300, 128 + 60])
+    assert not well_formed([], [128 + 60])  # note-off without note-on
+    assert not well_formed([], [60, 300])  # never closed
+    assert not well_formed([60], [60])  # re-struck while sounding
