@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 
 from liveperceiver.engine import DTYPES, Engine
 from liveperceiver.errors import UserError, atomic_output
@@ -72,13 +73,13 @@ def weights_read_per_step(engine: Engine) -> int:
     for module in engine.model.modules():
         if id(module) in skipped or module is engine.model.embedding:
             continue
-        if isinstance(module, (nn.Linear, nn.LayerNorm)) or "Linear" in type(module).__name__:
+        if isinstance(module, (nn.Linear, nn.LayerNorm, QuantizedLinear)):
             total += _module_bytes(module)
     return total
 
 
 def _module_bytes(module: nn.Module) -> int:
-    if hasattr(module, "_packed_params"):  # int8 dynamic quantised Linear
+    if isinstance(module, QuantizedLinear):
         weight = module.weight()
         return weight.numel() * weight.element_size()
     return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))

@@ -248,10 +248,12 @@ class Engine:
         latent_rows = slice(latent_start - self._base, end - self._base)
         window_rows = slice(start - self._base, end - self._base)
         q = apply_rotary(self.latent_q[ids].transpose(0, 1), self.cos[latent_rows], self.sin[latent_rows])
+        # Plain matmuls on the strided buffer views: no copy of the window (SDPA would copy it).
+        scores = torch.matmul(q * self.scale, self.keys[:, window_rows].transpose(1, 2))
         mask = self._causal_mask(end - latent_start, end - start)
-        attended = F.scaled_dot_product_attention(
-            q, self.keys[:, window_rows], self.values[:, window_rows], attn_mask=mask, scale=self.scale
-        )
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attended = torch.matmul(torch.softmax(scores, dim=-1), self.values[:, window_rows])
         x = self.embedding[ids] + ca.attention.o_proj(attended.transpose(0, 1).flatten(1))
         return x + ca.mlp(x)
 
