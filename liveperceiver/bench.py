@@ -8,6 +8,7 @@ step must read divided by the memory bandwidth measured in the same run (one `su
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import statistics
@@ -37,6 +38,22 @@ class BenchRow:
     kv_mb: float
     bandwidth_bound_ms: float
     flat_ratio: float | None = None  # step p50 after 100k tokens / after 5k (only with --flat)
+
+
+def machine_description() -> str:
+    """CPU model and core count (and the GPU when one is used), for the tables in README."""
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    description = f"{cpu}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        description += f", GPU {torch.cuda.get_device_name()}"
+    return description
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -156,6 +173,52 @@ def flat_ratio(engine: Engine, steps: int) -> float:
     return round(late / early, 3)
 
 
+def reference_step_ms(model: PerceiverAR, prefix: int, latents: int, steps: int) -> float | None:
+    """Median per-token time of perceiver-io's own `generate()` with its KV cache, on the same weights;
+    None when perceiver-io is not importable (it is an optional benchmark dependency)."""
+    try:
+        from perceiver.model.audio.symbolic.backend import SymbolicAudioModelConfig
+        from perceiver.model.audio.symbolic.huggingface import (
+            PerceiverSymbolicAudioModel,
+            PerceiverSymbolicAudioModelConfig,
+        )
+        from transformers import LogitsProcessor, LogitsProcessorList
+    except ImportError:
+        return None
+    from liveperceiver.checkpoint import to_reference_state_dict
+
+    class StepClock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    config = PerceiverSymbolicAudioModelConfig(SymbolicAudioModelConfig.create(**model.config.to_dict()))
+    config.is_decoder = True
+    reference = PerceiverSymbolicAudioModel(config).eval()
+    state = to_reference_state_dict(model.state_dict())
+    state["backend_model.input_adapter.frq_pos_encoding.inv_freq"] = reference.state_dict()[
+        "backend_model.input_adapter.frq_pos_encoding.inv_freq"
+    ]
+    reference.load_state_dict(state)
+    prompt = torch.randint(0, 388, (1, prefix + latents), generator=torch.Generator().manual_seed(0))
+    clock = StepClock()
+    with torch.inference_mode():
+        reference.generate(
+            input_ids=prompt,
+            max_new_tokens=steps + 1,
+            num_latents=latents,
+            do_sample=False,
+            use_cache=True,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=388,
+        )
+    intervals = [(b - a) * 1000 for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    return statistics.median(intervals)
+
+
 def top1_agreement(
     model: PerceiverAR, dtype: torch.dtype, quantize: str | None, device: str, steps: int = 1000
 ) -> float:
@@ -189,10 +252,8 @@ def run(args) -> list[dict]:
     print(
         f"model {loaded.name} ({loaded.model.num_parameters() / 1e6:.1f}M parameters), dtype {args.dtype}, quantize {args.quantize or 'none'}, threads {args.threads}"
     )
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, read bandwidth {bandwidth:.1f} GB/s"
-    )
-    print(header + ("  after-100k/5k" if args.flat else ""))
+    print(f"machine: {machine_description()}; torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
+    print(header)
     for prefix in args.prefix:
         for latents in args.latents:
             if prefix > loaded.model.config.max_prefix_len or latents > loaded.model.config.max_latents:
@@ -202,8 +263,18 @@ def run(args) -> list[dict]:
             row.bandwidth_bound_ms = round(row.weights_mb * 1e6 / (bandwidth * 1e9) * 1000, 3)
             if args.flat:
                 row.flat_ratio = flat_ratio(engine, args.steps)
+            reference_ms = None
+            if not args.no_reference:
+                reference_ms = reference_step_ms(loaded.model, prefix, latents, min(args.steps, 100))
+            extra = {}
+            if reference_ms is not None:
+                extra = {
+                    "reference_ms_p50": round(reference_ms, 3),
+                    "speedup": round(reference_ms / row.step_ms_p50, 2),
+                }
             rows.append(
                 asdict(row)
+                | extra
                 | {
                     "threads": args.threads,
                     "dtype": args.dtype,
@@ -215,7 +286,11 @@ def run(args) -> list[dict]:
                 f"{row.prefix:>6} {row.latents:>7} {row.step_ms_p50:>8.2f} {row.step_ms_p99:>8.2f} {row.absorb_ms_p99:>10.3f}"
                 f" {row.tokens_per_s:>8.0f} {row.weights_mb:>10.1f} {row.bandwidth_bound_ms:>8.2f}"
             )
-            print(line + (f"  {row.flat_ratio:.3f}" if row.flat_ratio is not None else ""), flush=True)
+            if row.flat_ratio is not None:
+                line += f"  after-100k/5k {row.flat_ratio:.3f}"
+            if reference_ms is not None:
+                line += f"  reference {reference_ms:.2f} ms ({reference_ms / row.step_ms_p50:.1f}x)"
+            print(line, flush=True)
     if args.dtype != "float32" or args.quantize:
         agreement = top1_agreement(loaded.model, dtype, args.quantize, args.device)
         print(f"top-1 agreement with float32 over 1000 greedy steps: {agreement:.3f}")

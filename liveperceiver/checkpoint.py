@@ -59,21 +59,39 @@ def shipped_model_names() -> list[str]:
 
 # --------------------------------------------------------------------------- perceiver-io key mapping
 
-_REFERENCE_KEYS = [
-    (r"input_adapter\.txt_embedding\.", "embedding."),
-    (r"input_adapter\.pos_embedding\.", "pos_embedding."),
-    (r"cross_attention\.0\.module\.(q_norm|kv_norm|attention)\.", r"cross_attention.\1."),
-    (r"cross_attention\.1\.module\.0\.", "cross_attention.mlp.norm."),
-    (r"cross_attention\.1\.module\.1\.", "cross_attention.mlp.fc1."),
-    (r"cross_attention\.1\.module\.3\.", "cross_attention.mlp.fc2."),
-    (r"self_attention\.(\d+)\.0\.module\.(norm|attention)\.", r"self_attention.\1.\2."),
-    (r"self_attention\.(\d+)\.1\.module\.0\.", r"self_attention.\1.mlp.norm."),
-    (r"self_attention\.(\d+)\.1\.module\.1\.", r"self_attention.\1.mlp.fc1."),
-    (r"self_attention\.(\d+)\.1\.module\.3\.", r"self_attention.\1.mlp.fc2."),
-    (r"out_norm\.", "out_norm."),
-    (r"output_adapter\.bias$", "output_bias"),
+# (perceiver-io name, LivePerceiver name); {i} stands for a layer index, {m} for a submodule.
+_KEY_PAIRS = [
+    ("input_adapter.txt_embedding.", "embedding."),
+    ("input_adapter.pos_embedding.", "pos_embedding."),
+    ("cross_attention.0.module.{m}.", "cross_attention.{m}."),
+    ("cross_attention.1.module.0.", "cross_attention.mlp.norm."),
+    ("cross_attention.1.module.1.", "cross_attention.mlp.fc1."),
+    ("cross_attention.1.module.3.", "cross_attention.mlp.fc2."),
+    ("self_attention.{i}.0.module.{m}.", "self_attention.{i}.{m}."),
+    ("self_attention.{i}.1.module.0.", "self_attention.{i}.mlp.norm."),
+    ("self_attention.{i}.1.module.1.", "self_attention.{i}.mlp.fc1."),
+    ("self_attention.{i}.1.module.3.", "self_attention.{i}.mlp.fc2."),
+    ("out_norm.", "out_norm."),
+    ("output_adapter.bias", "output_bias"),
 ]
 _DERIVED_REFERENCE_KEYS = ("backend_model.input_adapter.frq_pos_encoding.inv_freq",)
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = (
+        re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{m\}", r"(?P<m>q_norm|kv_norm|norm|attention)")
+    )
+    return re.compile("^" + pattern)
+
+
+def _rename(key: str, to_reference: bool) -> str | None:
+    """The other side's name for `key` (without the `backend_model.` prefix), or None."""
+    for reference, own in _KEY_PAIRS:
+        source, target = (own, reference) if to_reference else (reference, own)
+        match = _template_regex(source).match(key)
+        if match and (match.end() == len(key) or source.endswith(".")):
+            return target.format(**match.groupdict()) + key[match.end() :]
+    return None
 
 
 def from_reference_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -82,14 +100,21 @@ def from_reference_state_dict(state: dict[str, torch.Tensor], source: str) -> di
     for key, tensor in state.items():
         if key in _DERIVED_REFERENCE_KEYS:
             continue  # rotary inverse frequencies are recomputed
-        short = key.removeprefix("backend_model.")
-        for pattern, replacement in _REFERENCE_KEYS:
-            new_key, count = re.subn("^" + pattern, replacement, short)
-            if count:
-                renamed[new_key] = tensor
-                break
-        else:
+        new_key = _rename(key.removeprefix("backend_model."), to_reference=False)
+        if new_key is None:
             raise UserError(f"{source}: unexpected tensor {key!r} in checkpoint")
+        renamed[new_key] = tensor
+    return renamed
+
+
+def to_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This package's keys renamed to perceiver-io's (without the derived rotary frequencies)."""
+    renamed = {}
+    for key, tensor in state.items():
+        new_key = _rename(key, to_reference=True)
+        if new_key is None:
+            raise ValueError(f"no perceiver-io name for tensor {key!r}")
+        renamed["backend_model." + new_key] = tensor
     return renamed
 
 

@@ -210,6 +210,7 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantisation of Linear layers (CPU)")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--flat", action="store_true", help="also compare step time after 100k vs 5k tokens")
+    parser.add_argument("--no-reference", action="store_true", help="skip perceiver-io's generate() even if installed")
     parser.add_argument("--live", action="store_true", help="benchmark the live bridge over JACK dummy ports")
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.set_defaults(handler=run_bench)

@@ -82,3 +82,16 @@ def test_bad_input_gives_one_line_exit_2_and_no_output(tmp_path, setup, args, me
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not out.exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_bench_writes_rows_with_the_documented_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", TINY, "--prefix", "0,64", "--latents", "1,8", "--steps", "10", "--no-reference"]
+    result = run(*args, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = load_json(out)
+    assert [(row["prefix"], row["latents"]) for row in rows] == [(0, 1), (0, 8), (64, 1), (64, 8)]
+    for row in rows:
+        for key in ("step_ms_p50", "step_ms_p99", "absorb_ms_p99", "tokens_per_s", "weights_mb", "bandwidth_bound_ms"):
+            assert row[key] > 0
+        assert row["step_ms_p99"] >= row["step_ms_p50"]
