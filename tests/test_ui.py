@@ -267,7 +267,7 @@ def live_ui(tmp_path, jack_server):  # noqa: F811
     sessions: list[Session] = []
 
     def open_(**kwargs) -> Session:
-        settings = Settings(seed=1, silence_ms=300, response_seconds=1.5, lookahead_ms=300)
+        settings = Settings(seed=1, silence_ms=300, response_seconds=2.0)
         session = Session(settings, model=str(TINY), api="jack", session_dir=tmp_path / "session", **kwargs)
         session.start()
         sessions.append(session)
@@ -287,10 +287,13 @@ def test_phrase_and_answer_on_the_roll_then_quit_saves_and_silences(live_ui):
     async def drive():
         async with app.run_test(size=(120, 36)) as pilot:
             await pilot.pause(0.3)
-            last_off = await asyncio.to_thread(keys.phrase, [60, 62, 64, 65, 67])
-            for _ in range(100):
-                await pilot.pause(0.1)
-                if keys.note_ons(since=last_off) and any(n[3] == "model" for n in app.snap.roll):
+            for _attempt in range(3):  # the tiny model may answer a phrase with silence: play again
+                last_off = await asyncio.to_thread(keys.phrase, [60, 62, 64, 65, 67])
+                for _ in range(40):
+                    await pilot.pause(0.1)
+                    if keys.note_ons(since=last_off) and any(n[3] == "model" for n in app.snap.roll):
+                        break
+                if keys.note_ons(since=last_off):
                     break
             roll = app.main.query_one(PianoRoll)
             whos = {note[3] for note in roll.snapshot.roll}
@@ -308,8 +311,8 @@ def test_phrase_and_answer_on_the_roll_then_quit_saves_and_silences(live_ui):
         saved = app.return_value
         assert saved is not None and Path(saved).exists()
         assert wait_for(lambda: keys.balance() == 0, timeout=2)
-        notes = [m for m in mido.MidiFile(saved).tracks[1] if m.type == "note_on" and m.velocity > 0]
-        assert [m.note for m in notes] == [60, 62, 64, 65, 67]
+        notes = [m.note for m in mido.MidiFile(saved).tracks[1] if m.type == "note_on" and m.velocity > 0]
+        assert notes[:5] == [60, 62, 64, 65, 67] and len(notes) % 5 == 0
     finally:
         keys.close()
 
@@ -340,6 +343,8 @@ def test_port_vanishing_and_engine_error_are_shown(live_ui):
             session.update(mode="duet")
             session.engine.step = lambda: (_ for _ in ()).throw(RuntimeError("injected engine fault"))
             session.commands.put(("player", ("note_on", time.monotonic(), 60, 0, 90)))
+            await pilot.pause(0.2)
+            session.commands.put(("player", ("note_off", time.monotonic(), 60, 0)))
             for _ in range(30):
                 await pilot.pause(0.1)
                 if session.errors:
