@@ -18,7 +18,8 @@ MIN_NOTE_S = 0.01  # one time step: shorter notes would vanish on re-encoding
 
 @dataclass
 class AugmentConfig:
-    probability: float = 0.9  # share of training windows augmented at all
+    probability: float = 0.9  # share of training windows augmented at all (transpose, tempo, loudness)
+    expressive_probability: float = 0.5  # share of those also given per-note velocity and onset jitter
     transpose: int = 5  # semitones, uniform in -transpose..+transpose
     tempo: float = 0.12  # time stretch factor uniform in 1 +/- tempo
     velocity_scale: float = 0.25  # velocity x uniform(1 - s, 1 + s)
@@ -71,11 +72,15 @@ def augment_tokens(tokens: list[int], config: AugmentConfig, rng: np.random.Gene
         return list(tokens)
     notes = transpose(notes, int(rng.integers(-config.transpose, config.transpose + 1)))
     notes = stretch(notes, float(rng.uniform(1 - config.tempo, 1 + config.tempo)))
+    # Per-note jitter makes velocity and timing tokens unpredictable; applying it to only part of the
+    # windows teaches the model to follow a loose player without forgetting tight (score) timing.
+    expressive = rng.random() < config.expressive_probability
+    velocity_jitter = rng.normal(0.0, config.velocity_jitter, len(notes)) if expressive else np.zeros(len(notes))
     notes = scale_velocity(
-        notes,
-        float(rng.uniform(1 - config.velocity_scale, 1 + config.velocity_scale)),
-        rng.normal(0.0, config.velocity_jitter, len(notes)),
+        notes, float(rng.uniform(1 - config.velocity_scale, 1 + config.velocity_scale)), velocity_jitter
     )
-    limit = 2 * config.onset_jitter_ms / 1000
-    notes = jitter_onsets(notes, np.clip(rng.normal(0.0, config.onset_jitter_ms / 1000, len(notes)), -limit, limit))
+    if expressive:
+        limit = 2 * config.onset_jitter_ms / 1000
+        offsets = np.clip(rng.normal(0.0, config.onset_jitter_ms / 1000, len(notes)), -limit, limit)
+        notes = jitter_onsets(notes, offsets)
     return encode_notes(notes)

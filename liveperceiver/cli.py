@@ -96,6 +96,10 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--ngram-data", type=Path, help="dataset whose train split fits the n-gram baseline")
     parser.add_argument("--continuations", type=int, default=0, metavar="K", help="continue K held-out prompts")
     parser.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for continuations")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k for continuations (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="top-p for continuations")
+    parser.add_argument("--no-orphan-note-off", action="store_true", help="constrain continuations (engine option)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.evaluate").evaluate.run_eval(args))
 

@@ -116,23 +116,23 @@ def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
 
 
 def well_formed(prompt: list[int], continuation: list[int]) -> bool:
-    """No note-off without a sounding note, no re-strike of a sounding pitch, all notes closed at the end."""
-    sounding: set[int] = set()
+    """Every note-on of the continuation closed by its own note-off, and no note-off without a
+    sounding note-on (counting: a re-struck pitch needs two note-offs). Notes sounding at the end of
+    the prompt may be closed by the continuation."""
+    sounding = Counter()
     for token in prompt:
         if token < vocab.NOTE_OFF:
-            sounding.add(token)
-        elif token < vocab.TIME_SHIFT:
-            sounding.discard(token - vocab.NOTE_OFF)
+            sounding[token] += 1
+        elif token < vocab.TIME_SHIFT and sounding[token - vocab.NOTE_OFF] > 0:
+            sounding[token - vocab.NOTE_OFF] -= 1
     for token in continuation:
         if token < vocab.NOTE_OFF:
-            if token in sounding:
-                return False
-            sounding.add(token)
+            sounding[token] += 1
         elif token < vocab.TIME_SHIFT:
-            if token - vocab.NOTE_OFF not in sounding:
+            if sounding[token - vocab.NOTE_OFF] == 0:
                 return False
-            sounding.discard(token - vocab.NOTE_OFF)
-    return not sounding
+            sounding[token - vocab.NOTE_OFF] -= 1
+    return not any(sounding.values())
 
 
 def note_stats(tokens: list[int]) -> dict:
@@ -166,11 +166,18 @@ def histogram_overlap(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -> float:
 
 
 def continuation_stats(
-    model, pieces: list[list[int]], count: int, prompt_len: int = 512, length: int = 512, seed: int = 0, **sampling
+    model,
+    pieces: list[list[int]],
+    count: int,
+    prompt_len: int = 512,
+    length: int = 512,
+    seed: int = 0,
+    constraints=None,
+    **sampling,
 ) -> dict:
     """Continue `count` held-out prompts with the engine and compare with what the piece really does."""
     from liveperceiver.engine import Engine, continue_tokens
-    from liveperceiver.sampling import SamplingSettings
+    from liveperceiver.sampling import Constraints, SamplingSettings
 
     candidates = [p for p in pieces if len(p) >= prompt_len + length]
     if not candidates:
@@ -184,7 +191,13 @@ def continuation_stats(
         p_len = min(prompt_len, len(piece) // 2)
         prompt, truth = piece[:p_len], piece[p_len : p_len + length]
         settings = SamplingSettings(seed=seed + k, **sampling)
-        engine = Engine(model, num_latents=min(16, model.config.max_latents), sampling=settings, device="cpu")
+        engine = Engine(
+            model,
+            num_latents=min(16, model.config.max_latents),
+            sampling=settings,
+            constraints=constraints or Constraints(),
+            device="cpu",
+        )
         generated = continue_tokens(engine, prompt, len(truth))
         gen, true = note_stats(generated), note_stats(truth)
         rows.append(
@@ -214,7 +227,8 @@ def continuation_stats(
         "count": len(rows),
         "prompt_tokens": prompt_len,
         "continuation_tokens": length,
-        "sampling": sampling,
+        "sampling": {**sampling, "num_latents": min(16, model.config.max_latents)},
+        "constraints": repr(constraints) if constraints else None,
         "well_formed": mean("well_formed"),
         "strict_well_formed": mean("strict_well_formed"),
         "pitch_class_overlap": mean("pitch_class_overlap"),
@@ -230,13 +244,13 @@ def continuation_stats(
 def _closing(tokens: list[int]) -> list[int]:
     """Note-offs for notes still sounding when a continuation is cut at a fixed token count: being
     cut mid-note is not malformed, so `well_formed` counts them closed (strict_well_formed does not)."""
-    sounding: dict[int, None] = {}
+    sounding = Counter()
     for token in tokens:
         if token < vocab.NOTE_OFF:
-            sounding[token] = None
-        elif token < vocab.TIME_SHIFT:
-            sounding.pop(token - vocab.NOTE_OFF, None)
-    return [vocab.note_off(p) for p in sounding]
+            sounding[token] += 1
+        elif token < vocab.TIME_SHIFT and sounding[token - vocab.NOTE_OFF] > 0:
+            sounding[token - vocab.NOTE_OFF] -= 1
+    return [vocab.note_off(p) for p, n in sounding.items() for _ in range(n)]
 
 
 def _median(values: np.ndarray) -> float:
@@ -275,8 +289,26 @@ def load_inputs(inputs: list[str], split: str) -> tuple[list[list[int]], Path | 
     return pieces, dataset_dir
 
 
+def cap_tokens(pieces: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The opening of every piece, sharing `max_tokens` targets fairly (short pieces whole)."""
+    order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
+    remaining, kept = max_tokens, {}
+    for rank, i in enumerate(order):
+        take = min(len(pieces[i]) - 1, remaining // (len(order) - rank))
+        if take > 0:
+            kept[i] = pieces[i][: take + 1]
+            remaining -= take
+    return [kept[i] for i in sorted(kept)]
+
+
 def evaluate(
-    model, pieces: list[list[int]], ngram_data: Path | None, continuations: int = 0, progress: bool = True, **sampling
+    model,
+    pieces: list[list[int]],
+    ngram_data: Path | None,
+    continuations: int = 0,
+    progress: bool = True,
+    continuation_pieces: list[list[int]] | None = None,
+    **sampling,
 ) -> dict:
     nll, targets = model_nll(model, pieces, progress)
     result: dict = {
@@ -300,7 +332,7 @@ def evaluate(
         result["baseline_by_type"] = by_type(base, targets)
         result["improvement_over_baseline"] = 1.0 - result["nll"] / result["baseline_nll"]
     if continuations:
-        result["continuations"] = continuation_stats(model, pieces, continuations, **sampling)
+        result["continuations"] = continuation_stats(model, continuation_pieces or pieces, continuations, **sampling)
     return result
 
 
@@ -312,15 +344,22 @@ def run_eval(args) -> None:
     torch.set_num_threads(max(1, getattr(args, "threads", 1) or 1))
     loaded = load_model(args.model)
     pieces, dataset_dir = load_inputs(args.inputs, args.split)
+    full_pieces = pieces  # continuations need whole pieces for their prompts
     if args.max_tokens:
-        kept, total = [], 0
-        for piece in pieces:
-            if total >= args.max_tokens:
-                break
-            kept.append(piece[: args.max_tokens - total + 1])
-            total += len(kept[-1]) - 1
-        pieces = kept
-    result = evaluate(loaded.model, pieces, args.ngram_data or dataset_dir, args.continuations)
+        pieces = cap_tokens(pieces, args.max_tokens)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if args.no_orphan_note_off:
+        from liveperceiver.sampling import Constraints
+
+        sampling["constraints"] = Constraints(no_orphan_note_off=True)
+    result = evaluate(
+        loaded.model,
+        pieces,
+        args.ngram_data or dataset_dir,
+        args.continuations,
+        continuation_pieces=full_pieces,
+        **sampling,
+    )
     result["model"] = loaded.source
     lines = [
         f"model {loaded.name}: {result['tokens']:,} tokens in {result['pieces']} pieces",

