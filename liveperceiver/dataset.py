@@ -12,6 +12,7 @@ never moves an existing piece between splits (no test leakage across rebuilds).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -131,18 +132,30 @@ def _abc_to_midis(path: Path) -> list[tuple[str, bytes]]:
         return [(p.stem, p.read_bytes()) for p in outputs]
 
 
-def _score_to_midi(path: Path) -> bytes:
-    """Parse with music21, expand repeats (stripping them where expansion fails), export MIDI."""
+def _score_to_midis(path: Path) -> list[tuple[str, bytes]]:
+    """Parse with music21 (an ABC book is an Opus of scores), export each score as MIDI."""
     import music21
 
-    score = music21.converter.parse(str(path))
+    parsed = music21.converter.parse(str(path))
+    scores = list(parsed.scores) if isinstance(parsed, music21.stream.Opus) else [parsed]
+    return [(str(i + 1) if len(scores) > 1 else "", _export_score(score)) for i, score in enumerate(scores)]
+
+
+def _export_score(score) -> bytes:
+    """Expand repeats (stripping them where expansion fails), then write MIDI bytes."""
+    import music21
+
+    # music21's ABC parser shares one TimeSignature object between bars; MIDI export fails until
+    # each bar holds its own copy.
+    for measure in score.recurse().getElementsByClass(music21.stream.Measure):
+        if measure.timeSignature is not None:
+            measure.timeSignature = copy.deepcopy(measure.timeSignature)
     try:
         score = score.expandRepeats()
-    except Exception:  # inconsistent repeat marks: drop them and play straight through
+    except Exception:  # inconsistent or unplayable repeat marks: drop them and play straight through
         for element in list(score.recurse().getElementsByClass(music21.bar.Repeat)):
             element.activeSite.remove(element)
-    midi_file = music21.midi.translate.streamToMidiFile(score)
-    return midi_file.writestr()
+    return music21.midi.translate.streamToMidiFile(score).writestr()
 
 
 def convert_file(path: Path) -> list[tuple[str, list[int]]]:
@@ -159,7 +172,7 @@ def convert_file(path: Path) -> list[tuple[str, list[int]]]:
         if not midis:
             raise ValueError("abc2midi wrote no MIDI file")
     else:
-        midis = [("", _score_to_midi(path))]
+        midis = _score_to_midis(path)
     pieces = []
     for tune, data in midis:
         tokens = encode_midi(pretty_midi.PrettyMIDI(io.BytesIO(data)))

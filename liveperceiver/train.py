@@ -382,3 +382,25 @@ def run_train(args) -> None:
             f"step {result['step']}, {result['tokens_seen']:,} tokens, validation loss {result['val_loss']:.4f} "
             f"(best {result['best_val_loss']:.4f}) -> {args.out}"
         )
+
+
+def export_best(run_dir: str | Path, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict:
+    """Copy a run's best-validation weights to a shippable `models/<name>/` directory, adding the
+    training figures (step, tokens seen, wall time) from the run's CSV log to config.json."""
+    import json
+
+    from liveperceiver.checkpoint import load_directory, save_directory
+
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    best = run_dir / "best"
+    meta = json.loads((best / "config.json").read_text())
+    rows = {int(r["step"]): r for r in csv.DictReader((run_dir / LOG).open())}
+    row = rows.get(meta.get("step", -1), {})
+    training = {
+        "step": meta.get("step"),
+        "val_loss": meta.get("val_loss"),
+        "tokens_seen": int(row["tokens"]) if row else None,
+        "train_seconds": float(row["elapsed_s"]) if row else None,
+    }
+    save_directory(load_directory(best), model_dir, dtype=dtype, extra={"training": training})
+    return training

@@ -99,6 +99,18 @@ def test_music21_sources_carry_licence_notes():
     assert not any(s.shippable for s in find_sources("music21:palestrina")[:5])
 
 
+def test_music21_score_and_abc_conversion():
+    from liveperceiver.dataset import _score_to_midis, convert_file, music21_corpus_dir
+
+    corpus = music21_corpus_dir()
+    [(_, chorale)] = convert_file(corpus / "bach" / "bwv1.6.mxl")
+    assert len(chorale) > 500 and vocab.check_tokens(chorale)
+    tunes = convert_file(corpus / "oneills1850" / "0001-0050.abc")  # one ABC book, many tunes
+    assert len(tunes) == 50
+    [(_, data)] = _score_to_midis(corpus / "ryansMammoth" / "7thRegimentReel.abc")  # music21's ABC path
+    assert data.startswith(b"MThd")
+
+
 # --------------------------------------------------------------------------- augmentation
 
 
