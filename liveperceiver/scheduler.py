@@ -36,6 +36,7 @@ class OutNote:
     pitch: int = field(default=60, compare=False)
     velocity: int = field(default=64, compare=False)
     tag: int = field(default=-1, compare=False)  # the session's marker (engine length after this event)
+    late: bool = field(default=False, compare=False)  # already due when scheduled (the sampler fell behind)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Scheduler:
         self.sounding: dict[int, Sounding] = {}  # model pitch -> what was sent; thread-owned
         self.thru_sounding: set[tuple[int, int]] = set()  # (channel, pitch) of thru notes; thread-owned
         self.seq = itertools.count()
-        self.jitters: deque[float] = deque(maxlen=4096)
+        self.jitters: deque[float] = deque(maxlen=4096)  # sent - scheduled, events planned ahead
+        self.lateness: deque[float] = deque(maxlen=4096)  # sent - scheduled, events already due when planned
         self.sent_on = 0
         self.sent_off = 0
         self.running = False
@@ -82,11 +84,13 @@ class Scheduler:
 
     def schedule(self, notes: list[OutNote], epoch: int | None = None) -> bool:
         """Queue notes; with `epoch`, only if no silence() came since it was read (else False)."""
+        now = time.monotonic()
         with self.cond:
             if epoch is not None and epoch != self.epoch:
                 return False
             for note in notes:
                 note.seq = next(self.seq)
+                note.late = note.time < now
                 heapq.heappush(self.pending, note)
             self.cond.notify()
             return True
@@ -138,7 +142,12 @@ class Scheduler:
         return sorted(s.pitch for s in list(self.sounding.values()))
 
     def jitter(self) -> list[float]:
+        """Send time minus scheduled time of the events that were planned ahead of their time."""
         return list(self.jitters)
+
+    def jitter_late(self) -> list[float]:
+        """The same for events that were already due when they were scheduled (the sampler's lag)."""
+        return list(self.lateness)
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop the thread after it has turned every sounding note off."""
@@ -200,6 +209,9 @@ class Scheduler:
                 return
             velocity = max(1, min(127, round(note.velocity * settings.velocity_scale)))
             channel = settings.out_channel - 1
+            for model_pitch, sounding in list(self.sounding.items()):
+                if (sounding.channel, sounding.pitch) == (channel, pitch):  # same key after a transpose change
+                    self._off(model_pitch)
             sent = self._emit([0x90 | channel, pitch, velocity])
             self.sounding[note.pitch] = Sounding(channel, pitch, sent)
             self.sent_on += 1
@@ -207,7 +219,7 @@ class Scheduler:
             if note.pitch not in self.sounding:
                 return  # already cut (watchdog, silence) or never sent (out of range)
             sent = self._off(note.pitch)
-        self.jitters.append(sent - note.time)
+        (self.lateness if note.late else self.jitters).append(sent - note.time)
 
     def _off(self, model_pitch: int) -> float:
         sounding = self.sounding.pop(model_pitch)

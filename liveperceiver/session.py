@@ -55,6 +55,7 @@ IDLE_WAIT_S = 0.005  # the engine thread's poll while waiting for silence or loo
 ROLL_SECONDS = 10.0
 LOG_LINES = 200
 SAMPLE_BATCH = 4  # tokens sampled between looks at the command queue
+PROMPT_START_TOKENS = 64  # a call's answer: time shifts are masked until its first note-on (at most this many)
 
 
 def default_session_dir() -> Path:
@@ -152,6 +153,8 @@ class Session:
         self.transport_stopped = False
         self.quant_shift: dict[int, float] = {}
         self.epoch = 0  # the scheduler epoch this run plans in (a barge-in makes it stale)
+        self.run_steps = 0
+        self.answer_sounded = False  # a note-on was sampled in this run
         # statistics and the piano roll (guarded by self.lock)
         self.notes_in = 0
         self.notes_out = 0
@@ -162,8 +165,6 @@ class Session:
         self.roll: deque[tuple[float, bool, int, str]] = deque(maxlen=4096)
         self.answer_starts: deque[tuple[float, float]] = deque(maxlen=256)  # (silence threshold time, first note)
         self.pending_answer_start: float | None = None
-        self.barge_ins: deque[tuple[float, float]] = deque(maxlen=256)  # (player note time, last model off)
-        self.barge_at: float | None = None
         self.errors = 0
         self.rolled_back = 0  # sampled tokens dropped unplayed (barge-ins, switches)
         self.threads = [
@@ -349,8 +350,6 @@ class Session:
                     if self.pending_answer_start is not None:
                         self.answer_starts.append((self.pending_answer_start, when))
                         self.pending_answer_start = None
-                elif self.barge_at is not None:
-                    self.barge_ins.append((self.barge_at, when))
 
     # ------------------------------------------------------------------ input thread
 
@@ -416,7 +415,6 @@ class Session:
             return
         if is_on:
             if settings.mode in ("call", "duet"):
-                self.barge_at = when
                 tag, _ = self.scheduler.silence()
                 self.commands.put(("rollback", when, tag))
             self.held.add((channel, number))
@@ -590,6 +588,8 @@ class Session:
         self.run_tokens_start = self.committed
         self.answer_end = None if end is None else end - self.t0
         self.call_pending = False
+        self.run_steps = 0
+        self.answer_sounded = False
         self.quant_shift.clear()
         self.epoch = self.scheduler.epoch
 
@@ -606,7 +606,13 @@ class Session:
             if self.stopping.is_set() or not self.commands.empty():
                 return
             started = time.perf_counter()
-            token = self.engine.step()
+            # a call's answer starts with a note: no time shift until a note-on waits for release
+            prompt = self.answer_end is not None and not self.answer_sounded and not decoder._starting
+            if prompt and self.run_steps < PROMPT_START_TOKENS:
+                token = self._step_without_time_shift()
+            else:
+                token = self.engine.step()
+            self.run_steps += 1
             elapsed = time.perf_counter() - started
             before = decoder.time
             events = decoder.feed(token)
@@ -615,10 +621,24 @@ class Session:
                 self.sample_seconds += elapsed
                 self.music_seconds += decoder.time - before
             if events:
+                self.answer_sounded = self.answer_sounded or any(e.kind == "note_on" for e in events)
                 # a note-on is released by the time shift after it: it belongs before that token
                 tag = len(self.engine) - (1 if vocab.event_type(token) == "time_shift" else 0)
                 if not self._schedule(events, tag):
                     return
+
+    def _step_without_time_shift(self) -> int:
+        """One step with time shifts masked: a call's answer begins with a note, not a pause."""
+        import torch
+
+        from liveperceiver.sampling import choose
+
+        with torch.inference_mode():
+            logits = self.engine.next_logits()
+            logits[vocab.TIME_SHIFT : vocab.VELOCITY] = float("-inf")
+            token = choose(logits, self.engine.sampling, self.engine.generator)
+        self.engine.append([token])
+        return token
 
     def _schedule(self, events, tag: int) -> bool:
         settings = self.settings

@@ -1,0 +1,344 @@
+"""`liveperceiver bench --live`: the live bridge measured over JACK dummy ports.
+
+A private JACK server (dummy driver) is started; a scripted player (a second JACK client) plays
+calls into `LivePerceiver In`, barges in on the answers and listens on `LivePerceiver Out`. What is
+reported (medians and p99, after the first call as warm-up):
+
+- reaction: a player's event stamped in the input callback -> its tokens absorbed by the engine;
+- answer start: silence threshold reached -> first answer note-on sent (session-side) and heard
+  by the player's client (JACK adds a period of latency, 256 frames at 48 kHz = 5.3 ms);
+- jitter: actual send time - scheduled time of every model event;
+- real-time factor: sampling time per second of music the model produced (< 1 keeps up);
+- barge-in silence: player's note sent -> last sounding model note's note-off heard;
+- stuck notes after each of N randomized sessions with faults (engine exceptions, mode switches,
+  panics, resets, transpose changes, close mid-answer): note-ons minus note-offs as sent by the
+  scheduler, and as heard by the listening client (the second also counts messages JACK dropped
+  on the way, which a loaded machine does; the drop count is reported beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import rtmidi
+
+from liveperceiver import ports
+from liveperceiver.errors import UserError
+from liveperceiver.session import Session, percentiles
+from liveperceiver.settings import Settings
+
+
+@contextmanager
+def private_jack():
+    """A JACK dummy server of our own, stopped afterwards (JACK_DEFAULT_SERVER set meanwhile)."""
+    if shutil.which("jackd") is None:
+        raise UserError("bench --live needs jackd (Debian/Ubuntu: apt install jackd2)")
+    name = f"lp-bench-{os.getpid()}"
+    previous = os.environ.get("JACK_DEFAULT_SERVER")
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(
+        ["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "256"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not ports.jack_server_running():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise UserError("bench --live: jackd did not start")
+            time.sleep(0.1)
+        yield name
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if previous is None:
+            os.environ.pop("JACK_DEFAULT_SERVER", None)
+        else:
+            os.environ["JACK_DEFAULT_SERVER"] = previous
+
+
+class Player:
+    """The scripted musician: plays into LivePerceiver In, hears LivePerceiver Out."""
+
+    def __init__(self):
+        self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-bench-player")
+        self.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="lp-bench-ears")
+        self.heard: list[tuple[float, list[int]]] = []
+        self.inp.set_callback(lambda event, data=None: self.heard.append((time.monotonic(), event[0])))
+        self.out.open_port(_find(self.out, ports.VIRTUAL_IN))
+        self.inp.open_port(_find(self.inp, ports.VIRTUAL_OUT))
+
+    def send(self, message: list[int]) -> float:
+        self.out.send_message(message)
+        return time.monotonic()
+
+    def phrase(self, rng: random.Random, notes: int) -> float:
+        last = time.monotonic()
+        for _ in range(notes):
+            pitch = rng.randrange(55, 80)
+            self.send([0x90, pitch, rng.randrange(50, 110)])
+            time.sleep(0.09)
+            last = self.send([0x80, pitch, 0])
+            time.sleep(0.03)
+        return last
+
+    def first_on_after(self, since: float) -> float | None:
+        return next((t for t, m in list(self.heard) if t >= since and _is_on(m)), None)
+
+    def note_messages(self) -> int:
+        return sum(1 for _, m in list(self.heard) if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90))
+
+    def balance(self) -> int:
+        sounding: dict[int, int] = {}
+        for _, m in list(self.heard):
+            if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
+                delta = 1 if _is_on(m) else -1
+                sounding[m[1]] = max(0, sounding.get(m[1], 0) + delta)
+        return sum(sounding.values())
+
+    def sounding_at(self, when: float) -> set[int]:
+        sounding: set[int] = set()
+        for t, m in list(self.heard):
+            if t > when:
+                break
+            if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
+                (sounding.add if _is_on(m) else sounding.discard)(m[1])
+        return sounding
+
+    def close(self) -> None:
+        for port in (self.out, self.inp):
+            port.close_port()
+            port.delete()
+
+
+def _is_on(message: list[int]) -> bool:
+    return len(message) == 3 and message[0] & 0xF0 == 0x90 and message[2] > 0
+
+
+def _find(port, name: str) -> int:
+    deadline = time.monotonic() + 5
+    while (index := ports.match_port(port.get_ports(), name)) is None:
+        if time.monotonic() > deadline:
+            raise UserError(f"bench --live: port {name!r} did not appear")
+        time.sleep(0.01)
+    return index
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def ms(values: list[float]) -> dict:
+    p50, p99 = percentiles([v * 1000 for v in values])
+    return {"p50_ms": p50, "p99_ms": p99, "n": len(values)}
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def call_phase(model, rng: random.Random, calls: int, workdir: Path) -> dict:
+    settings = Settings(mode="call", silence_ms=300, response_seconds=1.5, seed=rng.randrange(1 << 30))
+    session = Session(settings, model=model, api="jack", session_dir=workdir / "calls")
+    session.start()
+    player = Player()
+    heard_starts, barge_times, answered = [], [], 0
+    try:
+        for index in range(calls):
+            last_off = player.phrase(rng, rng.randrange(3, 7))
+            threshold = last_off + settings.silence_ms / 1000
+            if not _wait(lambda t=last_off: player.first_on_after(t) is not None, settings.response_seconds + 1.5):
+                continue
+            answered += 1
+            first = player.first_on_after(last_off)
+            if index > 0:
+                heard_starts.append(first - threshold)
+            # barge in while model notes sound (if they do within the answer)
+            _wait(lambda: bool(session.scheduler.sounding_pitches()), 0.8)
+            barge = player.send([0x90, 50, 90])
+            sounding = player.sounding_at(barge)
+            time.sleep(0.15)
+            player.send([0x80, 50, 0])
+            if sounding:
+                offs = [t for t, m in list(player.heard) if t >= barge and not _is_on(m) and m[1] in sounding]
+                if offs:
+                    barge_times.append(max(offs) - barge)
+            time.sleep(0.2)
+        with session.lock:
+            reactions = list(session.reactions)
+            starts = [sent - threshold for threshold, sent in session.answer_starts][1:]
+        result = {
+            "calls": calls,
+            "answered": answered,
+            "reaction": ms(reactions),
+            "answer_start_sent": ms(starts),
+            "answer_start_heard": ms(heard_starts),
+            "barge_in_silence_heard": ms(barge_times),
+        }
+    finally:
+        session.close()
+        time.sleep(0.05)
+        result_stuck = player.balance()
+        player.close()
+    result["stuck_after_close"] = result_stuck
+    return result
+
+
+def duet_phase(model, rng: random.Random, seconds: float, workdir: Path) -> dict:
+    settings = Settings(mode="duet", lookahead_ms=300, seed=rng.randrange(1 << 30))
+    session = Session(settings, model=model, api="jack", session_dir=workdir / "duet")
+    session.start()
+    player = Player()
+    try:
+        player.phrase(rng, 4)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(0.5, 1.5))
+            player.phrase(rng, rng.randrange(1, 3))
+        snap = session.snapshot()
+        jitter = session.scheduler.jitter()
+        result = {
+            "seconds": seconds,
+            "notes_out": snap.notes_out,
+            "rolled_back_tokens": session.rolled_back,
+            "jitter": ms(jitter),
+            "late_events": ms(session.scheduler.jitter_late()),
+            "step": ms(list(session.step_times)),
+            "realtime_factor": snap.realtime_factor,
+            "context_tokens": snap.context_tokens,
+        }
+    finally:
+        session.close()
+        time.sleep(0.05)
+        result["stuck_after_close"] = player.balance()
+        player.close()
+    return result
+
+
+def fault_phase(model, rng: random.Random, sessions: int, workdir: Path) -> dict:
+    """Randomized sessions with faults; the figure that matters is the stuck-note count (0)."""
+    stuck, stuck_sent, dropped, faults = [], [], 0, []
+    for index in range(sessions):
+        settings = Settings(mode=rng.choice(["call", "duet"]), silence_ms=200, seed=index)
+        session = Session(settings, model=model, api="jack", session_dir=workdir / f"fault{index}")
+        session.start()
+        player = Player()
+        log = []
+        try:
+            for _ in range(6):
+                player.phrase(rng, rng.randrange(1, 5))
+                time.sleep(rng.uniform(0.2, 0.8))
+                fault = rng.choice(["mode", "panic", "engine", "settings", "none", "reset"])
+                log.append(fault)
+                if fault == "mode":
+                    session.update(mode=rng.choice(["call", "duet", "listen"]))
+                elif fault == "panic":
+                    session.panic()
+                elif fault == "settings":
+                    session.update(temperature=rng.uniform(0.5, 1.5), transpose=rng.randrange(-12, 13))
+                elif fault == "reset":
+                    session.reset()
+                elif fault == "engine":
+                    session.engine.step = _broken_once(session.engine)
+        finally:
+            session.close()  # mid-answer, like a SIGTERM
+            time.sleep(0.05)
+            stuck.append(player.balance())
+            scheduler = session.scheduler
+            stuck_sent.append(scheduler.sent_on - scheduler.sent_off)
+            dropped += scheduler.sent_on + scheduler.sent_off - player.note_messages()
+            player.close()
+        faults.append(log)
+    return {
+        "sessions": sessions,
+        "stuck_notes_sent": sum(stuck_sent),
+        "stuck_notes_heard": sum(stuck),
+        "messages_dropped_by_transport": dropped,
+        "per_session_heard": stuck,
+        "faults": faults,
+    }
+
+
+def _broken_once(engine):
+    """A step that raises once, then restores the real one (a fault inside the real engine)."""
+    real = engine.step
+
+    def broken():
+        engine.step = real
+        raise RuntimeError("injected fault")
+
+    return broken
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(args) -> None:
+    import torch
+
+    from liveperceiver.checkpoint import load_model
+
+    torch.set_num_threads(getattr(args, "threads", 1) or 1)
+    spec = getattr(args, "model", None) or "random:small"
+    model = load_model(spec).model
+    rng = random.Random(0)
+    with private_jack(), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
+        workdir = Path(tmp)
+        results = {
+            "model": spec,
+            "torch_threads": torch.get_num_threads(),
+            "machine": f"{os.cpu_count()} cpus, {os.uname().machine}",
+            "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
+            "call": call_phase(model, rng, getattr(args, "live_calls", 20), workdir),
+            "duet": duet_phase(model, rng, 10.0, workdir),
+            "faults": fault_phase(model, rng, getattr(args, "live_sessions", 5), workdir),
+        }
+    print(format_table(results))
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _fmt(stat: dict) -> str:
+    if stat["p50_ms"] is None:
+        return "n/a"
+    return f"{stat['p50_ms']:8.2f} {stat['p99_ms']:8.2f}  (n={stat['n']})"
+
+
+def format_table(results: dict) -> str:
+    call, duet, faults = results["call"], results["duet"], results["faults"]
+    rtf = duet["realtime_factor"]
+    lines = [
+        f"live bench: model {results['model']}, torch threads {results['torch_threads']}, {results['machine']}",
+        f"JACK {results['jack']}",
+        f"{'':34}{'p50 ms':>8} {'p99 ms':>8}",
+        f"{'reaction (stamp -> absorbed)':34}{_fmt(call['reaction'])}",
+        f"{'answer start after silence (sent)':34}{_fmt(call['answer_start_sent'])}",
+        f"{'answer start after silence (heard)':34}{_fmt(call['answer_start_heard'])}",
+        f"{'barge-in silence (heard)':34}{_fmt(call['barge_in_silence_heard'])}",
+        f"{'output jitter (sent - scheduled)':34}{_fmt(duet['jitter'])}",
+        f"{'engine step':34}{_fmt(duet['step'])}",
+        f"real-time factor (sampling s / music s): {'n/a' if rtf is None else f'{rtf:.4f}'}",
+        f"calls answered: {call['answered']}/{call['calls']}; duet notes out: {duet['notes_out']}, "
+        f"rolled back tokens: {duet['rolled_back_tokens']}",
+        f"{'events already due when sampled':34}{_fmt(duet['late_events'])}",
+        f"stuck notes across {faults['sessions']} randomized sessions with faults: {faults['stuck_notes_sent']} sent, "
+        f"{faults['stuck_notes_heard']} heard ({faults['messages_dropped_by_transport']} messages lost in JACK); "
+        f"after close: call {call['stuck_after_close']}, duet {duet['stuck_after_close']} heard",
+    ]
+    return "\n".join(lines)
