@@ -18,6 +18,7 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 
@@ -198,6 +199,7 @@ class LivePerceiverApp(App):
         self.counts = (0, 0)
         self.lit = [-1e9, -1e9]  # when the in/out lights last turned on
         self.quitting = False
+        self.last_warning = ""
         self.saved: Path | None = None
         self.info = self._model_info()
 
@@ -258,7 +260,7 @@ class LivePerceiverApp(App):
         try:
             snap = self.session.snapshot()
         except Exception as error:
-            self.log_line(f"warning: snapshot failed: {error}")
+            self._warn_once(f"snapshot failed: {error}")
             snap = self.snap
             if snap is None:
                 return
@@ -270,6 +272,20 @@ class LivePerceiverApp(App):
             self.lit[1] = now
         self.counts = (snap.notes_in, snap.notes_out)
         self.snap_seen = True
+        try:
+            self._draw(snap, now)
+        except NoMatches:  # the panels are gone: the app is shutting down
+            return
+        except Exception as error:  # a drawing bug must not stop the UI (the music never waits on it)
+            self._warn_once(f"display error: {error!r}")
+
+    def _warn_once(self, message: str) -> None:
+        """Log a repeating per-frame problem once, not 15 times a second."""
+        if message != self.last_warning:
+            self.last_warning = message
+            self.log_line("warning: " + message)
+
+    def _draw(self, snap: Snapshot, now: float) -> None:
         screen = self.main
         midi_in = getattr(self.session, "midi_in", None)
         midi_out = getattr(self.session, "midi_out", None)
