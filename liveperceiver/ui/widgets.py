@@ -130,11 +130,9 @@ class PianoRoll(Widget):
             c_here = next((pitch - k for k in range(per_row) if (pitch - k) % 12 == 0), None)
             label = note_name(c_here) if c_here is not None else ""
             text.append(f"{label:>4} ", style="dim")
-            for col, (char, style) in enumerate(grid[row]):
-                if col == now_col:
-                    text.append("│", CURSOR_STYLE)
-                else:
-                    text.append(char, style)
+            cells = grid[row]
+            cells[now_col] = ("│", CURSOR_STYLE)
+            _append_runs(text, cells)
             text.append("\n")
         text.append(" ped ", style="dim")
         text.append_text(self._pedal_line(cols, now_col, per_col))
@@ -145,6 +143,7 @@ class PianoRoll(Widget):
         return text
 
     def _pedal_line(self, cols: int, now_col: int, per_col: float) -> Text:
+        """The pedal as the UI saw it over time (Snapshot has only notes; see app.refresh_view)."""
         line = Text()
         changes = list(self.pedal)
         for col in range(cols):
@@ -159,6 +158,15 @@ class PianoRoll(Widget):
                 down = state
             line.append("▀" if down else " ", PEDAL_STYLE)
         return line
+
+
+def _append_runs(text: Text, cells: list[tuple[str, str]]) -> None:
+    """Append cells as runs of one style: a few appends per row instead of one per column."""
+    start = 0
+    for index in range(1, len(cells) + 1):
+        if index == len(cells) or cells[index][1] != cells[start][1]:
+            text.append("".join(char for char, _ in cells[start:index]), cells[start][1] or None)
+            start = index
 
 
 class Panel(Static):
