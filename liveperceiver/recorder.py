@@ -43,12 +43,13 @@ class Recorder:
         self.dir = Path(session_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / JOURNAL
+        _keep_earlier_take(self.dir)
         self.origin = time.monotonic() if origin is None else origin
         self.queue: queue.SimpleQueue[tuple[str, float, object]] = queue.SimpleQueue()
         self.lock = threading.Lock()  # one flusher at a time (the thread, or save())
-        self.file = open(self.path, "a", encoding="ascii")  # noqa: SIM115 - closed in close()
-        if self.path.stat().st_size == 0:
-            self.file.write(f"LPJ1 {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
+        self.file = open(self.path, "x", encoding="ascii")  # noqa: SIM115 - closed in close()
+        self.file.write(f"LPJ1 {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
+        self.file.flush()
         self.counts = {PLAYER: 0, MODEL: 0}
         self.enabled = True  # paused recording drops events
         self.stopping = threading.Event()
@@ -108,6 +109,18 @@ class Recorder:
         with self.lock:
             os.fsync(self.file.fileno())
             self.file.close()
+
+
+def _keep_earlier_take(directory: Path) -> None:
+    """A session directory used again: the earlier journal and file move to `take-N.*`, never overwritten."""
+    if not (directory / JOURNAL).exists():
+        return
+    number = 1
+    while (directory / f"take-{number}.txt").exists():
+        number += 1
+    os.replace(directory / JOURNAL, directory / f"take-{number}.txt")
+    if (directory / SESSION_MIDI).exists():
+        os.replace(directory / SESSION_MIDI, directory / f"take-{number}.mid")
 
 
 # --------------------------------------------------------------------------- journal -> MIDI

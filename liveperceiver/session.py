@@ -29,6 +29,7 @@ events; only then are they merged into the encoder (`absorb_model_tokens`).
 from __future__ import annotations
 
 import datetime
+import os
 import queue
 import statistics
 import sys
@@ -189,11 +190,22 @@ class Session:
 
     def update(self, **changes) -> Settings:
         """Change settings live (mode, sampling, timing, output, model); invalid values raise ValueError."""
-        new = self.settings.updated(**changes)
+        old = self.settings
+        new = old.updated(**changes)
         self.settings = new
         self.scheduler.settings = new
-        self.commands.put(("settings", new, tuple(changes)))
+        changed = tuple(name for name in changes if getattr(old, name) != getattr(new, name))
+        self.commands.put(("settings", new, changed))
         return new
+
+    def apply_preset(self, name_or_path: str) -> Settings:
+        """Switch to a preset's settings live (the model is reloaded only if the preset names another)."""
+        from liveperceiver.presets import load_preset
+
+        preset = load_preset(name_or_path).to_dict()
+        if preset.get("model") is None:
+            preset.pop("model")  # the preset does not choose: keep the current model
+        return self.update(**preset)
 
     def panic(self) -> None:
         """All model notes off, CC123, and the current answer dropped."""
@@ -801,9 +813,12 @@ def run_play(args) -> int:
     print(f"LivePerceiver {settings.mode}: in {session.midi_in.name!r}, out {session.midi_out.name!r}", flush=True)
     print(f"journal: {session.recorder.path}  (Ctrl-C to stop and save)", flush=True)
     try:
-        while not done.wait(0.1):
+        while not done.wait(0.05):
             pass
     finally:
         saved = session.close()
     print(f"saved {saved}", flush=True)
-    return 0
+    sys.stderr.flush()
+    # Everything is saved and every port closed. Interpreter teardown with torch loaded can take
+    # longer than the one second a SIGTERM allows on a loaded machine, so skip it.
+    os._exit(0)

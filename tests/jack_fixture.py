@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import rtmidi
@@ -156,3 +158,47 @@ class Keyboard:
         for port in (self.out, self.inp):
             port.close_port()
             port.delete()
+
+
+def journal_notes(journal: Path) -> list[list[int]]:
+    """The note messages LivePerceiver sent, from its session journal (M lines)."""
+    notes = []
+    for line in Path(journal).read_text().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "M":
+            message = list(bytes.fromhex(parts[2]))
+            if len(message) == 3 and message[0] & 0xE0 == 0x80:
+                notes.append(message)
+    return notes
+
+
+def note_balance(messages: list[list[int]]) -> int:
+    sounding: dict[tuple[int, int], int] = {}
+    for m in messages:
+        key = (m[0] & 0x0F, m[1])
+        if m[0] & 0xF0 == 0x90 and m[2] > 0:
+            sounding[key] = sounding.get(key, 0) + 1
+        else:
+            sounding[key] = max(0, sounding.get(key, 0) - 1)
+    return sum(sounding.values())
+
+
+def no_stuck_notes(keys: Keyboard, journal: Path, timeout: float = 3.0) -> bool:
+    """Every note LivePerceiver started has ended, as heard by `keys` and as sent (journal).
+
+    On a CPU-starved machine the JACK dummy server can lose or repeat MIDI events of a late client.
+    Then (and only then: the heard notes differ from the sent ones) the heard check is waived with a
+    warning and the sent side must still balance; a stuck note that JACK delivered faithfully fails.
+    """
+    if wait_for(lambda: keys.balance() == 0, timeout):
+        time.sleep(0.3)  # let the journal flush
+        return note_balance(journal_notes(journal)) == 0
+    time.sleep(0.3)
+    sent = journal_notes(journal)
+    if note_balance(sent) != 0:
+        return False
+    heard = [m for _, m in keys.messages() if len(m) == 3 and m[0] & 0xE0 == 0x80]
+    if heard == sent:
+        return False
+    warnings.warn("JACK altered MIDI in transit on this loaded machine; only the sent side was checked", stacklevel=2)
+    return True
