@@ -149,8 +149,8 @@ def eval_windows(
             end = min(len(piece), target_start + latents)
             begin = max(0, target_start - 1 - max_prefix_len)
             windows.append((piece[begin:end], target_start - 1 - begin))
-            if limit is not None and len(windows) >= limit:
-                return windows
+    if limit is not None and len(windows) > limit:  # spread over the whole split, not its first pieces
+        windows = [windows[i] for i in np.linspace(0, len(windows) - 1, limit).round().astype(int)]
     return windows
 
 
@@ -384,23 +384,31 @@ def run_train(args) -> None:
         )
 
 
-def export_best(run_dir: str | Path, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict:
-    """Copy a run's best-validation weights to a shippable `models/<name>/` directory, adding the
-    training figures (step, tokens seen, wall time) from the run's CSV log to config.json."""
+def export_best(
+    run_dir: str | Path, model_dir: str | Path, dtype: torch.dtype = torch.float32, which: str = "best"
+) -> dict:
+    """Copy a run's weights (`best`: best validation loss; `last`: the latest checkpoint) to a
+    shippable `models/<name>/` directory, adding the training figures (step, tokens seen, wall time)
+    from the run's checkpoint and CSV log to config.json."""
     import json
 
-    from liveperceiver.checkpoint import load_directory, save_directory
+    from liveperceiver.checkpoint import build_model, load_directory, save_directory
 
     run_dir, model_dir = Path(run_dir), Path(model_dir)
-    best = run_dir / "best"
-    meta = json.loads((best / "config.json").read_text())
+    if which == "last":
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)  # our own file
+        model = build_model(PerceiverARConfig.from_dict(state["model_config"]), state["model"], str(run_dir))
+        step, val_loss = state["step"], None
+    else:
+        meta = json.loads((run_dir / "best" / "config.json").read_text())
+        model, step, val_loss = load_directory(run_dir / "best"), meta.get("step"), meta.get("val_loss")
     rows = {int(r["step"]): r for r in csv.DictReader((run_dir / LOG).open())}
-    row = rows.get(meta.get("step", -1), {})
+    row = rows.get(step, {})
     training = {
-        "step": meta.get("step"),
-        "val_loss": meta.get("val_loss"),
+        "step": step,
+        "val_loss": val_loss,
         "tokens_seen": int(row["tokens"]) if row else None,
         "train_seconds": float(row["elapsed_s"]) if row else None,
     }
-    save_directory(load_directory(best), model_dir, dtype=dtype, extra={"training": training})
+    save_directory(model, model_dir, dtype=dtype, extra={"training": training})
     return training
