@@ -399,16 +399,14 @@ def export_best(
         state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)  # our own file
         model = build_model(PerceiverARConfig.from_dict(state["model_config"]), state["model"], str(run_dir))
         step, val_loss = state["step"], None
+        seen, seconds = state["tokens_seen"], state["elapsed_s"]
     else:
         meta = json.loads((run_dir / "best" / "config.json").read_text())
         model, step, val_loss = load_directory(run_dir / "best"), meta.get("step"), meta.get("val_loss")
-    rows = {int(r["step"]): r for r in csv.DictReader((run_dir / LOG).open())}
-    row = rows.get(step, {})
-    training = {
-        "step": step,
-        "val_loss": val_loss,
-        "tokens_seen": int(row["tokens"]) if row else None,
-        "train_seconds": float(row["elapsed_s"]) if row else None,
-    }
+        rows = {int(r["step"]): r for r in csv.DictReader((run_dir / LOG).open())}
+        row = rows.get(step, {})
+        seen = int(row["tokens"]) if row else None
+        seconds = float(row["elapsed_s"]) if row else None
+    training = {"step": step, "val_loss": val_loss, "tokens_seen": seen, "train_seconds": seconds}
     save_directory(model, model_dir, dtype=dtype, extra={"training": training})
     return training
