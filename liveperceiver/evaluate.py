@@ -115,24 +115,33 @@ def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
 # --------------------------------------------------------------------------- musical statistics
 
 
-def well_formed(prompt: list[int], continuation: list[int]) -> bool:
-    """Every note-on of the continuation closed by its own note-off, and no note-off without a
-    sounding note-on (counting: a re-struck pitch needs two note-offs). Notes sounding at the end of
-    the prompt may be closed by the continuation."""
-    sounding = Counter()
+def well_formed(prompt: list[int], continuation: list[int], max_open_s: float | None = 4.0) -> bool:
+    """No note-off without a sounding note-on, and every note-on closed by its own note-off (counting:
+    unisons need two note-offs). Notes sounding when the prompt ends may be closed by the
+    continuation; notes still sounding where the continuation is cut count as closed unless they
+    have hung for more than `max_open_s` of music (a stuck note), or at all when it is None."""
+    sounding: dict[int, list[float]] = {}
+    now = 0.0
     for token in prompt:
         if token < vocab.NOTE_OFF:
-            sounding[token] += 1
-        elif token < vocab.TIME_SHIFT and sounding[token - vocab.NOTE_OFF] > 0:
-            sounding[token - vocab.NOTE_OFF] -= 1
+            sounding.setdefault(token, []).append(now)
+        elif token < vocab.TIME_SHIFT and sounding.get(token - vocab.NOTE_OFF):
+            sounding[token - vocab.NOTE_OFF].pop()
+        elif vocab.TIME_SHIFT <= token < vocab.VELOCITY:
+            now += vocab.time_shift_steps(token) / 100
     for token in continuation:
         if token < vocab.NOTE_OFF:
-            sounding[token] += 1
+            sounding.setdefault(token, []).append(now)
         elif token < vocab.TIME_SHIFT:
-            if sounding[token - vocab.NOTE_OFF] == 0:
+            if not sounding.get(token - vocab.NOTE_OFF):
                 return False
-            sounding[token - vocab.NOTE_OFF] -= 1
-    return not any(sounding.values())
+            sounding[token - vocab.NOTE_OFF].pop()
+        elif token < vocab.VELOCITY:
+            now += vocab.time_shift_steps(token) / 100
+    starts = [start for times in sounding.values() for start in times]
+    if max_open_s is None:
+        return not starts
+    return all(now - start <= max_open_s for start in starts)
 
 
 def note_stats(tokens: list[int]) -> dict:
@@ -202,8 +211,8 @@ def continuation_stats(
         gen, true = note_stats(generated), note_stats(truth)
         rows.append(
             {
-                "well_formed": well_formed(prompt, generated + _closing(prompt + generated)),
-                "strict_well_formed": well_formed(prompt, generated),
+                "well_formed": well_formed(prompt, generated),
+                "strict_well_formed": well_formed(prompt, generated, max_open_s=None),
                 "pitch_class_overlap": float(np.minimum(gen["pitch_classes"], true["pitch_classes"]).sum()),
                 "density": (gen["density"], true["density"]),
                 "polyphony": (gen["polyphony"], true["polyphony"]),
@@ -239,18 +248,6 @@ def continuation_stats(
         "median_note_length_s": pair("median_length"),
         "median_inter_onset_s": pair("median_ioi"),
     }
-
-
-def _closing(tokens: list[int]) -> list[int]:
-    """Note-offs for notes still sounding when a continuation is cut at a fixed token count: being
-    cut mid-note is not malformed, so `well_formed` counts them closed (strict_well_formed does not)."""
-    sounding = Counter()
-    for token in tokens:
-        if token < vocab.NOTE_OFF:
-            sounding[token] += 1
-        elif token < vocab.TIME_SHIFT and sounding[token - vocab.NOTE_OFF] > 0:
-            sounding[token - vocab.NOTE_OFF] -= 1
-    return [vocab.note_off(p) for p, n in sounding.items() for _ in range(n)]
 
 
 def _median(values: np.ndarray) -> float:

@@ -270,6 +270,9 @@ def test_well_formed():
     from liveperceiver.evaluate import well_formed
 
     assert well_formed([60], [300, 128 + 60])
+    assert well_formed([60, 60], [128 + 60, 128 + 60])  # a unison needs two note-offs
     assert not well_formed([], [128 + 60])  # note-off without note-on
-    assert not well_formed([], [60, 300])  # never closed
-    assert not well_formed([60], [60])  # re-struck while sounding
+    assert not well_formed([60], [60, 128 + 60, 128 + 60, 128 + 60])
+    assert well_formed([], [60, 300])  # cut while sounding: fine
+    assert not well_formed([], [60, 300], max_open_s=None)
+    assert not well_formed([], [60] + [355] * 5)  # hung for 5 s: a stuck note
