@@ -95,16 +95,17 @@ class Scheduler:
             self.cond.notify()
             return True
 
-    def silence(self, reset_tags: bool = False) -> tuple[int, list[OutNote]]:
-        """Barge-in: drop every pending event and turn sounding notes off now.
+    def silence(self, reset_tags: bool = False, notes_off: bool = True) -> tuple[int, list[OutNote]]:
+        """Barge-in: drop every pending event and (unless `notes_off` is False) turn sounding notes off now.
 
         Returns the highest tag of the events sent (or taken for sending) and the dropped ones, so
-        the caller can roll the unplayed part back out of the model's context.
+        the caller can roll the unplayed part back out of the model's context. Notes left sounding
+        still end by a later note-off, silence(), the watchdog or close().
         """
         with self.cond:
             dropped = sorted(self.pending)
             self.pending.clear()
-            self.off_requests += 1
+            self.off_requests += notes_off
             self.epoch += 1
             tag = self.last_tag
             if reset_tags:

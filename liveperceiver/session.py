@@ -47,7 +47,7 @@ from liveperceiver.ports import MidiInput, MidiOutput, resolve_api
 from liveperceiver.recorder import MODEL, PLAYER, Recorder
 from liveperceiver.scheduler import OutNote, Scheduler
 from liveperceiver.settings import Settings
-from liveperceiver.stream import StreamDecoder, StreamEncoder
+from liveperceiver.stream import StreamDecoder, StreamEncoder, TimedEvent
 from liveperceiver.tokenizer import time_shift_tokens
 
 FEEDBACK_WINDOW_S = 0.030  # an input note matching one we sent this recently is our own echo
@@ -99,6 +99,14 @@ class Snapshot:
     in_port: str
     out_port: str
     log: list[str] = field(default_factory=list)
+    step_p99_ms: float | None = None
+    pedal_down: bool = False
+    in_connected: bool = True  # False while a named port is gone (it reconnects when it returns)
+    out_connected: bool = True
+    api: str = ""
+    session_dir: str = ""
+    suppressed: int = 0  # input notes recognised as our own echo
+    errors: int = 0  # engine/input exceptions survived (details in log)
 
 
 class Session:
@@ -156,6 +164,7 @@ class Session:
         self.epoch = 0  # the scheduler epoch this run plans in (a barge-in makes it stale)
         self.run_steps = 0
         self.answer_sounded = False  # a note-on was sampled in this run
+        self.carry: set[int] = set()  # duet: model notes ringing on past a rollback (their off was dropped)
         # statistics and the piano roll (guarded by self.lock)
         self.notes_in = 0
         self.notes_out = 0
@@ -210,7 +219,7 @@ class Session:
     def panic(self) -> None:
         """All model notes off, CC123, and the current answer dropped."""
         self.scheduler.panic()
-        self.commands.put(("rollback", time.monotonic(), "panic"))
+        self.commands.put(("rollback", time.monotonic(), None, False))
 
     def pause(self, paused: bool = True) -> None:
         self.commands.put(("pause", paused))
@@ -286,6 +295,14 @@ class Session:
             in_port=self.midi_in.name,
             out_port=self.midi_out.name,
             log=list(self.log_lines)[-50:],
+            step_p99_ms=None if not steps else percentiles(steps, (99,))[0] * 1000,
+            pedal_down=self.pedal_down,
+            in_connected=self.midi_in.connected_name is not None,
+            out_connected=self.midi_out.connected_name is not None,
+            api=self.api,
+            session_dir=str(self.recorder.dir),
+            suppressed=self.suppressed,
+            errors=self.errors,
         )
 
     # ------------------------------------------------------------------ logging
@@ -426,9 +443,12 @@ class Session:
             self.suppressed += 1
             return
         if is_on:
-            if settings.mode in ("call", "duet"):
+            if settings.mode == "call":  # barge-in: the answer stops at once
                 tag, _ = self.scheduler.silence()
-                self.commands.put(("rollback", when, tag))
+                self.commands.put(("rollback", when, tag, False))
+            elif settings.mode == "duet":  # the look-ahead goes; what sounds rings on
+                tag, _ = self.scheduler.silence(notes_off=False)
+                self.commands.put(("rollback", when, tag, True))
             self.held.add((channel, number))
             self._player(when, message, ("note_on", when, number, channel, value))
         else:
@@ -519,7 +539,7 @@ class Session:
         if name == "player":
             self._absorb_player(command[1])
         elif name == "rollback":
-            self._rollback(command[1], command[2])
+            self._end_run(rollback=True, cut_at=command[1], tag=command[2], keep_sounding=command[3])
         elif name == "settings":
             self._apply_settings(command[1], command[2])
         elif name == "pause":
@@ -535,6 +555,7 @@ class Session:
         elif name == "reset":
             self.scheduler.silence(reset_tags=True)
             self.decoder = None
+            self.carry = set()
             self.engine.reset()
             self.encoder = StreamEncoder()
             self.t0 = time.monotonic()
@@ -549,8 +570,9 @@ class Session:
         kind, when = event[0], event[1]
         if self.decoder is not None or len(self.engine) > self.committed:
             # the player's tokens go in at their true time: unplayed look-ahead must go first
-            tag, _ = self.scheduler.silence()
-            self._end_run(rollback=True, cut_at=when, tag=tag)
+            duet = self.settings.mode == "duet"
+            tag, _ = self.scheduler.silence(notes_off=not duet)
+            self._end_run(rollback=True, cut_at=when, tag=tag, keep_sounding=duet)
         t = self._rel(when)
         if kind == "pedal":
             tokens = self.encoder.pedal(t, event[2], voice=event[3])
@@ -628,6 +650,8 @@ class Session:
             elapsed = time.perf_counter() - started
             before = decoder.time
             events = decoder.feed(token)
+            if self.carry:
+                events = self._carry_off(token, events, decoder.time)
             with self.lock:
                 self.step_times.append(elapsed)
                 self.sample_seconds += elapsed
@@ -638,6 +662,17 @@ class Session:
                 tag = len(self.engine) - (1 if vocab.event_type(token) == "time_shift" else 0)
                 if not self._schedule(events, tag):
                     return
+
+    def _carry_off(self, token: int, events: list, now: float) -> list:
+        """A note ringing on from before the rollback ends when the model plays its note-off."""
+        if vocab.event_type(token) == "note_on":
+            self.carry.discard(token)  # a new note of that pitch replaces it (the scheduler retriggers)
+        elif vocab.event_type(token) == "note_off" and token - vocab.NOTE_OFF in self.carry:
+            pitch = token - vocab.NOTE_OFF
+            self.carry.discard(pitch)
+            if not any(event.pitch == pitch for event in events):
+                events = [*events, TimedEvent("note_off", now, pitch, 0)]
+        return events
 
     def _step_without_time_shift(self) -> int:
         """One step with time shifts masked: a call's answer begins with a note, not a pause."""
@@ -673,6 +708,8 @@ class Session:
         """Call mode: the answer is long enough; close its open notes and stop sampling."""
         decoder = self.decoder
         closing = decoder.close()
+        closing += [TimedEvent("note_off", decoder.time, pitch, 0) for pitch in sorted(self.carry)]
+        self.carry = set()
         tokens = [vocab.note_off(e.pitch) for e in closing]
         self.engine.append(tokens)
         self._schedule(closing, len(self.engine))
@@ -685,11 +722,12 @@ class Session:
             self.encoder.absorb_model_tokens(self.engine.tokens[self.committed : tag])
             self.committed = tag
 
-    def _rollback(self, when: float, tag) -> None:
-        """Barge-in: keep what was played, drop the rest, close the cut notes at the player's time."""
-        self._end_run(rollback=True, cut_at=when, tag=tag if isinstance(tag, int) else None)
-
-    def _end_run(self, rollback: bool, cut_at: float | None = None, tag: int | None = None) -> None:
+    def _end_run(
+        self, rollback: bool, cut_at: float | None = None, tag: int | None = None, keep_sounding: bool = False
+    ) -> None:
+        """Stop sampling: keep what was played, drop the rest (rollback), and either close the model's
+        cut notes in the context at `cut_at` (their sound was stopped by scheduler.silence()) or, with
+        `keep_sounding` (duet), let them ring on as `carry` until the model's own note-off comes."""
         if tag is None:
             tag = self.scheduler.played_tag()
         keep = max(self.committed, min(tag, len(self.engine)))
@@ -699,9 +737,10 @@ class Session:
             self.rolled_back += len(self.engine) - keep
             self.engine.truncate(keep)
         self.committed = len(self.engine)
-        # model notes that sounded in the kept part but whose note-off was dropped: close them now
-        open_notes = _open_model_notes(self.engine.tokens[self.run_tokens_start : self.committed])
-        if open_notes:
+        # model notes that sounded in the kept part but whose note-off was dropped
+        open_notes = _open_model_notes(self.engine.tokens[self.run_tokens_start : self.committed], self.carry)
+        self.carry = set(open_notes) if keep_sounding else set()
+        if open_notes and not keep_sounding:
             at = self._rel(cut_at if cut_at is not None else time.monotonic())
             tokens = time_shift_tokens(max(0.0, at - self.encoder.clock))
             tokens += [vocab.note_off(pitch) for pitch in open_notes]
@@ -712,9 +751,9 @@ class Session:
         self.run_tokens_start = self.committed
 
 
-def _open_model_notes(tokens: list[int]) -> list[int]:
-    """Pitches whose note-on in `tokens` has no later note-off there."""
-    sounding: dict[int, bool] = {}
+def _open_model_notes(tokens: list[int], already_open=()) -> list[int]:
+    """Pitches sounding after `tokens`: `already_open` ones and note-ons, less those turned off."""
+    sounding: dict[int, bool] = dict.fromkeys(already_open, True)
     for token in tokens:
         if token < vocab.NOTE_OFF:
             sounding[token] = True
