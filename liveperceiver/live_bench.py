@@ -9,7 +9,8 @@ reported (medians and p99, after the first call as warm-up):
   by the player's client (JACK adds a period of latency, 256 frames at 48 kHz = 5.3 ms);
 - jitter: actual send time - scheduled time of every model event;
 - real-time factor: sampling time per second of music the model produced (< 1 keeps up);
-- barge-in silence: player's note sent -> last sounding model note's note-off heard;
+- barge-in silence: player's note stamped -> last sounding model note's note-off sent (from the
+  session journal), and player's note sent -> that note-off heard (two JACK periods more);
 - stuck notes after each of N randomized sessions with faults (engine exceptions, mode switches,
   panics, resets, transpose changes, close mid-answer): note-ons minus note-offs as sent by the
   scheduler, and as heard by the listening client (the second also counts messages JACK dropped
@@ -197,7 +198,26 @@ def call_phase(model, rng: random.Random, calls: int, workdir: Path) -> dict:
         result_stuck = player.balance()
         player.close()
     result["stuck_after_close"] = result_stuck
+    result["barge_in_silence_sent"] = ms(barge_times_from_journal(session.recorder.path, barge_pitch=50))
     return result
+
+
+def barge_times_from_journal(journal: Path, barge_pitch: int) -> list[float]:
+    """Player's barge-in note (stamped in the input callback) -> last model note-off sent after it."""
+    rows = []
+    for line in journal.read_text().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "PM":
+            rows.append((float(parts[0]) / 1000, parts[1], bytes.fromhex(parts[2])))
+    times, sounding = [], set()
+    for index, (when, who, data) in enumerate(rows):
+        if who == "M" and len(data) == 3 and data[0] & 0xF0 in (0x80, 0x90):
+            (sounding.add if data[0] & 0xF0 == 0x90 and data[2] else sounding.discard)(data[1])
+        if who == "P" and len(data) == 3 and data[0] & 0xF0 == 0x90 and data[1] == barge_pitch and sounding:
+            offs = [t for t, w, d in rows[index + 1 :] if w == "M" and d[0] & 0xF0 == 0x80 and t - when < 0.5]
+            if offs:
+                times.append(max(offs[: len(sounding)]) - when)
+    return times
 
 
 def duet_phase(model, rng: random.Random, seconds: float, workdir: Path) -> dict:
@@ -330,6 +350,7 @@ def format_table(results: dict) -> str:
         f"{'reaction (stamp -> absorbed)':34}{_fmt(call['reaction'])}",
         f"{'answer start after silence (sent)':34}{_fmt(call['answer_start_sent'])}",
         f"{'answer start after silence (heard)':34}{_fmt(call['answer_start_heard'])}",
+        f"{'barge-in silence (sent)':34}{_fmt(call['barge_in_silence_sent'])}",
         f"{'barge-in silence (heard)':34}{_fmt(call['barge_in_silence_heard'])}",
         f"{'output jitter (sent - scheduled)':34}{_fmt(duet['jitter'])}",
         f"{'engine step':34}{_fmt(duet['step'])}",

@@ -283,5 +283,7 @@ def format_port_listing() -> str:
 
 
 def run_ports(args) -> None:
-    """`liveperceiver ports`."""
+    """`liveperceiver ports`; with no MIDI system at all, one line says what to install or start."""
+    if not available_apis():
+        raise UserError("no MIDI system available: " + _install_hint("auto"))
     print(format_port_listing())

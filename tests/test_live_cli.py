@@ -155,3 +155,13 @@ def test_named_port_vanishes_and_is_reconnected(tmp_path):
     finally:
         session.close()
         piano.delete()
+
+
+def test_ports_lists_the_jack_ports(capsys):
+    session_like = ports.MidiInput("jack")
+    try:
+        assert main(["ports"]) == 0
+    finally:
+        session_like.close()
+    out = capsys.readouterr().out
+    assert "jack:" in out and ports.VIRTUAL_IN in out

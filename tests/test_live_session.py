@@ -210,3 +210,15 @@ def test_quantised_model_onsets_fall_on_the_clock_grid(live):
     phases = [((t - origin) / step) % 1.0 for t in onsets]
     # JACK delivers within a period (5.3 ms) of the send; the grid step is 125 ms
     assert all(min(p, 1 - p) * step < 0.02 for p in phases), phases
+
+
+def test_input_channel_filter(live):
+    session, keys = live(mode="listen", in_channel=2)
+    keys.note(60, channel=0)  # channel 1: not ours
+    keys.off(60, channel=0)
+    keys.note(62, channel=1)  # channel 2
+    keys.off(62, channel=1)
+    assert wait_for(lambda: session.snapshot().notes_in == 1, timeout=3)
+    time.sleep(0.2)
+    assert session.snapshot().notes_in == 1
+    assert session.snapshot().held == []
