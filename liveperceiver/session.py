@@ -165,6 +165,7 @@ class Session:
         self.run_steps = 0
         self.answer_sounded = False  # a note-on was sampled in this run
         self.carry: set[int] = set()  # duet: model notes ringing on past a rollback (their off was dropped)
+        self.schedule_refused_at: float | None = None
         # statistics and the piano roll (guarded by self.lock)
         self.notes_in = 0
         self.notes_out = 0
@@ -432,7 +433,8 @@ class Session:
                 self._player(when, message, ("pedal", when, value, channel))
                 self.pedal_down = value >= 64
             elif number in (120, 123):  # all sound/notes off from the player's side
-                self.scheduler.silence()
+                tag, _ = self.scheduler.silence()
+                self.commands.put(("rollback", when, tag, False))
                 released = list(self.held)
                 self.held.clear()
                 for ch, pitch in released:
@@ -468,11 +470,12 @@ class Session:
         self.commands.put(("player", event))
 
     def _is_echo(self, when: float, is_on: bool, pitch: int) -> bool:
-        for index, (sent, sent_on, sent_pitch) in enumerate(list(self.recent_out)):
+        for entry in list(self.recent_out):
+            sent, sent_on, sent_pitch = entry
             if sent_pitch == pitch and sent_on == is_on and 0 <= when - sent <= FEEDBACK_WINDOW_S:
                 try:
-                    del self.recent_out[index]
-                except IndexError:
+                    self.recent_out.remove(entry)  # one echo per note sent
+                except ValueError:
                     pass
                 return True
         return False
@@ -531,6 +534,11 @@ class Session:
                 with self.lock:
                     self.pending_answer_start = self.last_activity + threshold
                 self._start_run(now, now + self.settings.response_seconds)
+        if self.decoder is not None and self.schedule_refused_at is not None:
+            # a silence() with no rollback command behind it: do not sample into the void
+            if now - self.schedule_refused_at > 0.05:
+                self._end_run(rollback=True, keep_sounding=mode == "duet")
+            return
         if self.decoder is not None:
             self._sample_ahead(now)
 
@@ -626,6 +634,7 @@ class Session:
         self.answer_sounded = False
         self.quant_shift.clear()
         self.epoch = self.scheduler.epoch
+        self.schedule_refused_at = None
 
     def _sample_ahead(self, now: float) -> None:
         settings = self.settings
@@ -701,7 +710,8 @@ class Session:
                 when += self.quant_shift.pop(event.pitch, 0.0)
             notes.append(OutNote(when, on=event.kind == "note_on", pitch=event.pitch, velocity=event.velocity, tag=tag))
         if not self.scheduler.schedule(notes, self.epoch):
-            return False  # a barge-in came first: its rollback command is in the queue
+            self.schedule_refused_at = time.monotonic()  # a barge-in came first: its rollback is queued
+            return False
         return True
 
     def _finish_answer(self) -> None:
@@ -728,7 +738,11 @@ class Session:
         """Stop sampling: keep what was played, drop the rest (rollback), and either close the model's
         cut notes in the context at `cut_at` (their sound was stopped by scheduler.silence()) or, with
         `keep_sounding` (duet), let them ring on as `carry` until the model's own note-off comes."""
-        if tag is None:
+        if rollback:
+            # again here, in the engine thread: events planned after the barge-in's silence() (in its
+            # new epoch, before its command arrived) must not play; the tag is the highest one sent
+            tag, _ = self.scheduler.silence(notes_off=not keep_sounding)
+        elif tag is None:
             tag = self.scheduler.played_tag()
         keep = max(self.committed, min(tag, len(self.engine)))
         if keep > self.committed:
@@ -748,6 +762,7 @@ class Session:
             self.encoder.absorb_model_tokens(tokens)
             self.committed = len(self.engine)
         self.decoder = None
+        self.schedule_refused_at = None
         self.run_tokens_start = self.committed
 
 
