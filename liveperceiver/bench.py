@@ -119,6 +119,7 @@ def bench_row(
         dtype=dtype,
         quantize=quantize,
         device=device,
+        threads=None,  # run() set --threads
     )
     engine.append(rng.randrange(388) for _ in range(prefix + latents))
     step_times, absorb_times = [], []
@@ -226,8 +227,10 @@ def top1_agreement(
     rng = random.Random(2)
     prompt = [rng.randrange(388) for _ in range(min(1024, model.config.max_prefix_len))]
     engines = [
-        Engine(model, sampling=SamplingSettings(greedy=True), device=device),
-        Engine(model, sampling=SamplingSettings(greedy=True), dtype=dtype, quantize=quantize, device=device),
+        Engine(model, sampling=SamplingSettings(greedy=True), device=device, threads=None),
+        Engine(
+            model, sampling=SamplingSettings(greedy=True), dtype=dtype, quantize=quantize, device=device, threads=None
+        ),
     ]
     for engine in engines:
         engine.append(prompt)

@@ -143,6 +143,7 @@ def add_continue(subparsers) -> None:
     parser.add_argument("--seed", type=int, help="same seed, same output")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, usually fastest)")
     parser.add_argument("--include-prompt", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tokens-out", type=Path, help="also write the generated token ids as JSON")
     parser.add_argument("--wav", type=Path, help="also render the result to audio with FluidSynth")
@@ -173,7 +174,12 @@ def run_continue(args: argparse.Namespace) -> None:
     sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.greedy, args.seed)
     try:
         engine = Engine(
-            loaded.model, num_latents=args.num_latents, sampling=sampling, device=args.device, dtype=DTYPES[args.dtype]
+            loaded.model,
+            num_latents=args.num_latents,
+            sampling=sampling,
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+            threads=args.threads,
         )
     except (ValueError, RuntimeError) as error:
         raise UserError(f"{loaded.name}: {error}") from None

@@ -73,7 +73,15 @@ class Engine:
         device: str | torch.device = "auto",
         dtype: torch.dtype = torch.float32,
         quantize: str | None = None,
+        threads: int | None = 1,
     ) -> None:
+        # Torch's thread count is process-wide. One thread is the default because per-token
+        # matrices are small: on a 2-core machine two OpenMP threads are slower, and under load
+        # (a DAW, the MIDI thread) their spin-waits make steps 10x slower. None leaves it alone.
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads {threads} must be >= 1")
+            torch.set_num_threads(threads)
         self.config = model.config
         self.device = pick_device(device) if isinstance(device, str) else device
         self.dtype = dtype

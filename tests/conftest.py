@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+# One torch thread, as the engine uses live: OpenMP spin-waits across 2 threads on a loaded
+# 2-core machine make small-matrix work an order of magnitude slower.
+torch.set_num_threads(1)
 
 GOLDEN = Path(__file__).parent / "golden"
 TOKENIZER_GOLDEN = GOLDEN / "tokenizer"
