@@ -116,32 +116,31 @@ def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
 
 
 def well_formed(prompt: list[int], continuation: list[int], max_open_s: float | None = 4.0) -> bool:
-    """No note-off without a sounding note-on, and every note-on closed by its own note-off (counting:
-    unisons need two note-offs). Notes sounding when the prompt ends may be closed by the
-    continuation; notes still sounding where the continuation is cut count as closed unless they
-    have hung for more than `max_open_s` of music (a stuck note), or at all when it is None."""
-    sounding: dict[int, list[float]] = {}
+    """No note-off without a note-on, and no note left sounding.
+
+    Orphans are counted per note-on (a unison struck twice may be released twice, as the scores do),
+    but sounding is judged as MIDI plays it: a pitch stops at its first note-off. A note still
+    sounding where the continuation is cut is fine unless it has hung for more than `max_open_s`
+    of music (a stuck note), or at all when `max_open_s` is None."""
+    struck: Counter = Counter()  # note-ons not yet matched by a note-off
+    sounding: dict[int, float] = {}  # pitch -> when it started sounding
     now = 0.0
-    for token in prompt:
+    for index, token in enumerate(prompt + continuation):
+        in_prompt = index < len(prompt)
         if token < vocab.NOTE_OFF:
-            sounding.setdefault(token, []).append(now)
-        elif token < vocab.TIME_SHIFT and sounding.get(token - vocab.NOTE_OFF):
-            sounding[token - vocab.NOTE_OFF].pop()
-        elif vocab.TIME_SHIFT <= token < vocab.VELOCITY:
-            now += vocab.time_shift_steps(token) / 100
-    for token in continuation:
-        if token < vocab.NOTE_OFF:
-            sounding.setdefault(token, []).append(now)
+            struck[token] += 1
+            sounding.setdefault(token, now)
         elif token < vocab.TIME_SHIFT:
-            if not sounding.get(token - vocab.NOTE_OFF):
+            pitch = token - vocab.NOTE_OFF
+            if struck[pitch] == 0 and not in_prompt:
                 return False
-            sounding[token - vocab.NOTE_OFF].pop()
+            struck[pitch] = max(0, struck[pitch] - 1)
+            sounding.pop(pitch, None)
         elif token < vocab.VELOCITY:
             now += vocab.time_shift_steps(token) / 100
-    starts = [start for times in sounding.values() for start in times]
     if max_open_s is None:
-        return not starts
-    return all(now - start <= max_open_s for start in starts)
+        return not sounding
+    return all(now - start <= max_open_s for start in sounding.values())
 
 
 def note_stats(tokens: list[int]) -> dict:
@@ -182,6 +181,7 @@ def continuation_stats(
     length: int = 512,
     seed: int = 0,
     constraints=None,
+    num_latents: int = 64,
     **sampling,
 ) -> dict:
     """Continue `count` held-out prompts with the engine and compare with what the piece really does."""
@@ -202,7 +202,7 @@ def continuation_stats(
         settings = SamplingSettings(seed=seed + k, **sampling)
         engine = Engine(
             model,
-            num_latents=min(16, model.config.max_latents),
+            num_latents=min(num_latents, model.config.max_latents),
             sampling=settings,
             constraints=constraints or Constraints(),
             device="cpu",
@@ -236,7 +236,7 @@ def continuation_stats(
         "count": len(rows),
         "prompt_tokens": prompt_len,
         "continuation_tokens": length,
-        "sampling": {**sampling, "num_latents": min(16, model.config.max_latents)},
+        "sampling": {**sampling, "num_latents": min(num_latents, model.config.max_latents)},
         "constraints": repr(constraints) if constraints else None,
         "well_formed": mean("well_formed"),
         "strict_well_formed": mean("strict_well_formed"),
@@ -344,7 +344,12 @@ def run_eval(args) -> None:
     full_pieces = pieces  # continuations need whole pieces for their prompts
     if args.max_tokens:
         pieces = cap_tokens(pieces, args.max_tokens)
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "num_latents": args.num_latents,
+    }
     if args.no_orphan_note_off:
         from liveperceiver.sampling import Constraints
 

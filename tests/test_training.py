@@ -273,6 +273,7 @@ def test_well_formed():
     assert well_formed([60, 60], [128 + 60, 128 + 60])  # a unison needs two note-offs
     assert not well_formed([], [128 + 60])  # note-off without note-on
     assert not well_formed([60], [60, 128 + 60, 128 + 60, 128 + 60])
+    assert well_formed([], [60, 60, 300, 128 + 60] + [355] * 5)  # one note-off silences a unison
     assert well_formed([], [60, 300])  # cut while sounding: fine
     assert not well_formed([], [60, 300], max_open_s=None)
     assert not well_formed([], [60] + [355] * 5)  # hung for 5 s: a stuck note
