@@ -4,7 +4,9 @@ One object, driven the same way by `play --headless` and by the UI. Public surfa
 
     session = Session(settings, model=..., api="auto", in_port=None, out_port=None, session_dir=...)
     session.start()
-    session.set_mode("duet"); session.update(temperature=1.1, model="other"); session.panic()
+    session.set_mode("duet"); session.update(temperature=1.1); session.update(model="other")
+    session.apply_preset("duet")   # a preset's settings, live (the model only if the preset names one)
+    session.panic()
     session.pause(True); session.reset(); session.save(path)
     snap = session.snapshot()      # thread-safe, cheap: for a UI at <= 30 Hz
     session.close()                # stop sampling, all notes off, save, close ports (< 1 s)
@@ -154,6 +156,7 @@ class Session:
         self.last_tempo_log = 0.0
         # engine-thread state (see _engine_loop)
         self.encoder = StreamEncoder()
+        self.encoder_time = 0.0  # the latest time given to the encoder (its inputs must not go back)
         self.committed = len(self.engine)
         self.decoder: StreamDecoder | None = None
         self.run_tokens_start = 0
@@ -164,7 +167,8 @@ class Session:
         self.quant_shift: dict[int, float] = {}
         self.epoch = 0  # the scheduler epoch this run plans in (a barge-in makes it stale)
         self.run_steps = 0
-        self.answer_sounded = False  # a note-on was sampled in this run
+        self.answer_sounded = False  # a note-on was released in this run
+        self.starting: set[int] = set()  # note-ons sampled, waiting for the time shift that releases them
         self.carry: set[int] = set()  # duet: model notes ringing on past a rollback (their off was dropped)
         self.schedule_refused_at: float | None = None
         # statistics and the piano roll (guarded by self.lock)
@@ -491,7 +495,8 @@ class Session:
 
     def _rel(self, when: float) -> float:
         """Monotonic seconds -> encoder seconds (never before the encoder's latest time)."""
-        return max(when - self.t0, self.encoder._last_time)
+        self.encoder_time = max(when - self.t0, self.encoder_time)
+        return self.encoder_time
 
     def _engine_loop(self) -> None:
         while not self.stopping.is_set():
@@ -573,6 +578,7 @@ class Session:
             self.carry = set()
             self.engine.reset()
             self.encoder = StreamEncoder()
+            self.encoder_time = 0.0
             self.t0 = time.monotonic()
             self.committed = 0
             self.call_pending = False
@@ -639,6 +645,7 @@ class Session:
         self.call_pending = False
         self.run_steps = 0
         self.answer_sounded = False
+        self.starting: set[int] = set()
         self.quant_shift.clear()
         self.epoch = self.scheduler.epoch
         self.schedule_refused_at = None
@@ -657,7 +664,7 @@ class Session:
                 return
             started = time.perf_counter()
             # a call's answer starts with a note: no time shift until a note-on waits for release
-            prompt = self.answer_end is not None and not self.answer_sounded and not decoder._starting
+            prompt = self.answer_end is not None and not self.answer_sounded and not self.starting
             if prompt and self.run_steps < PROMPT_START_TOKENS:
                 token = self._step_without_time_shift()
             else:
@@ -666,6 +673,7 @@ class Session:
             elapsed = time.perf_counter() - started
             before = decoder.time
             events = decoder.feed(token)
+            self._follow_starting(token)
             if self.carry:
                 events = self._carry_off(token, events, decoder.time)
             with self.lock:
@@ -678,6 +686,16 @@ class Session:
                 tag = len(self.engine) - (1 if vocab.event_type(token) == "time_shift" else 0)
                 if not self._schedule(events, tag):
                     return
+
+    def _follow_starting(self, token: int) -> None:
+        """Note-ons sampled but not yet released by a time shift (the decoder holds them until then)."""
+        kind = vocab.event_type(token)
+        if kind == "note_on":
+            self.starting.add(token)
+        elif kind == "note_off":
+            self.starting.discard(token - vocab.NOTE_OFF)
+        elif kind == "time_shift":
+            self.starting.clear()
 
     def _carry_off(self, token: int, events: list, now: float) -> list:
         """A note ringing on from before the rollback ends when the model plays its note-off."""

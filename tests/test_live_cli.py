@@ -55,7 +55,8 @@ def diagnose(tmp_path, server: str) -> str:
     return f"{(tmp_path / 'play.out').read_text()[-2000:]}\nJACK graph:\n{graph}\njournal:\n{journal}"
 
 
-def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, jack_server):  # noqa: F811
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, jack_server, signum):  # noqa: F811
     process = start_play(tmp_path / "s", "--record", str(tmp_path / "take.mid"))
     keys = Keyboard()
     try:
@@ -63,7 +64,7 @@ def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, jack_s
         keys.phrase([60, 64, 67, 72])
         assert wait_for(lambda: keys.note_ons(), timeout=20), diagnose(tmp_path, jack_server)
         sigterm_at = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         process.wait(10)
         elapsed = time.monotonic() - sigterm_at
         assert process.returncode == 0, (tmp_path / "play.out").read_text()

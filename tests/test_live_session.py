@@ -222,3 +222,20 @@ def test_input_channel_filter(live):
     time.sleep(0.2)
     assert session.snapshot().notes_in == 1
     assert session.snapshot().held == []
+
+
+def test_panic_ends_every_note_and_sends_cc123(live):
+    session, keys = live(mode="duet", out_channel=3)
+    keys.phrase([60, 64, 67])
+    assert wait_for(lambda: session.scheduler.sounding_pitches(), timeout=20)
+    sounding = set(session.scheduler.sounding_pitches())
+    panic_at = time.monotonic()
+    session.panic()
+
+    def ended() -> set[int]:
+        return {m[1] for _, m in keys.messages(since=panic_at) if m[0] == 0x82}
+
+    assert wait_for(lambda: [0xB2, 123, 0] in [m for _, m in keys.messages(since=panic_at)], timeout=2)
+    assert wait_for(lambda: sounding <= ended(), timeout=2), (sounding, ended())
+    session.update(mode="listen")
+    assert no_stuck_notes(keys, session.recorder.path)
