@@ -73,6 +73,7 @@ class Scheduler:
         self.lateness: deque[float] = deque(maxlen=4096)  # sent - scheduled, events already due when planned
         self.sent_on = 0
         self.sent_off = 0
+        self.errors = 0
         self.running = False
         self.thread = threading.Thread(target=self._run, name="lp-scheduler", daemon=True)
 
@@ -162,41 +163,53 @@ class Scheduler:
     # ----------------------------------------------------------------- the thread
 
     def _run(self) -> None:
-        seen_off_requests = 0
+        self.seen_off_requests = 0
         try:
-            while True:
-                with self.cond:
-                    raw = list(self.raw)
-                    self.raw.clear()
-                    off_wanted = self.off_requests != seen_off_requests
-                    seen_off_requests = self.off_requests
-                    running = self.running
-                    note = None
-                    if running and not raw and not off_wanted:
-                        now = time.monotonic()
-                        wake = self._watchdog_deadline(now)
-                        if self.pending and self.pending[0].time - now <= SPIN_S:
-                            note = heapq.heappop(self.pending)
-                            self.last_tag = max(self.last_tag, note.tag)
-                        else:
-                            due = self.pending[0].time - SPIN_S if self.pending else now + IDLE_WAKE_S
-                            self.cond.wait(max(0.0, min(due, wake) - now))
-                if not running:
-                    break
-                if off_wanted:
-                    self._all_off()
-                for message in raw:
-                    self._send_raw(message)
-                self._watchdog(time.monotonic())
-                if note is not None:
-                    self._play(note)
-        except Exception:
-            self.log("scheduler error, all notes off:\n" + traceback.format_exc(limit=3))
+            while self._iteration():
+                pass
         finally:
             self._all_off()
             for channel, pitch in list(self.thru_sounding):
                 self._emit([0x80 | channel, pitch, 0], model=False)
             self.thru_sounding.clear()
+
+    def _iteration(self) -> bool:
+        """One turn of the loop; False once closed. An error costs the sounding notes, not the thread."""
+        try:
+            with self.cond:
+                raw = list(self.raw)
+                self.raw.clear()
+                off_wanted = self.off_requests != self.seen_off_requests
+                self.seen_off_requests = self.off_requests
+                running = self.running
+                note = None
+                if running and not raw and not off_wanted:
+                    now = time.monotonic()
+                    wake = self._watchdog_deadline(now)
+                    if self.pending and self.pending[0].time - now <= SPIN_S:
+                        note = heapq.heappop(self.pending)
+                        self.last_tag = max(self.last_tag, note.tag)
+                    else:
+                        due = self.pending[0].time - SPIN_S if self.pending else now + IDLE_WAKE_S
+                        self.cond.wait(max(0.0, min(due, wake) - now))
+            if not running:
+                return False
+            if off_wanted:
+                self._all_off()
+            for message in raw:
+                self._send_raw(message)
+            self._watchdog(time.monotonic())
+            if note is not None:
+                self._play(note)
+        except Exception:
+            self.errors += 1
+            self.log("scheduler error, all notes off:\n" + traceback.format_exc(limit=3))
+            try:
+                self._all_off()
+            except Exception:
+                self.sounding.clear()
+            time.sleep(0.01)
+        return True
 
     def _play(self, note: OutNote) -> None:
         while (left := note.time - time.monotonic()) > 0:
@@ -245,7 +258,11 @@ class Scheduler:
             self.send(message)
         except Exception as error:  # a vanished port must not kill the only output thread
             self.log(f"output send failed: {error}")
-        self.on_sent(now, message, model)
+        try:
+            self.on_sent(now, message, model)
+        except Exception as error:  # nor may a listener's bug break the sounding-note bookkeeping
+            self.errors += 1
+            self.log(f"on_sent failed: {error!r}")
         return now
 
     def _watchdog_deadline(self, now: float) -> float:

@@ -139,7 +139,12 @@ class Session:
             self.midi_in.close()
             raise
         self.t0 = time.monotonic()
-        self.recorder = Recorder(session_dir or default_session_dir(), origin=self.t0)
+        try:
+            self.recorder = Recorder(session_dir or default_session_dir(), origin=self.t0)
+        except OSError as error:
+            self.midi_in.close()
+            self.midi_out.close()
+            raise UserError(f"{session_dir}: cannot write the session journal ({error.strerror or error})") from None
         self.record_path = Path(record_path) if record_path else None
         self.scheduler = Scheduler(self.midi_out.send, settings, on_sent=self._on_sent, log=self.warn)
         self.clock = ClockTracker()

@@ -16,9 +16,9 @@ from liveperceiver.scheduler import OutNote, Scheduler
 from liveperceiver.settings import Settings
 from tests.jack_fixture import Keyboard, jack_server, wait_for  # noqa: F401
 
-pytestmark = [pytest.mark.jack, pytest.mark.usefixtures("jack_server")]
 
-
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
 def test_virtual_ports_are_listed_and_stamp_input():
     assert ports.resolve_api("jack") == "jack"
     midi_in = ports.MidiInput("jack", log=print)
@@ -45,6 +45,8 @@ def test_virtual_ports_are_listed_and_stamp_input():
         midi_out.close()
 
 
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
 def test_named_port_errors_and_reconnects():
     with pytest.raises(UserError, match="no MIDI input port matches"):
         ports.MidiInput("jack", "no-such-keyboard")
@@ -75,6 +77,8 @@ def test_ambiguous_port_name_is_a_user_error():
     assert ports.match_port(["x"], "y") is None
 
 
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
 def test_scheduler_plays_on_time_and_every_note_on_gets_an_off():
     midi_out = ports.MidiOutput("jack")
     keys = Keyboard(play_into=None)
@@ -157,3 +161,33 @@ def test_journal_becomes_a_type1_midi_file_and_survives_a_torn_line(tmp_path):
     assert counts == {"Player": 1, "LivePerceiver": 2}
     with pytest.raises(UserError):
         export_journal(tmp_path / "r.mid", tmp_path / "x.mid")
+
+
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
+def test_scheduler_survives_an_error_and_keeps_the_note_off_guarantee():
+    midi_out = ports.MidiOutput("jack")
+    keys = Keyboard(play_into=None)
+    calls = []
+
+    def on_sent(when, message, model):  # fails once, on the first note-on (a bug in a callback)
+        calls.append(message)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+
+    scheduler = Scheduler(midi_out.send, Settings(), on_sent=on_sent, log=lambda s: None)
+    scheduler.start()
+    try:
+        now = time.monotonic()
+        scheduler.schedule([OutNote(now + 0.01, on=True, pitch=60), OutNote(now + 0.02, on=True, pitch=62)])
+        scheduler.schedule([OutNote(now + 0.2, on=False, pitch=60), OutNote(now + 0.3, on=False, pitch=62)])
+        assert wait_for(lambda: scheduler.errors == 1 and len(keys.note_ons()) >= 1, timeout=3)
+        assert wait_for(lambda: keys.balance() == 0 and scheduler.sent_on == scheduler.sent_off, timeout=3)
+        assert scheduler.thread.is_alive()
+        scheduler.schedule([OutNote(time.monotonic(), on=True, pitch=64)])
+        assert wait_for(lambda: 64 in [m[1] for _, m in keys.note_ons()], timeout=3)
+    finally:
+        scheduler.close()
+        assert wait_for(lambda: keys.balance() == 0)
+        keys.close()
+        midi_out.close()
