@@ -130,13 +130,19 @@ class Session:
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.lock = threading.Lock()  # guards the small shared state below (stats, roll, held keys)
         self.api = resolve_api(api)
-        self.model = self._load_model(model if model is not None else settings.model)
-        self.engine = self._new_engine(self.model, settings)
+        # ports first: a wrong port name is reported before a slow model load
         self.midi_in = MidiInput(self.api, in_port, log=self.warn)
         try:
             self.midi_out = MidiOutput(self.api, out_port, log=self.warn)
         except BaseException:
             self.midi_in.close()
+            raise
+        try:
+            self.model = self._load_model(model if model is not None else settings.model)
+            self.engine = self._new_engine(self.model, settings)
+        except BaseException:
+            self.midi_in.close()
+            self.midi_out.close()
             raise
         self.t0 = time.monotonic()
         try:

@@ -166,8 +166,9 @@ def test_switching_mode_preset_model_and_sampling_mid_session_leaves_nothing_han
     with pytest.raises(ValueError):
         session.update(temperature=0)  # invalid: refused, the old settings stay
     assert session.settings.temperature != 0
-    keys.phrase([67])
-    assert wait_for(lambda: session.scheduler.sounding_pitches(), timeout=20)
+    switched = keys.phrase([67])
+    assert wait_for(lambda: keys.note_ons(since=switched), timeout=30), session.snapshot().log[-5:]
+    assert keys.note_ons(since=switched)[0][1][0] == 0x91  # the duet preset's channel 2
     session.update(mode="call")
     session.update(mode="listen")
     assert no_stuck_notes(keys, session.recorder.path) and not session.scheduler.sounding_pitches()
