@@ -232,6 +232,13 @@ class Engine:
         self.scale = head_dim**-0.5
         self._base = 0  # stream position of buffer row 0
         self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys/values
+        self._future_masks: dict[int, torch.Tensor] = {}
+        self._fused_qkv = [
+            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            if isinstance(a.q_proj.weight, torch.Tensor)  # int8-quantised layers keep three calls
+            else None
+            for a in (layer.attention for layer in model.self_attention)
+        ]
 
     def _prepare_rows(self, start: int, latent_start: int, end: int) -> None:
         """Make rows [start, latent_start) prefix rows and [latent_start, end) latent rows."""
@@ -252,40 +259,60 @@ class Engine:
 
     def _cross_attention(self, start: int, latent_start: int, end: int) -> torch.Tensor:
         ca = self.model.cross_attention
+        count = end - latent_start
         ids = torch.tensor(self.tokens[latent_start:end], device=self.device)
         latent_rows = slice(latent_start - self._base, end - self._base)
         window_rows = slice(start - self._base, end - self._base)
         q = apply_rotary(self.latent_q[ids].transpose(0, 1), self.cos[latent_rows], self.sin[latent_rows])
         # Plain matmuls on the strided buffer views: no copy of the window (SDPA would copy it).
         scores = torch.matmul(q * self.scale, self.keys[:, window_rows].transpose(1, 2))
-        mask = self._causal_mask(end - latent_start, end - start)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        if count > 1:  # causal among the latents; every latent sees the whole prefix
+            scores[..., -count:].masked_fill_(self._future(count), float("-inf"))
         attended = torch.matmul(torch.softmax(scores, dim=-1), self.values[:, window_rows])
         x = self.embedding[ids] + ca.attention.o_proj(attended.transpose(0, 1).flatten(1))
         return x + ca.mlp(x)
 
     def _self_attention(self, x: torch.Tensor, latent_start: int, end: int) -> torch.Tensor:
+        """The latents through the self-attention stack; the last layer only for the last latent,
+        since only its logits are sampled."""
         rows = slice(latent_start - self._base, end - self._base)
         cos, sin = self.cos[rows], self.sin[rows]
         count = end - latent_start
-        mask = self._causal_mask(count, count)
-        for index, layer in enumerate(self.model.self_attention):
+        layers = self.model.self_attention
+        for index, layer in enumerate(layers):
             attention = layer.attention
             h = layer.norm(x)
             if count == 1:
                 # One query attending to one key: softmax is exactly 1, the output is its value.
                 attended = attention.v_proj(h)
             else:
-                q, k, v = (
-                    attention.heads(proj(h)[None])[0] for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
-                )
+                q, k, v = (attention.heads(part[None])[0] for part in self._qkv(index, h))
                 if self.config.is_rotary_layer(index):
                     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                if index == len(layers) - 1:
+                    q, x, mask = q[:, -1:], x[-1:], None  # the last query sees every latent
+                else:
+                    mask = ~self._future(count)
                 attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).flatten(1)
             x = x + attention.o_proj(attended)
             x = x + layer.mlp(x)
         return x
+
+    def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Query, key and value projections, in one matmul when the weights allow it."""
+        fused = self._fused_qkv[index]
+        if fused is not None:
+            return F.linear(h, fused).chunk(3, dim=-1)
+        attention = self.model.self_attention[index].attention
+        return attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+
+    def _future(self, count: int) -> torch.Tensor:
+        """Boolean (count, count) mask of keys in a latent's future, cached per window size."""
+        mask = self._future_masks.get(count)
+        if mask is None:
+            mask = torch.ones(count, count, dtype=torch.bool, device=self.device).triu(1)
+            self._future_masks[count] = mask
+        return mask
 
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -293,12 +320,6 @@ class Engine:
             x = model.out_norm(x)
         logits = x @ self.embedding.T
         return logits + model.output_bias if model.output_bias is not None else logits
-
-    def _causal_mask(self, queries: int, keys: int) -> torch.Tensor | None:
-        """Right-aligned causal mask (query i sees keys up to keys - queries + i); None for one query."""
-        if queries == 1:
-            return None
-        return torch.ones(queries, keys, dtype=torch.bool, device=self.device).tril(keys - queries)
 
     def _full_forward_logits(self) -> torch.Tensor:
         """Models with absolute position embeddings: a full forward pass over the window (exact, slower)."""
