@@ -192,7 +192,7 @@ class Engine:
 
     @torch.inference_mode()
     def next_logits(self) -> torch.Tensor:
-        """Float32 logits (vocab,) for the next token, on the CPU."""
+        """Float32 logits (vocab,) for the next token, on the engine's device (sampling reads back only the id)."""
         if not self.tokens:
             raise ValueError("the engine needs at least one token before it can sample")
         if not self.exact_tables:
@@ -201,7 +201,7 @@ class Engine:
         self._prepare_rows(start, latent_start, end)
         x = self._cross_attention(start, latent_start, end)
         x = self._self_attention(x, latent_start, end)
-        return self._output(x[-1:])[0].float().cpu()
+        return self._output(x[-1:])[0].float()
 
     # ------------------------------------------------------------------ internals
 
@@ -325,7 +325,7 @@ class Engine:
         """Models with absolute position embeddings: a full forward pass over the window (exact, slower)."""
         start, latent_start, end = self.window()
         window = torch.tensor([self.tokens[start:end]], device=self.device)
-        return self.model(window, latent_start - start)[0, -1].float().cpu()
+        return self.model(window, latent_start - start)[0, -1].float()
 
 
 def continue_tokens(engine: Engine, prompt: Sequence[int], count: int) -> list[int]:
