@@ -107,7 +107,18 @@ def test_out_of_range_tokens_are_refused_without_change(tiny_model):
     assert engine.tokens == [60, 300]
 
 
-def sample_under(tiny_model, constraints: Constraints, steps: int = 400) -> list[int]:
+def sounding_before_each(tokens: list[int]):
+    """(token, pitches sounding just before it), following note-ons and note-offs."""
+    sounding: set[int] = set()
+    for token in tokens:
+        yield token, set(sounding)
+        if token < vocab.NOTE_OFF:
+            sounding.add(token)
+        elif token < vocab.TIME_SHIFT:
+            sounding.discard(token - vocab.NOTE_OFF)
+
+
+def sample_under(tiny_model, constraints: Constraints, steps: int = 400) -> tuple[list[int], list[int]]:
     engine = Engine(tiny_model, sampling=SamplingSettings(temperature=2.0, seed=7), constraints=constraints)
     engine.append([376, 60, 300, 62, 300, 64])
     return engine.tokens[:6], engine.sample(steps)
@@ -117,14 +128,7 @@ def test_constraint_no_orphan_note_off_bites(tiny_model):
     prompt, free = sample_under(tiny_model, Constraints())
 
     def orphans(tokens):
-        sounding, count = set(), 0
-        for token in tokens:
-            if token < 128:
-                sounding.add(token)
-            elif token < 256:
-                count += token - 128 not in sounding
-                sounding.discard(token - 128)
-        return count
+        return sum(128 <= t < 256 and t - 128 not in sounding for t, sounding in sounding_before_each(tokens))
 
     assert orphans(prompt + free) > 0  # the random tiny model does emit orphan note-offs
     prompt, constrained = sample_under(tiny_model, Constraints(no_orphan_note_off=True))
@@ -140,14 +144,7 @@ def test_constraint_pitch_range_bites(tiny_model):
 
 def test_constraint_max_polyphony_bites(tiny_model):
     def peak(tokens):
-        sounding, most = set(), 0
-        for token in tokens:
-            if token < 128:
-                sounding.add(token)
-            elif token < 256:
-                sounding.discard(token - 128)
-            most = max(most, len(sounding))
-        return most
+        return max(len(sounding) for _, sounding in sounding_before_each(tokens + [vocab.PAD]))
 
     prompt, free = sample_under(tiny_model, Constraints())
     assert peak(prompt + free) > 3
@@ -171,3 +168,19 @@ def test_constraint_min_onset_gap_bites(tiny_model):
     assert smallest_gap_ms(free) < 100
     _, constrained = sample_under(tiny_model, Constraints(min_onset_gap_ms=100))
     assert smallest_gap_ms(constrained) >= 100
+
+
+def test_long_prompts_keep_their_most_recent_part(tiny_model):
+    """Only the last max_prefix_len + num_latents tokens matter (the reference pipeline keeps the oldest)."""
+    rng = random.Random(9)
+    prompt = [rng.randrange(388) for _ in range(500)]
+    window = tiny_model.config.max_prefix_len + 2
+    outputs = []
+    for tokens in (prompt, prompt[-window:]):
+        engine = Engine(tiny_model, num_latents=2, sampling=SamplingSettings(greedy=True))
+        engine.append(tokens)
+        outputs.append(engine.sample(30))
+    assert outputs[0] == outputs[1]
+    engine = Engine(tiny_model, num_latents=2, sampling=SamplingSettings(greedy=True))
+    engine.append(prompt[:window])
+    assert engine.sample(30) != outputs[0]

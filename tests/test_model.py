@@ -96,3 +96,11 @@ def test_mismatched_checkpoints_are_refused(tmp_path):
 def test_unknown_model_name_is_refused():
     with pytest.raises(UserError, match="unknown model"):
         load_model("no-such-model-name")
+
+
+def test_repo_id_without_network_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="cannot download from Hugging Face") as error:
+        load_model("krasserm/perceiver-ar-sam-giant-midi")
+    assert "\n" not in str(error.value)
