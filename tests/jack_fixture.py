@@ -35,7 +35,7 @@ def _die_with_parent() -> None:
 def start_jackd(name: str) -> subprocess.Popen:
     log = tempfile.NamedTemporaryFile(prefix="jackd-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
-        ["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "256"],
+        ["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "512"],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
