@@ -238,7 +238,10 @@ class Session:
         return self.update(**preset)
 
     def panic(self) -> None:
-        """All model notes off, CC123, and the current answer dropped."""
+        """All model notes off, CC123, the current answer dropped, and the player's keys and pedal
+        taken as up (a note-off lost on the way would otherwise keep call mode waiting forever)."""
+        self.held.clear()
+        self.pedal_down = False
         self.scheduler.panic()
         self.commands.put(("rollback", time.monotonic(), None, False))
 
