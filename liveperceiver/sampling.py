@@ -43,53 +43,73 @@ class Constraints:
     pitch_range: tuple[int, int] | None = None  # note-ons allowed only in [low, high]
     max_polyphony: int = 0  # no note-on while this many notes sound
     min_onset_gap_ms: int = 0  # no note-on sooner than this after the previous one
+    max_note_ms: int = 0  # a note sounding this long must be closed next (no stuck notes in the stream)
 
     def validate(self) -> None:
         if self.pitch_range is not None:
             low, high = self.pitch_range
             if not 0 <= low <= high <= 127:
                 raise ValueError(f"pitch_range {self.pitch_range} must satisfy 0 <= low <= high <= 127")
-        if self.max_polyphony < 0:
-            raise ValueError(f"max_polyphony {self.max_polyphony} must be >= 0 (0 = off)")
-        if self.min_onset_gap_ms < 0:
-            raise ValueError(f"min_onset_gap_ms {self.min_onset_gap_ms} must be >= 0 (0 = off)")
+        for name in ("max_polyphony", "min_onset_gap_ms", "max_note_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 0 (0 = off)")
 
     @property
     def active(self) -> bool:
-        return bool(self.no_orphan_note_off or self.pitch_range or self.max_polyphony or self.min_onset_gap_ms)
+        return bool(
+            self.no_orphan_note_off
+            or self.pitch_range
+            or self.max_polyphony
+            or self.min_onset_gap_ms
+            or self.max_note_ms
+        )
 
 
 class StreamState:
-    """What the token stream implies right now: sounding pitches and ms since the last note-on.
+    """What the token stream implies right now: sounding pitches with their onset times, and the
+    stream's clock in ms (the sum of its time-shifts).
 
     Snapshots every `SNAPSHOT_EVERY` tokens make rollback cheap on unbounded streams."""
 
     SNAPSHOT_EVERY = 256
 
     def __init__(self) -> None:
-        self.sounding: set[int] = set()
-        self.ms_since_onset = 1_000_000
+        self.onsets: dict[int, int] = {}  # sounding pitch -> onset time (ms)
+        self.clock_ms = 0
+        self.last_onset_ms: int | None = None
         self.length = 0
-        self._snapshots: list[tuple[frozenset[int], int]] = [(frozenset(), 1_000_000)]
+        self._snapshots: list[tuple[dict[int, int], int, int | None]] = [({}, 0, None)]
+
+    @property
+    def sounding(self) -> set[int]:
+        return set(self.onsets)
+
+    @property
+    def ms_since_onset(self) -> int:
+        return 1_000_000 if self.last_onset_ms is None else self.clock_ms - self.last_onset_ms
+
+    def overdue(self, max_note_ms: int) -> list[int]:
+        """Pitches that have sounded for at least `max_note_ms`."""
+        return [pitch for pitch, onset in self.onsets.items() if self.clock_ms - onset >= max_note_ms]
 
     def push(self, token: int) -> None:
         if token < vocab.NOTE_OFF:
-            self.sounding.add(token)
-            self.ms_since_onset = 0
+            self.onsets.setdefault(token, self.clock_ms)
+            self.last_onset_ms = self.clock_ms
         elif token < vocab.TIME_SHIFT:
-            self.sounding.discard(token - vocab.NOTE_OFF)
+            self.onsets.pop(token - vocab.NOTE_OFF, None)
         elif token < vocab.VELOCITY:
-            self.ms_since_onset += vocab.time_shift_steps(token) * 10
+            self.clock_ms += vocab.time_shift_steps(token) * 10
         self.length += 1
         if self.length % self.SNAPSHOT_EVERY == 0:
-            self._snapshots.append((frozenset(self.sounding), self.ms_since_onset))
+            self._snapshots.append((dict(self.onsets), self.clock_ms, self.last_onset_ms))
 
     def rewind(self, tokens: list[int], length: int) -> None:
         """Restore the state after `tokens[:length]` from the nearest snapshot."""
         index = length // self.SNAPSHOT_EVERY
         del self._snapshots[index + 1 :]
-        sounding, ms = self._snapshots[index]
-        self.sounding, self.ms_since_onset = set(sounding), ms
+        onsets, self.clock_ms, self.last_onset_ms = self._snapshots[index]
+        self.onsets = dict(onsets)
         self.length = index * self.SNAPSHOT_EVERY
         for token in tokens[self.length : length]:
             self.push(token)
@@ -98,15 +118,23 @@ class StreamState:
 def constraint_mask(constraints: Constraints, state: StreamState, logits: torch.Tensor) -> None:
     """Set disallowed token logits to -inf, in place."""
     minus_inf = float("-inf")
+    overdue = state.overdue(constraints.max_note_ms) if constraints.max_note_ms else []
+    if overdue:
+        # Only the overdue notes' note-offs stay possible.
+        allowed = [vocab.note_off(pitch) for pitch in overdue]
+        kept = logits[allowed].clone()
+        logits.fill_(minus_inf)
+        logits[allowed] = kept
+        return
     if constraints.no_orphan_note_off:
         allowed = torch.zeros(128, dtype=torch.bool)
-        allowed[list(state.sounding)] = True
+        allowed[list(state.onsets)] = True
         logits[vocab.NOTE_OFF : vocab.TIME_SHIFT].masked_fill_(~allowed.to(logits.device), minus_inf)
     if constraints.pitch_range is not None:
         low, high = constraints.pitch_range
         logits[vocab.NOTE_ON : vocab.NOTE_ON + low] = minus_inf
         logits[vocab.NOTE_ON + high + 1 : vocab.NOTE_OFF] = minus_inf
-    polyphony_full = constraints.max_polyphony and len(state.sounding) >= constraints.max_polyphony
+    polyphony_full = constraints.max_polyphony and len(state.onsets) >= constraints.max_polyphony
     too_soon = constraints.min_onset_gap_ms and state.ms_since_onset < constraints.min_onset_gap_ms
     if polyphony_full or too_soon:
         logits[vocab.NOTE_ON : vocab.NOTE_OFF] = minus_inf

@@ -184,3 +184,22 @@ def test_long_prompts_keep_their_most_recent_part(tiny_model):
     engine = Engine(tiny_model, num_latents=2, sampling=SamplingSettings(greedy=True))
     engine.append(prompt[:window])
     assert engine.sample(30) != outputs[0]
+
+
+def test_constraint_max_note_length_bites(tiny_model):
+    def longest_note_ms(tokens):
+        clock, onsets, longest = 0, {}, 0
+        for token in tokens:
+            if token < vocab.NOTE_OFF:
+                onsets.setdefault(token, clock)
+            elif token < vocab.TIME_SHIFT and token - vocab.NOTE_OFF in onsets:
+                longest = max(longest, clock - onsets.pop(token - vocab.NOTE_OFF))
+            elif vocab.TIME_SHIFT <= token < vocab.VELOCITY:
+                clock += vocab.time_shift_steps(token) * 10
+        return max([longest] + [clock - onset for onset in onsets.values()])
+
+    prompt, free = sample_under(tiny_model, Constraints())
+    assert longest_note_ms(prompt + free) > 2000
+    prompt, constrained = sample_under(tiny_model, Constraints(max_note_ms=500))
+    # a note closes on the first step after it is due; one time-shift (<= 1 s) can pass it
+    assert longest_note_ms(prompt + constrained) < 500 + 1000
