@@ -100,6 +100,9 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="top-k for continuations (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="top-p for continuations")
     parser.add_argument("--no-orphan-note-off", action="store_true", help="constrain continuations (engine option)")
+    parser.add_argument(
+        "--max-note-seconds", type=float, default=0.0, help="continuations close notes held this long (0: off)"
+    )
     parser.add_argument("--num-latents", type=int, default=64, help="engine latents for continuations (default 64)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.evaluate").evaluate.run_eval(args))

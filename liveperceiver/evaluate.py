@@ -350,10 +350,12 @@ def run_eval(args) -> None:
         "top_p": args.top_p,
         "num_latents": args.num_latents,
     }
-    if args.no_orphan_note_off:
+    if args.no_orphan_note_off or args.max_note_seconds:
         from liveperceiver.sampling import Constraints
 
-        sampling["constraints"] = Constraints(no_orphan_note_off=True)
+        sampling["constraints"] = Constraints(
+            no_orphan_note_off=args.no_orphan_note_off, max_note_ms=round(args.max_note_seconds * 1000)
+        )
     result = evaluate(
         loaded.model,
         pieces,
