@@ -262,6 +262,7 @@ def add_play(subparsers) -> None:
     parser.add_argument("--num-latents", type=int, metavar="N")
     parser.add_argument("--record", type=Path, metavar="FILE.mid", help="also write the session's MIDI file here")
     parser.add_argument("--session-dir", type=Path, metavar="DIR", help="journal and session.mid (default: data dir)")
+    parser.add_argument("--device", default="auto", help="the model's device: auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.session").session.run_play(args))
 
 

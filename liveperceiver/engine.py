@@ -162,11 +162,14 @@ class Engine:
         self.truncate(0)
 
     @torch.inference_mode()
-    def step(self) -> int:
-        """Sample the next token, append it, and return it."""
+    def step(self, forbid: range | None = None) -> int:
+        """Sample the next token, append it, and return it; ids in `forbid` are never chosen
+        (the live session uses it so that an answer begins with a note, not a pause)."""
         logits = self.next_logits()
         if self.constraints.active:
             constraint_mask(self.constraints, self.state, logits)
+        if forbid is not None:
+            logits[forbid.start : forbid.stop] = float("-inf")
         token = choose(logits, self.sampling, self.generator)
         self.tokens.append(token)
         self.state.push(token)

@@ -52,6 +52,8 @@ from liveperceiver.settings import Settings
 from liveperceiver.stream import StreamDecoder, StreamEncoder, TimedEvent
 from liveperceiver.tokenizer import time_shift_tokens
 
+TIME_SHIFTS = range(vocab.TIME_SHIFT, vocab.VELOCITY)
+
 FEEDBACK_WINDOW_S = 0.030  # an input note matching one we sent this recently is our own echo
 PORT_CHECK_S = 0.5
 IDLE_WAIT_S = 0.005  # the engine thread's poll while waiting for silence or look-ahead room
@@ -124,9 +126,11 @@ class Session:
         out_port: str | None = None,
         session_dir: str | Path | None = None,
         record_path: str | Path | None = None,
+        device: str = "auto",
     ):
         settings.validate()
         self.settings = settings
+        self.device = device  # the engine's: cuda, then mps, then cpu
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.lock = threading.Lock()  # guards the small shared state below (stats, roll, held keys)
         self.api = resolve_api(api)
@@ -375,8 +379,17 @@ class Session:
             num_latents=settings.num_latents,
             prefix_cap=cap,
             sampling=self._sampling(settings),
-            device="cpu",
+            constraints=self._constraints(settings),
+            device=self.device,
         )
+
+    @staticmethod
+    def _constraints(settings: Settings):
+        """The model closes its own long notes a second before the scheduler's watchdog would,
+        so the context holds the note-off that was played (one time-shift can pass the limit)."""
+        from liveperceiver.sampling import Constraints
+
+        return Constraints(max_note_ms=max(500, round(settings.max_note_seconds * 1000) - 1000))
 
     @staticmethod
     def _sampling(settings: Settings):
@@ -640,6 +653,7 @@ class Session:
                 num_latents=settings.num_latents,
                 prefix_cap=min(cap, self.model.config.max_prefix_len),
                 sampling=self._sampling(settings),
+                constraints=self._constraints(settings),
             )
         except ValueError as error:
             self.warn(f"settings not applied to the engine: {error}")
@@ -680,7 +694,7 @@ class Session:
             # a call's answer starts with a note: no time shift until a note-on waits for release
             prompt = self.answer_end is not None and not self.answer_sounded and not self.starting
             if prompt and self.run_steps < PROMPT_START_TOKENS:
-                token = self._step_without_time_shift()
+                token = self.engine.step(forbid=TIME_SHIFTS)
             else:
                 token = self.engine.step()
             self.run_steps += 1
@@ -721,19 +735,6 @@ class Session:
             if not any(event.pitch == pitch for event in events):
                 events = [*events, TimedEvent("note_off", now, pitch, 0)]
         return events
-
-    def _step_without_time_shift(self) -> int:
-        """One step with time shifts masked: a call's answer begins with a note, not a pause."""
-        import torch
-
-        from liveperceiver.sampling import choose
-
-        with torch.inference_mode():
-            logits = self.engine.next_logits()
-            logits[vocab.TIME_SHIFT : vocab.VELOCITY] = float("-inf")
-            token = choose(logits, self.engine.sampling, self.engine.generator)
-        self.engine.append([token])
-        return token
 
     def _schedule(self, events, tag: int) -> bool:
         settings = self.settings
@@ -839,11 +840,9 @@ def _roll(events: list[tuple[float, bool, int, str]], now: float) -> list[tuple[
 
 def settings_from_args(args) -> Settings:
     """The preset (or the defaults) with the command-line flags that were given on top."""
-    try:
-        from liveperceiver import presets
-    except ImportError:  # presets not installed: defaults plus flags
-        presets = None
-    settings = presets.load_preset(args.preset) if presets and args.preset else Settings()
+    from liveperceiver import presets
+
+    settings = presets.load_preset(args.preset) if args.preset else Settings()
     in_channel = None
     if args.in_channel is not None:
         in_channel = 0 if args.in_channel == "all" else _int_flag("--in-channel", args.in_channel)
@@ -858,12 +857,7 @@ def settings_from_args(args) -> Settings:
         in_channel=in_channel,
         out_channel=args.out_channel,
     )
-    if presets is not None:
-        return presets.apply_overrides(settings, **flags)
-    try:
-        return settings.updated(**{k: v for k, v in flags.items() if v is not None})
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    return presets.apply_overrides(settings, **flags)
 
 
 def _int_flag(flag: str, text: str) -> int:
@@ -886,19 +880,17 @@ def run_play(args) -> int:
         out_port=args.out_port,
         session_dir=args.session_dir,
         record_path=args.record,
+        device=args.device,
     )
     if not args.headless:
+        from liveperceiver.ui import run_ui  # the Textual UI drives this same session
+
+        session.start()
         try:
-            from liveperceiver.ui import run_ui  # the Textual UI drives this same session
-        except ImportError:
-            print("liveperceiver: the terminal UI is not available; running headless", file=sys.stderr)
-        else:
-            session.start()
-            try:
-                run_ui(session)
-            finally:
-                session.close()
-            return 0
+            run_ui(session)
+        finally:
+            session.close()
+        return 0
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())
