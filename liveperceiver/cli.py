@@ -226,6 +226,8 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--flat", action="store_true", help="also compare step time after 100k vs 5k tokens")
     parser.add_argument("--no-reference", action="store_true", help="skip perceiver-io's generate() even if installed")
     parser.add_argument("--live", action="store_true", help="benchmark the live bridge over JACK dummy ports")
+    parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
+    parser.add_argument("--sessions", type=int, default=5, help="--live: randomized sessions with faults")
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.set_defaults(handler=run_bench)
 

@@ -299,7 +299,7 @@ def _broken_once(engine):
     """A step that raises once, then restores the real one (a fault inside the real engine)."""
     real = engine.step
 
-    def broken():
+    def broken(*args, **kwargs):
         engine.step = real
         raise RuntimeError("injected fault")
 
@@ -312,25 +312,26 @@ def _broken_once(engine):
 def run(args) -> None:
     import torch
 
+    from liveperceiver.bench import machine_description
     from liveperceiver.checkpoint import load_model
 
-    torch.set_num_threads(getattr(args, "threads", 1) or 1)
-    spec = getattr(args, "model", None) or "random:small"
-    model = load_model(spec).model
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)  # None: the shipped default model
+    model, spec = loaded.model, loaded.name
     rng = random.Random(0)
     with private_jack(), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
         workdir = Path(tmp)
         results = {
             "model": spec,
             "torch_threads": torch.get_num_threads(),
-            "machine": f"{os.cpu_count()} cpus, {os.uname().machine}",
+            "machine": machine_description(),
             "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
-            "call": call_phase(model, rng, getattr(args, "live_calls", 20), workdir),
+            "call": call_phase(model, rng, args.calls, workdir),
             "duet": duet_phase(model, rng, 10.0, workdir),
-            "faults": fault_phase(model, rng, getattr(args, "live_sessions", 5), workdir),
+            "faults": fault_phase(model, rng, args.sessions, workdir),
         }
     print(format_table(results))
-    if getattr(args, "json", None):
+    if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
