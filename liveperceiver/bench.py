@@ -2,7 +2,8 @@
 
 A step = absorb one token + sample one token, the unit of live work. Figures are medians and p99
 over many steps after warm-up, with the thread count stated. The bound is the bytes of weights a
-step must read divided by the memory bandwidth measured in the same run (one `sum` over 256 MB).
+step must read divided by the memory bandwidth measured in the same run (one `sum` over 256 MB),
+and beside it the same bytes divided by what matrix-vector products reach on this machine.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class BenchRow:
     tokens_per_s: float
     weights_mb: float
     kv_mb: float
-    bandwidth_bound_ms: float
+    bandwidth_bound_ms: float  # weights / memory read bandwidth (a `sum`): the physical floor
+    gemv_bound_ms: float  # weights / what matrix-vector products reach here: the practical floor
     flat_ratio: float | None = None  # step p50 after 100k tokens / after 5k (only with --flat)
 
 
@@ -69,37 +71,62 @@ def read_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
     return buffer.numel() * 4 / best / 1e9
 
 
+def gemv_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
+    """What a step's matrix-vector products can reach: one vector through 1024x1024 float32
+    matrices totalling `megabytes` (far beyond the caches), bytes of weights per second."""
+    matrices = [torch.randn(1024, 1024) for _ in range(megabytes // 4)]
+    vector = torch.randn(1, 1024)
+
+    def chain() -> None:
+        for matrix in matrices:
+            torch.nn.functional.linear(vector, matrix)
+
+    chain()
+    best = min(_timed(chain) for _ in range(repeats))
+    return sum(_tensor_bytes(m) for m in matrices) / best / 1e9
+
+
 def _timed(function) -> float:
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
 
 
-def weights_read_per_step(engine: Engine) -> int:
-    """Bytes of weights one step reads: every Linear and norm outside the cross-attention's q/k/v
-    (those became per-token tables) plus the tied embedding for the output projection."""
-    skipped = {
-        id(m)
-        for m in (
-            engine.model.cross_attention.attention.q_proj,
-            engine.model.cross_attention.attention.k_proj,
-            engine.model.cross_attention.attention.v_proj,
-        )
-    }
-    total = engine.model.embedding.weight.numel() * engine.model.embedding.weight.element_size()
-    for module in engine.model.modules():
-        if id(module) in skipped or module is engine.model.embedding:
-            continue
-        if isinstance(module, (nn.Linear, nn.LayerNorm, QuantizedLinear)):
-            total += _module_bytes(module)
+def weights_read_per_step(engine: Engine, latents: int) -> int:
+    """Bytes of weights one step reads: the cross-attention's output projection and MLP (its q/k/v
+    became per-token tables), every self-attention layer's projections (for one latent only the
+    fused value-output matrix), MLPs and norms, the output norm, and the tied embedding."""
+    model = engine.model
+    total = _tensor_bytes(model.embedding.weight) + _tree_bytes(model.cross_attention.mlp)
+    total += _module_bytes(model.cross_attention.attention.o_proj)
+    if model.out_norm is not None:
+        total += _module_bytes(model.out_norm)
+    for index, layer in enumerate(model.self_attention):
+        total += _tree_bytes(layer.mlp) + _module_bytes(layer.norm)
+        fused = engine._fused_value_output[index]
+        if latents == 1 and fused is not None:
+            total += _tensor_bytes(fused[0])
+        else:
+            attention = layer.attention
+            projections = [attention.o_proj, attention.v_proj]
+            if latents > 1:
+                projections += [attention.q_proj, attention.k_proj]
+            total += sum(_module_bytes(m) for m in projections)
     return total
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _tree_bytes(module: nn.Module) -> int:
+    return sum(_module_bytes(m) for m in module.modules() if isinstance(m, (nn.Linear, nn.LayerNorm, QuantizedLinear)))
 
 
 def _module_bytes(module: nn.Module) -> int:
     if isinstance(module, QuantizedLinear):
-        weight = module.weight()
-        return weight.numel() * weight.element_size()
-    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        return _tensor_bytes(module.weight())
+    return sum(_tensor_bytes(p) for p in module.parameters(recurse=False))
 
 
 def bench_row(
@@ -146,9 +173,10 @@ def bench_row(
         step_ms_p99=round(percentile(step_times, 0.99), 3),
         absorb_ms_p99=round(percentile(absorb_times, 0.99), 3),
         tokens_per_s=round(1000 / p50, 1),
-        weights_mb=round(weights_read_per_step(engine) / 1e6, 2),
+        weights_mb=round(weights_read_per_step(engine, latents) / 1e6, 2),
         kv_mb=round(kv_bytes / 1e6, 2),
         bandwidth_bound_ms=0.0,
+        gemv_bound_ms=0.0,
     )
     return row, engine
 
@@ -249,13 +277,17 @@ def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     dtype = DTYPES[args.dtype]
-    bandwidth = read_bandwidth_gb_s()
+    bandwidth, gemv = read_bandwidth_gb_s(), gemv_bandwidth_gb_s()
     rows = []
-    header = f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'absorb p99':>10} {'tok/s':>8} {'weights MB':>10} {'bound ms':>8}"
+    header = (
+        f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'absorb p99':>10} {'tok/s':>8}"
+        f" {'weights MB':>10} {'bound ms':>8} {'gemv bound':>10}"
+    )
     print(
         f"model {loaded.name} ({loaded.model.num_parameters() / 1e6:.1f}M parameters), dtype {args.dtype}, quantize {args.quantize or 'none'}, threads {args.threads}"
     )
-    print(f"machine: {machine_description()}; torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
+    print(f"machine: {machine_description()}; torch {torch.__version__}")
+    print(f"memory read bandwidth {bandwidth:.1f} GB/s; matrix-vector products reach {gemv:.1f} GB/s")
     print(header)
     for prefix in args.prefix:
         for latents in args.latents:
@@ -263,7 +295,8 @@ def run(args) -> list[dict]:
                 print(f"{prefix:>6} {latents:>7}  skipped: beyond the model's context")
                 continue
             row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, args.quantize, args.device)
-            row.bandwidth_bound_ms = round(row.weights_mb * 1e6 / (bandwidth * 1e9) * 1000, 3)
+            row.bandwidth_bound_ms = round(row.weights_mb / bandwidth, 3)  # MB / (GB/s) = ms
+            row.gemv_bound_ms = round(row.weights_mb / gemv, 3)
             if args.flat:
                 row.flat_ratio = flat_ratio(engine, args.steps)
             reference_ms = None
@@ -287,7 +320,7 @@ def run(args) -> list[dict]:
             )
             line = (
                 f"{row.prefix:>6} {row.latents:>7} {row.step_ms_p50:>8.2f} {row.step_ms_p99:>8.2f} {row.absorb_ms_p99:>10.3f}"
-                f" {row.tokens_per_s:>8.0f} {row.weights_mb:>10.1f} {row.bandwidth_bound_ms:>8.2f}"
+                f" {row.tokens_per_s:>8.0f} {row.weights_mb:>10.1f} {row.bandwidth_bound_ms:>8.2f} {row.gemv_bound_ms:>10.2f}"
             )
             if row.flat_ratio is not None:
                 line += f"  after-100k/5k {row.flat_ratio:.3f}"

@@ -236,11 +236,16 @@ class Engine:
         self._base = 0  # stream position of buffer row 0
         self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys/values
         self._future_masks: dict[int, torch.Tensor] = {}
+        # Fused weights for plain layers (int8-quantised layers keep their separate calls).
+        attentions = [layer.attention for layer in model.self_attention]
+        plain = [isinstance(a.q_proj.weight, torch.Tensor) for a in attentions]
         self._fused_qkv = [
-            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            if isinstance(a.q_proj.weight, torch.Tensor)  # int8-quantised layers keep three calls
-            else None
-            for a in (layer.attention for layer in model.self_attention)
+            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) if ok else None
+            for a, ok in zip(attentions, plain, strict=True)
+        ]
+        self._fused_value_output = [
+            (a.o_proj.weight @ a.v_proj.weight, a.o_proj.bias) if ok else None
+            for a, ok in zip(attentions, plain, strict=True)
         ]
 
     def _prepare_rows(self, start: int, latent_start: int, end: int) -> None:
@@ -283,13 +288,13 @@ class Engine:
         count = end - latent_start
         layers = self.model.self_attention
         for index, layer in enumerate(layers):
-            attention = layer.attention
             h = layer.norm(x)
             if count == 1:
-                # One query attending to one key: softmax is exactly 1, the output is its value.
-                attended = attention.v_proj(h)
+                # One query attending to one key: softmax is exactly 1, the output is its value,
+                # so the layer's attention is o_proj(v_proj(h)), one precomputed matrix.
+                x = x + self._value_output(index, h)
             else:
-                q, k, v = (attention.heads(part[None])[0] for part in self._qkv(index, h))
+                q, k, v = (layer.attention.heads(part[None])[0] for part in self._qkv(index, h))
                 if self.config.is_rotary_layer(index):
                     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
                 if index == len(layers) - 1:
@@ -297,9 +302,18 @@ class Engine:
                 else:
                     mask = ~self._future(count)
                 attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).flatten(1)
-            x = x + attention.o_proj(attended)
+                x = x + layer.attention.o_proj(attended)
             x = x + layer.mlp(x)
         return x
+
+    def _value_output(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """o_proj(v_proj(h)) for a single latent, as one matmul when the weights allow it."""
+        fused = self._fused_value_output[index]
+        if fused is not None:
+            weight, bias = fused
+            return F.linear(h, weight, bias)
+        attention = self.model.self_attention[index].attention
+        return attention.o_proj(attention.v_proj(h))
 
     def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Query, key and value projections, in one matmul when the weights allow it."""

@@ -92,6 +92,14 @@ def test_bench_writes_rows_with_the_documented_keys(tmp_path):
     rows = load_json(out)
     assert [(row["prefix"], row["latents"]) for row in rows] == [(0, 1), (0, 8), (64, 1), (64, 8)]
     for row in rows:
-        for key in ("step_ms_p50", "step_ms_p99", "absorb_ms_p99", "tokens_per_s", "weights_mb", "bandwidth_bound_ms"):
+        for key in (
+            "step_ms_p50",
+            "step_ms_p99",
+            "absorb_ms_p99",
+            "tokens_per_s",
+            "weights_mb",
+            "bandwidth_bound_ms",
+            "gemv_bound_ms",
+        ):
             assert row[key] > 0
         assert row["step_ms_p99"] >= row["step_ms_p50"]
