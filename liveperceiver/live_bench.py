@@ -8,7 +8,7 @@ reported (medians and p99, after the first call as warm-up):
 - answer start: silence threshold reached -> first answer note-on sent (session-side) and heard
   by the player's client (JACK adds a period of latency, 256 frames at 48 kHz = 5.3 ms);
 - jitter: actual send time - scheduled time of every model event;
-- real-time factor: sampling time per second of music the model produced (< 1 keeps up);
+- real-time factor: seconds of music sampled per second spent sampling (> 1 keeps up);
 - barge-in silence: player's note stamped -> last sounding model note's note-off sent (from the
   session journal), and player's note sent -> that note-off heard (two JACK periods more);
 - stuck notes after each of N randomized sessions with faults (engine exceptions, mode switches,
@@ -355,7 +355,7 @@ def format_table(results: dict) -> str:
         f"{'barge-in silence (heard)':34}{_fmt(call['barge_in_silence_heard'])}",
         f"{'output jitter (sent - scheduled)':34}{_fmt(duet['jitter'])}",
         f"{'engine step':34}{_fmt(duet['step'])}",
-        f"real-time factor (sampling s / music s): {'n/a' if rtf is None else f'{rtf:.4f}'}",
+        f"real-time factor (music s / sampling s): {'n/a' if rtf is None else f'{rtf:.1f}'}",
         f"calls answered: {call['answered']}/{call['calls']}; duet notes out: {duet['notes_out']}, "
         f"rolled back tokens: {duet['rolled_back_tokens']}",
         f"{'events already due when sampled':34}{_fmt(duet['late_events'])}",

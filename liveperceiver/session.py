@@ -94,7 +94,7 @@ class Snapshot:
     step_ms: float | None
     reaction_ms: tuple[float | None, float | None]  # p50, p99
     jitter_ms: tuple[float | None, float | None]
-    realtime_factor: float | None  # sampling seconds per second of music (< 1: faster than real time)
+    realtime_factor: float | None  # seconds of music sampled per second of sampling (> 1: faster than real time)
     bpm: float | None
     transport_running: bool
     context_tokens: int
@@ -296,7 +296,11 @@ class Session:
             reactions = list(self.reactions)
             notes_in, notes_out = self.notes_in, self.notes_out
             held = sorted(pitch for _, pitch in self.held)
-            rtf = self.sample_seconds / self.music_seconds if self.music_seconds > 0.5 else None
+            rtf = (
+                self.music_seconds / self.sample_seconds
+                if self.music_seconds > 0.5 and self.sample_seconds > 0
+                else None
+            )
         roll = _roll(roll_events, now)
         for note in self.scheduler.pending_notes():
             if note.on and note.time - now < 5:

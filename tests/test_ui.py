@@ -82,7 +82,7 @@ class ReplaySession:
             step_ms=1.9,
             reaction_ms=(0.4, 1.1),
             jitter_ms=(0.3, 0.9),
-            realtime_factor=0.21,
+            realtime_factor=17.9,
             bpm=None,
             transport_running=False,
             context_tokens=412,

@@ -256,7 +256,7 @@ def meters_text(snapshot: Snapshot) -> Text:
     rtf = snapshot.realtime_factor
     tempo = "free" if snapshot.bpm is None else f"{snapshot.bpm:.1f} bpm" + ("" if snapshot.transport_running else " ■")
     text.append(f"{'rt factor':<10}", style="dim")
-    text.append(fmt(rtf, ".2f"), style="bold red" if rtf is not None and rtf > 0.8 else "bold")
+    text.append(fmt(rtf, ".2f"), style="bold red" if rtf is not None and rtf < 1.25 else "bold")
     text.append("  tempo ", style="dim")
     text.append(tempo + "\n", style="bold")
     sounding = " ".join(note_name(p) for p in snapshot.sounding[:4]) or "–"
