@@ -145,6 +145,9 @@ def add_continue(subparsers) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
     parser.add_argument("--seed", type=int, help="same seed, same output")
+    parser.add_argument(
+        "--max-note-seconds", type=float, default=0.0, help="the model must close notes held this long (0: off)"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, usually fastest)")
@@ -165,12 +168,14 @@ def run_continue(args: argparse.Namespace) -> None:
     from liveperceiver.continuation import generate, write_continuation
     from liveperceiver.engine import DTYPES, Engine
     from liveperceiver.errors import atomic_output
-    from liveperceiver.sampling import SamplingSettings
+    from liveperceiver.sampling import Constraints, SamplingSettings
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.seconds is not None and args.seconds <= 0:
         raise UserError(f"--seconds {args.seconds} must be > 0")
+    if args.max_note_seconds < 0:
+        raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
     prompt = read_prompt(args.prompt)
     if not prompt:
         raise UserError(f"{args.prompt}: the prompt holds no tokens")
@@ -184,6 +189,7 @@ def run_continue(args: argparse.Namespace) -> None:
             device=args.device,
             dtype=DTYPES[args.dtype],
             threads=args.threads,
+            constraints=Constraints(max_note_ms=round(args.max_note_seconds * 1000)),
         )
     except (ValueError, RuntimeError) as error:
         raise UserError(f"{loaded.name}: {error}") from None

@@ -220,17 +220,28 @@ def barge_times_from_journal(journal: Path, barge_pitch: int) -> list[float]:
     return times
 
 
-def duet_phase(model, rng: random.Random, seconds: float, workdir: Path) -> dict:
+def duet_phase(
+    model, rng: random.Random, seconds: float, workdir: Path, ui_size: tuple[int, int] | None = None
+) -> dict:
+    """A duet with a player; with `ui_size` the Textual UI draws the session the whole time
+    (headless, at that terminal size), to show that the UI does not disturb the timing."""
     settings = Settings(mode="duet", lookahead_ms=300, seed=rng.randrange(1 << 30))
-    session = Session(settings, model=model, api="jack", session_dir=workdir / "duet")
+    session = Session(settings, model=model, api="jack", session_dir=workdir / ("duet-ui" if ui_size else "duet"))
     session.start()
     player = Player()
-    try:
+
+    def play() -> None:
         player.phrase(rng, 4)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             time.sleep(rng.uniform(0.5, 1.5))
             player.phrase(rng, rng.randrange(1, 3))
+
+    try:
+        if ui_size is None:
+            play()
+        else:
+            _play_under_ui(session, play, ui_size)
         snap = session.snapshot()
         jitter = session.scheduler.jitter()
         result = {
@@ -249,6 +260,21 @@ def duet_phase(model, rng: random.Random, seconds: float, workdir: Path) -> dict
         result["stuck_after_close"] = player.balance()
         player.close()
     return result
+
+
+def _play_under_ui(session, play, size: tuple[int, int]) -> None:
+    import asyncio
+
+    from liveperceiver.ui.app import LivePerceiverApp
+
+    app = LivePerceiverApp(session)
+
+    async def drive() -> None:
+        async with app.run_test(size=size) as pilot:
+            await asyncio.to_thread(play)
+            await pilot.pause()
+
+    asyncio.run(drive())
 
 
 def fault_phase(model, rng: random.Random, sessions: int, workdir: Path) -> dict:
@@ -328,6 +354,7 @@ def run(args) -> None:
             "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
             "call": call_phase(model, rng, args.calls, workdir),
             "duet": duet_phase(model, rng, 10.0, workdir),
+            "duet_with_ui": duet_phase(model, rng, 10.0, workdir, ui_size=(160, 48)),
             "faults": fault_phase(model, rng, args.sessions, workdir),
         }
     print(format_table(results))
@@ -354,6 +381,7 @@ def format_table(results: dict) -> str:
         f"{'barge-in silence (sent)':34}{_fmt(call['barge_in_silence_sent'])}",
         f"{'barge-in silence (heard)':34}{_fmt(call['barge_in_silence_heard'])}",
         f"{'output jitter (sent - scheduled)':34}{_fmt(duet['jitter'])}",
+        f"{'  the same with the UI at 160x48':34}{_fmt(results['duet_with_ui']['jitter'])}",
         f"{'engine step':34}{_fmt(duet['step'])}",
         f"real-time factor (music s / sampling s): {'n/a' if rtf is None else f'{rtf:.1f}'}",
         f"calls answered: {call['answered']}/{call['calls']}; duet notes out: {duet['notes_out']}, "
