@@ -22,7 +22,7 @@ from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 
-from liveperceiver.session import Snapshot
+from liveperceiver.session import Snapshot, freeze_heap
 from liveperceiver.settings import MODES, QUANTIZE_GRIDS
 from liveperceiver.ui.widgets import (
     CONTROLS,
@@ -220,6 +220,7 @@ class LivePerceiverApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
+        freeze_heap()  # the widgets are long-lived: keep full collections from stalling the music
         self.query_one("#roll-box").border_title = "Piano roll  [#4fc3f7]■[/] you  [#ffb74d]■[/] model  z x zoom"
         self.refresh_view()
         self.set_interval(1 / REFRESH_HZ, self.refresh_view)
