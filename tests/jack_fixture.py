@@ -144,15 +144,7 @@ class Keyboard:
 
     def balance(self) -> int:
         """Note-ons minus note-offs heard (per channel and pitch, summed); 0 means nothing stuck."""
-        sounding: dict[tuple[int, int], int] = {}
-        for _, m in self.messages():
-            if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
-                key = (m[0] & 0x0F, m[1])
-                if m[0] & 0xF0 == 0x90 and m[2] > 0:
-                    sounding[key] = sounding.get(key, 0) + 1
-                else:
-                    sounding[key] = max(0, sounding.get(key, 0) - 1)
-        return sum(sounding.values())
+        return note_balance([m for _, m in self.messages() if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90)])
 
     def close(self) -> None:
         for port in (self.out, self.inp):
@@ -173,6 +165,7 @@ def journal_notes(journal: Path) -> list[list[int]]:
 
 
 def note_balance(messages: list[list[int]]) -> int:
+    """Note-ons minus note-offs (per channel and pitch, never below zero), summed."""
     sounding: dict[tuple[int, int], int] = {}
     for m in messages:
         key = (m[0] & 0x0F, m[1])

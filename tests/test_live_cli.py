@@ -26,11 +26,12 @@ TINY = str(MODEL_GOLDEN / "tiny-a")
 
 
 def start_play(session_dir, *extra: str) -> subprocess.Popen:
-    """`liveperceiver play --headless` in duet mode with a seeded preset; output goes to files."""
+    """`liveperceiver play --headless` in duet mode with a seeded preset and the shipped default model
+    (the random tiny model can sample nothing but silence for many seconds); output goes to files."""
     session_dir.mkdir(parents=True, exist_ok=True)
     preset = session_dir.parent / "seeded.toml"
     preset.write_text('mode = "duet"\n[sampling]\nseed = 5\n')
-    command = [sys.executable, "-m", "liveperceiver", "play", "--headless", "--midi-api", "jack", "--model", TINY]
+    command = [sys.executable, "-m", "liveperceiver", "play", "--headless", "--midi-api", "jack"]
     command += ["--preset", str(preset), "--session-dir", str(session_dir), "--silence-ms", "200", *extra]
     stdout = open(session_dir.parent / "play.out", "w")  # noqa: SIM115 - a pipe nobody reads could block it
     process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True)
