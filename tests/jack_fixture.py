@@ -62,9 +62,18 @@ def stop_jackd(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def jack_server():
     """The name of a running private JACK server (skips the test when jackd is not installed)."""
+    yield from _private_jack(f"lp-test-{os.getpid()}")
+
+
+@pytest.fixture
+def fresh_jack_server():
+    """A private JACK server for one test only: no clients or ports left over from earlier tests."""
+    yield from _private_jack(f"lp-fresh-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def _private_jack(name: str):
     if shutil.which("jackd") is None:
         pytest.skip("jackd (jackd2) is not installed")
-    name = f"lp-test-{os.getpid()}"
     previous = os.environ.get("JACK_DEFAULT_SERVER")
     os.environ["JACK_DEFAULT_SERVER"] = name
     os.environ.setdefault("JACK_NO_START_SERVER", "1")

@@ -18,7 +18,7 @@ from liveperceiver.cli import main
 from liveperceiver.session import Session
 from liveperceiver.settings import Settings
 from tests.conftest import MODEL_GOLDEN
-from tests.jack_fixture import Keyboard, jack_server, no_stuck_notes, wait_for  # noqa: F401
+from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.jack, pytest.mark.usefixtures("jack_server")]
 
@@ -30,7 +30,9 @@ def start_play(session_dir, *extra: str) -> subprocess.Popen:
     (the random tiny model can sample nothing but silence for many seconds); output goes to files."""
     session_dir.mkdir(parents=True, exist_ok=True)
     preset = session_dir.parent / "seeded.toml"
-    preset.write_text('mode = "duet"\n[sampling]\nseed = 5\n')
+    # The model plays below middle C, the player above: a model note of the same pitch within 30 ms
+    # of the player's would be taken for an echo of our own output (feedback suppression).
+    preset.write_text('mode = "duet"\n[sampling]\nseed = 5\n[output]\npitch_low = 21\npitch_high = 59\n')
     command = [sys.executable, "-m", "liveperceiver", "play", "--headless", "--midi-api", "jack"]
     command += ["--preset", str(preset), "--session-dir", str(session_dir), "--silence-ms", "200", *extra]
     stdout = open(session_dir.parent / "play.out", "w")  # noqa: SIM115 - a pipe nobody reads could block it
@@ -57,13 +59,13 @@ def diagnose(tmp_path, server: str) -> str:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, jack_server, signum):  # noqa: F811
+def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, fresh_jack_server, signum):  # noqa: F811
     process = start_play(tmp_path / "s", "--record", str(tmp_path / "take.mid"))
     keys = Keyboard()
     try:
-        assert until_heard(keys, tmp_path / "s" / "journal.txt"), diagnose(tmp_path, jack_server)
+        assert until_heard(keys, tmp_path / "s" / "journal.txt"), diagnose(tmp_path, fresh_jack_server)
         keys.phrase([60, 64, 67, 72])
-        assert wait_for(lambda: keys.note_ons(), timeout=20), diagnose(tmp_path, jack_server)
+        assert wait_for(lambda: keys.note_ons(), timeout=20), diagnose(tmp_path, fresh_jack_server)
         sigterm_at = time.monotonic()
         process.send_signal(signum)
         process.wait(10)
