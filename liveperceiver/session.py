@@ -141,6 +141,7 @@ class Session:
         self.settings = settings
         self.device = device  # the engine's: cuda, then mps, then cpu
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.log_count = 0  # lines ever logged (the deque keeps the last LOG_LINES)
         self.lock = threading.Lock()  # guards the small shared state below (stats, roll, held keys)
         self.api = resolve_api(api)
         # ports first: a wrong port name is reported before a slow model load
@@ -353,9 +354,11 @@ class Session:
 
     def info(self, message: str) -> None:
         self.log_lines.append(f"{time.strftime('%H:%M:%S')} {message}")
+        self.log_count += 1
 
     def warn(self, message: str) -> None:
         self.log_lines.append(f"{time.strftime('%H:%M:%S')} warning: {message}")
+        self.log_count += 1
 
     def _state(self) -> str:
         if self.transport_stopped:
@@ -881,6 +884,15 @@ def _int_flag(flag: str, text: str) -> int:
         raise UserError(f"{flag} {text!r} must be a number or 'all'") from None
 
 
+def _print_new_log_lines(session: Session, shown: int) -> int:
+    """Print the log lines added since `shown` lines were printed; returns the new count."""
+    lines = list(session.log_lines)
+    total = session.log_count
+    for line in lines[max(0, len(lines) - (total - shown)) :]:
+        print(line, flush=True)
+    return total
+
+
 def run_play(args) -> int:
     """Open the ports and play until the UI quits or, headless, until SIGINT/SIGTERM."""
     import signal
@@ -912,8 +924,9 @@ def run_play(args) -> int:
     print(f"LivePerceiver {settings.mode}: in {session.midi_in.name!r}, out {session.midi_out.name!r}", flush=True)
     print(f"journal: {session.recorder.path}  (Ctrl-C to stop and save)", flush=True)
     try:
+        shown = 0  # headless, the session's log goes to stdout (port lost, model errors, ...)
         while not done.wait(0.05):
-            pass
+            shown = _print_new_log_lines(session, shown)
     finally:
         saved = session.close()
     print(f"saved {saved}", flush=True)
