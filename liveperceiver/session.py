@@ -172,7 +172,8 @@ class Session:
         self.stopping = threading.Event()
         self.closed = False
         # input-thread state
-        self.recent_out: deque[tuple[float, bool, int]] = deque(maxlen=256)  # (time, is_on, pitch) sent
+        # (time, is_on, pitch, velocity) of what we sent: an input note matching one is our own echo
+        self.recent_out: deque[tuple[float, bool, int, int]] = deque(maxlen=256)
         self.held: set[tuple[int, int]] = set()
         self.pedal_down = False
         self.last_activity = 0.0
@@ -422,7 +423,7 @@ class Session:
         """Runs on the scheduler thread for every message sent: journal, echo memory, roll."""
         status = message[0] & 0xF0
         if status in (0x80, 0x90) and len(message) == 3:
-            self.recent_out.append((when, status == 0x90 and message[2] > 0, message[1]))
+            self.recent_out.append((when, status == 0x90 and message[2] > 0, message[1], message[2]))
         if not model:
             return  # thru: the player's own notes, already journaled as the player's
         self.recorder.record(MODEL, when, message)
@@ -496,7 +497,7 @@ class Session:
                     self._player(when, [0x80 | ch, pitch, 0], ("note_off", when, pitch, ch))
             return
         is_on = kind == 0x90 and value > 0
-        if self._is_echo(when, is_on, number):
+        if self._is_echo(when, is_on, number, value):
             self.suppressed += 1
             return
         if is_on:
@@ -524,10 +525,13 @@ class Session:
                 self.notes_in += is_on
         self.commands.put(("player", event))
 
-    def _is_echo(self, when: float, is_on: bool, pitch: int) -> bool:
+    def _is_echo(self, when: float, is_on: bool, pitch: int, velocity: int) -> bool:
+        """A routed-back copy of a note we sent: same pitch and kind within the window, and for a
+        note-on the same velocity (a player striking that key right then almost never matches it)."""
         for entry in list(self.recent_out):
-            sent, sent_on, sent_pitch = entry
-            if sent_pitch == pitch and sent_on == is_on and 0 <= when - sent <= FEEDBACK_WINDOW_S:
+            sent, sent_on, sent_pitch, sent_velocity = entry
+            same_velocity = sent_velocity == velocity or not is_on
+            if sent_pitch == pitch and sent_on == is_on and same_velocity and 0 <= when - sent <= FEEDBACK_WINDOW_S:
                 try:
                     self.recent_out.remove(entry)  # one echo per note sent
                 except ValueError:

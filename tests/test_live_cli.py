@@ -30,9 +30,7 @@ def start_play(session_dir, *extra: str) -> subprocess.Popen:
     (the random tiny model can sample nothing but silence for many seconds); output goes to files."""
     session_dir.mkdir(parents=True, exist_ok=True)
     preset = session_dir.parent / "seeded.toml"
-    # The model plays below middle C, the player above: a model note of the same pitch within 30 ms
-    # of the player's would be taken for an echo of our own output (feedback suppression).
-    preset.write_text('mode = "duet"\n[sampling]\nseed = 5\n[output]\npitch_low = 21\npitch_high = 59\n')
+    preset.write_text('mode = "duet"\n[sampling]\nseed = 5\n')
     command = [sys.executable, "-m", "liveperceiver", "play", "--headless", "--midi-api", "jack"]
     command += ["--preset", str(preset), "--session-dir", str(session_dir), "--silence-ms", "200", *extra]
     stdout = open(session_dir.parent / "play.out", "w")  # noqa: SIM115 - a pipe nobody reads could block it
