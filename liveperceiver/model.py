@@ -16,7 +16,6 @@ channels of a head (half of them when `abs_pos_emb`). Positions only matter rela
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -259,7 +258,3 @@ class PerceiverAR(nn.Module):
         for index, layer in enumerate(self.self_attention):
             x = layer(x, rotary_q if config.is_rotary_layer(index) else None, self_mask)
         return self.logits(x)
-
-
-def attention_scale(config: PerceiverARConfig) -> float:
-    return 1.0 / math.sqrt(config.head_dim)

@@ -50,6 +50,21 @@ def live(tmp_path, jack_server):  # noqa: F811 - the imported fixture
         keys.close()
 
 
+def send_clock(keys, beats: int, after_first_beat=None) -> float:
+    """MIDI start, then `beats` of 120 bpm clock (24 ppqn) at their exact times; returns the start."""
+    keys.send([0xFA])
+    period = 60 / 120 / 24
+    start = time.monotonic()
+    for i in range(24 * beats):
+        target = start + i * period
+        while time.monotonic() < target:
+            time.sleep(0.0005)
+        keys.send([0xF8])
+        if i == 24 and after_first_beat is not None:
+            after_first_beat()
+    return start
+
+
 def test_call_is_answered_after_silence_and_barge_in_silences_it(live, tmp_path):
     session, keys = live()
     last_off = keys.phrase([60, 62, 64, 65, 67])
@@ -143,14 +158,7 @@ def test_output_routed_back_to_input_does_not_run_away(live, jack_server):  # no
 
 def test_tempo_from_midi_clock_and_transport(live):
     session, keys = live(mode="duet")
-    keys.send([0xFA])
-    period = 60 / 120 / 24
-    start = time.monotonic()
-    for i in range(24 * 6):
-        target = start + i * period
-        while time.monotonic() < target:
-            time.sleep(0.0005)
-        keys.send([0xF8])
+    send_clock(keys, beats=6)
     snap = session.snapshot()
     assert snap.bpm is not None and abs(snap.bpm - 120) < 1.0
     assert snap.transport_running
@@ -199,16 +207,7 @@ def test_auto_api_finds_jack_here():
 
 def test_quantised_model_onsets_fall_on_the_clock_grid(live):
     session, keys = live(mode="duet", quantize="1/16")
-    keys.send([0xFA])
-    period = 60 / 120 / 24
-    start = time.monotonic()
-    for i in range(24 * 16):
-        target = start + i * period
-        while time.monotonic() < target:
-            time.sleep(0.0005)
-        keys.send([0xF8])
-        if i == 24:
-            keys.phrase([60, 64], step=0.05, length=0.04)
+    start = send_clock(keys, beats=16, after_first_beat=lambda: keys.phrase([60, 64], step=0.05, length=0.04))
     origin, beat = session.clock.grid(time.monotonic())
     assert abs(beat - 0.5) < 0.01
     step = beat / 4
