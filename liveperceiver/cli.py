@@ -234,6 +234,9 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--live", action="store_true", help="benchmark the live bridge over JACK dummy ports")
     parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
     parser.add_argument("--sessions", type=int, default=5, help="--live: randomized sessions with faults")
+    parser.add_argument(
+        "--faults-log", type=Path, help="--live: append each fault session here; a rerun resumes after the last one"
+    )
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.set_defaults(handler=run_bench)
 

@@ -277,48 +277,85 @@ def _play_under_ui(session, play, size: tuple[int, int]) -> None:
     asyncio.run(drive())
 
 
-def fault_phase(model, rng: random.Random, sessions: int, workdir: Path) -> dict:
-    """Randomized sessions with faults; the figure that matters is the stuck-note count (0)."""
-    stuck, stuck_sent, dropped, faults = [], [], 0, []
+def fault_phase(model, sessions: int, workdir: Path, log_path: Path | None = None) -> dict:
+    """Randomized sessions with faults; the figure that matters is the stuck-note count (0).
+
+    Session i draws its faults from its own seed, so a long run can stop and resume: with `log_path`
+    every finished session is appended there as one JSON line, and sessions already logged are not
+    run again (1,000 sessions take about two hours on the 2-core dev machine)."""
+    done = _read_fault_log(log_path) if log_path else {}
     for index in range(sessions):
-        settings = Settings(mode=rng.choice(["call", "duet"]), silence_ms=200, seed=index)
-        session = Session(settings, model=model, api="jack", session_dir=workdir / f"fault{index}")
-        session.start()
-        player = Player()
-        log = []
-        try:
-            for _ in range(6):
-                player.phrase(rng, rng.randrange(1, 5))
-                time.sleep(rng.uniform(0.2, 0.8))
-                fault = rng.choice(["mode", "panic", "engine", "settings", "none", "reset"])
-                log.append(fault)
-                if fault == "mode":
-                    session.update(mode=rng.choice(["call", "duet", "listen"]))
-                elif fault == "panic":
-                    session.panic()
-                elif fault == "settings":
-                    session.update(temperature=rng.uniform(0.5, 1.5), transpose=rng.randrange(-12, 13))
-                elif fault == "reset":
-                    session.reset()
-                elif fault == "engine":
-                    session.engine.step = _broken_once(session.engine)
-        finally:
-            session.close()  # mid-answer, like a SIGTERM
-            time.sleep(0.05)
-            stuck.append(player.balance())
-            scheduler = session.scheduler
-            stuck_sent.append(scheduler.sent_on - scheduler.sent_off)
-            dropped += scheduler.sent_on + scheduler.sent_off - player.note_messages()
-            player.close()
-        faults.append(log)
+        if index in done:
+            continue
+        row = _fault_session(model, index, workdir)
+        done[index] = row
+        if log_path:
+            with open(log_path, "a") as log:
+                log.write(json.dumps(row) + "\n")
+        shutil.rmtree(workdir / f"fault{index}", ignore_errors=True)
+    rows = [done[i] for i in range(sessions)]
     return {
         "sessions": sessions,
-        "stuck_notes_sent": sum(stuck_sent),
-        "stuck_notes_heard": sum(stuck),
-        "messages_dropped_by_transport": dropped,
-        "per_session_heard": stuck,
-        "faults": faults,
+        "stuck_notes_sent": sum(r["stuck_sent"] for r in rows),
+        "stuck_notes_heard": sum(r["stuck_heard"] for r in rows),
+        "messages_dropped_by_transport": sum(r["dropped"] for r in rows),
+        "per_session_heard": [r["stuck_heard"] for r in rows],
+        "faults": [r["faults"] for r in rows],
     }
+
+
+def _read_fault_log(path: Path) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    if path.is_file():
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            with open(path, "a") as log:
+                log.write("\n")  # new lines must not join the one a kill cut short
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+                rows[int(row["session"])] = row
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill: that session runs again
+    return rows
+
+
+def _fault_session(model, index: int, workdir: Path) -> dict:
+    rng = random.Random(index)
+    settings = Settings(mode=rng.choice(["call", "duet"]), silence_ms=200, seed=index)
+    session = Session(settings, model=model, api="jack", session_dir=workdir / f"fault{index}")
+    session.start()
+    player = Player()
+    log = []
+    try:
+        for _ in range(6):
+            player.phrase(rng, rng.randrange(1, 5))
+            time.sleep(rng.uniform(0.2, 0.8))
+            fault = rng.choice(["mode", "panic", "engine", "settings", "none", "reset"])
+            log.append(fault)
+            if fault == "mode":
+                session.update(mode=rng.choice(["call", "duet", "listen"]))
+            elif fault == "panic":
+                session.panic()
+            elif fault == "settings":
+                session.update(temperature=rng.uniform(0.5, 1.5), transpose=rng.randrange(-12, 13))
+            elif fault == "reset":
+                session.reset()
+            elif fault == "engine":
+                session.engine.step = _broken_once(session.engine)
+    finally:
+        session.close()  # mid-answer, like a SIGTERM
+        time.sleep(0.05)
+        scheduler = session.scheduler
+        row = {
+            "session": index,
+            "stuck_heard": player.balance(),
+            "stuck_sent": scheduler.sent_on - scheduler.sent_off,
+            "dropped": scheduler.sent_on + scheduler.sent_off - player.note_messages(),
+            "faults": log,
+        }
+        player.close()
+    return row
 
 
 def _broken_once(engine):
@@ -355,7 +392,7 @@ def run(args) -> None:
             "call": call_phase(model, rng, args.calls, workdir),
             "duet": duet_phase(model, rng, 10.0, workdir),
             "duet_with_ui": duet_phase(model, rng, 10.0, workdir, ui_size=(160, 48)),
-            "faults": fault_phase(model, rng, args.sessions, workdir),
+            "faults": fault_phase(model, args.sessions, workdir, args.faults_log),
         }
     print(format_table(results))
     if args.json:

@@ -1,0 +1,28 @@
+"""`bench --live`'s fault sessions on real JACK ports: a long run logs each session and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from liveperceiver.live_bench import fault_phase
+from tests.jack_fixture import jack_server  # noqa: F401
+
+pytestmark = [pytest.mark.jack, pytest.mark.usefixtures("jack_server")]
+
+
+def test_fault_sessions_resume_from_their_log(tmp_path, tiny_model):
+    log = tmp_path / "faults.jsonl"
+    first = fault_phase(tiny_model, 1, tmp_path, log)
+    assert first["sessions"] == 1 and first["stuck_notes_sent"] == 0
+    logged = log.read_text()
+    assert json.loads(logged)["session"] == 0
+    log.write_text(logged + '{"session": 1, "stuck_')  # a line cut short by a kill: session 1 runs again
+    second = fault_phase(tiny_model, 2, tmp_path, log)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and lines[1] == '{"session": 1, "stuck_'  # the cut line stays, unread
+    rows = [json.loads(lines[0]), json.loads(lines[2])]
+    assert [row["session"] for row in rows] == [0, 1]  # session 0 was not run again
+    assert second["faults"][0] == first["faults"][0] and second["stuck_notes_sent"] == 0
+    assert len(second["faults"][1]) == 6
