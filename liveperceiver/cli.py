@@ -96,14 +96,35 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--ngram-data", type=Path, help="dataset whose train split fits the n-gram baseline")
     parser.add_argument("--continuations", type=int, default=0, metavar="K", help="continue K held-out prompts")
     parser.add_argument("--max-tokens", type=int, help="score at most this many tokens")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for continuations")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k for continuations (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="top-p for continuations")
-    parser.add_argument("--no-orphan-note-off", action="store_true", help="constrain continuations (engine option)")
+    from liveperceiver.settings import Settings
+
+    live = Settings()  # continuations sample as `play` does unless told otherwise
+    parser.add_argument("--temperature", type=float, default=live.temperature, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=live.top_k, help="top-k for continuations (0 = off)")
+    parser.add_argument("--top-p", type=float, default=live.top_p, help="top-p for continuations")
     parser.add_argument(
-        "--max-note-seconds", type=float, default=0.0, help="continuations close notes held this long (0: off)"
+        "--num-latents",
+        type=int,
+        default=live.num_latents,
+        help=f"engine latents (default {live.num_latents}, as live)",
     )
-    parser.add_argument("--num-latents", type=int, default=64, help="engine latents for continuations (default 64)")
+    parser.add_argument(
+        "--max-note-seconds",
+        type=float,
+        default=live.engine_constraints().max_note_ms / 1000,
+        help="the engine closes notes held this long (default: as live; 0: off)",
+    )
+    parser.add_argument(
+        "--no-constraints", action="store_true", help="sample the raw model (no orphan note-off guard, no note limit)"
+    )
+    parser.add_argument(
+        "--window-latents",
+        type=int_list,
+        default=[],
+        metavar="N,...",
+        help="also score NLL as the live engine does with N latents, e.g. 1,8,64",
+    )
+    parser.add_argument("--window-tokens", type=int, default=20000, help="tokens scored per --window-latents size")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.evaluate").evaluate.run_eval(args))
 

@@ -208,12 +208,14 @@ def continuation_stats(
             device="cpu",
         )
         generated = continue_tokens(engine, prompt, len(truth))
-        gen, true = note_stats(generated), note_stats(truth)
+        gen, true, before = note_stats(generated), note_stats(truth), note_stats(prompt)
         rows.append(
             {
                 "well_formed": well_formed(prompt, generated),
                 "strict_well_formed": well_formed(prompt, generated, max_open_s=None),
                 "pitch_class_overlap": float(np.minimum(gen["pitch_classes"], true["pitch_classes"]).sum()),
+                # the yardstick: how well the prompt's own pitch classes predict the continuation's
+                "prompt_pitch_class_overlap": float(np.minimum(before["pitch_classes"], true["pitch_classes"]).sum()),
                 "density": (gen["density"], true["density"]),
                 "polyphony": (gen["polyphony"], true["polyphony"]),
                 "length_overlap": histogram_overlap(gen["lengths"], true["lengths"], time_bins),
@@ -241,6 +243,8 @@ def continuation_stats(
         "well_formed": mean("well_formed"),
         "strict_well_formed": mean("strict_well_formed"),
         "pitch_class_overlap": mean("pitch_class_overlap"),
+        "prompt_pitch_class_overlap": mean("prompt_pitch_class_overlap"),
+        "pitch_class_overlap_per_prompt": [round(r["pitch_class_overlap"], 4) for r in rows],
         "note_length_overlap": mean("length_overlap"),
         "inter_onset_overlap": mean("ioi_overlap"),
         "notes_per_second": pair("density"),
@@ -298,6 +302,33 @@ def cap_tokens(pieces: list[list[int]], max_tokens: int) -> list[list[int]]:
     return [kept[i] for i in sorted(kept)]
 
 
+def window_nll(model, pieces: list[list[int]], num_latents: int, max_tokens: int, progress: bool = True) -> dict:
+    """NLL per token as the live engine sees the stream: every token predicted from all the tokens
+    before it in its piece, the last `num_latents` of them as latents (training uses the model's
+    max_latents; a small live window trades some of that quality for speed)."""
+    import torch
+    from tqdm import tqdm
+
+    from liveperceiver.engine import Engine
+
+    latents = min(num_latents, model.config.max_latents)
+    total, count = 0.0, 0
+    bar = tqdm(total=max_tokens, desc=f"{latents} latents", unit="token", disable=not progress, file=sys.stderr)
+    for piece in pieces:
+        if count >= max_tokens:
+            break
+        engine = Engine(model, num_latents=latents, device="cpu")
+        engine.append(piece[:1])
+        for target in piece[1 : 1 + max_tokens - count]:
+            logits = engine.next_logits().float()
+            total -= float(torch.log_softmax(logits, -1)[target])
+            count += 1
+            engine.append([target])
+            bar.update()
+    bar.close()
+    return {"num_latents": latents, "tokens": count, "nll": total / max(count, 1)}
+
+
 def evaluate(
     model,
     pieces: list[list[int]],
@@ -305,6 +336,8 @@ def evaluate(
     continuations: int = 0,
     progress: bool = True,
     continuation_pieces: list[list[int]] | None = None,
+    window_latents: tuple[int, ...] = (),
+    window_tokens: int = 20000,
     **sampling,
 ) -> dict:
     nll, targets = model_nll(model, pieces, progress)
@@ -328,6 +361,9 @@ def evaluate(
         result["baseline_perplexity"] = float(math.exp(base.mean()))
         result["baseline_by_type"] = by_type(base, targets)
         result["improvement_over_baseline"] = 1.0 - result["nll"] / result["baseline_nll"]
+    if window_latents:
+        whole = continuation_pieces or pieces
+        result["nll_by_window"] = [window_nll(model, whole, n, window_tokens, progress) for n in window_latents]
     if continuations:
         result["continuations"] = continuation_stats(model, continuation_pieces or pieces, continuations, **sampling)
     return result
@@ -350,18 +386,20 @@ def run_eval(args) -> None:
         "top_p": args.top_p,
         "num_latents": args.num_latents,
     }
-    if args.no_orphan_note_off or args.max_note_seconds:
+    if args.max_note_seconds < 0:
+        raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
+    if not args.no_constraints:
         from liveperceiver.sampling import Constraints
 
-        sampling["constraints"] = Constraints(
-            no_orphan_note_off=args.no_orphan_note_off, max_note_ms=round(args.max_note_seconds * 1000)
-        )
+        sampling["constraints"] = Constraints(no_orphan_note_off=True, max_note_ms=round(args.max_note_seconds * 1000))
     result = evaluate(
         loaded.model,
         pieces,
         args.ngram_data or dataset_dir,
         args.continuations,
         continuation_pieces=full_pieces,
+        window_latents=tuple(args.window_latents),
+        window_tokens=args.window_tokens,
         **sampling,
     )
     result["model"] = loaded.source
@@ -376,11 +414,14 @@ def run_eval(args) -> None:
     for kind, row in result["by_type"].items():
         base = result.get("baseline_by_type", {}).get(kind, {}).get("nll")
         lines.append(f"  {kind:10s} NLL {row['nll']:.4f}" + (f"  (4-gram {base:.4f})" if base is not None else ""))
+    for row in result.get("nll_by_window", []):
+        lines.append(f"  NLL with {row['num_latents']} latents, as live: {row['nll']:.4f} ({row['tokens']:,} tokens)")
     if "continuations" in result and result["continuations"].get("count"):
         c = result["continuations"]
         lines.append(
             f"  {c['count']} continuations: well-formed {100 * c['well_formed']:.1f}%, "
-            f"pitch-class overlap {c['pitch_class_overlap']:.3f}, note-length overlap {c['note_length_overlap']:.3f}, "
+            f"pitch-class overlap {c['pitch_class_overlap']:.3f} (the prompt's own: {c['prompt_pitch_class_overlap']:.3f}), "
+            f"note-length overlap {c['note_length_overlap']:.3f}, "
             f"inter-onset overlap {c['inter_onset_overlap']:.3f}"
         )
     print("\n".join(lines))

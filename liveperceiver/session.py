@@ -396,25 +396,9 @@ class Session:
             model,
             num_latents=settings.num_latents,
             prefix_cap=cap,
-            sampling=self._sampling(settings),
-            constraints=self._constraints(settings),
+            sampling=settings.sampling_settings(),
+            constraints=settings.engine_constraints(),
             device=self.device,
-        )
-
-    @staticmethod
-    def _constraints(settings: Settings):
-        """The model closes its own long notes a second before the scheduler's watchdog would,
-        so the context holds the note-off that was played (one time-shift can pass the limit)."""
-        from liveperceiver.sampling import Constraints
-
-        return Constraints(max_note_ms=max(500, round(settings.max_note_seconds * 1000) - 1000))
-
-    @staticmethod
-    def _sampling(settings: Settings):
-        from liveperceiver.sampling import SamplingSettings
-
-        return SamplingSettings(
-            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed
         )
 
     # ------------------------------------------------------------------ scheduler callback
@@ -673,8 +657,8 @@ class Session:
             self.engine.configure(
                 num_latents=settings.num_latents,
                 prefix_cap=min(cap, self.model.config.max_prefix_len),
-                sampling=self._sampling(settings),
-                constraints=self._constraints(settings),
+                sampling=settings.sampling_settings(),
+                constraints=settings.engine_constraints(),
             )
         except ValueError as error:
             self.warn(f"settings not applied to the engine: {error}")

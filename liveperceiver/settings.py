@@ -23,7 +23,7 @@ class Settings:
     temperature: float = 0.9
     top_k: int = 0  # 0: off
     top_p: float = 0.95
-    num_latents: int = 1
+    num_latents: int = 8  # 1 is fastest but plays worse: see the model card (test NLL by window size)
     prefix_cap: int = 0  # 0: the model's max_prefix_len
     seed: int | None = None
     # [timing]
@@ -66,6 +66,20 @@ class Settings:
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name} = {getattr(self, name)!r} is outside the allowed values ({allowed})")
+
+    def sampling_settings(self):
+        """The engine's sampling settings (temperature, top-k, top-p, seed)."""
+        from liveperceiver.sampling import SamplingSettings
+
+        return SamplingSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+
+    def engine_constraints(self):
+        """What the engine enforces while sampling: no note-off for a note that is not sounding, and
+        the model closes its own long notes a second before the scheduler's watchdog would cut them,
+        so the context holds the note-off that was played (one time shift can pass the limit)."""
+        from liveperceiver.sampling import Constraints
+
+        return Constraints(no_orphan_note_off=True, max_note_ms=max(500, round(self.max_note_seconds * 1000) - 1000))
 
     def updated(self, **changes) -> Settings:
         """A validated copy with `changes` applied (the original stays valid if they are not)."""

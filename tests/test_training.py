@@ -19,6 +19,7 @@ from liveperceiver import vocab
 from liveperceiver.augment import AugmentConfig, augment_tokens, encode_notes, jitter_onsets, scale_velocity, stretch
 from liveperceiver.augment import transpose as transpose_notes
 from liveperceiver.dataset import TokenDataset, build, find_sources, split_of
+from liveperceiver.settings import Settings
 from liveperceiver.tokenizer import Note, decode_notes, encode_midi
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,13 +249,35 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     save_directory(net, tmp_path / "model")
     result = run_cli(
         "eval", "--model", str(tmp_path / "model"), str(dataset_dir), "--split", "train", "--max-tokens", "400",
-        "--continuations", "2", "--json", str(tmp_path / "eval.json"),
+        "--continuations", "2", "--window-latents", "1,4", "--window-tokens", "50", "--json", str(tmp_path / "eval.json"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert 380 <= report["tokens"] <= 400 and report["perplexity"] == pytest.approx(np.exp(report["nll"]))
     assert report["baseline_nll"] > 0 and set(report["by_type"]) <= {"note_on", "note_off", "time_shift", "velocity"}
     assert report["continuations"]["count"] == 2 and 0 <= report["continuations"]["pitch_class_overlap"] <= 1
+    assert 0 <= report["continuations"]["prompt_pitch_class_overlap"] <= 1
+    assert [(row["num_latents"], row["tokens"]) for row in report["nll_by_window"]] == [(1, 50), (4, 50)]
+    assert report["continuations"]["sampling"]["num_latents"] == Settings().num_latents  # as live by default
+
+
+def test_window_nll_is_the_full_forward_nll_of_each_window(tiny_model):
+    from liveperceiver.evaluate import window_nll
+
+    rng = np.random.default_rng(1)
+    pieces = [[int(t) for t in rng.integers(0, 388, 40)], [int(t) for t in rng.integers(0, 388, 30)]]
+    for latents in (1, 3):
+        expected = []
+        with torch.no_grad():
+            for piece in pieces:
+                for t in range(1, len(piece)):
+                    context = torch.tensor([piece[:t]])
+                    window = min(latents, t)
+                    logits = tiny_model(context, t - window)[0, -1]
+                    expected.append(-float(torch.log_softmax(logits.float(), -1)[piece[t]]))
+        got = window_nll(tiny_model, pieces, latents, max_tokens=60, progress=False)
+        assert got["tokens"] == 60 and got["num_latents"] == latents
+        assert got["nll"] == pytest.approx(np.mean(expected[:60]), abs=1e-5)
 
 
 def test_kneser_ney_is_a_distribution():
