@@ -87,6 +87,7 @@ class Engine:
         self.dtype = dtype
         self.model = prepare_model(model, self.device, dtype, quantize)
         self.tokens: list[int] = []
+        self.sampled = bytearray()  # 1 where the token was sampled by step(), 0 where it was appended
         self.state = StreamState()
         self.num_latents = 1
         self.prefix_cap = self.config.max_prefix_len
@@ -147,6 +148,7 @@ class Engine:
         vocab.check_tokens(tokens, "append")
         for token in tokens:
             self.tokens.append(token)
+            self.sampled.append(0)
             self.state.push(token)
 
     def truncate(self, length: int) -> None:
@@ -154,7 +156,8 @@ class Engine:
         if not 0 <= length <= len(self.tokens):
             raise ValueError(f"truncate length {length} outside 0..{len(self.tokens)}")
         del self.tokens[length:]
-        self.state.rewind(self.tokens, length)
+        del self.sampled[length:]
+        self.state.rewind(self.tokens, self.sampled, length)
         if self.exact_tables:
             self._kv_upto = min(self._kv_upto, length)
 
@@ -172,7 +175,8 @@ class Engine:
             logits[forbid.start : forbid.stop] = float("-inf")
         token = choose(logits, self.sampling, self.generator)
         self.tokens.append(token)
-        self.state.push(token)
+        self.sampled.append(1)
+        self.state.push(token, sampled=True)
         return token
 
     def sample(self, count: int) -> list[int]:

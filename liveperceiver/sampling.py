@@ -66,8 +66,8 @@ class Constraints:
 
 
 class StreamState:
-    """What the token stream implies right now: sounding pitches with their onset times, and the
-    stream's clock in ms (the sum of its time-shifts).
+    """What the token stream implies right now: sounding pitches with their onset times, which of
+    them the model sampled itself, and the stream's clock in ms (the sum of its time-shifts).
 
     Snapshots every `SNAPSHOT_EVERY` tokens make rollback cheap on unbounded streams."""
 
@@ -75,10 +75,11 @@ class StreamState:
 
     def __init__(self) -> None:
         self.onsets: dict[int, int] = {}  # sounding pitch -> onset time (ms)
+        self.sampled: set[int] = set()  # sounding pitches the model struck (a player's notes are not its to end)
         self.clock_ms = 0
         self.last_onset_ms: int | None = None
         self.length = 0
-        self._snapshots: list[tuple[dict[int, int], int, int | None]] = [({}, 0, None)]
+        self._snapshots: list[tuple[dict[int, int], set[int], int, int | None]] = [({}, set(), 0, None)]
 
     @property
     def sounding(self) -> set[int]:
@@ -89,30 +90,35 @@ class StreamState:
         return 1_000_000 if self.last_onset_ms is None else self.clock_ms - self.last_onset_ms
 
     def overdue(self, max_note_ms: int) -> list[int]:
-        """Pitches that have sounded for at least `max_note_ms`."""
-        return [pitch for pitch, onset in self.onsets.items() if self.clock_ms - onset >= max_note_ms]
+        """The model's own pitches that have sounded for at least `max_note_ms`."""
+        return [pitch for pitch in self.sampled if self.clock_ms - self.onsets[pitch] >= max_note_ms]
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, sampled: bool = False) -> None:
         if token < vocab.NOTE_OFF:
             self.onsets.setdefault(token, self.clock_ms)
             self.last_onset_ms = self.clock_ms
+            if sampled:
+                self.sampled.add(token)
+            else:
+                self.sampled.discard(token)  # the player struck it too: the note is theirs now
         elif token < vocab.TIME_SHIFT:
             self.onsets.pop(token - vocab.NOTE_OFF, None)
+            self.sampled.discard(token - vocab.NOTE_OFF)
         elif token < vocab.VELOCITY:
             self.clock_ms += vocab.time_shift_steps(token) * 10
         self.length += 1
         if self.length % self.SNAPSHOT_EVERY == 0:
-            self._snapshots.append((dict(self.onsets), self.clock_ms, self.last_onset_ms))
+            self._snapshots.append((dict(self.onsets), set(self.sampled), self.clock_ms, self.last_onset_ms))
 
-    def rewind(self, tokens: list[int], length: int) -> None:
-        """Restore the state after `tokens[:length]` from the nearest snapshot."""
+    def rewind(self, tokens: list[int], sampled: bytearray, length: int) -> None:
+        """Restore the state after `tokens[:length]` (`sampled[i]`: token i was sampled) from the nearest snapshot."""
         index = length // self.SNAPSHOT_EVERY
         del self._snapshots[index + 1 :]
-        onsets, self.clock_ms, self.last_onset_ms = self._snapshots[index]
-        self.onsets = dict(onsets)
+        onsets, own, self.clock_ms, self.last_onset_ms = self._snapshots[index]
+        self.onsets, self.sampled = dict(onsets), set(own)
         self.length = index * self.SNAPSHOT_EVERY
-        for token in tokens[self.length : length]:
-            self.push(token)
+        for position in range(self.length, length):
+            self.push(tokens[position], bool(sampled[position]))
 
 
 def constraint_mask(constraints: Constraints, state: StreamState, logits: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ class Settings:
     response_seconds: float = 6.0
     lookahead_ms: int = 200
     quantize: str = "off"
-    max_note_seconds: float = 8.0  # watchdog: longer model notes are cut
+    max_note_seconds: float = 4.0  # watchdog: longer model notes are cut (the model closes its own a second sooner)
     # [output]
     out_channel: int = 1  # 1-16
     transpose: int = 0

@@ -187,19 +187,44 @@ def test_long_prompts_keep_their_most_recent_part(tiny_model):
 
 
 def test_constraint_max_note_length_bites(tiny_model):
-    def longest_note_ms(tokens):
+    def longest_sampled_note_ms(prompt, generated):
+        """Longest note the model struck itself (the prompt's notes are the player's)."""
         clock, onsets, longest = 0, {}, 0
-        for token in tokens:
+        for index, token in enumerate(prompt + generated):
             if token < vocab.NOTE_OFF:
-                onsets.setdefault(token, clock)
+                onsets.setdefault(token, (clock, index >= len(prompt)))
             elif token < vocab.TIME_SHIFT and token - vocab.NOTE_OFF in onsets:
-                longest = max(longest, clock - onsets.pop(token - vocab.NOTE_OFF))
+                onset, sampled = onsets.pop(token - vocab.NOTE_OFF)
+                longest = max(longest, (clock - onset) * sampled)
             elif vocab.TIME_SHIFT <= token < vocab.VELOCITY:
                 clock += vocab.time_shift_steps(token) * 10
-        return max([longest] + [clock - onset for onset in onsets.values()])
+        return max([longest] + [clock - onset for onset, sampled in onsets.values() if sampled])
 
     prompt, free = sample_under(tiny_model, Constraints())
-    assert longest_note_ms(prompt + free) > 2000
+    assert longest_sampled_note_ms(prompt, free) > 2000
     prompt, constrained = sample_under(tiny_model, Constraints(max_note_ms=500))
     # a note closes on the first step after it is due; one time-shift (<= 1 s) can pass it
-    assert longest_note_ms(prompt + constrained) < 500 + 1000
+    assert longest_sampled_note_ms(prompt, constrained) < 500 + 1000
+
+
+def test_max_note_length_closes_only_the_models_notes(tiny_model):
+    """A player holding a key for 5 s is not the model's to release; the model's own 5 s note is."""
+    engine = Engine(tiny_model, constraints=Constraints(max_note_ms=500))
+    engine.append([376, 60] + [355] * 5)  # the player's middle C, held
+    assert engine.state.overdue(500) == []
+    engine.truncate(1)
+    engine.configure(constraints=Constraints())
+    engine.configure(sampling=SamplingSettings(temperature=3.0, seed=0))
+    for _ in range(5000):  # let the model strike middle C itself
+        if engine.step() == 60:
+            break
+        engine.truncate(1)
+    else:
+        pytest.fail("the tiny model never struck middle C")
+    engine.append([355] * 5)
+    assert engine.state.overdue(500) == [60]
+    engine.append([355])
+    length = len(engine)
+    engine.append([61, 355])
+    engine.truncate(length)  # a rollback keeps which notes the model struck
+    assert engine.state.overdue(500) == [60]
