@@ -216,6 +216,8 @@ def continuation_stats(
                 "pitch_class_overlap": float(np.minimum(gen["pitch_classes"], true["pitch_classes"]).sum()),
                 # the yardstick: how well the prompt's own pitch classes predict the continuation's
                 "prompt_pitch_class_overlap": float(np.minimum(before["pitch_classes"], true["pitch_classes"]).sum()),
+                # how well the continuation keeps the pitch classes it was prompted with
+                "kept_pitch_class_overlap": float(np.minimum(gen["pitch_classes"], before["pitch_classes"]).sum()),
                 "density": (gen["density"], true["density"]),
                 "polyphony": (gen["polyphony"], true["polyphony"]),
                 "length_overlap": histogram_overlap(gen["lengths"], true["lengths"], time_bins),
@@ -244,6 +246,7 @@ def continuation_stats(
         "strict_well_formed": mean("strict_well_formed"),
         "pitch_class_overlap": mean("pitch_class_overlap"),
         "prompt_pitch_class_overlap": mean("prompt_pitch_class_overlap"),
+        "generated_vs_prompt_pitch_class_overlap": mean("kept_pitch_class_overlap"),
         "pitch_class_overlap_per_prompt": [round(r["pitch_class_overlap"], 4) for r in rows],
         "note_length_overlap": mean("length_overlap"),
         "inter_onset_overlap": mean("ioi_overlap"),

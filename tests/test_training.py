@@ -257,6 +257,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     assert report["baseline_nll"] > 0 and set(report["by_type"]) <= {"note_on", "note_off", "time_shift", "velocity"}
     assert report["continuations"]["count"] == 2 and 0 <= report["continuations"]["pitch_class_overlap"] <= 1
     assert 0 <= report["continuations"]["prompt_pitch_class_overlap"] <= 1
+    assert 0 <= report["continuations"]["generated_vs_prompt_pitch_class_overlap"] <= 1
     assert [(row["num_latents"], row["tokens"]) for row in report["nll_by_window"]] == [(1, 50), (4, 50)]
     assert report["continuations"]["sampling"]["num_latents"] == Settings().num_latents  # as live by default
 
