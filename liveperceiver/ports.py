@@ -151,10 +151,19 @@ class _Port:
         self.virtual_name = virtual_name
         self.log = log
         self.lock = threading.Lock()  # guards self.port against check() reopening it during use
-        self.port = self._new()
+        try:
+            self.port = self._new()
+        except rtmidi.RtMidiError as error:  # e.g. the JACK server went away after resolve_api()
+            raise UserError(
+                f"cannot open a {api} MIDI {self.direction} client ({error}): {_install_hint(api)}"
+            ) from None
         self.connected_name: str | None = None
         if wanted is None:
-            self.port.open_virtual_port(virtual_name)
+            try:
+                self.port.open_virtual_port(virtual_name)
+            except rtmidi.RtMidiError as error:
+                self.port.delete()
+                raise UserError(f"cannot create the virtual MIDI port {virtual_name!r} ({error})") from None
             self.connected_name = virtual_name
         else:
             index = match_port(self.port.get_ports(), wanted)

@@ -15,6 +15,7 @@ import rtmidi
 
 from liveperceiver import ports
 from liveperceiver.cli import main
+from liveperceiver.errors import UserError
 from liveperceiver.session import Session
 from liveperceiver.settings import Settings
 from tests.conftest import MODEL_GOLDEN
@@ -113,6 +114,15 @@ def test_unavailable_api_is_one_line_and_exit_2(capsys):
     code = main(["play", "--headless", "--midi-api", "alsa"]) if not os.path.exists("/dev/snd/seq") else 2
     assert code == 2
     assert capsys.readouterr().err.count("\n") <= 1
+
+
+def test_jack_server_gone_when_the_port_opens_is_one_line(monkeypatch):
+    """resolve_api() saw a server, but it is gone when the client opens: a UserError, not a traceback."""
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", f"lp-no-such-server-{os.getpid()}")
+    monkeypatch.setenv("JACK_NO_START_SERVER", "1")
+    with pytest.raises(UserError, match="cannot open a jack MIDI input client") as raised:
+        ports.MidiInput("jack")
+    assert "\n" not in str(raised.value)
 
 
 def random_message(rng: random.Random) -> list[int]:
