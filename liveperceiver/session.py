@@ -57,6 +57,7 @@ TIME_SHIFTS = range(vocab.TIME_SHIFT, vocab.VELOCITY)
 
 FEEDBACK_WINDOW_S = 0.030  # an input note matching one we sent this recently is our own echo
 PORT_CHECK_S = 0.5
+DELIVERY_WAIT_S = 0.1  # close(): time the backend gets to deliver the final note-offs
 IDLE_WAIT_S = 0.005  # the engine thread's poll while waiting for silence or look-ahead room
 SWITCH_INTERVAL_S = 0.0005  # GIL hand-over interval while a session runs (Python's default: 5 ms)
 ROLL_SECONDS = 10.0
@@ -284,7 +285,7 @@ class Session:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         self.scheduler.close()
-        time.sleep(0.03)  # let the backend deliver the last note-offs before the port goes
+        last_sent = time.monotonic()
         saved = None
         try:
             saved = self.recorder.save(self.record_path)
@@ -293,6 +294,9 @@ class Session:
         except UserError as error:
             self.warn(str(error))
         finally:
+            # the last note-offs must leave before the port goes: JACK sends them in its next process
+            # cycle, which a starved machine can delay by tens of milliseconds (saving overlaps this)
+            time.sleep(max(0.0, last_sent + DELIVERY_WAIT_S - time.monotonic()))
             self.recorder.close()
             self.midi_in.close()
             self.midi_out.close()
