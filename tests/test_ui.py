@@ -204,8 +204,10 @@ def test_every_binding_changes_the_session(tiny_model, tmp_path):
             assert not isinstance(app.screen, PortsScreen | HelpScreen)
             # quit: close() (notes off + save) in a worker, then exit with the saved file
             await pilot.press("q")
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+            for _ in range(100):  # the quit worker closes the session, then the app exits
+                if app.return_value is not None:
+                    break
+                await asyncio.sleep(0.05)
         assert session.calls[-2][0] == "close"
         assert app.return_value == tmp_path / "session.mid"
 
@@ -304,8 +306,10 @@ def test_phrase_and_answer_on_the_roll_then_quit_saves_and_silences(live_ui):
             assert "█" in rendered.plain
             await pilot.press("space")  # pause while notes may be sounding, then quit
             await pilot.press("q")
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+            for _ in range(100):  # the quit worker closes the session, then the app exits
+                if app.return_value is not None:
+                    break
+                await asyncio.sleep(0.05)
 
     try:
         asyncio.run(drive())

@@ -19,6 +19,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
+from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 
@@ -442,15 +443,27 @@ class LivePerceiverApp(App):
         self.log_line("quitting: notes off, saving…")
         self.close_in_background()
 
+    class SessionClosed(Message):
+        """The quit worker has silenced and saved the session; the app may exit."""
+
+        def __init__(self, saved: Path | None) -> None:
+            super().__init__()
+            self.saved = saved
+
     @work(thread=True, group="quit")
     def close_in_background(self) -> None:
+        # post_message is thread-safe and does not wait, so this worker ends on its own
+        # instead of blocking on an exit that cancels it.
         saved = None
         try:
             saved = self.session.close()
         except Exception as error:
             self.call_from_thread(self.log_line, f"warning: close failed: {error}")
-        self.saved = Path(saved) if saved else self.saved
-        self.call_from_thread(self.exit, self.saved)
+        self.post_message(self.SessionClosed(Path(saved) if saved else self.saved))
+
+    def on_live_perceiver_app_session_closed(self, message: SessionClosed) -> None:
+        self.saved = message.saved
+        self.exit(self.saved)
 
     # ------------------------------------------------------------------ command palette
 
