@@ -256,6 +256,12 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
     parser.add_argument("--sessions", type=int, default=5, help="--live: randomized sessions with faults")
     parser.add_argument(
+        "--first-session", type=int, default=0, help="--live: start the fault sessions at this index (split a run)"
+    )
+    parser.add_argument(
+        "--duet-seconds", type=float, default=10.0, help="--live: length of each duet (more events, steadier p99)"
+    )
+    parser.add_argument(
         "--faults-log", type=Path, help="--live: append each fault session here; a rerun resumes after the last one"
     )
     parser.add_argument("--json", type=Path, help="write the rows as JSON")

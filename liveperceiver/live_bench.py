@@ -277,14 +277,15 @@ def _play_under_ui(session, play, size: tuple[int, int]) -> None:
     asyncio.run(drive())
 
 
-def fault_phase(model, sessions: int, workdir: Path, log_path: Path | None = None) -> dict:
+def fault_phase(model, sessions: int, workdir: Path, log_path: Path | None = None, first: int = 0) -> dict:
     """Randomized sessions with faults; the figure that matters is the stuck-note count (0).
 
     Session i draws its faults from its own seed, so a long run can stop and resume: with `log_path`
     every finished session is appended there as one JSON line, and sessions already logged are not
-    run again (1,000 sessions take about two hours on the 2-core dev machine)."""
+    run again (1,000 sessions take about two hours on the 2-core dev machine). `first` skips the
+    sessions before it, so two processes can share a run (their logs concatenate into one)."""
     done = _read_fault_log(log_path) if log_path else {}
-    for index in range(sessions):
+    for index in range(first, sessions):
         if index in done:
             continue
         row = _fault_session(model, index, workdir)
@@ -293,9 +294,9 @@ def fault_phase(model, sessions: int, workdir: Path, log_path: Path | None = Non
             with open(log_path, "a") as log:
                 log.write(json.dumps(row) + "\n")
         shutil.rmtree(workdir / f"fault{index}", ignore_errors=True)
-    rows = [done[i] for i in range(sessions)]
+    rows = [done[i] for i in range(first, sessions)]
     return {
-        "sessions": sessions,
+        "sessions": len(rows),
         "stuck_notes_sent": sum(r["stuck_sent"] for r in rows),
         "stuck_notes_heard": sum(r["stuck_heard"] for r in rows),
         "messages_dropped_by_transport": sum(r["dropped"] for r in rows),
@@ -390,9 +391,9 @@ def run(args) -> None:
             "machine": machine_description(),
             "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
             "call": call_phase(model, rng, args.calls, workdir),
-            "duet": duet_phase(model, rng, 10.0, workdir),
-            "duet_with_ui": duet_phase(model, rng, 10.0, workdir, ui_size=(160, 48)),
-            "faults": fault_phase(model, args.sessions, workdir, args.faults_log),
+            "duet": duet_phase(model, rng, args.duet_seconds, workdir),
+            "duet_with_ui": duet_phase(model, rng, args.duet_seconds, workdir, ui_size=(160, 48)),
+            "faults": fault_phase(model, args.sessions, workdir, args.faults_log, args.first_session),
         }
     print(format_table(results))
     if args.json:

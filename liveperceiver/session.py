@@ -74,6 +74,13 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def thaw_heap() -> None:
+    """Undo `freeze_heap` when a session closes: frozen objects are never collected, so without this
+    every closed session (its engine buffers, its threads' cycles) would stay in memory for good
+    (`bench --live` grew by 50 MB per fault session)."""
+    gc.unfreeze()
+
+
 def default_session_dir() -> Path:
     import platformdirs
 
@@ -302,6 +309,7 @@ class Session:
             self.midi_out.close()
             if hasattr(self, "previous_switch_interval"):
                 sys.setswitchinterval(self.previous_switch_interval)
+                thaw_heap()
         return saved
 
     def snapshot(self) -> Snapshot:

@@ -26,3 +26,10 @@ def test_fault_sessions_resume_from_their_log(tmp_path, tiny_model):
     assert [row["session"] for row in rows] == [0, 1]  # session 0 was not run again
     assert second["faults"][0] == first["faults"][0] and second["stuck_notes_sent"] == 0
     assert len(second["faults"][1]) == 6
+
+
+def test_a_split_run_starts_at_its_first_session(tmp_path, tiny_model):
+    log = tmp_path / "second-half.jsonl"
+    result = fault_phase(tiny_model, 3, tmp_path, log, first=2)
+    assert result["sessions"] == 1 and result["stuck_notes_sent"] == 0
+    assert [json.loads(line)["session"] for line in log.read_text().splitlines()] == [2]

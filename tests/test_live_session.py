@@ -6,8 +6,10 @@ from `liveperceiver bench --live`.
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import time
+import weakref
 
 import mido
 import pytest
@@ -250,3 +252,20 @@ def test_panic_ends_every_note_and_sends_cc123(live):
     assert wait_for(lambda: sounding <= ended(), timeout=2), (sounding, ended())
     session.update(mode="listen")
     assert no_stuck_notes(keys, session.recorder.path)
+
+
+def test_a_closed_session_is_freed(tmp_path, jack_server):  # noqa: F811
+    """Sessions freeze the heap while they run (GC pauses); a closed one must become garbage again,
+    or every session of a long-running process (the fault bench, the tests) stays in memory."""
+    session = make_session(tmp_path, mode="duet")
+    keys = Keyboard()
+    try:
+        keys.phrase([60, 62])
+        assert wait_for(lambda: session.snapshot().notes_in >= 2, timeout=10)
+        engine = weakref.ref(session.engine)
+        session.close()
+    finally:
+        keys.close()
+    session = None  # the test's own reference goes too
+    gc.collect()
+    assert engine() is None
