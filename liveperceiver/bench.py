@@ -52,7 +52,7 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    description = f"{cpu}, {os.cpu_count()} cores"
+    description = f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores"
     if torch.cuda.is_available():
         description += f", GPU {torch.cuda.get_device_name()}"
     return description

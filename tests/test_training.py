@@ -18,6 +18,7 @@ import torch
 from liveperceiver import vocab
 from liveperceiver.augment import AugmentConfig, augment_tokens, encode_notes, jitter_onsets, scale_velocity, stretch
 from liveperceiver.augment import transpose as transpose_notes
+from liveperceiver.checkpoint import load_directory
 from liveperceiver.dataset import TokenDataset, build, find_sources, split_of
 from liveperceiver.settings import Settings
 from liveperceiver.tokenizer import Note, decode_notes, encode_midi
@@ -211,6 +212,28 @@ def test_resume_continues_exactly(dataset_dir, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     rows = list(csv.DictReader((tmp_path / "split" / "log.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
+
+
+def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_dir, tmp_path):
+    from liveperceiver.errors import UserError
+    from liveperceiver.train import RunConfig, eval_windows, train
+
+    base = RunConfig.load(TINY_CONFIG)
+    train(base, dataset_dir, tmp_path / "base", max_steps=10, progress=False)
+    source = load_directory(tmp_path / "base" / "best")
+    tune = RunConfig.load(TINY_CONFIG)
+    tune.train.init_from, tune.train.latents = str(tmp_path / "base" / "best"), 4
+    train(tune, dataset_dir, tmp_path / "tune", max_steps=0, progress=False)
+    started = torch.load(tmp_path / "tune" / "checkpoint.pt", weights_only=False)["model"]
+    for key, value in source.state_dict().items():
+        assert torch.equal(started[key], value), key
+    windows = eval_windows(TokenDataset(dataset_dir, "validation", False), 96, 64, None, latents=4)
+    assert windows and all(len(tokens) - 1 - prefix_len <= 4 for tokens, prefix_len in windows)
+    wider = RunConfig.load(TINY_CONFIG)
+    wider.model.num_channels = 64
+    wider.train.init_from = str(tmp_path / "base" / "best")
+    with pytest.raises(UserError, match="num_channels"):
+        train(wider, dataset_dir, tmp_path / "wider", max_steps=0, progress=False)
 
 
 def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir, tmp_path):
