@@ -44,11 +44,41 @@ class KneserNey:
         self.counts[self.order] = real[self.order]
         for n in range(1, self.order):
             self.counts[n] = Counter(gram[1:] for gram in real[n + 1])
+        self.successors: list[dict] = [{} for _ in range(self.order + 1)]  # history -> (tokens, counts)
         for n in range(1, self.order + 1):
+            grouped: dict[tuple, list[tuple[int, int]]] = {}
             for gram, count in self.counts[n].items():
                 self.history_totals[n][gram[:-1]] += count
                 self.history_types[n][gram[:-1]] += 1
+                grouped.setdefault(gram[:-1], []).append((gram[-1], count))
+            for history, pairs in grouped.items():
+                tokens, counts = zip(*pairs, strict=True)
+                self.successors[n][history] = (np.array(tokens), np.array(counts, dtype=np.float64))
         return self
+
+    def distribution(self, history: tuple[int, ...]) -> np.ndarray:
+        """`prob(history, t)` for every token t at once (the same recursion, vectorised)."""
+        p = np.full(self.vocab_size, 1.0 / self.vocab_size)
+        for n in range(1, self.order + 1):
+            if n - 1 > len(history):
+                break
+            h = history[len(history) - (n - 1) :] if n > 1 else ()
+            total = self.history_totals[n].get(h, 0)
+            if total == 0:
+                break
+            tokens, counts = self.successors[n][h]
+            discounted = np.zeros(self.vocab_size)
+            discounted[tokens] = np.maximum(counts - self.discount, 0.0)
+            p = discounted / total + self.discount * self.history_types[n][h] / total * p
+        return p
+
+    def sample(self, prompt: list[int], length: int, rng: np.random.Generator) -> list[int]:
+        """Continue `prompt` by `length` tokens drawn from the model (temperature 1, no guards)."""
+        seq = [int(t) for t in prompt]
+        for _ in range(length):
+            p = self.distribution(tuple(seq[max(0, len(seq) - self.order + 1) :]))
+            seq.append(int(rng.choice(self.vocab_size, p=p / p.sum())))
+        return seq[len(prompt) :]
 
     def prob(self, history: tuple[int, ...], token: int) -> float:
         p = 1.0 / self.vocab_size
@@ -182,9 +212,11 @@ def continuation_stats(
     seed: int = 0,
     constraints=None,
     num_latents: int = 64,
+    ngram: KneserNey | None = None,
     **sampling,
 ) -> dict:
-    """Continue `count` held-out prompts with the engine and compare with what the piece really does."""
+    """Continue `count` held-out prompts with the engine and compare with what the piece really does;
+    with `ngram`, the n-gram baseline continues the same prompts too, as a yardstick."""
     from liveperceiver.engine import Engine, continue_tokens
     from liveperceiver.sampling import Constraints, SamplingSettings
 
@@ -209,8 +241,18 @@ def continuation_stats(
         )
         generated = continue_tokens(engine, prompt, len(truth))
         gen, true, before = note_stats(generated), note_stats(truth), note_stats(prompt)
+        yardstick = {}
+        if ngram is not None:
+            baseline = ngram.sample(prompt, len(truth), np.random.default_rng(seed + k))
+            yardstick = {
+                "ngram_pitch_class_overlap": float(
+                    np.minimum(note_stats(baseline)["pitch_classes"], true["pitch_classes"]).sum()
+                ),
+                "ngram_well_formed": well_formed(prompt, baseline),
+            }
         rows.append(
             {
+                **yardstick,
                 "well_formed": well_formed(prompt, generated),
                 "strict_well_formed": well_formed(prompt, generated, max_open_s=None),
                 "pitch_class_overlap": float(np.minimum(gen["pitch_classes"], true["pitch_classes"]).sum()),
@@ -236,7 +278,14 @@ def continuation_stats(
             "true": float(np.mean([r[key][1] for r in rows])),
         }  # noqa: E731
 
+    yardsticks = {}
+    if ngram is not None:
+        yardsticks = {
+            "ngram_pitch_class_overlap": mean("ngram_pitch_class_overlap"),
+            "ngram_well_formed": mean("ngram_well_formed"),
+        }
     return {
+        **yardsticks,
         "count": len(rows),
         "prompt_tokens": prompt_len,
         "continuation_tokens": length,
@@ -353,6 +402,7 @@ def evaluate(
         "baseline": None,
         "baseline_nll": None,
     }
+    ngram = None
     if ngram_data is not None:
         from liveperceiver.dataset import TokenDataset
 
@@ -368,7 +418,9 @@ def evaluate(
         whole = continuation_pieces or pieces
         result["nll_by_window"] = [window_nll(model, whole, n, window_tokens, progress) for n in window_latents]
     if continuations:
-        result["continuations"] = continuation_stats(model, continuation_pieces or pieces, continuations, **sampling)
+        result["continuations"] = continuation_stats(
+            model, continuation_pieces or pieces, continuations, ngram=ngram, **sampling
+        )
     return result
 
 
@@ -423,7 +475,9 @@ def run_eval(args) -> None:
         c = result["continuations"]
         lines.append(
             f"  {c['count']} continuations: well-formed {100 * c['well_formed']:.1f}%, "
-            f"pitch-class overlap {c['pitch_class_overlap']:.3f} (the prompt's own: {c['prompt_pitch_class_overlap']:.3f}), "
+            f"pitch-class overlap {c['pitch_class_overlap']:.3f} (the prompt's own: {c['prompt_pitch_class_overlap']:.3f}"
+            + (f", the 4-gram's: {c['ngram_pitch_class_overlap']:.3f}" if "ngram_pitch_class_overlap" in c else "")
+            + "), "
             f"note-length overlap {c['note_length_overlap']:.3f}, "
             f"inter-onset overlap {c['inter_onset_overlap']:.3f}"
         )

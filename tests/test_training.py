@@ -281,6 +281,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     assert report["continuations"]["count"] == 2 and 0 <= report["continuations"]["pitch_class_overlap"] <= 1
     assert 0 <= report["continuations"]["prompt_pitch_class_overlap"] <= 1
     assert 0 <= report["continuations"]["generated_vs_prompt_pitch_class_overlap"] <= 1
+    assert 0 <= report["continuations"]["ngram_pitch_class_overlap"] <= 1  # the yardstick, same prompts
     assert [(row["num_latents"], row["tokens"]) for row in report["nll_by_window"]] == [(1, 50), (4, 50)]
     assert report["continuations"]["sampling"]["num_latents"] == Settings().num_latents  # as live by default
 
@@ -310,7 +311,11 @@ def test_kneser_ney_is_a_distribution():
     rng = np.random.default_rng(0)
     ngram = KneserNey(4).fit([rng.integers(0, 20, 500), rng.integers(0, 30, 300)])
     for history in [(), (3,), (3, 4, 5), (1, 2, 300)]:
-        assert sum(ngram.prob(history, t) for t in range(vocab.VOCAB_SIZE)) == pytest.approx(1.0)
+        probs = [ngram.prob(history, t) for t in range(vocab.VOCAB_SIZE)]
+        assert sum(probs) == pytest.approx(1.0)
+        assert ngram.distribution(history) == pytest.approx(probs)  # the vectorised form agrees
+    drawn = ngram.sample([3, 4], 2000, np.random.default_rng(1))
+    assert len(drawn) == 2000 and np.mean(np.array(drawn) < 30) > 0.95  # mostly the training alphabet (0-29)
 
 
 def test_well_formed():
