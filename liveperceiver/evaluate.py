@@ -142,6 +142,22 @@ def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
     return result
 
 
+POSITION_BUCKETS = ((1, 4), (4, 16), (16, 64), (64, 256), (256, None))
+
+
+def by_position(nll: np.ndarray, pieces: list[list[int]]) -> list[dict]:
+    """NLL by how many tokens of its piece precede a target: how much context the model needs
+    (a live session starts empty, and a four-note phrase is about 16 tokens)."""
+    positions = np.concatenate([np.arange(1, len(p)) for p in pieces]) if pieces else np.zeros(0, dtype=int)
+    rows = []
+    for low, high in POSITION_BUCKETS:
+        mask = (positions >= low) & (positions < (high or np.inf))
+        if mask.any():
+            label = f"{low}-{high - 1}" if high else f"{low}+"
+            rows.append({"context": label, "tokens": int(mask.sum()), "nll": float(nll[mask].mean())})
+    return rows
+
+
 # --------------------------------------------------------------------------- musical statistics
 
 
@@ -399,6 +415,7 @@ def evaluate(
         "nll": float(nll.mean()),
         "perplexity": float(math.exp(nll.mean())),
         "by_type": by_type(nll, targets),
+        "by_context": by_position(nll, pieces),
         "baseline": None,
         "baseline_nll": None,
     }
@@ -413,6 +430,8 @@ def evaluate(
         result["baseline_nll"] = float(base.mean())
         result["baseline_perplexity"] = float(math.exp(base.mean()))
         result["baseline_by_type"] = by_type(base, targets)
+        for row, base_row in zip(result["by_context"], by_position(base, pieces), strict=True):
+            row["baseline_nll"] = base_row["nll"]
         result["improvement_over_baseline"] = 1.0 - result["nll"] / result["baseline_nll"]
     if window_latents:
         whole = continuation_pieces or pieces
@@ -469,6 +488,13 @@ def run_eval(args) -> None:
     for kind, row in result["by_type"].items():
         base = result.get("baseline_by_type", {}).get(kind, {}).get("nll")
         lines.append(f"  {kind:10s} NLL {row['nll']:.4f}" + (f"  (4-gram {base:.4f})" if base is not None else ""))
+    for row in result["by_context"]:
+        base = row.get("baseline_nll")
+        lines.append(
+            f"  after {row['context']:>7} tokens of context: NLL {row['nll']:.4f}"
+            + (f"  (4-gram {base:.4f})" if base is not None else "")
+            + f"  ({row['tokens']:,} tokens)"
+        )
     for row in result.get("nll_by_window", []):
         lines.append(f"  NLL with {row['num_latents']} latents, as live: {row['nll']:.4f} ({row['tokens']:,} tokens)")
     if "continuations" in result and result["continuations"].get("count"):

@@ -282,6 +282,9 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     assert 0 <= report["continuations"]["prompt_pitch_class_overlap"] <= 1
     assert 0 <= report["continuations"]["generated_vs_prompt_pitch_class_overlap"] <= 1
     assert 0 <= report["continuations"]["ngram_pitch_class_overlap"] <= 1  # the yardstick, same prompts
+    contexts = report["by_context"]
+    assert sum(row["tokens"] for row in contexts) == report["tokens"] and contexts[0]["context"] == "1-3"
+    assert all(row["baseline_nll"] > 0 for row in contexts)
     assert [(row["num_latents"], row["tokens"]) for row in report["nll_by_window"]] == [(1, 50), (4, 50)]
     assert report["continuations"]["sampling"]["num_latents"] == Settings().num_latents  # as live by default
 
