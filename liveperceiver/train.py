@@ -30,6 +30,7 @@ from liveperceiver.errors import UserError
 from liveperceiver.model import PerceiverAR, PerceiverARConfig
 
 CHECKPOINT = "checkpoint.pt"
+OPENING_PREFIX_MAX = 32  # prefix tokens at most in an opening batch
 LOG = "log.csv"
 LOG_FIELDS = ["step", "tokens", "elapsed_s", "lr", "loss", "val_loss", "tokens_per_s"]
 
@@ -54,6 +55,7 @@ class TrainConfig:
     checkpoint_every_s: float = 180.0
     log_every: int = 10
     init_from: str = ""  # fine-tune: start from this model's weights (path or name), fresh optimiser
+    opening_share: float = 0.0  # share of batches cut from pieces' openings with a short prefix (see WindowSampler)
 
 
 @dataclass
@@ -94,10 +96,18 @@ class WindowSampler:
     window is full of real tokens and long prefixes are real context, never padding.
     """
 
-    def __init__(self, data: TokenDataset, pieces: list[int], augment: AugmentConfig | None, seed: int):
+    def __init__(
+        self,
+        data: TokenDataset,
+        pieces: list[int],
+        augment: AugmentConfig | None,
+        seed: int,
+        opening_share: float = 0.0,
+    ):
         if not pieces:
             raise UserError(f"{data.directory}: no training pieces for this rank")
         self.data, self.pieces, self.augment = data, pieces, augment
+        self.opening_share = opening_share
         self.starts = np.cumsum([0] + [data.pieces[i]["length"] for i in pieces])
         self.rng = np.random.default_rng(seed)
 
@@ -115,10 +125,14 @@ class WindowSampler:
             position = (position + len(chunk)) % total
         return out
 
-    def window(self, prefix_len: int, latents: int) -> list[int]:
-        """prefix_len + latents + 1 tokens (inputs and shifted targets), augmented as a whole."""
+    def window(self, prefix_len: int, latents: int, opening: bool = False) -> list[int]:
+        """prefix_len + latents + 1 tokens (inputs and shifted targets), augmented as a whole; with
+        `opening`, from the first token of a random piece (nothing before it, as a live session starts)."""
         need = prefix_len + latents + 1
-        position = int(self.rng.integers(0, int(self.starts[-1])))
+        if opening:
+            position = int(self.starts[int(self.rng.integers(0, len(self.pieces)))])
+        else:
+            position = int(self.rng.integers(0, int(self.starts[-1])))
         tokens = self.stream(position, need + latents // 2 + 32)  # a margin: augmenting may shorten
         if self.augment is not None:
             tokens = augment_tokens(tokens, self.augment, self.rng)
@@ -126,8 +140,14 @@ class WindowSampler:
         return tokens + [vocab.PAD] * (need - len(tokens))
 
     def batch(self, batch_size: int, max_prefix_len: int, latents: int) -> tuple[torch.Tensor, int]:
-        prefix_len = int(self.rng.integers(0, max_prefix_len + 1))
-        rows = [self.window(prefix_len, latents) for _ in range(batch_size)]
+        """One prefix length per batch. An opening batch (share `opening_share`) starts every row at a
+        piece's first token with a prefix of at most OPENING_PREFIX_MAX, so the latents learn to
+        predict from almost no context; a uniform 0..max_prefix_len draw nearly never does that."""
+        opening = self.opening_share > 0 and bool(self.rng.random() < self.opening_share)
+        prefix_len = int(
+            self.rng.integers(0, (min(max_prefix_len, OPENING_PREFIX_MAX) if opening else max_prefix_len) + 1)
+        )
+        rows = [self.window(prefix_len, latents, opening) for _ in range(batch_size)]
         return torch.tensor(rows, dtype=torch.long), prefix_len
 
     def state(self) -> dict:
@@ -259,7 +279,7 @@ def train(
     train_data = TokenDataset(data_dir, "train", cfg.shippable_only)
     val_data = TokenDataset(data_dir, "validation", cfg.shippable_only)
     shard = list(range(rank, len(train_data), world))  # each rank its own pieces
-    sampler = WindowSampler(train_data, shard, run.augment, cfg.seed * 1000 + rank)
+    sampler = WindowSampler(train_data, shard, run.augment, cfg.seed * 1000 + rank, cfg.opening_share)
     latents = cfg.latents or run.model.max_latents
     bf16 = cfg.bf16 and cpu_has_native_bf16()
     if cfg.bf16 and not bf16 and rank == 0:

@@ -236,6 +236,22 @@ def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_d
         train(wider, dataset_dir, tmp_path / "wider", max_steps=0, progress=False)
 
 
+def test_opening_batches_start_at_a_piece_with_a_short_prefix(dataset_dir):
+    from liveperceiver.train import OPENING_PREFIX_MAX, WindowSampler
+
+    data = TokenDataset(dataset_dir, "train", False)
+    pieces = list(range(len(data)))
+    openings = {tuple(int(t) for t in data.piece(i)[:8]) for i in pieces}
+    sampler = WindowSampler(data, pieces, None, seed=3, opening_share=1.0)
+    for _ in range(5):
+        tokens, prefix_len = sampler.batch(4, 64, 16)
+        assert prefix_len <= OPENING_PREFIX_MAX
+        assert all(tuple(row[:8].tolist()) in openings for row in tokens)
+    anywhere = WindowSampler(data, pieces, None, seed=3)
+    rows = [tuple(row[:8].tolist()) for _ in range(5) for row in anywhere.batch(4, 64, 16)[0]]
+    assert sum(row in openings for row in rows) < len(rows) / 2  # without the share, windows start anywhere
+
+
 def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
