@@ -74,8 +74,11 @@ class Player:
     """The scripted musician: plays into LivePerceiver In, hears LivePerceiver Out."""
 
     def __init__(self):
-        self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-bench-player")
-        self.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="lp-bench-ears")
+        try:
+            self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-bench-player")
+            self.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="lp-bench-ears")
+        except (RuntimeError, rtmidi.SystemError) as error:  # the private JACK server died (it can, starved)
+            raise UserError(f"bench --live: the JACK server went away ({error}); run again to resume") from None
         self.heard: list[tuple[float, list[int]]] = []
         self.inp.set_callback(lambda event, data=None: self.heard.append((time.monotonic(), event[0])))
         self.out.open_port(_find(self.out, ports.VIRTUAL_IN))
