@@ -57,7 +57,8 @@ class KneserNey:
         return self
 
     def distribution(self, history: tuple[int, ...]) -> np.ndarray:
-        """`prob(history, t)` for every token t at once (the same recursion, vectorised)."""
+        """P(t | history) for every token t: each order interpolates its discounted counts with the
+        order below, from a uniform floor up to the longest history seen in training."""
         p = np.full(self.vocab_size, 1.0 / self.vocab_size)
         for n in range(1, self.order + 1):
             if n - 1 > len(history):
@@ -65,7 +66,7 @@ class KneserNey:
             h = history[len(history) - (n - 1) :] if n > 1 else ()
             total = self.history_totals[n].get(h, 0)
             if total == 0:
-                break
+                break  # a longer history was never seen either
             tokens, counts = self.successors[n][h]
             discounted = np.zeros(self.vocab_size)
             discounted[tokens] = np.maximum(counts - self.discount, 0.0)
@@ -81,18 +82,7 @@ class KneserNey:
         return seq[len(prompt) :]
 
     def prob(self, history: tuple[int, ...], token: int) -> float:
-        p = 1.0 / self.vocab_size
-        for n in range(1, self.order + 1):
-            if n - 1 > len(history):
-                break
-            h = history[len(history) - (n - 1) :] if n > 1 else ()
-            total = self.history_totals[n].get(h, 0)
-            if total == 0:
-                break  # a longer history was never seen either
-            count = self.counts[n].get(h + (token,), 0)
-            types = self.history_types[n][h]
-            p = max(count - self.discount, 0.0) / total + self.discount * types / total * p
-        return p
+        return float(self.distribution(history)[token])
 
     def nll(self, piece) -> np.ndarray:
         """NLL (nats) of tokens 1.. of a piece, each given up to order-1 previous tokens of the piece."""
