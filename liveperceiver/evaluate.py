@@ -200,6 +200,11 @@ def note_stats(tokens: list[int]) -> dict:
     }
 
 
+def pitch_class_overlap(a: dict, b: dict) -> float:
+    """Sum of bin-wise minima of two `note_stats` pitch-class histograms (1: the same distribution)."""
+    return float(np.minimum(a["pitch_classes"], b["pitch_classes"]).sum())
+
+
 def histogram_overlap(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -> float:
     """Sum of bin-wise minima of two normalised histograms (1 = same distribution)."""
     if len(a) == 0 or len(b) == 0:
@@ -251,9 +256,7 @@ def continuation_stats(
         if ngram is not None:
             baseline = ngram.sample(prompt, len(truth), np.random.default_rng(seed + k))
             yardstick = {
-                "ngram_pitch_class_overlap": float(
-                    np.minimum(note_stats(baseline)["pitch_classes"], true["pitch_classes"]).sum()
-                ),
+                "ngram_pitch_class_overlap": pitch_class_overlap(note_stats(baseline), true),
                 "ngram_well_formed": well_formed(prompt, baseline),
             }
         rows.append(
@@ -261,11 +264,11 @@ def continuation_stats(
                 **yardstick,
                 "well_formed": well_formed(prompt, generated),
                 "strict_well_formed": well_formed(prompt, generated, max_open_s=None),
-                "pitch_class_overlap": float(np.minimum(gen["pitch_classes"], true["pitch_classes"]).sum()),
+                "pitch_class_overlap": pitch_class_overlap(gen, true),
                 # the yardstick: how well the prompt's own pitch classes predict the continuation's
-                "prompt_pitch_class_overlap": float(np.minimum(before["pitch_classes"], true["pitch_classes"]).sum()),
+                "prompt_pitch_class_overlap": pitch_class_overlap(before, true),
                 # how well the continuation keeps the pitch classes it was prompted with
-                "kept_pitch_class_overlap": float(np.minimum(gen["pitch_classes"], before["pitch_classes"]).sum()),
+                "kept_pitch_class_overlap": pitch_class_overlap(gen, before),
                 "density": (gen["density"], true["density"]),
                 "polyphony": (gen["polyphony"], true["polyphony"]),
                 "length_overlap": histogram_overlap(gen["lengths"], true["lengths"], time_bins),
