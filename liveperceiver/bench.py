@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 
-from liveperceiver.engine import DTYPES, Engine
+from liveperceiver.engine import DTYPES, Engine, PackedLinear
 from liveperceiver.errors import UserError, atomic_output
 from liveperceiver.model import PerceiverAR
 from liveperceiver.sampling import SamplingSettings
@@ -97,35 +97,42 @@ def weights_read_per_step(engine: Engine, latents: int) -> int:
     became per-token tables), every self-attention layer's projections (for one latent only the
     fused value-output matrix), MLPs and norms, the output norm, and the tied embedding."""
     model = engine.model
-    total = _tensor_bytes(model.embedding.weight) + _tree_bytes(model.cross_attention.mlp)
-    total += _module_bytes(model.cross_attention.attention.o_proj)
+
+    def tree(module: nn.Module) -> int:
+        return sum(_module_bytes(m, latents) for m in module.modules() if isinstance(m, WEIGHTED))
+
+    total = _tensor_bytes(model.embedding.weight) + tree(model.cross_attention.mlp)
+    total += tree(model.cross_attention.attention.o_proj)
     if model.out_norm is not None:
-        total += _module_bytes(model.out_norm)
+        total += tree(model.out_norm)
     for index, layer in enumerate(model.self_attention):
-        total += _tree_bytes(layer.mlp) + _module_bytes(layer.norm)
+        total += tree(layer.mlp) + tree(layer.norm)
         fused = engine._fused_value_output[index]
         if latents == 1 and fused is not None:
-            total += _tensor_bytes(fused[0])
+            total += tree(fused)
         else:
             attention = layer.attention
             projections = [attention.o_proj, attention.v_proj]
             if latents > 1:
                 projections += [attention.q_proj, attention.k_proj]
-            total += sum(_module_bytes(m) for m in projections)
+            total += sum(tree(m) for m in projections)
     return total
+
+
+WEIGHTED = (nn.Linear, nn.LayerNorm, QuantizedLinear, PackedLinear)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _tree_bytes(module: nn.Module) -> int:
-    return sum(_module_bytes(m) for m in module.modules() if isinstance(m, (nn.Linear, nn.LayerNorm, QuantizedLinear)))
-
-
-def _module_bytes(module: nn.Module) -> int:
+def _module_bytes(module: nn.Module, rows: int) -> int:
+    """Bytes a module reads for an input of `rows` rows (PackedLinear keeps float32 weights for several)."""
     if isinstance(module, QuantizedLinear):
         return _tensor_bytes(module.weight())
+    if isinstance(module, PackedLinear):
+        weight = module.rows_weight if rows > 1 and module.rows_weight is not None else module.weight
+        return _tensor_bytes(weight) + (0 if module.bias is None else _tensor_bytes(module.bias))
     return sum(_tensor_bytes(p) for p in module.parameters(recurse=False))
 
 

@@ -248,11 +248,21 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=300, help="measured steps per row (after warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core for MIDI)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantisation of Linear layers (CPU)")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "float16", "bfloat16"],
+        help="int8: dynamic int8 Linear layers (CPU); float16/bfloat16: 16-bit weights, float32 activations",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--flat", action="store_true", help="also compare step time after 100k vs 5k tokens")
     parser.add_argument("--no-reference", action="store_true", help="skip perceiver-io's generate() even if installed")
     parser.add_argument("--live", action="store_true", help="benchmark the live bridge over JACK dummy ports")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16", "int8"],
+        help="--live: the session's weight storage, as `play --weights` (auto: float16 on CPU)",
+    )
     parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
     parser.add_argument("--sessions", type=int, default=5, help="--live: randomized sessions with faults")
     parser.add_argument(
@@ -301,6 +311,12 @@ def add_play(subparsers) -> None:
     parser.add_argument("--record", type=Path, metavar="FILE.mid", help="also write the session's MIDI file here")
     parser.add_argument("--session-dir", type=Path, metavar="DIR", help="journal and session.mid (default: data dir)")
     parser.add_argument("--device", default="auto", help="the model's device: auto (cuda, mps, cpu), cpu, cuda, mps")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16", "int8"],
+        help="how the engine stores Linear weights (auto: float16 on CPU, float32 on GPU)",
+    )
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.session").session.run_play(args))
 
 

@@ -34,6 +34,7 @@ from liveperceiver.model import PerceiverAR, apply_rotary, rotary_tables
 from liveperceiver.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE = ("int8", "float16", "bfloat16")
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -47,16 +48,72 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+WEIGHTS = ("auto", "float32", *QUANTIZE)
+
+
+def resolve_weights(weights: str, device: torch.device) -> str | None:
+    """The engine's `quantize` for a live weights setting: `auto` stores 16-bit weights on the CPU,
+    where a one-latent step costs the bytes of its weights (README: engine benchmark), and keeps
+    float32 on GPUs, where a step costs kernel launches, not bytes."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
+    if weights == "auto":
+        return "float16" if device.type == "cpu" else None
+    return None if weights == "float32" else weights
+
+
 def prepare_model(model: PerceiverAR, device: torch.device, dtype: torch.dtype, quantize: str | None) -> PerceiverAR:
-    """A private eval-mode copy on `device` in `dtype`, Linear layers optionally int8-quantised (CPU)."""
+    """A private eval-mode copy on `device` in `dtype`, Linear layers optionally int8-quantised (CPU).
+
+    16-bit weight storage (`quantize` float16/bfloat16) is applied later, by the engine, once its
+    float32 tables are built."""
+    if quantize not in (None, "none", *QUANTIZE):
+        raise ValueError(f"quantize {quantize!r} is not one of: none, {', '.join(QUANTIZE)}")
+    if quantize in ("float16", "bfloat16") and dtype != torch.float32:
+        raise ValueError(f"quantize {quantize} stores 16-bit weights for a float32 model; dtype is {dtype}")
     model = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
     if quantize == "int8":
         if device.type != "cpu" or dtype != torch.float32:
             raise ValueError("int8 quantisation needs device cpu and dtype float32")
         model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    elif quantize not in (None, "none"):
-        raise ValueError(f"quantize {quantize!r} is not one of: none, int8")
     return model
+
+
+class PackedLinear(nn.Module):
+    """A bias-optional Linear whose weight is stored in `storage` dtype for single-row inputs, the
+    engine's one-latent steps (cast in, cast back).
+
+    Why: with one latent every step is a chain of matrix-vector products that read each weight
+    once, so a step costs the bytes of its weights. float16 storage halves them, and torch has fast
+    half-precision matrix-vector kernels on CPUs (F16C/AVX2 on x86, and ARM); activations, norms,
+    attention and sampling stay float32. Those kernels do not cover several rows (a window of
+    latents, a full forward pass), so a float32 copy serves them. Also holds the engine's fused
+    matrices in any precision."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype) -> None:
+        super().__init__()
+        weight = weight.detach()
+        self.register_buffer("weight", weight.to(storage).contiguous())
+        self.register_buffer("rows_weight", None if storage == weight.dtype else weight.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, storage: torch.dtype) -> PackedLinear:
+        return cls(linear.weight, linear.bias, storage)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows_weight is not None and x.shape[:-1].numel() > 1:
+            return F.linear(x, self.rows_weight, self.bias)
+        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def pack_linear_layers(model: nn.Module, storage: torch.dtype) -> None:
+    """Replace every nn.Linear in `model` by a PackedLinear storing its weight in `storage`."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, PackedLinear.from_linear(child, storage))
 
 
 class Engine:
@@ -101,8 +158,14 @@ class Engine:
             constraints=constraints,
         )
         self.exact_tables = not self.config.abs_pos_emb
+        # Weight storage: float32 unless `quantize` asks for 16-bit weights (int8 is in prepare_model).
+        self.weight_dtype = DTYPES[quantize] if quantize in ("float16", "bfloat16") else dtype
         if self.exact_tables:
             self._build_tables()
+        if self.weight_dtype != dtype:
+            pack_linear_layers(self.model, self.weight_dtype)
+        # for the UI: float32, bfloat16, ..., or "float16 weights" (activations stay float32)
+        self.precision = str(dtype).removeprefix("torch.") if quantize in (None, "none") else f"{quantize} weights"
 
     # ------------------------------------------------------------------ settings
 
@@ -241,16 +304,18 @@ class Engine:
         self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys/values
         self._future_masks: dict[int, torch.Tensor] = {}
         # Fused weights for plain layers (int8-quantised layers keep their separate calls).
-        attentions = [layer.attention for layer in model.self_attention]
-        plain = [isinstance(a.q_proj.weight, torch.Tensor) for a in attentions]
-        self._fused_qkv = [
-            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) if ok else None
-            for a, ok in zip(attentions, plain, strict=True)
-        ]
-        self._fused_value_output = [
-            (a.o_proj.weight @ a.v_proj.weight, a.o_proj.bias) if ok else None
-            for a, ok in zip(attentions, plain, strict=True)
-        ]
+        self._fused_qkv: list[PackedLinear | None] = []
+        self._fused_value_output: list[PackedLinear | None] = []
+        for layer in model.self_attention:
+            a = layer.attention
+            if not isinstance(a.q_proj.weight, torch.Tensor):  # int8: weight() is a method
+                self._fused_qkv.append(None)
+                self._fused_value_output.append(None)
+                continue
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            self._fused_qkv.append(PackedLinear(qkv, None, self.weight_dtype))
+            value_output = a.o_proj.weight @ a.v_proj.weight
+            self._fused_value_output.append(PackedLinear(value_output, a.o_proj.bias, self.weight_dtype))
 
     def _prepare_rows(self, start: int, latent_start: int, end: int) -> None:
         """Make rows [start, latent_start) prefix rows and [latent_start, end) latent rows."""
@@ -314,8 +379,7 @@ class Engine:
         """o_proj(v_proj(h)) for a single latent, as one matmul when the weights allow it."""
         fused = self._fused_value_output[index]
         if fused is not None:
-            weight, bias = fused
-            return F.linear(h, weight, bias)
+            return fused(h)
         attention = self.model.self_attention[index].attention
         return attention.o_proj(attention.v_proj(h))
 
@@ -323,7 +387,7 @@ class Engine:
         """Query, key and value projections, in one matmul when the weights allow it."""
         fused = self._fused_qkv[index]
         if fused is not None:
-            return F.linear(h, fused).chunk(3, dim=-1)
+            return fused(h).chunk(3, dim=-1)
         attention = self.model.self_attention[index].attention
         return attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
 

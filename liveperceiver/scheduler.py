@@ -172,6 +172,10 @@ class Scheduler:
             for channel, pitch in list(self.thru_sounding):
                 self._emit([0x80 | channel, pitch, 0], model=False)
             self.thru_sounding.clear()
+            if self.sent_on:
+                # A note-off lost on the way (an overloaded JACK drops messages) would leave the
+                # synth holding a note that was closed here: all notes off on the output channel.
+                self._emit([0xB0 | (self.settings.out_channel - 1), 123, 0], model=False)
 
     def _iteration(self) -> bool:
         """One turn of the loop; False once closed. An error costs the sounding notes, not the thread."""

@@ -144,10 +144,12 @@ class Session:
         session_dir: str | Path | None = None,
         record_path: str | Path | None = None,
         device: str = "auto",
+        weights: str = "auto",
     ):
         settings.validate()
         self.settings = settings
         self.device = device  # the engine's: cuda, then mps, then cpu
+        self.weights = weights  # how the engine stores Linear weights (resolve_weights)
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.log_count = 0  # lines ever logged (the deque keeps the last LOG_LINES)
         self.lock = threading.Lock()  # guards the small shared state below (stats, roll, held keys)
@@ -396,7 +398,7 @@ class Session:
         return getattr(spec, "model", spec)
 
     def _new_engine(self, model, settings: Settings):
-        from liveperceiver.engine import Engine
+        from liveperceiver.engine import Engine, pick_device, resolve_weights
 
         max_latents = model.config.max_latents
         if settings.num_latents > max_latents:
@@ -404,14 +406,19 @@ class Session:
         cap = settings.prefix_cap or None
         if cap is not None:
             cap = min(cap, model.config.max_prefix_len)
-        return Engine(
-            model,
-            num_latents=settings.num_latents,
-            prefix_cap=cap,
-            sampling=settings.sampling_settings(),
-            constraints=settings.engine_constraints(),
-            device=self.device,
-        )
+        device = pick_device(self.device)
+        try:
+            return Engine(
+                model,
+                num_latents=settings.num_latents,
+                prefix_cap=cap,
+                sampling=settings.sampling_settings(),
+                constraints=settings.engine_constraints(),
+                device=device,
+                quantize=resolve_weights(self.weights, device),
+            )
+        except ValueError as error:  # e.g. int8 weights on a GPU
+            raise UserError(f"cannot build the engine: {error}") from None
 
     # ------------------------------------------------------------------ scheduler callback
 
@@ -907,6 +914,7 @@ def run_play(args) -> int:
         session_dir=args.session_dir,
         record_path=args.record,
         device=args.device,
+        weights=args.weights,
     )
     if not args.headless:
         from liveperceiver.ui import run_ui  # the Textual UI drives this same session

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from liveperceiver import vocab
-from liveperceiver.engine import Engine
+from liveperceiver.engine import DTYPES, Engine, PackedLinear
 from liveperceiver.sampling import Constraints, SamplingSettings
 
 
@@ -228,3 +228,28 @@ def test_max_note_length_closes_only_the_models_notes(tiny_model):
     engine.append([61, 355])
     engine.truncate(length)  # a rollback keeps which notes the model struck
     assert engine.state.overdue(500) == [60]
+
+
+@pytest.mark.parametrize("storage, tolerance", [("float16", 0.02), ("bfloat16", 0.2)])
+def test_16_bit_weights_stay_close_to_the_float32_model(tiny_model, storage, tolerance):
+    """16-bit weight storage (the fast CPU setting) changes the logits by rounding only."""
+    engine = Engine(tiny_model, num_latents=1, quantize=storage, sampling=SamplingSettings(seed=2))
+    packed = [module for module in engine.model.modules() if isinstance(module, PackedLinear)]
+    assert packed and all(module.weight.dtype == DTYPES[storage] for module in packed)
+    assert not any(isinstance(module, torch.nn.Linear) for module in engine.model.modules())
+    assert all(fused.weight.dtype == DTYPES[storage] for fused in engine._fused_value_output)
+    rng = random.Random(4)
+    engine.append([rng.randrange(388) for _ in range(200)])
+    differences = []
+    for index in range(120):
+        engine.configure(num_latents=1 if index % 2 else 1 + index % 7)
+        differences.append(max_difference(tiny_model, engine))
+        engine.step()
+    assert 0.0 < max(differences) < tolerance
+
+
+def test_16_bit_weights_need_a_float32_model(tiny_model):
+    with pytest.raises(ValueError, match="float32"):
+        Engine(tiny_model, quantize="float16", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="not one of"):
+        Engine(tiny_model, quantize="int4")

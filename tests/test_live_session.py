@@ -148,6 +148,10 @@ def test_engine_exception_leaves_nothing_sounding(live):
     assert wait_for(lambda: len(keys.note_ons()) and session.scheduler.sounding_pitches(), timeout=10)
     session.close()
     assert no_stuck_notes(keys, session.recorder.path)
+    # after the note-offs, all notes off: a synth that lost a note-off in transport is silenced too
+    assert wait_for(lambda: keys.messages() and keys.messages()[-1][1] == [0xB0, 123, 0], timeout=2)
+    notes = [m for _, m in keys.messages() if m[0] & 0xF0 in (0x80, 0x90)]
+    assert notes and notes[-1][0] & 0xF0 == 0x80
 
 
 def test_output_routed_back_to_input_does_not_run_away(live, jack_server):  # noqa: F811

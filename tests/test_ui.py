@@ -56,7 +56,7 @@ class ReplaySession:
     def __init__(self, tiny_model, folder: Path) -> None:
         self.settings = Settings(seed=1, model=str(TINY))
         self.model = getattr(tiny_model, "model", tiny_model)
-        self.engine = SimpleNamespace(device="cpu", dtype="float32")
+        self.engine = SimpleNamespace(device="cpu", precision="float32")
         self.api = "jack"
         self.midi_in = SimpleNamespace(connected_name="LivePerceiver In")
         self.midi_out = SimpleNamespace(connected_name="LivePerceiver Out")

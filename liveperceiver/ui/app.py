@@ -244,7 +244,7 @@ class LivePerceiverApp(App):
             info.max_latents = model.config.max_latents
         if engine is not None:
             info.device = str(getattr(engine, "device", "cpu"))
-            info.dtype = str(getattr(engine, "dtype", "float32")).replace("torch.", "")
+            info.dtype = getattr(engine, "precision", "float32")
         try:
             import torch
 
