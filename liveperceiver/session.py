@@ -240,6 +240,8 @@ class Session:
             f"session started: {self.api}, in {self.midi_in.name!r}, out {self.midi_out.name!r}, "
             f"mode {self.settings.mode}, journal {self.recorder.path}"
         )
+        priority = self.scheduler.priority
+        (self.info if priority.startswith(("real-time", "raised")) else self.warn)(f"output thread: {priority}")
 
     def set_mode(self, mode: str) -> None:
         self.update(mode=mode)

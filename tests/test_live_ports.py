@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 
 import mido
@@ -191,3 +194,35 @@ def test_scheduler_survives_an_error_and_keeps_the_note_off_guarantee():
         assert wait_for(lambda: keys.balance() == 0)
         keys.close()
         midi_out.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="POSIX scheduling policies (Linux)")
+def test_scheduler_thread_takes_real_time_priority_where_allowed():
+    def may_use_fifo() -> bool:  # the same request, from a throwaway thread
+        granted = []
+
+        def probe() -> None:
+            try:
+                os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(1))
+                granted.append(True)
+            except OSError:
+                granted.append(False)
+
+        thread = threading.Thread(target=probe)
+        thread.start()
+        thread.join()
+        return granted[0]
+
+    scheduler = Scheduler(lambda message: True, Settings(), log=lambda s: None)
+    scheduler.start()
+    try:
+        policy = os.sched_getscheduler(scheduler.thread.native_id)
+        if sys.platform.startswith("linux") and may_use_fifo():
+            assert policy == os.SCHED_FIFO
+            assert scheduler.priority.startswith("real-time")
+        else:
+            assert policy == os.SCHED_OTHER
+            assert not scheduler.priority.startswith("real-time")
+    finally:
+        scheduler.close()
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the rest of the process is untouched
