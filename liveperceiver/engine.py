@@ -102,7 +102,9 @@ class PackedLinear(nn.Module):
         return cls(linear.weight, linear.bias, storage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows_weight is not None and x.shape[:-1].numel() > 1:
+        if self.rows_weight is None:  # stored in the input's precision
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[:-1].numel() > 1:
             return F.linear(x, self.rows_weight, self.bias)
         y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias
