@@ -38,6 +38,8 @@ from liveperceiver.ui.widgets import (
 )
 
 REFRESH_HZ = 15  # <= 30: enough for a scrolling roll, cheap for the session's lock
+TEXT_EVERY = 3  # the text panels redraw every 3rd frame (5 Hz) unless a command changed something:
+# each redraw costs the GIL (the engine's and the output thread's), and numbers are read at 5 Hz
 ACTIVITY_S = 0.3  # how long an activity light stays on after a note
 LOG_KEEP = 200
 
@@ -224,7 +226,7 @@ class LivePerceiverApp(App):
         freeze_heap()  # the widgets are long-lived: keep full collections from stalling the music
         self.query_one("#roll-box").border_title = "Piano roll  [#4fc3f7]■[/] you  [#ffb74d]■[/] model  z x zoom"
         self.refresh_view()
-        self.set_interval(1 / REFRESH_HZ, self.refresh_view)
+        self.set_interval(1 / REFRESH_HZ, self._frame)
 
     @property
     def main(self) -> Screen:
@@ -257,7 +259,14 @@ class LivePerceiverApp(App):
         stamp = datetime.datetime.now().strftime("%H:%M:%S")
         self.ui_log.append(f"{stamp} {message}")
 
-    def refresh_view(self) -> None:
+    frames = 0
+
+    def _frame(self) -> None:
+        """The timer's frame: the roll always, the text panels every TEXT_EVERY frames."""
+        self.frames += 1
+        self.refresh_view(text_panels=self.frames % TEXT_EVERY == 0)
+
+    def refresh_view(self, text_panels: bool = True) -> None:
         """One frame: read the snapshot and redraw. A failing snapshot is logged, never raised."""
         try:
             snap = self.session.snapshot()
@@ -275,7 +284,7 @@ class LivePerceiverApp(App):
         self.counts = (snap.notes_in, snap.notes_out)
         self.snap_seen = True
         try:
-            self._draw(snap, now)
+            self._draw(snap, now, text_panels)
         except NoMatches:  # the panels are gone: the app is shutting down
             return
         except Exception as error:  # a drawing bug must not stop the UI (the music never waits on it)
@@ -287,29 +296,31 @@ class LivePerceiverApp(App):
             self.last_warning = message
             self.log_line("warning: " + message)
 
-    def _draw(self, snap: Snapshot, now: float) -> None:
+    def _draw(self, snap: Snapshot, now: float, text_panels: bool = True) -> None:
         screen = self.main
+        pedal = bool(getattr(self.session, "pedal_down", False))
+        screen.query_one(PianoRoll).show(snap, now, pedal)
+        if not text_panels:
+            return
         midi_in = getattr(self.session, "midi_in", None)
         midi_out = getattr(self.session, "midi_out", None)
         in_ok = midi_in is None or getattr(midi_in, "connected_name", "") is not None
         out_ok = midi_out is None or getattr(midi_out, "connected_name", "") is not None
         api = str(getattr(self.session, "api", "?"))
         lights = (now - self.lit[0] < ACTIVITY_S, now - self.lit[1] < ACTIVITY_S)
-        screen.query_one("#ports", Panel).update(ports_text(snap, api, in_ok, out_ok, *lights))
-        screen.query_one("#model", Panel).update(model_text(snap, self.info))
+        screen.query_one("#ports", Panel).show(ports_text(snap, api, in_ok, out_ok, *lights))
+        screen.query_one("#model", Panel).show(model_text(snap, self.info))
         recorder = getattr(self.session, "recorder", None)
         save_to = str(Path(recorder.dir) / "session.mid") if recorder is not None else snap.recording
         panel = screen.query_one("#session", Panel)
         width = panel.content_size.width or 40
-        panel.update(session_text(snap, now - self.started, save_to, self.last_save, width))
-        screen.query_one("#controls", Panel).update(controls_text(snap, self.selected))
-        screen.query_one("#meters", Panel).update(meters_text(snap))
-        pedal = bool(getattr(self.session, "pedal_down", False))
-        screen.query_one(PianoRoll).show(snap, now, pedal)
+        panel.show(session_text(snap, now - self.started, save_to, self.last_save, width))
+        screen.query_one("#controls", Panel).show(controls_text(snap, self.selected))
+        screen.query_one("#meters", Panel).show(meters_text(snap))
         log = screen.query_one("#log", Panel)
         lines = sorted([*snap.log[-20:], *list(self.ui_log)[-20:]])
         shown = lines[-max(1, log.content_size.height) :]
-        log.update(Text("\n".join(shown), no_wrap=True, overflow="ellipsis", style="#9aa3b5"))
+        log.show(Text("\n".join(shown), no_wrap=True, overflow="ellipsis", style="#9aa3b5"))
 
     snap_seen = False
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
 
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
+from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Static
 
@@ -23,6 +27,11 @@ PEDAL_STYLE = "#81c784"
 CURSOR_STYLE = "bold #e0e0e0"
 GRID_STYLE = "#3a3f4b"
 ZOOMS = (2.0, 4.0, 6.0, 8.0, 10.0)  # seconds of past shown; the session keeps 10 s of roll
+
+
+@lru_cache(maxsize=32)
+def _style(spec: str) -> Style | None:
+    return Style.parse(spec) if spec else None
 
 
 def note_name(pitch: int) -> str:
@@ -52,6 +61,10 @@ class PianoRoll(Widget):
 
     Player notes and model notes have their own colours, the look-ahead (sampled, not yet played)
     is drawn faintly right of the cursor, and the bottom row shows the sustain pedal.
+
+    Drawn with Textual's line API (one Strip of styled runs per line, built once per frame): the
+    roll is redrawn every frame, and turning it into Rich text that Textual then lays out again
+    cost about 45 ms a frame on a slow CPU, on the GIL the engine needs.
     """
 
     DEFAULT_CSS = "PianoRoll { height: 1fr; }"
@@ -62,6 +75,8 @@ class PianoRoll(Widget):
         self.zoom_index = 2
         self.pedal: deque[tuple[float, bool]] = deque(maxlen=1024)  # (UI time, down)
         self.now = 0.0
+        self._strips: list[Strip] | None = None  # this frame's lines, built on first use
+        self._strips_size = (0, 0)
 
     @property
     def seconds(self) -> float:
@@ -69,6 +84,7 @@ class PianoRoll(Widget):
 
     def zoom(self, step: int) -> None:
         self.zoom_index = max(0, min(len(ZOOMS) - 1, self.zoom_index + step))
+        self._strips = None
         self.refresh()
 
     def show(self, snapshot: Snapshot, now: float, pedal_down: bool) -> None:
@@ -76,7 +92,21 @@ class PianoRoll(Widget):
         self.now = now
         if not self.pedal or self.pedal[-1][1] != pedal_down:
             self.pedal.append((now, pedal_down))
+        self._strips = None
         self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        width, height = self.size
+        if self._strips is None or self._strips_size != (width, height):
+            base = self.rich_style  # the widget's CSS colours, under the roll's own (computed, so once)
+            self._strips = [strip.apply_style(base) for strip in self.lines()]
+            self._strips += [Strip.blank(width, base)] * max(0, height - len(self._strips))
+            self._strips_size = (width, height)
+        return self._strips[y] if y < len(self._strips) else Strip.blank(width)
+
+    def text(self) -> str:
+        """What the roll shows now, as plain text (one line per screen line)."""
+        return "\n".join(strip.text for strip in self.lines())
 
     def _pitch_rows(self, rows: int) -> tuple[int, int]:
         """(top pitch, pitches per row): fit the notes on screen, centred, at least two octaves."""
@@ -91,10 +121,11 @@ class PianoRoll(Widget):
         top = max(top, low + span - 1)
         return top, per_row
 
-    def render(self) -> Text:
+    def lines(self) -> list[Strip]:
+        """The roll as one Strip per screen line, each exactly the widget's width."""
         width, height = self.size.width, self.size.height
         if width < 12 or height < 3:
-            return Text("")
+            return []
         label_w = 5
         cols = width - label_w
         ahead_cols = max(2, cols // 7)
@@ -124,31 +155,30 @@ class PianoRoll(Widget):
             for col in range(max(0, first), min(cols, max(last, first + 1))):
                 if col != now_col:
                     grid[row][col] = (char, style)
-        text = Text(no_wrap=True, overflow="crop")
+        dim = _style("dim")
+        lines: list[list[Segment]] = []
         for row in range(rows):
             pitch = top - row * per_row
             c_here = next((pitch - k for k in range(per_row) if (pitch - k) % 12 == 0), None)
             label = note_name(c_here) if c_here is not None else ""
-            text.append(f"{label:>4} ", style="dim")
             cells = grid[row]
             cells[now_col] = ("│", CURSOR_STYLE)
-            _append_runs(text, cells)
-            text.append("\n")
-        text.append(" ped ", style="dim")
-        text.append_text(self._pedal_line(cols, now_col, per_col))
-        text.append("\n")
+            lines.append([Segment(f"{label:>4} ", dim), *_runs(cells)])
+        lines.append([Segment(" ped ", dim), *_runs(self._pedal_cells(cols, now_col, per_col))])
         axis = f"-{self.seconds:g}s"
-        text.append(" " * label_w + axis + " " * max(0, now_col - len(axis) - 1) + "now", style="dim")
-        text.append(" ahead" if ahead_cols >= 7 else "", style=AHEAD_STYLE)
-        return text
+        axis_line = [Segment(" " * label_w + axis + " " * max(0, now_col - len(axis) - 1) + "now", dim)]
+        if ahead_cols >= 7:
+            axis_line.append(Segment(" ahead", _style(AHEAD_STYLE)))
+        lines.append(axis_line)
+        return [Strip(segments).adjust_cell_length(width) for segments in lines]
 
-    def _pedal_line(self, cols: int, now_col: int, per_col: float) -> Text:
+    def _pedal_cells(self, cols: int, now_col: int, per_col: float) -> list[tuple[str, str]]:
         """The pedal as the UI saw it over time (Snapshot has only notes; see app.refresh_view)."""
-        line = Text()
         changes = list(self.pedal)
+        cells: list[tuple[str, str]] = []
         for col in range(cols):
             if col >= now_col:
-                line.append("│" if col == now_col else " ", CURSOR_STYLE)
+                cells.append(("│" if col == now_col else " ", CURSOR_STYLE))
                 continue
             at = self.now - (now_col - col) * per_col
             down = False
@@ -156,25 +186,37 @@ class PianoRoll(Widget):
                 if when > at:
                     break
                 down = state
-            line.append("▀" if down else " ", PEDAL_STYLE)
-        return line
+            cells.append(("▀" if down else " ", PEDAL_STYLE))
+        return cells
 
 
-def _append_runs(text: Text, cells: list[tuple[str, str]]) -> None:
-    """Append cells as runs of one style: a few appends per row instead of one per column."""
+def _runs(cells: list[tuple[str, str]]) -> list[Segment]:
+    """Cells as runs of one style: a few segments per line instead of one per column."""
+    segments: list[Segment] = []
     start = 0
     for index in range(1, len(cells) + 1):
         if index == len(cells) or cells[index][1] != cells[start][1]:
-            text.append("".join(char for char, _ in cells[start:index]), cells[start][1] or None)
+            segments.append(Segment("".join(char for char, _ in cells[start:index]), _style(cells[start][1])))
             start = index
+    return segments
 
 
 class Panel(Static):
-    """A titled box whose body is replaced on every refresh."""
+    """A titled box whose body is replaced when it changes, without a new layout.
+
+    Why: drawing is most of the UI's cost (Textual renders widgets line by line in Python, on the
+    GIL the engine and the output thread need). Most panels change rarely, and every panel has a
+    fixed size in app.tcss, so a new body never needs a layout pass (which redraws every widget)."""
 
     def __init__(self, title: str, **kwargs) -> None:
         super().__init__("", **kwargs)
         self.border_title = title
+        self.shown: object = None
+
+    def show(self, body: Text) -> None:
+        if body != self.shown:  # Rich Text compares text and styles
+            self.shown = body
+            self.update(body, layout=False)
 
 
 def _row(text: Text, key: str, value: str, style: str = "bold") -> None:
