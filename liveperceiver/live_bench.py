@@ -316,7 +316,9 @@ def fault_phase(
         "stuck_notes_heard": sum(r["stuck_heard"] for r in rows),
         # sessions logged before the closing CC123 existed have no such field: count them as unresolved
         "stuck_notes_heard_by_synth": sum(r.get("stuck_heard_by_synth", r["stuck_heard"]) for r in rows),
-        "messages_dropped_by_transport": sum(r["dropped"] for r in rows),
+        "messages_dropped_by_transport": sum(max(0, r["dropped"]) for r in rows),
+        # note messages heard that this session's scheduler never sent (seen in back-to-back sessions)
+        "extra_note_messages_heard": sum(max(0, -r["dropped"]) for r in rows),
         "per_session_heard": [r["stuck_heard"] for r in rows],
         "faults": [r["faults"] for r in rows],
     }
@@ -447,7 +449,8 @@ def format_table(results: dict) -> str:
         f"rolled back tokens: {duet['rolled_back_tokens']}",
         f"{'events already due when sampled':34}{_fmt(duet['late_events'])}",
         f"stuck notes across {faults['sessions']} randomized sessions with faults: {faults['stuck_notes_sent']} sent, "
-        f"{faults['stuck_notes_heard']} heard ({faults['messages_dropped_by_transport']} messages lost in JACK), "
+        f"{faults['stuck_notes_heard']} heard ({faults['messages_dropped_by_transport']} messages lost in JACK, "
+        f"{faults.get('extra_note_messages_heard', 0)} heard but never sent), "
         f"{faults['stuck_notes_heard_by_synth']} still sounding on a synth after the closing all-notes-off; "
         f"after close: call {call['stuck_after_close']}, duet {duet['stuck_after_close']} heard",
     ]
