@@ -69,9 +69,13 @@ def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, fresh_
         assert until_heard(keys, tmp_path / "s" / "journal.txt"), diagnose(tmp_path, fresh_jack_server)
         keys.phrase([60, 64, 67, 72])
         if not wait_for(lambda: keys.note_ons(), timeout=20):
-            # Seen intermittently in full CI runs on the 2-core machine: the play process journals the
-            # player but its duet never sends a note (open question, noted on the live-bridge issue).
-            # The SIGTERM guarantees below need model notes sounding; other tests cover duet output.
+            # Seen in about 1 start in 5 on the 2-core machine, with this version and older ones: the play
+            # process journals the player and sends the model's notes, but its "LivePerceiver Out" JACK
+            # client never runs a cycle (jackd logs "LivePerceiver Out was not finished, state =
+            # Triggered" every period; gdb shows the client thread waiting in JackClient::DummyCycle).
+            # The same with python-rtmidi built against the system's libjack, so not a version mismatch.
+            # Open question, noted on the live-bridge issue. The SIGTERM guarantees below need model
+            # notes heard; other tests cover duet output.
             pytest.skip("the model stayed silent for 20 s; " + diagnose(tmp_path, fresh_jack_server))
         sigterm_at = time.monotonic()
         process.send_signal(signum)
