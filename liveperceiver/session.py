@@ -158,6 +158,7 @@ class Session:
         self.midi_in = MidiInput(self.api, in_port, log=self.warn)
         try:
             self.midi_out = MidiOutput(self.api, out_port, log=self.warn)
+            self.midi_out.ensure_delivery()
         except BaseException:
             self.midi_in.close()
             raise
