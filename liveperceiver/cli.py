@@ -14,6 +14,9 @@ from pathlib import Path
 
 from liveperceiver.errors import UserError
 
+# engine.WEIGHTS, spelled out here so that building the parser does not import torch
+WEIGHTS = ("auto", "float32", "int8", "float16", "bfloat16")
+
 # --------------------------------------------------------------------------- tokenize / detokenize
 
 
@@ -250,7 +253,7 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument(
         "--quantize",
-        choices=["int8", "float16", "bfloat16"],
+        choices=WEIGHTS[2:],
         help="int8: dynamic int8 Linear layers (CPU); float16/bfloat16: 16-bit weights, float32 activations",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
@@ -260,7 +263,7 @@ def add_bench(subparsers) -> None:
     parser.add_argument(
         "--weights",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16", "int8"],
+        choices=WEIGHTS,
         help="--live: the session's weight storage, as `play --weights` (auto: float16 on CPU)",
     )
     parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
@@ -314,7 +317,7 @@ def add_play(subparsers) -> None:
     parser.add_argument(
         "--weights",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16", "int8"],
+        choices=WEIGHTS,
         help="how the engine stores Linear weights (auto: float16 on CPU, float32 on GPU)",
     )
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.session").session.run_play(args))

@@ -34,7 +34,8 @@ from liveperceiver.model import PerceiverAR, apply_rotary, rotary_tables
 from liveperceiver.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZE = ("int8", "float16", "bfloat16")
+HALF_WEIGHTS = ("float16", "bfloat16")  # quantize choices that store 16-bit weights, float32 activations
+QUANTIZE = ("int8", *HALF_WEIGHTS)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -69,7 +70,7 @@ def prepare_model(model: PerceiverAR, device: torch.device, dtype: torch.dtype, 
     float32 tables are built."""
     if quantize not in (None, "none", *QUANTIZE):
         raise ValueError(f"quantize {quantize!r} is not one of: none, {', '.join(QUANTIZE)}")
-    if quantize in ("float16", "bfloat16") and dtype != torch.float32:
+    if quantize in HALF_WEIGHTS and dtype != torch.float32:
         raise ValueError(f"quantize {quantize} stores 16-bit weights for a float32 model; dtype is {dtype}")
     model = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
     if quantize == "int8":
@@ -161,7 +162,7 @@ class Engine:
         )
         self.exact_tables = not self.config.abs_pos_emb
         # Weight storage: float32 unless `quantize` asks for 16-bit weights (int8 is in prepare_model).
-        self.weight_dtype = DTYPES[quantize] if quantize in ("float16", "bfloat16") else dtype
+        self.weight_dtype = DTYPES[quantize] if quantize in HALF_WEIGHTS else dtype
         if self.exact_tables:
             self._build_tables()
         if self.weight_dtype != dtype:

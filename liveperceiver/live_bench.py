@@ -432,7 +432,7 @@ def format_table(results: dict) -> str:
     call, duet, faults = results["call"], results["duet"], results["faults"]
     rtf = duet["realtime_factor"]
     lines = [
-        f"live bench: model {results['model']}, weights {results.get('weights', 'float32')}, "
+        f"live bench: model {results['model']}, weights {results['weights']}, "
         f"torch threads {results['torch_threads']}, {results['machine']}",
         f"JACK {results['jack']}",
         f"{'':34}{'p50 ms':>8} {'p99 ms':>8}",
@@ -450,7 +450,7 @@ def format_table(results: dict) -> str:
         f"{'events already due when sampled':34}{_fmt(duet['late_events'])}",
         f"stuck notes across {faults['sessions']} randomized sessions with faults: {faults['stuck_notes_sent']} sent, "
         f"{faults['stuck_notes_heard']} heard ({faults['messages_dropped_by_transport']} messages lost in JACK, "
-        f"{faults.get('extra_note_messages_heard', 0)} heard but never sent), "
+        f"{faults['extra_note_messages_heard']} heard but never sent), "
         f"{faults['stuck_notes_heard_by_synth']} still sounding on a synth after the closing all-notes-off; "
         f"after close: call {call['stuck_after_close']}, duet {duet['stuck_after_close']} heard",
     ]

@@ -158,11 +158,11 @@ class Session:
         self.midi_in = MidiInput(self.api, in_port, log=self.warn)
         try:
             self.midi_out = MidiOutput(self.api, out_port, log=self.warn)
-            self.midi_out.ensure_delivery()
         except BaseException:
             self.midi_in.close()
             raise
         try:
+            self.midi_out.ensure_delivery()
             self.model = self._load_model(model if model is not None else settings.model)
             self.engine = self._new_engine(self.model, settings)
         except BaseException:

@@ -103,3 +103,9 @@ def test_bench_writes_rows_with_the_documented_keys(tmp_path):
         ):
             assert row[key] > 0
         assert row["step_ms_p99"] >= row["step_ms_p50"]
+
+
+def test_cli_weight_choices_are_the_engines():
+    from liveperceiver import cli, engine
+
+    assert cli.WEIGHTS == engine.WEIGHTS  # spelled out in cli.py so that parsing does not import torch

@@ -102,7 +102,7 @@ class PianoRoll(Widget):
             self._strips = [strip.apply_style(base) for strip in self.lines()]
             self._strips += [Strip.blank(width, base)] * max(0, height - len(self._strips))
             self._strips_size = (width, height)
-        return self._strips[y] if y < len(self._strips) else Strip.blank(width)
+        return self._strips[y]
 
     def text(self) -> str:
         """What the roll shows now, as plain text (one line per screen line)."""
