@@ -28,8 +28,6 @@ from liveperceiver.errors import UserError
 VIRTUAL_IN = "LivePerceiver In"
 VIRTUAL_OUT = "LivePerceiver Out"
 CLIENT_NAME = "LivePerceiver"
-PROBE_S = 0.5  # how long the output check waits for its probe byte
-PROBE_ATTEMPTS = 3  # reopenings of a stalled JACK output at start
 
 API_IDS = {
     "alsa": rtmidi.API_LINUX_ALSA,
@@ -275,58 +273,6 @@ class MidiOutput(_Port):
                 return False
             self.port.send_message(message)
             return True
-
-    def delivers(self, timeout: float = PROBE_S) -> bool | None:
-        """Whether our JACK virtual output reaches a listener now: a private probe client connects to
-        it and must hear one Active Sensing byte (harmless: nothing sounds yet). None when it cannot
-        tell (not our JACK virtual port, or several ports of that name, e.g. a second instance)."""
-        if self.api != "jack" or self.wanted is not None:
-            return None
-        heard = threading.Event()
-        probe = rtmidi.MidiIn(API_IDS[self.api], name=f"{CLIENT_NAME} probe")
-        try:
-            probe.ignore_types(sysex=True, timing=True, active_sense=False)
-            probe.set_callback(lambda event, data=None: heard.set() if event[0] == [0xFE] else None)
-            names = probe.get_ports()
-            ours = [index for index, name in enumerate(names) if name.endswith(":" + self.virtual_name)]
-            if len(ours) > 1:
-                return None
-            if not ours:
-                return False
-            probe.open_port(ours[0], f"{CLIENT_NAME} probe")
-            deadline = time.monotonic() + timeout
-            while not heard.is_set() and time.monotonic() < deadline:
-                self.send([0xFE])
-                heard.wait(0.05)
-            return heard.is_set()
-        finally:
-            probe.close_port()
-            probe.delete()
-
-    def ensure_delivery(self, attempts: int = PROBE_ATTEMPTS) -> bool | None:
-        """Check our JACK virtual output at start and reopen it while it delivers nothing.
-
-        Why: a JACK client was seen to hang before its first cycle in about 1 start in 5 on a busy
-        2-core machine (the server logs it as "not finished, state = Triggered" every period); its
-        port then swallows every note. A new client usually starts fine."""
-        try:
-            for _ in range(attempts):
-                ok = self.delivers()
-                if ok is None or ok:
-                    return ok
-                self.log(f"output port {self.virtual_name!r} delivers nothing (JACK client stalled); reopening it")
-                with self.lock:
-                    self.port.close_port()
-                    self.port.delete()
-                    self.port = self._new()
-                    self.port.open_virtual_port(self.virtual_name)
-            ok = self.delivers()
-        except rtmidi.RtMidiError as error:  # the server went away mid-check: the session reports it later
-            self.log(f"output port check failed: {error}")
-            return None
-        if ok is False:
-            self.log(f"output port {self.virtual_name!r} still delivers nothing after {attempts} reopenings")
-        return ok
 
 
 def format_port_listing() -> str:
