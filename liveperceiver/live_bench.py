@@ -20,13 +20,10 @@ reported (medians and p99, after the first call as warm-up):
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import rtmidi
@@ -35,39 +32,6 @@ from liveperceiver import ports
 from liveperceiver.errors import UserError
 from liveperceiver.session import Session, percentiles
 from liveperceiver.settings import Settings
-
-
-@contextmanager
-def private_jack():
-    """A JACK dummy server of our own, stopped afterwards (JACK_DEFAULT_SERVER set meanwhile)."""
-    if shutil.which("jackd") is None:
-        raise UserError("bench --live needs jackd (Debian/Ubuntu: apt install jackd2)")
-    name = f"lp-bench-{os.getpid()}"
-    previous = os.environ.get("JACK_DEFAULT_SERVER")
-    os.environ["JACK_DEFAULT_SERVER"] = name
-    log = tempfile.TemporaryFile()
-    process = subprocess.Popen(
-        ["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "256"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not ports.jack_server_running():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise UserError("bench --live: jackd did not start")
-            time.sleep(0.1)
-        yield name
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        if previous is None:
-            os.environ.pop("JACK_DEFAULT_SERVER", None)
-        else:
-            os.environ["JACK_DEFAULT_SERVER"] = previous
 
 
 class Player:
@@ -80,7 +44,7 @@ class Player:
         except (RuntimeError, rtmidi.SystemError) as error:  # the private JACK server died (it can, starved)
             raise UserError(f"bench --live: the JACK server went away ({error}); run again to resume") from None
         self.heard: list[tuple[float, list[int]]] = []
-        self.inp.set_callback(lambda event, data=None: self.heard.append((time.monotonic(), event[0])))
+        self.reader = ports.InputReader(self.inp, self.heard.append, name="lp-bench-ears")
         self.out.open_port(_find(self.out, ports.VIRTUAL_IN))
         self.inp.open_port(_find(self.inp, ports.VIRTUAL_OUT))
 
@@ -126,9 +90,9 @@ class Player:
         return sounding
 
     def close(self) -> None:
-        for port in (self.out, self.inp):
-            port.close_port()
-            port.delete()
+        self.reader.stop()
+        ports.release(self.out)
+        ports.release(self.inp)
 
 
 def _is_on(message: list[int]) -> bool:
@@ -404,7 +368,7 @@ def run(args) -> None:
     model, spec = loaded.model, loaded.name
     weights = args.weights
     rng = random.Random(0)
-    with private_jack(), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
+    with ports.private_jack_server("lp-bench"), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
         workdir = Path(tmp)
         results = {
             "model": spec,

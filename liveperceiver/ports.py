@@ -3,8 +3,9 @@
 Stage 1 of the live data flow (ports -> stream encoder -> engine -> scheduler -> ports). We talk to
 python-rtmidi directly (raw byte lists, no message objects on the real-time path):
 
-- `MidiInput` stamps every message with `time.monotonic()` inside the backend's callback and puts
-  `(time, bytes)` on a queue; nothing else happens on the backend thread.
+- `MidiInput` reads its port from a thread of ours (`InputReader`), stamps every message with
+  `time.monotonic()` as it arrives and puts `(time, bytes)` on a queue. The backend's own thread (JACK's
+  process cycle) never runs Python: see `InputReader` for why.
 - `MidiOutput.send()` is called by the scheduler thread only.
 - A port attached by name (`--in/--out`) is checked with `check()` from a housekeeping thread; when
   it vanishes this is reported once, and when a port of that name returns it is reopened.
@@ -16,10 +17,15 @@ import ctypes
 import ctypes.util
 import os
 import queue
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import rtmidi
 
@@ -28,6 +34,8 @@ from liveperceiver.errors import UserError
 VIRTUAL_IN = "LivePerceiver In"
 VIRTUAL_OUT = "LivePerceiver Out"
 CLIENT_NAME = "LivePerceiver"
+PROBE_S = 0.5  # how long the output check waits for its probe byte
+PROBE_ATTEMPTS = 3  # reopenings of a stalled JACK output at start
 
 API_IDS = {
     "alsa": rtmidi.API_LINUX_ALSA,
@@ -38,6 +46,8 @@ API_IDS = {
 API_CHOICES = ("auto", *API_IDS)
 
 StampedMessage = tuple[float, list[int]]  # (time.monotonic() seconds, raw MIDI bytes)
+POLL_S = 0.0005  # how often an input is read when idle: adds at most this to a message's stamp
+JACK_CYCLE_GRACE_S = 0.1  # release(): time a JACK process cycle in flight gets to finish
 
 
 # --------------------------------------------------------------------------- which APIs work here
@@ -65,6 +75,83 @@ def jack_server_running() -> bool:
         return False
     jack.jack_client_close(client)
     return True
+
+
+JACK_SERVER_NAMES = 8  # JACK's registry holds 8 servers
+
+
+def _die_with_parent() -> None:
+    """Linux: a child gets SIGTERM when our process dies, even by a crash."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def private_jack_server(prefix: str, period: int = 256) -> Iterator[str]:
+    """A JACK dummy server of our own (bench --live, tests); JACK_DEFAULT_SERVER names it meanwhile.
+
+    Names come from a small pool (`<prefix>-0`, `<prefix>-1`, ...), skipping servers that run: JACK's
+    registry holds 8 servers and frees the entry of one that died uncleanly only when a server of that
+    name starts again, so unique names per run would fill it for good after 8 crashes.
+    """
+    if shutil.which("jackd") is None:
+        raise UserError("this needs a JACK server: install jackd2 (Debian/Ubuntu: apt install jackd2)")
+    previous = os.environ.get("JACK_DEFAULT_SERVER")
+    process = None
+    try:
+        for name in (f"{prefix}-{i}" for i in range(JACK_SERVER_NAMES)):
+            os.environ["JACK_DEFAULT_SERVER"] = name
+            if jack_server_running():
+                continue
+            process, output = _start_jackd(name, period)
+            if process is not None:
+                break
+            if "Too many servers" in output:
+                raise UserError(
+                    "jackd did not start: JACK's registry of 8 servers is full (entries of servers that "
+                    "died); with no jackd running, `rm /dev/shm/jack-shm-registry` clears it"
+                )
+            if "already active" not in output:
+                last = output.strip().splitlines()[-1] if output.strip() else "no output"
+                raise UserError(f"jackd did not start: {last}")
+        if process is None:
+            raise UserError(f"no free JACK server name {prefix}-0..{JACK_SERVER_NAMES - 1}: stop some jackd")
+        yield name
+    finally:
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        if previous is None:
+            os.environ.pop("JACK_DEFAULT_SERVER", None)
+        else:
+            os.environ["JACK_DEFAULT_SERVER"] = previous
+
+
+def _start_jackd(name: str, period: int) -> tuple[subprocess.Popen | None, str]:
+    """(the running jackd, "") or (None, what it printed before it failed)."""
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            ["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", str(period)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in a terminal stops us, and we stop it
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + 10
+        while not jack_server_running():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait(5)
+                log.seek(0)
+                return None, log.read().decode(errors="replace")
+            time.sleep(0.05)
+    return process, ""
 
 
 def api_available(name: str) -> bool:
@@ -120,8 +207,8 @@ def list_ports(api: str) -> tuple[list[str], list[str]]:
     try:
         return midi_in.get_ports(), midi_out.get_ports()
     finally:
-        midi_in.delete()
-        midi_out.delete()
+        release(midi_in)
+        release(midi_out)
 
 
 def match_port(names: list[str], wanted: str) -> int | None:
@@ -138,6 +225,56 @@ def match_port(names: list[str], wanted: str) -> int | None:
 
 
 # --------------------------------------------------------------------------- ports
+
+
+def release(port) -> None:
+    """Close and free an rtmidi MidiIn/MidiOut (again: nothing); never use it afterwards.
+
+    Closing first unregisters the port right after a process cycle ends (rtmidi's JACK output waits
+    for one), so later cycles return before touching anything. An open JACK output then gets
+    JACK_CYCLE_GRACE_S before it is freed: rtmidi 6.0 frees its ring buffer before it stops the client's
+    process thread, and a late cycle still reading that buffer would crash the process.
+    """
+    if port.is_deleted:
+        return
+    was_open = port.is_port_open()
+    port.close_port()
+    if was_open and isinstance(port, rtmidi.MidiOut) and port.get_current_api() == rtmidi.API_UNIX_JACK:
+        time.sleep(JACK_CYCLE_GRACE_S)
+    port.delete()
+
+
+class InputReader:
+    """Reads an rtmidi MidiIn from a thread of ours and stamps each message as it arrives.
+
+    Why not python-rtmidi's callback: it runs Python on the backend's thread, so JACK's process cycle
+    waits for the GIL and runs late (a late client reads port buffers the next cycle has rewritten:
+    lost or repeated MIDI), and cancelling the callback while a message is in flight frees the data
+    that thread is about to use (a segfault on close, seen in CI). Polling keeps the backend thread in
+    C, where rtmidi only queues the message; the price is at most POLL_S added to a stamp.
+    """
+
+    def __init__(self, midi_in, deliver: Callable[[StampedMessage], None], name: str):
+        self._midi_in = midi_in
+        self._deliver = deliver
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        read = self._midi_in.get_message
+        while self._running:
+            message = read()
+            if message is None:
+                time.sleep(POLL_S)
+            else:
+                self._deliver((time.monotonic(), message[0]))
+
+    def stop(self) -> None:
+        """Returns once the thread no longer touches the port: call it before closing or deleting it."""
+        self._running = False
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 class _Port:
@@ -162,14 +299,14 @@ class _Port:
             try:
                 self.port.open_virtual_port(virtual_name)
             except rtmidi.RtMidiError as error:
-                self.port.delete()
+                release(self.port)
                 raise UserError(f"cannot create the virtual MIDI port {virtual_name!r} ({error})") from None
             self.connected_name = virtual_name
         else:
             index = match_port(self.port.get_ports(), wanted)
             if index is None:
                 available = ", ".join(self.port.get_ports()) or "none"
-                self.port.delete()
+                release(self.port)
                 raise UserError(f"no MIDI {self.direction} port matches {wanted!r}; available: {available}")
             self._open(index)
 
@@ -184,9 +321,8 @@ class _Port:
         name = self.port.get_ports()[index]
         self.port.open_port(index, self.virtual_name)
         self.connected_name = name
-        self._after_open()
 
-    def _after_open(self) -> None:
+    def _before_close(self) -> None:
         pass
 
     @property
@@ -215,8 +351,8 @@ class _Port:
 
     def close(self) -> None:
         with self.lock:
-            self.port.close_port()
-            self.port.delete()
+            self._before_close()
+            release(self.port)
             self.connected_name = None
 
 
@@ -228,19 +364,16 @@ class MidiInput(_Port):
     def __init__(self, api: str, wanted: str | None = None, log: Callable[[str], None] = print):
         self.queue: queue.SimpleQueue[StampedMessage] = queue.SimpleQueue()
         super().__init__(api, wanted, VIRTUAL_IN, log)
+        self.reader = InputReader(self.port, self.queue.put, name="midi-in")
 
     def _new(self):
         port = rtmidi.MidiIn(API_IDS[self.api], name=VIRTUAL_IN if self.wanted is None else CLIENT_NAME)
         port.ignore_types(sysex=True, timing=False, active_sense=True)  # keep MIDI clock
-        port.set_callback(self._callback)
         port.set_error_callback(self._error)
         return port
 
-    def _after_open(self) -> None:
-        self.port.set_callback(self._callback)  # closing a port cancels its callback
-
-    def _callback(self, event, data=None) -> None:
-        self.queue.put((time.monotonic(), event[0]))
+    def _before_close(self) -> None:
+        self.reader.stop()
 
     def _error(self, kind, message, data=None) -> None:
         self.log(f"input port error: {message}")
@@ -273,6 +406,57 @@ class MidiOutput(_Port):
                 return False
             self.port.send_message(message)
             return True
+
+    def delivers(self, timeout: float = PROBE_S) -> bool | None:
+        """Whether our JACK virtual output reaches a listener now: a private probe client connects to
+        it and must hear one Active Sensing byte (harmless: nothing sounds yet). None when it cannot
+        tell (not our JACK virtual port, or several ports of that name, e.g. a second instance)."""
+        if self.api != "jack" or self.wanted is not None:
+            return None
+        heard = threading.Event()
+        probe = rtmidi.MidiIn(API_IDS[self.api], name=f"{CLIENT_NAME} probe")
+        probe.ignore_types(sysex=True, timing=True, active_sense=False)
+        reader = InputReader(probe, lambda stamped: heard.set() if stamped[1] == [0xFE] else None, "midi-probe")
+        try:
+            names = probe.get_ports()
+            ours = [index for index, name in enumerate(names) if name.endswith(":" + self.virtual_name)]
+            if len(ours) > 1:
+                return None
+            if not ours:
+                return False
+            probe.open_port(ours[0], f"{CLIENT_NAME} probe")
+            deadline = time.monotonic() + timeout
+            while not heard.is_set() and time.monotonic() < deadline:
+                self.send([0xFE])
+                heard.wait(0.05)
+            return heard.is_set()
+        finally:
+            reader.stop()
+            release(probe)
+
+    def ensure_delivery(self, attempts: int = PROBE_ATTEMPTS) -> bool | None:
+        """Check our JACK virtual output at start and reopen it while it delivers nothing.
+
+        Why: a JACK client was seen to hang before its first cycle in about 1 start in 5 on a busy
+        2-core machine (the server logs it as "not finished, state = Triggered" every period); its
+        port then swallows every note. A new client usually starts fine."""
+        try:
+            for _ in range(attempts):
+                ok = self.delivers()
+                if ok is None or ok:
+                    return ok
+                self.log(f"output port {self.virtual_name!r} delivers nothing (JACK client stalled); reopening it")
+                with self.lock:
+                    release(self.port)
+                    self.port = self._new()
+                    self.port.open_virtual_port(self.virtual_name)
+            ok = self.delivers()
+        except rtmidi.RtMidiError as error:  # the server went away mid-check: the session reports it later
+            self.log(f"output port check failed: {error}")
+            return None
+        if ok is False:
+            self.log(f"output port {self.virtual_name!r} still delivers nothing after {attempts} reopenings")
+        return ok
 
 
 def format_port_listing() -> str:

@@ -162,6 +162,7 @@ class Session:
             self.midi_in.close()
             raise
         try:
+            self.midi_out.ensure_delivery()
             self.model = self._load_model(model if model is not None else settings.model)
             self.engine = self._new_engine(self.model, settings)
         except BaseException:

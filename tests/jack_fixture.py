@@ -1,18 +1,15 @@
 """A private JACK server (dummy driver) for tests, and a test keyboard/listener over real JACK ports.
 
 Import the fixture into a test module with `from tests.jack_fixture import jack_server  # noqa: F401`.
-The server has its own name (`lp-test-<pid>`), set in JACK_DEFAULT_SERVER for every client in this
-process and its children, so tests never touch a user's JACK server.
+The server has its own name (`lp-test-<n>`, see `ports.private_jack_server`), set in
+JACK_DEFAULT_SERVER for every client in this process and its children, so tests never touch a user's
+JACK server.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
-import subprocess
-import tempfile
 import threading
 import time
 import warnings
@@ -24,68 +21,24 @@ import rtmidi
 from liveperceiver import ports
 
 
-def _die_with_parent() -> None:
-    """Linux: jackd gets SIGTERM when the test process dies, even by a crash."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def start_jackd(name: str) -> subprocess.Popen:
-    log = tempfile.NamedTemporaryFile(prefix="jackd-", suffix=".log", delete=False)  # noqa: SIM115
-    process = subprocess.Popen(
-        ["jackd", "-n", name, "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "512"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
-    deadline = time.monotonic() + 10
-    while not ports.jack_server_running():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"jackd did not start: {open(log.name).read()[-2000:]}")
-        time.sleep(0.1)
-    return process
-
-
-def stop_jackd(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-
-
 @pytest.fixture(scope="session")
 def jack_server():
     """The name of a running private JACK server (skips the test when jackd is not installed)."""
-    yield from _private_jack(f"lp-test-{os.getpid()}")
+    yield from _private_jack()
 
 
 @pytest.fixture
 def fresh_jack_server():
     """A private JACK server for one test only: no clients or ports left over from earlier tests."""
-    yield from _private_jack(f"lp-fresh-{os.getpid()}-{time.monotonic_ns()}")
+    yield from _private_jack()
 
 
-def _private_jack(name: str):
+def _private_jack():
     if shutil.which("jackd") is None:
         pytest.skip("jackd (jackd2) is not installed")
-    previous = os.environ.get("JACK_DEFAULT_SERVER")
-    os.environ["JACK_DEFAULT_SERVER"] = name
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
-    process = start_jackd(name)
-    try:
+    with ports.private_jack_server("lp-test", period=512) as name:
         yield name
-    finally:
-        stop_jackd(process)
-        if previous is None:
-            os.environ.pop("JACK_DEFAULT_SERVER", None)
-        else:
-            os.environ["JACK_DEFAULT_SERVER"] = previous
 
 
 def wait_for(predicate, timeout: float = 5.0, step: float = 0.005) -> bool:
@@ -106,7 +59,7 @@ class Keyboard:
         self.inp.ignore_types(sysex=True, timing=False, active_sense=True)
         self.heard: list[tuple[float, list[int]]] = []
         self.lock = threading.Lock()
-        self.inp.set_callback(self._hear)
+        self.reader = ports.InputReader(self.inp, self._hear, name="lp-test-ears")
         if play_into is not None:
             self.connect_out(play_into)
         if listen_to is not None:
@@ -120,9 +73,9 @@ class Keyboard:
         assert wait_for(lambda: ports.match_port(self.inp.get_ports(), name) is not None), name
         self.inp.open_port(ports.match_port(self.inp.get_ports(), name))
 
-    def _hear(self, event, data=None) -> None:
+    def _hear(self, stamped: tuple[float, list[int]]) -> None:
         with self.lock:
-            self.heard.append((time.monotonic(), event[0]))
+            self.heard.append(stamped)
 
     def send(self, message: list[int]) -> float:
         self.out.send_message(message)
@@ -156,9 +109,9 @@ class Keyboard:
         return note_balance([m for _, m in self.messages() if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90)])
 
     def close(self) -> None:
-        for port in (self.out, self.inp):
-            port.close_port()
-            port.delete()
+        self.reader.stop()
+        ports.release(self.out)
+        ports.release(self.inp)
 
 
 def journal_notes(journal: Path) -> list[list[int]]:

@@ -17,7 +17,7 @@ from liveperceiver.errors import UserError
 from liveperceiver.recorder import Recorder, export_journal, recover
 from liveperceiver.scheduler import OutNote, Scheduler
 from liveperceiver.settings import Settings
-from tests.jack_fixture import Keyboard, jack_server, wait_for  # noqa: F401
+from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, wait_for  # noqa: F401
 
 
 @pytest.mark.jack
@@ -60,8 +60,7 @@ def test_named_port_errors_and_reconnects():
     try:
         keyboard.send_message([0x90, 64, 100])
         assert midi_in.get(timeout=2)[1] == [0x90, 64, 100]
-        keyboard.close_port()
-        keyboard.delete()
+        ports.release(keyboard)
         assert wait_for(lambda: (line := midi_in.check()) and log.append(line) is None and "vanished" in line)
         keyboard = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-piano")
         keyboard.open_virtual_port("piano")
@@ -69,7 +68,7 @@ def test_named_port_errors_and_reconnects():
         keyboard.send_message([0x90, 65, 100])
         assert midi_in.get(timeout=2)[1] == [0x90, 65, 100]
     finally:
-        keyboard.delete()
+        ports.release(keyboard)
         midi_in.close()
 
 
@@ -226,3 +225,24 @@ def test_scheduler_thread_takes_real_time_priority_where_allowed():
     finally:
         scheduler.close()
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the rest of the process is untouched
+
+
+@pytest.mark.jack
+def test_a_silent_virtual_output_is_found_and_reopened(fresh_jack_server):  # noqa: F811
+    lines: list[str] = []
+    output = ports.MidiOutput("jack", log=lines.append)
+    keys = None
+    try:
+        assert output.delivers() is True
+        output.port.close_port()  # its port gone: from outside, what a stalled JACK client looks like
+        assert output.delivers() is False
+        assert output.ensure_delivery() is True
+        assert any("reopening" in line for line in lines)
+        keys = Keyboard(play_into=None)  # a listener hears what the reopened port sends
+        output.send([0x90, 60, 100])
+        output.send([0x80, 60, 0])
+        assert wait_for(lambda: keys.balance() == 0 and len(keys.note_ons()) == 1)
+    finally:
+        output.close()
+        if keys is not None:
+            keys.close()

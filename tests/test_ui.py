@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import mido
 import pytest
 
+from liveperceiver import ports
 from liveperceiver.session import Session, Snapshot
 from liveperceiver.settings import Settings
 from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen
@@ -334,8 +335,7 @@ def test_port_vanishing_and_engine_error_are_shown(live_ui):
         async with app.run_test(size=(80, 24)) as pilot:
             await pilot.pause(0.2)
             assert "(disconnected)" not in str(app.main.query_one("#ports").render())
-            source.close_port()
-            source.delete()
+            ports.release(source)
             for _ in range(40):
                 await pilot.pause(0.1)
                 if session.midi_in.connected_name is None:
