@@ -246,3 +246,17 @@ def test_a_silent_virtual_output_is_found_and_reopened(fresh_jack_server):  # no
         output.close()
         if keys is not None:
             keys.close()
+
+
+@pytest.mark.jack
+def test_private_jack_servers_reuse_a_small_pool_of_names(monkeypatch):
+    with ports.private_jack_server("lp-pool") as first:
+        assert first == "lp-pool-0" and ports.jack_server_running()
+        with ports.private_jack_server("lp-pool") as second:  # the first one runs: the next name
+            assert second == "lp-pool-1" and os.environ["JACK_DEFAULT_SERVER"] == second
+        assert os.environ["JACK_DEFAULT_SERVER"] == first
+    with ports.private_jack_server("lp-pool") as again:  # stopped servers free their names
+        assert again == "lp-pool-0"
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(UserError, match="install jackd2"), ports.private_jack_server("lp-pool"):
+        pass
