@@ -19,6 +19,7 @@ reported (medians and p99, after the first call as warm-up):
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import random
 import shutil
@@ -363,6 +364,7 @@ def run(args) -> None:
     from liveperceiver.bench import machine_description
     from liveperceiver.checkpoint import load_model
 
+    faulthandler.enable()  # a crash in a native MIDI or JACK library leaves the Python stacks on stderr
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)  # None: the shipped default model
     model, spec = loaded.model, loaded.name
