@@ -48,6 +48,7 @@ API_CHOICES = ("auto", *API_IDS)
 StampedMessage = tuple[float, list[int]]  # (time.monotonic() seconds, raw MIDI bytes)
 POLL_S = 0.0005  # how often an input is read when idle: adds at most this to a message's stamp
 JACK_CYCLE_GRACE_S = 0.1  # release(): time a JACK process cycle in flight gets to finish
+JACK_SERVER_NAMES = 8  # JACK's registry holds 8 servers: private_jack_server's pool of names
 
 
 # --------------------------------------------------------------------------- which APIs work here
@@ -75,9 +76,6 @@ def jack_server_running() -> bool:
         return False
     jack.jack_client_close(client)
     return True
-
-
-JACK_SERVER_NAMES = 8  # JACK's registry holds 8 servers
 
 
 def _die_with_parent() -> None:
@@ -110,7 +108,7 @@ def private_jack_server(prefix: str, period: int = 256) -> Iterator[str]:
                 break
             if "Too many servers" in output:
                 raise UserError(
-                    "jackd did not start: JACK's registry of 8 servers is full (entries of servers that "
+                    f"jackd did not start: JACK's registry of {JACK_SERVER_NAMES} servers is full (entries of servers that "
                     "died); with no jackd running, `rm /dev/shm/jack-shm-registry` clears it"
                 )
             if "already active" not in output:
@@ -273,8 +271,7 @@ class InputReader:
     def stop(self) -> None:
         """Returns once the thread no longer touches the port: call it before closing or deleting it."""
         self._running = False
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        self._thread.join()
 
 
 class _Port:
