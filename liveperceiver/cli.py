@@ -118,7 +118,15 @@ def add_eval(subparsers) -> None:
         help="the engine closes notes held this long (default: as live; 0: off)",
     )
     parser.add_argument(
-        "--no-constraints", action="store_true", help="sample the raw model (no orphan note-off guard, no note limit)"
+        "--key-follow",
+        type=float,
+        default=live.key_follow,
+        help=f"lean toward the prompt's pitch classes (default {live.key_follow}, as live; 0: off)",
+    )
+    parser.add_argument(
+        "--no-constraints",
+        action="store_true",
+        help="sample the raw model (no orphan note-off guard, no note limit, no key follow)",
     )
     parser.add_argument(
         "--window-latents",
@@ -172,6 +180,9 @@ def add_continue(subparsers) -> None:
     parser.add_argument(
         "--max-note-seconds", type=float, default=0.0, help="the model must close notes held this long (0: off)"
     )
+    parser.add_argument(
+        "--key-follow", type=float, default=0.0, help="lean toward the prompt's pitch classes (0: off; play uses 1)"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, usually fastest)")
@@ -213,7 +224,7 @@ def run_continue(args: argparse.Namespace) -> None:
             device=args.device,
             dtype=DTYPES[args.dtype],
             threads=args.threads,
-            constraints=Constraints(max_note_ms=round(args.max_note_seconds * 1000)),
+            constraints=Constraints(max_note_ms=round(args.max_note_seconds * 1000), key_follow=args.key_follow),
         )
     except (ValueError, RuntimeError) as error:
         raise UserError(f"{loaded.name}: {error}") from None
@@ -311,6 +322,7 @@ def add_play(subparsers) -> None:
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--num-latents", type=int, metavar="N")
+    parser.add_argument("--key-follow", type=float, metavar="K", help="lean toward your pitch classes (0: off)")
     parser.add_argument("--record", type=Path, metavar="FILE.mid", help="also write the session's MIDI file here")
     parser.add_argument("--session-dir", type=Path, metavar="DIR", help="journal and session.mid (default: data dir)")
     parser.add_argument("--device", default="auto", help="the model's device: auto (cuda, mps, cpu), cpu, cuda, mps")

@@ -458,7 +458,9 @@ def run_eval(args) -> None:
     if not args.no_constraints:
         from liveperceiver.sampling import Constraints
 
-        sampling["constraints"] = Constraints(no_orphan_note_off=True, max_note_ms=round(args.max_note_seconds * 1000))
+        sampling["constraints"] = Constraints(
+            no_orphan_note_off=True, max_note_ms=round(args.max_note_seconds * 1000), key_follow=args.key_follow
+        )
     result = evaluate(
         loaded.model,
         pieces,

@@ -1,7 +1,8 @@
 """Sampling the next token: settings, the three small filters, and optional musical constraints.
 
 Constraints are logit masks driven by a `StreamState` that follows the token stream (sounding
-pitches, time since the last onset). All are off by default, where the reference has none.
+pitches, time since the last onset, the player's pitch classes), plus one soft bias: key follow.
+All are off by default, where the reference has none.
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from liveperceiver import vocab
+
+MAX_KEY_FOLLOW = 4.0
+# The player's pitch-class histogram forgets: each player note-on scales it by this first, so
+# after a modulation the new key dominates within a few dozen notes (half-life about 60 notes).
+PITCH_CLASS_DECAY = 0.9885
+PITCH_CLASS_PRIOR = 0.5  # pseudo-count per pitch class: a few notes only lean, a long phrase decides
+PITCH_CLASS_OF = torch.arange(128) % 12
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Constraints:
     max_polyphony: int = 0  # no note-on while this many notes sound
     min_onset_gap_ms: int = 0  # no note-on sooner than this after the previous one
     max_note_ms: int = 0  # a note sounding this long must be closed next (no stuck notes in the stream)
+    key_follow: float = 0.0  # lean the model's pitches toward the player's pitch classes (0: off; see key_follow_bias)
 
     def validate(self) -> None:
         if self.pitch_range is not None:
@@ -53,6 +62,8 @@ class Constraints:
         for name in ("max_polyphony", "min_onset_gap_ms", "max_note_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 0 (0 = off)")
+        if not 0.0 <= self.key_follow <= MAX_KEY_FOLLOW:
+            raise ValueError(f"key_follow {self.key_follow} outside 0..{MAX_KEY_FOLLOW} (0 = off)")
 
     @property
     def active(self) -> bool:
@@ -62,12 +73,14 @@ class Constraints:
             or self.max_polyphony
             or self.min_onset_gap_ms
             or self.max_note_ms
+            or self.key_follow
         )
 
 
 class StreamState:
     """What the token stream implies right now: sounding pitches with their onset times, which of
-    them the model sampled itself, and the stream's clock in ms (the sum of its time-shifts).
+    them the model sampled itself, the stream's clock in ms (the sum of its time-shifts), and a
+    decaying histogram of the pitch classes struck by the player and one of those the model struck.
 
     Snapshots every `SNAPSHOT_EVERY` tokens make rollback cheap on unbounded streams."""
 
@@ -79,7 +92,11 @@ class StreamState:
         self.clock_ms = 0
         self.last_onset_ms: int | None = None
         self.length = 0
-        self._snapshots: list[tuple[dict[int, int], set[int], int, int | None]] = [({}, set(), 0, None)]
+        self.player_pitch_classes = [0.0] * 12
+        self.model_pitch_classes = [0.0] * 12
+        self._snapshots: list[tuple[dict[int, int], set[int], int, int | None, list[float], list[float]]] = [
+            ({}, set(), 0, None, [0.0] * 12, [0.0] * 12)
+        ]
 
     @property
     def sounding(self) -> set[int]:
@@ -101,6 +118,10 @@ class StreamState:
                 self.sampled.add(token)
             else:
                 self.sampled.discard(token)  # the player struck it too: the note is theirs now
+            histogram = self.model_pitch_classes if sampled else self.player_pitch_classes
+            for pitch_class in range(12):
+                histogram[pitch_class] *= PITCH_CLASS_DECAY
+            histogram[token % 12] += 1.0
         elif token < vocab.TIME_SHIFT:
             self.onsets.pop(token - vocab.NOTE_OFF, None)
             self.sampled.discard(token - vocab.NOTE_OFF)
@@ -108,22 +129,62 @@ class StreamState:
             self.clock_ms += vocab.time_shift_steps(token) * 10
         self.length += 1
         if self.length % self.SNAPSHOT_EVERY == 0:
-            self._snapshots.append((dict(self.onsets), set(self.sampled), self.clock_ms, self.last_onset_ms))
+            self._snapshots.append(
+                (
+                    dict(self.onsets),
+                    set(self.sampled),
+                    self.clock_ms,
+                    self.last_onset_ms,
+                    list(self.player_pitch_classes),
+                    list(self.model_pitch_classes),
+                )
+            )
 
     def rewind(self, tokens: list[int], sampled: bytearray, length: int) -> None:
         """Restore the state after `tokens[:length]` (`sampled[i]`: token i was sampled) from the nearest snapshot."""
         index = length // self.SNAPSHOT_EVERY
         del self._snapshots[index + 1 :]
-        onsets, own, self.clock_ms, self.last_onset_ms = self._snapshots[index]
+        onsets, own, self.clock_ms, self.last_onset_ms, player, model = self._snapshots[index]
         self.onsets, self.sampled = dict(onsets), set(own)
+        self.player_pitch_classes, self.model_pitch_classes = list(player), list(model)
         self.length = index * self.SNAPSHOT_EVERY
         for position in range(self.length, length):
             self.push(tokens[position], bool(sampled[position]))
 
 
+def key_follow_bias(strength: float, state: StreamState, logits: torch.Tensor) -> None:
+    """Shift note-on logits so the model's pitch classes follow the player's, in place.
+
+    Each note-on gets `strength * log(player share / model share)` of its pitch class, from the two
+    decaying histograms (before the model has played, its share counts as uniform): a pitch class the
+    player uses more than the model has lately gains, one the model overplays loses. Then all
+    note-ons move together so that their total probability is what the model gave: key follow
+    changes which pitch the model plays, never whether it plays a note rather than wait or release
+    one. Why: a small model drifts out of the player's key over a long answer (model card), and a
+    partner in another key is the first thing a player hears. Matching shares rather than only
+    boosting the player's commonest pitch classes keeps the answer from circling the tonic."""
+    player = state.player_pitch_classes
+    player_total = sum(player)
+    if player_total == 0.0:
+        return
+    model = state.model_pitch_classes
+    player_share = torch.tensor(player, device=logits.device).add_(PITCH_CLASS_PRIOR)
+    model_share = torch.tensor(model, device=logits.device).add_(PITCH_CLASS_PRIOR)
+    ratio = player_share * ((sum(model) + 12 * PITCH_CLASS_PRIOR) / (player_total + 12 * PITCH_CLASS_PRIOR))
+    bias = torch.log(ratio.div_(model_share)).mul_(strength)[PITCH_CLASS_OF.to(logits.device)]
+    note_ons = logits[vocab.NOTE_ON : vocab.NOTE_OFF]
+    before = torch.logsumexp(note_ons, 0)
+    if not torch.isfinite(before):
+        return
+    note_ons.add_(bias)
+    note_ons.add_(before - torch.logsumexp(note_ons, 0))
+
+
 def constraint_mask(constraints: Constraints, state: StreamState, logits: torch.Tensor) -> None:
-    """Set disallowed token logits to -inf, in place."""
+    """Set disallowed token logits to -inf, and apply key follow, in place."""
     minus_inf = float("-inf")
+    if constraints.key_follow:
+        key_follow_bias(constraints.key_follow, state, logits)
     overdue = state.overdue(constraints.max_note_ms) if constraints.max_note_ms else []
     if overdue:
         # Only the overdue notes' note-offs stay possible.

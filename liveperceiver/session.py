@@ -881,6 +881,7 @@ def settings_from_args(args) -> Settings:
         temperature=args.temperature,
         top_p=args.top_p,
         num_latents=args.num_latents,
+        key_follow=args.key_follow,
         in_channel=in_channel,
         out_channel=args.out_channel,
     )

@@ -25,6 +25,7 @@ class Settings:
     top_p: float = 0.95
     num_latents: int = 1  # the live targets need it on a 2-core CPU; 8 plays better (model card: NLL by window)
     prefix_cap: int = 0  # 0: the model's max_prefix_len
+    key_follow: float = 1.0  # the model follows the player's pitch classes (sampling.key_follow_bias; 0: off)
     seed: int | None = None
     # [timing]
     silence_ms: int = 600
@@ -51,6 +52,7 @@ class Settings:
             ("top_p", 0.0 < self.top_p <= 1.0, "0 < top_p <= 1"),
             ("num_latents", 1 <= self.num_latents <= 2048, "1 .. 2048 (and at most the model's max_latents)"),
             ("prefix_cap", 0 <= self.prefix_cap <= 65536, "0 (model maximum) .. the model's max_prefix_len"),
+            ("key_follow", 0.0 <= self.key_follow <= 4.0, "0 (off) .. 4"),
             ("silence_ms", 50 <= self.silence_ms <= 10000, "50 .. 10000"),
             ("response_seconds", 0.5 <= self.response_seconds <= 120, "0.5 .. 120"),
             ("lookahead_ms", 20 <= self.lookahead_ms <= 2000, "20 .. 2000"),
@@ -74,12 +76,17 @@ class Settings:
         return SamplingSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
 
     def engine_constraints(self):
-        """What the engine enforces while sampling: no note-off for a note that is not sounding, and
+        """What the engine enforces while sampling: no note-off for a note that is not sounding,
         the model closes its own long notes a second before the scheduler's watchdog would cut them,
-        so the context holds the note-off that was played (one time shift can pass the limit)."""
+        so the context holds the note-off that was played (one time shift can pass the limit), and
+        key follow leans its pitches toward the player's."""
         from liveperceiver.sampling import Constraints
 
-        return Constraints(no_orphan_note_off=True, max_note_ms=max(500, round(self.max_note_seconds * 1000) - 1000))
+        return Constraints(
+            no_orphan_note_off=True,
+            max_note_ms=max(500, round(self.max_note_seconds * 1000) - 1000),
+            key_follow=self.key_follow,
+        )
 
     def updated(self, **changes) -> Settings:
         """A validated copy with `changes` applied (the original stays valid if they are not)."""
@@ -93,7 +100,7 @@ class Settings:
 
 SECTIONS = {
     "": ("mode", "model", "description"),
-    "sampling": ("temperature", "top_k", "top_p", "num_latents", "prefix_cap", "seed"),
+    "sampling": ("temperature", "top_k", "top_p", "num_latents", "prefix_cap", "key_follow", "seed"),
     "timing": ("silence_ms", "response_seconds", "lookahead_ms", "quantize", "max_note_seconds"),
     "output": ("out_channel", "transpose", "velocity_scale", "pitch_low", "pitch_high"),
     "input": ("in_channel", "thru"),

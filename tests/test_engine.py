@@ -253,3 +253,88 @@ def test_16_bit_weights_need_a_float32_model(tiny_model):
         Engine(tiny_model, quantize="float16", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="not one of"):
         Engine(tiny_model, quantize="int4")
+
+
+C_MAJOR = {0, 2, 4, 5, 7, 9, 11}
+
+
+def c_major_phrase(notes: int = 48) -> list[int]:
+    """A player's phrase on the white keys: velocity, note-on, time shift, note-off per note."""
+    rng = random.Random(4)
+    phrase = []
+    for _ in range(notes):
+        pitch = rng.choice([p for p in range(48, 84) if p % 12 in C_MAJOR])
+        phrase += [376, pitch, 270, vocab.note_off(pitch)]
+    return phrase
+
+
+def test_key_follow_bites(tiny_model):
+    def in_key_share(key_follow: float) -> float:
+        engine = Engine(
+            tiny_model,
+            sampling=SamplingSettings(temperature=2.0, seed=7),
+            constraints=Constraints(key_follow=key_follow),
+        )
+        engine.append(c_major_phrase())
+        onsets = [t for t in engine.sample(600) if t < vocab.NOTE_OFF]
+        assert len(onsets) > 40
+        return sum(t % 12 in C_MAJOR for t in onsets) / len(onsets)
+
+    free, following = in_key_share(0.0), in_key_share(2.0)
+    assert free < 0.65  # the random tiny model knows no key (7 of 12 pitch classes: 0.58)
+    assert following > free + 0.2
+
+
+def test_key_follow_moves_pitch_not_the_choice_to_play():
+    """The note-ons' total probability is the model's; only its split between pitches changes."""
+    from liveperceiver.sampling import StreamState, constraint_mask
+
+    state = StreamState()
+    for token in c_major_phrase(20):
+        state.push(token)
+    logits = torch.randn(vocab.VOCAB_SIZE, generator=torch.Generator().manual_seed(1))
+    biased = logits.clone()
+    constraint_mask(Constraints(key_follow=1.5), state, biased)
+    before, after = torch.softmax(logits, 0), torch.softmax(biased, 0)
+    assert after[: vocab.NOTE_OFF].sum().item() == pytest.approx(before[: vocab.NOTE_OFF].sum().item(), abs=1e-5)
+    assert torch.equal(biased[vocab.NOTE_OFF :], logits[vocab.NOTE_OFF :])
+    white = torch.tensor([p % 12 in C_MAJOR for p in range(128)])
+    assert after[:128][white].sum() > 1.5 * before[:128][white].sum()
+
+
+def test_key_follow_lowers_what_the_model_overplays():
+    """Shares are matched, not only boosted: after the model has played many Cs, D beats C."""
+    from liveperceiver.sampling import StreamState, key_follow_bias
+
+    state = StreamState()
+    for token in c_major_phrase(40):
+        state.push(token)
+    flat = torch.zeros(vocab.VOCAB_SIZE)
+    key_follow_bias(1.0, state, flat)
+    c, d = 60, 62
+    assert abs(flat[c] - flat[d]) < 0.5  # the player's C and D are about as common
+    for token in [376, c, 270, vocab.note_off(c)] * 30:
+        state.push(token, sampled=True)
+    flat = torch.zeros(vocab.VOCAB_SIZE)
+    key_follow_bias(1.0, state, flat)
+    assert flat[d] > flat[c] + 1.0
+
+
+def test_key_follow_hears_only_the_player_and_survives_rollback():
+    from liveperceiver.sampling import StreamState
+
+    state = StreamState()
+    phrase = c_major_phrase(300)  # past a snapshot boundary
+    for token in phrase:
+        state.push(token)
+    heard = list(state.player_pitch_classes)
+    assert heard[1] == 0.0 and heard[0] > 0.0
+    for token in [377, 61, 300, vocab.note_off(61)] * 80:  # the model's own C sharps
+        state.push(token, sampled=True)
+    assert state.player_pitch_classes == heard
+    tokens = phrase + [61] * 300
+    state.rewind(tokens, bytearray(len(tokens)), len(phrase) - 4)
+    replayed = StreamState()
+    for token in phrase[:-4]:
+        replayed.push(token)
+    assert state.player_pitch_classes == pytest.approx(replayed.player_pitch_classes)

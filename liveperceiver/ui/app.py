@@ -49,6 +49,7 @@ STEPS: dict[str, float | tuple] = {
     "temperature": 0.05,
     "top_p": 0.01,
     "top_k": 1,
+    "key_follow": 0.25,
     "num_latents": 0,  # doubles and halves
     "prefix_cap": 256,
     "silence_ms": 50,
