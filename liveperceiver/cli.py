@@ -275,7 +275,7 @@ def add_bench(subparsers) -> None:
         "--weights",
         default="auto",
         choices=WEIGHTS,
-        help="--live: the session's weight storage, as `play --weights` (auto: float16 on CPU)",
+        help="--live: the session's weight storage, as `play --weights` (auto: measured on CPU)",
     )
     parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
     parser.add_argument("--sessions", type=int, default=5, help="--live: randomized sessions with faults")
@@ -330,7 +330,7 @@ def add_play(subparsers) -> None:
         "--weights",
         default="auto",
         choices=WEIGHTS,
-        help="how the engine stores Linear weights (auto: float16 on CPU, float32 on GPU)",
+        help="how the engine stores Linear weights (auto: float32 on GPU; on CPU float32 or float16, whichever steps faster)",
     )
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.session").session.run_play(args))
 

@@ -35,23 +35,14 @@ from liveperceiver.session import Session, percentiles
 from liveperceiver.settings import Settings
 
 
-class Player:
+class Player(ports.JackPlayer):
     """The scripted musician: plays into LivePerceiver In, hears LivePerceiver Out."""
 
     def __init__(self):
         try:
-            self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-bench-player")
-            self.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="lp-bench-ears")
+            super().__init__("lp-bench")
         except (RuntimeError, rtmidi.SystemError) as error:  # the private JACK server died (it can, starved)
             raise UserError(f"bench --live: the JACK server went away ({error}); run again to resume") from None
-        self.heard: list[tuple[float, list[int]]] = []
-        self.reader = ports.InputReader(self.inp, self.heard.append, name="lp-bench-ears")
-        self.out.open_port(_find(self.out, ports.VIRTUAL_IN))
-        self.inp.open_port(_find(self.inp, ports.VIRTUAL_OUT))
-
-    def send(self, message: list[int]) -> float:
-        self.out.send_message(message)
-        return time.monotonic()
 
     def phrase(self, rng: random.Random, notes: int) -> float:
         last = time.monotonic()
@@ -64,16 +55,16 @@ class Player:
         return last
 
     def first_on_after(self, since: float) -> float | None:
-        return next((t for t, m in list(self.heard) if t >= since and _is_on(m)), None)
+        return next((t for t, m in self.messages() if t >= since and _is_on(m)), None)
 
     def note_messages(self) -> int:
-        return sum(1 for _, m in list(self.heard) if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90))
+        return sum(1 for _, m in self.messages() if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90))
 
     def balance(self, as_synth: bool = False) -> int:
         """Note-ons heard minus their note-offs. `as_synth`: as a synth hears it, where CC120/CC123
         (all sound / all notes off) also end every sounding note."""
         sounding: dict[int, int] = {}
-        for _, m in list(self.heard):
+        for _, m in self.messages():
             if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
                 delta = 1 if _is_on(m) else -1
                 sounding[m[1]] = max(0, sounding.get(m[1], 0) + delta)
@@ -83,30 +74,16 @@ class Player:
 
     def sounding_at(self, when: float) -> set[int]:
         sounding: set[int] = set()
-        for t, m in list(self.heard):
+        for t, m in self.messages():
             if t > when:
                 break
             if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
                 (sounding.add if _is_on(m) else sounding.discard)(m[1])
         return sounding
 
-    def close(self) -> None:
-        self.reader.stop()
-        ports.release(self.out)
-        ports.release(self.inp)
-
 
 def _is_on(message: list[int]) -> bool:
     return len(message) == 3 and message[0] & 0xF0 == 0x90 and message[2] > 0
-
-
-def _find(port, name: str) -> int:
-    deadline = time.monotonic() + 5
-    while (index := ports.match_port(port.get_ports(), name)) is None:
-        if time.monotonic() > deadline:
-            raise UserError(f"bench --live: port {name!r} did not appear")
-        time.sleep(0.01)
-    return index
 
 
 def _wait(predicate, timeout: float) -> bool:

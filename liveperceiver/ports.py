@@ -274,6 +274,59 @@ class InputReader:
         self._thread.join()
 
 
+class JackPlayer:
+    """A scripted musician on JACK: a client that plays into one port and records what another sends.
+
+    The live benchmark and the tests drive LivePerceiver through it, over real ports. `heard` holds
+    `(stamp, bytes)` as the client's `InputReader` stamped them."""
+
+    def __init__(self, name: str, play_into: str | None = VIRTUAL_IN, listen_to: str | None = VIRTUAL_OUT):
+        self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"{name}-keys")
+        self.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=f"{name}-ears")
+        self.inp.ignore_types(sysex=True, timing=False, active_sense=True)
+        self.heard: list[StampedMessage] = []
+        self.lock = threading.Lock()
+        self.reader = InputReader(self.inp, self._hear, name=f"{name}-ears")
+        if play_into is not None:
+            self.connect_out(play_into)
+        if listen_to is not None:
+            self.connect_in(listen_to)
+
+    def connect_out(self, name: str, timeout: float = 5.0) -> None:
+        self.out.open_port(_wait_for_port(self.out, name, timeout))
+
+    def connect_in(self, name: str, timeout: float = 5.0) -> None:
+        self.inp.open_port(_wait_for_port(self.inp, name, timeout))
+
+    def _hear(self, stamped: StampedMessage) -> None:
+        with self.lock:
+            self.heard.append(stamped)
+
+    def send(self, message: list[int]) -> float:
+        """Send now; returns the send time on the stamps' clock."""
+        self.out.send_message(message)
+        return time.monotonic()
+
+    def messages(self, since: float = 0.0) -> list[StampedMessage]:
+        with self.lock:
+            return [(t, m) for t, m in self.heard if t >= since]
+
+    def close(self) -> None:
+        self.reader.stop()
+        release(self.out)
+        release(self.inp)
+
+
+def _wait_for_port(port, name: str, timeout: float) -> int:
+    """The index of the port matching `name`, waiting up to `timeout` s for it to appear."""
+    deadline = time.monotonic() + timeout
+    while (index := match_port(port.get_ports(), name)) is None:
+        if time.monotonic() > deadline:
+            raise UserError(f"MIDI port {name!r} did not appear within {timeout:g} s")
+        time.sleep(0.005)
+    return index
+
+
 class _Port:
     """Shared open/check/close logic; `wanted` None means our own virtual port."""
 

@@ -169,6 +169,8 @@ class Session:
             self.midi_in.close()
             self.midi_out.close()
             raise
+        measured = " (measured the faster here)" if weights == "auto" and self.engine.device.type == "cpu" else ""
+        self.info(f"engine: {self.engine.device.type}, {self.engine.precision}{measured}")
         self.t0 = time.monotonic()
         try:
             self.recorder = Recorder(session_dir or default_session_dir(), origin=self.t0)
@@ -418,7 +420,7 @@ class Session:
                 sampling=settings.sampling_settings(),
                 constraints=settings.engine_constraints(),
                 device=device,
-                quantize=resolve_weights(self.weights, device),
+                quantize=resolve_weights(self.weights, device, model),
             )
         except ValueError as error:  # e.g. int8 weights on a GPU
             raise UserError(f"cannot build the engine: {error}") from None

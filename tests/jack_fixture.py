@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import pytest
-import rtmidi
 
 from liveperceiver import ports
 
@@ -50,36 +48,11 @@ def wait_for(predicate, timeout: float = 5.0, step: float = 0.005) -> bool:
     return predicate()
 
 
-class Keyboard:
+class Keyboard(ports.JackPlayer):
     """The test's musician: a JACK client that plays into a port and listens to another."""
 
     def __init__(self, play_into: str | None = ports.VIRTUAL_IN, listen_to: str | None = ports.VIRTUAL_OUT):
-        self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-keys")
-        self.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="lp-test-ears")
-        self.inp.ignore_types(sysex=True, timing=False, active_sense=True)
-        self.heard: list[tuple[float, list[int]]] = []
-        self.lock = threading.Lock()
-        self.reader = ports.InputReader(self.inp, self._hear, name="lp-test-ears")
-        if play_into is not None:
-            self.connect_out(play_into)
-        if listen_to is not None:
-            self.connect_in(listen_to)
-
-    def connect_out(self, name: str) -> None:
-        assert wait_for(lambda: ports.match_port(self.out.get_ports(), name) is not None), name
-        self.out.open_port(ports.match_port(self.out.get_ports(), name))
-
-    def connect_in(self, name: str) -> None:
-        assert wait_for(lambda: ports.match_port(self.inp.get_ports(), name) is not None), name
-        self.inp.open_port(ports.match_port(self.inp.get_ports(), name))
-
-    def _hear(self, stamped: tuple[float, list[int]]) -> None:
-        with self.lock:
-            self.heard.append(stamped)
-
-    def send(self, message: list[int]) -> float:
-        self.out.send_message(message)
-        return time.monotonic()
+        super().__init__("lp-test", play_into, listen_to)
 
     def note(self, pitch: int, velocity: int = 90, channel: int = 0) -> float:
         return self.send([0x90 | channel, pitch, velocity])
@@ -97,21 +70,12 @@ class Keyboard:
             time.sleep(max(0.0, step - length))
         return last
 
-    def messages(self, since: float = 0.0) -> list[tuple[float, list[int]]]:
-        with self.lock:
-            return [(t, m) for t, m in self.heard if t >= since]
-
     def note_ons(self, since: float = 0.0) -> list[tuple[float, list[int]]]:
         return [(t, m) for t, m in self.messages(since) if m[0] & 0xF0 == 0x90 and m[2] > 0]
 
     def balance(self) -> int:
         """Note-ons minus note-offs heard (per channel and pitch, summed); 0 means nothing stuck."""
         return note_balance([m for _, m in self.messages() if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90)])
-
-    def close(self) -> None:
-        self.reader.stop()
-        ports.release(self.out)
-        ports.release(self.inp)
 
 
 def journal_notes(journal: Path) -> list[list[int]]:

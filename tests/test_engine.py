@@ -338,3 +338,19 @@ def test_key_follow_hears_only_the_player_and_survives_rollback():
     for token in phrase[:-4]:
         replayed.push(token)
     assert state.player_pitch_classes == pytest.approx(replayed.player_pitch_classes)
+
+
+def test_auto_weights_measures_once_per_model_and_device(tiny_model, monkeypatch):
+    from liveperceiver import engine as engine_module
+
+    calls = []
+    real = engine_module.faster_weights
+    monkeypatch.setattr(engine_module, "_MEASURED_WEIGHTS", {})
+    monkeypatch.setattr(engine_module, "faster_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cpu = torch.device("cpu")
+    first = engine_module.resolve_weights("auto", cpu, tiny_model)
+    assert first in (None, "float16")
+    assert engine_module.resolve_weights("auto", cpu, tiny_model) == first
+    assert len(calls) == 1
+    assert engine_module.resolve_weights("float32", cpu, tiny_model) is None
+    assert engine_module.resolve_weights("auto", torch.device("meta"), tiny_model) is None  # not a CPU: float32
