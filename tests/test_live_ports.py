@@ -37,6 +37,9 @@ def test_virtual_ports_are_listed_and_stamp_input():
         message = midi_in.get(timeout=2)
         assert message is not None and message[1] == [0x90, 60, 90]
         assert before <= message[0] <= time.monotonic()
+        if sys.platform.startswith("linux"):  # the reader yields to the output thread (ports.lower_thread_priority)
+            reader_thread = midi_in.reader._thread
+            assert os.getpriority(os.PRIO_PROCESS, reader_thread.native_id) == ports.POLLER_NICE
         keys.send([0xF8])  # clock is kept, not filtered
         assert midi_in.get(timeout=2)[1] == [0xF8]
         assert midi_out.send([0x90, 61, 80])
