@@ -30,6 +30,7 @@ events; only then are they merged into the encoder (`absorb_model_tokens`).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import os
@@ -94,6 +95,21 @@ def percentiles(values, qs=(50, 99)) -> tuple[float | None, ...]:
     if not data:
         return tuple(None for _ in qs)
     return tuple(data[min(len(data) - 1, max(0, round(q / 100 * len(data)) - 1))] for q in qs)
+
+
+@dataclass
+class Speculation:
+    """A call's answer sampled during the player's silence, before the threshold passes.
+
+    Why: sampling the opening of an answer (velocity, note-ons, the time shift that releases them)
+    takes several engine steps; started `lookahead_ms` early, the answer's first note is ready when
+    the silence threshold passes instead of tens of milliseconds after it. If the player plays first,
+    nothing of it has sounded and the stream goes back exactly to `length` tokens and this encoder."""
+
+    start_at: float  # monotonic time the silence threshold passes; no note of it plays before
+    length: int  # the engine's length before the silence was written into it
+    encoder: StreamEncoder  # the encoder before the silence was written into it
+    encoder_time: float
 
 
 @dataclass
@@ -210,6 +226,7 @@ class Session:
         self.starting: set[int] = set()  # note-ons sampled, waiting for the time shift that releases them
         self.carry: set[int] = set()  # duet: model notes ringing on past a rollback (their off was dropped)
         self.schedule_refused_at: float | None = None
+        self.speculation: Speculation | None = None  # a call's answer sampled before the threshold
         # statistics and the piano roll (guarded by self.lock)
         self.notes_in = 0
         self.notes_out = 0
@@ -587,9 +604,12 @@ class Session:
             return
         now = time.monotonic()
         mode = self.settings.mode
+        if self.speculation is not None and now >= self.speculation.start_at:
+            self.speculation = None  # the threshold passed: a real answer now
         if self.decoder is None:
             silent_for = now - self.last_activity
             threshold = self.settings.silence_ms / 1000
+            early = self.settings.lookahead_ms / 1000  # an answer is sampled this far ahead, as any run
             if mode == "duet" and len(self.engine) > 0:
                 self._start_run(now, None)
             elif (
@@ -597,11 +617,17 @@ class Session:
                 and self.call_pending
                 and not self.held
                 and not self.pedal_down
-                and silent_for >= threshold
+                and silent_for >= threshold - early
             ):
+                start_at = max(now, self.last_activity + threshold)
                 with self.lock:
                     self.pending_answer_start = self.last_activity + threshold
-                self._start_run(now, now + self.settings.response_seconds)
+                early_start = start_at > now
+                if early_start:
+                    before = Speculation(start_at, len(self.engine), copy.deepcopy(self.encoder), self.encoder_time)
+                self._start_run(start_at, start_at + self.settings.response_seconds)
+                if early_start and self.decoder is not None:
+                    self.speculation = before
         if self.decoder is not None and self.schedule_refused_at is not None:
             # a silence() with no rollback command behind it: do not sample into the void
             if now - self.schedule_refused_at > 0.05:
@@ -630,6 +656,7 @@ class Session:
             self.info("transport " + ("start" if command[1] else "stop"))
         elif name == "reset":
             self.scheduler.silence(reset_tags=True)
+            self.speculation = None
             self.decoder = None
             self.carry = set()
             self.engine.reset()
@@ -641,6 +668,8 @@ class Session:
             self.info("context reset")
         elif name == "stop":
             self.scheduler.silence()
+            if self.speculation is not None:
+                self._end_run(rollback=True)
             self.decoder = None
 
     def _absorb_player(self, event: tuple) -> None:
@@ -777,6 +806,8 @@ class Session:
                 when = shifted
             else:
                 when += self.quant_shift.pop(event.pitch, 0.0)
+            if self.speculation is not None:  # the stream's clock is in 10 ms steps: not before the threshold
+                when = max(when, self.speculation.start_at)
             notes.append(OutNote(when, on=event.kind == "note_on", pitch=event.pitch, velocity=event.velocity, tag=tag))
         if not self.scheduler.schedule(notes, self.epoch):
             self.schedule_refused_at = time.monotonic()  # a barge-in came first: its rollback is queued
@@ -807,6 +838,12 @@ class Session:
         """Stop sampling: keep what was played, drop the rest (rollback), and either close the model's
         cut notes in the context at `cut_at` (their sound was stopped by scheduler.silence()) or, with
         `keep_sounding` (duet), let them ring on as `carry` until the model's own note-off comes."""
+        if self.speculation is not None:
+            tag, _ = self.scheduler.silence()
+            if tag <= self.run_tokens_start:  # nothing of it sounded: as if it had never been sampled
+                self._abandon_speculation()
+                return
+            self.speculation = None  # its first notes went out as the player came in: cut it as usual
         if rollback:
             # again here, in the engine thread: events planned after the barge-in's silence() (in its
             # new epoch, before its command arrived) must not play; the tag is the highest one sent
@@ -833,6 +870,20 @@ class Session:
         self.decoder = None
         self.schedule_refused_at = None
         self.run_tokens_start = self.committed
+
+    def _abandon_speculation(self) -> None:
+        """The player came back before the threshold: drop the answer and the silence written for it."""
+        speculation, self.speculation = self.speculation, None
+        self.rolled_back += len(self.engine) - speculation.length
+        self.engine.truncate(speculation.length)
+        self.encoder, self.encoder_time = speculation.encoder, speculation.encoder_time
+        self.committed = self.run_tokens_start = speculation.length
+        self.decoder = None
+        self.schedule_refused_at = None
+        self.carry = set()
+        self.call_pending = True
+        with self.lock:
+            self.pending_answer_start = None
 
 
 def _open_model_notes(tokens: list[int], already_open=()) -> list[int]:

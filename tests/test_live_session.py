@@ -14,6 +14,7 @@ import weakref
 import mido
 import pytest
 
+from liveperceiver import vocab
 from liveperceiver.session import Session
 from liveperceiver.settings import Settings
 from tests.conftest import MODEL_GOLDEN
@@ -279,3 +280,30 @@ def test_a_closed_session_is_freed(tmp_path, jack_server):  # noqa: F811
     session = None  # the test's own reference goes too
     gc.collect()
     assert engine() is None
+
+
+def test_an_answer_sampled_during_the_silence_is_dropped_when_the_player_goes_on(live):
+    """Call mode samples the answer `lookahead_ms` before the threshold; a player who goes on first
+    hears nothing of it, and the context keeps only the player's notes at their true times."""
+    session, keys = live(silence_ms=700, lookahead_ms=500)
+    last_off = keys.phrase([60, 62, 64])
+    assert wait_for(lambda: session.speculation is not None and any(session.engine.sampled), timeout=3)
+    assert time.monotonic() - last_off < 0.7  # still before the threshold
+    rolled = session.rolled_back
+    on = keys.note(65)
+    assert wait_for(lambda: session.rolled_back > rolled, timeout=3), session.snapshot().log
+    time.sleep(0.05)
+    assert not keys.note_ons(since=last_off)  # nothing of the dropped answer sounded
+    keys.off(65)
+    release = time.monotonic()
+    # the held note enters the stream once its order is known: at the next answer's start
+    assert wait_for(lambda: 65 in session.engine.tokens, timeout=3), session.snapshot().log
+    tokens = list(session.engine.tokens)
+    assert not any(session.engine.sampled[: tokens.index(65)])  # no model token left before it
+    gap = tokens[tokens.index(vocab.note_off(64)) + 1 : tokens.index(65)]
+    shifted = sum(vocab.time_shift_steps(t) * 0.01 for t in gap if vocab.event_type(t) == "time_shift")
+    assert abs(shifted - (on - last_off)) < 0.03  # the true gap, not the silence written for the answer
+    assert wait_for(lambda: keys.note_ons(since=release), timeout=10)  # the next silence is answered
+    assert keys.note_ons(since=release)[0][0] - release >= 0.7 - 0.01
+    session.update(mode="listen")
+    assert no_stuck_notes(keys, session.recorder.path)
