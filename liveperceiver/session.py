@@ -798,16 +798,16 @@ class Session:
         settings = self.settings
         now = time.monotonic()
         notes = []
+        # an answer sampled ahead plays nothing before the threshold (the stream's clock moves in 10 ms steps)
+        not_before = self.speculation.start_at if self.speculation is not None else 0.0
         for event in events:
-            when = self.t0 + event.time
+            when = max(self.t0 + event.time, not_before)
             if event.kind == "note_on":
-                shifted = self.clock.quantize(when, settings.quantize, now, self.t0)
+                shifted = self.clock.quantize(when, settings.quantize, max(now, not_before), self.t0)
                 self.quant_shift[event.pitch] = shifted - when
                 when = shifted
             else:
                 when += self.quant_shift.pop(event.pitch, 0.0)
-            if self.speculation is not None:  # the stream's clock is in 10 ms steps: not before the threshold
-                when = max(when, self.speculation.start_at)
             notes.append(OutNote(when, on=event.kind == "note_on", pitch=event.pitch, velocity=event.velocity, tag=tag))
         if not self.scheduler.schedule(notes, self.epoch):
             self.schedule_refused_at = time.monotonic()  # a barge-in came first: its rollback is queued
