@@ -354,21 +354,12 @@ class _Port:
         self.virtual_name = virtual_name
         self.log = log
         self.lock = threading.Lock()  # guards self.port against check() reopening it during use
-        try:
-            self.port = self._new()
-        except rtmidi.RtMidiError as error:  # e.g. the JACK server went away after resolve_api()
-            raise UserError(
-                f"cannot open a {api} MIDI {self.direction} client ({error}): {_install_hint(api)}"
-            ) from None
         self.connected_name: str | None = None
         if wanted is None:
-            try:
-                self.port.open_virtual_port(virtual_name)
-            except rtmidi.RtMidiError as error:
-                release(self.port)
-                raise UserError(f"cannot create the virtual MIDI port {virtual_name!r} ({error})") from None
+            self.port = self._new_virtual()
             self.connected_name = virtual_name
         else:
+            self.port = self._new_client()
             index = match_port(self.port.get_ports(), wanted)
             if index is None:
                 available = ", ".join(self.port.get_ports()) or "none"
@@ -378,6 +369,24 @@ class _Port:
 
     def _new(self):
         raise NotImplementedError
+
+    def _new_client(self):
+        try:
+            return self._new()
+        except rtmidi.RtMidiError as error:  # e.g. the JACK server went away after resolve_api()
+            raise UserError(
+                f"cannot open a {self.api} MIDI {self.direction} client ({error}): {_install_hint(self.api)}"
+            ) from None
+
+    def _new_virtual(self):
+        """A new client with our virtual port open (raises UserError, leaving nothing open)."""
+        port = self._new_client()
+        try:
+            port.open_virtual_port(self.virtual_name)
+        except rtmidi.RtMidiError as error:
+            release(port)
+            raise UserError(f"cannot create the virtual MIDI port {self.virtual_name!r} ({error})") from None
+        return port
 
     def port_names(self) -> list[str]:
         with self.lock:
@@ -514,10 +523,9 @@ class MidiOutput(_Port):
                 self.log(f"output port {self.virtual_name!r} delivers nothing (JACK client stalled); reopening it")
                 with self.lock:
                     release(self.port)
-                    self.port = self._new()
-                    self.port.open_virtual_port(self.virtual_name)
+                    self.port = self._new_virtual()
             ok = self.delivers()
-        except rtmidi.RtMidiError as error:  # the server went away mid-check: the session reports it later
+        except (rtmidi.RtMidiError, UserError) as error:  # the server went away mid-check: reported later
             self.log(f"output port check failed: {error}")
             return None
         if ok is False:
