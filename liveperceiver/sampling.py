@@ -7,6 +7,7 @@ All are off by default, where the reference has none.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -94,6 +95,8 @@ class StreamState:
         self.length = 0
         self.player_pitch_classes = [0.0] * 12
         self.model_pitch_classes = [0.0] * 12
+        self.pitch_class_version = 0  # bumped whenever either histogram changes
+        self.key_bias: tuple[tuple, torch.Tensor | None] | None = None  # key_follow_bias's cache
         self._snapshots: list[tuple[dict[int, int], set[int], int, int | None, list[float], list[float]]] = [
             ({}, set(), 0, None, [0.0] * 12, [0.0] * 12)
         ]
@@ -118,6 +121,7 @@ class StreamState:
                 self.sampled.add(token)
             else:
                 self.sampled.discard(token)  # the player struck it too: the note is theirs now
+            self.pitch_class_version += 1
             histogram = self.model_pitch_classes if sampled else self.player_pitch_classes
             for pitch_class in range(12):
                 histogram[pitch_class] *= PITCH_CLASS_DECAY
@@ -147,6 +151,7 @@ class StreamState:
         onsets, own, self.clock_ms, self.last_onset_ms, player, model = self._snapshots[index]
         self.onsets, self.sampled = dict(onsets), set(own)
         self.player_pitch_classes, self.model_pitch_classes = list(player), list(model)
+        self.pitch_class_version += 1
         self.length = index * self.SNAPSHOT_EVERY
         for position in range(self.length, length):
             self.push(tokens[position], bool(sampled[position]))
@@ -163,15 +168,21 @@ def key_follow_bias(strength: float, state: StreamState, logits: torch.Tensor) -
     one. Why: a small model drifts out of the player's key over a long answer (model card), and a
     partner in another key is the first thing a player hears. Matching shares rather than only
     boosting the player's commonest pitch classes keeps the answer from circling the tonic."""
-    player = state.player_pitch_classes
-    player_total = sum(player)
-    if player_total == 0.0:
+    key = (state.pitch_class_version, strength, logits.device)
+    if state.key_bias is None or state.key_bias[0] != key:  # the histograms change only on note-ons
+        player, model = state.player_pitch_classes, state.model_pitch_classes
+        player_total, model_total = sum(player) + 12 * PITCH_CLASS_PRIOR, sum(model) + 12 * PITCH_CLASS_PRIOR
+        by_class = [
+            0.0
+            if player_total == 12 * PITCH_CLASS_PRIOR  # the player has not played: no key to follow
+            else strength * math.log((p + PITCH_CLASS_PRIOR) * model_total / ((m + PITCH_CLASS_PRIOR) * player_total))
+            for p, m in zip(player, model, strict=True)
+        ]
+        bias = torch.tensor(by_class, device=logits.device)[PITCH_CLASS_OF.to(logits.device)]
+        state.key_bias = (key, bias if any(by_class) else None)
+    bias = state.key_bias[1]
+    if bias is None:
         return
-    model = state.model_pitch_classes
-    player_share = torch.tensor(player, device=logits.device).add_(PITCH_CLASS_PRIOR)
-    model_share = torch.tensor(model, device=logits.device).add_(PITCH_CLASS_PRIOR)
-    ratio = player_share * ((sum(model) + 12 * PITCH_CLASS_PRIOR) / (player_total + 12 * PITCH_CLASS_PRIOR))
-    bias = torch.log(ratio.div_(model_share)).mul_(strength)[PITCH_CLASS_OF.to(logits.device)]
     note_ons = logits[vocab.NOTE_ON : vocab.NOTE_OFF]
     before = torch.logsumexp(note_ons, 0)
     if not torch.isfinite(before):
