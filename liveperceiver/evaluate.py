@@ -458,9 +458,14 @@ def run_eval(args) -> None:
     if not args.no_constraints:
         from liveperceiver.sampling import Constraints
 
-        sampling["constraints"] = Constraints(
+        constraints = Constraints(
             no_orphan_note_off=True, max_note_ms=round(args.max_note_seconds * 1000), key_follow=args.key_follow
         )
+        try:
+            constraints.validate()
+        except ValueError as error:
+            raise UserError(f"--{error}".replace("key_follow", "key-follow", 1)) from None
+        sampling["constraints"] = constraints
     result = evaluate(
         loaded.model,
         pieces,

@@ -303,6 +303,11 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     assert all(row["baseline_nll"] > 0 for row in contexts)
     assert [(row["num_latents"], row["tokens"]) for row in report["nll_by_window"]] == [(1, 50), (4, 50)]
     assert report["continuations"]["sampling"]["num_latents"] == Settings().num_latents  # as live by default
+    assert f"key_follow={Settings().key_follow}" in report["continuations"]["constraints"]
+    wrong = run_cli("eval", "--model", str(tmp_path / "model"), str(dataset_dir), "--key-follow", "-1")
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
+        "liveperceiver: error: --key-follow -1.0 outside 0..4.0 (0 = off)"
+    ]
 
 
 def test_window_nll_is_the_full_forward_nll_of_each_window(tiny_model):
