@@ -407,7 +407,9 @@ class Session:
             return "listening"
         if mode == "duet":
             return "playing"
-        return "answering" if self.decoder is not None else "waiting"
+        if self.decoder is None:
+            return "waiting"
+        return "preparing" if self.speculation is not None else "answering"  # preparing: sampled, not yet due
 
     # ------------------------------------------------------------------ model and engine
 
