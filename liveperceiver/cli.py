@@ -204,6 +204,7 @@ def run_continue(args: argparse.Namespace) -> None:
     from liveperceiver.engine import DTYPES, Engine
     from liveperceiver.errors import atomic_output
     from liveperceiver.sampling import Constraints, SamplingSettings
+    from liveperceiver.settings import check_key_follow_flag
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -211,6 +212,7 @@ def run_continue(args: argparse.Namespace) -> None:
         raise UserError(f"--seconds {args.seconds} must be > 0")
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
+    check_key_follow_flag(args.key_follow)
     prompt = read_prompt(args.prompt)
     if not prompt:
         raise UserError(f"{args.prompt}: the prompt holds no tokens")

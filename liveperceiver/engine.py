@@ -52,19 +52,17 @@ def pick_device(requested: str = "auto") -> torch.device:
 WEIGHTS = ("auto", "float32", *QUANTIZE)
 
 
-def resolve_weights(weights: str, device: torch.device, model: PerceiverAR | None = None) -> str | None:
+def resolve_weights(weights: str, device: torch.device, model: PerceiverAR) -> str | None:
     """The engine's `quantize` for a live weights setting. `auto` keeps float32 on GPUs, where a
     step costs kernel launches, not bytes. On a CPU a one-latent step costs about the bytes of its
     weights, so 16-bit weights should pay, but whether they do depends on the CPU (the README's
     engine benchmark: float16 weights 30% faster on an AVX2 EPYC, 30% slower on an AVX512 Xeon), so
-    with `model` given `auto` measures both there, once per model and device (`faster_weights`)."""
+    `auto` measures both there, once per model configuration and device (`faster_weights`)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
     if weights == "auto":
         if device.type != "cpu":
             return None
-        if model is None:
-            return "float16"
         key = (repr(model.config), str(device))
         if key not in _MEASURED_WEIGHTS:
             _MEASURED_WEIGHTS[key] = faster_weights(model, device)
@@ -82,7 +80,7 @@ def faster_weights(model: PerceiverAR, device: torch.device, budget_s: float = 0
 
     candidates: tuple[str | None, ...] = (None, "float16")
     engines = [Engine(model, device=device, quantize=q, sampling=SamplingSettings(seed=0)) for q in candidates]
-    context = [vocab.velocity_token(80), vocab.note_on(60), 300, vocab.note_off(60)] * 256
+    context = [vocab.velocity_token(80), vocab.note_on(60), vocab.TIME_SHIFT + 44, vocab.note_off(60)] * 256  # 450 ms
     for engine in engines:
         engine.append(context)
     times: list[list[float]] = [[] for _ in candidates]
@@ -244,14 +242,18 @@ class Engine:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def append(self, tokens: Iterable[int]) -> None:
-        """Absorb tokens (the player's events, or sampled tokens that were played)."""
+    def append(self, tokens: Iterable[int], sampled: Sequence[int] | None = None) -> None:
+        """Absorb tokens (the player's events); `sampled` marks those the model sampled itself
+        (1), for a stream carried over from another engine."""
         tokens = list(tokens)
         vocab.check_tokens(tokens, "append")
-        for token in tokens:
+        flags = [0] * len(tokens) if sampled is None else [1 if flag else 0 for flag in sampled]
+        if len(flags) != len(tokens):
+            raise ValueError(f"append: {len(flags)} sampled flags for {len(tokens)} tokens")
+        for token, flag in zip(tokens, flags, strict=True):
             self.tokens.append(token)
-            self.sampled.append(0)
-            self.state.push(token)
+            self.sampled.append(flag)
+            self.state.push(token, sampled=bool(flag))
 
     def truncate(self, length: int) -> None:
         """Drop tokens from the end (sampled but not played)."""
@@ -272,7 +274,8 @@ class Engine:
         (the live session uses it so that an answer begins with a note, not a pause)."""
         logits = self.next_logits()
         if self.constraints.active:
-            constraint_mask(self.constraints, self.state, logits)
+            temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
+            constraint_mask(self.constraints, self.state, logits, temperature)
         if forbid is not None:
             logits[forbid.start : forbid.stop] = float("-inf")
         token = choose(logits, self.sampling, self.generator)

@@ -440,7 +440,11 @@ def run_eval(args) -> None:
     import torch
 
     from liveperceiver.checkpoint import load_model
+    from liveperceiver.settings import check_key_follow_flag
 
+    if args.max_note_seconds < 0:
+        raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
+    check_key_follow_flag(args.key_follow)
     torch.set_num_threads(max(1, getattr(args, "threads", 1) or 1))
     loaded = load_model(args.model)
     pieces, dataset_dir = load_inputs(args.inputs, args.split)
@@ -453,19 +457,13 @@ def run_eval(args) -> None:
         "top_p": args.top_p,
         "num_latents": args.num_latents,
     }
-    if args.max_note_seconds < 0:
-        raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
+
     if not args.no_constraints:
         from liveperceiver.sampling import Constraints
 
-        constraints = Constraints(
+        sampling["constraints"] = Constraints(
             no_orphan_note_off=True, max_note_ms=round(args.max_note_seconds * 1000), key_follow=args.key_follow
         )
-        try:
-            constraints.validate()
-        except ValueError as error:
-            raise UserError(f"--{error}".replace("key_follow", "key-follow", 1)) from None
-        sampling["constraints"] = constraints
     result = evaluate(
         loaded.model,
         pieces,

@@ -248,8 +248,9 @@ def lower_thread_priority(nice: int) -> None:
 
     Why for the input readers: a normal-priority thread that wakes every POLL_S on a 2-core machine
     made the real-time output thread wait for the GIL for up to 20-30 ms at p99 (measured with a
-    busy engine thread; niced, 1.5-3 ms). A reader that wakes a little later still stamps each
-    message when it reads it."""
+    busy engine thread; niced, 1.5-3 ms). The price: with both cores busy a niced reader can wake
+    later, and a message's stamp lags by that much. The live bench's reaction and barge-in rows start
+    at the stamp, so they do not show it; its barge-in "heard" row, timed from the player's send, does."""
     if sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
@@ -303,10 +304,14 @@ class JackPlayer:
         self.heard: list[StampedMessage] = []
         self.lock = threading.Lock()
         self.reader = InputReader(self.inp, self._hear, name=f"{name}-ears")
-        if play_into is not None:
-            self.connect_out(play_into)
-        if listen_to is not None:
-            self.connect_in(listen_to)
+        try:
+            if play_into is not None:
+                self.connect_out(play_into)
+            if listen_to is not None:
+                self.connect_in(listen_to)
+        except BaseException:
+            self.close()  # no JACK client or reader thread left behind
+            raise
 
     def connect_out(self, name: str, timeout: float = 5.0) -> None:
         self.out.open_port(_wait_for_port(self.out, name, timeout))
@@ -523,9 +528,10 @@ class MidiOutput(_Port):
                 self.log(f"output port {self.virtual_name!r} delivers nothing (JACK client stalled); reopening it")
                 with self.lock:
                     release(self.port)
+                    # a session cannot run without its output: UserError (one line) if this fails
                     self.port = self._new_virtual()
             ok = self.delivers()
-        except (rtmidi.RtMidiError, UserError) as error:  # the server went away mid-check: reported later
+        except rtmidi.RtMidiError as error:  # the server went away mid-check: the session reports it later
             self.log(f"output port check failed: {error}")
             return None
         if ok is False:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from liveperceiver import vocab
+from liveperceiver.settings import MAX_KEY_FOLLOW  # one limit for presets, flags and the engine
 
-MAX_KEY_FOLLOW = 4.0
-# The player's pitch-class histogram forgets: each player note-on scales it by this first, so
-# after a modulation the new key dominates within a few dozen notes (half-life about 60 notes).
+# The pitch-class histograms forget: each note-on scales its side's histogram (the player's or the
+# model's) by this first, so after a modulation the new key dominates within a few dozen notes
+# (half-life about 60 notes).
 PITCH_CLASS_DECAY = 0.9885
 PITCH_CLASS_PRIOR = 0.5  # pseudo-count per pitch class: a few notes only lean, a long phrase decides
 PITCH_CLASS_OF = torch.arange(128) % 12
@@ -157,17 +158,18 @@ class StreamState:
             self.push(tokens[position], bool(sampled[position]))
 
 
-def key_follow_bias(strength: float, state: StreamState, logits: torch.Tensor) -> None:
+def key_follow_bias(strength: float, state: StreamState, logits: torch.Tensor, temperature: float = 1.0) -> None:
     """Shift note-on logits so the model's pitch classes follow the player's, in place.
 
-    Each note-on gets `strength * log(player share / model share)` of its pitch class, from the two
-    decaying histograms (before the model has played, its share counts as uniform): a pitch class the
-    player uses more than the model has lately gains, one the model overplays loses. Then all
-    note-ons move together so that their total probability is what the model gave: key follow
-    changes which pitch the model plays, never whether it plays a note rather than wait or release
-    one. Why: a small model drifts out of the player's key over a long answer (model card), and a
-    partner in another key is the first thing a player hears. Matching shares rather than only
-    boosting the player's commonest pitch classes keeps the answer from circling the tonic."""
+    At the sampling `temperature`, each note-on's probability is multiplied by
+    `(player share / model share) ** strength` of its pitch class, from the two decaying histograms
+    (before the model has played, its share counts as uniform): a pitch class the player uses more
+    than the model has lately gains, one the model overplays loses. Then all note-ons move together
+    so that their total probability at that temperature is what the model gave (top-k and top-p cut
+    afterwards): key follow changes which pitch the model plays, not whether it plays a note rather
+    than wait or release one. Why: a small model drifts out of the player's key over a long answer
+    (model card), and a partner in another key is the first thing a player hears. Matching shares
+    rather than only boosting the player's commonest pitch classes keeps it from circling the tonic."""
     key = (state.pitch_class_version, strength, logits.device)
     if state.key_bias is None or state.key_bias[0] != key:  # the histograms change only on note-ons
         player, model = state.player_pitch_classes, state.model_pitch_classes
@@ -184,18 +186,20 @@ def key_follow_bias(strength: float, state: StreamState, logits: torch.Tensor) -
     if bias is None:
         return
     note_ons = logits[vocab.NOTE_ON : vocab.NOTE_OFF]
-    before = torch.logsumexp(note_ons, 0)
+    before = torch.logsumexp(note_ons / temperature, 0)
     if not torch.isfinite(before):
         return
-    note_ons.add_(bias)
-    note_ons.add_(before - torch.logsumexp(note_ons, 0))
+    note_ons.add_(bias, alpha=temperature)
+    note_ons.add_((before - torch.logsumexp(note_ons / temperature, 0)) * temperature)
 
 
-def constraint_mask(constraints: Constraints, state: StreamState, logits: torch.Tensor) -> None:
-    """Set disallowed token logits to -inf, and apply key follow, in place."""
+def constraint_mask(
+    constraints: Constraints, state: StreamState, logits: torch.Tensor, temperature: float = 1.0
+) -> None:
+    """Set disallowed token logits to -inf, and apply key follow (at the sampling temperature), in place."""
     minus_inf = float("-inf")
     if constraints.key_follow:
-        key_follow_bias(constraints.key_follow, state, logits)
+        key_follow_bias(constraints.key_follow, state, logits, temperature)
     overdue = state.overdue(constraints.max_note_ms) if constraints.max_note_ms else []
     if overdue:
         # Only the overdue notes' note-offs stay possible.

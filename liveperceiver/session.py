@@ -109,7 +109,7 @@ class Speculation:
     start_at: float  # monotonic time the silence threshold passes; no note of it plays before
     length: int  # the engine's length before the silence was written into it
     encoder: StreamEncoder  # the encoder before the silence was written into it
-    encoder_time: float
+    encoder_time: float  # the session's latest encoder time then (Session._rel never goes below it)
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Snapshot:
     """What a UI shows; built under a lock from copies, so it never blocks the real-time threads."""
 
     mode: str
-    state: str  # "listening", "waiting", "answering", "playing", "paused", "stopped (transport)"
+    state: str  # "listening", "waiting", "preparing", "answering", "playing", "paused", "stopped (transport)"
     settings: Settings
     notes_in: int
     notes_out: int
@@ -611,7 +611,9 @@ class Session:
         if self.decoder is None:
             silent_for = now - self.last_activity
             threshold = self.settings.silence_ms / 1000
-            early = self.settings.lookahead_ms / 1000  # an answer is sampled this far ahead, as any run
+            # an answer is sampled this far ahead, as any run, but not from the first half of a silence:
+            # with a look-ahead longer than that, every short gap between notes would start one
+            early = min(self.settings.lookahead_ms, self.settings.silence_ms / 2) / 1000
             if mode == "duet" and len(self.engine) > 0:
                 self._start_run(now, None)
             elif (
@@ -626,10 +628,10 @@ class Session:
                     self.pending_answer_start = self.last_activity + threshold
                 early_start = start_at > now
                 if early_start:
-                    before = Speculation(start_at, len(self.engine), copy.deepcopy(self.encoder), self.encoder_time)
+                    ahead = Speculation(start_at, len(self.engine), copy.deepcopy(self.encoder), self.encoder_time)
                 self._start_run(start_at, start_at + self.settings.response_seconds)
                 if early_start and self.decoder is not None:
-                    self.speculation = before
+                    self.speculation = ahead
         if self.decoder is not None and self.schedule_refused_at is not None:
             # a silence() with no rollback command behind it: do not sample into the void
             if now - self.schedule_refused_at > 0.05:
@@ -643,7 +645,7 @@ class Session:
         if name == "player":
             self._absorb_player(command[1])
         elif name == "rollback":
-            self._end_run(rollback=True, cut_at=command[1], tag=command[2], keep_sounding=command[3])
+            self._end_run(rollback=True, cut_at=command[1], tag=command[2], keep_sounding=command[3], keep_call=True)
         elif name == "settings":
             self._apply_settings(command[1], command[2])
         elif name == "pause":
@@ -670,8 +672,6 @@ class Session:
             self.info("context reset")
         elif name == "stop":
             self.scheduler.silence()
-            if self.speculation is not None:
-                self._end_run(rollback=True)
             self.decoder = None
 
     def _absorb_player(self, event: tuple) -> None:
@@ -680,7 +680,7 @@ class Session:
             # the player's tokens go in at their true time: unplayed look-ahead must go first
             duet = self.settings.mode == "duet"
             tag, _ = self.scheduler.silence(notes_off=not duet)
-            self._end_run(rollback=True, cut_at=when, tag=tag, keep_sounding=duet)
+            self._end_run(rollback=True, cut_at=when, tag=tag, keep_sounding=duet, keep_call=True)
         t = self._rel(when)
         if kind == "pedal":
             tokens = self.encoder.pedal(t, event[2], voice=event[3])
@@ -699,10 +699,11 @@ class Session:
             self.scheduler.silence()
             self._end_run(rollback=True)
         if "model" in changed and settings.model is not None:
-            tokens = list(self.engine.tokens)
+            old = self.engine
             self.model = self._load_model(settings.model)
             self.engine = self._new_engine(self.model, settings)
-            self.engine.append(tokens[-self.model.config.max_prefix_len :])
+            keep = self.model.config.max_prefix_len
+            self.engine.append(old.tokens[-keep:], sampled=old.sampled[-keep:])  # whose notes they were
             self.committed = len(self.engine)
             self.scheduler.silence(reset_tags=True)
             self.info(f"model {settings.model} loaded")
@@ -835,15 +836,22 @@ class Session:
             self.committed = tag
 
     def _end_run(
-        self, rollback: bool, cut_at: float | None = None, tag: int | None = None, keep_sounding: bool = False
+        self,
+        rollback: bool,
+        cut_at: float | None = None,
+        tag: int | None = None,
+        keep_sounding: bool = False,
+        keep_call: bool = False,
     ) -> None:
         """Stop sampling: keep what was played, drop the rest (rollback), and either close the model's
         cut notes in the context at `cut_at` (their sound was stopped by scheduler.silence()) or, with
-        `keep_sounding` (duet), let them ring on as `carry` until the model's own note-off comes."""
+        `keep_sounding` (duet), let them ring on as `carry` until the model's own note-off comes.
+        `keep_call`: the player's input ended it, so an answer sampled ahead is still owed (see
+        Speculation); a pause, panic, mode switch or engine error drops it."""
         if self.speculation is not None:
             tag, _ = self.scheduler.silence()
             if tag <= self.run_tokens_start:  # nothing of it sounded: as if it had never been sampled
-                self._abandon_speculation()
+                self._abandon_speculation(keep_call)
                 return
             self.speculation = None  # its first notes went out as the player came in: cut it as usual
         if rollback:
@@ -873,17 +881,17 @@ class Session:
         self.schedule_refused_at = None
         self.run_tokens_start = self.committed
 
-    def _abandon_speculation(self) -> None:
-        """The player came back before the threshold: drop the answer and the silence written for it."""
+    def _abandon_speculation(self, keep_call: bool) -> None:
+        """Drop an answer sampled ahead, and the silence written for it, before any of it sounded."""
         speculation, self.speculation = self.speculation, None
-        self.rolled_back += len(self.engine) - speculation.length
+        self.rolled_back += len(self.engine) - self.run_tokens_start  # sampled tokens only
         self.engine.truncate(speculation.length)
         self.encoder, self.encoder_time = speculation.encoder, speculation.encoder_time
         self.committed = self.run_tokens_start = speculation.length
         self.decoder = None
         self.schedule_refused_at = None
         self.carry = set()
-        self.call_pending = True
+        self.call_pending = keep_call
         with self.lock:
             self.pending_answer_start = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 MODES = ("call", "duet", "listen")
+MAX_KEY_FOLLOW = 4.0  # sampling.key_follow_bias: beyond this the player's pitch classes dictate
 QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
 
 
@@ -52,7 +53,7 @@ class Settings:
             ("top_p", 0.0 < self.top_p <= 1.0, "0 < top_p <= 1"),
             ("num_latents", 1 <= self.num_latents <= 2048, "1 .. 2048 (and at most the model's max_latents)"),
             ("prefix_cap", 0 <= self.prefix_cap <= 65536, "0 (model maximum) .. the model's max_prefix_len"),
-            ("key_follow", 0.0 <= self.key_follow <= 4.0, "0 (off) .. 4"),
+            ("key_follow", 0.0 <= self.key_follow <= MAX_KEY_FOLLOW, f"0 (off) .. {MAX_KEY_FOLLOW:g}"),
             ("silence_ms", 50 <= self.silence_ms <= 10000, "50 .. 10000"),
             ("response_seconds", 0.5 <= self.response_seconds <= 120, "0.5 .. 120"),
             ("lookahead_ms", 20 <= self.lookahead_ms <= 2000, "20 .. 2000"),
@@ -107,3 +108,11 @@ SECTIONS = {
 }
 
 FIELD_TYPES = {field.name: field.type for field in fields(Settings)}
+
+
+def check_key_follow_flag(value: float) -> None:
+    """`--key-follow` for the offline commands (play checks it with the other settings)."""
+    from liveperceiver.errors import UserError
+
+    if not 0.0 <= value <= MAX_KEY_FOLLOW:
+        raise UserError(f"--key-follow {value:g} is outside the allowed values (0 (off) .. {MAX_KEY_FOLLOW:g})")

@@ -285,8 +285,10 @@ def test_key_follow_bites(tiny_model):
     assert following > free + 0.2
 
 
-def test_key_follow_moves_pitch_not_the_choice_to_play():
-    """The note-ons' total probability is the model's; only its split between pitches changes."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_key_follow_moves_pitch_not_the_choice_to_play(temperature):
+    """At the sampling temperature the note-ons' total probability is the model's; only its split
+    between pitches changes."""
     from liveperceiver.sampling import StreamState, constraint_mask
 
     state = StreamState()
@@ -294,8 +296,8 @@ def test_key_follow_moves_pitch_not_the_choice_to_play():
         state.push(token)
     logits = torch.randn(vocab.VOCAB_SIZE, generator=torch.Generator().manual_seed(1))
     biased = logits.clone()
-    constraint_mask(Constraints(key_follow=1.5), state, biased)
-    before, after = torch.softmax(logits, 0), torch.softmax(biased, 0)
+    constraint_mask(Constraints(key_follow=1.5), state, biased, temperature)
+    before, after = torch.softmax(logits / temperature, 0), torch.softmax(biased / temperature, 0)
     assert after[: vocab.NOTE_OFF].sum().item() == pytest.approx(before[: vocab.NOTE_OFF].sum().item(), abs=1e-5)
     assert torch.equal(biased[vocab.NOTE_OFF :], logits[vocab.NOTE_OFF :])
     white = torch.tensor([p % 12 in C_MAJOR for p in range(128)])
@@ -321,23 +323,45 @@ def test_key_follow_lowers_what_the_model_overplays():
 
 
 def test_key_follow_hears_only_the_player_and_survives_rollback():
-    from liveperceiver.sampling import StreamState
+    from liveperceiver.sampling import StreamState, key_follow_bias
 
-    state = StreamState()
-    phrase = c_major_phrase(300)  # past a snapshot boundary
-    for token in phrase:
-        state.push(token)
-    heard = list(state.player_pitch_classes)
-    assert heard[1] == 0.0 and heard[0] > 0.0
-    for token in [377, 61, 300, vocab.note_off(61)] * 80:  # the model's own C sharps
-        state.push(token, sampled=True)
-    assert state.player_pitch_classes == heard
-    tokens = phrase + [61] * 300
-    state.rewind(tokens, bytearray(len(tokens)), len(phrase) - 4)
-    replayed = StreamState()
-    for token in phrase[:-4]:
-        replayed.push(token)
-    assert state.player_pitch_classes == pytest.approx(replayed.player_pitch_classes)
+    def replayed(tokens, flags):
+        state = StreamState()
+        for token, flag in zip(tokens, flags, strict=True):
+            state.push(token, sampled=bool(flag))
+        return state
+
+    def bias(state):
+        logits = torch.zeros(vocab.VOCAB_SIZE)
+        key_follow_bias(1.0, state, logits)
+        return logits
+
+    phrase = c_major_phrase(100)  # 400 tokens: past a snapshot boundary
+    model_part = [377, 61, 300, vocab.note_off(61)] * 80  # the model's own C sharps
+    tokens = phrase + model_part
+    flags = bytearray([0] * len(phrase) + [1] * len(model_part))
+    state = replayed(tokens, flags)
+    player_only = replayed(phrase, flags[: len(phrase)])
+    assert state.player_pitch_classes == player_only.player_pitch_classes  # the model's notes are not the player's
+    assert state.model_pitch_classes[1] > 0 and player_only.player_pitch_classes[1] == 0.0
+    before = bias(state)  # fills the cache, which the rollback must not keep
+    cut = len(phrase) + 130  # into the model's part, after another snapshot
+    state.rewind(tokens, flags, cut)
+    fresh = replayed(tokens[:cut], flags[:cut])
+    assert state.player_pitch_classes == pytest.approx(fresh.player_pitch_classes)
+    assert state.model_pitch_classes == pytest.approx(fresh.model_pitch_classes)
+    assert torch.allclose(bias(state), bias(fresh)) and not torch.allclose(bias(state), before)
+
+
+def test_append_carries_whose_tokens_they_were(tiny_model):
+    """A stream moved to a new engine (a model switch) keeps the model's notes as the model's."""
+    engine = Engine(tiny_model)
+    engine.append([376, 60, 300, 188, 377, 61], sampled=[0, 0, 0, 0, 1, 1])
+    assert list(engine.sampled) == [0, 0, 0, 0, 1, 1]
+    assert engine.state.model_pitch_classes[1] == 1.0 and engine.state.player_pitch_classes[1] == 0.0
+    assert engine.state.sampled == {61}
+    with pytest.raises(ValueError, match="sampled flags"):
+        engine.append([60, 62], sampled=[0])
 
 
 def test_auto_weights_measures_once_per_model_and_device(tiny_model, monkeypatch):

@@ -306,7 +306,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     assert f"key_follow={Settings().key_follow}" in report["continuations"]["constraints"]
     wrong = run_cli("eval", "--model", str(tmp_path / "model"), str(dataset_dir), "--key-follow", "-1")
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
-        "liveperceiver: error: --key-follow -1.0 outside 0..4.0 (0 = off)"
+        "liveperceiver: error: --key-follow -1 is outside the allowed values (0 (off) .. 4)"
     ]
 
 

@@ -312,7 +312,9 @@ def meters_text(snapshot: Snapshot) -> Text:
 def session_text(snapshot: Snapshot, elapsed: float, save_to: str, last_save: str, width: int = 40) -> Text:
     text = Text(no_wrap=True, overflow="ellipsis")
     state = snapshot.state
-    style = {"paused": "bold yellow", "answering": MODEL_STYLE, "playing": MODEL_STYLE}.get(state, "bold")
+    style = {"paused": "bold yellow", "preparing": MODEL_STYLE, "answering": MODEL_STYLE, "playing": MODEL_STYLE}.get(
+        state, "bold"
+    )
     _row(text, "state", state, style)
     minutes, seconds = divmod(int(elapsed), 60)
     text.append(f"{'recording':<10}", style="dim")
