@@ -172,7 +172,8 @@ def bench_row(
             if index >= warmup:
                 absorb_times.append((time.perf_counter() - start) * 1000)
     p50 = statistics.median(step_times)
-    kv_bytes = (prefix + latents) * config.num_channels * 2 * torch.finfo(dtype).bits // 8
+    # Keys are read per position; values come from the two per-token tables (engine.py).
+    kv_bytes = (prefix + latents + 2 * config.vocab_size) * config.num_channels * torch.finfo(dtype).bits // 8
     row = BenchRow(
         prefix=prefix,
         latents=latents,

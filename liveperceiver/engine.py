@@ -11,11 +11,19 @@ So they are 389-row tables, computed once:
     prefix token:  k = k_proj(kv_norm(emb)), v = v_proj(kv_norm(emb))
     latent token:  q = q_proj(q_norm(emb)),  k = k_proj(q_norm(emb)), v = v_proj(q_norm(emb))
 
-Appending a token writes one rotated key row and one value row into preallocated buffers. A step
-rotates the few latent rows, runs one attention of the latents over the window, and sends only the
-latents (usually 1-16) through the self-attention stack. Keys are stored rotated by their position
-relative to a `base` that is moved forward (and the buffer rebuilt) once every few thousand tokens,
-so positions stay small and the cost per step stays flat on an unbounded stream.
+Appending a token writes one rotated key row (a complex multiply of channel pairs) and its id into
+preallocated buffers. Values are never stored per position: a prefix value is its token's table
+row, so the attention output over the prefix is (attention weight summed per token id) @ value
+table, 389 rows instead of thousands. A step rotates the few latent rows, runs one attention of
+the latents over the window, and sends only the latents (usually 1-16) through the self-attention
+stack. Keys are stored rotated by their position relative to a `base` that is moved forward (and
+the buffer rebuilt) once every few thousand tokens, so positions stay small and the cost per step
+stays flat on an unbounded stream.
+
+With one latent (the live default) a step is a chain of one-row products, so per-op overhead
+matters as much as bytes: layers are called through bare `F.linear`/`F.layer_norm` bound to their
+weights, and oneDNN is bypassed on float32 CPUs (its GELU costs 10 us of set-up per call, five
+times the op).
 
 Rollback (`truncate`) just forgets tokens: buffer rows depend on id and position only.
 """
@@ -23,14 +31,16 @@ Rollback (`truncate`) just forgets tokens: buffer rows depend on id and position
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from liveperceiver import vocab
-from liveperceiver.model import PerceiverAR, apply_rotary, rotary_tables
+from liveperceiver.model import PerceiverAR, rotary_inv_freq
 from liveperceiver.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,6 +163,50 @@ def pack_linear_layers(model: nn.Module, storage: torch.dtype) -> None:
                 setattr(module, name, PackedLinear.from_linear(child, storage))
 
 
+def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` as a plain function: F.linear / F.layer_norm bound to its weights when it is a float
+    Linear or LayerNorm (a module call costs more than a one-row product of these sizes), else the
+    module itself (int8-quantised layers, 16-bit packed weights)."""
+    if isinstance(module, nn.LayerNorm):
+        return partial(
+            F.layer_norm,
+            normalized_shape=module.normalized_shape,
+            weight=module.weight,
+            bias=module.bias,
+            eps=module.eps,
+        )
+    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and module.rows_weight is None):
+        return partial(F.linear, weight=module.weight, bias=module.bias)
+    return module
+
+
+def bound_mlp(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's MLP (LayerNorm -> Linear -> GELU -> Linear) from bare pieces."""
+    norm, fc1, fc2 = bare(mlp.norm), bare(mlp.fc1), bare(mlp.fc2)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return fc2(F.gelu(fc1(norm(x))))
+
+    return forward
+
+
+def value_output(attention: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """o_proj(v_proj(h)) in two calls, for layers whose weights cannot be fused (int8)."""
+    return lambda h: attention.o_proj(attention.v_proj(h))
+
+
+@contextmanager
+def _without_onednn() -> Iterator[None]:
+    """oneDNN off while the engine computes. Process-wide, which is harmless: the engine thread is
+    the only one running torch in a live session, and the switch changes speed, never results."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 class Engine:
     """One merged performance (player + model) as a token stream, and a sampler over it."""
 
@@ -201,6 +255,10 @@ class Engine:
             self._build_tables()
         if self.weight_dtype != dtype:
             pack_linear_layers(self.model, self.weight_dtype)
+        if self.exact_tables:
+            self._bind_layers()
+        # oneDNN only slows one-row float32 work on CPUs (16-bit matmuls may need it, on AMX).
+        self._kernels = _without_onednn if self.device.type == "cpu" and dtype == torch.float32 else nullcontext
         # for the UI: float32, bfloat16, ..., or "float16 weights" (activations stay float32)
         self.precision = str(dtype).removeprefix("torch.") if quantize in (None, "none") else f"{quantize} weights"
 
@@ -307,19 +365,20 @@ class Engine:
         """Float32 logits (vocab,) for the next token, on the engine's device (sampling reads back only the id)."""
         if not self.tokens:
             raise ValueError("the engine needs at least one token before it can sample")
-        if not self.exact_tables:
-            return self._full_forward_logits()
-        start, latent_start, end = self.window()
-        self._prepare_rows(start, latent_start, end)
-        x = self._cross_attention(start, latent_start, end)
-        x = self._self_attention(x, latent_start, end)
-        return self._output(x[-1:])[0].float()
+        with self._kernels():
+            if not self.exact_tables:
+                return self._full_forward_logits()
+            start, latent_start, end = self.window()
+            self._prepare_rows(start, latent_start, end)
+            x = self._cross_attention(start, latent_start, end)
+            x = self._self_attention(x, latent_start, end)
+            return self._output(x[-1:])[0].float()
 
     # ------------------------------------------------------------------ internals
 
     @torch.inference_mode()
     def _build_tables(self) -> None:
-        """Per-token cross-attention tables and the preallocated key/value buffers."""
+        """Per-token cross-attention tables and the preallocated key and token-id buffers."""
         config, model = self.config, self.model
         ca = model.cross_attention
         emb = model.embedding.weight
@@ -328,22 +387,27 @@ class Engine:
         def per_head(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(vocab.VOCAB_SIZE, heads, head_dim).contiguous()
 
+        def channel_pairs(x: torch.Tensor) -> torch.Tensor:
+            """(vocab, heads, head_dim / 2) complex: rotating a pair is multiplying by e^(i angle)."""
+            return torch.view_as_complex(per_head(x).float().unflatten(-1, (-1, 2)).contiguous())
+
         kv_in, q_in = ca.kv_norm(emb), ca.q_norm(emb)
         attention = ca.attention
-        self.prefix_k, self.prefix_v = per_head(attention.k_proj(kv_in)), per_head(attention.v_proj(kv_in))
-        self.latent_q = per_head(attention.q_proj(q_in))
-        self.latent_k, self.latent_v = per_head(attention.k_proj(q_in)), per_head(attention.v_proj(q_in))
+        # The reference scales queries before rotating them, so the table holds scaled queries.
+        self.latent_q = channel_pairs(attention.q_proj(q_in) * head_dim**-0.5)
+        self.key_table = torch.cat([channel_pairs(attention.k_proj(kv_in)), channel_pairs(attention.k_proj(q_in))])
+        self.prefix_v = per_head(attention.v_proj(kv_in)).transpose(0, 1).contiguous()  # (heads, vocab, head_dim)
+        self.latent_v = per_head(attention.v_proj(q_in))  # (vocab, heads, head_dim)
         self.embedding = emb
 
         # Buffers hold keys rotated by (position - base); rebuilt when they fill up.
         self.capacity = config.max_seq_len + max(4096, config.max_seq_len)
         self.keys = torch.zeros(heads, self.capacity, head_dim, device=self.device, dtype=self.dtype)
-        self.values = torch.zeros_like(self.keys)
-        positions = torch.arange(self.capacity, device=self.device)
-        self.cos, self.sin = rotary_tables(positions, config.rotated_channels, self.dtype)
-        self.scale = head_dim**-0.5
+        self.row_ids = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
+        angles = torch.arange(self.capacity, dtype=torch.float64)[:, None] * rotary_inv_freq(head_dim)[None, :]
+        self.rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(self.device)
         self._base = 0  # stream position of buffer row 0
-        self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys/values
+        self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys
         self._future_masks: dict[int, torch.Tensor] = {}
         # Fused weights for plain layers (int8-quantised layers keep their separate calls).
         self._fused_qkv: list[PackedLinear | None] = []
@@ -359,71 +423,90 @@ class Engine:
             value_output = a.o_proj.weight @ a.v_proj.weight
             self._fused_value_output.append(PackedLinear(value_output, a.o_proj.bias, self.weight_dtype))
 
+    def _bind_layers(self) -> None:
+        """Each layer's pieces as plain callables (see `bare`), after any weight packing."""
+        model = self.model
+        ca = model.cross_attention
+        self._cross_output = bare(ca.attention.o_proj)
+        self._cross_mlp = bound_mlp(ca.mlp)
+        self._layers = []
+        for layer, fused in zip(model.self_attention, self._fused_value_output, strict=True):
+            attend = value_output(layer.attention) if fused is None else bare(fused)
+            self._layers.append((bare(layer.norm), attend, bound_mlp(layer.mlp)))
+        self._out_norm = bare(model.out_norm) if model.out_norm is not None else None
+
     def _prepare_rows(self, start: int, latent_start: int, end: int) -> None:
-        """Make rows [start, latent_start) prefix rows and [latent_start, end) latent rows."""
+        """Make rows [start, latent_start) prefix rows and [latent_start, end) latent rows: one
+        write from `first`, the first row that is not yet a prefix row."""
         if start < self._base or end > self._base + self.capacity:
             self._base = max(0, end - self.config.max_seq_len)
             self._kv_upto = self._base
-        if self._kv_upto < latent_start:
-            self._write_rows(self._kv_upto, latent_start, self.prefix_k, self.prefix_v)
-        self._write_rows(latent_start, end, self.latent_k, self.latent_v)
+        first = min(self._kv_upto, latent_start)
+        tokens = self.tokens[first:end]
+        latent_from = latent_start - first
+        # In the key table latent tokens follow the prefix tokens (id + vocab size).
+        key_ids = tokens[:latent_from] + [token + vocab.VOCAB_SIZE for token in tokens[latent_from:]]
+        rows = slice(first - self._base, end - self._base)
+        self.row_ids[rows] = torch.tensor(tokens, device=self.device)
+        self.keys[:, rows] = self._rotated(self.key_table, torch.tensor(key_ids, device=self.device), rows)
         self._kv_upto = latent_start
 
-    def _write_rows(self, first: int, last: int, key_table: torch.Tensor, value_table: torch.Tensor) -> None:
-        ids = torch.tensor(self.tokens[first:last], device=self.device)
-        rows = slice(first - self._base, last - self._base)
-        keys = key_table[ids].transpose(0, 1)  # (H, n, D)
-        self.keys[:, rows] = apply_rotary(keys, self.cos[rows], self.sin[rows])
-        self.values[:, rows] = value_table[ids].transpose(0, 1)
+    def _rotated(self, table: torch.Tensor, ids: torch.Tensor, rows: slice) -> torch.Tensor:
+        """(heads, n, head_dim): the table rows of `ids`, rotated by the positions of buffer `rows`."""
+        pairs = table[ids] * self.rotation[rows, None, :]  # (n, heads, head_dim / 2)
+        return torch.view_as_real(pairs).flatten(-2).transpose(0, 1).to(self.dtype)
 
     def _cross_attention(self, start: int, latent_start: int, end: int) -> torch.Tensor:
-        ca = self.model.cross_attention
         count = end - latent_start
-        ids = torch.tensor(self.tokens[latent_start:end], device=self.device)
         latent_rows = slice(latent_start - self._base, end - self._base)
-        window_rows = slice(start - self._base, end - self._base)
-        q = apply_rotary(self.latent_q[ids].transpose(0, 1), self.cos[latent_rows], self.sin[latent_rows])
-        # Plain matmuls on the strided buffer views: no copy of the window (SDPA would copy it).
-        scores = torch.matmul(q * self.scale, self.keys[:, window_rows].transpose(1, 2))
+        ids = self.row_ids[latent_rows]
+        q = self._rotated(self.latent_q, ids, latent_rows)
+        # A plain matmul on the strided buffer view: no copy of the window (SDPA would copy it).
+        scores = torch.matmul(q, self.keys[:, start - self._base : end - self._base].transpose(1, 2))
         if count > 1:  # causal among the latents; every latent sees the whole prefix
             scores[..., -count:].masked_fill_(self._future(count), float("-inf"))
-        attended = torch.matmul(torch.softmax(scores, dim=-1), self.values[:, window_rows])
-        x = self.embedding[ids] + ca.attention.o_proj(attended.transpose(0, 1).flatten(1))
-        return x + ca.mlp(x)
+        weights = torch.softmax(scores, dim=-1)  # (heads, count, window)
+        prefix_count = latent_start - start
+        prefix_ids = self.row_ids[start - self._base : latent_start - self._base]
+        # Values: a prefix value is its token's table row, so sum the weights per token id first.
+        per_token = weights.new_zeros(weights.shape[0], count, vocab.VOCAB_SIZE)
+        per_token.index_add_(2, prefix_ids, weights[..., :prefix_count])
+        attended = torch.matmul(per_token, self.prefix_v)
+        attended += torch.matmul(weights[..., prefix_count:], self.latent_v[ids].transpose(0, 1))
+        x = self.embedding[ids] + self._cross_output(attended.transpose(0, 1).flatten(1))
+        return x + self._cross_mlp(x)
 
     def _self_attention(self, x: torch.Tensor, latent_start: int, end: int) -> torch.Tensor:
         """The latents through the self-attention stack; the last layer only for the last latent,
         since only its logits are sampled."""
-        rows = slice(latent_start - self._base, end - self._base)
-        cos, sin = self.cos[rows], self.sin[rows]
         count = end - latent_start
+        if count == 1:
+            # One query attending to one key: softmax is exactly 1, the output is its value, so
+            # each layer's attention is o_proj(v_proj(h)), one precomputed matrix.
+            for norm, value_output, mlp in self._layers:
+                x = x + value_output(norm(x))
+                x = x + mlp(x)
+            return x
+        rows = slice(latent_start - self._base, end - self._base)
         layers = self.model.self_attention
-        for index, layer in enumerate(layers):
-            h = layer.norm(x)
-            if count == 1:
-                # One query attending to one key: softmax is exactly 1, the output is its value,
-                # so the layer's attention is o_proj(v_proj(h)), one precomputed matrix.
-                x = x + self._value_output(index, h)
+        for index, (norm, _, mlp) in enumerate(self._layers):
+            attention = layers[index].attention
+            q, k, v = (attention.heads(part[None])[0] for part in self._qkv(index, norm(x)))
+            if self.config.is_rotary_layer(index):
+                q, k = self._rotate(q, rows), self._rotate(k, rows)
+            if index == len(layers) - 1:
+                q, x, mask = q[:, -1:], x[-1:], None  # the last query sees every latent
             else:
-                q, k, v = (layer.attention.heads(part[None])[0] for part in self._qkv(index, h))
-                if self.config.is_rotary_layer(index):
-                    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-                if index == len(layers) - 1:
-                    q, x, mask = q[:, -1:], x[-1:], None  # the last query sees every latent
-                else:
-                    mask = ~self._future(count)
-                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).flatten(1)
-                x = x + layer.attention.o_proj(attended)
-            x = x + layer.mlp(x)
+                mask = ~self._future(count)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).flatten(1)
+            x = x + attention.o_proj(attended)
+            x = x + mlp(x)
         return x
 
-    def _value_output(self, index: int, h: torch.Tensor) -> torch.Tensor:
-        """o_proj(v_proj(h)) for a single latent, as one matmul when the weights allow it."""
-        fused = self._fused_value_output[index]
-        if fused is not None:
-            return fused(h)
-        attention = self.model.self_attention[index].attention
-        return attention.o_proj(attention.v_proj(h))
+    def _rotate(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """(heads, n, head_dim) rotated by the positions of buffer `rows`."""
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+        return torch.view_as_real(pairs * self.rotation[rows]).flatten(-2).to(x.dtype)
 
     def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Query, key and value projections, in one matmul when the weights allow it."""
@@ -443,8 +526,8 @@ class Engine:
 
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         model = self.model
-        if model.out_norm is not None:
-            x = model.out_norm(x)
+        if self._out_norm is not None:
+            x = self._out_norm(x)
         logits = x @ self.embedding.T
         return logits + model.output_bias if model.output_bias is not None else logits
 

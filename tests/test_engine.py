@@ -248,6 +248,35 @@ def test_16_bit_weights_stay_close_to_the_float32_model(tiny_model, storage, tol
     assert 0.0 < max(differences) < tolerance
 
 
+def test_int8_layers_stay_close_to_the_float32_model(tiny_model):
+    """int8-quantised Linear layers cannot be fused or bound to F.linear; the engine calls them as
+    modules, in the one-latent chain and in wider windows."""
+    engine = Engine(tiny_model, num_latents=1, quantize="int8", sampling=SamplingSettings(seed=2))
+    assert engine._fused_value_output[0] is None
+    rng = random.Random(4)
+    engine.append([rng.randrange(388) for _ in range(200)])
+    differences = []
+    for index in range(40):
+        engine.configure(num_latents=1 if index % 2 else 1 + index % 7)
+        differences.append(max_difference(tiny_model, engine))
+        engine.step()
+    assert 0.0 < max(differences) < 0.6
+
+
+def test_a_step_leaves_the_onednn_switch_as_it_found_it(tiny_model):
+    """The engine turns oneDNN off while it computes on a float32 CPU (its GELU set-up costs more
+    than one row's GELU) and must hand the process-wide switch back."""
+    engine = Engine(tiny_model, sampling=SamplingSettings(seed=0))
+    engine.append([vocab.velocity_token(80), 60])
+    try:
+        for enabled in (False, True):
+            torch.backends.mkldnn.enabled = enabled
+            engine.step()
+            assert torch.backends.mkldnn.enabled is enabled
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
 def test_16_bit_weights_need_a_float32_model(tiny_model):
     with pytest.raises(ValueError, match="float32"):
         Engine(tiny_model, quantize="float16", dtype=torch.bfloat16)
