@@ -231,8 +231,9 @@ def release(port) -> None:
 
     Closing first unregisters the port right after a process cycle ends (rtmidi's JACK output waits
     for one), so later cycles return before touching anything. An open JACK output then gets
-    JACK_CYCLE_GRACE_S before it is freed: rtmidi 6.0 frees its ring buffer before it stops the client's
-    process thread, and a late cycle still reading that buffer would crash the process.
+    JACK_CYCLE_GRACE_S before it is freed: RtMidi 5.0 (in python-rtmidi 1.5.8) frees its ring
+    buffer before it stops the client's process thread, and a late cycle still reading that buffer
+    would crash the process.
     """
     if port.is_deleted:
         return
