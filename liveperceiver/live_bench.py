@@ -14,7 +14,9 @@ reported (medians and p99, after the first call as warm-up):
 - stuck notes after each of N randomized sessions with faults (engine exceptions, mode switches,
   panics, resets, transpose changes, close mid-answer): note-ons minus note-offs as sent by the
   scheduler, and as heard by the listening client (the second also counts messages JACK dropped
-  on the way, which a loaded machine does; the drop count is reported beside it).
+  on the way, which a loaded machine does; the drop count is reported beside it);
+- the share of CPU time the hypervisor took during each timed phase (Linux "steal"): on a shared
+  VM the p99 rows move with it, so a reader can tell a slow run from slow code.
 """
 
 from __future__ import annotations
@@ -355,14 +357,41 @@ def run(args) -> None:
             "weights": weights,
             "machine": machine_description(),
             "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
-            "call": call_phase(model, rng, args.calls, workdir, weights),
-            "duet": duet_phase(model, rng, args.duet_seconds, workdir, weights=weights),
-            "duet_with_ui": duet_phase(model, rng, args.duet_seconds, workdir, ui_size=(160, 48), weights=weights),
+            "call": with_steal(lambda: call_phase(model, rng, args.calls, workdir, weights)),
+            "duet": with_steal(lambda: duet_phase(model, rng, args.duet_seconds, workdir, weights=weights)),
+            "duet_with_ui": with_steal(
+                lambda: duet_phase(model, rng, args.duet_seconds, workdir, ui_size=(160, 48), weights=weights)
+            ),
             "faults": fault_phase(model, args.sessions, workdir, args.faults_log, args.first_session, weights),
         }
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) CPU time of all cores in clock ticks, from /proc/stat; None off Linux."""
+    try:
+        first_line = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    ticks = [int(value) for value in first_line[1:9]]  # user .. steal (guest time is inside user)
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
+
+
+def with_steal(phase) -> dict:
+    """Run a phase; its result gains `cpu_steal_share`, the share of CPU time the hypervisor took."""
+    before = cpu_times()
+    result = phase()
+    after = cpu_times()
+    total = None if before is None or after is None else after[1] - before[1]
+    result["cpu_steal_share"] = round((after[0] - before[0]) / total, 4) if total else None
+    return result
+
+
+def _share(result: dict) -> str:
+    share = result.get("cpu_steal_share")
+    return "n/a" if share is None else f"{share:.1%}"
 
 
 def _fmt(stat: dict) -> str:
@@ -391,6 +420,8 @@ def format_table(results: dict) -> str:
         f"calls answered: {call['answered']}/{call['calls']}; duet notes out: {duet['notes_out']}, "
         f"rolled back tokens: {duet['rolled_back_tokens']}",
         f"{'events already due when sampled':34}{_fmt(duet['late_events'])}",
+        f"CPU time taken by the hypervisor (steal): call {_share(call)}, duet {_share(duet)}, "
+        f"duet with the UI {_share(results['duet_with_ui'])}",
         f"stuck notes across {faults['sessions']} randomized sessions with faults: {faults['stuck_notes_sent']} sent, "
         f"{faults['stuck_notes_heard']} heard ({faults['messages_dropped_by_transport']} messages lost in JACK, "
         f"{faults['extra_note_messages_heard']} heard but never sent), "

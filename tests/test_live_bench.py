@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -33,3 +34,26 @@ def test_a_split_run_starts_at_its_first_session(tmp_path, tiny_model):
     result = fault_phase(tiny_model, 3, tmp_path, log, first=2)
     assert result["sessions"] == 1 and result["stuck_notes_sent"] == 0
     assert [json.loads(line)["session"] for line in log.read_text().splitlines()] == [2]
+
+
+def test_a_phase_reports_the_hypervisors_share_of_cpu_time():
+    """`bench --live` prints what share of CPU time the hypervisor took in each phase; it is read
+    from /proc/stat around the phase and is a share, whatever the machine."""
+    import sys
+
+    from liveperceiver.live_bench import cpu_times, with_steal
+
+    def busy() -> dict:
+        deadline = time.perf_counter() + 0.3
+        while time.perf_counter() < deadline:
+            pass
+        return {"phase": "done"}
+
+    result = with_steal(busy)
+    assert result["phase"] == "done"
+    if sys.platform.startswith("linux"):
+        before = cpu_times()
+        assert before is not None and 0 <= before[0] <= before[1]
+        assert result["cpu_steal_share"] is not None and 0.0 <= result["cpu_steal_share"] <= 1.0
+    else:
+        assert result["cpu_steal_share"] is None
