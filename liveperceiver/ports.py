@@ -349,6 +349,9 @@ def _wait_for_port(port, name: str, timeout: float) -> int:
     return index
 
 
+LEFT_TO_EXIT: list = []  # JACK ports a closing session leaves open for its process's exit (_Port.close)
+
+
 class _Port:
     """Shared open/check/close logic; `wanted` None means our own virtual port."""
 
@@ -430,10 +433,22 @@ class _Port:
                     return f"{self.direction} port {self.connected_name!r} reconnected"
         return None
 
-    def close(self) -> None:
+    def close(self, release_port: bool = True) -> None:
+        """Stop using the port and close it; with `release_port` False a JACK port is left to the
+        process's exit (the caller exits next: `liveperceiver play`).
+
+        Why: libjack (JACK2, as python-rtmidi's wheel bundles it) changes a client's list of ports
+        without a lock in jack_port_unregister, while the client's notification thread walks that
+        list to recompute latencies after any graph change on the server (jack2 issue #216). If one
+        arrives at that moment the process crashes; gdb puts the fault in
+        JackClient::HandleLatencyCallback. A process that exits with its client open leaves the
+        removal to the server, and nothing walks a list that changes."""
         with self.lock:
             self._before_close()
-            release(self.port)
+            if release_port or self.api != "jack":
+                release(self.port)
+            else:
+                LEFT_TO_EXIT.append(self.port)  # referenced, so never freed (and unregistered) before the exit
             self.connected_name = None
 
 

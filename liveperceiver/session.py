@@ -43,6 +43,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from liveperceiver import vocab
 from liveperceiver.clock import ClockTracker
@@ -304,8 +305,11 @@ class Session:
         """Write the session's MIDI file now (the journal keeps growing)."""
         return self.recorder.save(path)
 
-    def close(self) -> Path | None:
-        """Stop sampling, all notes off, save, close ports. Safe to call twice."""
+    def close(self, release_ports: bool = True) -> Path | None:
+        """Stop sampling, all notes off, save, close ports. Safe to call twice.
+
+        `release_ports` False leaves JACK ports to the process's exit, which must follow at once
+        (see ports._Port.close: unregistering a JACK port can crash the process)."""
         if self.closed:
             return None
         self.closed = True
@@ -329,8 +333,8 @@ class Session:
             # cycle, which a starved machine can delay by tens of milliseconds (saving overlaps this)
             time.sleep(max(0.0, last_sent + DELIVERY_WAIT_S - time.monotonic()))
             self.recorder.close()
-            self.midi_in.close()
-            self.midi_out.close()
+            self.midi_in.close(release_ports)
+            self.midi_out.close(release_ports)
             if hasattr(self, "previous_switch_interval"):
                 sys.setswitchinterval(self.previous_switch_interval)
                 thaw_heap()
@@ -990,8 +994,8 @@ def run_play(args) -> int:
         try:
             run_ui(session)
         finally:
-            session.close()
-        return 0
+            session.close(release_ports=False)
+        _exit_now()
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())
@@ -1003,9 +1007,15 @@ def run_play(args) -> int:
         while not done.wait(0.05):
             shown = _print_new_log_lines(session, shown)
     finally:
-        saved = session.close()
+        saved = session.close(release_ports=False)
     print(f"saved {saved}", flush=True)
+    _exit_now()
+
+
+def _exit_now() -> NoReturn:
+    """Exit 0 once everything is saved and every note is off, skipping interpreter teardown: with
+    torch loaded it can take longer than the one second a SIGTERM allows on a loaded machine, and
+    it would free (and so unregister) the JACK ports the session left open."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    # Everything is saved and every port closed. Interpreter teardown with torch loaded can take
-    # longer than the one second a SIGTERM allows on a loaded machine, so skip it.
     os._exit(0)

@@ -307,3 +307,25 @@ def test_an_answer_sampled_during_the_silence_is_dropped_when_the_player_goes_on
     assert keys.note_ons(since=release)[0][0] - release >= 0.7 - 0.01
     session.update(mode="listen")
     assert no_stuck_notes(keys, session.recorder.path)
+
+
+def test_a_session_closing_before_its_process_exits_leaves_the_jack_ports_to_the_exit(live):
+    """`play` closes its session with release_ports=False and exits at once: unregistering a JACK
+    port races libjack's notification thread (ports._Port.close), the server removes them anyway."""
+    from liveperceiver import ports
+
+    session, keys = live(mode="listen")
+    keys.phrase([60, 64])
+    reader = session.midi_in.reader
+    session.close(release_ports=False)
+    try:
+        left = [session.midi_in.port, session.midi_out.port]
+        assert all(any(port is kept for kept in ports.LEFT_TO_EXIT) for port in left)
+        assert not any(port.is_deleted for port in left)
+        assert not reader._thread.is_alive()  # nothing polls the input any more
+        names = " ".join(ports.list_ports("jack")[0] + ports.list_ports("jack")[1])
+        assert ports.VIRTUAL_IN in names and ports.VIRTUAL_OUT in names  # still registered
+    finally:
+        for port in left:
+            ports.LEFT_TO_EXIT.remove(port)
+            ports.release(port)  # this test's process goes on: free them for the next test
