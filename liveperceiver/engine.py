@@ -198,7 +198,8 @@ def value_output(attention: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
 @contextmanager
 def _without_onednn() -> Iterator[None]:
     """oneDNN off while the engine computes. Process-wide, which is harmless: the engine thread is
-    the only one running torch in a live session, and the switch changes speed, never results."""
+    the only one running torch in a live session, and the switch changes speed (and results only by
+    rounding: GELU's two kernels differ by about 5e-7)."""
     previous = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
