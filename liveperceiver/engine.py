@@ -469,10 +469,11 @@ class Engine:
         weights = torch.softmax(scores, dim=-1)  # (heads, count, window)
         prefix_count = latent_start - start
         prefix_ids = self.row_ids[start - self._base : latent_start - self._base]
-        # Values: a prefix value is its token's table row, so sum the weights per token id first.
-        per_token = weights.new_zeros(weights.shape[0], count, vocab.VOCAB_SIZE)
-        per_token.index_add_(2, prefix_ids, weights[..., :prefix_count])
-        attended = torch.matmul(per_token, self.prefix_v)
+        # Values: a prefix value is its token's table row, so sum the weights per token id first
+        # (in float32: thousands of small weights would lose their sum in a 16-bit dtype).
+        per_token = torch.zeros(weights.shape[0], count, vocab.VOCAB_SIZE, device=self.device)
+        per_token.index_add_(2, prefix_ids, weights[..., :prefix_count].float())
+        attended = torch.matmul(per_token.to(self.dtype), self.prefix_v)
         attended += torch.matmul(weights[..., prefix_count:], self.latent_v[ids].transpose(0, 1))
         x = self.embedding[ids] + self._cross_output(attended.transpose(0, 1).flatten(1))
         return x + self._cross_mlp(x)
