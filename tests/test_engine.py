@@ -230,6 +230,19 @@ def test_max_note_length_closes_only_the_models_notes(tiny_model):
     assert engine.state.overdue(500) == [60]
 
 
+def differences_over_changing_windows(model, engine: Engine, steps: int) -> list[float]:
+    """Largest logit difference from the float32 model at each of `steps` sampled steps after a
+    200-token prompt, alternating one latent (the live chain) with wider windows."""
+    rng = random.Random(4)
+    engine.append([rng.randrange(388) for _ in range(200)])
+    differences = []
+    for index in range(steps):
+        engine.configure(num_latents=1 if index % 2 else 1 + index % 7)
+        differences.append(max_difference(model, engine))
+        engine.step()
+    return differences
+
+
 @pytest.mark.parametrize("storage, tolerance", [("float16", 0.02), ("bfloat16", 0.2)])
 def test_16_bit_weights_stay_close_to_the_float32_model(tiny_model, storage, tolerance):
     """16-bit weight storage (the fast CPU setting) changes the logits by rounding only."""
@@ -238,14 +251,7 @@ def test_16_bit_weights_stay_close_to_the_float32_model(tiny_model, storage, tol
     assert packed and all(module.weight.dtype == DTYPES[storage] for module in packed)
     assert not any(isinstance(module, torch.nn.Linear) for module in engine.model.modules())
     assert all(fused.weight.dtype == DTYPES[storage] for fused in engine._fused_value_output)
-    rng = random.Random(4)
-    engine.append([rng.randrange(388) for _ in range(200)])
-    differences = []
-    for index in range(120):
-        engine.configure(num_latents=1 if index % 2 else 1 + index % 7)
-        differences.append(max_difference(tiny_model, engine))
-        engine.step()
-    assert 0.0 < max(differences) < tolerance
+    assert 0.0 < max(differences_over_changing_windows(tiny_model, engine, 120)) < tolerance
 
 
 def test_int8_layers_stay_close_to_the_float32_model(tiny_model):
@@ -253,14 +259,7 @@ def test_int8_layers_stay_close_to_the_float32_model(tiny_model):
     modules, in the one-latent chain and in wider windows."""
     engine = Engine(tiny_model, num_latents=1, quantize="int8", sampling=SamplingSettings(seed=2))
     assert engine._fused_value_output[0] is None
-    rng = random.Random(4)
-    engine.append([rng.randrange(388) for _ in range(200)])
-    differences = []
-    for index in range(40):
-        engine.configure(num_latents=1 if index % 2 else 1 + index % 7)
-        differences.append(max_difference(tiny_model, engine))
-        engine.step()
-    assert 0.0 < max(differences) < 0.6
+    assert 0.0 < max(differences_over_changing_windows(tiny_model, engine, 40)) < 0.6
 
 
 def test_a_step_leaves_the_onednn_switch_as_it_found_it(tiny_model):
