@@ -2,8 +2,22 @@
 
 The DAW sends 0xF8 pulses while it plays (and often while stopped); the tempo is the slope of a
 least-squares line through the last four beats of pulse times, which averages out the jitter of
-single pulses. Start/Continue/Stop/Song Position set the transport; the session starts and stops
-the model on them.
+single pulses. The tempo needs the pulses alone: LivePerceiver may start while the DAW is already
+playing, and then no Start comes.
+
+The grid's phase is the song position, counted in pulses, as a DAW's slave counts it:
+
+- Start (0xFA): the next pulse is the song's first beat.
+- Song Position (0xF2): the next pulse is at that position (16th notes, 6 pulses each). DAWs send it
+  while stopped, before a Continue, and some while playing, when they jump (a loop).
+- Continue (0xFB): the next pulse is at the position the transport stopped at, or the last Song
+  Position received since.
+- Stop (0xFC): the position holds while pulses may go on (for the tempo).
+
+Until the first transport message the DAW is taken as playing and the position is counted from the
+first pulse heard: the tempo and the grid's step are right, and its phase is right up to a whole
+number of pulses (which pulse of a 16th LivePerceiver came in on cannot be known without a position).
+The session starts and stops the model on Start, Continue and Stop.
 """
 
 from __future__ import annotations
@@ -13,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 PPQN = 24
+PULSES_PER_SIXTEENTH = PPQN // 4  # the unit of Song Position
 CLOCK, START, CONTINUE, STOP, SONG_POSITION = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 GRID_BEATS = {"1/4": 1.0, "1/8": 0.5, "1/8t": 1 / 3, "1/16": 0.25, "1/16t": 1 / 6, "1/32": 0.125}
 DEFAULT_BPM = 120.0
@@ -22,7 +37,7 @@ DEFAULT_BPM = 120.0
 class ClockState:
     bpm: float | None  # None: no clock in the last second
     running: bool  # transport playing (after Start/Continue, before Stop)
-    pulses: int  # pulses since Start (or the song position)
+    pulses: int  # song position of the next pulse, in pulses (since Start or a Song Position)
 
 
 class ClockTracker:
@@ -30,41 +45,71 @@ class ClockTracker:
 
     Pulse times are stamped on arrival, so they jitter by the backend's buffering (a JACK period).
     A least-squares line through the recent (pulse number, time) pairs gives both the tempo and a
-    steady beat grid for quantising; single late pulses move neither much.
+    steady beat grid for quantising; single late pulses move neither much. A gap in the pulses
+    longer than `timeout_s` (a DAW that sends clock only while playing, stopped) starts a new line.
+
+    Only the input thread calls `feed`; the other methods read a few attributes and copy the deque,
+    which is safe from any thread (a reader may see the state of one message earlier).
     """
 
     def __init__(self, window: int = 4 * PPQN, timeout_s: float = 1.0):
         self.points: deque[tuple[int, float]] = deque(maxlen=window + 1)  # (pulse count, arrival time)
         self.timeout_s = timeout_s
-        self.running = False
-        self.count = 0  # every pulse ever seen
-        self.pulses = 0  # pulses since Start (or the song position): the song position in pulses
-        self.beat_count: int | None = None  # `count` of the latest pulse that began a beat
+        self.running = False  # the transport plays: after Start or Continue, before Stop
+        self.transport_heard = False  # any Start/Continue/Stop: until then the pulses are taken as playing
+        self.count = 0  # every pulse ever seen: the number the next pulse gets
+        self.pulses = 0  # song position of the next pulse (advances only while playing)
+        self.resume_at: int | None = None  # a Song Position heard while stopped: where Continue resumes
+        self.beat_count: int | None = None  # the pulse number (`count`) of a beat while the position advances
         self.last_pulse: float | None = None
+
+    @property
+    def advancing(self) -> bool:
+        """Whether pulses move the song position: playing, or no transport message heard yet."""
+        return self.running or not self.transport_heard
+
+    def _anchor(self) -> None:
+        """The next pulse (number `count`) is at song position `pulses`: place the beat grid on it."""
+        self.beat_count = self.count - self.pulses % PPQN
 
     def feed(self, status: int, data: list[int], time: float) -> str | None:
         """Take one realtime/common message; returns "start", "stop" or "continue" on a change."""
         if status == CLOCK:
+            if self.last_pulse is not None and not 0 <= time - self.last_pulse <= self.timeout_s:
+                self.points.clear()  # the clock paused: the pulses before the gap do not fit a line with these
             self.points.append((self.count, time))
             self.last_pulse = time
-            if self.running:
-                if self.pulses % PPQN == 0:
-                    self.beat_count = self.count
-                self.pulses += 1
+            if self.beat_count is None and self.advancing:
+                self._anchor()  # the first pulse heard without a Start: the grid's origin
             self.count += 1
+            if self.advancing:
+                self.pulses += 1
             return None
         if status == START:
-            self.running, self.pulses = True, 0
-            self.beat_count = None
+            self.running = self.transport_heard = True
+            self.pulses, self.resume_at = 0, None
+            self._anchor()
             return "start"
         if status == CONTINUE:
-            self.running = True
+            self.running = self.transport_heard = True
+            if self.resume_at is not None:
+                self.pulses, self.resume_at = self.resume_at, None
+            self._anchor()
             return "continue"
         if status == STOP:
-            was_running, self.running = self.running, False
-            return "stop" if was_running else None
+            was_playing = self.advancing  # before any transport message the clock was taken as playing
+            self.running, self.transport_heard, self.resume_at = False, True, None
+            return "stop" if was_playing else None
         if status == SONG_POSITION and len(data) >= 2:
-            self.pulses = ((data[1] << 7) | data[0]) * 6  # song position counts sixteenths
+            self.pulses = ((data[1] & 0x7F) << 7 | (data[0] & 0x7F)) * PULSES_PER_SIXTEENTH
+            if self.running:
+                self._anchor()  # a jump while playing (a loop): the next pulse is there
+            else:
+                # stopped, or not known: Continue resumes here. Until then a clock that plays on
+                # without a transport message heard moves the position from here.
+                self.resume_at = self.pulses
+                if self.advancing:
+                    self._anchor()
         return None
 
     def _fit(self, now: float) -> tuple[float, float] | None:
@@ -86,12 +131,13 @@ class ClockTracker:
         return None if fit is None else 60.0 / (fit[1] * PPQN)
 
     def grid(self, now: float) -> tuple[float, float] | None:
-        """(time of the latest beat on the fitted line, seconds per beat) while a clock runs."""
+        """(time of a beat on the fitted line, seconds per beat) while a clock runs; None without one."""
         fit = self._fit(now)
-        if fit is None or self.beat_count is None:
+        beat_count = self.beat_count
+        if fit is None or beat_count is None:
             return None
         intercept, slope = fit
-        return intercept + slope * self.beat_count, slope * PPQN
+        return intercept + slope * beat_count, slope * PPQN
 
     def state(self, now: float) -> ClockState:
         return ClockState(self.bpm(now), self.running, self.pulses)
