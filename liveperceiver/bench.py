@@ -1,7 +1,9 @@
 """`liveperceiver bench`: engine speed per (prefix, latents), beside the memory-bandwidth bound.
 
 A step = absorb one token + sample one token, the unit of live work. Figures are medians and p99
-over many steps after warm-up, with the thread count stated. The bound is the bytes of weights a
+over many steps after warm-up, with the thread count stated. `player_ms_p99` times what the live
+engine thread does when the player's tokens arrive while it samples ahead (`Session._absorb_player`,
+then the next step): roll back the unplayed look-ahead, append the player's tokens, sample. The bound is the bytes of weights a
 step must read divided by the memory bandwidth measured in the same run (one `sum` over 256 MB),
 and beside it the same bytes divided by what matrix-vector products reach on this machine.
 """
@@ -19,9 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 
-from liveperceiver.engine import DTYPES, Engine, PackedLinear
+from liveperceiver.engine import DTYPES, Engine, Int8Linear, PackedLinear
 from liveperceiver.errors import UserError, atomic_output
 from liveperceiver.model import PerceiverAR
 from liveperceiver.sampling import SamplingSettings
@@ -33,7 +34,7 @@ class BenchRow:
     latents: int
     step_ms_p50: float
     step_ms_p99: float
-    absorb_ms_p99: float
+    player_ms_p99: float  # the player's tokens arrive: roll back the look-ahead, append them, sample
     tokens_per_s: float
     weights_mb: float
     kv_mb: float
@@ -119,7 +120,7 @@ def weights_read_per_step(engine: Engine, latents: int) -> int:
     return total
 
 
-WEIGHTED = (nn.Linear, nn.LayerNorm, QuantizedLinear, PackedLinear)
+WEIGHTED = (nn.Linear, nn.LayerNorm, Int8Linear, PackedLinear)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -128,8 +129,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 def _module_bytes(module: nn.Module, rows: int) -> int:
     """Bytes a module reads for an input of `rows` rows (PackedLinear keeps float32 weights for several)."""
-    if isinstance(module, QuantizedLinear):
-        return _tensor_bytes(module.weight())
+    if isinstance(module, Int8Linear):
+        return sum(_tensor_bytes(t) for t in (module.weight, module.scales, module.bias) if t is not None)
     if isinstance(module, PackedLinear):
         weight = module.rows_weight if rows > 1 and module.rows_weight is not None else module.weight
         return _tensor_bytes(weight) + (0 if module.bias is None else _tensor_bytes(module.bias))
@@ -156,7 +157,7 @@ def bench_row(
         threads=None,  # run() set --threads
     )
     engine.append(rng.randrange(388) for _ in range(prefix + latents))
-    step_times, absorb_times = [], []
+    step_times, player_times = [], []
     warmup = max(5, steps // 10)
     for index in range(warmup + steps):
         start = time.perf_counter()
@@ -166,11 +167,9 @@ def bench_row(
         if index >= warmup:
             step_times.append(elapsed * 1000)
         if index % 4 == 0:
-            start = time.perf_counter()
-            engine.append([rng.randrange(388) for _ in range(3)])
-            engine.prepare()
+            player_time = player_arrives(engine, rng)
             if index >= warmup:
-                absorb_times.append((time.perf_counter() - start) * 1000)
+                player_times.append(player_time * 1000)
     p50 = statistics.median(step_times)
     # Keys are read per position; values come from the two per-token tables (engine.py).
     kv_bytes = (prefix + latents + 2 * config.vocab_size) * config.num_channels * torch.finfo(dtype).bits // 8
@@ -179,7 +178,7 @@ def bench_row(
         latents=latents,
         step_ms_p50=round(p50, 3),
         step_ms_p99=round(percentile(step_times, 0.99), 3),
-        absorb_ms_p99=round(percentile(absorb_times, 0.99), 3),
+        player_ms_p99=round(percentile(player_times, 0.99), 3),
         tokens_per_s=round(1000 / p50, 1),
         weights_mb=round(weights_read_per_step(engine, latents) / 1e6, 2),
         kv_mb=round(kv_bytes / 1e6, 2),
@@ -187,6 +186,20 @@ def bench_row(
         gemv_bound_ms=0.0,
     )
     return row, engine
+
+
+def player_arrives(engine: Engine, rng: random.Random, lookahead: int = 4, tokens: int = 3) -> float:
+    """Seconds the live engine thread spends when the player's tokens arrive while it samples ahead
+    (`Session._absorb_player` and the next tick): the unplayed look-ahead is rolled back
+    (`truncate`), the player's tokens appended, and the next token sampled, the engine calls a
+    barge-in makes in a duet. The look-ahead (the last `lookahead` tokens, sampled untimed here) is
+    a note's four tokens (velocity, note-on, time shift, note-off), about what a 200 ms look-ahead holds."""
+    engine.sample(lookahead - 1)  # with the loop's last sampled token: `lookahead` unplayed tokens
+    start = time.perf_counter()
+    engine.truncate(len(engine) - lookahead)
+    engine.append(rng.randrange(388) for _ in range(tokens))
+    engine.step()
+    return time.perf_counter() - start
 
 
 def flat_ratio(engine: Engine, steps: int) -> float:
@@ -288,7 +301,7 @@ def run(args) -> list[dict]:
     bandwidth, gemv = read_bandwidth_gb_s(), gemv_bandwidth_gb_s()
     rows = []
     header = (
-        f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'absorb p99':>10} {'tok/s':>8}"
+        f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'player p99':>10} {'tok/s':>8}"
         f" {'weights MB':>10} {'bound ms':>8} {'gemv bound':>10}"
     )
     print(
@@ -296,6 +309,7 @@ def run(args) -> list[dict]:
     )
     print(f"machine: {machine_description()}; torch {torch.__version__}")
     print(f"memory read bandwidth {bandwidth:.1f} GB/s; matrix-vector products reach {gemv:.1f} GB/s")
+    print("player p99: the player's tokens arrive mid-answer: roll back 4 look-ahead tokens, append 3, sample one")
     print(header)
     for prefix in args.prefix:
         for latents in args.latents:
@@ -327,7 +341,7 @@ def run(args) -> list[dict]:
                 }
             )
             line = (
-                f"{row.prefix:>6} {row.latents:>7} {row.step_ms_p50:>8.2f} {row.step_ms_p99:>8.2f} {row.absorb_ms_p99:>10.3f}"
+                f"{row.prefix:>6} {row.latents:>7} {row.step_ms_p50:>8.2f} {row.step_ms_p99:>8.2f} {row.player_ms_p99:>10.3f}"
                 f" {row.tokens_per_s:>8.0f} {row.weights_mb:>10.1f} {row.bandwidth_bound_ms:>8.2f} {row.gemv_bound_ms:>10.2f}"
             )
             if row.flat_ratio is not None:

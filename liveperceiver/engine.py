@@ -46,6 +46,7 @@ from liveperceiver.sampling import Constraints, SamplingSettings, StreamState, c
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HALF_WEIGHTS = ("float16", "bfloat16")  # quantize choices that store 16-bit weights, float32 activations
 QUANTIZE = ("int8", *HALF_WEIGHTS)
+STORAGE = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}  # quantize -> weight dtype
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -108,20 +109,15 @@ def faster_weights(model: PerceiverAR, device: torch.device, budget_s: float = 0
 
 
 def prepare_model(model: PerceiverAR, device: torch.device, dtype: torch.dtype, quantize: str | None) -> PerceiverAR:
-    """A private eval-mode copy on `device` in `dtype`, Linear layers optionally int8-quantised (CPU).
+    """A private eval-mode copy on `device` in `dtype`.
 
-    16-bit weight storage (`quantize` float16/bfloat16) is applied later, by the engine, once its
+    Weight storage (`quantize` int8/float16/bfloat16) is applied later, by the engine, once its
     float32 tables are built."""
     if quantize not in (None, "none", *QUANTIZE):
         raise ValueError(f"quantize {quantize!r} is not one of: none, {', '.join(QUANTIZE)}")
-    if quantize in HALF_WEIGHTS and dtype != torch.float32:
-        raise ValueError(f"quantize {quantize} stores 16-bit weights for a float32 model; dtype is {dtype}")
-    model = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
-    if quantize == "int8":
-        if device.type != "cpu" or dtype != torch.float32:
-            raise ValueError("int8 quantisation needs device cpu and dtype float32")
-        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    return model
+    if quantize in QUANTIZE and dtype != torch.float32:
+        raise ValueError(f"quantize {quantize} stores {quantize} weights for a float32 model; dtype is {dtype}")
+    return copy.deepcopy(model).eval().to(device=device, dtype=dtype)
 
 
 class PackedLinear(nn.Module):
@@ -155,18 +151,78 @@ class PackedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int8Linear(nn.Module):
+    """A bias-optional Linear whose weight is stored as int8 with one scale per output channel
+    (symmetric: scale = absmax / 127), the `int8` weight setting.
+
+    Why: a one-latent step reads every weight once, so int8 weights read a quarter of float32's
+    bytes. On a CPU torch's weight-only int8 kernel (`aten._weight_int8pack_mm`, as gpt-fast uses
+    it) scales the weights inside the product; on x86 it is vectorised for bfloat16 inputs only,
+    so the input enters it in bfloat16 and the output comes back in the input's dtype (a rounding
+    of about 0.4%, smaller than the int8 weights' own). Elsewhere (cuda, mps, or an input width
+    that is not a multiple of 16, which the kernel reads past) the weights are dequantised in the
+    call: slower, the same product up to rounding. Scales are rounded to bfloat16 before the
+    weights are quantised, so both paths use exactly the same weights. This replaces torch.ao's
+    dynamic quantisation, which is deprecated."""
+
+    KERNEL_WIDTH = 16  # the CPU kernel reads the input in 16-value blocks, with no tail
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        weight = weight.detach().float()
+        scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).to(torch.bfloat16).float()
+        quantised = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.register_buffer("weight", quantised)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("kernel_scales", scales.to(torch.bfloat16) if self._kernel_fits(weight) else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight, linear.bias)
+
+    def _kernel_fits(self, weight: torch.Tensor) -> bool:
+        return (
+            weight.device.type == "cpu"
+            and self.in_features % self.KERNEL_WIDTH == 0
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        )
+
+    def dequantised(self, x: torch.Tensor) -> torch.Tensor:
+        """The product without the kernel: x @ (weight * scales).T, for any device and width."""
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_scales is None or x.device.type != "cpu":
+            return self.dequantised(x)
+        # a fresh bfloat16 copy: the kernel needs a contiguous, aligned 2-D input
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16, copy=True)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.kernel_scales)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def stored_linear(weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype) -> nn.Module:
+    """A Linear holding `weight` in `storage`: Int8Linear for int8, else PackedLinear."""
+    if storage == torch.int8:
+        return Int8Linear(weight, bias)
+    return PackedLinear(weight, bias, storage)
+
+
 def pack_linear_layers(model: nn.Module, storage: torch.dtype) -> None:
-    """Replace every nn.Linear in `model` by a PackedLinear storing its weight in `storage`."""
+    """Replace every nn.Linear in `model` by one storing its weight in `storage` (`stored_linear`)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear.from_linear(child, storage))
+                setattr(module, name, stored_linear(child.weight, child.bias, storage))
 
 
 def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module` as a plain function: F.linear / F.layer_norm bound to its weights when it is a float
     Linear or LayerNorm (a module call costs more than a one-row product of these sizes), else the
-    module itself (int8-quantised layers, 16-bit packed weights)."""
+    module itself (int8 weights, 16-bit packed weights)."""
     if isinstance(module, nn.LayerNorm):
         return partial(
             F.layer_norm,
@@ -188,11 +244,6 @@ def bound_mlp(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return fc2(F.gelu(fc1(norm(x))))
 
     return forward
-
-
-def value_output(attention: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """o_proj(v_proj(h)) in two calls, for layers whose weights cannot be fused (int8)."""
-    return lambda h: attention.o_proj(attention.v_proj(h))
 
 
 @contextmanager
@@ -250,8 +301,8 @@ class Engine:
             constraints=constraints,
         )
         self.exact_tables = not self.config.abs_pos_emb
-        # Weight storage: float32 unless `quantize` asks for 16-bit weights (int8 is in prepare_model).
-        self.weight_dtype = DTYPES[quantize] if quantize in HALF_WEIGHTS else dtype
+        # Weight storage: the model's dtype unless `quantize` asks for int8 or 16-bit weights.
+        self.weight_dtype = STORAGE.get(quantize, dtype)
         if self.exact_tables:
             self._build_tables()
         if self.weight_dtype != dtype:
@@ -346,14 +397,6 @@ class Engine:
     def sample(self, count: int) -> list[int]:
         return [self.step() for _ in range(count)]
 
-    @torch.inference_mode()
-    def prepare(self) -> None:
-        """Write the key/value rows of newly absorbed tokens now, so the next step does less.
-
-        The live engine thread calls this right after absorbing the player's tokens."""
-        if self.exact_tables and self.tokens:
-            self._prepare_rows(*self.window())
-
     def window(self) -> tuple[int, int, int]:
         """(window start, latent start, end) of the current context in stream positions."""
         end = len(self.tokens)
@@ -410,19 +453,15 @@ class Engine:
         self._base = 0  # stream position of buffer row 0
         self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys
         self._future_masks: dict[int, torch.Tensor] = {}
-        # Fused weights for plain layers (int8-quantised layers keep their separate calls).
-        self._fused_qkv: list[PackedLinear | None] = []
-        self._fused_value_output: list[PackedLinear | None] = []
+        # Fused weights, from the float32 weights, stored as the other Linear layers will be.
+        self._fused_qkv: list[nn.Module] = []
+        self._fused_value_output: list[nn.Module] = []
         for layer in model.self_attention:
             a = layer.attention
-            if not isinstance(a.q_proj.weight, torch.Tensor):  # int8: weight() is a method
-                self._fused_qkv.append(None)
-                self._fused_value_output.append(None)
-                continue
             qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            self._fused_qkv.append(PackedLinear(qkv, None, self.weight_dtype))
+            self._fused_qkv.append(stored_linear(qkv, None, self.weight_dtype))
             value_output = a.o_proj.weight @ a.v_proj.weight
-            self._fused_value_output.append(PackedLinear(value_output, a.o_proj.bias, self.weight_dtype))
+            self._fused_value_output.append(stored_linear(value_output, a.o_proj.bias, self.weight_dtype))
 
     def _bind_layers(self) -> None:
         """Each layer's pieces as plain callables (see `bare`), after any weight packing."""
@@ -432,8 +471,7 @@ class Engine:
         self._cross_mlp = bound_mlp(ca.mlp)
         self._layers = []
         for layer, fused in zip(model.self_attention, self._fused_value_output, strict=True):
-            attend = value_output(layer.attention) if fused is None else bare(fused)
-            self._layers.append((bare(layer.norm), attend, bound_mlp(layer.mlp)))
+            self._layers.append((bare(layer.norm), bare(fused), bound_mlp(layer.mlp)))
         self._out_norm = bare(model.out_norm) if model.out_norm is not None else None
 
     def _prepare_rows(self, start: int, latent_start: int, end: int) -> None:
@@ -511,12 +549,8 @@ class Engine:
         return torch.view_as_real(pairs * self.rotation[rows]).flatten(-2).to(x.dtype)
 
     def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Query, key and value projections, in one matmul when the weights allow it."""
-        fused = self._fused_qkv[index]
-        if fused is not None:
-            return fused(h).chunk(3, dim=-1)
-        attention = self.model.self_attention[index].attention
-        return attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+        """Query, key and value projections, in one matmul."""
+        return self._fused_qkv[index](h).chunk(3, dim=-1)
 
     def _future(self, count: int) -> torch.Tensor:
         """Boolean (count, count) mask of keys in a latent's future, cached per window size."""

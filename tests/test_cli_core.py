@@ -95,7 +95,7 @@ def test_bench_writes_rows_with_the_documented_keys(tmp_path):
         for key in (
             "step_ms_p50",
             "step_ms_p99",
-            "absorb_ms_p99",
+            "player_ms_p99",
             "tokens_per_s",
             "weights_mb",
             "bandwidth_bound_ms",

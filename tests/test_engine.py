@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
 
 from liveperceiver import vocab
-from liveperceiver.engine import DTYPES, Engine, PackedLinear
+from liveperceiver.bench import player_arrives
+from liveperceiver.engine import DTYPES, Engine, Int8Linear, PackedLinear
 from liveperceiver.sampling import Constraints, SamplingSettings
 
 
@@ -255,11 +257,62 @@ def test_16_bit_weights_stay_close_to_the_float32_model(tiny_model, storage, tol
 
 
 def test_int8_layers_stay_close_to_the_float32_model(tiny_model):
-    """int8-quantised Linear layers cannot be fused or bound to F.linear; the engine calls them as
-    modules, in the one-latent chain and in wider windows."""
+    """int8 weights: every Linear and fused matrix is an Int8Linear, called as a module in the
+    one-latent chain and in wider windows. The bound is half the largest difference torch.ao's
+    dynamic quantisation gave (0.35), which also quantised the activations."""
     engine = Engine(tiny_model, num_latents=1, quantize="int8", sampling=SamplingSettings(seed=2))
-    assert engine._fused_value_output[0] is None
-    assert 0.0 < max(differences_over_changing_windows(tiny_model, engine, 40)) < 0.6
+    int8 = [module for module in engine.model.modules() if isinstance(module, Int8Linear)]
+    assert int8 and all(module.weight.dtype == torch.int8 for module in int8)
+    assert not any(isinstance(module, torch.nn.Linear) for module in engine.model.modules())
+    assert all(isinstance(fused, Int8Linear) for fused in engine._fused_value_output + engine._fused_qkv)
+    assert 0.0 < max(differences_over_changing_windows(tiny_model, engine, 40)) < 0.3
+
+
+def test_an_int8_engine_raises_no_warning(tiny_model):
+    """torch.ao's dynamic quantisation warned that it is deprecated; the int8 kernel does not."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = Engine(tiny_model, quantize="int8", sampling=SamplingSettings(seed=2))
+        engine.append([vocab.velocity_token(80), 60])
+        engine.sample(3)
+    assert [str(warning.message) for warning in caught] == []
+
+
+@pytest.mark.parametrize("width", [64, 24])  # 24: not a multiple of 16, so never the CPU kernel
+def test_int8_linear_is_the_per_channel_quantised_product(width):
+    """Symmetric per-output-channel int8: each row's largest weight maps to +-127, every weight is
+    within half a step of its original, and the CPU kernel's product equals the dequantised one
+    (the path of cuda and mps) up to its bfloat16 input rounding."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, width, generator=generator) * torch.linspace(0.01, 1.0, 40)[:, None]
+    bias = torch.randn(40, generator=generator)
+    layer = Int8Linear(weight, bias)
+    assert (layer.kernel_scales is not None) == (width % 16 == 0)
+    assert torch.equal(layer.weight.abs().amax(dim=1), torch.full((40,), 127, dtype=torch.int8))
+    assert ((layer.weight.float() * layer.scales[:, None] - weight).abs() <= layer.scales[:, None] * 0.51).all()
+    x = torch.randn(3, 5, width, generator=generator)
+    exact = torch.nn.functional.linear(x, weight, bias)
+    dequantised = x @ (layer.weight.float() * layer.scales[:, None]).T + bias
+    assert torch.allclose(layer.dequantised(x), dequantised, atol=1e-5)
+    output = layer(x)
+    assert output.shape == exact.shape and output.dtype == torch.float32
+    scale = exact.abs().max().item()
+    assert (output - dequantised).abs().max().item() < 0.01 * scale  # bfloat16 inputs and outputs
+    assert 0 < (output - exact).abs().max().item() < 0.03 * scale  # int8 weights
+
+
+def test_bench_times_what_the_engine_thread_does_when_the_player_plays(tiny_model):
+    """`bench`'s player p99 is the live path (Session._absorb_player, then the next step): the
+    unplayed look-ahead is rolled back, the player's tokens appended, one token sampled."""
+    engine = Engine(tiny_model, sampling=SamplingSettings(seed=0))
+    engine.append(range(50))
+    engine.step()
+    before = list(engine.tokens)
+    assert player_arrives(engine, random.Random(0), lookahead=4, tokens=3) > 0
+    # 3 look-ahead tokens were sampled, then 4 rolled back: the one sampled before goes too
+    assert engine.tokens[: len(before) - 1] == before[:-1] and len(engine) == len(before) + 3
+    assert list(engine.sampled[len(before) - 1 :]) == [0, 0, 0, 1]
+    assert max_difference(tiny_model, engine) < 1e-4  # rows rewritten after the rollback
 
 
 def test_a_step_leaves_the_onednn_switch_as_it_found_it(tiny_model):
