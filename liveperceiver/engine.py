@@ -379,15 +379,15 @@ class Engine:
         self.truncate(0)
 
     @torch.inference_mode()
-    def step(self, forbid: range | None = None) -> int:
-        """Sample the next token, append it, and return it; ids in `forbid` are never chosen
-        (the live session uses it so that an answer begins with a note, not a pause)."""
+    def step(self, forbid: Sequence[range] = ()) -> int:
+        """Sample the next token, append it, and return it; ids in the `forbid` ranges are never
+        chosen (the live session uses it so that an answer begins with a note, not a pause)."""
         logits = self.next_logits()
         if self.constraints.active:
             temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
             constraint_mask(self.constraints, self.state, logits, temperature)
-        if forbid is not None:
-            logits[forbid.start : forbid.stop] = float("-inf")
+        for ids in forbid:
+            logits[ids.start : ids.stop] = float("-inf")
         token = choose(logits, self.sampling, self.generator)
         self.tokens.append(token)
         self.sampled.append(1)

@@ -144,7 +144,7 @@ def call_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
             "barge_in_silence_heard": ms(barge_times),
         }
     finally:
-        session.close()
+        session.close(release_ports=True)
         time.sleep(0.05)
         result_stuck = player.balance()
         player.close()
@@ -212,7 +212,7 @@ def duet_phase(
             "context_tokens": snap.context_tokens,
         }
     finally:
-        session.close()
+        session.close(release_ports=True)
         time.sleep(0.05)
         result["stuck_after_close"] = player.balance()
         player.close()
@@ -308,7 +308,7 @@ def _fault_session(model, index: int, workdir: Path, weights: str = "auto") -> d
             elif fault == "engine":
                 session.engine.step = _broken_once(session.engine)
     finally:
-        session.close()  # mid-answer, like a SIGTERM
+        session.close(release_ports=True)  # mid-answer, like a SIGTERM
         time.sleep(0.05)
         scheduler = session.scheduler
         row = {

@@ -9,7 +9,7 @@ One object, driven the same way by `play --headless` and by the UI. Public surfa
     session.panic()
     session.pause(True); session.reset(); session.save(path)
     snap = session.snapshot()      # thread-safe, cheap: for a UI at <= 30 Hz
-    session.close()                # stop sampling, all notes off, save, close ports (< 1 s)
+    session.close()                # stop sampling, all notes off, save; JACK ports left to the exit (< 1 s)
 
 Threads and who owns what (GUIDE.md section 3):
 
@@ -55,7 +55,11 @@ from liveperceiver.settings import Settings
 from liveperceiver.stream import StreamDecoder, StreamEncoder, TimedEvent
 from liveperceiver.tokenizer import time_shift_tokens
 
-TIME_SHIFTS = range(vocab.TIME_SHIFT, vocab.VELOCITY)
+# A call's answer begins with sound: until its first note-on only velocity tokens and note-ons the
+# output plays (pitch range) may be sampled (a random model otherwise opened with time shifts and
+# answered 1.9 s after the threshold), and after a velocity only such a note-on.
+OPENING_FORBID = range(vocab.NOTE_OFF, vocab.VELOCITY)  # note-offs and time shifts (pad is never sampled)
+AFTER_VELOCITY_FORBID = range(vocab.NOTE_OFF, vocab.PAD + 1)  # everything but note-ons
 
 FEEDBACK_WINDOW_S = 0.030  # an input note matching one we sent this recently is our own echo
 PORT_CHECK_S = 0.5
@@ -65,7 +69,6 @@ SWITCH_INTERVAL_S = 0.0005  # GIL hand-over interval while a session runs (Pytho
 ROLL_SECONDS = 10.0
 LOG_LINES = 200
 SAMPLE_BATCH = 4  # tokens sampled between looks at the command queue
-PROMPT_START_TOKENS = 64  # a call's answer: time shifts are masked until its first note-on (at most this many)
 
 
 def freeze_heap() -> None:
@@ -96,6 +99,34 @@ def percentiles(values, qs=(50, 99)) -> tuple[float | None, ...]:
     if not data:
         return tuple(None for _ in qs)
     return tuple(data[min(len(data) - 1, max(0, round(q / 100 * len(data)) - 1))] for q in qs)
+
+
+class EchoMemory:
+    """The notes we sent in the last FEEDBACK_WINDOW_S, to recognise their routed-back copies.
+
+    Threads: the scheduler thread calls `sent`, the input thread calls `is_echo`; `self.lock` guards
+    the deque (iterating it while the other thread appends raised "deque mutated during iteration")."""
+
+    def __init__(self, window_s: float = FEEDBACK_WINDOW_S, size: int = 256) -> None:
+        self.window_s = window_s
+        self.lock = threading.Lock()
+        self.recent: deque[tuple[float, bool, int, int]] = deque(maxlen=size)  # (time, is_on, pitch, velocity)
+
+    def sent(self, when: float, is_on: bool, pitch: int, velocity: int) -> None:
+        with self.lock:
+            self.recent.append((when, is_on, pitch, velocity))
+
+    def is_echo(self, when: float, is_on: bool, pitch: int, velocity: int) -> bool:
+        """A routed-back copy of a note we sent: same pitch and kind within the window, and for a
+        note-on the same velocity (a player striking that key right then almost never matches it).
+        Each note sent explains one echo at most."""
+        with self.lock:
+            for index, (sent, sent_on, sent_pitch, sent_velocity) in enumerate(self.recent):
+                same_velocity = sent_velocity == velocity or not is_on
+                if sent_pitch == pitch and sent_on == is_on and same_velocity and 0 <= when - sent <= self.window_s:
+                    del self.recent[index]
+                    return True
+        return False
 
 
 @dataclass
@@ -149,7 +180,25 @@ class Snapshot:
 
 
 class Session:
-    """See the module docstring. Construct, `start()`, drive, `close()`."""
+    """See the module docstring. Construct, `start()`, drive, `close()`.
+
+    Who owns which state (every attribute more than one thread touches has one owner or one lock):
+
+    - `self.lock` guards the player's keys and pedal (`held`, `pedal_down`: changed by the input
+      thread, cleared by `panic()` from the UI, read by the engine thread and `snapshot()`), the
+      counters (`notes_in`, `notes_out`, `suppressed`, `errors`), the statistics and piano roll
+      (`step_times`, `reactions`, `sample_seconds`, `music_seconds`, `roll`, `answer_starts`,
+      `pending_answer_start`) and the log (`log_lines`, `log_count`: any thread logs).
+    - `echoes` (EchoMemory) has a lock of its own: the scheduler thread writes, the input thread reads.
+    - The input thread owns `last_port_check`, `last_tempo_log` and writes `last_activity` (a float
+      the engine thread only reads). `clock` is fed by it and read by the others (its own lock).
+    - The engine thread owns the engine, the encoder, the decoder, the run state (`speculation`,
+      `carry`, `committed`, ...) and `context`, the (tokens, window) it publishes for `snapshot()`.
+      `snapshot()` reads `decoder`, `speculation`, `paused`, `transport_stopped` as plain references.
+    - `settings` is an immutable Settings replaced whole by the caller of `update()` (the UI); the
+      other threads read the reference and the engine thread hears of it through `commands`.
+    - scheduler, recorder and ports are thread-safe on their own.
+    """
 
     def __init__(
         self,
@@ -162,14 +211,16 @@ class Session:
         record_path: str | Path | None = None,
         device: str = "auto",
         weights: str = "auto",
+        dtype: str = "float32",
     ):
         settings.validate()
         self.settings = settings
         self.device = device  # the engine's: cuda, then mps, then cpu
         self.weights = weights  # how the engine stores Linear weights (resolve_weights)
+        self.dtype = dtype  # the engine's compute dtype: float32, or bfloat16/float16 on a GPU
+        self.lock = threading.Lock()  # guards the state shared between threads (class docstring)
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.log_count = 0  # lines ever logged (the deque keeps the last LOG_LINES)
-        self.lock = threading.Lock()  # guards the small shared state below (stats, roll, held keys)
         self.api = resolve_api(api)
         # ports first: a wrong port name is reported before a slow model load
         self.midi_in = MidiInput(self.api, in_port, log=self.warn)
@@ -201,9 +252,9 @@ class Session:
         self.commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.closed = False
+        self.saved_path: Path | None = None  # the take's MIDI file, once close() saved it
         # input-thread state
-        # (time, is_on, pitch, velocity) of what we sent: an input note matching one is our own echo
-        self.recent_out: deque[tuple[float, bool, int, int]] = deque(maxlen=256)
+        self.echoes = EchoMemory()  # what we sent: an input note matching one is our own echo
         self.held: set[tuple[int, int]] = set()
         self.pedal_down = False
         self.last_activity = 0.0
@@ -214,6 +265,8 @@ class Session:
         self.encoder = StreamEncoder()
         self.encoder_time = 0.0  # the latest time given to the encoder (its inputs must not go back)
         self.committed = len(self.engine)
+        start, _, end = self.engine.window()
+        self.context = (len(self.engine), end - start)  # (tokens, window), published by the engine thread
         self.decoder: StreamDecoder | None = None
         self.run_tokens_start = 0
         self.answer_end: float | None = None
@@ -289,8 +342,9 @@ class Session:
     def panic(self) -> None:
         """All model notes off, CC123, the current answer dropped, and the player's keys and pedal
         taken as up (a note-off lost on the way would otherwise keep call mode waiting forever)."""
-        self.held.clear()
-        self.pedal_down = False
+        with self.lock:
+            self.held.clear()
+            self.pedal_down = False
         self.scheduler.panic()
         self.commands.put(("rollback", time.monotonic(), None, False))
 
@@ -305,13 +359,14 @@ class Session:
         """Write the session's MIDI file now (the journal keeps growing)."""
         return self.recorder.save(path)
 
-    def close(self, release_ports: bool = True) -> Path | None:
-        """Stop sampling, all notes off, save, close ports. Safe to call twice.
+    def close(self, release_ports: bool = False) -> Path | None:
+        """Stop sampling, all notes off, save, stop using the ports. Safe to call twice.
 
-        `release_ports` False leaves JACK ports to the process's exit, which must follow at once
-        (see ports._Port.close: unregistering a JACK port can crash the process)."""
+        By default JACK ports are left to the process's exit, which must follow (see `run_play`):
+        unregistering a JACK port can crash the process (ports._Port.close). Only a process that
+        runs more sessions after this one (the tests, `bench --live`) passes `release_ports=True`."""
         if self.closed:
-            return None
+            return self.saved_path
         self.closed = True
         self.stopping.set()
         self.commands.put(("stop",))
@@ -323,7 +378,7 @@ class Session:
         last_sent = time.monotonic()
         saved = None
         try:
-            saved = self.recorder.save(self.record_path)
+            saved = self.saved_path = self.recorder.save(self.record_path)
             if self.record_path is not None:
                 self.recorder.save()
         except UserError as error:
@@ -348,6 +403,8 @@ class Session:
             reactions = list(self.reactions)
             notes_in, notes_out = self.notes_in, self.notes_out
             held = sorted(pitch for _, pitch in self.held)
+            pedal_down, suppressed, errors = self.pedal_down, self.suppressed, self.errors
+            log = list(self.log_lines)[-50:]
             rtf = (
                 self.music_seconds / self.sample_seconds
                 if self.music_seconds > 0.5 and self.sample_seconds > 0
@@ -358,7 +415,7 @@ class Session:
             if note.on and note.time - now < 5:
                 roll.append((now - note.time, None, note.pitch + self.settings.transpose, "ahead"))
         jitter = [j * 1000 for j in self.scheduler.jitter()]
-        start, _, end = self.engine.window()
+        context_tokens, context_window = self.context
         return Snapshot(
             mode=self.settings.mode,
             state=self._state(),
@@ -374,32 +431,46 @@ class Session:
             realtime_factor=rtf,
             bpm=self.clock.bpm(now),
             transport_running=self.clock.running,
-            context_tokens=len(self.engine),
-            context_window=end - start,
+            context_tokens=context_tokens,
+            context_window=context_window,
             recording=str(self.recorder.path),
             recorded=sum(self.recorder.counts.values()),
             in_port=self.midi_in.name,
             out_port=self.midi_out.name,
-            log=list(self.log_lines)[-50:],
+            log=log,
             step_p99_ms=None if not steps else percentiles(steps, (99,))[0] * 1000,
-            pedal_down=self.pedal_down,
+            pedal_down=pedal_down,
             in_connected=self.midi_in.connected_name is not None,
             out_connected=self.midi_out.connected_name is not None,
             api=self.api,
             session_dir=str(self.recorder.dir),
-            suppressed=self.suppressed,
-            errors=self.errors,
+            suppressed=suppressed,
+            errors=errors,
         )
 
     # ------------------------------------------------------------------ logging
 
     def info(self, message: str) -> None:
-        self.log_lines.append(f"{time.strftime('%H:%M:%S')} {message}")
-        self.log_count += 1
+        self._log(message)
 
     def warn(self, message: str) -> None:
-        self.log_lines.append(f"{time.strftime('%H:%M:%S')} warning: {message}")
-        self.log_count += 1
+        self._log(f"warning: {message}")
+
+    def _log(self, line: str) -> None:
+        """Any thread logs (the scheduler, the ports, the engine and input threads, the UI)."""
+        with self.lock:
+            self.log_lines.append(f"{time.strftime('%H:%M:%S')} {line}")
+            self.log_count += 1
+
+    def log_since(self, shown: int) -> tuple[list[str], int]:
+        """The log lines added since `shown` lines were logged (those still kept), and the new count."""
+        with self.lock:
+            lines, total = list(self.log_lines), self.log_count
+        return lines[max(0, len(lines) - (total - shown)) :], total
+
+    def _count_error(self) -> None:
+        with self.lock:
+            self.errors += 1
 
     def _state(self) -> str:
         if self.transport_stopped:
@@ -426,7 +497,7 @@ class Session:
         return getattr(spec, "model", spec)
 
     def _new_engine(self, model, settings: Settings):
-        from liveperceiver.engine import Engine, pick_device, resolve_weights
+        from liveperceiver.engine import DTYPES, Engine, pick_device, resolve_weights
 
         max_latents = model.config.max_latents
         if settings.num_latents > max_latents:
@@ -435,6 +506,8 @@ class Session:
         if cap is not None:
             cap = min(cap, model.config.max_prefix_len)
         device = pick_device(self.device)
+        # 16-bit compute (--dtype) stores its own weights: `auto` then measures nothing
+        weights = "float32" if self.dtype != "float32" and self.weights == "auto" else self.weights
         try:
             return Engine(
                 model,
@@ -443,7 +516,8 @@ class Session:
                 sampling=settings.sampling_settings(),
                 constraints=settings.engine_constraints(),
                 device=device,
-                quantize=resolve_weights(self.weights, device, model),
+                dtype=DTYPES[self.dtype],
+                quantize=resolve_weights(weights, device, model),
             )
         except ValueError as error:  # e.g. int8 weights on a GPU
             raise UserError(f"cannot build the engine: {error}") from None
@@ -454,7 +528,7 @@ class Session:
         """Runs on the scheduler thread for every message sent: journal, echo memory, roll."""
         status = message[0] & 0xF0
         if status in (0x80, 0x90) and len(message) == 3:
-            self.recent_out.append((when, status == 0x90 and message[2] > 0, message[1], message[2]))
+            self.echoes.sent(when, status == 0x90 and message[2] > 0, message[1], message[2])
         if not model:
             return  # thru: the player's own notes, already journaled as the player's
         self.recorder.record(MODEL, when, message)
@@ -492,7 +566,7 @@ class Session:
             try:
                 self._hear(*item)
             except Exception:
-                self.errors += 1
+                self._count_error()
                 self.warn("input error: " + traceback.format_exc(limit=2).strip().splitlines()[-1])
 
     def _hear(self, when: float, message: list[int]) -> None:
@@ -518,18 +592,21 @@ class Session:
         if kind == 0xB0:
             if number == 64:
                 self._player(when, message, ("pedal", when, value, channel))
-                self.pedal_down = value >= 64
+                with self.lock:
+                    self.pedal_down = value >= 64
             elif number in (120, 123):  # all sound/notes off from the player's side
                 tag, _ = self.scheduler.silence()
                 self.commands.put(("rollback", when, tag, False))
-                released = list(self.held)
-                self.held.clear()
+                with self.lock:
+                    released = sorted(self.held)
+                    self.held.clear()
                 for ch, pitch in released:
                     self._player(when, [0x80 | ch, pitch, 0], ("note_off", when, pitch, ch))
             return
         is_on = kind == 0x90 and value > 0
-        if self._is_echo(when, is_on, number, value):
-            self.suppressed += 1
+        if self.echoes.is_echo(when, is_on, number, value):
+            with self.lock:
+                self.suppressed += 1
             return
         if is_on:
             if settings.mode == "call":  # barge-in: the answer stops at once
@@ -538,10 +615,12 @@ class Session:
             elif settings.mode == "duet":  # the look-ahead goes; what sounds rings on
                 tag, _ = self.scheduler.silence(notes_off=False)
                 self.commands.put(("rollback", when, tag, True))
-            self.held.add((channel, number))
+            with self.lock:
+                self.held.add((channel, number))
             self._player(when, message, ("note_on", when, number, channel, value))
         else:
-            self.held.discard((channel, number))
+            with self.lock:
+                self.held.discard((channel, number))
             self._player(when, message, ("note_off", when, number, channel))
 
     def _player(self, when: float, message: list[int], event: tuple) -> None:
@@ -556,20 +635,6 @@ class Session:
                 self.notes_in += is_on
         self.commands.put(("player", event))
 
-    def _is_echo(self, when: float, is_on: bool, pitch: int, velocity: int) -> bool:
-        """A routed-back copy of a note we sent: same pitch and kind within the window, and for a
-        note-on the same velocity (a player striking that key right then almost never matches it)."""
-        for entry in list(self.recent_out):
-            sent, sent_on, sent_pitch, sent_velocity = entry
-            same_velocity = sent_velocity == velocity or not is_on
-            if sent_pitch == pitch and sent_on == is_on and same_velocity and 0 <= when - sent <= FEEDBACK_WINDOW_S:
-                try:
-                    self.recent_out.remove(entry)  # one echo per note sent
-                except ValueError:
-                    pass
-                return True
-        return False
-
     # ------------------------------------------------------------------ engine thread
 
     def _rel(self, when: float) -> float:
@@ -582,7 +647,7 @@ class Session:
             try:
                 self._engine_tick()
             except Exception:
-                self.errors += 1
+                self._count_error()
                 self.warn("engine error, notes off and answer dropped: " + traceback.format_exc(limit=3))
                 self.scheduler.silence()
                 try:
@@ -592,6 +657,13 @@ class Session:
                 time.sleep(0.05)
 
     def _engine_tick(self) -> None:
+        try:
+            self._engine_work()
+        finally:
+            start, _, end = self.engine.window()
+            self.context = (len(self.engine), end - start)  # one reference: snapshot() reads it whole
+
+    def _engine_work(self) -> None:
         wait = IDLE_WAIT_S if self.settings.mode != "listen" else 0.05
         try:
             command = self.commands.get(timeout=wait)
@@ -613,6 +685,8 @@ class Session:
         if self.speculation is not None and now >= self.speculation.start_at:
             self.speculation = None  # the threshold passed: a real answer now
         if self.decoder is None:
+            with self.lock:
+                keys_up = not self.held and not self.pedal_down
             silent_for = now - self.last_activity
             threshold = self.settings.silence_ms / 1000
             # an answer is sampled this far ahead, as any run, but not from the first half of a silence:
@@ -623,8 +697,7 @@ class Session:
             elif (
                 mode == "call"
                 and self.call_pending
-                and not self.held
-                and not self.pedal_down
+                and keys_up
                 and silent_for >= threshold - early
             ):
                 start_at = max(now, self.last_activity + threshold)
@@ -733,6 +806,7 @@ class Session:
             return
         self.decoder = StreamDecoder()
         self.decoder.time = self.encoder.clock
+        self.decoder.velocity = _stream_velocity(self.engine.tokens)
         self.run_tokens_start = self.committed
         self.answer_end = None if end is None else end - self.t0
         self.call_pending = False
@@ -756,12 +830,7 @@ class Session:
             if self.stopping.is_set() or not self.commands.empty():
                 return
             started = time.perf_counter()
-            # a call's answer starts with a note: no time shift until a note-on waits for release
-            prompt = self.answer_end is not None and not self.answer_sounded and not self.starting
-            if prompt and self.run_steps < PROMPT_START_TOKENS:
-                token = self.engine.step(forbid=TIME_SHIFTS)
-            else:
-                token = self.engine.step()
+            token = self.engine.step(forbid=self._opening_forbid(settings))
             self.run_steps += 1
             elapsed = time.perf_counter() - started
             before = decoder.time
@@ -779,6 +848,17 @@ class Session:
                 tag = len(self.engine) - (1 if vocab.event_type(token) == "time_shift" else 0)
                 if not self._schedule(events, tag):
                     return
+
+    def _opening_forbid(self, settings: Settings) -> tuple[range, ...]:
+        """What a call's answer may not sample yet: it opens with a note that sounds (OPENING_FORBID)."""
+        if self.answer_end is None or self.answer_sounded or self.starting:
+            return ()
+        last = self.engine.tokens[-1] if self.run_steps else None
+        after_velocity = last is not None and vocab.event_type(last) == "velocity"
+        low = min(127, max(0, settings.pitch_low - settings.transpose))
+        high = max(-1, min(127, settings.pitch_high - settings.transpose))
+        silent_pitches = (range(0, low), range(high + 1, vocab.NOTE_OFF)) if low <= high else ()
+        return (AFTER_VELOCITY_FORBID if after_velocity else OPENING_FORBID, *silent_pitches)
 
     def _follow_starting(self, token: int) -> None:
         """Note-ons sampled but not yet released by a time shift (the decoder holds them until then)."""
@@ -872,7 +952,8 @@ class Session:
             self.engine.truncate(keep)
         self.committed = len(self.engine)
         # model notes that sounded in the kept part but whose note-off was dropped
-        open_notes = _open_model_notes(self.engine.tokens[self.run_tokens_start : self.committed], self.carry)
+        run = slice(self.run_tokens_start, self.committed)
+        open_notes = _open_model_notes(self.engine.tokens[run], self.engine.sampled[run], self.carry)
         self.carry = set(open_notes) if keep_sounding else set()
         if open_notes and not keep_sounding:
             at = self._rel(cut_at if cut_at is not None else time.monotonic())
@@ -900,12 +981,26 @@ class Session:
             self.pending_answer_start = None
 
 
-def _open_model_notes(tokens: list[int], already_open=()) -> list[int]:
-    """Pitches sounding after `tokens`: `already_open` ones and note-ons, less those turned off."""
+def _stream_velocity(tokens: list[int]) -> int:
+    """The velocity a note-on gets at the end of `tokens`: that of the latest velocity token, as the
+    reference decoder carries it over the whole stream (a run's decoder starting at 0 played the
+    model's opening note-ons at velocity 1 when it sampled no velocity token first)."""
+    for token in reversed(tokens):
+        if vocab.event_type(token) == "velocity":
+            return (token - vocab.VELOCITY) * 4
+    return 0
+
+
+def _open_model_notes(tokens: list[int], sampled: bytes | list[int], already_open=()) -> list[int]:
+    """Model pitches sounding after `tokens`: `already_open` ones and sampled note-ons, less those
+    turned off. Only sampled note-ons count: a player's note-on in the range (a barge-in comes with
+    every note-on in call mode) is the player's, and closing it here wrote a second note-off of the
+    player's note into the context."""
     sounding: dict[int, bool] = dict.fromkeys(already_open, True)
-    for token in tokens:
+    for token, flag in zip(tokens, sampled, strict=True):
         if token < vocab.NOTE_OFF:
-            sounding[token] = True
+            if flag:
+                sounding[token] = True
         elif token < vocab.TIME_SHIFT:
             sounding.pop(token - vocab.NOTE_OFF, None)
     return list(sounding)
@@ -964,15 +1059,15 @@ def _int_flag(flag: str, text: str) -> int:
 
 def _print_new_log_lines(session: Session, shown: int) -> int:
     """Print the log lines added since `shown` lines were printed; returns the new count."""
-    lines = list(session.log_lines)
-    total = session.log_count
-    for line in lines[max(0, len(lines) - (total - shown)) :]:
+    lines, total = session.log_since(shown)
+    for line in lines:
         print(line, flush=True)
     return total
 
 
-def run_play(args) -> int:
-    """Open the ports and play until the UI quits or, headless, until SIGINT/SIGTERM."""
+def run_play(args) -> NoReturn:
+    """Open the ports and play until the UI quits or, headless, until SIGINT/SIGTERM; then the one
+    way out of a live session: close it (notes off, take saved, JACK ports left open) and exit 0."""
     import signal
 
     settings = settings_from_args(args)
@@ -986,29 +1081,28 @@ def run_play(args) -> int:
         record_path=args.record,
         device=args.device,
         weights=args.weights,
+        dtype=args.dtype,
     )
-    if not args.headless:
-        from liveperceiver.ui import run_ui  # the Textual UI drives this same session
-
-        session.start()
-        try:
-            run_ui(session)
-        finally:
-            session.close(release_ports=False)
-        _exit_now()
-    done = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: done.set())
-    session.start()
-    print(f"LivePerceiver {settings.mode}: in {session.midi_in.name!r}, out {session.midi_out.name!r}", flush=True)
-    print(f"journal: {session.recorder.path}  (Ctrl-C to stop and save)", flush=True)
     try:
-        shown = 0  # headless, the session's log goes to stdout (port lost, model errors, ...)
-        while not done.wait(0.05):
-            shown = _print_new_log_lines(session, shown)
+        if args.headless:
+            done = threading.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: done.set())
+            session.start()
+            print(f"LivePerceiver {settings.mode}: in {session.midi_in.name!r}, out {session.midi_out.name!r}", flush=True)
+            print(f"journal: {session.recorder.path}  (Ctrl-C to stop and save)", flush=True)
+            shown = 0  # headless, the session's log goes to stdout (port lost, model errors, ...)
+            while not done.wait(0.05):
+                shown = _print_new_log_lines(session, shown)
+        else:
+            from liveperceiver.ui import run_ui  # the Textual UI drives this same session
+
+            session.start()
+            run_ui(session)  # its quit closes the session the same way (Session.close's default)
     finally:
-        saved = session.close(release_ports=False)
-    print(f"saved {saved}", flush=True)
+        saved = session.close()
+    if saved:
+        print(f"saved {saved}", flush=True)
     _exit_now()
 
 

@@ -34,5 +34,5 @@ def test_shipped_preset_plays_on_jack_ports(name, tmp_path, jack_server):  # noq
         session.pause(True)  # duet would go on playing; paused, every note must end
         assert no_stuck_notes(keys, session.recorder.path)
     finally:
-        session.close()
+        session.close(release_ports=True)
         keys.close()

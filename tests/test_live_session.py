@@ -48,7 +48,7 @@ def live(tmp_path, jack_server):  # noqa: F811 - the imported fixture
 
     yield open_
     for session in sessions:
-        session.close()
+        session.close(release_ports=True)
     for keys in keyboards:
         keys.close()
 
@@ -96,7 +96,7 @@ def test_call_is_answered_after_silence_and_barge_in_silences_it(live, tmp_path)
     assert no_stuck_notes(keys, session.recorder.path)
     time.sleep(0.3)
     heard = len(keys.note_ons())
-    out = session.close()
+    out = session.close(release_ports=True)
     midi = mido.MidiFile(out)
     names = [track.name for track in midi.tracks]
     assert names == ["Tempo", "Player", "LivePerceiver"]
@@ -147,7 +147,7 @@ def test_engine_exception_leaves_nothing_sounding(live):
     assert any("injected engine fault" in line for line in session.snapshot().log)
     session.engine.step = real_step
     assert wait_for(lambda: len(keys.note_ons()) and session.scheduler.sounding_pitches(), timeout=10)
-    session.close()
+    session.close(release_ports=True)
     assert no_stuck_notes(keys, session.recorder.path)
     # after the note-offs, all notes off: a synth that lost a note-off in transport is silenced too
     assert wait_for(lambda: keys.messages() and keys.messages()[-1][1] == [0xB0, 123, 0], timeout=2)
@@ -208,7 +208,7 @@ def test_thru_and_output_options(live):
     keys.note(60, channel=2)
     assert wait_for(lambda: keys.note_ons(), timeout=3)
     assert keys.note_ons()[0][1] == [0x92, 60, 90]  # thru passes the player's notes unchanged
-    session.close()  # the held thru note is released on close
+    session.close(release_ports=True)  # the held thru note is released on close
     assert no_stuck_notes(keys, session.recorder.path)
 
 
@@ -274,7 +274,7 @@ def test_a_closed_session_is_freed(tmp_path, jack_server):  # noqa: F811
         keys.phrase([60, 62])
         assert wait_for(lambda: session.snapshot().notes_in >= 2, timeout=10)
         engine = weakref.ref(session.engine)
-        session.close()
+        session.close(release_ports=True)
     finally:
         keys.close()
     session = None  # the test's own reference goes too
@@ -317,7 +317,7 @@ def test_a_session_closing_before_its_process_exits_leaves_the_jack_ports_to_the
     session, keys = live(mode="listen")
     keys.phrase([60, 64])
     reader = session.midi_in.reader
-    session.close(release_ports=False)
+    session.close()  # the default: the JACK ports are left to the exit
     try:
         left = [session.midi_in.port, session.midi_out.port]
         assert all(any(port is kept for kept in ports.LEFT_TO_EXIT) for port in left)
@@ -329,3 +329,106 @@ def test_a_session_closing_before_its_process_exits_leaves_the_jack_ports_to_the
         for port in left:
             ports.LEFT_TO_EXIT.remove(port)
             ports.release(port)  # this test's process goes on: free them for the next test
+
+
+def test_input_and_snapshot_hammered_together_from_their_threads(live):
+    """The input thread changes the held keys, the pedal and the echo memory while the UI thread
+    builds snapshots and panics, and the scheduler thread records what it sent (thru is on): every
+    piece of shared state has one owner or one lock, so for a few seconds nothing raises."""
+    import threading
+
+    session, _keys = live(mode="listen", thru=True)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def player() -> None:  # the input thread's role: every key of every channel down and up
+        try:
+            while not stop.is_set():
+                for pitch in range(36, 96):
+                    for channel in range(16):
+                        session._hear(time.monotonic(), [0x90 | channel, pitch, 64 + channel])
+                session._hear(time.monotonic(), [0xB0, 64, 127])
+                for pitch in range(36, 96):
+                    for channel in range(16):
+                        session._hear(time.monotonic(), [0x80 | channel, pitch, 0])
+                session._hear(time.monotonic(), [0xB0, 64, 0])
+        except BaseException as error:  # noqa: BLE001 - the test reports it
+            failures.append(error)
+
+    thread = threading.Thread(target=player, daemon=True)
+    thread.start()
+    snapshots = 0
+    deadline = time.monotonic() + 4.0
+    try:
+        while time.monotonic() < deadline and not failures:
+            snap = session.snapshot()
+            assert snap.held == sorted(snap.held)
+            snapshots += 1
+            if snapshots % 50 == 0:
+                session.panic()
+    except BaseException as error:  # noqa: BLE001
+        failures.append(error)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not failures, repr(failures[0])
+    assert session.errors == 0, session.snapshot().log
+    assert snapshots > 50
+    session._hear(time.monotonic(), [0xB0, 123, 0])  # all notes off from the player's side
+    assert session.snapshot().held == []
+
+
+def test_every_call_answer_opens_with_a_note(tmp_path, jack_server):  # noqa: F811
+    """With the random tiny model (which left to itself opens with note-offs, time shifts and
+    velocities) no answer in 20 calls samples anything but velocity and note-on tokens before its
+    first note-on, so its first note can sound on the silence threshold."""
+    settings = Settings(seed=3, silence_ms=250, response_seconds=0.5)
+    session = Session(settings, model=str(TINY), api="jack", session_dir=tmp_path / "session")
+    session.start()
+    keys = Keyboard()
+    try:
+        answered = 0
+        for call in range(20):
+            last_off = keys.phrase([60 + call % 5, 67])
+            if wait_for(lambda: keys.note_ons(since=last_off), timeout=5):
+                answered += 1
+            wait_for(lambda: session.decoder is None, timeout=3)  # the answer is over (or cut)
+            time.sleep(0.05)
+        session.update(mode="listen")
+        assert answered == 20, session.snapshot().log
+        tokens, sampled = list(session.engine.tokens), list(session.engine.sampled)
+        answers, current = [], None
+        for token, flag in zip(tokens, sampled, strict=True):
+            if flag and current is None:
+                current = []
+                answers.append(current)
+            if flag:
+                current.append(token)
+            else:
+                current = None
+        assert len(answers) >= 20
+        for answer in answers:
+            first_on = next(i for i, t in enumerate(answer) if vocab.event_type(t) == "note_on")
+            assert {vocab.event_type(t) for t in answer[:first_on]} <= {"velocity"}, answer[: first_on + 1]
+        assert no_stuck_notes(keys, session.recorder.path)
+    finally:
+        session.close(release_ports=True)
+        keys.close()
+
+
+def test_a_call_mode_barge_in_leaves_the_players_held_notes_alone(live):
+    """Every note-on in call mode barges in; with no answer running it must not close the player's
+    own held notes in the context (it once wrote a note-off for a key still held, and then the
+    player's real note-off again)."""
+    session, keys = live(silence_ms=2000)
+    keys.note(60)
+    time.sleep(0.1)
+    keys.note(64)  # legato: 60 is still held
+    time.sleep(0.1)
+    keys.off(60)
+    keys.off(64)
+    assert wait_for(lambda: vocab.note_off(64) in session.engine.tokens, timeout=3), session.snapshot().log
+    tokens = list(session.engine.tokens)
+    assert tokens.count(vocab.note_off(60)) == 1
+    assert tokens.index(vocab.note_on(64)) < tokens.index(vocab.note_off(60))
+    assert not any(session.engine.sampled)

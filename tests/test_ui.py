@@ -279,11 +279,23 @@ def live_ui(tmp_path, jack_server):  # noqa: F811
 
     yield open_
     for session in sessions:
-        session.close()
+        session.close(release_ports=True)
+        release_left_ports(session)
+
+
+def release_left_ports(session: Session) -> None:
+    """A session closed the live way leaves its JACK ports to the process's exit; this test process
+    goes on, so free them for the next test."""
+    for port in (session.midi_in.port, session.midi_out.port):
+        if any(port is kept for kept in ports.LEFT_TO_EXIT):
+            ports.LEFT_TO_EXIT[:] = [kept for kept in ports.LEFT_TO_EXIT if kept is not port]
+            ports.release(port)
 
 
 @pytest.mark.jack
-def test_phrase_and_answer_on_the_roll_then_quit_saves_and_silences(live_ui):
+def test_phrase_and_answer_on_the_roll_then_quit_saves_silences_and_leaves_the_ports(live_ui):
+    """`q` is the default way out: every note off, the take saved, exit 0, and the JACK ports left to
+    the process's exit like `play --headless` (unregistering them races libjack: ports._Port.close)."""
     session = live_ui()
     keys = Keyboard()
     app = LivePerceiverApp(session)
@@ -314,10 +326,17 @@ def test_phrase_and_answer_on_the_roll_then_quit_saves_and_silences(live_ui):
     try:
         asyncio.run(drive())
         saved = app.return_value
+        assert app.return_code == 0
         assert saved is not None and Path(saved).exists()
         assert wait_for(lambda: keys.balance() == 0, timeout=2)
         notes = [m.note for m in mido.MidiFile(saved).tracks[1] if m.type == "note_on" and m.velocity > 0]
         assert notes[:5] == [60, 62, 64, 65, 67] and len(notes) % 5 == 0
+        left = [session.midi_in.port, session.midi_out.port]
+        assert all(any(port is kept for kept in ports.LEFT_TO_EXIT) for port in left)
+        assert not any(port.is_deleted for port in left)
+        names = [name for listed in ports.list_ports("jack") for name in listed]
+        assert any(name.endswith(":" + ports.VIRTUAL_IN) for name in names)  # still registered
+        assert any(name.endswith(":" + ports.VIRTUAL_OUT) for name in names)
     finally:
         keys.close()
 
@@ -345,7 +364,7 @@ def test_port_vanishing_and_engine_error_are_shown(live_ui):
             assert any("vanished" in line for line in app.snap.log)
             # an engine fault: logged, shown, and the UI goes on
             session.update(mode="duet")
-            session.engine.step = lambda: (_ for _ in ()).throw(RuntimeError("injected engine fault"))
+            session.engine.step = lambda **_: (_ for _ in ()).throw(RuntimeError("injected engine fault"))
             session.commands.put(("player", ("note_on", time.monotonic(), 60, 0, 90)))
             await pilot.pause(0.2)
             session.commands.put(("player", ("note_off", time.monotonic(), 60, 0)))

@@ -299,8 +299,7 @@ class LivePerceiverApp(App):
 
     def _draw(self, snap: Snapshot, now: float, text_panels: bool = True) -> None:
         screen = self.main
-        pedal = bool(getattr(self.session, "pedal_down", False))
-        screen.query_one(PianoRoll).show(snap, now, pedal)
+        screen.query_one(PianoRoll).show(snap, now, snap.pedal_down)
         if not text_panels:
             return
         midi_in = getattr(self.session, "midi_in", None)
@@ -448,7 +447,8 @@ class LivePerceiverApp(App):
             self.log_line(f"preset {name} loaded")
 
     async def action_quit(self) -> None:
-        """All notes off, save, exit: `session.close()` does all three, in a worker thread."""
+        """All notes off, save, exit: `session.close()` does all three, in a worker thread. It leaves
+        the JACK ports to the process's exit, which `run_play` makes next (Session.close)."""
         if self.quitting:
             return
         self.quitting = True
@@ -521,9 +521,6 @@ def run_ui(session) -> Path | None:
     """Run the UI over a started session until the player quits; returns the saved MIDI file.
 
     `liveperceiver` and `liveperceiver play` (without --headless) build and start the session,
-    call this, and close the session afterwards (closing twice is safe).
+    call this, then leave through `session.run_play`'s one exit (closing twice is safe).
     """
-    saved = LivePerceiverApp(session).run()
-    if saved:
-        print(f"saved {saved}", flush=True)
-    return saved
+    return LivePerceiverApp(session).run()
