@@ -1,9 +1,13 @@
-"""Shared fixtures: golden reference data (copied into tests/golden) and the shared/ reference folder."""
+"""Shared fixtures: golden reference data (copied into tests/golden) and the shared/ reference folder,
+and the one rule for tests that need a program this machine may lack (`missing`)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -41,3 +45,46 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_expected():
     return load_json(MODEL_GOLDEN / "tiny-a" / "expected.json")
+
+
+# ------------------------------------------------------------------ programs a test needs
+
+FALSE_VALUES = ("", "0", "false", "no", "off")
+
+
+def in_ci() -> bool:
+    """CI sets CI=true (GitHub Actions and most CI services do)."""
+    return os.environ.get("CI", "").strip().lower() not in FALSE_VALUES
+
+
+def missing(what: str) -> NoReturn:
+    """This test cannot run here because `what` is missing: skip it on a developer's machine (the
+    reason says what to install), fail it in CI, where a runner that lost a program must not pass by
+    skipping every test that needs it."""
+    if in_ci():
+        pytest.fail(f"{what}, and CI (CI={os.environ['CI']}) must run this test", pytrace=False)
+    pytest.skip(what)
+
+
+def require_command(command: str, install: str) -> str:
+    """The path of `command` on PATH; else `missing` (skip here, fail in CI), saying how to `install` it."""
+    path = shutil.which(command)
+    if path is None:
+        missing(f"the {command} command is not installed ({install})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fluidsynth() -> str:
+    return require_command("fluidsynth", "Debian/Ubuntu: apt install fluidsynth fluid-soundfont-gm")
+
+
+@pytest.fixture(scope="session")
+def soundfont() -> Path:
+    from liveperceiver.errors import UserError
+    from liveperceiver.render import find_soundfont
+
+    try:
+        return find_soundfont()
+    except UserError:
+        missing("no General MIDI soundfont (Debian/Ubuntu: apt install fluid-soundfont-gm)")

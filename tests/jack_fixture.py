@@ -9,7 +9,6 @@ JACK server.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -17,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from liveperceiver import ports
+from tests.conftest import require_command
 
 
 @pytest.fixture(scope="session")
 def jack_server():
-    """The name of a running private JACK server (skips the test when jackd is not installed)."""
+    """The name of a running private JACK server (without jackd: skips the test, or fails it in CI)."""
     yield from _private_jack()
 
 
@@ -32,8 +32,7 @@ def fresh_jack_server():
 
 
 def _private_jack():
-    if shutil.which("jackd") is None:
-        pytest.skip("jackd (jackd2) is not installed")
+    require_command("jackd", "Debian/Ubuntu: apt install jackd2")  # skips here, fails in CI
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
     with ports.private_jack_server("lp-test", period=512) as name:
         yield name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 import subprocess
 import sys
 import wave
@@ -16,25 +15,12 @@ import pytest
 from liveperceiver.errors import UserError
 from liveperceiver.render import find_soundfont, render_midi
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("fluidsynth") is None,
-    reason="the fluidsynth command is not installed (Debian/Ubuntu: apt install fluidsynth fluid-soundfont-gm)",
-)
+pytestmark = pytest.mark.usefixtures("fluidsynth")  # conftest: skips without it, fails in CI
 
 LAST_NOTE_END = 2.0
 
 
-def have_soundfont() -> bool:
-    try:
-        find_soundfont()
-    except UserError:
-        return False
-    return True
-
-
-needs_soundfont = pytest.mark.skipif(
-    not have_soundfont(), reason="no General MIDI soundfont (apt install fluid-soundfont-gm)"
-)
+needs_soundfont = pytest.mark.usefixtures("soundfont")  # conftest: skips without one, fails in CI
 
 
 @pytest.fixture
