@@ -143,6 +143,16 @@ class Speculation:
     encoder: StreamEncoder  # the encoder before the silence was written into it
     encoder_time: float  # the session's latest encoder time then (Session._rel never goes below it)
 
+    @classmethod
+    def capture(cls, start_at: float, engine, encoder: StreamEncoder, encoder_time: float) -> Speculation:
+        """Remember the stream as it is before the silence and the answer are written into it."""
+        return cls(start_at, len(engine), copy.deepcopy(encoder), encoder_time)
+
+    def restore(self, engine) -> tuple[StreamEncoder, float]:
+        """Put the engine back to `length` tokens; returns the encoder and encoder time to go on with."""
+        engine.truncate(self.length)
+        return self.encoder, self.encoder_time
+
 
 @dataclass
 class Snapshot:
@@ -694,18 +704,13 @@ class Session:
             early = min(self.settings.lookahead_ms, self.settings.silence_ms / 2) / 1000
             if mode == "duet" and len(self.engine) > 0:
                 self._start_run(now, None)
-            elif (
-                mode == "call"
-                and self.call_pending
-                and keys_up
-                and silent_for >= threshold - early
-            ):
+            elif mode == "call" and self.call_pending and keys_up and silent_for >= threshold - early:
                 start_at = max(now, self.last_activity + threshold)
                 with self.lock:
                     self.pending_answer_start = self.last_activity + threshold
                 early_start = start_at > now
                 if early_start:
-                    ahead = Speculation(start_at, len(self.engine), copy.deepcopy(self.encoder), self.encoder_time)
+                    ahead = Speculation.capture(start_at, self.engine, self.encoder, self.encoder_time)
                 self._start_run(start_at, start_at + self.settings.response_seconds)
                 if early_start and self.decoder is not None:
                     self.speculation = ahead
@@ -970,8 +975,7 @@ class Session:
         """Drop an answer sampled ahead, and the silence written for it, before any of it sounded."""
         speculation, self.speculation = self.speculation, None
         self.rolled_back += len(self.engine) - self.run_tokens_start  # sampled tokens only
-        self.engine.truncate(speculation.length)
-        self.encoder, self.encoder_time = speculation.encoder, speculation.encoder_time
+        self.encoder, self.encoder_time = speculation.restore(self.engine)
         self.committed = self.run_tokens_start = speculation.length
         self.decoder = None
         self.schedule_refused_at = None
@@ -1089,7 +1093,9 @@ def run_play(args) -> NoReturn:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: done.set())
             session.start()
-            print(f"LivePerceiver {settings.mode}: in {session.midi_in.name!r}, out {session.midi_out.name!r}", flush=True)
+            print(
+                f"LivePerceiver {settings.mode}: in {session.midi_in.name!r}, out {session.midi_out.name!r}", flush=True
+            )
             print(f"journal: {session.recorder.path}  (Ctrl-C to stop and save)", flush=True)
             shown = 0  # headless, the session's log goes to stdout (port lost, model errors, ...)
             while not done.wait(0.05):

@@ -390,7 +390,7 @@ def test_every_call_answer_opens_with_a_note(tmp_path, jack_server):  # noqa: F8
         answered = 0
         for call in range(20):
             last_off = keys.phrase([60 + call % 5, 67])
-            if wait_for(lambda: keys.note_ons(since=last_off), timeout=5):
+            if wait_for(lambda last_off=last_off: keys.note_ons(since=last_off), timeout=5):
                 answered += 1
             wait_for(lambda: session.decoder is None, timeout=3)  # the answer is over (or cut)
             time.sleep(0.05)
