@@ -218,7 +218,12 @@ def build(sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = 
     """Convert (in parallel, cached) and write tokens.u16 + index.json; returns a summary."""
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (the dataset is written as a folder)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{out}: cannot create the dataset folder ({error.strerror or error})") from None
     cache_dir = out / "cache"
     cache_dir.mkdir(exist_ok=True)
     results: dict[str, tuple[SourceFile, dict]] = {}
@@ -286,12 +291,9 @@ class TokenDataset:
 
     def __init__(self, directory: str | Path, split: str | None = None, shippable_only: bool = False):
         directory = Path(directory)
-        index_path = directory / "index.json"
-        if not index_path.is_file():
-            raise UserError(f"{directory}: no index.json, not a dataset (build one with `liveperceiver dataset build`)")
         self.directory = directory
-        self.index = json.loads(index_path.read_text())
-        self.tokens = np.memmap(directory / "tokens.u16", dtype=np.uint16, mode="r")
+        self.index = read_index(directory)
+        self.tokens = read_tokens(directory)
         self.pieces = [
             p
             for p in self.index["pieces"]
@@ -308,6 +310,72 @@ class TokenDataset:
     @property
     def num_tokens(self) -> int:
         return sum(p["length"] for p in self.pieces)
+
+
+def read_index(directory: Path) -> dict:
+    """index.json of a built dataset; a missing or damaged one is the user's to fix (one line)."""
+    index_path = directory / "index.json"
+    if not index_path.is_file():
+        raise UserError(f"{directory}: no index.json, not a dataset (build one with `liveperceiver dataset build`)")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{index_path}: cannot read the dataset index ({error})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("pieces"), list):
+        raise UserError(
+            f"{index_path}: not a dataset index (no 'pieces' list); rebuild with `liveperceiver dataset build`"
+        )
+    return index
+
+
+def read_tokens(directory: Path) -> np.ndarray:
+    """The token memmap; a dataset of no pieces has an empty file, which numpy cannot map."""
+    path = directory / "tokens.u16"
+    if not path.is_file():
+        raise UserError(f"{directory}: no tokens.u16; rebuild with `liveperceiver dataset build`")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def source_group(piece: dict) -> str:
+    """The source a piece came from as the user named it: `music21:bach`, or the MIDI folder's name."""
+    return piece["source"].split("#")[0].split("/")[0]
+
+
+def selection_report(directory: str | Path, shippable_only: bool) -> tuple[list[str], dict]:
+    """What training uses and leaves out of a dataset, per source and split, as printable lines;
+    and the totals {(split, "used"|"licence"|"short"): (pieces, tokens)} for the caller's checks."""
+    index = read_index(Path(directory))
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    for p in index["pieces"]:
+        reason = "short" if p["length"] <= 1 else "licence" if shippable_only and not p["shippable"] else "used"
+        for group in (source_group(p), ""):  # "" = all sources
+            row = counts.setdefault((group, p["split"], reason), [0, 0])
+            row[0] += 1
+            row[1] += p["length"]
+    groups = sorted({group for group, _, _ in counts if group})
+
+    def cell(group: str, split: str, reason: str) -> tuple[int, int]:
+        pieces, tokens = counts.get((group, split, reason), (0, 0))
+        return pieces, tokens
+
+    lines = [
+        f"data {directory}: pieces (tokens) per source; training uses train and validation, test is kept for eval"
+        + ("; licence filter on (--shippable-only)" if shippable_only else "")
+    ]
+    for group in [*groups, ""] if len(groups) > 1 else groups:
+        used = ", ".join(
+            f"{split} {cell(group, split, 'used')[0]:,} ({cell(group, split, 'used')[1]:,})" for split in SPLITS
+        )
+        left = [
+            f"{what} {', '.join(f'{split} {cell(group, split, reason)[0]:,}' for split in SPLITS)}"
+            for reason, what in (("licence", "not shippable:"), ("short", "under 2 tokens:"))
+            if any(cell(group, split, reason)[0] for split in SPLITS)
+        ]
+        lines.append(f"  {group or 'all sources'}: {used}" + (f"; left out, {'; '.join(left)}" if left else ""))
+    totals = {(split, reason): cell("", split, reason) for split in SPLITS for reason in ("used", "licence", "short")}
+    return lines, totals
 
 
 # --------------------------------------------------------------------------- CLI

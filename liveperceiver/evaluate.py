@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -324,14 +325,24 @@ def _median(values: np.ndarray) -> float:
 
 def load_inputs(inputs: list[str], split: str) -> tuple[list[list[int]], Path | None]:
     """Token lists of the pieces to score, and the dataset they came from (if any)."""
-    from liveperceiver.dataset import MIDI_SUFFIXES, TokenDataset
+    from liveperceiver.dataset import MIDI_SUFFIXES, SPLITS, TokenDataset
     from liveperceiver.tokenizer import encode_file
 
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r}: not a split (a dataset has {', '.join(SPLITS)})")
     pieces, dataset_dir = [], None
     for spec in inputs:
         path = Path(spec)
         if (path / "index.json").is_file():
             data = TokenDataset(path, split)
+            if not len(data):
+                whole = TokenDataset(path)
+                counts = Counter(p["split"] for p in whole.pieces)
+                have = ", ".join(f"{s} {counts[s]:,}" for s in SPLITS if counts[s]) or "none at all"
+                raise UserError(
+                    f"{path}: nothing to evaluate in its {split} split (pieces with at least two tokens: {have}); "
+                    "choose one with --split"
+                )
             pieces += [[int(t) for t in data.piece(i)] for i in range(len(data))]
             dataset_dir = dataset_dir or path
         elif path.is_dir():
@@ -347,7 +358,7 @@ def load_inputs(inputs: list[str], split: str) -> tuple[list[list[int]], Path | 
             raise UserError(f"{spec}: no such file, folder or dataset")
     pieces = [p for p in pieces if len(p) > 1]
     if not pieces:
-        raise UserError("nothing to evaluate: no pieces with at least two tokens")
+        raise UserError(f"nothing to evaluate: no pieces with at least two tokens in {', '.join(inputs)}")
     return pieces, dataset_dir
 
 
@@ -436,15 +447,67 @@ def evaluate(
     return result
 
 
+def baseline_line(nll: float, baseline_nll: float) -> str:
+    """The model against the 4-gram in words that read right either way (lower NLL is better)."""
+    change = 1.0 - nll / baseline_nll
+    if change >= 0:
+        return f"4-gram baseline NLL {baseline_nll:.4f} (the model's NLL is {100 * change:.1f}% lower: better)"
+    return f"4-gram baseline NLL {baseline_nll:.4f} (the model's NLL is {-100 * change:.1f}% higher: worse than the 4-gram)"
+
+
+def check_run_folder(spec: str | None) -> None:
+    """`--model runs/x` names a training run, not a model: say which of its folders is one."""
+    if spec is None:
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoint.pt").is_file():
+        if (path / "best" / "config.json").is_file():
+            raise UserError(f"{spec} is a training run: use --model {path / 'best'} (its best validation model)")
+        raise UserError(f"{spec} is a training run with no best/ model yet (it has not validated once)")
+
+
+def prepare_json(path: Path | None) -> None:
+    """Make sure the results can be written before spending minutes on scoring (the folder is created,
+    as `continue` does); a path that cannot be written is one line now, not a lost result later."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"--json {path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--json {path}: cannot create its folder ({error.strerror or error})") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"--json {path}: not writable")
+
+
+def check_counts(args) -> None:
+    """Counts that must be positive, each a one-line error instead of a numpy traceback."""
+    if args.continuations < 0:
+        raise UserError(f"--continuations {args.continuations} must be >= 0 (0: none)")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens} must be >= 1")
+    if args.window_tokens < 1:
+        raise UserError(f"--window-tokens {args.window_tokens} must be >= 1")
+    if any(n < 1 for n in args.window_latents):
+        raise UserError(f"--window-latents {','.join(map(str, args.window_latents))}: each must be >= 1")
+    if args.num_latents < 1:
+        raise UserError(f"--num-latents {args.num_latents} must be >= 1")
+
+
 def run_eval(args) -> None:
     import torch
 
     from liveperceiver.checkpoint import load_model
+    from liveperceiver.errors import atomic_output
     from liveperceiver.settings import check_key_follow_flag
 
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
     check_key_follow_flag(args.key_follow)
+    check_counts(args)
+    check_run_folder(args.model)
+    prepare_json(args.json)
     torch.set_num_threads(max(1, getattr(args, "threads", 1) or 1))
     loaded = load_model(args.model)
     pieces, dataset_dir = load_inputs(args.inputs, args.split)
@@ -480,9 +543,7 @@ def run_eval(args) -> None:
         f"  NLL {result['nll']:.4f} nats/token, perplexity {result['perplexity']:.2f}",
     ]
     if result["baseline_nll"] is not None:
-        lines.append(
-            f"  4-gram baseline NLL {result['baseline_nll']:.4f} ({100 * result['improvement_over_baseline']:.1f}% better)"
-        )
+        lines.append("  " + baseline_line(result["nll"], result["baseline_nll"]))
     for kind, row in result["by_type"].items():
         base = result.get("baseline_by_type", {}).get(kind, {}).get("nll")
         lines.append(f"  {kind:10s} NLL {row['nll']:.4f}" + (f"  (4-gram {base:.4f})" if base is not None else ""))
@@ -507,7 +568,15 @@ def run_eval(args) -> None:
         )
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+        text = json.dumps(result, indent=2, default=_jsonable) + "\n"
+        try:
+            with atomic_output(args.json, "w") as file:
+                file.write(text)
+        except OSError as error:  # checked before scoring, yet the disk can fill: keep the result
+            print(text)
+            raise UserError(
+                f"--json {args.json}: cannot write ({error.strerror or error}); the JSON is printed above"
+            ) from None
 
 
 def _jsonable(value):

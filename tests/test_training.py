@@ -19,7 +19,7 @@ from liveperceiver import vocab
 from liveperceiver.augment import AugmentConfig, augment_tokens, encode_notes, jitter_onsets, scale_velocity, stretch
 from liveperceiver.augment import transpose as transpose_notes
 from liveperceiver.checkpoint import load_directory
-from liveperceiver.dataset import TokenDataset, build, find_sources, split_of
+from liveperceiver.dataset import SPLITS, TokenDataset, build, find_sources, split_of
 from liveperceiver.settings import Settings
 from liveperceiver.tokenizer import Note, decode_notes, encode_midi
 
@@ -205,8 +205,8 @@ def test_resume_continues_exactly(dataset_dir, tmp_path):
     train(run, dataset_dir, tmp_path / "straight", max_steps=8, progress=False)
     train(run, dataset_dir, tmp_path / "split", max_steps=4, progress=False)
     train(RunConfig.load(TINY_CONFIG), dataset_dir, tmp_path / "split", resume=True, max_steps=8, progress=False)
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)  # plain values only
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 8
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -224,7 +224,7 @@ def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_d
     tune = RunConfig.load(TINY_CONFIG)
     tune.train.init_from, tune.train.latents = str(tmp_path / "base" / "best"), 4
     train(tune, dataset_dir, tmp_path / "tune", max_steps=0, progress=False)
-    started = torch.load(tmp_path / "tune" / "checkpoint.pt", weights_only=False)["model"]
+    started = torch.load(tmp_path / "tune" / "checkpoint.pt", weights_only=True)["model"]
     for key, value in source.state_dict().items():
         assert torch.equal(started[key], value), key
     windows = eval_windows(TokenDataset(dataset_dir, "validation", False), 96, 64, None, latents=4)
@@ -271,6 +271,236 @@ def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir,
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
 
 
+class Payload:
+    """Unpickling this runs `touch <marker>`: what a malicious checkpoint.pt would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_never_runs(dataset_dir, tmp_path):
+    from liveperceiver.train import RunConfig, train
+
+    run_dir, marker = tmp_path / "run", tmp_path / "payload-ran"
+    train(RunConfig.load(TINY_CONFIG), dataset_dir, run_dir, max_steps=2, progress=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    torch.save(
+        {**state, "ranks": [{"sampler": Payload(marker), "torch": torch.get_rng_state()}]}, run_dir / "checkpoint.pt"
+    )
+    args = ["train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir), "--out", str(run_dir)]
+    result = run_cli(*args, "--resume", "--max-steps", "4", "--quiet")
+    assert result.returncode == 2 and not marker.exists()
+    assert result.stderr.count("\n") == 1 and "refused" in result.stderr and "Traceback" not in result.stderr
+    torch.load(run_dir / "checkpoint.pt", weights_only=False)  # the payload is real: the unsafe reader runs it
+    assert marker.exists()
+
+
+def build_mixed(midi_folder: Path, tmp_path: Path) -> Path:
+    """The user's own folder (not shippable, as `dataset build` marks it) beside a shippable source."""
+    from dataclasses import replace
+
+    public = tmp_path / "pd"
+    public.mkdir()
+    for i in range(8):
+        write_tune(public / f"p{i}.mid", 30 + i)
+    sources = find_sources(str(midi_folder)) + [replace(s, shippable=True) for s in find_sources(str(public))]
+    out = tmp_path / "mixed"
+    build(sources, out, jobs=1, progress=False)
+    return out
+
+
+def expected_counts(data: Path, group: str, shippable_only: bool) -> tuple[dict, dict]:
+    """Pieces and tokens per split that training uses, and pieces per split it leaves out, of one source."""
+    used, left = {}, {}
+    for piece in json.loads((data / "index.json").read_text())["pieces"]:
+        if piece["source"].split("/")[0] != group:
+            continue
+        if shippable_only and not piece["shippable"]:
+            left[piece["split"]] = left.get(piece["split"], 0) + 1
+        else:
+            n, tokens = used.get(piece["split"], (0, 0))
+            used[piece["split"]] = (n + 1, tokens + piece["length"])
+    return used, left
+
+
+def test_own_midi_trains_by_default_and_every_count_is_printed(midi_folder, tmp_path, capsys):
+    from liveperceiver.cli import main
+    from liveperceiver.train import RunConfig
+
+    for config in sorted((REPO / "liveperceiver" / "configs").glob("*.toml")):
+        assert RunConfig.load(config).train.shippable_only is False, config.name  # README: train your own
+    data = build_mixed(midi_folder, tmp_path)
+    capsys.readouterr()
+    args = ["train", "--config", str(TINY_CONFIG), "--data", str(data), "--max-steps", "2", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "all")]) == 0
+    err = capsys.readouterr().err
+    for group in ("tunes", "pd"):
+        used, _ = expected_counts(data, group, False)
+        cells = [f"{split} {used.get(split, (0, 0))[0]} ({used.get(split, (0, 0))[1]:,})" for split in SPLITS]
+        assert f"  {group}: {', '.join(cells)}\n" in err, err
+    pieces = json.loads((data / "index.json").read_text())["pieces"]
+    totals = [f"{split} {sum(p['split'] == split for p in pieces)}" for split in SPLITS]
+    assert all(total in err.split("  all sources: ")[1].splitlines()[0] for total in totals)
+    # The licence filter is for the models we ship: asked for, it says what it leaves out, per split.
+    assert main([*args, "--out", str(tmp_path / "public"), "--shippable-only"]) == 0
+    err = capsys.readouterr().err
+    _, left = expected_counts(data, "tunes", True)
+    assert (
+        "  tunes: train 0 (0), validation 0 (0), test 0 (0); left out, not shippable: "
+        + ", ".join(f"{split} {left.get(split, 0)}" for split in SPLITS)
+        in err
+    )
+    assert f"warning: --shippable-only left out {left['train'] + left['validation']} train/validation pieces" in err
+    user_only = tmp_path / "mine"
+    build(find_sources(str(midi_folder)), user_only, jobs=1, progress=False)
+    assert main([*args[:4], str(user_only), *args[5:], "--out", str(tmp_path / "none"), "--shippable-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{left['train']} left out as not shippable by --shippable-only" in err
+
+
+def test_without_validation_pieces_best_is_the_latest_model(tmp_path, capsys):
+    from liveperceiver.cli import main
+
+    folder = tmp_path / "pd"  # p0..p5 all hash to the train split
+    folder.mkdir()
+    for i in range(6):
+        write_tune(folder / f"p{i}.mid", i)
+    assert {split_of(f"pd/p{i}.mid") for i in range(6)} == {"train"}
+    build(find_sources(str(folder)), tmp_path / "data", jobs=1, progress=False)
+    args = ["train", "--config", str(TINY_CONFIG), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    assert main([*args, "--max-steps", "3", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "has no validation pieces" in captured.err and "no validation pieces" in captured.out
+    meta = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert meta["step"] == 3 and meta["val_loss"] is None
+    load_directory(tmp_path / "run" / "best")  # README's next step, eval --model runs/x/best, has a model
+
+
+def test_a_run_folder_is_kept_unless_resume_or_overwrite(dataset_dir, tmp_path, capsys):
+    from liveperceiver.cli import main
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir), "--out", str(run_dir), "--quiet"]
+    assert main([*args, "--max-steps", "10"]) == 0
+    before = {p: p.read_bytes() for p in [run_dir / "log.csv", *sorted((run_dir / "best").iterdir())]}
+    capsys.readouterr()
+    for extra in ([], ["--resume", "--overwrite"]):
+        assert main([*args, "--max-steps", "2", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("--overwrite" in err), err
+        assert {p: p.read_bytes() for p in before} == before  # nothing touched
+    assert main([*args, "--max-steps", "2", "--overwrite"]) == 0
+    assert [int(r["step"]) for r in csv.DictReader((run_dir / "log.csv").open())] == [1, 2]
+    assert json.loads((run_dir / "best" / "config.json").read_text())["step"] == 2
+
+
+def write_config(path: Path, old: str, new: str) -> Path:
+    text = TINY_CONFIG.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dataset_dir, tmp_path_factory) -> Path:
+    from liveperceiver.train import RunConfig, train
+
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    train(RunConfig.load(TINY_CONFIG), dataset_dir, run_dir, max_steps=2, progress=False)
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty dataset", "no pieces in the train split (the dataset holds 0 pieces in all)"),
+        ("resume, another size", "the run has another model config (num_channels 32 in the run, 64 in this config)"),
+        ("dataset build --out a file", "exists and is not a folder"),
+        ("eval --continuations -2", "--continuations -2 must be >= 0"),
+        ("eval --json under a file", "cannot create its folder"),
+        ("train --max-steps -3", "--max-steps -3 must be >= 1"),
+        ("config value of the wrong type", "[model] num_channels = '32' must be an integer"),
+        ("config count out of range", "[train] batch_size = 0 is outside the allowed values (>= 1)"),
+        ("eval --split bogus", "--split 'bogus': not a split (a dataset has train, validation, test)"),
+        ("eval on an empty split", "nothing to evaluate in its test split (pieces with at least two tokens: train"),
+        ("eval --model a run folder", "is a training run: use --model"),
+    ],
+)
+def test_user_mistakes_in_training_and_eval_are_one_line(
+    case, message, midi_folder, dataset_dir, tiny_run, tmp_path, capsys
+):
+    import shutil
+
+    from liveperceiver.cli import main
+
+    config, data, run_dir = str(TINY_CONFIG), str(dataset_dir), tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    model = str(run_dir / "best")
+    (tmp_path / "a-file").write_text("")
+    train = ["train", "--config", config, "--data", data, "--quiet"]
+    if case == "empty dataset":
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "x.mid").write_bytes(b"MThd not really")
+        build(find_sources(str(tmp_path / "bad")), tmp_path / "empty", jobs=1, progress=False)
+        argv = ["train", "--config", config, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "new")]
+    elif case == "resume, another size":
+        bigger = write_config(tmp_path / "big.toml", "num_channels = 32", "num_channels = 64")
+        argv = ["train", "--config", str(bigger), "--data", data, "--out", str(run_dir), "--resume"]
+    elif case == "dataset build --out a file":
+        argv = ["dataset", "build", "--source", str(midi_folder), "--out", str(tmp_path / "a-file"), "--quiet"]
+    elif case == "eval --continuations -2":
+        argv = ["eval", "--model", model, data, "--continuations", "-2"]
+    elif case == "eval --json under a file":
+        argv = ["eval", "--model", model, data, "--json", str(tmp_path / "a-file" / "x.json")]
+    elif case == "train --max-steps -3":
+        argv = [*train, "--out", str(tmp_path / "new"), "--max-steps", "-3"]
+    elif case == "config value of the wrong type":
+        typed = write_config(tmp_path / "typed.toml", "num_channels = 32", 'num_channels = "32"')
+        argv = ["train", "--config", str(typed), "--data", data, "--out", str(tmp_path / "new")]
+    elif case == "config count out of range":
+        zero = write_config(tmp_path / "zero.toml", "batch_size = 4", "batch_size = 0")
+        argv = ["train", "--config", str(zero), "--data", data, "--out", str(tmp_path / "new")]
+    elif case == "eval --split bogus":
+        argv = ["eval", "--model", model, data, "--split", "bogus"]
+    elif case == "eval on an empty split":
+        index = json.loads((dataset_dir / "index.json").read_text())
+        index["pieces"] = [p for p in index["pieces"] if p["split"] != "test"]
+        (tmp_path / "no-test").mkdir()
+        (tmp_path / "no-test" / "index.json").write_text(json.dumps(index))
+        shutil.copy(dataset_dir / "tokens.u16", tmp_path / "no-test")
+        argv = ["eval", "--model", model, str(tmp_path / "no-test")]
+    else:
+        argv = ["eval", "--model", str(run_dir), data]
+    checkpoint = (run_dir / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1, captured.err
+    assert captured.out == ""  # refused before any work: nothing scored, nothing trained
+    assert not (tmp_path / "new").exists() and (run_dir / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_eval_json_into_a_new_folder(dataset_dir, tiny_run, tmp_path, capsys):
+    from liveperceiver.cli import main
+
+    out = tmp_path / "missing" / "dir" / "x.json"
+    argv = ["eval", "--model", str(tiny_run / "best"), str(dataset_dir), "--split", "validation", "--max-tokens", "40"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["tokens"] == 40
+
+
+def test_baseline_comparison_reads_right_both_ways():
+    from liveperceiver.evaluate import baseline_line
+
+    assert baseline_line(5.0662, 1.9012) == (
+        "4-gram baseline NLL 1.9012 (the model's NLL is 166.5% higher: worse than the 4-gram)"
+    )
+    assert baseline_line(0.826, 1.4340) == "4-gram baseline NLL 1.4340 (the model's NLL is 42.4% lower: better)"
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -280,7 +510,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
 
     run = RunConfig.load(TINY_CONFIG)
     train(run, dataset_dir, tmp_path / "run", max_steps=20, progress=False)
-    model = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    model = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     from liveperceiver.model import PerceiverAR
 
     net = PerceiverAR(run.model)
@@ -292,6 +522,9 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
+    from liveperceiver.evaluate import baseline_line
+
+    assert "  " + baseline_line(report["nll"], report["baseline_nll"]) + "\n" in result.stdout
     assert 380 <= report["tokens"] <= 400 and report["perplexity"] == pytest.approx(np.exp(report["nll"]))
     assert report["baseline_nll"] > 0 and set(report["by_type"]) <= {"note_on", "note_off", "time_shift", "velocity"}
     assert report["continuations"]["count"] == 2 and 0 <= report["continuations"]["pitch_class_overlap"] <= 1
@@ -354,3 +587,25 @@ def test_well_formed():
     assert well_formed([], [60, 300])  # cut while sounding: fine
     assert not well_formed([], [60, 300], max_open_s=None)
     assert not well_formed([], [60] + [355] * 5)  # hung for 5 s: a stuck note
+
+
+def test_overlaps_of_known_histograms():
+    """Overlap = the sum of bin-wise minima of the normalised histograms, checked against sums by hand."""
+    from liveperceiver.evaluate import histogram_overlap, note_stats, pitch_class_overlap
+
+    def notes(pitches: list[int]) -> dict:
+        return note_stats(encode_notes([Note(p, 80, 0.5 * i, 0.5 * i + 0.4) for i, p in enumerate(pitches)]))
+
+    # C C E G (C4, C5: one pitch class) against C E E A: C min(2/4, 1/4) + E min(1/4, 2/4) = 0.5
+    a, b = notes([60, 72, 64, 67]), notes([48, 64, 76, 69])
+    assert list(a["pitch_classes"]) == [0.5, 0, 0, 0, 0.25, 0, 0, 0.25, 0, 0, 0, 0]
+    assert pitch_class_overlap(a, b) == pytest.approx(0.5)
+    assert pitch_class_overlap(a, a) == pytest.approx(1.0) and pitch_class_overlap(a, notes([61, 62])) == 0.0
+    bins = np.array([0.01, 0.1, 1.0, 8.0])
+    # [0.05, 0.05, 0.5, 20 (clipped into the last bin)] -> 2/4, 1/4, 1/4; [0.05, 0.5, 0.5, 0.5] -> 1/4, 3/4, 0
+    assert histogram_overlap(np.array([0.05, 0.05, 0.5, 20.0]), np.array([0.05, 0.5, 0.5, 0.5]), bins) == (
+        pytest.approx(0.25 + 0.25 + 0.0)
+    )
+    # a value below the first edge counts in the first bin: 1/2, 1/2 against 1/3, 2/3 -> 1/3 + 1/2
+    assert histogram_overlap(np.array([0.001, 5.0]), np.array([0.05, 2.0, 3.0]), bins) == pytest.approx(1 / 3 + 1 / 2)
+    assert histogram_overlap(np.array([]), np.array([0.5]), bins) == 0.0
