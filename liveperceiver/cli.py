@@ -86,6 +86,12 @@ def add_train(subparsers) -> None:
     parser.add_argument("--data", type=Path, required=True, help="a dataset directory from `dataset build`")
     parser.add_argument("--out", type=Path, required=True, help="run directory: checkpoints and CSV log")
     parser.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused)")
+    parser.add_argument(
+        "--shippable-only",
+        action="store_true",
+        help="train only on pieces whose licence allows shipping the weights (for the models we ship)",
+    )
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (overrides the config)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=lambda args: __import__("liveperceiver.train").train.run_train(args))
