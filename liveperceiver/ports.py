@@ -364,9 +364,9 @@ class _Port:
         self.log = log
         self.lock = threading.Lock()  # guards self.port against check() reopening it during use
         self.connected_name: str | None = None
+        self.registered_name: str | None = None  # our virtual port's full JACK name, when known
         if wanted is None:
             self.port = self._new_virtual()
-            self.connected_name = virtual_name
         else:
             self.port = self._new_client()
             index = match_port(self.port.get_ports(), wanted)
@@ -388,14 +388,29 @@ class _Port:
             ) from None
 
     def _new_virtual(self):
-        """A new client with our virtual port open (raises UserError, leaving nothing open)."""
+        """A new client with our virtual port open (raises UserError, leaving nothing open); sets
+        the name the player sees: JACK renames a second instance's client (`LivePerceiver In-01`)."""
         port = self._new_client()
         try:
+            before = self._listed_with_ours() if self.api == "jack" else []
             port.open_virtual_port(self.virtual_name)
+            after = self._listed_with_ours() if self.api == "jack" else []
         except rtmidi.RtMidiError as error:
             release(port)
             raise UserError(f"cannot create the virtual MIDI port {self.virtual_name!r} ({error})") from None
+        new = [name for name in after if name not in before and name.endswith(":" + self.virtual_name)]
+        self.registered_name = new[0] if len(new) == 1 else None
+        renamed = (
+            self.registered_name is not None and self.registered_name != f"{self.virtual_name}:{self.virtual_name}"
+        )
+        self.connected_name = self.registered_name if renamed else self.virtual_name
         return port
+
+    def _listed_with_ours(self) -> list[str]:
+        """The ports of the kind ours is, as other clients list them: destinations for our input,
+        sources for our output (a port-less client lists them; it registers no port)."""
+        sources, destinations = list_ports(self.api)
+        return destinations if self.direction == "input" else sources
 
     def port_names(self) -> list[str]:
         with self.lock:
@@ -553,6 +568,32 @@ class MidiOutput(_Port):
         if ok is False:
             self.log(f"output port {self.virtual_name!r} still delivers nothing after {attempts} reopenings")
         return ok
+
+
+def feedback_loop(midi_in: _Port, midi_out: _Port) -> tuple[str, bool] | None:
+    """(a one-line problem, whether it is certain) when our output is routed into our input: every
+    note we play would come straight back in. Certain when one of them is our own virtual port (its
+    name known); likely when a named port only looks like LivePerceiver's (another instance's, or
+    an API that does not tell us our port's full name)."""
+    for named, virtual, flag, ours in (
+        (midi_out, midi_in, "--out", VIRTUAL_IN),
+        (midi_in, midi_out, "--in", VIRTUAL_OUT),
+    ):
+        if named.wanted is None or named.connected_name is None:
+            continue
+        if virtual.wanted is None and named.connected_name == virtual.registered_name:
+            return (
+                f"{flag} {named.wanted!r} is LivePerceiver's own {virtual.direction} port {named.connected_name!r}: "
+                f"every note would loop straight back; route LivePerceiver Out to an instrument and your keyboard to LivePerceiver In",
+                True,
+            )
+        if ours in named.connected_name:
+            return (
+                f"{flag} {named.wanted!r} ({named.connected_name!r}) looks like a LivePerceiver {ours.split()[-1].lower()} port: "
+                "if it leads back into this one, notes loop (echoes within 30 ms are ignored, a delayed loop is not)",
+                False,
+            )
+    return None
 
 
 def format_port_listing() -> str:

@@ -48,7 +48,7 @@ from typing import NoReturn
 from liveperceiver import vocab
 from liveperceiver.clock import ClockTracker
 from liveperceiver.errors import UserError
-from liveperceiver.ports import MidiInput, MidiOutput, resolve_api
+from liveperceiver.ports import MidiInput, MidiOutput, feedback_loop, resolve_api
 from liveperceiver.recorder import MODEL, PLAYER, Recorder
 from liveperceiver.scheduler import OutNote, Scheduler
 from liveperceiver.settings import Settings
@@ -239,6 +239,13 @@ class Session:
         except BaseException:
             self.midi_in.close()
             raise
+        loop = feedback_loop(self.midi_in, self.midi_out)
+        if loop is not None and loop[1]:
+            self.midi_in.close(release_port=True)
+            self.midi_out.close(release_port=True)
+            raise UserError(loop[0])
+        if loop is not None:
+            self.warn(loop[0])
         try:
             self.midi_out.ensure_delivery()
             self.model = self._load_model(model if model is not None else settings.model)

@@ -263,3 +263,30 @@ def test_private_jack_servers_reuse_a_small_pool_of_names(monkeypatch):
     monkeypatch.setenv("PATH", "")
     with pytest.raises(UserError, match="install jackd2"), ports.private_jack_server("lp-pool"):
         pass
+
+
+@pytest.mark.jack
+def test_a_second_instance_is_named_as_jack_renamed_it(fresh_jack_server):  # noqa: F811
+    first_in, first_out = ports.MidiInput("jack", log=print), ports.MidiOutput("jack", log=print)
+    second_in, second_out = ports.MidiInput("jack", log=print), ports.MidiOutput("jack", log=print)
+    try:
+        assert (first_in.name, first_out.name) == (ports.VIRTUAL_IN, ports.VIRTUAL_OUT)
+        sources, destinations = ports.list_ports("jack")
+        assert second_in.name != ports.VIRTUAL_IN and second_in.name in destinations, (second_in.name, destinations)
+        assert second_out.name != ports.VIRTUAL_OUT and second_out.name in sources, (second_out.name, sources)
+        assert second_in.registered_name != first_in.registered_name
+    finally:
+        for port in (second_out, second_in, first_out, first_in):
+            port.close()
+
+
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
+def test_output_into_our_own_input_is_refused_in_one_line(capsys):
+    from liveperceiver.cli import main
+
+    assert main(["play", "--headless", "--midi-api", "jack", "--out", ports.VIRTUAL_IN]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loop" in err and "own input port" in err, err
+    inputs, outputs = ports.list_ports("jack")
+    assert not any(ports.VIRTUAL_IN in name for name in outputs)  # nothing left open
