@@ -7,7 +7,6 @@ Loading never unpickles arbitrary objects: safetensors, or `torch.load(weights_o
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liveperceiver import vocab
-from liveperceiver.errors import UserError
+from liveperceiver.errors import UserError, atomic_output, atomic_path
 from liveperceiver.model import PerceiverAR, PerceiverARConfig
+from liveperceiver.shipped import (  # finding models needs no torch: presets check the model they name
+    DEFAULT_MODEL,
+    RANDOM_MAX_LATENTS,
+    looks_like_repo_id,
+    model_directory,
+    unknown_model_message,
+)
 
-DEFAULT_MODEL = "liveperceiver-chorale"
 OWN_FORMAT = "liveperceiver"
 SEED_REPO_ID = "krasserm/perceiver-ar-sam-giant-midi"
 
@@ -29,6 +34,7 @@ RANDOM_CONFIGS = {
     # A 5.6M model of the same family (the engine's speed targets refer to it).
     "small": dict(max_seq_len=6144, max_latents=2048, num_channels=256, num_heads=4, num_self_attention_layers=6),
 }
+assert {name: config["max_latents"] for name, config in RANDOM_CONFIGS.items()} == RANDOM_MAX_LATENTS
 
 
 @dataclass
@@ -36,25 +42,6 @@ class LoadedModel:
     model: PerceiverAR
     name: str  # what the user asked for, shortened for display
     source: str  # where the weights came from
-
-
-def models_dirs() -> list[Path]:
-    """Where model names are looked up: $LIVEPERCEIVER_MODELS, the user's data dir, the shipped models/."""
-    dirs = []
-    if os.environ.get("LIVEPERCEIVER_MODELS"):
-        dirs.append(Path(os.environ["LIVEPERCEIVER_MODELS"]))
-    data_home = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    dirs.append(data_home / "liveperceiver" / "models")
-    dirs.append(Path(__file__).resolve().parent.parent / "models")
-    return dirs
-
-
-def shipped_model_names() -> list[str]:
-    names = set()
-    for directory in models_dirs():
-        if directory.is_dir():
-            names.update(p.name for p in directory.iterdir() if (p / "config.json").is_file())
-    return sorted(names)
 
 
 # --------------------------------------------------------------------------- perceiver-io key mapping
@@ -190,13 +177,16 @@ def load_directory(directory: str | Path) -> PerceiverAR:
 def save_directory(
     model: PerceiverAR, directory: str | Path, dtype: torch.dtype = torch.float32, extra: dict | None = None
 ) -> None:
-    """Save in LivePerceiver's own format: config.json + model.safetensors (the model card is written separately)."""
+    """Save in LivePerceiver's own format: config.json + model.safetensors (the model card is written separately).
+    Each file is replaced atomically and gets the permissions a plain open() gives (safetensors alone writes 0600)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {key: tensor.detach().to(dtype).contiguous() for key, tensor in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
+    with atomic_path(directory / "model.safetensors") as temporary:
+        save_file(state, str(temporary))
     meta = {"format": OWN_FORMAT, "model_config": model.config.to_dict(), **(extra or {})}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with atomic_output(directory / "config.json", "w") as file:
+        file.write(json.dumps(meta, indent=2) + "\n")
 
 
 def random_model(spec: str, seed: int = 0) -> PerceiverAR:
@@ -211,10 +201,6 @@ def random_model(spec: str, seed: int = 0) -> PerceiverAR:
         config = _config_from(values.get("model_config", values), spec)
     torch.manual_seed(seed)
     return build_model(config, None, f"random:{spec}")
-
-
-def _looks_like_repo_id(spec: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
 
 
 def _download(repo_id: str) -> Path:
@@ -234,13 +220,10 @@ def load_model(spec: str | None = None) -> LoadedModel:
     spec = spec or DEFAULT_MODEL
     if spec.startswith("random:"):
         return LoadedModel(random_model(spec.removeprefix("random:")), spec, "random weights")
-    path = Path(spec).expanduser()
-    if path.exists():
-        return LoadedModel(load_directory(path), path.name, str(path))
-    for directory in models_dirs():
-        if (directory / spec / "config.json").is_file():
-            return LoadedModel(load_directory(directory / spec), spec, str(directory / spec))
-    if _looks_like_repo_id(spec):
+    directory = model_directory(spec)
+    if directory is not None:
+        name = directory.name if directory == Path(spec).expanduser() else spec
+        return LoadedModel(load_directory(directory), name, str(directory))
+    if looks_like_repo_id(spec):
         return LoadedModel(load_directory(_download(spec)), spec, f"huggingface:{spec}")
-    known = ", ".join(shipped_model_names()) or "none installed"
-    raise UserError(f"unknown model {spec!r}: not a path, a model name ({known}) or a Hugging Face repo id")
+    raise UserError(unknown_model_message(spec))

@@ -1,12 +1,15 @@
 """Presets: named TOML files holding a partial `Settings`; anything they leave out keeps its default.
 
-Shipped presets live in the repository's `presets/` folder (or `$LIVEPERCEIVER_PRESETS`); the
-user's own live in the platform config directory (`~/.config/liveperceiver/presets` on Linux) and
-shadow shipped ones of the same name, so a user can tune `duet` without copying the whole set.
+Shipped presets live in the repository's `presets/` folder, copied into the package when a wheel
+is built (see shipped.py), or in `$LIVEPERCEIVER_PRESETS`; the user's own live in the platform config
+directory (`~/.config/liveperceiver/presets` on Linux) and shadow shipped ones of the same name, so a
+user can tune `duet` without copying the whole set.
 
 The schema is `Settings` itself: a key that is not a field, a value of the wrong type or outside
 `Settings.validate()`'s range is refused with one line naming the file, the key and what is allowed.
-A preset is loaded in full before a session starts, so a typo never surfaces mid-performance.
+The model a preset names must exist, and its num_latents must fit that model (or the default model
+when it names none): both are read from the model's config.json, without loading weights. A preset
+is loaded in full before a session starts, so a typo never surfaces mid-performance.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import platformdirs
 
 from liveperceiver.errors import UserError
 from liveperceiver.settings import FIELD_TYPES, SECTIONS, Settings
+from liveperceiver.shipped import DEFAULT_MODEL, UnknownModel, model_max_latents, shipped_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,10 +48,10 @@ class PresetInfo:
 
 
 def shipped_presets_dir() -> Path:
-    """`$LIVEPERCEIVER_PRESETS`, else the repository's `presets/` folder (editable install)."""
+    """`$LIVEPERCEIVER_PRESETS`, else the installed package's presets (the checkout's `presets/` when editable)."""
     if os.environ.get("LIVEPERCEIVER_PRESETS"):
         return Path(os.environ["LIVEPERCEIVER_PRESETS"])
-    return Path(__file__).resolve().parent.parent / "presets"
+    return shipped_dir("presets")
 
 
 def user_presets_dir() -> Path:
@@ -107,7 +111,23 @@ def load_preset(name_or_path: str | Path) -> Settings:
             f"{path}: {_key(name)} = {_show(getattr(settings, name))}{origin} is outside the allowed values "
             f"({_allowed(name)})"
         ) from None
+    _check_model(settings, values, path)
     return settings
+
+
+def _check_model(settings: Settings, values: dict, path: Path) -> None:
+    """The model the preset names exists, and num_latents fits it (or the default model if it names none)."""
+    try:
+        max_latents = model_max_latents(settings.model)
+    except UnknownModel as error:
+        raise UserError(f"{path}: model = {_show(settings.model)}: {error}") from None
+    if max_latents is not None and settings.num_latents > max_latents:
+        model = _show(settings.model) if settings.model else f"{_show(DEFAULT_MODEL)} (the default)"
+        origin = "" if "num_latents" in values else " (the default)"
+        raise UserError(
+            f"{path}: {_key('num_latents')} = {settings.num_latents}{origin} is more than the model {model} allows "
+            f"(1 .. {max_latents}, its max_latents)"
+        )
 
 
 def _read_toml(path: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,39 @@ def test_out_of_range(tmp_path, text, key, allowed):
     assert key in message and allowed in message
 
 
+# --------------------------------------------------------------------------- what a preset names: its model
+
+
+CHORALE_MAX_LATENTS = json.loads((REPO / "models" / "liveperceiver-chorale" / "config.json").read_text())[
+    "model_config"
+]["max_latents"]
+TINY = REPO / "tests" / "golden" / "model" / "tiny-a"  # max_latents 32
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        # the default model (the preset names none) has max_latents 256
+        ("[sampling]\nnum_latents = 1000\n", ["sampling.num_latents = 1000", f"1 .. {CHORALE_MAX_LATENTS}", "default"]),
+        ('model = "nosuchmodel"\n', ['model = "nosuchmodel"', "liveperceiver-chorale", "repo id"]),
+        (f'model = "{TINY}"\n[sampling]\nnum_latents = 33\n', ["sampling.num_latents = 33", "1 .. 32", str(TINY)]),
+        (f'model = "{TINY.parent}"\n', ["no config.json"]),
+        ('model = "random:nosuch.json"\n', ["random:nosuch.json", "seed", "small"]),
+    ],
+)
+def test_the_model_a_preset_names_must_exist_and_fit_num_latents(tmp_path, text, words):
+    message = one_line_error(write(tmp_path / "p.toml", text))
+    assert all(word in message for word in words), message
+
+
+def test_num_latents_up_to_the_model_s_max_latents_is_accepted(tmp_path):
+    assert load_preset(write(tmp_path / "a.toml", f"[sampling]\nnum_latents = {CHORALE_MAX_LATENTS}\n")).num_latents
+    assert load_preset(write(tmp_path / "b.toml", f'model = "{TINY}"\n[sampling]\nnum_latents = 32\n')).model
+    assert load_preset(write(tmp_path / "c.toml", 'model = "random:small"\n[sampling]\nnum_latents = 1000\n'))
+    # a Hugging Face repo id is only known once downloaded: `play` checks it then, offline here
+    assert load_preset(write(tmp_path / "d.toml", 'model = "someone/some-model"\n[sampling]\nnum_latents = 1000\n'))
+
+
 def test_malformed_toml_names_the_line(tmp_path):
     message = one_line_error(write(tmp_path / "p.toml", 'mode = "call"\n\n[sampling\ntemperature = 1.0\n'))
     assert "line 3" in message
@@ -229,7 +263,14 @@ def test_cli_show_prints_merged_settings(tmp_path):
 
 @pytest.mark.parametrize(
     "text",
-    ["[sampling]\ntemprature = 1.0\n", "[sampling]\ntop_k = true\n", "[output]\nout_channel = 99\n", "[sampling\n"],
+    [
+        "[sampling]\ntemprature = 1.0\n",
+        "[sampling]\ntop_k = true\n",
+        "[output]\nout_channel = 99\n",
+        "[sampling\n",
+        "[sampling]\nnum_latents = 1000\n",
+        'model = "nosuchmodel"\n',
+    ],
 )
 def test_cli_bad_preset_is_one_line_and_exit_2(tmp_path, text):
     write(tmp_path / "bad.toml", text)
