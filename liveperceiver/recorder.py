@@ -11,7 +11,8 @@ journal (`journal.txt` in the session directory) reads:
 
 `export_journal` (also `liveperceiver recover`) writes a type-1 MIDI file: a tempo track, a
 `Player` track and a `LivePerceiver` track, with one tick per millisecond; notes still sounding at
-the end of the journal are closed there.
+the end of the journal are closed there. `recover` refuses, in one line and without writing or
+touching anything, a journal it can rebuild no note from, and warns about lines it could not read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import datetime
 import os
 import queue
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -128,8 +130,15 @@ def _keep_earlier_take(directory: Path) -> None:
 
 def read_journal(path: Path) -> tuple[dict[str, list[tuple[float, list[int]]]], list[float]]:
     """Events per direction (ms, bytes) and tempo readings; a torn last line is skipped."""
+    events, tempos, _ = _parse_journal(path)
+    return events, tempos
+
+
+def _parse_journal(path: Path) -> tuple[dict[str, list[tuple[float, list[int]]]], list[float], list[int]]:
+    """read_journal, plus the numbers of the lines that are not events (a torn last line is no mistake)."""
     events: dict[str, list[tuple[float, list[int]]]] = {PLAYER: [], MODEL: []}
     tempos: list[float] = []
+    unreadable: list[int] = []
     try:
         text = path.read_text(encoding="ascii", errors="replace")
     except OSError as error:
@@ -137,19 +146,23 @@ def read_journal(path: Path) -> tuple[dict[str, list[tuple[float, list[int]]]], 
     lines = text.split("\n")
     if not lines[0].startswith("LPJ1"):
         raise UserError(f"{path}: not a LivePerceiver session journal")
-    for line in lines[1:]:
+    last = max((number for number, line in enumerate(lines) if line.strip()), default=0)
+    for number, line in enumerate(lines[1:], start=2):
         parts = line.split()
-        if len(parts) != 3:
+        if not parts:
             continue
         try:
+            if len(parts) != 3 or parts[1] not in (TEMPO, *events):
+                raise ValueError(line)
             ms = float(parts[0])
             if parts[1] == TEMPO:
                 tempos.append(float(parts[2]))
-            elif parts[1] in events:
+            else:
                 events[parts[1]].append((ms, list(bytes.fromhex(parts[2]))))
         except ValueError:
-            continue
-    return events, tempos
+            if number - 1 != last:  # the last line may be torn by a kill -9: expected, not reported
+                unreadable.append(number)
+    return events, tempos, unreadable
 
 
 def _track(name: str, events: list[tuple[float, list[int]]], end_ms: float) -> mido.MidiTrack:
@@ -188,6 +201,13 @@ def _track(name: str, events: list[tuple[float, list[int]]], end_ms: float) -> m
 
 def export_journal(journal: str | Path, out: str | Path) -> dict[str, int]:
     """Write the type-1 MIDI file of a journal; returns the note counts per track name."""
+    midi, counts = journal_midi(journal)
+    _write_midi(midi, out)
+    return counts
+
+
+def journal_midi(journal: str | Path) -> tuple[mido.MidiFile, dict[str, int]]:
+    """The type-1 MIDI file of a journal and its note counts per track name."""
     journal = Path(journal)
     events, tempos = read_journal(journal)
     bpm = statistics.median(tempos) if tempos else 120.0
@@ -208,12 +228,15 @@ def export_journal(journal: str | Path, out: str | Path) -> dict[str, int]:
         track = _track(TRACK_NAMES[direction], events[direction], end_ms)
         midi.tracks.append(track)
         counts[TRACK_NAMES[direction]] = sum(1 for m in track if m.type == "note_on" and m.velocity > 0)
+    return midi, counts
+
+
+def _write_midi(midi: mido.MidiFile, out: str | Path) -> None:
     try:
         with atomic_output(out) as file:
             midi.save(file=file)
     except OSError as error:
         raise UserError(f"{out}: cannot write MIDI file ({error.strerror or error})") from None
-    return counts
 
 
 def recover(session_dir: str | Path, out: str | Path) -> dict[str, int]:
@@ -222,7 +245,19 @@ def recover(session_dir: str | Path, out: str | Path) -> dict[str, int]:
     journal = session_dir / JOURNAL if session_dir.is_dir() else session_dir
     if not journal.is_file():
         raise UserError(f"{session_dir}: no session journal ({JOURNAL}) found")
-    return export_journal(journal, out)
+    _, _, unreadable = _parse_journal(journal)
+    midi, counts = journal_midi(journal)
+    junk = ""
+    if unreadable:
+        count = "1 line is" if len(unreadable) == 1 else f"{len(unreadable)} lines are"
+        junk = f"{count} not journal events (the first is line {unreadable[0]})"
+    if not any(counts.values()):
+        why = junk or "it holds no notes (nothing was played)"
+        raise UserError(f"{journal}: no notes to recover: {why}; {out} not written, the journal is left as it is")
+    if junk:
+        print(f"warning: {journal}: {junk}, skipped", file=sys.stderr)
+    _write_midi(midi, out)
+    return counts
 
 
 def run_recover(args) -> None:

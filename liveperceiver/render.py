@@ -17,7 +17,7 @@ import tempfile
 import wave
 from pathlib import Path
 
-from liveperceiver.errors import UserError
+from liveperceiver.errors import UserError, atomic_path
 
 SOUNDFONT_CANDIDATES = [
     "/usr/share/sounds/sf2/FluidR3_GM.sf2",  # Debian/Ubuntu: fluid-soundfont-gm
@@ -84,41 +84,36 @@ def _checked_soundfont(path: Path, origin: str) -> Path:
 def render_midi(
     midi_path: str | Path, wav_path: str | Path, soundfont: str | Path | None = None, sample_rate: int = 44100
 ) -> Path:
-    """Render `midi_path` to a 16-bit stereo WAV at `wav_path`, atomically; mistakes raise one-line UserErrors."""
+    """Render `midi_path` to a 16-bit stereo WAV at `wav_path`, atomically; mistakes raise one-line UserErrors.
+
+    A MIDI file without notes (a session where nobody played) is refused rather than rendered: a
+    silent WAV dropped into a DAW looks like a broken audio chain, and nothing is lost by not writing it."""
     from liveperceiver.tokenizer import read_midi
 
     midi_path, wav_path = Path(midi_path), Path(wav_path)
     if not 8000 <= sample_rate <= 96000:
         raise UserError(f"--sample-rate {sample_rate} is outside FluidSynth's range (8000 .. 96000)")
     midi = read_midi(midi_path)  # a corrupt file fails here, with the tokenizer's one-line message
+    if not any(instrument.notes for instrument in midi.instruments):
+        raise UserError(f"{midi_path}: no notes to render (a silent WAV would be all it held); nothing written")
     fluidsynth = find_fluidsynth()
     font = find_soundfont(soundfont)
     try:
-        wav_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{wav_path.name}.", suffix=".part.wav", dir=wav_path.parent)
-        os.close(handle)
-    except OSError as error:
-        raise UserError(f"{wav_path}: cannot write WAV file ({error.strerror or error})") from None
-    try:
-        with tempfile.TemporaryDirectory(prefix="liveperceiver-render-") as scratch:
+        with atomic_path(wav_path) as temporary, tempfile.TemporaryDirectory(prefix="liveperceiver-render-") as scratch:
             source = midi_path
             if midi_path.suffix == ".gz":  # FluidSynth reads plain MIDI files only
                 source = Path(scratch) / midi_path.name.removesuffix(".gz")
                 source.write_bytes(gzip.decompress(midi_path.read_bytes()))
             command = [fluidsynth, "-n", "-i", "-T", "wav", "-O", "s16", "-r", str(sample_rate)]
-            command += ["-F", temporary, str(font), str(source)]
+            command += ["-F", str(temporary), str(font), str(source)]
             result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if result.returncode != 0 or os.path.getsize(temporary) <= 44:
-            lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-            detail = lines[-1] if lines else f"exit status {result.returncode}"
-            raise UserError(f"{midi_path}: fluidsynth could not render it ({detail})")
-        _trim_silence(Path(temporary), keep_until=midi.get_end_time())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a WAV is an ordinary file
-        os.replace(temporary, wav_path)
+            if result.returncode != 0 or os.path.getsize(temporary) <= 44:
+                lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+                detail = lines[-1] if lines else f"exit status {result.returncode}"
+                raise UserError(f"{midi_path}: fluidsynth could not render it ({detail})")
+            _trim_silence(temporary, keep_until=midi.get_end_time())
     except OSError as error:
         raise UserError(f"{wav_path}: cannot write WAV file ({error.strerror or error})") from None
-    finally:
-        Path(temporary).unlink(missing_ok=True)
     return wav_path
 
 
@@ -140,12 +135,6 @@ def _trim_silence(path: Path, keep_until: float) -> None:
     with wave.open(str(path), "wb") as writer:
         writer.setparams(params)
         writer.writeframes(samples[:keep].tobytes())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def wav_seconds(path: str | Path) -> float:
