@@ -2,8 +2,9 @@
 
 The test builds an sdist and a wheel from it (what `python -m build` does), installs the wheel into a
 fresh virtual environment and runs the console script from an unrelated folder, as a new user would.
-The venv sees this machine's site-packages (torch and the other dependencies, installed with
---no-deps) and the test proves that the package it imports is the wheel's copy inside the venv, not
+The venv reaches this environment's site-packages through a .pth file (torch and the other
+dependencies; the wheel goes in with --no-deps), behind its own, also when the tests run in a venv
+themselves; the test proves that the package it imports is the wheel's copy inside the venv, not
 this checkout.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
@@ -86,8 +88,11 @@ def test_wheel_installs_with_presets_and_default_model(tmp_path):
     assert not [name for name in names if "my-own-model" in name], "only the shipped model goes into the wheel"
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=tmp_path)
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
     python = venv / "bin" / "python"
+    venv_site = Path(run([python, "-c", "import site; print(site.getsitepackages()[0])"], cwd=tmp_path).stdout.strip())
+    # this environment's packages after the venv's own (its .pth files, e.g. the editable finder, stay unread)
+    (venv_site / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     # the machine's pip, running inside the venv: installs there, never touches this environment's copy
     run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=tmp_path)
 
@@ -102,15 +107,15 @@ def test_wheel_installs_with_presets_and_default_model(tmp_path):
     }
     probe = "import liveperceiver.shipped as s; print(s.__file__); print(s.shipped_dir('presets')); print(s.shipped_dir('models'))"
     located = run([python, "-c", probe], cwd=elsewhere, env=env).stdout.split()
-    site = venv.resolve()
-    assert all(Path(path).resolve().is_relative_to(site) for path in located), f"not the wheel's copy: {located}"
+    venv_root = venv.resolve()
+    assert all(Path(path).resolve().is_relative_to(venv_root) for path in located), f"not the wheel's copy: {located}"
 
     listed = run([venv / "bin" / "liveperceiver", "presets"], cwd=elsewhere, env=env).stdout
     assert "no presets found" not in listed
     assert [line.split()[1] for line in listed.splitlines()[: len(PRESETS)]] == PRESETS
 
     shown = run([venv / "bin" / "liveperceiver", "presets", "show", "duet"], cwd=elsewhere, env=env).stdout
-    assert 'mode = "duet"' in shown and str(site) in shown.splitlines()[0]
+    assert 'mode = "duet"' in shown and str(venv_root) in shown.splitlines()[0]
 
     shutil.copy(TOKENIZER_GOLDEN / "v_chords.mid", elsewhere / "x.mid")
     command = ["continue", "x.mid", "-o", "y.mid", "--max-new-tokens", "48", "--seed", "1", "--no-include-prompt"]
