@@ -97,8 +97,10 @@ def find_preset(name_or_path: str | Path) -> Path:
 # --------------------------------------------------------------------------- loading and validating
 
 
-def load_preset(name_or_path: str | Path) -> Settings:
-    """The validated Settings of a preset name or TOML file; any mistake raises a one-line UserError."""
+def load_preset(name_or_path: str | Path, default_model: str | None = None) -> Settings:
+    """The validated Settings of a preset name or TOML file; any mistake raises a one-line UserError.
+    `default_model`: the model that plays when the preset names none (a `--model` flag, a live
+    session's current model; None: the shipped default); num_latents is checked against it."""
     path = find_preset(name_or_path)
     values = _flatten(_read_toml(path), path)
     settings = replace(Settings(), **values)
@@ -111,18 +113,25 @@ def load_preset(name_or_path: str | Path) -> Settings:
             f"{path}: {_key(name)} = {_show(getattr(settings, name))}{origin} is outside the allowed values "
             f"({_allowed(name)})"
         ) from None
-    _check_model(settings, values, path)
+    _check_model(settings, values, path, default_model)
     return settings
 
 
-def _check_model(settings: Settings, values: dict, path: Path) -> None:
-    """The model the preset names exists, and num_latents fits it (or the default model if it names none)."""
+def _check_model(settings: Settings, values: dict, path: Path, default_model: str | None) -> None:
+    """The model the preset names exists, and num_latents fits it (or the model that plays if it names none)."""
     try:
-        max_latents = model_max_latents(settings.model)
+        max_latents = model_max_latents(settings.model or default_model)
     except UnknownModel as error:
+        if settings.model is None:  # not the preset's mistake: whoever chose that model reports it
+            return
         raise UserError(f"{path}: model = {_show(settings.model)}: {error}") from None
     if max_latents is not None and settings.num_latents > max_latents:
-        model = _show(settings.model) if settings.model else f"{_show(DEFAULT_MODEL)} (the default)"
+        if settings.model:
+            model = _show(settings.model)
+        elif default_model:
+            model = f"{_show(default_model)} (the model that plays)"
+        else:
+            model = f"{_show(DEFAULT_MODEL)} (the default)"
         origin = "" if "num_latents" in values else " (the default)"
         raise UserError(
             f"{path}: {_key('num_latents')} = {settings.num_latents}{origin} is more than the model {model} allows "

@@ -196,6 +196,13 @@ def test_num_latents_up_to_the_model_s_max_latents_is_accepted(tmp_path):
     assert load_preset(write(tmp_path / "d.toml", 'model = "someone/some-model"\n[sampling]\nnum_latents = 1000\n'))
 
 
+def test_num_latents_is_checked_against_the_model_that_plays_when_the_preset_names_none(tmp_path):
+    preset = write(tmp_path / "p.toml", "[sampling]\nnum_latents = 100\n")
+    assert load_preset(preset).num_latents == 100  # the shipped default model allows it
+    with pytest.raises(UserError, match=r"num_latents = 100 is more than the model .*tiny-a.* \(1 \.\. 32"):
+        load_preset(preset, default_model=str(TINY))  # e.g. play --model tiny-a --preset p.toml
+
+
 def test_malformed_toml_names_the_line(tmp_path):
     message = one_line_error(write(tmp_path / "p.toml", 'mode = "call"\n\n[sampling\ntemperature = 1.0\n'))
     assert "line 3" in message
