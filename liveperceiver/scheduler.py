@@ -2,7 +2,8 @@
 
 Every note-on the scheduler sends gets exactly one note-off, whatever happens: the note's own
 off, a barge-in (`silence`), a mode switch, `panic`, a stop, an exception, a retrigger of the same
-pitch, or the watchdog that cuts notes longer than `max_note_seconds`. Other threads only queue
+pitch, or the watchdog that cuts notes longer than `max_note_seconds`. The player's notes passed
+thru end at `close`, and a sustain pedal passed thru is let up there. Other threads only queue
 work here (under a short lock) and never wait for the port.
 
 Timing: the thread sleeps on a condition until about 1.5 ms before an event is due, then spins
@@ -95,6 +96,7 @@ class Scheduler:
         self.epoch = 0  # bumped by silence(); schedule() drops notes planned in an older epoch
         self.sounding: dict[int, Sounding] = {}  # model pitch -> what was sent; thread-owned
         self.thru_sounding: set[tuple[int, int]] = set()  # (channel, pitch) of thru notes; thread-owned
+        self.thru_pedal: set[int] = set()  # channels whose sustain pedal (CC64) went down thru; thread-owned
         self.seq = itertools.count()
         self.jitters: deque[float] = deque(maxlen=4096)  # sent - scheduled, events planned ahead
         self.lateness: deque[float] = deque(maxlen=4096)  # sent - scheduled, events already due when planned
@@ -204,6 +206,10 @@ class Scheduler:
             for channel, pitch in list(self.thru_sounding):
                 self._emit([0x80 | channel, pitch, 0], model=False)
             self.thru_sounding.clear()
+            # a pedal left down would sustain the notes just ended (all notes off spares held notes)
+            for channel in sorted(self.thru_pedal):
+                self._emit([0xB0 | channel, 64, 0], model=False)
+            self.thru_pedal.clear()
             if self.sent_on:
                 # A note-off lost on the way (an overloaded JACK drops messages) would leave the
                 # synth holding a note that was closed here: all notes off on the output channel.
@@ -286,6 +292,11 @@ class Scheduler:
             self.thru_sounding.add((message[0] & 0x0F, message[1]))
         elif status in (0x80, 0x90) and len(message) == 3:
             self.thru_sounding.discard((message[0] & 0x0F, message[1]))
+        elif status == 0xB0 and len(message) == 3 and message[1] == 64:
+            if message[2] >= 64:
+                self.thru_pedal.add(message[0] & 0x0F)
+            else:
+                self.thru_pedal.discard(message[0] & 0x0F)
         self._emit(message, model=False)
 
     def _emit(self, message: list[int], model: bool = True) -> float:
