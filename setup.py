@@ -39,6 +39,8 @@ class BuildWithShippedData(build_py):
         super().run()
         if self.editable_mode:  # the editable package reads the top-level folders themselves
             return
+        data = Path(self.build_lib) / "liveperceiver" / "data"
+        shutil.rmtree(data, ignore_errors=True)  # an earlier build's build/ may hold a preset since removed
         for target, source in shipped_files().items():
             destination = Path(self.build_lib) / "liveperceiver" / target
             destination.parent.mkdir(parents=True, exist_ok=True)
