@@ -389,7 +389,7 @@ class Session:
         self.commands.put(("stop",))
         deadline = time.monotonic() + 0.5
         for thread in self.threads:
-            if thread is not threading.current_thread():
+            if thread is not threading.current_thread() and thread.ident is not None:  # started
                 thread.join(max(0.0, deadline - time.monotonic()))
         self.scheduler.close()
         last_sent = time.monotonic()

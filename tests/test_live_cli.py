@@ -183,7 +183,7 @@ def test_100k_random_and_malformed_messages(tmp_path):
         assert session.snapshot().notes_in > 2_000  # the garbage really reached the session (JACK drops some)
         assert session.errors == 0
     finally:
-        session.close()
+        session.close(release_ports=True)
         keys.close()
     assert no_stuck_notes(keys, session.recorder.path)
 
@@ -204,7 +204,7 @@ def test_named_port_vanishes_and_is_reconnected(tmp_path):
         piano.send_message([0x90, 62, 100])
         assert wait_for(lambda: session.snapshot().notes_in == 2, timeout=3)
     finally:
-        session.close()
+        session.close(release_ports=True)
         ports.release(piano)
 
 

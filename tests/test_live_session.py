@@ -13,6 +13,7 @@ import weakref
 
 import mido
 import pytest
+import torch
 
 from liveperceiver import vocab
 from liveperceiver.session import Session
@@ -432,3 +433,25 @@ def test_a_call_mode_barge_in_leaves_the_players_held_notes_alone(live):
     assert tokens.count(vocab.note_off(60)) == 1
     assert tokens.index(vocab.note_on(64)) < tokens.index(vocab.note_off(60))
     assert not any(session.engine.sampled)
+
+
+def test_play_takes_the_engines_compute_dtype(tmp_path, jack_server, capsys):  # noqa: F811
+    """README recommends `--dtype bfloat16` on GPUs: play takes it (here on the CPU, pinned), and a
+    combination the engine cannot run is one line, exit 2."""
+    from liveperceiver.cli import build_parser, main
+
+    args = build_parser().parse_args(["play", "--headless", "--dtype", "bfloat16", "--device", "cpu"])
+    assert args.dtype == "bfloat16"
+    session = Session(
+        Settings(mode="listen"), model=str(TINY), api="jack", session_dir=tmp_path / "s", dtype=args.dtype
+    )
+    try:
+        assert session.engine.precision == "bfloat16"
+        assert session.engine.dtype == torch.bfloat16
+    finally:
+        session.close(release_ports=True)
+    code = main(
+        ["play", "--headless", "--midi-api", "jack", "--model", str(TINY), "--dtype", "bfloat16", "--weights", "int8"]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.count("\n") == 1
