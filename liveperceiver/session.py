@@ -351,7 +351,8 @@ class Session:
         """Switch to a preset's settings live (the model is reloaded only if the preset names another)."""
         from liveperceiver.presets import load_preset
 
-        preset = load_preset(name_or_path).to_dict()
+        current = self.settings.model if isinstance(self.settings.model, str) else None
+        preset = load_preset(name_or_path, default_model=current).to_dict()  # its num_latents fits this model
         if preset.get("model") is None:
             preset.pop("model")  # the preset does not choose: keep the current model
         return self.update(**preset)
@@ -1042,7 +1043,7 @@ def settings_from_args(args) -> Settings:
     """The preset (or the defaults) with the command-line flags that were given on top."""
     from liveperceiver import presets
 
-    settings = presets.load_preset(args.preset) if args.preset else Settings()
+    settings = presets.load_preset(args.preset, default_model=args.model) if args.preset else Settings()
     in_channel = None
     if args.in_channel is not None:
         in_channel = 0 if args.in_channel == "all" else _int_flag("--in-channel", args.in_channel)

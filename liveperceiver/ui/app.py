@@ -430,7 +430,8 @@ class LivePerceiverApp(App):
                 self.call_from_thread(self.log_line, f"no preset {number} ({len(presets)} presets)")
                 return
             info = presets[number - 1]
-            settings = load_preset(info.path)
+            model = self.session.settings.model
+            settings = load_preset(info.path, default_model=model if isinstance(model, str) else None)
         except Exception as error:
             self.call_from_thread(self.log_line, f"warning: preset {number}: {error}")
             return
