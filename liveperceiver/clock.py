@@ -36,7 +36,7 @@ DEFAULT_BPM = 120.0
 @dataclass
 class ClockState:
     bpm: float | None  # None: no clock in the last second
-    running: bool  # transport playing (after Start/Continue, before Stop)
+    running: bool  # playing: after Start/Continue and before Stop, or before any transport message
     pulses: int  # song position of the next pulse, in pulses (since Start or a Song Position)
 
 
@@ -48,25 +48,27 @@ class ClockTracker:
     steady beat grid for quantising; single late pulses move neither much. A gap in the pulses
     longer than `timeout_s` (a DAW that sends clock only while playing, stopped) starts a new line.
 
-    Only the input thread calls `feed`; the other methods read a few attributes and copy the deque,
-    which is safe from any thread (a reader may see the state of one message earlier).
+    Only the input thread calls `feed`; the other methods read a few attributes and copy the deque
+    (one C call under CPython's GIL), so any thread may call them and see the state of one message
+    earlier at worst.
     """
 
     def __init__(self, window: int = 4 * PPQN, timeout_s: float = 1.0):
         self.points: deque[tuple[int, float]] = deque(maxlen=window + 1)  # (pulse count, arrival time)
         self.timeout_s = timeout_s
-        self.running = False  # the transport plays: after Start or Continue, before Stop
+        self.playing = False  # the transport said so: after Start or Continue, before Stop
         self.transport_heard = False  # any Start/Continue/Stop: until then the pulses are taken as playing
         self.count = 0  # every pulse ever seen: the number the next pulse gets
-        self.pulses = 0  # song position of the next pulse (advances only while playing)
+        self.pulses = 0  # song position of the next pulse (advances only while running)
         self.resume_at: int | None = None  # a Song Position heard while stopped: where Continue resumes
         self.beat_count: int | None = None  # the pulse number (`count`) of a beat while the position advances
         self.last_pulse: float | None = None
 
     @property
-    def advancing(self) -> bool:
-        """Whether pulses move the song position: playing, or no transport message heard yet."""
-        return self.running or not self.transport_heard
+    def running(self) -> bool:
+        """Playing, as far as the clock tells: the transport said so, or no transport message came yet
+        (LivePerceiver joined a DAW that plays). Pulses move the song position only while running."""
+        return self.playing or not self.transport_heard
 
     def _anchor(self) -> None:
         """The next pulse (number `count`) is at song position `pulses`: place the beat grid on it."""
@@ -79,36 +81,36 @@ class ClockTracker:
                 self.points.clear()  # the clock paused: the pulses before the gap do not fit a line with these
             self.points.append((self.count, time))
             self.last_pulse = time
-            if self.beat_count is None and self.advancing:
+            if self.beat_count is None and self.running:
                 self._anchor()  # the first pulse heard without a Start: the grid's origin
             self.count += 1
-            if self.advancing:
+            if self.running:
                 self.pulses += 1
             return None
         if status == START:
-            self.running = self.transport_heard = True
+            self.playing = self.transport_heard = True
             self.pulses, self.resume_at = 0, None
             self._anchor()
             return "start"
         if status == CONTINUE:
-            self.running = self.transport_heard = True
+            self.playing = self.transport_heard = True
             if self.resume_at is not None:
                 self.pulses, self.resume_at = self.resume_at, None
             self._anchor()
             return "continue"
         if status == STOP:
-            was_playing = self.advancing  # before any transport message the clock was taken as playing
-            self.running, self.transport_heard, self.resume_at = False, True, None
-            return "stop" if was_playing else None
+            was_running = self.running  # before any transport message the clock was taken as playing
+            self.playing, self.transport_heard, self.resume_at = False, True, None
+            return "stop" if was_running else None
         if status == SONG_POSITION and len(data) >= 2:
             self.pulses = ((data[1] & 0x7F) << 7 | (data[0] & 0x7F)) * PULSES_PER_SIXTEENTH
-            if self.running:
+            if self.playing:
                 self._anchor()  # a jump while playing (a loop): the next pulse is there
             else:
                 # stopped, or not known: Continue resumes here. Until then a clock that plays on
                 # without a transport message heard moves the position from here.
                 self.resume_at = self.pulses
-                if self.advancing:
+                if self.running:
                     self._anchor()
         return None
 

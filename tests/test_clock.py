@@ -77,6 +77,7 @@ def test_tempo_and_grid_follow_a_clock_that_is_already_playing():
         sent = play_pulses(clock, 100, first, PPQN * beats)
         now = arrival(sent[-1])
         assert clock.bpm(now) == pytest.approx(100, abs=0.3)
+        assert clock.running and clock.pulses == PPQN * beats  # taken as playing: the UI shows no stop sign
         spread += errors_ms(clock, "1/16", first, step, now, rng)
         clock = ClockTracker()  # the same clock replayed further each turn, from a fresh tracker
     # the grid lags the DAW's by the stamps' mean delay (half a JACK period) and holds still within 2 ms;
@@ -228,6 +229,7 @@ def test_a_session_quantises_to_a_clock_that_was_playing_before_it_started(tmp_p
                 time.sleep(0.0005)
             keys.send(message)
         assert session.clock.bpm(time.monotonic()) == pytest.approx(100, abs=0.5)
+        assert session.snapshot().transport_running
         with session.lock:  # stamped as the scheduler sent them
             onsets = [when for when, is_on, _, who in session.roll if who == "model" and is_on and when > first + 1.2]
         assert len(onsets) >= 2, session.snapshot().log
