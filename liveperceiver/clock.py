@@ -116,9 +116,10 @@ class ClockTracker:
 
     def _fit(self, now: float) -> tuple[float, float] | None:
         """(intercept, seconds per pulse) of the recent pulses; None without fresh pulses."""
-        if self.last_pulse is None or now - self.last_pulse > self.timeout_s or len(self.points) < PPQN // 2 + 1:
+        points = list(self.points)  # one copy: the input thread may clear the deque meanwhile
+        last_pulse = self.last_pulse
+        if last_pulse is None or now - last_pulse > self.timeout_s or len(points) < PPQN // 2 + 1:
             return None
-        points = list(self.points)
         n = len(points)
         mean_c = sum(c for c, _ in points) / n
         mean_t = sum(t for _, t in points) / n
