@@ -273,7 +273,7 @@ def add_bench(subparsers) -> None:
     parser.add_argument(
         "--quantize",
         choices=WEIGHTS[2:],
-        help="int8: dynamic int8 Linear layers (CPU); float16/bfloat16: 16-bit weights, float32 activations",
+        help="int8: int8 weights, a scale per output channel; float16/bfloat16: 16-bit weights, float32 activations",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--flat", action="store_true", help="also compare step time after 100k vs 5k tokens")
