@@ -357,7 +357,15 @@ class _Port:
 
     direction = ""
 
-    def __init__(self, api: str, wanted: str | None, virtual_name: str, log: Callable[[str], None]):
+    def __init__(
+        self,
+        api: str,
+        wanted: str | None,
+        virtual_name: str,
+        log: Callable[[str], None],
+        lister=None,
+        open_now: bool = True,
+    ):
         self.api = api
         self.wanted = wanted
         self.virtual_name = virtual_name
@@ -365,16 +373,21 @@ class _Port:
         self.lock = threading.Lock()  # guards self.port against check() reopening it during use
         self.connected_name: str | None = None
         self.registered_name: str | None = None  # our virtual port's full JACK name, when known
-        if wanted is None:
-            self.port = self._new_virtual()
-        else:
-            self.port = self._new_client()
-            index = match_port(self.port.get_ports(), wanted)
-            if index is None:
-                available = ", ".join(self.port.get_ports()) or "none"
-                release(self.port)
-                raise UserError(f"no MIDI {self.direction} port matches {wanted!r}; available: {available}")
-            self._open(index)
+        self.port = self._new_client()
+        if open_now:
+            self.open(lister)
+
+    def open(self, lister=None) -> None:
+        """Open our virtual port, or connect to the wanted one (UserError, leaving nothing open)."""
+        if self.wanted is None:
+            self.open_virtual(lister)
+            return
+        index = match_port(self.port.get_ports(), self.wanted)
+        if index is None:
+            available = ", ".join(self.port.get_ports()) or "none"
+            release(self.port)
+            raise UserError(f"no MIDI {self.direction} port matches {self.wanted!r}; available: {available}")
+        self._open(index)
 
     def _new(self):
         raise NotImplementedError
@@ -387,30 +400,36 @@ class _Port:
                 f"cannot open a {self.api} MIDI {self.direction} client ({error}): {_install_hint(self.api)}"
             ) from None
 
-    def _new_virtual(self):
-        """A new client with our virtual port open (raises UserError, leaving nothing open); sets
-        the name the player sees: JACK renames a second instance's client (`LivePerceiver In-01`)."""
-        port = self._new_client()
+    def open_virtual(self, lister=None) -> None:
+        """Open our virtual port on this port's client (raises UserError, leaving nothing open).
+
+        `lister`: the session's client of the other direction, whose `get_ports()` lists ports of
+        our kind; the port that appears there is ours, under the name JACK registered (a second
+        instance's client is renamed `LivePerceiver In-01`). No extra client is opened for it:
+        every JACK client opened and closed is one more exposure to libjack's races (see close)."""
         try:
-            before = self._listed_with_ours() if self.api == "jack" else []
-            port.open_virtual_port(self.virtual_name)
-            after = self._listed_with_ours() if self.api == "jack" else []
+            before = lister.get_ports() if lister is not None and self.api == "jack" else None
+            self.port.open_virtual_port(self.virtual_name)
+            after = lister.get_ports() if before is not None else []
         except rtmidi.RtMidiError as error:
-            release(port)
+            release(self.port)
             raise UserError(f"cannot create the virtual MIDI port {self.virtual_name!r} ({error})") from None
-        new = [name for name in after if name not in before and name.endswith(":" + self.virtual_name)]
+        new = [name for name in after if name not in (before or []) and name.endswith(":" + self.virtual_name)]
         self.registered_name = new[0] if len(new) == 1 else None
         renamed = (
             self.registered_name is not None and self.registered_name != f"{self.virtual_name}:{self.virtual_name}"
         )
         self.connected_name = self.registered_name if renamed else self.virtual_name
-        return port
 
-    def _listed_with_ours(self) -> list[str]:
-        """The ports of the kind ours is, as other clients list them: destinations for our input,
-        sources for our output (a port-less client lists them; it registers no port)."""
-        sources, destinations = list_ports(self.api)
-        return destinations if self.direction == "input" else sources
+    def _new_virtual(self):
+        """A new client with our virtual port open, for a reopen (its JACK name is not looked up)."""
+        previous = self.port
+        self.port = self._new_client()
+        try:
+            self.open_virtual()
+            return self.port
+        finally:
+            self.port = previous  # the caller swaps it in under its lock
 
     def port_names(self) -> list[str]:
         with self.lock:
@@ -472,9 +491,11 @@ class MidiInput(_Port):
 
     direction = "input"
 
-    def __init__(self, api: str, wanted: str | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self, api: str, wanted: str | None = None, log: Callable[[str], None] = print, lister=None, open_now=True
+    ):
         self.queue: queue.SimpleQueue[StampedMessage] = queue.SimpleQueue()
-        super().__init__(api, wanted, VIRTUAL_IN, log)
+        super().__init__(api, wanted, VIRTUAL_IN, log, lister, open_now)
         self.reader = InputReader(self.port, self.queue.put, name="midi-in")
 
     def _new(self):
@@ -502,8 +523,10 @@ class MidiOutput(_Port):
 
     direction = "output"
 
-    def __init__(self, api: str, wanted: str | None = None, log: Callable[[str], None] = print):
-        super().__init__(api, wanted, VIRTUAL_OUT, log)
+    def __init__(
+        self, api: str, wanted: str | None = None, log: Callable[[str], None] = print, lister=None, open_now=True
+    ):
+        super().__init__(api, wanted, VIRTUAL_OUT, log, lister, open_now)
 
     def _new(self):
         port = rtmidi.MidiOut(API_IDS[self.api], name=VIRTUAL_OUT if self.wanted is None else CLIENT_NAME)
@@ -568,6 +591,29 @@ class MidiOutput(_Port):
         if ok is False:
             self.log(f"output port {self.virtual_name!r} still delivers nothing after {attempts} reopenings")
         return ok
+
+
+def open_ports(
+    api: str, in_port: str | None, out_port: str | None, log: Callable[[str], None]
+) -> tuple[MidiInput, MidiOutput]:
+    """A session's two ports. Both clients first, then our virtual ports, each while the other's
+    client lists its kind (so both know the names JACK registered: `_Port.open_virtual`), then the
+    named ones (so a name that matches our own virtual port is seen: `feedback_loop`). Nothing is
+    left open on error."""
+    midi_in = MidiInput(api, in_port, log=log, open_now=False)
+    midi_out = None
+    try:
+        midi_out = MidiOutput(api, out_port, log=log, open_now=False)
+        for port, other in sorted(
+            ((midi_in, midi_out), (midi_out, midi_in)), key=lambda pair: pair[0].wanted is not None
+        ):
+            port.open(lister=other.port)
+    except BaseException:
+        midi_in.close()
+        if midi_out is not None:
+            midi_out.close()
+        raise
+    return midi_in, midi_out
 
 
 def feedback_loop(midi_in: _Port, midi_out: _Port) -> tuple[str, bool] | None:

@@ -48,7 +48,7 @@ from typing import NoReturn
 from liveperceiver import vocab
 from liveperceiver.clock import ClockTracker
 from liveperceiver.errors import UserError
-from liveperceiver.ports import MidiInput, MidiOutput, feedback_loop, resolve_api
+from liveperceiver.ports import feedback_loop, open_ports, resolve_api
 from liveperceiver.recorder import MODEL, PLAYER, Recorder
 from liveperceiver.scheduler import OutNote, Scheduler
 from liveperceiver.settings import Settings
@@ -233,12 +233,7 @@ class Session:
         self.log_count = 0  # lines ever logged (the deque keeps the last LOG_LINES)
         self.api = resolve_api(api)
         # ports first: a wrong port name is reported before a slow model load
-        self.midi_in = MidiInput(self.api, in_port, log=self.warn)
-        try:
-            self.midi_out = MidiOutput(self.api, out_port, log=self.warn)
-        except BaseException:
-            self.midi_in.close()
-            raise
+        self.midi_in, self.midi_out = open_ports(self.api, in_port, out_port, log=self.warn)
         loop = feedback_loop(self.midi_in, self.midi_out)
         if loop is not None and loop[1]:
             self.midi_in.close(release_port=True)

@@ -267,8 +267,8 @@ def test_private_jack_servers_reuse_a_small_pool_of_names(monkeypatch):
 
 @pytest.mark.jack
 def test_a_second_instance_is_named_as_jack_renamed_it(fresh_jack_server):  # noqa: F811
-    first_in, first_out = ports.MidiInput("jack", log=print), ports.MidiOutput("jack", log=print)
-    second_in, second_out = ports.MidiInput("jack", log=print), ports.MidiOutput("jack", log=print)
+    first_in, first_out = ports.open_ports("jack", None, None, log=print)
+    second_in, second_out = ports.open_ports("jack", None, None, log=print)
     try:
         assert (first_in.name, first_out.name) == (ports.VIRTUAL_IN, ports.VIRTUAL_OUT)
         sources, destinations = ports.list_ports("jack")
