@@ -6,6 +6,7 @@ One object, driven the same way by `play --headless` and by the UI. Public surfa
     session.start()
     session.set_mode("duet"); session.update(temperature=1.1); session.update(model="other")
     session.apply_preset("duet")   # a preset's settings, live (the model only if the preset names one)
+    session.update(link=True)      # join the Ableton Link session (link_quantum, link_start_stop, answer_on)
     session.panic()
     session.pause(True); session.reset(); session.save(path)
     snap = session.snapshot()      # thread-safe, cheap: for a UI at <= 30 Hz
@@ -22,6 +23,9 @@ Threads and who owns what (GUIDE.md section 3):
   commits the played part of what it sampled and rolls back (engine.truncate) what was not played.
 - scheduler thread: the only writer to the output; every note-on gets its note-off.
 - recorder thread: journal flushes.
+- link thread (only with Link on, link.LinkClock): owns the aalink.Link; publishes its beat grid as
+  an immutable LinkTimeline; a peer's start/stop silences the scheduler and queues a transport
+  command, as a MIDI Stop/Start does.
 
 The timeline: the encoder works in seconds since `self.t0` (reset by `reset()`); the scheduler in
 `time.monotonic()` seconds. Sampled tokens are speculative until the scheduler has sent their
@@ -46,8 +50,20 @@ from pathlib import Path
 from typing import NoReturn
 
 from liveperceiver import vocab
-from liveperceiver.clock import ClockTracker
+from liveperceiver.clock import GRID_BEATS, ClockTracker
 from liveperceiver.errors import UserError
+from liveperceiver.link import (
+    DEFAULT_BPM,
+    FREE,
+    LINK,
+    LinkClock,
+    LinkStatus,
+    LinkTimeline,
+    check_tempo,
+    clock_source,
+    describe_source,
+    require_aalink,
+)
 from liveperceiver.ports import feedback_loop, open_ports, resolve_api
 from liveperceiver.recorder import MODEL, PLAYER, Recorder
 from liveperceiver.scheduler import OutNote, Scheduler
@@ -187,6 +203,8 @@ class Snapshot:
     session_dir: str = ""
     suppressed: int = 0  # input notes recognised as our own echo
     errors: int = 0  # engine/input exceptions survived (details in log)
+    clock_source: str = FREE  # what times the session: "link", "midi clock" or "free" (link.clock_source)
+    link: LinkStatus | None = None  # Link's peers, tempo and beat in the bar; None while Link is off
 
 
 class Session:
@@ -200,10 +218,15 @@ class Session:
       (`step_times`, `reactions`, `sample_seconds`, `music_seconds`, `roll`, `answer_starts`,
       `pending_answer_start`) and the log (`log_lines`, `log_count`: any thread logs).
     - `echoes` (EchoMemory) has a lock of its own: the scheduler thread writes, the input thread reads.
-    - The input thread owns `last_port_check`, `last_tempo_log` and writes `last_activity` (a float
-      the engine thread only reads). `clock` is fed by it and read by the others (its own lock).
+    - The input thread owns `last_port_check`, `last_tempo_log`, `clock_source_shown` and writes
+      `last_activity` (a float the engine thread only reads). `clock` is fed by it and read by the
+      others (its own lock).
+    - `link` (a LinkClock, None until Link is first turned on) is set once, by `__init__` or by
+      `update()` under `link_lock`, and never replaced; its Link object belongs to its own thread,
+      and the others read its `timeline`, an immutable value swapped whole.
     - The engine thread owns the engine, the encoder, the decoder, the run state (`speculation`,
-      `carry`, `committed`, ...) and `context`, the (tokens, window) it publishes for `snapshot()`.
+      `carry`, `committed`, ...), `grid` (the Link timeline its plans are made on), `stopped_by`,
+      and `context`, the (tokens, window) it publishes for `snapshot()`.
       `snapshot()` reads `decoder`, `speculation`, `paused`, `transport_stopped` as plain references.
     - `settings` is an immutable Settings replaced whole by the caller of `update()` (the UI); the
       other threads read the reference and the engine thread hears of it through `commands`.
@@ -222,8 +245,15 @@ class Session:
         device: str = "auto",
         weights: str = "auto",
         dtype: str = "float32",
+        link_tempo: float | None = None,
     ):
         settings.validate()
+        if settings.link:
+            require_aalink()  # before the ports and the model: a missing package is one line at once
+        if link_tempo is not None:
+            check_tempo(link_tempo)
+            if not settings.link:
+                raise UserError("--link-tempo proposes a tempo to the Link session: it needs --link")
         self.settings = settings
         self.device = device  # the engine's: cuda, then mps, then cpu
         self.weights = weights  # how the engine stores Linear weights (resolve_weights)
@@ -309,6 +339,21 @@ class Session:
             threading.Thread(target=self._input_loop, name="lp-input", daemon=True),
             threading.Thread(target=self._engine_loop, name="lp-engine", daemon=True),
         ]
+        # Ableton Link (see the class docstring for who owns what)
+        self.clock_source_shown = FREE  # input thread: the clock source last logged
+        self.grid: LinkTimeline | None = None  # engine thread: the Link grid planned notes are on
+        self.stopped_by: str | None = None  # engine thread: what stopped the transport ("link", "midi clock")
+        self.link_lock = threading.Lock()  # creating the LinkClock (update() may run on two threads)
+        self.link_tempo = link_tempo
+        self.link: LinkClock | None = None
+        if settings.link:
+            try:
+                self.link = self._new_link(settings)
+            except BaseException:
+                self.recorder.close()
+                self.midi_in.close()
+                self.midi_out.close()
+                raise
 
     # ------------------------------------------------------------------ public commands
 
@@ -333,14 +378,62 @@ class Session:
         self.update(mode=mode)
 
     def update(self, **changes) -> Settings:
-        """Change settings live (mode, sampling, timing, output, model); invalid values raise ValueError."""
+        """Change settings live (mode, sampling, timing, output, model, Link); invalid values raise
+        ValueError (turning Link on without the aalink package too)."""
         old = self.settings
         new = old.updated(**changes)
+        if new.link and self.link is None:
+            try:
+                require_aalink()
+            except UserError as error:
+                raise ValueError(str(error)) from None
         self.settings = new
         self.scheduler.settings = new
         changed = tuple(name for name in changes if getattr(old, name) != getattr(new, name))
+        if {"link", "link_quantum", "link_start_stop"} & set(changed):
+            self._apply_link(old, new)
         self.commands.put(("settings", new, changed))
         return new
+
+    def _new_link(self, settings: Settings) -> LinkClock:
+        """Join the Link session; with `link_tempo` (play --link-tempo), propose that tempo to it."""
+        link = LinkClock(
+            quantum=settings.link_quantum,
+            start_stop=settings.link_start_stop,
+            bpm=self.link_tempo or DEFAULT_BPM,
+            on_transport=self._link_transport,
+            log=self.info,
+        )
+        if self.link_tempo is not None:
+            link.propose_tempo(self.link_tempo)
+        ignored = "" if settings.link_start_stop else ", start/stop ignored"
+        self.info(f"link: on, {settings.link_quantum} beats per bar{ignored}")
+        return link
+
+    def _apply_link(self, old: Settings, new: Settings) -> None:
+        """Link turned on or off, or its quantum or start/stop sync changed (the caller's thread)."""
+        with self.link_lock:
+            if new.link and self.link is None:
+                self.link = self._new_link(new)
+                return
+        if self.link is None:
+            return
+        if (old.link_quantum, old.link_start_stop) != (new.link_quantum, new.link_start_stop):
+            self.link.configure(new.link_quantum, new.link_start_stop)
+        if old.link != new.link:
+            self.link.set_enabled(new.link)
+            self.info("link: on" if new.link else "link: off")
+        if not (new.link and new.link_start_stop):
+            self.commands.put(("link released",))  # a stop that came from Link no longer holds
+
+    def _link_transport(self, playing: bool, when: float) -> None:
+        """The Link thread: a peer started or stopped the session's transport (start/stop sync)."""
+        settings = self.settings
+        if not (settings.link and settings.link_start_stop):
+            return
+        if not playing:
+            self.scheduler.silence()  # every model note off now, as a MIDI Stop does
+        self.commands.put(("transport", playing, when, LINK))
 
     def apply_preset(self, name_or_path: str) -> Settings:
         """Switch to a preset's settings live (the model is reloaded only if the preset names another)."""
@@ -350,6 +443,8 @@ class Session:
         preset = load_preset(name_or_path, default_model=current).to_dict()  # its num_latents fits this model
         if preset.get("model") is None:
             preset.pop("model")  # the preset does not choose: keep the current model
+        if not preset["link"]:
+            preset.pop("link")  # a preset turns Link on, never off (leaving the session is update(link=False))
         return self.update(**preset)
 
     def panic(self) -> None:
@@ -388,6 +483,8 @@ class Session:
             if thread is not threading.current_thread() and thread.ident is not None:  # started
                 thread.join(max(0.0, deadline - time.monotonic()))
         self.scheduler.close()
+        if self.link is not None:
+            self.link.close()  # leave the Link session (its peers see one peer fewer)
         last_sent = time.monotonic()
         saved = None
         try:
@@ -429,6 +526,8 @@ class Session:
                 roll.append((now - note.time, None, note.pitch + self.settings.transpose, "ahead"))
         jitter = [j * 1000 for j in self.scheduler.jitter()]
         context_tokens, context_window = self.context
+        source, timeline, midi_bpm = self._time_source(now)
+        linked = source == LINK
         return Snapshot(
             mode=self.settings.mode,
             state=self._state(),
@@ -442,8 +541,8 @@ class Session:
             reaction_ms=tuple(None if v is None else v * 1000 for v in percentiles(reactions)),
             jitter_ms=percentiles(jitter),
             realtime_factor=rtf,
-            bpm=self.clock.bpm(now),
-            transport_running=self.clock.running,
+            bpm=timeline.bpm if linked else midi_bpm,
+            transport_running=not self.transport_stopped if linked else self.clock.running,
             context_tokens=context_tokens,
             context_window=context_window,
             recording=str(self.recorder.path),
@@ -459,7 +558,16 @@ class Session:
             session_dir=str(self.recorder.dir),
             suppressed=suppressed,
             errors=errors,
+            clock_source=source,
+            link=timeline.status(now) if timeline is not None else None,
         )
+
+    def _time_source(self, now: float) -> tuple[str, LinkTimeline | None, float | None]:
+        """(clock source, Link's timeline while Link is on, the MIDI clock's tempo): any thread."""
+        link = self.link
+        timeline = link.timeline if link is not None and self.settings.link else None
+        midi_bpm = self.clock.bpm(now)
+        return clock_source(timeline, midi_bpm), timeline, midi_bpm
 
     # ------------------------------------------------------------------ logging
 
@@ -570,7 +678,11 @@ class Session:
                         line = f"port check failed: {error}"
                     if line:
                         self.warn(line)
-                bpm = self.clock.bpm(now)
+                source, timeline, midi_bpm = self._time_source(now)
+                if source != self.clock_source_shown:
+                    self.clock_source_shown = source
+                    self.info(describe_source(source, timeline, midi_bpm, now))
+                bpm = timeline.bpm if source == LINK else midi_bpm
                 if bpm is not None and now - self.last_tempo_log > 2.0:
                     self.last_tempo_log = now
                     self.recorder.record_tempo(now, bpm)
@@ -591,9 +703,9 @@ class Session:
             change = self.clock.feed(status, message[1:], when)
             if change == "stop":
                 self.scheduler.silence()
-                self.commands.put(("transport", False, when))
+                self.commands.put(("transport", False, when, "midi clock"))
             elif change in ("start", "continue"):
-                self.commands.put(("transport", True, when))
+                self.commands.put(("transport", True, when, "midi clock"))
             return
         kind, channel = status & 0xF0, status & 0x0F
         if len(message) < 3 or kind not in (0x80, 0x90, 0xB0) or any(b > 127 for b in message[1:3]):
@@ -691,6 +803,7 @@ class Session:
         if self.stopping.is_set():
             return
         self._commit_played()
+        self._follow_grid(time.monotonic())
         if self.paused or self.transport_stopped:
             return
         now = time.monotonic()
@@ -708,9 +821,10 @@ class Session:
             if mode == "duet" and len(self.engine) > 0:
                 self._start_run(now, None)
             elif mode == "call" and self.call_pending and keys_up and silent_for >= threshold - early:
-                start_at = max(now, self.last_activity + threshold)
+                due = self._answer_due(self.last_activity + threshold)  # the threshold, or Link's next beat/bar
+                start_at = max(now, due)
                 with self.lock:
-                    self.pending_answer_start = self.last_activity + threshold
+                    self.pending_answer_start = due
                 early_start = start_at > now
                 if early_start:
                     ahead = Speculation.capture(start_at, self.engine, self.encoder, self.encoder_time)
@@ -739,10 +853,16 @@ class Session:
                 self.scheduler.silence()
                 self._end_run(rollback=True)
         elif name == "transport":
-            self.transport_stopped = not command[1]
+            running, source = command[1], command[3]
+            self.transport_stopped = not running
+            self.stopped_by = None if running else source
             if self.transport_stopped:
                 self._end_run(rollback=True)
-            self.info("transport " + ("start" if command[1] else "stop"))
+            self.info("transport " + ("start" if running else "stop") + (" (link)" if source == LINK else ""))
+        elif name == "link released":
+            if self.transport_stopped and self.stopped_by == LINK:
+                self.transport_stopped, self.stopped_by = False, None
+                self.info("transport start (link no longer followed)")
         elif name == "reset":
             self.scheduler.silence(reset_tags=True)
             self.speculation = None
@@ -898,7 +1018,7 @@ class Session:
         for event in events:
             when = max(self.t0 + event.time, not_before)
             if event.kind == "note_on":
-                shifted = self.clock.quantize(when, settings.quantize, max(now, not_before), self.t0)
+                shifted = self._quantize(when, settings.quantize, max(now, not_before))
                 self.quant_shift[event.pitch] = shifted - when
                 when = shifted
             else:
@@ -908,6 +1028,44 @@ class Session:
             self.schedule_refused_at = time.monotonic()  # a barge-in came first: its rollback is queued
             return False
         return True
+
+    def _quantize(self, when: float, grid: str, not_before: float) -> float:
+        """A note-on's time on the quantise grid of the clock source (Link's, the MIDI clock's or free)."""
+        if grid in GRID_BEATS and self.grid is not None and self._time_source(not_before)[0] == LINK:
+            return self.grid.quantize(when, GRID_BEATS[grid], not_before)
+        return self.clock.quantize(when, grid, not_before, self.t0)
+
+    def _answer_due(self, threshold_at: float) -> float:
+        """Call mode: when the answer starts. At the silence threshold, or with Link timing the session
+        and `answer_on` beat or bar, on the first beat or bar line of the shared grid from then on."""
+        settings = self.settings
+        every = {"beat": 1, "bar": settings.link_quantum}.get(settings.answer_on)
+        if every is None or self.grid is None or self._time_source(threshold_at)[0] != LINK:
+            return threshold_at
+        return self.grid.next_boundary(threshold_at, every)
+
+    def _follow_grid(self, now: float) -> None:
+        """Take Link's latest grid; if a peer moved it (a new tempo, a forced beat), what is planned on
+        the old grid (the look-ahead, an answer waiting for its beat) moves to the same beats on the
+        new one, so a tempo change takes effect at once instead of after the look-ahead."""
+        link = self.link
+        new = link.timeline if link is not None and self.settings.link else None
+        old, self.grid = self.grid, new
+        if old is None or new is None or new is old or not _grid_moved(old, new, now):
+            return
+        if self.speculation is not None and self.settings.answer_on != "threshold":
+            self.speculation.start_at = max(now, new.time_at(old.beat_at(self.speculation.start_at)))
+            with self.lock:
+                self.pending_answer_start = self.speculation.start_at
+        if self.scheduler.epoch != self.epoch or not self.scheduler.pending_count():
+            return  # nothing planned, or a barge-in's silence() came first: its rollback decides
+        _, planned = self.scheduler.silence(notes_off=False)
+        if self.scheduler.epoch != self.epoch + 1:
+            return  # another silence() came in between: it wins, the notes stay dropped
+        self.epoch = self.scheduler.epoch
+        for note in planned:
+            note.time = max(now, new.time_at(old.beat_at(note.time)))
+        self.scheduler.schedule(planned, self.epoch)
 
     def _finish_answer(self) -> None:
         """Call mode: the answer is long enough; close its open notes and stop sampling."""
@@ -988,6 +1146,11 @@ class Session:
             self.pending_answer_start = None
 
 
+def _grid_moved(old: LinkTimeline, new: LinkTimeline, now: float) -> bool:
+    """The new Link timeline puts the beats elsewhere (tempo, or phase by over a millisecond)."""
+    return abs(new.bpm - old.bpm) > 1e-6 or abs(new.beat_at(now) - old.beat_at(now)) * 60.0 / new.bpm > 0.001
+
+
 def _stream_velocity(tokens: list[int]) -> int:
     """The velocity a note-on gets at the end of `tokens`: that of the latest velocity token, as the
     reference decoder carries it over the whole stream (a run's decoder starting at 0 played the
@@ -1053,6 +1216,8 @@ def settings_from_args(args) -> Settings:
         key_follow=args.key_follow,
         in_channel=in_channel,
         out_channel=args.out_channel,
+        link=True if getattr(args, "link", False) else None,
+        link_quantum=getattr(args, "link_quantum", None),
     )
     return presets.apply_overrides(settings, **flags)
 
@@ -1089,6 +1254,7 @@ def run_play(args) -> NoReturn:
         device=args.device,
         weights=args.weights,
         dtype=args.dtype,
+        link_tempo=getattr(args, "link_tempo", None),
     )
     try:
         if args.headless:

@@ -2,7 +2,7 @@
 
 Every field has a default, a type and an allowed range; `validate()` names the field and the
 allowed values. Presets (TOML) group the fields in sections: top-level `mode`, `model`,
-`description`; `[sampling]`, `[timing]`, `[output]`, `[input]` hold the rest (see SECTIONS).
+`description`; `[sampling]`, `[timing]`, `[output]`, `[input]`, `[link]` hold the rest (see SECTIONS).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 MODES = ("call", "duet", "listen")
 MAX_KEY_FOLLOW = 4.0  # sampling.key_follow_bias: beyond this the player's pitch classes dictate
 QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
+ANSWER_ON = ("threshold", "beat", "bar")  # call mode with Link: where an answer starts (liveperceiver/link.py)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class Settings:
     # [input]
     in_channel: int = 0  # 0: all channels, else 1-16
     thru: bool = False
+    # [link]: Ableton Link (liveperceiver/link.py)
+    link: bool = False  # join the Link session: tempo, beat grid and start/stop shared with other apps
+    link_quantum: int = 4  # beats per bar (Link's quantum): bar lines are shared with the peers
+    link_start_stop: bool = True  # follow the session's start/stop (a peer's stop silences the model)
+    answer_on: str = "threshold"  # call mode with Link: the answer starts at the threshold, or the next beat or bar
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its allowed values."""
@@ -65,6 +71,8 @@ class Settings:
             ("pitch_low", 0 <= self.pitch_low <= 127, "0 .. 127"),
             ("pitch_high", self.pitch_low <= self.pitch_high <= 127, "pitch_low .. 127"),
             ("in_channel", 0 <= self.in_channel <= 16, "0 (all) .. 16"),
+            ("link_quantum", 1 <= self.link_quantum <= 16, "1 .. 16 beats per bar"),
+            ("answer_on", self.answer_on in ANSWER_ON, f"one of {', '.join(ANSWER_ON)}"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -105,6 +113,7 @@ SECTIONS = {
     "timing": ("silence_ms", "response_seconds", "lookahead_ms", "quantize", "max_note_seconds"),
     "output": ("out_channel", "transpose", "velocity_scale", "pitch_low", "pitch_high"),
     "input": ("in_channel", "thru"),
+    "link": ("link", "link_quantum", "link_start_stop", "answer_on"),
 }
 
 FIELD_TYPES = {field.name: field.type for field in fields(Settings)}

@@ -75,6 +75,7 @@ HELP = """\
   [b]r[/b]          reset the model's context
   [b]1-9[/b]        load a preset (order of `liveperceiver presets`)
   [b]o[/b]          ports
+  [b]l[/b]          Ableton Link on / off (tempo, beat and start/stop)
   [b]ctrl+p[/b]     command palette (every action)
   [b]?[/b]          this help
   [b]q[/b]          quit: all notes off, save, exit
@@ -185,6 +186,7 @@ class LivePerceiverApp(App):
         Binding("s", "save", "save"),
         Binding("r", "reset", "reset"),
         Binding("o", "ports", "ports", show=False),
+        Binding("l", "link", "link", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
         *[Binding(str(n), f"preset({n})", f"preset {n}", show=False) for n in range(1, 10)],
@@ -382,6 +384,11 @@ class LivePerceiverApp(App):
         self.session.reset()
         self.log_line("context reset")
 
+    def action_link(self) -> None:
+        """Join or leave the Ableton Link session (without the aalink package: a warning in the log)."""
+        if self._update(link=not self.session.settings.link):
+            self.log_line("link on" if self.session.settings.link else "link off")
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
@@ -436,10 +443,11 @@ class LivePerceiverApp(App):
             self.call_from_thread(self.log_line, f"warning: preset {number}: {error}")
             return
         current = self.session.settings
+        # a preset turns Link on, never off: leaving the band's session mid-set takes the `l` key
         changes = {
             name: value
             for name, value in settings.to_dict().items()
-            if name != "seed" and getattr(current, name) != value and not (name == "model" and value is None)
+            if name != "seed" and getattr(current, name) != value and not (name in ("model", "link") and not value)
         }
         self.call_from_thread(self._apply_preset, info.name, changes)
 
@@ -492,6 +500,7 @@ class LivePerceiverApp(App):
         yield SystemCommand("Save session now", "s", self.action_save)
         yield SystemCommand("Reset context", "forget what the model heard (r)", self.action_reset)
         yield SystemCommand("Ports", "the MIDI ports (o)", self.action_ports)
+        yield SystemCommand("Ableton Link on / off", "tempo, beat and start/stop shared (l)", self.action_link)
         yield SystemCommand("Help", "the keys (?)", self.action_help)
         yield SystemCommand("Quit LivePerceiver", "notes off, save, exit (q)", self.action_quit)
         for name, _, _ in CONTROLS:

@@ -17,6 +17,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Static
 
+from liveperceiver.link import LINK, MIDI_CLOCK, LinkStatus, link_line
 from liveperceiver.session import Snapshot
 
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -324,5 +325,21 @@ def session_text(snapshot: Snapshot, elapsed: float, save_to: str, last_save: st
     shown = save_to if len(save_to) <= room else "…" + save_to[-(room - 1) :]  # the end is what tells files apart
     _row(text, "saves to", shown)
     _row(text, "last save", last_save)
+    text.append(clock_line(snapshot, width), style="bold")
     text.rstrip()
     return text
+
+
+def clock_line(snapshot: Snapshot, width: int = 40) -> str:
+    """What times the session: "link: 2 peers, 120.0 BPM, beat 3/4", the MIDI clock, or free time.
+    Link's line is shortened rather than cut when the panel is narrow: the beat is what moves."""
+    source = getattr(snapshot, "clock_source", "free")
+    link: LinkStatus | None = getattr(snapshot, "link", None)
+    if source == LINK and link is not None:
+        line = link_line(link)
+        if len(line) > width:
+            line = f"link {link.peers}p {link.bpm:.1f} BPM {min(link.quantum, int(link.beat) + 1)}/{link.quantum}"
+        return line
+    tempo = "" if snapshot.bpm is None else f" {snapshot.bpm:.1f} BPM"
+    line = f"{'clock':<10}" + ("MIDI" + tempo if source == MIDI_CLOCK else "free")
+    return line + ("  (link: 0 peers)" if link is not None else "")
