@@ -374,6 +374,21 @@ def netns_play_headless_joins_link_and_stops_on_sigint(tmp_path, peer, jack_serv
     assert code == 0, lines
 
 
+def netns_bench_live_link_phase_measures_onsets_against_the_peer_grid(tmp_path, jack_server):  # noqa: F811
+    """`bench --live`'s Link row on two calls: its own peer, the session on its beat, a tempo change."""
+    import random
+
+    from liveperceiver.live_bench import _link_rows, link_phase
+
+    result = link_phase(None, random.Random(3), 2, tmp_path)
+    assert result["answered"] >= 1, result
+    first, every = result["first_note_sent"], result["onsets_sent"]
+    assert first["n"] == result["answered"] and every["n"] >= first["n"]
+    assert -1 <= first["p50_ms"] <= JACK_PERIOD * 1000 and -1 <= every["p50_ms"] <= JACK_PERIOD * 1000, result
+    rows = _link_rows(result)
+    assert rows[0].startswith("Ableton Link, a peer at 100 -> 128 BPM") and len(rows) == 5, rows
+
+
 # --------------------------------------------------------------------------- without a peer (test_*)
 
 
@@ -483,6 +498,18 @@ def test_the_ui_line_for_each_clock_source():
     assert clock_line(midi) == "clock     MIDI 98.0 BPM"
     free = Snapshot(**base, bpm=None, transport_running=False)
     assert clock_line(free) == "clock     free"
+
+
+def test_bench_live_says_why_its_link_row_is_skipped(monkeypatch):
+    from types import SimpleNamespace
+
+    from liveperceiver.live_bench import _link_rows, link_in_namespace
+
+    monkeypatch.setitem(sys.modules, "aalink", None)
+    result = link_in_namespace(SimpleNamespace(calls=1, weights="auto", threads=1, model=None))
+    assert _link_rows(result) == [
+        "Ableton Link: skipped (Ableton Link needs the aalink package, which is not installed (pip install aalink))"
+    ]
 
 
 def test_ci_installs_what_the_link_tests_need():
