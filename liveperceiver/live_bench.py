@@ -610,7 +610,7 @@ def _link_rows(link: dict | None) -> list[str]:
     return [
         f"Ableton Link, a peer at {tempi} BPM: onset - the peer's grid (+: late); answered "
         f"{link['answered']}/{link['calls']}, CPU steal {_share(link)}",
-        f"{'  1st note of an answer: beat (sent)':34}{_fmt(link['first_note_sent'])}",
+        f"{'  answer 1st note vs beat (sent)':34}{_fmt(link['first_note_sent'])}",
         f"{'  the same, heard':34}{_fmt(link['first_note_heard'])}",
         f"{'  every note: 1/8 grid (sent)':34}{_fmt(link['onsets_sent'])}",
         f"{'  the same, heard':34}{_fmt(link['onsets_heard'])}",
