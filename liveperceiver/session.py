@@ -382,15 +382,18 @@ class Session:
         ValueError (turning Link on without the aalink package too)."""
         old = self.settings
         new = old.updated(**changes)
-        if new.link and self.link is None:
-            try:
-                require_aalink()
-            except UserError as error:
-                raise ValueError(str(error)) from None
+        joined = False
+        if new.link:
+            with self.link_lock:
+                if self.link is None:  # join now, before anything changes: a failure leaves all as it was
+                    try:
+                        self.link, joined = self._new_link(new), True
+                    except UserError as error:
+                        raise ValueError(str(error)) from None
         self.settings = new
         self.scheduler.settings = new
         changed = tuple(name for name in changes if getattr(old, name) != getattr(new, name))
-        if {"link", "link_quantum", "link_start_stop"} & set(changed):
+        if {"link", "link_quantum", "link_start_stop"} & set(changed) and not joined:
             self._apply_link(old, new)
         self.commands.put(("settings", new, changed))
         return new
@@ -412,10 +415,6 @@ class Session:
 
     def _apply_link(self, old: Settings, new: Settings) -> None:
         """Link turned on or off, or its quantum or start/stop sync changed (the caller's thread)."""
-        with self.link_lock:
-            if new.link and self.link is None:
-                self.link = self._new_link(new)
-                return
         if self.link is None:
             return
         if (old.link_quantum, old.link_start_stop) != (new.link_quantum, new.link_start_stop):

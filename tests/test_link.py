@@ -182,7 +182,8 @@ def live(tmp_path, peer, jack_server):  # noqa: F811 - the imported fixture
         session.start()
         keys = Keyboard()
         keyboards.append(keys)
-        assert wait_for(lambda: session.snapshot().link.peers == 1, timeout=10), session.snapshot().log
+        if settings.link:
+            assert wait_for(lambda: session.snapshot().link.peers == 1, timeout=10), session.snapshot().log
         return session, keys
 
     yield open_
@@ -338,6 +339,17 @@ def netns_the_session_shows_and_logs_link_and_follows_the_ui_toggle(live, peer, 
     assert session.settings.link and peer.link.num_peers == 1
 
 
+def netns_a_session_joins_when_link_is_turned_on_live(live, peer):
+    session, _ = live(link=False)
+    time.sleep(0.5)
+    assert peer.link.num_peers == 0 and session.link is None and session.snapshot().clock_source == FREE
+    session.update(link=True, link_quantum=3)  # the UI's l key, a preset with [link]
+    assert wait_for(lambda: peer.link.num_peers == 1 and session.snapshot().clock_source == LINK, timeout=5)
+    assert session.snapshot().link.quantum == 3
+    log = session.snapshot().log
+    assert sum("link: on" in line for line in log) == 1, log  # one line says it
+
+
 def netns_link_never_sets_the_tempo_unless_told_to(live, peer):
     session, _ = live()
     time.sleep(0.5)
@@ -362,10 +374,10 @@ def netns_play_headless_joins_link_and_stops_on_sigint(tmp_path, peer, jack_serv
     reader.start()
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any("clock: Ableton Link (1 peer" in line for line in lines):
+        wanted = ("link: on, 3 beats per bar", "link: 1 peer", "clock: Ableton Link (")
+        while time.monotonic() < deadline and not all(any(w in line for line in lines) for w in wanted):
             time.sleep(0.1)
-        assert any("link: on, 3 beats per bar" in line for line in lines), lines
-        assert any("clock: Ableton Link (1 peer, 100.0 BPM" in line for line in lines), lines
+        assert all(any(w in line for line in lines) for w in wanted), "".join(lines)
         assert peer.link.num_peers == 1
     finally:
         process.send_signal(signal.SIGINT)
