@@ -88,3 +88,19 @@ def soundfont() -> Path:
         return find_soundfont()
     except UserError:
         missing("no General MIDI soundfont (Debian/Ubuntu: apt install fluid-soundfont-gm)")
+
+
+@pytest.fixture(autouse=True)
+def no_jack_ports_left_to_the_exit():
+    """A live session closed the default way leaves its JACK ports to the process's exit (for the
+    `play` command); a test process goes on, and ports left open by one test crashed a later one
+    inside libjack. So a test must close with `release_ports=True` or free what it left."""
+    yield
+    from liveperceiver import ports
+
+    left = list(ports.LEFT_TO_EXIT)
+    if left:
+        ports.LEFT_TO_EXIT.clear()
+        for port in left:
+            ports.release(port)
+        pytest.fail(f"the test left {len(left)} JACK port(s) to the process's exit (Session.close(release_ports=True))")

@@ -239,5 +239,5 @@ def test_a_session_quantises_to_a_clock_that_was_playing_before_it_started(tmp_p
         assert wait_for(lambda: session.snapshot().state == "stopped (transport)", timeout=2)
         assert no_stuck_notes(keys, session.recorder.path)
     finally:
-        session.close()
+        session.close(release_ports=True)
         keys.close()
