@@ -107,7 +107,9 @@ def add_dataset(subparsers) -> None:
     example = sub.add_parser("render-example", help="render one score as a piano performance, to listen to it")
     example.add_argument("source", help="a score file (.abc, .mxl, .xml, .krn) or music21:<path in the corpus>")
     example.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
-    example.add_argument("--tune", help="which tune of an ABC book (its X: number; default: the first)")
+    example.add_argument(
+        "--tune", help="which tune of a book: its X: number (its position without abc2midi); default: the first"
+    )
     example.add_argument("--rendition", type=int, default=1, help="which rendition, as `build --render` numbers them")
     example.add_argument("--render-seed", type=int, default=0, help="as `build --render-seed` (default 0)")
     example.add_argument("--render-hands", default="symbols,harmonise,chorale", metavar="LIST", help="as build's")
