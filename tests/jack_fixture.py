@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import rtmidi
 
 from liveperceiver import ports
 from tests.conftest import require_command
@@ -36,11 +35,7 @@ def _private_jack():
     require_command("jackd", "Debian/Ubuntu: apt install jackd2")  # skips here, fails in CI
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
     with ports.private_jack_server("lp-test", period=512) as name:
-        try:
-            yield name
-        finally:
-            for client in _LISTERS.pop(name, ()):  # before the server goes (see port_names)
-                ports.release(client)
+        yield name
 
 
 def wait_for(predicate, timeout: float = 5.0, step: float = 0.005) -> bool:
@@ -125,21 +120,3 @@ def no_stuck_notes(keys: Keyboard, journal: Path, timeout: float = 3.0) -> bool:
         return False
     warnings.warn("JACK altered MIDI in transit on this loaded machine; only the sent side was checked", stacklevel=2)
     return True
-
-
-_LISTERS: dict[str, tuple] = {}
-
-
-def port_names() -> tuple[list[str], list[str]]:
-    """(sources, destinations) on the tests' JACK server, listed by two port-less clients kept open
-    per server. Why not `ports.list_ports` in a wait loop: it opens and closes two JACK clients per
-    call, and closing a client while another process registered ports crashed this process inside
-    libjack (reproduced: test_clock then test_live_cli's wait for `play` to come up)."""
-    server = os.environ.get("JACK_DEFAULT_SERVER", "")
-    if server not in _LISTERS:
-        _LISTERS[server] = (
-            rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="lp-test lister"),
-            rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test lister"),
-        )
-    midi_in, midi_out = _LISTERS[server]
-    return midi_in.get_ports(), midi_out.get_ports()

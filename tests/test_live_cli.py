@@ -19,7 +19,7 @@ from liveperceiver.errors import UserError
 from liveperceiver.session import Session
 from liveperceiver.settings import Settings
 from tests.conftest import MODEL_GOLDEN
-from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, no_stuck_notes, port_names, wait_for  # noqa: F401
+from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.jack, pytest.mark.usefixtures("jack_server")]
 
@@ -36,7 +36,8 @@ def start_play(session_dir, *extra: str) -> subprocess.Popen:
     command += ["--preset", str(preset), "--session-dir", str(session_dir), "--silence-ms", "200", *extra]
     stdout = open(session_dir.parent / "play.out", "w")  # noqa: SIM115 - a pipe nobody reads could block it
     process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True)
-    assert wait_for(lambda: ports.VIRTUAL_OUT in " ".join(port_names()[0]), timeout=30, step=0.05)
+    # every poll opens and closes two JACK clients (libjack's races): poll every 50 ms, not 5
+    assert wait_for(lambda: ports.VIRTUAL_OUT in " ".join(ports.list_ports("jack")[0]), timeout=30, step=0.05)
     return process
 
 
