@@ -292,6 +292,20 @@ def top1_agreement(
     return agree / steps
 
 
+def adaptation_cost() -> dict:
+    """What in-session adaptation (on by default in `play`) adds per token: the cache's push and its
+    mix into the step's logits, at a full window of a repetitive stream (adapt.cost_per_token_ms)."""
+    from liveperceiver import adapt
+
+    times = adapt.cost_per_token_ms(adapt.practice_stream(adapt.WINDOW + 2000))
+    return {
+        "adapt_ms_p50": round(statistics.median(times), 4),
+        "adapt_ms_p99": round(percentile(times, 0.99), 4),
+        "adapt_order": adapt.ORDER,
+        "adapt_window": adapt.WINDOW,
+    }
+
+
 def run(args) -> list[dict]:
     from liveperceiver.checkpoint import load_model
 
@@ -349,6 +363,14 @@ def run(args) -> list[dict]:
             if reference_ms is not None:
                 line += f"  reference {reference_ms:.2f} ms ({reference_ms / row.step_ms_p50:.1f}x)"
             print(line, flush=True)
+    adaptation = adaptation_cost()
+    print(
+        f"in-session adaptation (adapt.py; order {adaptation['adapt_order']}, {adaptation['adapt_window']}-token window, "
+        f"a practice-like stream): push + mix {adaptation['adapt_ms_p50']:.3f} ms per token p50, "
+        f"{adaptation['adapt_ms_p99']:.3f} p99, on top of the step"
+    )
+    for row in rows:
+        row.update(adaptation)
     if args.dtype != "float32" or args.quantize:
         agreement = top1_agreement(loaded.model, dtype, args.quantize, args.device)
         print(f"top-1 agreement with float32 over 1000 greedy steps: {agreement:.3f}")

@@ -177,6 +177,13 @@ def add_eval(subparsers) -> None:
         help=f"lean toward the prompt's pitch classes (default {live.key_follow}, as live; 0: off)",
     )
     parser.add_argument(
+        "--adapt",
+        type=float,
+        default=live.adapt,
+        metavar="W",
+        help=f"weight of the session cache (the piece's own n-grams) in `nll` and continuations (default {live.adapt:g}, as live; 0: off)",
+    )
+    parser.add_argument(
         "--no-constraints",
         action="store_true",
         help="sample the raw model (no orphan note-off guard, no note limit, no key follow)",
@@ -378,6 +385,7 @@ def add_play(subparsers) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--num-latents", type=int, metavar="N")
     parser.add_argument("--key-follow", type=float, metavar="K", help="lean toward your pitch classes (0: off)")
+    parser.add_argument("--adapt", type=float, metavar="W", help="weight of the session's own n-gram cache (0: off)")
     parser.add_argument("--link", action="store_true", help="join the Ableton Link session (tempo, beat, start/stop)")
     parser.add_argument("--link-tempo", type=float, metavar="BPM", help="with --link: propose this tempo")
     parser.add_argument("--link-quantum", type=int, metavar="N", help="with --link: beats per bar (default 4)")

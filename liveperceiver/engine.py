@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from liveperceiver import vocab
+from liveperceiver.adapt import SessionCache, mix_logits
 from liveperceiver.model import PerceiverAR, rotary_inv_freq
 from liveperceiver.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 
@@ -274,6 +275,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         quantize: str | None = None,
         threads: int | None = 1,
+        adapt: float = 0.0,
     ) -> None:
         # Torch's thread count is process-wide. One thread is the default because per-token
         # matrices are small: on a 2-core machine two OpenMP threads are slower, and under load
@@ -293,12 +295,15 @@ class Engine:
         self.prefix_cap = self.config.max_prefix_len
         self.sampling = SamplingSettings()
         self.constraints = Constraints()
+        self.adapt = 0.0  # weight of the session cache in the mix (adapt.py; 0: the model alone)
+        self.cache: SessionCache | None = None  # built when adaptation is first turned on, then kept in step
         self.generator = torch.Generator(device=self.device)
         self.configure(
             num_latents=num_latents,
             prefix_cap=self.config.max_prefix_len if prefix_cap is None else prefix_cap,
             sampling=sampling,
             constraints=constraints,
+            adapt=adapt,
         )
         self.exact_tables = not self.config.abs_pos_emb
         # Weight storage: the model's dtype unless `quantize` asks for int8 or 16-bit weights.
@@ -323,6 +328,7 @@ class Engine:
         prefix_cap: int | None = None,
         sampling: SamplingSettings | None = None,
         constraints: Constraints | None = None,
+        adapt: float | None = None,
     ) -> None:
         """Change settings between steps; everything is validated before anything changes."""
         config = self.config
@@ -334,6 +340,14 @@ class Engine:
             sampling.validate()
         if constraints is not None:
             constraints.validate()
+        if adapt is not None and not 0.0 <= adapt <= 1.0:
+            raise ValueError(f"adapt {adapt} outside 0..1 (the session cache's weight; 0 = off)")
+        if adapt:
+            if self.cache is None:  # once on, the cache follows the stream even while the weight is 0
+                self.cache = SessionCache()
+                self.cache.extend(self.tokens, self.sampled)
+        if adapt is not None:
+            self.adapt = adapt
         if num_latents is not None:
             self.num_latents = num_latents
         if prefix_cap is not None:
@@ -364,6 +378,8 @@ class Engine:
             self.tokens.append(token)
             self.sampled.append(flag)
             self.state.push(token, sampled=bool(flag))
+            if self.cache is not None:
+                self.cache.push(token, sampled=bool(flag))
 
     def truncate(self, length: int) -> None:
         """Drop tokens from the end (sampled but not played)."""
@@ -372,6 +388,8 @@ class Engine:
         del self.tokens[length:]
         del self.sampled[length:]
         self.state.rewind(self.tokens, self.sampled, length)
+        if self.cache is not None:
+            self.cache.truncate(length)
         if self.exact_tables:
             self._kv_upto = min(self._kv_upto, length)
 
@@ -383,6 +401,8 @@ class Engine:
         """Sample the next token, append it, and return it; ids in the `forbid` ranges are never
         chosen (the live session uses it so that an answer begins with a note, not a pause)."""
         logits = self.next_logits()
+        if self.adapt:  # the session cache mixed in at temperature 1, before everything else (adapt.mix_logits)
+            logits = mix_logits(logits, self.cache, self.adapt)
         if self.constraints.active:
             temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
             constraint_mask(self.constraints, self.state, logits, temperature)
@@ -392,6 +412,8 @@ class Engine:
         self.tokens.append(token)
         self.sampled.append(1)
         self.state.push(token, sampled=True)
+        if self.cache is not None:
+            self.cache.push(token, sampled=True)
         return token
 
     def sample(self, count: int) -> list[int]:

@@ -123,6 +123,13 @@ def model_nll(model, pieces: list[list[int]], progress: bool = False) -> tuple[n
     return np.concatenate(nlls), np.concatenate(targets)
 
 
+def adaptation_settings() -> dict:
+    """The session cache's fixed settings (adapt.py), for the record next to its weight."""
+    from liveperceiver import adapt
+
+    return {"order": adapt.ORDER, "window": adapt.WINDOW, "discount": adapt.DISCOUNT, "own_weight": adapt.OWN_WEIGHT}
+
+
 def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
     result = {}
     kinds = np.array([vocab.event_type(int(t)) for t in targets])
@@ -131,6 +138,28 @@ def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
         if mask.any():
             result[kind] = {"nll": float(nll[mask].mean()), "tokens": int(mask.sum())}
     return result
+
+
+def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.ndarray:
+    """Per-target NLL with in-session adaptation, as `play` mixes it (adapt.py): each piece is a
+    session, its own past feeds a fresh cache token by token, and the cache is mixed with the
+    model's probability of each target (`nll`, from `model_nll`: the same targets in the same order)."""
+    from liveperceiver.adapt import SessionCache, mixed_probability
+
+    if not weight:
+        return nll
+    a, b = np.empty(len(nll)), np.empty(len(nll))
+    index = 0
+    for piece in pieces:
+        cache = SessionCache()
+        cache.push(piece[0])
+        for token in piece[1:]:
+            a[index], b[index] = cache.token_terms(token)
+            cache.push(token)
+            index += 1
+    if index != len(nll):
+        raise ValueError(f"adapted_nll: {len(nll)} model targets for {index} tokens")
+    return -np.log(mixed_probability(np.exp(-nll), a, b, weight))
 
 
 POSITION_BUCKETS = ((1, 4), (4, 16), (16, 64), (64, 256), (256, None))
@@ -225,10 +254,12 @@ def continuation_stats(
     constraints=None,
     num_latents: int = 64,
     ngram: KneserNey | None = None,
+    adapt: float = 0.0,
     **sampling,
 ) -> dict:
     """Continue `count` held-out prompts with the engine and compare with what the piece really does;
-    with `ngram`, the n-gram baseline continues the same prompts too, as a yardstick."""
+    with `ngram`, the n-gram baseline continues the same prompts too, as a yardstick. `adapt`: the
+    engine's session cache weight, as in `play` (the prompt and the model's own tokens feed it)."""
     from liveperceiver.engine import Engine, continue_tokens
     from liveperceiver.sampling import Constraints, SamplingSettings
 
@@ -250,6 +281,7 @@ def continuation_stats(
             sampling=settings,
             constraints=constraints or Constraints(),
             device="cpu",
+            adapt=adapt,
         )
         generated = continue_tokens(engine, prompt, len(truth))
         gen, true, before = note_stats(generated), note_stats(truth), note_stats(prompt)
@@ -299,7 +331,7 @@ def continuation_stats(
         "count": len(rows),
         "prompt_tokens": prompt_len,
         "continuation_tokens": length,
-        "sampling": {**sampling, "num_latents": min(num_latents, model.config.max_latents)},
+        "sampling": {**sampling, "num_latents": min(num_latents, model.config.max_latents), "adapt": adapt},
         "constraints": repr(constraints) if constraints else None,
         "well_formed": mean("well_formed"),
         "strict_well_formed": mean("strict_well_formed"),
@@ -374,31 +406,43 @@ def cap_tokens(pieces: list[list[int]], max_tokens: int) -> list[list[int]]:
     return [kept[i] for i in sorted(kept)]
 
 
-def window_nll(model, pieces: list[list[int]], num_latents: int, max_tokens: int, progress: bool = True) -> dict:
+def window_nll(
+    model, pieces: list[list[int]], num_latents: int, max_tokens: int, progress: bool = True, adapt: float = 0.0
+) -> dict:
     """NLL per token as the live engine sees the stream: every token predicted from all the tokens
     before it in its piece, the last `num_latents` of them as latents (training uses the model's
-    max_latents; a small live window trades some of that quality for speed)."""
+    max_latents; a small live window trades some of that quality for speed); `nll` with the
+    engine's own session cache mixed in at weight `adapt` (adapt.mix_logits), `nll_model` without."""
     import torch
     from tqdm import tqdm
 
+    from liveperceiver.adapt import mix_logits
     from liveperceiver.engine import Engine
 
     latents = min(num_latents, model.config.max_latents)
-    total, count = 0.0, 0
+    total, total_model, count = 0.0, 0.0, 0
     bar = tqdm(total=max_tokens, desc=f"{latents} latents", unit="token", disable=not progress, file=sys.stderr)
     for piece in pieces:
         if count >= max_tokens:
             break
-        engine = Engine(model, num_latents=latents, device="cpu")
+        engine = Engine(model, num_latents=latents, device="cpu", adapt=adapt)
         engine.append(piece[:1])
         for target in piece[1 : 1 + max_tokens - count]:
             logits = engine.next_logits().float()
-            total -= float(torch.log_softmax(logits, -1)[target])
+            total_model -= float(torch.log_softmax(logits, -1)[target])
+            total -= float(mix_logits(logits, engine.cache, adapt)[target]) if adapt else 0.0
             count += 1
             engine.append([target])
             bar.update()
     bar.close()
-    return {"num_latents": latents, "tokens": count, "nll": total / max(count, 1)}
+    alone = total_model / max(count, 1)
+    return {
+        "num_latents": latents,
+        "tokens": count,
+        "adapt": adapt,
+        "nll": total / max(count, 1) if adapt else alone,
+        "nll_model": alone,
+    }
 
 
 def evaluate(
@@ -410,19 +454,30 @@ def evaluate(
     continuation_pieces: list[list[int]] | None = None,
     window_latents: tuple[int, ...] = (),
     window_tokens: int = 20000,
+    adapt: float = 0.0,
     **sampling,
 ) -> dict:
-    nll, targets = model_nll(model, pieces, progress)
+    """`nll`: the system as `play` runs it (the model with in-session adaptation at weight `adapt`);
+    `nll_model`: the model alone; both on the same targets, with the context of training windows."""
+    alone, targets = model_nll(model, pieces, progress)
+    nll = adapted_nll(alone, pieces, adapt)
     result: dict = {
         "tokens": int(len(nll)),
         "pieces": len(pieces),
         "nll": float(nll.mean()),
         "perplexity": float(math.exp(nll.mean())),
+        "nll_model": float(alone.mean()),
+        "perplexity_model": float(math.exp(alone.mean())),
+        "adapt": {"weight": adapt, **adaptation_settings()},
         "by_type": by_type(nll, targets),
         "by_context": by_position(nll, pieces),
         "baseline": None,
         "baseline_nll": None,
     }
+    for row, model_row in zip(result["by_type"].values(), by_type(alone, targets).values(), strict=True):
+        row["nll_model"] = model_row["nll"]
+    for row, model_row in zip(result["by_context"], by_position(alone, pieces), strict=True):
+        row["nll_model"] = model_row["nll"]
     ngram = None
     if ngram_data is not None:
         from liveperceiver.dataset import TokenDataset
@@ -436,13 +491,13 @@ def evaluate(
         result["baseline_by_type"] = by_type(base, targets)
         for row, base_row in zip(result["by_context"], by_position(base, pieces), strict=True):
             row["baseline_nll"] = base_row["nll"]
-        result["improvement_over_baseline"] = 1.0 - result["nll"] / result["baseline_nll"]
+        result["improvement_over_baseline"] = 1.0 - result["nll_model"] / result["baseline_nll"]  # the model alone
     if window_latents:
         whole = continuation_pieces or pieces
-        result["nll_by_window"] = [window_nll(model, whole, n, window_tokens, progress) for n in window_latents]
+        result["nll_by_window"] = [window_nll(model, whole, n, window_tokens, progress, adapt) for n in window_latents]
     if continuations:
         result["continuations"] = continuation_stats(
-            model, continuation_pieces or pieces, continuations, ngram=ngram, **sampling
+            model, continuation_pieces or pieces, continuations, ngram=ngram, adapt=adapt, **sampling
         )
     return result
 
@@ -505,6 +560,8 @@ def run_eval(args) -> None:
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
     check_key_follow_flag(args.key_follow)
+    if not 0.0 <= args.adapt <= 1.0:
+        raise UserError(f"--adapt {args.adapt:g} is outside the allowed values (0 (off) .. 1)")
     check_counts(args)
     check_run_folder(args.model)
     prepare_json(args.json)
@@ -535,27 +592,44 @@ def run_eval(args) -> None:
         continuation_pieces=full_pieces,
         window_latents=tuple(args.window_latents),
         window_tokens=args.window_tokens,
+        adapt=args.adapt,
         **sampling,
     )
     result["model"] = loaded.source
+    alone = "  (model alone {:.4f})" if args.adapt else ""
     lines = [
         f"model {loaded.name}: {result['tokens']:,} tokens in {result['pieces']} pieces",
-        f"  NLL {result['nll']:.4f} nats/token, perplexity {result['perplexity']:.2f}",
+        f"  NLL {result['nll']:.4f} nats/token, perplexity {result['perplexity']:.2f}"
+        + (
+            f", with in-session adaptation {args.adapt:g} as play runs it (the model alone: NLL "
+            f"{result['nll_model']:.4f}, perplexity {result['perplexity_model']:.2f})"
+            if args.adapt
+            else " (the model alone: in-session adaptation off)"
+        ),
     ]
     if result["baseline_nll"] is not None:
-        lines.append("  " + baseline_line(result["nll"], result["baseline_nll"]))
+        lines.append("  " + baseline_line(result["nll_model"], result["baseline_nll"]))
     for kind, row in result["by_type"].items():
         base = result.get("baseline_by_type", {}).get(kind, {}).get("nll")
-        lines.append(f"  {kind:10s} NLL {row['nll']:.4f}" + (f"  (4-gram {base:.4f})" if base is not None else ""))
+        lines.append(
+            f"  {kind:10s} NLL {row['nll']:.4f}"
+            + alone.format(row["nll_model"])
+            + (f"  (4-gram {base:.4f})" if base is not None else "")
+        )
     for row in result["by_context"]:
         base = row.get("baseline_nll")
         lines.append(
             f"  after {row['context']:>7} tokens of context: NLL {row['nll']:.4f}"
+            + alone.format(row["nll_model"])
             + (f"  (4-gram {base:.4f})" if base is not None else "")
             + f"  ({row['tokens']:,} tokens)"
         )
     for row in result.get("nll_by_window", []):
-        lines.append(f"  NLL with {row['num_latents']} latents, as live: {row['nll']:.4f} ({row['tokens']:,} tokens)")
+        lines.append(
+            f"  NLL with {row['num_latents']} latents, as live: {row['nll']:.4f}"
+            + alone.format(row["nll_model"])
+            + f" ({row['tokens']:,} tokens)"
+        )
     if "continuations" in result and result["continuations"].get("count"):
         c = result["continuations"]
         lines.append(

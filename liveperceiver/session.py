@@ -635,6 +635,7 @@ class Session:
                 prefix_cap=cap,
                 sampling=settings.sampling_settings(),
                 constraints=settings.engine_constraints(),
+                adapt=settings.adapt,
                 device=device,
                 dtype=DTYPES[self.dtype],
                 quantize=resolve_weights(weights, device, model),
@@ -919,6 +920,7 @@ class Session:
                 prefix_cap=min(cap, self.model.config.max_prefix_len),
                 sampling=settings.sampling_settings(),
                 constraints=settings.engine_constraints(),
+                adapt=settings.adapt,
             )
         except ValueError as error:
             self.warn(f"settings not applied to the engine: {error}")
@@ -1213,6 +1215,7 @@ def settings_from_args(args) -> Settings:
         top_p=args.top_p,
         num_latents=args.num_latents,
         key_follow=args.key_follow,
+        adapt=getattr(args, "adapt", None),
         in_channel=in_channel,
         out_channel=args.out_channel,
         link=True if getattr(args, "link", False) else None,

@@ -28,6 +28,7 @@ class Settings:
     num_latents: int = 1  # the live targets need it on a 2-core CPU; 8 plays better (model card: NLL by window)
     prefix_cap: int = 0  # 0: the model's max_prefix_len
     key_follow: float = 1.0  # the model follows the player's pitch classes (sampling.key_follow_bias; 0: off)
+    adapt: float = 0.6  # weight of the session cache, in-session adaptation (adapt.py; 0: off)
     seed: int | None = None
     # [timing]
     silence_ms: int = 600
@@ -60,6 +61,7 @@ class Settings:
             ("num_latents", 1 <= self.num_latents <= 2048, "1 .. 2048 (and at most the model's max_latents)"),
             ("prefix_cap", 0 <= self.prefix_cap <= 65536, "0 (model maximum) .. the model's max_prefix_len"),
             ("key_follow", 0.0 <= self.key_follow <= MAX_KEY_FOLLOW, f"0 (off) .. {MAX_KEY_FOLLOW:g}"),
+            ("adapt", 0.0 <= self.adapt <= 1.0, "0 (off) .. 1"),
             ("silence_ms", 50 <= self.silence_ms <= 10000, "50 .. 10000"),
             ("response_seconds", 0.5 <= self.response_seconds <= 120, "0.5 .. 120"),
             ("lookahead_ms", 20 <= self.lookahead_ms <= 2000, "20 .. 2000"),
@@ -109,7 +111,7 @@ class Settings:
 
 SECTIONS = {
     "": ("mode", "model", "description"),
-    "sampling": ("temperature", "top_k", "top_p", "num_latents", "prefix_cap", "key_follow", "seed"),
+    "sampling": ("temperature", "top_k", "top_p", "num_latents", "prefix_cap", "key_follow", "adapt", "seed"),
     "timing": ("silence_ms", "response_seconds", "lookahead_ms", "quantize", "max_note_seconds"),
     "output": ("out_channel", "transpose", "velocity_scale", "pitch_low", "pitch_high"),
     "input": ("in_channel", "thru"),

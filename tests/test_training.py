@@ -524,7 +524,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     report = json.loads((tmp_path / "eval.json").read_text())
     from liveperceiver.evaluate import baseline_line
 
-    assert "  " + baseline_line(report["nll"], report["baseline_nll"]) + "\n" in result.stdout
+    assert "  " + baseline_line(report["nll_model"], report["baseline_nll"]) + "\n" in result.stdout  # the model alone
     assert 380 <= report["tokens"] <= 400 and report["perplexity"] == pytest.approx(np.exp(report["nll"]))
     assert report["baseline_nll"] > 0 and set(report["by_type"]) <= {"note_on", "note_off", "time_shift", "velocity"}
     assert report["continuations"]["count"] == 2 and 0 <= report["continuations"]["pitch_class_overlap"] <= 1

@@ -50,6 +50,7 @@ STEPS: dict[str, float | tuple] = {
     "top_p": 0.01,
     "top_k": 1,
     "key_follow": 0.25,
+    "adapt": 0.1,  # the session cache's weight, 0 .. 1
     "num_latents": 0,  # doubles and halves
     "prefix_cap": 256,
     "silence_ms": 50,

@@ -257,6 +257,7 @@ CONTROLS: tuple[tuple[str, str, str], ...] = (
     ("top-p", "top_p", "{:.2f}"),
     ("top-k", "top_k", "{}"),
     ("key", "key_follow", "{:.2f}"),
+    ("adapt", "adapt", "{:.2f}"),
     ("latents", "num_latents", "{}"),
     ("prefix", "prefix_cap", "{}"),
     ("silence", "silence_ms", "{} ms"),

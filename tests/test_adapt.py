@@ -1,0 +1,211 @@
+"""In-session adaptation (liveperceiver/adapt.py): the session cache is exactly a Kneser-Ney n-gram of
+the stream however it was pushed and rolled back, its mix with the model is a distribution that
+lowers the NLL of a repetitive real piece, the engine keeps it in step and leaves the model alone at
+weight 0, and `eval`, the settings and the flags carry it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from liveperceiver import vocab
+from liveperceiver.adapt import SIZE, SessionCache, loop_rate, mix_logits, mixed_probability
+from liveperceiver.engine import Engine
+from liveperceiver.errors import UserError
+from liveperceiver.evaluate import KneserNey, adapted_nll, model_nll, window_nll
+from liveperceiver.sampling import Constraints, SamplingSettings
+from liveperceiver.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def chorale_tokens() -> list[int]:
+    """A real piece: Bach's BWV 1.6 from the music21 corpus, as the dataset exports it (its opening
+    phrases come back, as chorales' do)."""
+    import pretty_midi
+
+    from liveperceiver.dataset import _score_to_midis, music21_corpus_dir
+    from liveperceiver.tokenizer import encode_midi
+
+    [(_, data)] = _score_to_midis(music21_corpus_dir() / "bach" / "bwv1.6.mxl")
+    return encode_midi(pretty_midi.PrettyMIDI(io.BytesIO(data)))
+
+
+def reference(tokens: list[int], order: int, window: int) -> np.ndarray:
+    """eval's Kneser-Ney n-gram fitted from scratch on the last `window` tokens, over the real events."""
+    kept = tokens[-window:]
+    ngram = KneserNey(order, vocab_size=SIZE).fit([kept])
+    return ngram.distribution(tuple(kept[len(kept) - order + 1 :]) if order > 1 else ())
+
+
+@pytest.mark.parametrize("order, window", [(4, 10**6), (5, 40), (2, 3), (1, 10)])
+def test_cache_is_kneser_ney_of_the_stream_after_pushes_and_rollbacks(chorale_tokens, order, window):
+    tokens = chorale_tokens[:600]
+    rng = np.random.default_rng(order)
+    cache = SessionCache(order=order, window=window)
+    length = 0
+    for _ in range(40):  # push a stretch, roll part of it back, as a live session does with its look-ahead
+        push = int(rng.integers(1, 40))
+        for token in tokens[length : length + push]:
+            cache.push(token)
+        back = int(rng.integers(0, push + 1))
+        cache.truncate(length + push - back)
+        length = len(cache)
+        assert cache.tokens == tokens[:length]
+        if length:
+            got = cache.distribution()
+            assert got.sum() == pytest.approx(1.0, abs=1e-12)
+            np.testing.assert_allclose(got, reference(tokens[:length], order, window), rtol=0, atol=1e-12)
+    assert length > 200
+
+
+@pytest.mark.parametrize("own_weight", [0.0, 0.5, 1.0])
+def test_rollback_restores_the_counts_exactly_with_own_tokens(chorale_tokens, own_weight):
+    """The model's own tokens count `own_weight`: after any pushes and truncates the counts are the
+    ones a fresh cache gets from the kept stream, to the unit (no float drift)."""
+    tokens = chorale_tokens[:400]
+    sampled = np.random.default_rng(1).integers(0, 2, len(tokens)).tolist()
+    cache = SessionCache(order=6, window=100, own_weight=own_weight)
+    for keep in (350, 120, 99, 5):
+        cache.truncate(0) if keep == 350 else None
+        cache.extend(tokens[len(cache) : 400], sampled[len(cache) : 400])
+        cache.truncate(keep)
+        fresh = SessionCache(order=6, window=100, own_weight=own_weight)
+        fresh.extend(tokens[:keep], sampled[:keep])
+        for name in ("successors", "totals", "masses", "real"):
+            assert getattr(cache, name) == getattr(fresh, name), name
+        assert np.array_equal(cache.distribution(), fresh.distribution())
+        assert cache.distribution().sum() == pytest.approx(1.0, abs=1e-12)
+    if own_weight < 1.0:  # an own token counts less than the player's
+        player, own = SessionCache(order=2), SessionCache(order=2, own_weight=own_weight)
+        player.extend([60, 61, 60, 61, 60])
+        own.extend([60, 61, 60, 61, 60], [0, 1, 0, 1, 0])
+        assert own.distribution()[61] < player.distribution()[61]
+
+
+def test_mix_is_a_distribution_and_the_engine_samples_from_it(tiny_model, chorale_tokens):
+    cache = SessionCache()
+    cache.extend(chorale_tokens[:300])
+    logits = torch.randn(vocab.VOCAB_SIZE) * 3
+    mixed = mix_logits(logits, cache, 0.6)
+    p_model = torch.softmax(logits.double(), -1).numpy()
+    a, b = cache.terms()
+    expected = 0.4 * p_model + 0.6 * (np.append(a, 0.0) + b * p_model)
+    assert float(mixed.exp().sum()) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(mixed.exp().double().numpy(), expected, rtol=1e-5, atol=1e-9)
+    assert 0 < b < 1 and a.sum() > 0.1  # the cache has an opinion here
+    token = chorale_tokens[300]
+    assert mixed_probability(p_model[token], a[token], b, 0.6) == pytest.approx(expected[token])
+
+
+def test_adaptation_lowers_the_nll_of_a_repetitive_real_piece(tiny_model, chorale_tokens):
+    pieces = [chorale_tokens[:1200]]
+    alone, targets = model_nll(tiny_model, pieces)
+    adapted = adapted_nll(alone, pieces, 0.6)
+    assert adapted.mean() < alone.mean() - 1.0, (adapted.mean(), alone.mean())
+    assert adapted_nll(alone, pieces, 0.0) is alone
+    # the engine's own cache, as play mixes it: the same gain at the live window
+    live = window_nll(tiny_model, pieces, 1, 400, progress=False, adapt=0.6)
+    assert live["nll"] < live["nll_model"] - 1.0
+    assert loop_rate(pieces[0]) > 0.3  # it is repetitive: 40% of its 16-token stretches came before
+
+
+def test_engine_keeps_the_cache_in_step_and_weight_zero_is_the_model_alone(tiny_model, chorale_tokens):
+    def engine(adapt: float) -> Engine:
+        return Engine(
+            tiny_model,
+            num_latents=1,
+            sampling=SamplingSettings(temperature=1.0, seed=3),
+            constraints=Constraints(no_orphan_note_off=True),
+            device="cpu",
+            adapt=adapt,
+        )
+
+    plain = engine(0.0)
+    assert plain.cache is None  # off from the start: no cache, no cost
+    toggled = engine(0.6)
+    toggled.configure(adapt=0.0)  # on, then off: the cache follows the stream, the logits are the model's
+    adapted = engine(0.6)
+    runs = []
+    for e in (plain, toggled, adapted):
+        e.append(chorale_tokens[:200])
+        first = e.sample(30)
+        e.truncate(210)  # a rollback of unplayed look-ahead
+        e.append(chorale_tokens[200:230])
+        runs.append(first + e.sample(30))
+    assert runs[0] == runs[1]
+    assert runs[2] != runs[0]
+    for e in (toggled, adapted):
+        fresh = SessionCache()
+        fresh.extend(e.tokens, e.sampled)
+        assert e.cache.successors == fresh.successors and e.cache.totals == fresh.totals
+    with pytest.raises(ValueError, match="adapt 1.5 outside 0..1"):
+        adapted.configure(adapt=1.5, num_latents=2)
+    assert adapted.adapt == 0.6 and adapted.num_latents == 1  # nothing changed
+    late = engine(0.0)
+    late.append(chorale_tokens[:100], sampled=[1] * 100)
+    late.configure(adapt=0.3)  # turned on mid-session: built from the stream so far, whose tokens they were
+    fresh = SessionCache()
+    fresh.extend(chorale_tokens[:100], [1] * 100)
+    assert late.cache.totals == fresh.totals and late.adapt == 0.3
+
+
+def test_eval_reports_nll_with_and_without_adaptation(tmp_path, chorale_tokens):
+    from conftest import MODEL_GOLDEN
+
+    from liveperceiver.cli import main
+    from liveperceiver.tokenizer import decode_midi, write_midi
+
+    midi = tmp_path / "chorale.mid"
+    write_midi(decode_midi(chorale_tokens[:800]), midi)
+    reports = {}
+    for weight in ("0.6", "0"):
+        out = tmp_path / f"eval-{weight}.json"
+        argv = ["eval", "--model", str(MODEL_GOLDEN / "tiny-a"), str(midi), "--adapt", weight, "--json", str(out)]
+        assert main(argv) == 0
+        reports[weight] = json.loads(out.read_text())
+    on, off = reports["0.6"], reports["0"]
+    assert on["nll_model"] == pytest.approx(off["nll_model"]) == pytest.approx(off["nll"])
+    assert on["nll"] < on["nll_model"] - 1.0 and on["adapt"]["weight"] == 0.6
+    assert on["perplexity"] == pytest.approx(np.exp(on["nll"]))
+    for kind, row in on["by_type"].items():
+        assert row["nll"] < row["nll_model"], kind
+        assert row["nll_model"] == pytest.approx(off["by_type"][kind]["nll"])
+
+
+def test_adapt_setting_validates_in_one_line(tmp_path, capsys):
+    from liveperceiver.cli import main
+    from liveperceiver.presets import load_preset
+
+    assert Settings().adapt > 0  # on by default
+    with pytest.raises(ValueError, match=r"^adapt = 1\.5 is outside the allowed values \(0 \(off\) \.\. 1\)$"):
+        Settings(adapt=1.5).validate()
+    preset = tmp_path / "p.toml"
+    preset.write_text("[sampling]\nadapt = -0.1\n")
+    with pytest.raises(UserError, match=r"p\.toml: sampling\.adapt = -0\.1 is outside the allowed values"):
+        load_preset(preset)
+    preset.write_text("[sampling]\nadapt = 0\n")
+    assert load_preset(preset).adapt == 0.0
+    assert main(["eval", "x.mid", "--adapt", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "liveperceiver: error: --adapt 2 is outside the allowed values (0 (off) .. 1)\n"
+    from liveperceiver.cli import build_parser
+    from liveperceiver.session import settings_from_args
+
+    with pytest.raises(UserError, match=r"^--adapt = 1\.5 is outside the allowed values \(0 \(off\) \.\. 1\)$"):
+        settings_from_args(build_parser().parse_args(["play", "--adapt", "1.5"]))
+    assert settings_from_args(build_parser().parse_args(["play", "--adapt", "0"])).adapt == 0.0
+
+
+def test_cost_is_timed_on_a_repetitive_stream():
+    """`bench` times the push and the mix per token on a stream that repeats itself (the dear case)."""
+    from liveperceiver.adapt import cost_per_token_ms, practice_stream
+
+    stream = practice_stream(3000)
+    assert len(stream) == 3000 and loop_rate(stream) > 0.3
+    assert {vocab.event_type(t) for t in stream} == {"note_on", "note_off", "time_shift", "velocity"}
+    times = cost_per_token_ms(stream, measured=500)
+    assert len(times) == 500 and min(times) > 0
