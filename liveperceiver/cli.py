@@ -184,9 +184,30 @@ def add_eval(subparsers) -> None:
         help=f"weight of the session cache (the piece's own n-grams) in `nll` and continuations (default {live.adapt:g}, as live; 0: off)",
     )
     parser.add_argument(
+        "--dynamics-follow",
+        type=float,
+        default=live.dynamics_follow,
+        metavar="K",
+        help=f"lean toward the prompt's velocities (default {live.dynamics_follow:g}, as live; 0: off)",
+    )
+    parser.add_argument(
+        "--density-follow",
+        type=float,
+        default=live.density_follow,
+        metavar="K",
+        help=f"lean toward the prompt's note rate (default {live.density_follow:g}, as live; 0: off)",
+    )
+    parser.add_argument(
+        "--density-ratio",
+        type=float,
+        default=live.density_ratio,
+        metavar="R",
+        help=f"density follow's target, times the prompt's note rate (default {live.density_ratio:g})",
+    )
+    parser.add_argument(
         "--no-constraints",
         action="store_true",
-        help="sample the raw model (no orphan note-off guard, no note limit, no key follow)",
+        help="sample the raw model (no orphan note-off guard, no note limit, no key, dynamics or density follow)",
     )
     parser.add_argument(
         "--window-latents",
@@ -243,6 +264,15 @@ def add_continue(subparsers) -> None:
     parser.add_argument(
         "--key-follow", type=float, default=0.0, help="lean toward the prompt's pitch classes (0: off; play uses 1)"
     )
+    parser.add_argument(
+        "--dynamics-follow", type=float, default=0.0, metavar="K", help="lean toward the prompt's velocities (0: off)"
+    )
+    parser.add_argument(
+        "--density-follow", type=float, default=0.0, metavar="K", help="lean toward the prompt's note rate (0: off)"
+    )
+    parser.add_argument(
+        "--density-ratio", type=float, default=1.0, metavar="R", help="density follow's target, times the prompt's rate"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, usually fastest)")
@@ -264,7 +294,7 @@ def run_continue(args: argparse.Namespace) -> None:
     from liveperceiver.engine import DTYPES, Engine
     from liveperceiver.errors import atomic_output
     from liveperceiver.sampling import Constraints, SamplingSettings
-    from liveperceiver.settings import check_key_follow_flag
+    from liveperceiver.settings import check_follow_flags, check_key_follow_flag
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -273,6 +303,7 @@ def run_continue(args: argparse.Namespace) -> None:
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
     check_key_follow_flag(args.key_follow)
+    check_follow_flags(args)
     prompt = read_prompt(args.prompt)
     if not prompt:
         raise UserError(f"{args.prompt}: the prompt holds no tokens")
@@ -286,7 +317,13 @@ def run_continue(args: argparse.Namespace) -> None:
             device=args.device,
             dtype=DTYPES[args.dtype],
             threads=args.threads,
-            constraints=Constraints(max_note_ms=round(args.max_note_seconds * 1000), key_follow=args.key_follow),
+            constraints=Constraints(
+                max_note_ms=round(args.max_note_seconds * 1000),
+                key_follow=args.key_follow,
+                dynamics_follow=args.dynamics_follow,
+                density_follow=args.density_follow,
+                density_ratio=args.density_ratio,
+            ),
         )
     except (ValueError, RuntimeError) as error:
         raise UserError(f"{loaded.name}: {error}") from None
@@ -386,6 +423,11 @@ def add_play(subparsers) -> None:
     parser.add_argument("--num-latents", type=int, metavar="N")
     parser.add_argument("--key-follow", type=float, metavar="K", help="lean toward your pitch classes (0: off)")
     parser.add_argument("--adapt", type=float, metavar="W", help="weight of the session's own n-gram cache (0: off)")
+    parser.add_argument("--dynamics-follow", type=float, metavar="K", help="lean toward your velocities (0: off)")
+    parser.add_argument("--density-follow", type=float, metavar="K", help="lean toward your note rate (0: off)")
+    parser.add_argument(
+        "--density-ratio", type=float, metavar="R", help="density follow's target: 1 your rate, 0.5 sparser, 2 busier"
+    )
     parser.add_argument("--link", action="store_true", help="join the Ableton Link session (tempo, beat, start/stop)")
     parser.add_argument("--link-tempo", type=float, metavar="BPM", help="with --link: propose this tempo")
     parser.add_argument("--link-quantum", type=int, metavar="N", help="with --link: beats per bar (default 4)")

@@ -210,12 +210,17 @@ def well_formed(prompt: list[int], continuation: list[int], max_open_s: float | 
 
 
 def note_stats(tokens: list[int]) -> dict:
-    """Pitch classes, density, polyphony, note lengths and inter-onset intervals of decoded notes."""
+    """Pitch classes, velocity bins, density, polyphony, note lengths and inter-onset intervals of decoded notes.
+
+    Density counts note-on tokens, every attack a listener hears: a pitch struck again while it
+    sounds is a new note to the ear, but the decoder keeps only the last of the two (and the model
+    does this often: about a third of its notes in piano continuations)."""
     from liveperceiver.tokenizer import decode_notes
 
     notes = decode_notes(tokens)
     duration = sum(vocab.time_shift_steps(t) for t in tokens if vocab.TIME_SHIFT <= t < vocab.VELOCITY) / 100
     pcs = np.bincount([n.pitch % 12 for n in notes], minlength=12).astype(float)
+    bins = np.bincount([n.velocity * vocab.NUM_VELOCITY_BINS // 128 for n in notes], minlength=32).astype(float)
     onsets = np.array(sorted(n.start for n in notes))
     lengths = np.array([n.end - n.start for n in notes])
     iois = np.diff(onsets) if len(onsets) > 1 else np.zeros(0)
@@ -223,7 +228,8 @@ def note_stats(tokens: list[int]) -> dict:
     return {
         "notes": len(notes),
         "pitch_classes": pcs / pcs.sum() if pcs.sum() else pcs,
-        "density": len(notes) / duration if duration > 0 else 0.0,
+        "velocities": bins / bins.sum() if bins.sum() else bins,  # the 32 velocity-token bins
+        "density": sum(1 for t in tokens if t < vocab.NOTE_OFF) / duration if duration > 0 else 0.0,
         "polyphony": float(np.mean(polyphony)) if polyphony else 0.0,
         "lengths": lengths,
         "iois": iois[iois > 0],
@@ -233,6 +239,17 @@ def note_stats(tokens: list[int]) -> dict:
 def pitch_class_overlap(a: dict, b: dict) -> float:
     """Sum of bin-wise minima of two `note_stats` pitch-class histograms (1: the same distribution)."""
     return float(np.minimum(a["pitch_classes"], b["pitch_classes"]).sum())
+
+
+def velocity_overlap(a: dict, b: dict) -> float:
+    """Sum of bin-wise minima of two `note_stats` velocity histograms, in the tokens' 32 bins of 4
+    MIDI velocities (1: the same dynamics)."""
+    return float(np.minimum(a["velocities"], b["velocities"]).sum())
+
+
+def rate_ratio(generated: float, true: float) -> float | None:
+    """generated / true, or None where the truth has none (a rest): a ratio of 1 is the true rate."""
+    return generated / true if true > 0 else None
 
 
 def histogram_overlap(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -> float:
@@ -302,8 +319,12 @@ def continuation_stats(
                 "prompt_pitch_class_overlap": pitch_class_overlap(before, true),
                 # how well the continuation keeps the pitch classes it was prompted with
                 "kept_pitch_class_overlap": pitch_class_overlap(gen, before),
+                "velocity_overlap": velocity_overlap(gen, true),
+                "prompt_velocity_overlap": velocity_overlap(before, true),
                 "density": (gen["density"], true["density"]),
                 "polyphony": (gen["polyphony"], true["polyphony"]),
+                "density_ratio": rate_ratio(gen["density"], true["density"]),
+                "polyphony_ratio": rate_ratio(gen["polyphony"], true["polyphony"]),
                 "length_overlap": histogram_overlap(gen["lengths"], true["lengths"], time_bins),
                 "ioi_overlap": histogram_overlap(gen["iois"], true["iois"], time_bins),
                 "median_length": (_median(gen["lengths"]), _median(true["lengths"])),
@@ -319,6 +340,14 @@ def continuation_stats(
             "generated": float(np.mean([r[key][0] for r in rows])),
             "true": float(np.mean([r[key][1] for r in rows])),
         }  # noqa: E731
+
+    def ratios(key):
+        """Per prompt generated / true: the median, and the share within 25% of the truth (the issue's bar)."""
+        values = [r[key] for r in rows if r[key] is not None]
+        if not values:
+            return {"median": None, "within_25_percent": None, "prompts": 0}
+        within = sum(0.75 <= v <= 1.25 for v in values) / len(values)
+        return {"median": float(np.median(values)), "within_25_percent": within, "prompts": len(values)}
 
     yardsticks = {}
     if ngram is not None:
@@ -341,8 +370,12 @@ def continuation_stats(
         "pitch_class_overlap_per_prompt": [round(r["pitch_class_overlap"], 4) for r in rows],
         "note_length_overlap": mean("length_overlap"),
         "inter_onset_overlap": mean("ioi_overlap"),
+        "velocity_overlap": mean("velocity_overlap"),
+        "prompt_velocity_overlap": mean("prompt_velocity_overlap"),
         "notes_per_second": pair("density"),
         "polyphony": pair("polyphony"),
+        "notes_per_second_ratio": ratios("density_ratio"),
+        "polyphony_ratio": ratios("polyphony_ratio"),
         "median_note_length_s": pair("median_length"),
         "median_inter_onset_s": pair("median_ioi"),
     }
@@ -555,11 +588,12 @@ def run_eval(args) -> None:
 
     from liveperceiver.checkpoint import load_model
     from liveperceiver.errors import atomic_output
-    from liveperceiver.settings import check_key_follow_flag
+    from liveperceiver.settings import check_follow_flags, check_key_follow_flag
 
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
     check_key_follow_flag(args.key_follow)
+    check_follow_flags(args)
     if not 0.0 <= args.adapt <= 1.0:
         raise UserError(f"--adapt {args.adapt:g} is outside the allowed values (0 (off) .. 1)")
     check_counts(args)
@@ -582,7 +616,12 @@ def run_eval(args) -> None:
         from liveperceiver.sampling import Constraints
 
         sampling["constraints"] = Constraints(
-            no_orphan_note_off=True, max_note_ms=round(args.max_note_seconds * 1000), key_follow=args.key_follow
+            no_orphan_note_off=True,
+            max_note_ms=round(args.max_note_seconds * 1000),
+            key_follow=args.key_follow,
+            dynamics_follow=args.dynamics_follow,
+            density_follow=args.density_follow,
+            density_ratio=args.density_ratio,
         )
     result = evaluate(
         loaded.model,
@@ -639,6 +678,19 @@ def run_eval(args) -> None:
             + "), "
             f"note-length overlap {c['note_length_overlap']:.3f}, "
             f"inter-onset overlap {c['inter_onset_overlap']:.3f}"
+        )
+        lines.append(
+            f"  velocity overlap {c['velocity_overlap']:.3f} (the prompt's own: {c['prompt_velocity_overlap']:.3f}), "
+            + ", ".join(
+                f"{label} {c[key]['generated']:.2f} against the truth's {c[key]['true']:.2f}"
+                + (
+                    f" (per prompt: median ratio {c[key + '_ratio']['median']:.2f}, "
+                    f"{100 * c[key + '_ratio']['within_25_percent']:.0f}% within 25%)"
+                    if c[key + "_ratio"]["prompts"]
+                    else ""
+                )
+                for label, key in (("notes/s", "notes_per_second"), ("polyphony", "polyphony"))
+            )
         )
     print("\n".join(lines))
     if args.json:

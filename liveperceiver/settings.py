@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields, replace
 
 MODES = ("call", "duet", "listen")
 MAX_KEY_FOLLOW = 4.0  # sampling.key_follow_bias: beyond this the player's pitch classes dictate
+MAX_DYNAMICS_FOLLOW = 16.0  # sampling.dynamics_follow_bias: at 16 the model's levels all but copy the player's
+MAX_DENSITY_FOLLOW = 4.0  # sampling.density_follow_bias: beyond this its clamped factor only switches
+DENSITY_RATIO_RANGE = (0.25, 4.0)  # density follow's target: a quarter to four times the player's note rate
 QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
 ANSWER_ON = ("threshold", "beat", "bar")  # call mode with Link: where an answer starts (liveperceiver/link.py)
 
@@ -28,6 +31,9 @@ class Settings:
     num_latents: int = 1  # the live targets need it on a 2-core CPU; 8 plays better (model card: NLL by window)
     prefix_cap: int = 0  # 0: the model's max_prefix_len
     key_follow: float = 1.0  # the model follows the player's pitch classes (sampling.key_follow_bias; 0: off)
+    dynamics_follow: float = 8.0  # its velocities follow the player's (sampling.dynamics_follow_bias; 0: off)
+    density_follow: float = 1.0  # its note rate follows the player's (sampling.density_follow_bias; 0: off)
+    density_ratio: float = 1.0  # density follow's target: 1 like the player, 0.5 sparser, 2 busier
     adapt: float = 0.6  # weight of the session cache, in-session adaptation (adapt.py; 0: off)
     seed: int | None = None
     # [timing]
@@ -62,6 +68,17 @@ class Settings:
             ("prefix_cap", 0 <= self.prefix_cap <= 65536, "0 (model maximum) .. the model's max_prefix_len"),
             ("key_follow", 0.0 <= self.key_follow <= MAX_KEY_FOLLOW, f"0 (off) .. {MAX_KEY_FOLLOW:g}"),
             ("adapt", 0.0 <= self.adapt <= 1.0, "0 (off) .. 1"),
+            (
+                "dynamics_follow",
+                0.0 <= self.dynamics_follow <= MAX_DYNAMICS_FOLLOW,
+                f"0 (off) .. {MAX_DYNAMICS_FOLLOW:g}",
+            ),
+            ("density_follow", 0.0 <= self.density_follow <= MAX_DENSITY_FOLLOW, f"0 (off) .. {MAX_DENSITY_FOLLOW:g}"),
+            (
+                "density_ratio",
+                DENSITY_RATIO_RANGE[0] <= self.density_ratio <= DENSITY_RATIO_RANGE[1],
+                "{:g} .. {:g} times the player's note rate".format(*DENSITY_RATIO_RANGE),
+            ),
             ("silence_ms", 50 <= self.silence_ms <= 10000, "50 .. 10000"),
             ("response_seconds", 0.5 <= self.response_seconds <= 120, "0.5 .. 120"),
             ("lookahead_ms", 20 <= self.lookahead_ms <= 2000, "20 .. 2000"),
@@ -90,13 +107,17 @@ class Settings:
         """What the engine enforces while sampling: no note-off for a note that is not sounding,
         the model closes its own long notes a second before the scheduler's watchdog would cut them,
         so the context holds the note-off that was played (one time shift can pass the limit), and
-        key follow leans its pitches toward the player's."""
+        key follow leans its pitches toward the player's, dynamics follow its velocities, density
+        follow its note rate."""
         from liveperceiver.sampling import Constraints
 
         return Constraints(
             no_orphan_note_off=True,
             max_note_ms=max(500, round(self.max_note_seconds * 1000) - 1000),
             key_follow=self.key_follow,
+            dynamics_follow=self.dynamics_follow,
+            density_follow=self.density_follow,
+            density_ratio=self.density_ratio,
         )
 
     def updated(self, **changes) -> Settings:
@@ -111,7 +132,19 @@ class Settings:
 
 SECTIONS = {
     "": ("mode", "model", "description"),
-    "sampling": ("temperature", "top_k", "top_p", "num_latents", "prefix_cap", "key_follow", "adapt", "seed"),
+    "sampling": (
+        "temperature",
+        "top_k",
+        "top_p",
+        "num_latents",
+        "prefix_cap",
+        "key_follow",
+        "dynamics_follow",
+        "density_follow",
+        "density_ratio",
+        "adapt",
+        "seed",
+    ),
     "timing": ("silence_ms", "response_seconds", "lookahead_ms", "quantize", "max_note_seconds"),
     "output": ("out_channel", "transpose", "velocity_scale", "pitch_low", "pitch_high"),
     "input": ("in_channel", "thru"),
@@ -127,3 +160,21 @@ def check_key_follow_flag(value: float) -> None:
 
     if not 0.0 <= value <= MAX_KEY_FOLLOW:
         raise UserError(f"--key-follow {value:g} is outside the allowed values (0 (off) .. {MAX_KEY_FOLLOW:g})")
+
+
+def check_follow_flags(args) -> None:
+    """`--dynamics-follow`, `--density-follow` and `--density-ratio` for the offline commands, in one line each."""
+    from liveperceiver.errors import UserError
+
+    for flag, value, limit in (
+        ("--dynamics-follow", args.dynamics_follow, MAX_DYNAMICS_FOLLOW),
+        ("--density-follow", args.density_follow, MAX_DENSITY_FOLLOW),
+    ):
+        if not 0.0 <= value <= limit:
+            raise UserError(f"{flag} {value:g} is outside the allowed values (0 (off) .. {limit:g})")
+    low, high = DENSITY_RATIO_RANGE
+    if not low <= args.density_ratio <= high:
+        raise UserError(
+            f"--density-ratio {args.density_ratio:g} is outside the allowed values "
+            f"({low:g} .. {high:g} times the player's note rate)"
+        )

@@ -50,6 +50,9 @@ STEPS: dict[str, float | tuple] = {
     "top_p": 0.01,
     "top_k": 1,
     "key_follow": 0.25,
+    "dynamics_follow": 1.0,  # 0 .. 16
+    "density_follow": 0.25,
+    "density_ratio": 0.25,  # 0.25 .. 4 times the player's note rate
     "adapt": 0.1,  # the session cache's weight, 0 .. 1
     "num_latents": 0,  # doubles and halves
     "prefix_cap": 256,
@@ -318,7 +321,8 @@ class LivePerceiverApp(App):
         panel = screen.query_one("#session", Panel)
         width = panel.content_size.width or 40
         panel.show(session_text(snap, now - self.started, save_to, self.last_save, width))
-        screen.query_one("#controls", Panel).show(controls_text(snap, self.selected))
+        controls = screen.query_one("#controls", Panel)
+        controls.show(controls_text(snap, self.selected, height=controls.content_size.height))
         screen.query_one("#meters", Panel).show(meters_text(snap))
         log = screen.query_one("#log", Panel)
         lines = sorted([*snap.log[-20:], *list(self.ui_log)[-20:]])

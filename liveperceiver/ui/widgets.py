@@ -257,6 +257,9 @@ CONTROLS: tuple[tuple[str, str, str], ...] = (
     ("top-p", "top_p", "{:.2f}"),
     ("top-k", "top_k", "{}"),
     ("key", "key_follow", "{:.2f}"),
+    ("dynamics", "dynamics_follow", "{:.2f}"),
+    ("density", "density_follow", "{:.2f}"),
+    ("ratio", "density_ratio", "×{:.2f}"),
     ("adapt", "adapt", "{:.2f}"),
     ("latents", "num_latents", "{}"),
     ("prefix", "prefix_cap", "{}"),
@@ -270,12 +273,17 @@ CONTROLS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def controls_text(snapshot: Snapshot, selected: int, columns: int = 2) -> Text:
-    """The controls in `columns` columns; the selected one (changed by -/+) is highlighted."""
+def controls_text(snapshot: Snapshot, selected: int, columns: int = 2, height: int = 0) -> Text:
+    """The controls in `columns` columns; the selected one (changed by -/+) is highlighted. With a
+    `height` (the panel's lines) smaller than the rows, the rows shown scroll with the selection,
+    so a small terminal still reaches every control."""
     text = Text(no_wrap=True, overflow="ellipsis")
     settings = snapshot.settings
     rows = -(-len(CONTROLS) // columns)
-    for row in range(rows):
+    first = 0
+    if 0 < height < rows:
+        first = min(max(0, selected % rows - height + 1), rows - height)
+    for row in range(first, first + height if 0 < height < rows else rows):
         for column in range(columns):
             index = column * rows + row
             if index >= len(CONTROLS):
