@@ -127,7 +127,13 @@ def adaptation_settings() -> dict:
     """The session cache's fixed settings (adapt.py), for the record next to its weight."""
     from liveperceiver import adapt
 
-    return {"order": adapt.ORDER, "window": adapt.WINDOW, "discount": adapt.DISCOUNT, "own_weight": adapt.OWN_WEIGHT}
+    return {
+        "order": adapt.ORDER,
+        "window": adapt.WINDOW,
+        "discount": adapt.DISCOUNT,
+        "ramp": adapt.RAMP,
+        "own_weight": adapt.OWN_WEIGHT,
+    }
 
 
 def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
@@ -144,22 +150,23 @@ def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.n
     """Per-target NLL with in-session adaptation, as `play` mixes it (adapt.py): each piece is a
     session, its own past feeds a fresh cache token by token, and the cache is mixed with the
     model's probability of each target (`nll`, from `model_nll`: the same targets in the same order)."""
-    from liveperceiver.adapt import SessionCache, mixed_probability
+    from liveperceiver.adapt import SessionCache, effective_weight, mixed_probability
 
     if not weight:
         return nll
-    a, b = np.empty(len(nll)), np.empty(len(nll))
+    a, b, seen = np.empty(len(nll)), np.empty(len(nll)), np.empty(len(nll))
     index = 0
     for piece in pieces:
         cache = SessionCache()
         cache.push(piece[0])
         for token in piece[1:]:
             a[index], b[index] = cache.token_terms(token)
+            seen[index] = len(cache)
             cache.push(token)
             index += 1
     if index != len(nll):
         raise ValueError(f"adapted_nll: {len(nll)} model targets for {index} tokens")
-    return -np.log(mixed_probability(np.exp(-nll), a, b, weight))
+    return -np.log(mixed_probability(np.exp(-nll), a, b, effective_weight(weight, seen)))
 
 
 POSITION_BUCKETS = ((1, 4), (4, 16), (16, 64), (64, 256), (256, None))

@@ -34,7 +34,7 @@ class Settings:
     dynamics_follow: float = 8.0  # its velocities follow the player's (sampling.dynamics_follow_bias; 0: off)
     density_follow: float = 1.0  # its note rate follows the player's (sampling.density_follow_bias; 0: off)
     density_ratio: float = 1.0  # density follow's target: 1 like the player, 0.5 sparser, 2 busier
-    adapt: float = 0.6  # weight of the session cache, in-session adaptation (adapt.py; 0: off)
+    adapt: float = 0.7  # weight of the session cache, in-session adaptation (adapt.py; 0: off)
     seed: int | None = None
     # [timing]
     silence_ms: int = 600

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from liveperceiver import vocab
-from liveperceiver.adapt import SIZE, SessionCache, loop_rate, mix_logits, mixed_probability
+from liveperceiver.adapt import RAMP, SIZE, SessionCache, loop_rate, mix_logits, mixed_probability
 from liveperceiver.engine import Engine
 from liveperceiver.errors import UserError
 from liveperceiver.evaluate import KneserNey, adapted_nll, model_nll, window_nll
@@ -93,12 +93,16 @@ def test_mix_is_a_distribution_and_the_engine_samples_from_it(tiny_model, choral
     mixed = mix_logits(logits, cache, 0.6)
     p_model = torch.softmax(logits.double(), -1).numpy()
     a, b = cache.terms()
-    expected = 0.4 * p_model + 0.6 * (np.append(a, 0.0) + b * p_model)
+    w = 0.6 * 300 / (300 + RAMP)  # ramped in over the session's first tokens
+    expected = (1 - w) * p_model + w * (np.append(a, 0.0) + b * p_model)
     assert float(mixed.exp().sum()) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(mixed.exp().double().numpy(), expected, rtol=1e-5, atol=1e-9)
     assert 0 < b < 1 and a.sum() > 0.1  # the cache has an opinion here
     token = chorale_tokens[300]
-    assert mixed_probability(p_model[token], a[token], b, 0.6) == pytest.approx(expected[token])
+    assert mixed_probability(p_model[token], a[token], b, w) == pytest.approx(expected[token])
+    empty = SessionCache()
+    nothing_heard = mix_logits(logits, empty, 0.6)  # the model alone
+    torch.testing.assert_close(nothing_heard, torch.log_softmax(logits, -1), rtol=0, atol=1e-5)
 
 
 def test_adaptation_lowers_the_nll_of_a_repetitive_real_piece(tiny_model, chorale_tokens):
