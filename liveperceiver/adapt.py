@@ -109,8 +109,19 @@ class SessionCache:
         self._ending_at(length, max(0, length + 1 - self.window), 1)
 
     def extend(self, tokens, sampled=None) -> None:
-        for index, token in enumerate(tokens):
-            self.push(int(token), bool(sampled[index]) if sampled is not None else False)
+        """Push `tokens` (`sampled[i]`: token i was the model's). Into an empty cache only the last
+        `window` tokens are counted, so turning adaptation on late in a long session costs a window's
+        pushes, not the whole session's."""
+        flags = [False] * len(tokens) if sampled is None else [bool(flag) for flag in sampled]
+        if not self.tokens and len(tokens) > self.window:
+            first = len(tokens) - self.window
+            self.tokens.extend(int(token) for token in tokens)
+            self.units.extend(self.own_units if flag else UNIT for flag in flags)
+            for end in range(first, len(tokens)):
+                self._ending_at(end, first, 1)
+            return
+        for token, flag in zip(tokens, flags, strict=True):
+            self.push(int(token), flag)
 
     def truncate(self, length: int) -> None:
         """Forget tokens from the end, newest first: exactly the reverse of their pushes."""

@@ -79,6 +79,15 @@ def test_rollback_restores_the_counts_exactly_with_own_tokens(chorale_tokens, ow
             assert getattr(cache, name) == getattr(fresh, name), name
         assert np.array_equal(cache.distribution(), fresh.distribution())
         assert cache.distribution().sum() == pytest.approx(1.0, abs=1e-12)
+    at_once = SessionCache(order=6, window=100, own_weight=own_weight)  # as an engine turned on late builds it
+    at_once.extend(tokens, sampled)
+    one_by_one = SessionCache(order=6, window=100, own_weight=own_weight)
+    for token, flag in zip(tokens, sampled, strict=True):
+        one_by_one.push(token, flag)
+    assert at_once.totals == one_by_one.totals and at_once.real == one_by_one.real
+    at_once.truncate(250)
+    one_by_one.truncate(250)
+    assert at_once.successors == one_by_one.successors and at_once.masses == one_by_one.masses
     if own_weight < 1.0:  # an own token counts less than the player's
         player, own = SessionCache(order=2), SessionCache(order=2, own_weight=own_weight)
         player.extend([60, 61, 60, 61, 60])
