@@ -31,7 +31,7 @@ class Settings:
     num_latents: int = 1  # the live targets need it on a 2-core CPU; 8 plays better (model card: NLL by window)
     prefix_cap: int = 0  # 0: the model's max_prefix_len
     key_follow: float = 1.0  # the model follows the player's pitch classes (sampling.key_follow_bias; 0: off)
-    dynamics_follow: float = 8.0  # its velocities follow the player's (sampling.dynamics_follow_bias; 0: off)
+    dynamics_follow: float = 4.0  # its velocities follow the player's (sampling.dynamics_follow_bias; 0: off)
     density_follow: float = 1.0  # its note rate follows the player's (sampling.density_follow_bias; 0: off)
     density_ratio: float = 1.0  # density follow's target: 1 like the player, 0.5 sparser, 2 busier
     adapt: float = 0.7  # weight of the session cache, in-session adaptation (adapt.py; 0: off)

@@ -120,6 +120,20 @@ def test_each_follow_keeps_its_event_types_total(temperature):
         assert not torch.allclose(changed[ids], logits[ids])
 
 
+def test_with_dynamics_follow_a_velocity_token_is_followed_by_its_note(tiny_model):
+    """Pushed toward a level, the model sometimes emitted the velocity token and then waited, and
+    the level was lost; in the data a velocity token is always followed by a note-on."""
+
+    def after_velocity(tokens: list[int]) -> set[str]:
+        return {
+            vocab.event_type(b) for a, b in zip(tokens, tokens[1:], strict=False) if vocab.VELOCITY <= a < vocab.PAD
+        }
+
+    player = phrase(48, 29, 25)
+    assert after_velocity(sampled_tokens(tiny_model, player, 800)) > {"note_on"}  # the random model alone
+    assert after_velocity(sampled_tokens(tiny_model, player, 800, dynamics_follow=2.0)) == {"note_on"}
+
+
 def test_dynamics_follow_pulls_the_neighbouring_bins():
     state = replayed(phrase(30, 20, 25), [0] * 120)
     flat = torch.zeros(vocab.VOCAB_SIZE)
