@@ -263,3 +263,33 @@ def test_follow_flags_and_preset_keys(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "liveperceiver: error: --density-ratio 0.1 is outside the allowed values (0.25 .. 4 times the player's note rate)\n"
     )
+
+
+def test_continuation_statistics_of_known_notes():
+    """eval's velocity overlap (32 token bins) and notes per second (every note-on, a pitch struck
+    again while it sounds included) on tokens written by hand."""
+    from liveperceiver.evaluate import note_stats, rate_ratio, velocity_overlap
+
+    ts = vocab.TIME_SHIFT + 49  # 0.5 s
+    # bins 20, 20, 10, 10 against 20, 10, 10, 5: min(2/4, 1/4) + min(2/4, 2/4) = 0.75
+    a = [376, 60, ts, 188, 376, 62, ts, 190, 366, 64, ts, 192, 366, 65, ts, 193]
+    b = [376, 60, ts, 188, 366, 62, ts, 190, 366, 64, ts, 192, 361, 65, ts, 193]
+    assert velocity_overlap(note_stats(a), note_stats(b)) == pytest.approx(0.75)
+    assert velocity_overlap(note_stats(a), note_stats(a)) == pytest.approx(1.0)
+    assert note_stats(a)["density"] == pytest.approx(2.0)  # 4 notes in 2 s
+    restruck = [376, 60, ts, 376, 60, ts, 188, ts, ts]  # C4 struck twice before its note-off: two notes heard
+    assert note_stats(restruck)["density"] == pytest.approx(1.0)  # 2 note-ons in 2 s (the decoder keeps one)
+    assert rate_ratio(1.5, 2.0) == 0.75 and rate_ratio(1.0, 0.0) is None
+
+
+def test_eval_continuations_report_the_follow_statistics(tiny_model):
+    from liveperceiver.evaluate import continuation_stats
+
+    pieces = [phrase(40, 28, 12, seed=s) for s in range(3)]
+    follow = Constraints(no_orphan_note_off=True, dynamics_follow=4.0, density_follow=1.0, density_ratio=0.5)
+    report = continuation_stats(tiny_model, pieces, 3, prompt_len=64, length=64, constraints=follow, num_latents=1)
+    assert report["count"] == 3 and 0.0 <= report["velocity_overlap"] <= 1.0
+    assert report["prompt_velocity_overlap"] == pytest.approx(1.0)  # one level throughout: the prompt's own matches
+    for key in ("notes_per_second_ratio", "polyphony_ratio"):
+        assert report[key]["prompts"] == 3 and 0.0 <= report[key]["within_25_percent"] <= 1.0
+    assert "density_ratio=0.5" in report["constraints"] and "dynamics_follow=4.0" in report["constraints"]
