@@ -86,11 +86,11 @@ class SessionCache:
         self.tokens.clear()
         self.units.clear()
         n = self.order + 1
-        # per order n (1..order): history (the n-1 tokens before) -> {token: count units}; the top
-        # order holds real counts, lower orders continuation counts (distinct one-token left extensions)
-        self.successors: list[dict[tuple[int, ...], dict[int, int]]] = [{} for _ in range(n)]
-        self.totals: list[dict[tuple[int, ...], int]] = [{} for _ in range(n)]  # sum of the counts
-        self.masses: list[dict[tuple[int, ...], int]] = [{} for _ in range(n)]  # sum of min(count, D)
+        # per order n (1..order): history (the n-1 tokens before) -> [total, mass, {token: count}] in
+        # units, mass being the sum of min(count, D); the top order holds real counts, lower orders
+        # continuation counts (distinct one-token left extensions). One record per history: a
+        # push updates about two dozen of them, so each costs one dictionary lookup.
+        self.levels: list[dict[tuple[int, ...], list]] = [{} for _ in range(n)]
         # real counts of the n-grams below the top order (n >= 2): the continuation counts come from them
         self.real: list[dict[tuple[int, ...], int]] = [{} for _ in range(n)]
 
@@ -153,54 +153,58 @@ class SessionCache:
         """Add `delta` units to the n-gram tokens[start:end + 1] (n >= 2, or n = 1 for a unigram cache)."""
         if not delta:
             return
-        seq, top, unit = self.tokens, self.order, UNIT
-        token, history = seq[end], tuple(seq[start:end])
+        seq, top = self.tokens, self.order
+        token = seq[end]
         n = end - start + 1
         if n == top:
-            old = self._add(top, history, token, delta)
+            old = self._add(top, tuple(seq[start:end]), token, delta)
             if top == 1:
                 return
         else:
-            real = self.real[n]
-            old = real.get(history + (token,), 0)
+            real, gram = self.real[n], tuple(seq[start : end + 1])
+            old = real.get(gram, 0)
             if old + delta:
-                real[history + (token,)] = old + delta
+                real[gram] = old + delta
             else:
-                del real[history + (token,)]
+                del real[gram]
         # a left extension counts once (UNIT) for the order below, or its weight if it is less
-        change = min(old + delta, unit) - min(old, unit)
+        new = old + delta
+        change = (new if new < UNIT else UNIT) - (old if old < UNIT else UNIT)
         if change:
-            self._add(n - 1, history[1:], token, change)
+            self._add(n - 1, tuple(seq[start + 1 : end]), token, change)
 
     def _add(self, n: int, history: tuple[int, ...], token: int, delta: int) -> int:
         """Change one count of order n; returns the count before."""
-        counts = self.successors[n].setdefault(history, {})
+        level = self.levels[n]
+        record = level.get(history)
+        if record is None:
+            record = level[history] = [0, 0, {}]
+        counts = record[2]
         old = counts.get(token, 0)
         new = old + delta
         if new:
             counts[token] = new
         else:
             del counts[token]
-        total = self.totals[n].get(history, 0) + delta
-        if total:
-            self.totals[n][history] = total
-            masses = self.masses[n]
-            masses[history] = masses.get(history, 0) + min(new, self.discount) - min(old, self.discount)
+        record[0] += delta
+        if record[0]:
+            discount = self.discount
+            record[1] += (new if new < discount else discount) - (old if old < discount else discount)
         else:
-            del self.totals[n][history], self.masses[n][history], self.successors[n][history]
+            del level[history]
         return old
 
-    def _levels(self) -> list[tuple[dict[int, int], int, int]]:
-        """(counts, total, mass) of each order from 1 up to the longest history the cache has seen."""
+    def _levels(self) -> list[list]:
+        """[total, mass, counts] of each order from 1 up to the longest history the cache has seen."""
         seq, levels = self.tokens, []
+        length = len(seq)
         for n in range(1, self.order + 1):
-            if n - 1 > len(seq):
+            if n - 1 > length:
                 break
-            history = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
-            total = self.totals[n].get(history, 0)
-            if not total:
+            record = self.levels[n].get(tuple(seq[length - n + 1 :]) if n > 1 else ())
+            if record is None:
                 break  # a longer history was never seen either
-            levels.append((self.successors[n][history], total, self.masses[n][history]))
+            levels.append(record)
         return levels
 
     # ------------------------------------------------------------------ probabilities
@@ -211,17 +215,26 @@ class SessionCache:
         a = np.zeros(SIZE)
         scale = 1.0
         discount = self.discount
-        for counts, total, mass in reversed(self._levels()):
-            tokens = np.fromiter(counts.keys(), np.int64, len(counts))
-            values = np.fromiter(counts.values(), np.float64, len(counts))
-            a[tokens] += (scale / total) * np.maximum(values - discount, 0.0)
+        small: dict[int, float] = {}  # the long contexts have a few successors each: plain Python is faster
+        for total, mass, counts in reversed(self._levels()):
+            factor = scale / total
+            if len(counts) > 16:
+                tokens = np.fromiter(counts.keys(), np.int64, len(counts))
+                values = np.fromiter(counts.values(), np.float64, len(counts))
+                a[tokens] += factor * np.maximum(values - discount, 0.0)
+            else:
+                for token, count in counts.items():
+                    if count > discount:
+                        small[token] = small.get(token, 0.0) + factor * (count - discount)
             scale *= mass / total
+        if small:
+            a[list(small)] += list(small.values())
         return a, scale
 
     def token_terms(self, token: int) -> tuple[float, float]:
         """`terms()` at one token: (a[token], b), in O(order) (eval scores only the true token)."""
         a, scale = 0.0, 1.0
-        for counts, total, mass in reversed(self._levels()):
+        for total, mass, counts in reversed(self._levels()):
             a += scale * max(counts.get(token, 0) - self.discount, 0) / total
             scale *= mass / total
         return a, scale
