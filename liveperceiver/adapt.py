@@ -37,7 +37,6 @@ in the first few hundred tokens of a piece.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -91,6 +90,10 @@ class SessionCache:
         # continuation counts (distinct one-token left extensions). One record per history: a
         # push updates about two dozen of them, so each costs one dictionary lookup.
         self.levels: list[dict[tuple[int, ...], list]] = [{} for _ in range(n)]
+        # the same counts of orders 1 and 2 as dense rows: their contexts have hundreds of
+        # successors, and one vector operation reads a row faster than a dictionary's scattered entries
+        self.unigrams = np.zeros(SIZE)
+        self.bigrams = np.zeros((vocab.VOCAB_SIZE, SIZE)) if self.order >= 2 else None
         # real counts of the n-grams below the top order (n >= 2): the continuation counts come from them
         self.real: list[dict[tuple[int, ...], int]] = [{} for _ in range(n)]
 
@@ -186,6 +189,10 @@ class SessionCache:
             counts[token] = new
         else:
             del counts[token]
+        if n == 1:
+            self.unigrams[token] = new
+        elif n == 2:
+            self.bigrams[history[0], token] = new
         record[0] += delta
         if record[0]:
             discount = self.discount
@@ -216,12 +223,13 @@ class SessionCache:
         scale = 1.0
         discount = self.discount
         small: dict[int, float] = {}  # the long contexts have a few successors each: plain Python is faster
-        for total, mass, counts in reversed(self._levels()):
+        levels = self._levels()
+        for n in range(len(levels), 0, -1):
+            total, mass, counts = levels[n - 1]
             factor = scale / total
-            if len(counts) > 16:
-                tokens = np.fromiter(counts.keys(), np.int64, len(counts))
-                values = np.fromiter(counts.values(), np.float64, len(counts))
-                a[tokens] += factor * np.maximum(values - discount, 0.0)
+            if n <= 2:
+                row = self.unigrams if n == 1 else self.bigrams[self.tokens[-1]]
+                a += factor * np.maximum(row - discount, 0.0)
             else:
                 for token, count in counts.items():
                     if count > discount:
@@ -263,20 +271,23 @@ def mixed_probability(p_model: np.ndarray, a: np.ndarray, b: np.ndarray, weight)
 def mix_logits(logits: torch.Tensor, cache: SessionCache, adapt: float) -> torch.Tensor:
     """The mix as logits (log-probabilities) of the same shape, device and dtype: the cache with the
     model as its floor, mixed with the model at `adapt`, ramped in over the session's first tokens
-    (see the module's docstring).
+    (see the module's docstring). Where the cache has seen nothing to go on, `logits` themselves.
 
     Both are taken at temperature 1, where each is an estimate of the next token's probability and
     the mix is the one `eval` scores; the sampling temperature, key follow and the masks then act on
     the mix exactly as they act on the model alone (a cache cannot bring back a masked token, and
-    the weight means the same at every temperature)."""
+    the weight means the same at every temperature). Computed in numpy on the CPU: a few operations
+    on 389 numbers, where each torch call would cost more than its arithmetic."""
     a, b = cache.terms()
+    if b >= 1.0 and not a.any():
+        return logits
     weight = effective_weight(adapt, len(cache))
-    probs = torch.softmax(logits.float(), -1)  # float32: every device has it
-    if b < 1.0 or a.any():
-        cached = torch.zeros(logits.shape[-1])
-        cached[:SIZE] = torch.from_numpy(a * weight)
-        probs.mul_(1.0 - weight + weight * b).add_(cached.to(probs.device))
-    return probs.log_().to(logits.dtype)
+    probs = torch.softmax(logits.float(), -1).cpu().numpy()
+    mixed = probs * np.float32(1.0 - weight + weight * b)
+    mixed[:SIZE] += weight * a
+    with np.errstate(divide="ignore"):  # a token the model gives exactly 0 and the cache nothing: -inf
+        np.log(mixed, out=mixed)
+    return torch.from_numpy(mixed).to(device=logits.device, dtype=logits.dtype)
 
 
 def loop_rate(tokens: list[int], start: int = 0, n: int = 16) -> float:
@@ -322,19 +333,3 @@ def practice_stream(length: int, seed: int = 0) -> list[int]:
                 vocab.note_off(pitch),
             ]
     return tokens[:length]
-
-
-def cost_per_token_ms(tokens: list[int], adapt: float = 0.7, measured: int = 2000) -> list[float]:
-    """Milliseconds that adaptation adds to the live engine per token, for the last `measured`
-    tokens of `tokens` (pushed one by one into a fresh cache; the window is full once the stream is
-    longer than it): the push, and the mix into the next step's logits."""
-    cache = SessionCache()
-    logits = torch.zeros(vocab.VOCAB_SIZE)
-    times = []
-    for index, token in enumerate(tokens):
-        start = time.perf_counter()
-        cache.push(token)
-        mix_logits(logits, cache, adapt)
-        if index >= len(tokens) - measured:
-            times.append((time.perf_counter() - start) * 1000)
-    return times
