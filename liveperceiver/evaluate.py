@@ -470,7 +470,7 @@ def window_nll(
         for target in piece[1 : 1 + max_tokens - count]:
             logits = engine.next_logits().float()
             total_model -= float(torch.log_softmax(logits, -1)[target])
-            total -= float(mix_logits(logits, engine.cache, adapt)[target]) if adapt else 0.0
+            total -= float(torch.log_softmax(mix_logits(logits, engine.cache, adapt), -1)[target]) if adapt else 0.0
             count += 1
             engine.append([target])
             bar.update()

@@ -124,6 +124,19 @@ def test_adaptation_lowers_the_nll_of_a_repetitive_real_piece(tiny_model, choral
     assert loop_rate(pieces[0]) > 0.3  # it is repetitive: 40% of its 16-token stretches came before
 
 
+def test_the_engine_mixes_as_eval_scores(tiny_model, chorale_tokens):
+    """The engine's mix of full distributions (adapt.mix_logits, what `play` samples from) and
+    eval's mix of the true tokens' probabilities (adapted_nll) agree token by token: on pieces
+    shorter than the model's latent window both see every earlier token as a latent."""
+    pieces = [chorale_tokens[i : i + 30] for i in (0, 300, 600)]
+    alone, _ = model_nll(tiny_model, pieces)
+    live = window_nll(tiny_model, pieces, tiny_model.config.max_latents, 10**6, progress=False, adapt=0.7)
+    assert live["tokens"] == len(alone) == 87
+    assert live["nll_model"] == pytest.approx(alone.mean(), abs=1e-5)
+    assert live["nll"] == pytest.approx(adapted_nll(alone, pieces, 0.7).mean(), abs=1e-5)
+    assert live["nll"] < live["nll_model"] - 0.05
+
+
 def test_engine_keeps_the_cache_in_step_and_weight_zero_is_the_model_alone(tiny_model, chorale_tokens):
     def engine(adapt: float) -> Engine:
         return Engine(
