@@ -421,16 +421,6 @@ class _Port:
         )
         self.connected_name = self.registered_name if renamed else self.virtual_name
 
-    def _new_virtual(self):
-        """A new client with our virtual port open, for a reopen (its JACK name is not looked up)."""
-        previous = self.port
-        self.port = self._new_client()
-        try:
-            self.open_virtual()
-            return self.port
-        finally:
-            self.port = previous  # the caller swaps it in under its lock
-
     def port_names(self) -> list[str]:
         with self.lock:
             return self.port.get_ports()
@@ -582,8 +572,10 @@ class MidiOutput(_Port):
                 self.log(f"output port {self.virtual_name!r} delivers nothing (JACK client stalled); reopening it")
                 with self.lock:
                     release(self.port)
-                    # a session cannot run without its output: UserError (one line) if this fails
-                    self.port = self._new_virtual()
+                    # a session cannot run without its output: UserError (one line) if this fails;
+                    # no lister here, so a renamed port's JACK name is not looked up again
+                    self.port = self._new_client()
+                    self.open_virtual()
             ok = self.delivers()
         except rtmidi.RtMidiError as error:  # the server went away mid-check: the session reports it later
             self.log(f"output port check failed: {error}")

@@ -220,7 +220,7 @@ class Session:
     - `echoes` (EchoMemory) has a lock of its own: the scheduler thread writes, the input thread reads.
     - The input thread owns `last_port_check`, `last_tempo_log`, `clock_source_shown` and writes
       `last_activity` (a float the engine thread only reads). `clock` is fed by it and read by the
-      others (its own lock).
+      others (ClockTracker's reads copy its state once; its docstring says why that suffices).
     - `link` (a LinkClock, None until Link is first turned on) is set once, by `__init__` or by
       `update()` under `link_lock`, and never replaced; its Link object belongs to its own thread,
       and the others read its `timeline`, an immutable value swapped whole.
