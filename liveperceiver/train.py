@@ -63,6 +63,9 @@ class TrainConfig:
     log_every: int = 10
     init_from: str = ""  # fine-tune: start from this model's weights (path or name), fresh optimiser
     opening_share: float = 0.0  # share of batches cut from pieces' openings with a short prefix (see WindowSampler)
+    # share of batches whose targets lie in plain scores, not their rendered performances (`dataset build
+    # --render`); 0: windows fall anywhere, so renditions (longer, and N per score) dominate
+    score_share: float = 0.0
 
 
 @dataclass
@@ -153,6 +156,7 @@ def _check_ranges(path: Path, run: RunConfig) -> None:
         ("train", "grad_clip", t.grad_clip > 0, "> 0"),
         ("train", "checkpoint_every_s", t.checkpoint_every_s > 0, "> 0"),
         ("train", "opening_share", 0 <= t.opening_share <= 1, "0 .. 1"),
+        ("train", "score_share", 0 <= t.score_share <= 1, "0 .. 1"),
     ]
     for key in ("max_seq_len", "max_latents", "num_channels", "num_heads", "num_self_attention_layers"):
         rules.append(("model", key, getattr(m, key) >= 1, ">= 1"))
@@ -192,6 +196,7 @@ class WindowSampler:
         augment: AugmentConfig | None,
         seed: int,
         opening_share: float = 0.0,
+        score_share: float = 0.0,
     ):
         if not pieces:
             raise UserError(f"{data.directory}: no training pieces for this rank")  # train() says why first
@@ -199,6 +204,11 @@ class WindowSampler:
         self.opening_share = opening_share
         self.starts = np.cumsum([0] + [data.pieces[i]["length"] for i in pieces])
         self.rng = np.random.default_rng(seed)
+        # the shard's plain scores (everything but rendered performances), drawn by length for score batches
+        scores = [k for k, i in enumerate(pieces) if not data.pieces[i].get("rendition")]
+        self.score_share = score_share if scores else 0.0
+        self.score_pieces = np.array(scores, dtype=np.int64)
+        self.score_ends = np.cumsum([int(self.starts[k + 1] - self.starts[k]) for k in scores])
 
     def stream(self, position: int, count: int) -> list[int]:
         """`count` tokens of the shard stream from `position`, wrapping around at its end."""
@@ -214,12 +224,18 @@ class WindowSampler:
             position = (position + len(chunk)) % total
         return out
 
-    def window(self, prefix_len: int, latents: int, opening: bool = False) -> list[int]:
+    def window(self, prefix_len: int, latents: int, opening: bool = False, score: bool = False) -> list[int]:
         """prefix_len + latents + 1 tokens (inputs and shifted targets), augmented as a whole; with
-        `opening`, from the first token of a random piece (nothing before it, as a live session starts)."""
+        `opening`, from the first token of a random piece (nothing before it, as a live session starts);
+        with `score`, the first target is a token of a plain score (its prefix is the stream before it)."""
         need = prefix_len + latents + 1
         if opening:
             position = int(self.starts[int(self.rng.integers(0, len(self.pieces)))])
+        elif score:
+            drawn = int(self.rng.integers(0, int(self.score_ends[-1])))
+            k = int(np.searchsorted(self.score_ends, drawn, side="right"))
+            offset = drawn - (int(self.score_ends[k - 1]) if k else 0)
+            position = int(self.starts[int(self.score_pieces[k])]) + offset - prefix_len
         else:
             position = int(self.rng.integers(0, int(self.starts[-1])))
         tokens = self.stream(position, need + latents // 2 + 32)  # a margin: augmenting may shorten
@@ -236,7 +252,8 @@ class WindowSampler:
         prefix_len = int(
             self.rng.integers(0, (min(max_prefix_len, OPENING_PREFIX_MAX) if opening else max_prefix_len) + 1)
         )
-        rows = [self.window(prefix_len, latents, opening) for _ in range(batch_size)]
+        score = not opening and self.score_share > 0 and bool(self.rng.random() < self.score_share)
+        rows = [self.window(prefix_len, latents, opening, score) for _ in range(batch_size)]
         return torch.tensor(rows, dtype=torch.long), prefix_len
 
     def state(self) -> dict:
@@ -487,7 +504,7 @@ def train(
         except OSError as error:
             raise UserError(f"{out}: cannot create the run folder ({error.strerror or error})") from None
     shard = list(range(rank, len(train_data), world))  # each rank its own pieces
-    sampler = WindowSampler(train_data, shard, run.augment, cfg.seed * 1000 + rank, cfg.opening_share)
+    sampler = WindowSampler(train_data, shard, run.augment, cfg.seed * 1000 + rank, cfg.opening_share, cfg.score_share)
     latents = cfg.latents or run.model.max_latents
     bf16 = cfg.bf16 and cpu_has_native_bf16()
     if cfg.bf16 and not bf16 and rank == 0:

@@ -252,6 +252,34 @@ def test_opening_batches_start_at_a_piece_with_a_short_prefix(dataset_dir):
     assert sum(row in openings for row in rows) < len(rows) / 2  # without the share, windows start anywhere
 
 
+def test_score_batches_put_their_targets_in_plain_scores(dataset_dir):
+    from liveperceiver.train import WindowSampler
+
+    data = TokenDataset(dataset_dir, "train", False)
+    pieces = list(range(len(data)))
+    plain = max(pieces, key=lambda i: len(data.piece(i)))  # one score; every other piece plays a rendition
+    for i in pieces:
+        if i != plain:
+            data.pieces[i]["rendition"] = 1
+    text = [int(t) for t in data.piece(plain)]
+    following = [int(t) for i in pieces[pieces.index(plain) + 1 :] for t in data.piece(i)][:32]
+
+    def in_score(row, prefix_len) -> bool:
+        target = row[prefix_len : prefix_len + 4].tolist()
+        stream = text + following  # the first target lies in the score; the next ones may run past its end
+        return any(stream[k : k + 4] == target for k in range(len(text)))
+
+    scores = WindowSampler(data, pieces, None, seed=5, score_share=1.0)
+    anywhere = WindowSampler(data, pieces, None, seed=5)
+    hits = {"score": 0, "anywhere": 0}
+    for _ in range(10):
+        for name, sampler in (("score", scores), ("anywhere", anywhere)):
+            tokens, prefix_len = sampler.batch(4, 64, 16)
+            hits[name] += sum(in_score(row, prefix_len) for row in tokens)
+    assert hits["score"] == 40, hits
+    assert hits["anywhere"] < 30, hits  # without the share, targets fall anywhere
+
+
 def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
