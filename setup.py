@@ -1,7 +1,7 @@
 """Build hook: the wheel carries the shipped presets and models as package data (liveperceiver/data/).
 
 The repository's top-level `presets/` and `models/<name>/` stay the one source of truth; they are
-copied into the built package, where `liveperceiver.shipped` finds them with importlib.resources.
+copied into the built package, where `liveperceiver.core.shipped` finds them with importlib.resources.
 An editable install copies nothing and reads the top-level folders. Everything else is in pyproject.toml.
 """
 

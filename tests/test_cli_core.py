@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import MODEL_GOLDEN, TOKENIZER_GOLDEN, load_json
 
-from liveperceiver.tokenizer import decode_notes, encode_file, read_midi
+from liveperceiver.core.tokenizer import decode_notes, encode_file, read_midi
 
 TINY = str(MODEL_GOLDEN / "tiny-a")
 

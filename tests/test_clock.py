@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from liveperceiver.clock import CLOCK, CONTINUE, PPQN, SONG_POSITION, START, STOP, ClockTracker
-from liveperceiver.session import Session
-from liveperceiver.settings import Settings
+from liveperceiver.live.clock import CLOCK, CONTINUE, PPQN, SONG_POSITION, START, STOP, ClockTracker
+from liveperceiver.live.session import Session
+from liveperceiver.live.settings import Settings
 from tests.jack_fixture import Keyboard, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
 JACK_PERIOD = 512 / 48000  # the test server's period (tests/jack_fixture.py)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mido
 
-from liveperceiver.recorder import Recorder
+from liveperceiver.live.recorder import Recorder
 
 HEADER = "LPJ1 2026-01-01T12:00:00+00:00\n"
 

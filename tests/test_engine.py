@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 
-from liveperceiver import vocab
-from liveperceiver.bench import player_arrives
-from liveperceiver.engine import DTYPES, Engine, Int8Linear, PackedLinear
-from liveperceiver.sampling import Constraints, SamplingSettings
+from liveperceiver.core import vocab
+from liveperceiver.inference.engine import DTYPES, Engine, Int8Linear, PackedLinear
+from liveperceiver.inference.sampling import Constraints, SamplingSettings
+from liveperceiver.tools.bench import player_arrives
 
 
 def full_forward_logits(model, engine: Engine) -> torch.Tensor:
@@ -370,7 +370,7 @@ def test_key_follow_bites(tiny_model):
 def test_key_follow_moves_pitch_not_the_choice_to_play(temperature):
     """At the sampling temperature the note-ons' total probability is the model's; only its split
     between pitches changes."""
-    from liveperceiver.sampling import StreamState, constraint_mask
+    from liveperceiver.inference.sampling import StreamState, constraint_mask
 
     state = StreamState()
     for token in c_major_phrase(20):
@@ -387,7 +387,7 @@ def test_key_follow_moves_pitch_not_the_choice_to_play(temperature):
 
 def test_key_follow_lowers_what_the_model_overplays():
     """Shares are matched, not only boosted: after the model has played many Cs, D beats C."""
-    from liveperceiver.sampling import StreamState, key_follow_bias
+    from liveperceiver.inference.sampling import StreamState, key_follow_bias
 
     state = StreamState()
     for token in c_major_phrase(40):
@@ -404,7 +404,7 @@ def test_key_follow_lowers_what_the_model_overplays():
 
 
 def test_key_follow_hears_only_the_player_and_survives_rollback():
-    from liveperceiver.sampling import StreamState, key_follow_bias
+    from liveperceiver.inference.sampling import StreamState, key_follow_bias
 
     def replayed(tokens, flags):
         state = StreamState()
@@ -446,7 +446,7 @@ def test_append_carries_whose_tokens_they_were(tiny_model):
 
 
 def test_auto_weights_measures_once_per_model_and_device(tiny_model, monkeypatch):
-    from liveperceiver import engine as engine_module
+    from liveperceiver.inference import engine as engine_module
 
     calls = []
     real = engine_module.faster_weights

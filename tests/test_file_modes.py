@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from conftest import MODEL_GOLDEN, TOKENIZER_GOLDEN
 
-from liveperceiver.checkpoint import load_directory, save_directory
 from liveperceiver.cli import main
-from liveperceiver.errors import UserError, atomic_output, atomic_path
-from liveperceiver.recorder import Recorder, recover
-from liveperceiver.render import find_soundfont, render_midi
+from liveperceiver.core.checkpoint import load_directory, save_directory
+from liveperceiver.core.errors import UserError, atomic_output, atomic_path
+from liveperceiver.live.recorder import Recorder, recover
+from liveperceiver.tools.render import find_soundfont, render_midi
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])

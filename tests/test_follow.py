@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from liveperceiver import vocab
-from liveperceiver.engine import Engine
-from liveperceiver.sampling import (
+from liveperceiver.core import vocab
+from liveperceiver.inference.engine import Engine
+from liveperceiver.inference.sampling import (
     Constraints,
     SamplingSettings,
     StreamState,
@@ -227,7 +227,7 @@ def test_every_control_is_shown_when_selected_in_a_small_panel():
     the selection (the UI's 80x24 layout has 7 lines for 9 rows)."""
     from types import SimpleNamespace
 
-    from liveperceiver.settings import Settings
+    from liveperceiver.live.settings import Settings
     from liveperceiver.ui.widgets import CONTROLS, controls_text
 
     snapshot = SimpleNamespace(settings=Settings())
@@ -242,9 +242,9 @@ def test_follow_flags_and_preset_keys(tmp_path, capsys):
     """play, continue and eval take the follows as flags, presets as [sampling] keys; a value out of
     range is one line naming the flag and the allowed values, before any model is loaded."""
     from liveperceiver.cli import build_parser, main
-    from liveperceiver.errors import UserError
-    from liveperceiver.presets import load_preset
-    from liveperceiver.session import settings_from_args
+    from liveperceiver.core.errors import UserError
+    from liveperceiver.live.presets import load_preset
+    from liveperceiver.live.session import settings_from_args
 
     preset = tmp_path / "mine.toml"
     preset.write_text("[sampling]\ndynamics_follow = 0\ndensity_follow = 2\ndensity_ratio = 0.5\n")
@@ -268,7 +268,7 @@ def test_follow_flags_and_preset_keys(tmp_path, capsys):
 def test_continuation_statistics_of_known_notes():
     """eval's velocity overlap (32 token bins) and notes per second (every note-on, a pitch struck
     again while it sounds included) on tokens written by hand."""
-    from liveperceiver.evaluate import note_stats, rate_ratio, velocity_overlap
+    from liveperceiver.training.evaluate import note_stats, rate_ratio, velocity_overlap
 
     ts = vocab.TIME_SHIFT + 49  # 0.5 s
     # bins 20, 20, 10, 10 against 20, 10, 10, 5: min(2/4, 1/4) + min(2/4, 2/4) = 0.75
@@ -283,7 +283,7 @@ def test_continuation_statistics_of_known_notes():
 
 
 def test_eval_continuations_report_the_follow_statistics(tiny_model):
-    from liveperceiver.evaluate import continuation_stats
+    from liveperceiver.training.evaluate import continuation_stats
 
     pieces = [phrase(40, 28, 12, seed=s) for s in range(3)]
     follow = Constraints(no_orphan_note_off=True, dynamics_follow=4.0, density_follow=1.0, density_ratio=0.5)

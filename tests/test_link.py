@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from liveperceiver.cli import main
-from liveperceiver.errors import UserError
-from liveperceiver.link import FREE, LINK, MIDI_CLOCK, LinkStatus, LinkTimeline, clock_source, link_line
-from liveperceiver.settings import Settings
+from liveperceiver.core.errors import UserError
+from liveperceiver.live.link import FREE, LINK, MIDI_CLOCK, LinkStatus, LinkTimeline, clock_source, link_line
+from liveperceiver.live.settings import Settings
 from tests.conftest import MODEL_GOLDEN, in_ci, missing, require_command
 from tests.jack_fixture import Keyboard, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
@@ -168,7 +168,7 @@ def peer():
 @pytest.fixture
 def live(tmp_path, peer, jack_server):  # noqa: F811 - the imported fixture
     """Open sessions joined to Link, each with a keyboard on its ports; all closed afterwards."""
-    from liveperceiver.session import Session
+    from liveperceiver.live.session import Session
 
     sessions, keyboards = [], []
 
@@ -390,7 +390,7 @@ def netns_bench_live_link_phase_measures_onsets_against_the_peer_grid(tmp_path, 
     """`bench --live`'s Link row on two calls: its own peer, the session on its beat, a tempo change."""
     import random
 
-    from liveperceiver.live_bench import _link_rows, link_phase
+    from liveperceiver.tools.live_bench import _link_rows, link_phase
 
     result = link_phase(None, random.Random(3), 2, tmp_path)
     assert result["answered"] >= 1, result
@@ -405,7 +405,7 @@ def netns_bench_live_link_phase_measures_onsets_against_the_peer_grid(tmp_path, 
 
 
 def test_link_settings_in_presets_flags_and_their_mistakes(tmp_path):
-    from liveperceiver.presets import load_preset, preset_to_toml
+    from liveperceiver.live.presets import load_preset, preset_to_toml
 
     good = tmp_path / "band.toml"
     good.write_text(
@@ -459,7 +459,7 @@ def test_play_link_flags_fail_in_one_line_before_any_port_opens(monkeypatch, cap
 @pytest.mark.jack
 def test_turning_link_on_without_aalink_is_refused_and_the_settings_stay(monkeypatch, tmp_path, jack_server):  # noqa: F811
     """The UI's `l` key calls update(link=True): without aalink that is a ValueError the UI logs."""
-    from liveperceiver.session import Session
+    from liveperceiver.live.session import Session
 
     session = Session(Settings(seed=1), model=str(MODEL_GOLDEN / "tiny-a"), api="jack", session_dir=tmp_path / "s")
     try:
@@ -495,7 +495,7 @@ def test_clock_source_precedence():
 
 
 def test_the_ui_line_for_each_clock_source():
-    from liveperceiver.session import Snapshot
+    from liveperceiver.live.session import Snapshot
     from liveperceiver.ui.widgets import clock_line
 
     base = dict(mode="call", state="waiting", settings=Settings(), notes_in=0, notes_out=0, held=[], sounding=[])
@@ -515,7 +515,7 @@ def test_the_ui_line_for_each_clock_source():
 def test_bench_live_says_why_its_link_row_is_skipped(monkeypatch):
     from types import SimpleNamespace
 
-    from liveperceiver.live_bench import _link_rows, link_in_namespace
+    from liveperceiver.tools.live_bench import _link_rows, link_in_namespace
 
     monkeypatch.setitem(sys.modules, "aalink", None)
     result = link_in_namespace(SimpleNamespace(calls=1, weights="auto", threads=1, model=None))

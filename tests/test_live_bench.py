@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from liveperceiver.live_bench import fault_phase
+from liveperceiver.tools.live_bench import fault_phase
 from tests.jack_fixture import jack_server  # noqa: F401
 
 pytestmark = [pytest.mark.jack, pytest.mark.usefixtures("jack_server")]
@@ -41,7 +41,7 @@ def test_a_phase_reports_the_hypervisors_share_of_cpu_time():
     from /proc/stat around the phase and is a share, whatever the machine."""
     import sys
 
-    from liveperceiver.live_bench import cpu_times, with_steal
+    from liveperceiver.tools.live_bench import cpu_times, with_steal
 
     def busy() -> dict:
         deadline = time.perf_counter() + 0.3

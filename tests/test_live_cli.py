@@ -13,11 +13,11 @@ import mido
 import pytest
 import rtmidi
 
-from liveperceiver import ports
 from liveperceiver.cli import main
-from liveperceiver.errors import UserError
-from liveperceiver.session import Session
-from liveperceiver.settings import Settings
+from liveperceiver.core.errors import UserError
+from liveperceiver.live import ports
+from liveperceiver.live.session import Session
+from liveperceiver.live.settings import Settings
 from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, no_stuck_notes, wait_for  # noqa: F401
 

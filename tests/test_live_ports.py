@@ -11,12 +11,12 @@ import mido
 import pytest
 import rtmidi
 
-from liveperceiver import ports
-from liveperceiver.clock import ClockTracker
-from liveperceiver.errors import UserError
-from liveperceiver.recorder import Recorder, export_journal, recover
-from liveperceiver.scheduler import OutNote, Scheduler
-from liveperceiver.settings import Settings
+from liveperceiver.core.errors import UserError
+from liveperceiver.live import ports
+from liveperceiver.live.clock import ClockTracker
+from liveperceiver.live.recorder import Recorder, export_journal, recover
+from liveperceiver.live.scheduler import OutNote, Scheduler
+from liveperceiver.live.settings import Settings
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, wait_for  # noqa: F401
 
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from liveperceiver.presets import list_presets, load_preset
-from liveperceiver.session import Session
+from liveperceiver.live.presets import list_presets, load_preset
+from liveperceiver.live.session import Session
 from tests.jack_fixture import Keyboard, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.jack

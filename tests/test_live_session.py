@@ -15,9 +15,9 @@ import mido
 import pytest
 import torch
 
-from liveperceiver import vocab
-from liveperceiver.session import Session
-from liveperceiver.settings import Settings
+from liveperceiver.core import vocab
+from liveperceiver.live.session import Session
+from liveperceiver.live.settings import Settings
 from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import Keyboard, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
@@ -222,7 +222,7 @@ def test_thru_and_output_options(live):
 
 
 def test_auto_api_finds_jack_here():
-    from liveperceiver import ports
+    from liveperceiver.live import ports
 
     if ports.api_available("alsa"):
         pytest.skip("ALSA sequencer present: auto picks ALSA")
@@ -321,7 +321,7 @@ def test_an_answer_sampled_during_the_silence_is_dropped_when_the_player_goes_on
 def test_a_session_closing_before_its_process_exits_leaves_the_jack_ports_to_the_exit(live):
     """`play` closes its session with release_ports=False and exits at once: unregistering a JACK
     port races libjack's notification thread (ports._Port.close), the server removes them anyway."""
-    from liveperceiver import ports
+    from liveperceiver.live import ports
 
     session, keys = live(mode="listen")
     keys.phrase([60, 64])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import MODEL_GOLDEN, load_json
 
-from liveperceiver.checkpoint import load_directory, load_model, save_directory
-from liveperceiver.errors import UserError
+from liveperceiver.core.checkpoint import load_directory, load_model, save_directory
+from liveperceiver.core.errors import UserError
 
 
 @pytest.mark.parametrize("name", ["tiny-a", "tiny-a-safetensors"])

@@ -105,7 +105,7 @@ def test_wheel_installs_with_presets_and_default_model(tmp_path):
         "XDG_DATA_HOME": str(home / "data"),
         "LANG": "C.UTF-8",
     }
-    probe = "import liveperceiver.shipped as s; print(s.__file__); print(s.shipped_dir('presets')); print(s.shipped_dir('models'))"
+    probe = "import liveperceiver.core.shipped as s; print(s.__file__); print(s.shipped_dir('presets')); print(s.shipped_dir('models'))"
     located = run([python, "-c", probe], cwd=elsewhere, env=env).stdout.split()
     venv_root = venv.resolve()
     assert all(Path(path).resolve().is_relative_to(venv_root) for path in located), f"not the wheel's copy: {located}"

@@ -1,4 +1,4 @@
-"""The performance renderer (liveperceiver.perform): one test per rule, each showing the rule's effect
+"""The performance renderer (liveperceiver.training.perform): one test per rule, each showing the rule's effect
 on the rendered notes and on the tokens the model trains on, on real scores: small ABC tunes through
 the real abc2midi and a Bach chorale from the music21 corpus."""
 
@@ -14,11 +14,18 @@ import numpy as np
 import pretty_midi
 import pytest
 
-from liveperceiver import perform as P
-from liveperceiver import vocab
 from liveperceiver.cli import main
-from liveperceiver.dataset import SourceFile, _abc_to_midis, _score_to_midis, build, convert_file, music21_corpus_dir
-from liveperceiver.tokenizer import decode_notes, encode_file, encode_midi, write_midi
+from liveperceiver.core import vocab
+from liveperceiver.core.tokenizer import decode_notes, encode_file, encode_midi, write_midi
+from liveperceiver.training import perform as P
+from liveperceiver.training.dataset import (
+    SourceFile,
+    _abc_to_midis,
+    _score_to_midis,
+    build,
+    convert_file,
+    music21_corpus_dir,
+)
 from tests.conftest import require_command
 
 # Eight bars in G with a pickup and chord symbols, played twice (16 bars: four phrases, two sections).

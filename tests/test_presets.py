@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from liveperceiver.errors import UserError
-from liveperceiver.presets import (
+from liveperceiver.core.errors import UserError
+from liveperceiver.live.presets import (
     apply_overrides,
     list_presets,
     load_preset,
@@ -18,7 +18,7 @@ from liveperceiver.presets import (
     shipped_presets_dir,
     user_presets_dir,
 )
-from liveperceiver.settings import Settings
+from liveperceiver.live.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"call-and-response", "duet", "sparse", "virtuoso", "chorale"}

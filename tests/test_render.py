@@ -12,8 +12,8 @@ import numpy as np
 import pretty_midi
 import pytest
 
-from liveperceiver.errors import UserError
-from liveperceiver.render import find_soundfont, render_midi
+from liveperceiver.core.errors import UserError
+from liveperceiver.tools.render import find_soundfont, render_midi
 
 pytestmark = pytest.mark.usefixtures("fluidsynth")  # conftest: skips without it, fails in CI
 

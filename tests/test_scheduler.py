@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from liveperceiver.scheduler import OutNote, Scheduler
-from liveperceiver.settings import Settings
+from liveperceiver.live.scheduler import OutNote, Scheduler
+from liveperceiver.live.settings import Settings
 
 DEADLINE = 10.0  # seconds a scenario may wait for the scheduler thread on a loaded machine
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pretty_midi
 import pytest
 
-from liveperceiver import sources
-from liveperceiver.dataset import SPLITS, TokenDataset, build, find_sources, split_of
-from liveperceiver.errors import UserError
+from liveperceiver.core.errors import UserError
+from liveperceiver.training import sources
+from liveperceiver.training.dataset import SPLITS, TokenDataset, build, find_sources, split_of
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "liveperceiver" / "configs" / "tiny-test.toml"

@@ -9,9 +9,9 @@ import pretty_midi
 import pytest
 from conftest import TOKENIZER_GOLDEN, golden_midi_files, load_json
 
-from liveperceiver import vocab
-from liveperceiver.stream import LiveEvent, StreamDecoder, StreamEncoder, encode_stream, file_events
-from liveperceiver.tokenizer import Note, decode_notes, encode_events, encode_midi, note_events, read_midi
+from liveperceiver.core import vocab
+from liveperceiver.core.stream import LiveEvent, StreamDecoder, StreamEncoder, encode_stream, file_events
+from liveperceiver.core.tokenizer import Note, decode_notes, encode_events, encode_midi, note_events, read_midi
 
 
 def has_pedal(path) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import SHARED_REFERENCE, TOKENIZER_GOLDEN, golden_midi_files, load_json
 
-from liveperceiver import vocab
-from liveperceiver.errors import UserError
-from liveperceiver.tokenizer import decode_midi, decode_notes, encode_file, read_midi
+from liveperceiver.core import vocab
+from liveperceiver.core.errors import UserError
+from liveperceiver.core.tokenizer import decode_midi, decode_notes, encode_file, read_midi
 
 
 def note_rows(notes):

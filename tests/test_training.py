@@ -15,13 +15,20 @@ import pretty_midi
 import pytest
 import torch
 
-from liveperceiver import vocab
-from liveperceiver.augment import AugmentConfig, augment_tokens, encode_notes, jitter_onsets, scale_velocity, stretch
-from liveperceiver.augment import transpose as transpose_notes
-from liveperceiver.checkpoint import load_directory
-from liveperceiver.dataset import SPLITS, TokenDataset, build, find_sources, split_of
-from liveperceiver.settings import Settings
-from liveperceiver.tokenizer import Note, decode_notes, encode_midi
+from liveperceiver.core import vocab
+from liveperceiver.core.checkpoint import load_directory
+from liveperceiver.core.tokenizer import Note, decode_notes, encode_midi
+from liveperceiver.live.settings import Settings
+from liveperceiver.training.augment import (
+    AugmentConfig,
+    augment_tokens,
+    encode_notes,
+    jitter_onsets,
+    scale_velocity,
+    stretch,
+)
+from liveperceiver.training.augment import transpose as transpose_notes
+from liveperceiver.training.dataset import SPLITS, TokenDataset, build, find_sources, split_of
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "liveperceiver" / "configs" / "tiny-test.toml"
@@ -102,7 +109,7 @@ def test_music21_sources_carry_licence_notes():
 
 
 def test_music21_score_and_abc_conversion():
-    from liveperceiver.dataset import _score_to_midis, convert_file, music21_corpus_dir
+    from liveperceiver.training.dataset import _score_to_midis, convert_file, music21_corpus_dir
 
     corpus = music21_corpus_dir()
     [(_, chorale)] = convert_file(corpus / "bach" / "bwv1.6.mxl")
@@ -199,7 +206,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_resume_continues_exactly(dataset_dir, tmp_path):
-    from liveperceiver.train import RunConfig, train
+    from liveperceiver.training.train import RunConfig, train
 
     run = RunConfig.load(TINY_CONFIG)
     train(run, dataset_dir, tmp_path / "straight", max_steps=8, progress=False)
@@ -215,8 +222,8 @@ def test_resume_continues_exactly(dataset_dir, tmp_path):
 
 
 def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_dir, tmp_path):
-    from liveperceiver.errors import UserError
-    from liveperceiver.train import RunConfig, eval_windows, train
+    from liveperceiver.core.errors import UserError
+    from liveperceiver.training.train import RunConfig, eval_windows, train
 
     base = RunConfig.load(TINY_CONFIG)
     train(base, dataset_dir, tmp_path / "base", max_steps=10, progress=False)
@@ -237,7 +244,7 @@ def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_d
 
 
 def test_opening_batches_start_at_a_piece_with_a_short_prefix(dataset_dir):
-    from liveperceiver.train import OPENING_PREFIX_MAX, WindowSampler
+    from liveperceiver.training.train import OPENING_PREFIX_MAX, WindowSampler
 
     data = TokenDataset(dataset_dir, "train", False)
     pieces = list(range(len(data)))
@@ -253,7 +260,7 @@ def test_opening_batches_start_at_a_piece_with_a_short_prefix(dataset_dir):
 
 
 def test_score_batches_put_their_targets_in_plain_scores(dataset_dir):
-    from liveperceiver.train import WindowSampler
+    from liveperceiver.training.train import WindowSampler
 
     data = TokenDataset(dataset_dir, "train", False)
     pieces = list(range(len(data)))
@@ -310,7 +317,7 @@ class Payload:
 
 
 def test_a_checkpoint_carrying_code_is_refused_and_never_runs(dataset_dir, tmp_path):
-    from liveperceiver.train import RunConfig, train
+    from liveperceiver.training.train import RunConfig, train
 
     run_dir, marker = tmp_path / "run", tmp_path / "payload-ran"
     train(RunConfig.load(TINY_CONFIG), dataset_dir, run_dir, max_steps=2, progress=False)
@@ -356,7 +363,7 @@ def expected_counts(data: Path, group: str, shippable_only: bool) -> tuple[dict,
 
 def test_own_midi_trains_by_default_and_every_count_is_printed(midi_folder, tmp_path, capsys):
     from liveperceiver.cli import main
-    from liveperceiver.train import RunConfig
+    from liveperceiver.training.train import RunConfig
 
     for config in sorted((REPO / "liveperceiver" / "configs").glob("*.toml")):
         assert RunConfig.load(config).train.shippable_only is False, config.name  # README: train your own
@@ -434,7 +441,7 @@ def write_config(path: Path, old: str, new: str) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_run(dataset_dir, tmp_path_factory) -> Path:
-    from liveperceiver.train import RunConfig, train
+    from liveperceiver.training.train import RunConfig, train
 
     run_dir = tmp_path_factory.mktemp("run") / "run"
     train(RunConfig.load(TINY_CONFIG), dataset_dir, run_dir, max_steps=2, progress=False)
@@ -521,7 +528,7 @@ def test_eval_json_into_a_new_folder(dataset_dir, tiny_run, tmp_path, capsys):
 
 
 def test_baseline_comparison_reads_right_both_ways():
-    from liveperceiver.evaluate import baseline_line
+    from liveperceiver.training.evaluate import baseline_line
 
     assert baseline_line(5.0662, 1.9012) == (
         "4-gram baseline NLL 1.9012 (the model's NLL is 166.5% higher: worse than the 4-gram)"
@@ -533,13 +540,13 @@ def test_baseline_comparison_reads_right_both_ways():
 
 
 def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_path):
-    from liveperceiver.checkpoint import save_directory
-    from liveperceiver.train import RunConfig, train
+    from liveperceiver.core.checkpoint import save_directory
+    from liveperceiver.training.train import RunConfig, train
 
     run = RunConfig.load(TINY_CONFIG)
     train(run, dataset_dir, tmp_path / "run", max_steps=20, progress=False)
     model = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    from liveperceiver.model import PerceiverAR
+    from liveperceiver.core.model import PerceiverAR
 
     net = PerceiverAR(run.model)
     net.load_state_dict(model["model"])
@@ -550,7 +557,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
-    from liveperceiver.evaluate import baseline_line
+    from liveperceiver.training.evaluate import baseline_line
 
     assert "  " + baseline_line(report["nll_model"], report["baseline_nll"]) + "\n" in result.stdout  # the model alone
     assert 380 <= report["tokens"] <= 400 and report["perplexity"] == pytest.approx(np.exp(report["nll"]))
@@ -572,7 +579,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
 
 
 def test_window_nll_is_the_full_forward_nll_of_each_window(tiny_model):
-    from liveperceiver.evaluate import window_nll
+    from liveperceiver.training.evaluate import window_nll
 
     rng = np.random.default_rng(1)
     pieces = [[int(t) for t in rng.integers(0, 388, 40)], [int(t) for t in rng.integers(0, 388, 30)]]
@@ -591,7 +598,7 @@ def test_window_nll_is_the_full_forward_nll_of_each_window(tiny_model):
 
 
 def test_kneser_ney_is_a_distribution():
-    from liveperceiver.evaluate import KneserNey
+    from liveperceiver.training.evaluate import KneserNey
 
     rng = np.random.default_rng(0)
     ngram = KneserNey(4).fit([rng.integers(0, 20, 500), rng.integers(0, 30, 300)])
@@ -605,7 +612,7 @@ def test_kneser_ney_is_a_distribution():
 
 
 def test_well_formed():
-    from liveperceiver.evaluate import well_formed
+    from liveperceiver.training.evaluate import well_formed
 
     assert well_formed([60], [300, 128 + 60])
     assert well_formed([60, 60], [128 + 60, 128 + 60])  # a unison needs two note-offs
@@ -619,7 +626,7 @@ def test_well_formed():
 
 def test_overlaps_of_known_histograms():
     """Overlap = the sum of bin-wise minima of the normalised histograms, checked against sums by hand."""
-    from liveperceiver.evaluate import histogram_overlap, note_stats, pitch_class_overlap
+    from liveperceiver.training.evaluate import histogram_overlap, note_stats, pitch_class_overlap
 
     def notes(pitches: list[int]) -> dict:
         return note_stats(encode_notes([Note(p, 80, 0.5 * i, 0.5 * i + 0.4) for i, p in enumerate(pitches)]))

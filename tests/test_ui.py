@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import mido
 import pytest
 
-from liveperceiver import ports
-from liveperceiver.session import Session, Snapshot
-from liveperceiver.settings import Settings
+from liveperceiver.live import ports
+from liveperceiver.live.session import Session, Snapshot
+from liveperceiver.live.settings import Settings
 from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen
 from liveperceiver.ui.widgets import CONTROLS, PianoRoll
 from tests.conftest import MODEL_GOLDEN

@@ -23,8 +23,9 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 
-from liveperceiver.session import Snapshot, freeze_heap
-from liveperceiver.settings import MODES, QUANTIZE_GRIDS
+from liveperceiver.live.session import Snapshot
+from liveperceiver.live.settings import MODES, QUANTIZE_GRIDS
+from liveperceiver.runtime import freeze_heap
 from liveperceiver.ui.widgets import (
     CONTROLS,
     ModelInfo,
@@ -150,7 +151,7 @@ class PortsScreen(ModalScreen[None]):
     @work(thread=True, exclusive=True)
     def list_ports(self) -> None:
         try:
-            from liveperceiver.ports import list_ports
+            from liveperceiver.live.ports import list_ports
 
             inputs, outputs = list_ports(self.api)
             lines = [f"in   {name}" for name in inputs] + [f"out  {name}" for name in outputs]
@@ -435,7 +436,7 @@ class LivePerceiverApp(App):
     def load_preset_in_background(self, number: int) -> None:
         """Read the preset file off the event loop; apply what differs from the current settings."""
         try:
-            from liveperceiver.presets import list_presets, load_preset
+            from liveperceiver.live.presets import list_presets, load_preset
 
             presets = self.presets if self.presets is not None else list_presets()
             if number > len(presets):
@@ -514,7 +515,7 @@ class LivePerceiverApp(App):
         presets = self.presets
         if presets is None:
             try:
-                from liveperceiver.presets import list_presets
+                from liveperceiver.live.presets import list_presets
 
                 presets = list_presets()
             except Exception:

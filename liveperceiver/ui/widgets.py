@@ -17,8 +17,8 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Static
 
-from liveperceiver.link import LINK, MIDI_CLOCK, LinkStatus, link_line
-from liveperceiver.session import Snapshot
+from liveperceiver.live.link import LINK, MIDI_CLOCK, LinkStatus, link_line
+from liveperceiver.live.session import Snapshot
 
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 PLAYER_STYLE = "bold #4fc3f7"

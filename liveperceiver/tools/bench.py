@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from liveperceiver.engine import DTYPES, Engine, Int8Linear, PackedLinear
-from liveperceiver.errors import UserError, atomic_output
-from liveperceiver.model import PerceiverAR
-from liveperceiver.sampling import SamplingSettings
+from liveperceiver.core.errors import UserError, atomic_output
+from liveperceiver.core.model import PerceiverAR
+from liveperceiver.inference.engine import DTYPES, Engine, Int8Linear, PackedLinear
+from liveperceiver.inference.sampling import SamplingSettings
 
 
 @dataclass
@@ -235,7 +235,7 @@ def reference_step_ms(model: PerceiverAR, prefix: int, latents: int, steps: int)
         from transformers import LogitsProcessor, LogitsProcessorList
     except ImportError:
         return None
-    from liveperceiver.checkpoint import to_reference_state_dict
+    from liveperceiver.core.checkpoint import to_reference_state_dict
 
     class StepClock(LogitsProcessor):
         def __init__(self) -> None:
@@ -298,7 +298,7 @@ def adaptation_cost(model: PerceiverAR, device: str, steps: int = 500) -> dict:
     window of it, adapt.practice_stream), so both see the same machine; the difference of their
     medians is the mix's cost (it includes the caches it cools for the step), and the cache's push
     of each token is timed on its own."""
-    from liveperceiver import adapt
+    from liveperceiver.inference import adapt
 
     stream = adapt.practice_stream(adapt.WINDOW + steps)
     engine = Engine(model, sampling=SamplingSettings(seed=0), device=device, threads=None, adapt=0.7)
@@ -329,7 +329,7 @@ def adaptation_cost(model: PerceiverAR, device: str, steps: int = 500) -> dict:
 
 
 def run(args) -> list[dict]:
-    from liveperceiver.checkpoint import load_model
+    from liveperceiver.core.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)

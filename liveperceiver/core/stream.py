@@ -2,7 +2,7 @@
 
 The live context is ONE token sequence: the player's notes (encoded here) and the model's notes (sampled
 by the engine and handed back with `StreamEncoder.absorb_model_tokens`) merged in time order. The
-encoder therefore keeps the state that the offline encoder (`liveperceiver.tokenizer`) keeps for one
+encoder therefore keeps the state that the offline encoder (`liveperceiver.core.tokenizer`) keeps for one
 whole file: the time of the last event in the stream and the previous event's raw velocity.
 
 Two encoder modes:
@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 
 import pretty_midi
 
-from liveperceiver import vocab
-from liveperceiver.tokenizer import (
+from liveperceiver.core import vocab
+from liveperceiver.core.tokenizer import (
     Note,
     NoteEvent,
     apply_pedal,

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import rtmidi
 
-from liveperceiver.errors import UserError
+from liveperceiver.core.errors import UserError
 
 VIRTUAL_IN = "LivePerceiver In"
 VIRTUAL_OUT = "LivePerceiver Out"

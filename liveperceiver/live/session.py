@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import gc
-import os
 import queue
 import statistics
 import sys
@@ -49,10 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from liveperceiver import vocab
-from liveperceiver.clock import GRID_BEATS, ClockTracker
-from liveperceiver.errors import UserError
-from liveperceiver.link import (
+from liveperceiver.core import vocab
+from liveperceiver.core.errors import UserError
+from liveperceiver.core.stream import StreamDecoder, StreamEncoder, TimedEvent
+from liveperceiver.core.tokenizer import time_shift_tokens
+from liveperceiver.live.clock import GRID_BEATS, ClockTracker
+from liveperceiver.live.link import (
     DEFAULT_BPM,
     FREE,
     LINK,
@@ -64,12 +64,11 @@ from liveperceiver.link import (
     describe_source,
     require_aalink,
 )
-from liveperceiver.ports import feedback_loop, open_ports, resolve_api
-from liveperceiver.recorder import MODEL, PLAYER, Recorder
-from liveperceiver.scheduler import OutNote, Scheduler
-from liveperceiver.settings import Settings
-from liveperceiver.stream import StreamDecoder, StreamEncoder, TimedEvent
-from liveperceiver.tokenizer import time_shift_tokens
+from liveperceiver.live.ports import feedback_loop, open_ports, resolve_api
+from liveperceiver.live.recorder import MODEL, PLAYER, Recorder
+from liveperceiver.live.scheduler import OutNote, Scheduler
+from liveperceiver.live.settings import Settings
+from liveperceiver.runtime import exit_now, freeze_heap, thaw_heap
 
 # A call's answer begins with sound: until its first note-on only velocity tokens and note-ons the
 # output plays (pitch range) may be sampled (a random model otherwise opened with time shifts and
@@ -85,21 +84,6 @@ SWITCH_INTERVAL_S = 0.0005  # GIL hand-over interval while a session runs (Pytho
 ROLL_SECONDS = 10.0
 LOG_LINES = 200
 SAMPLE_BATCH = 4  # tokens sampled between looks at the command queue
-
-
-def freeze_heap() -> None:
-    """Move every object alive now (torch, the model, the UI's widgets) out of the garbage collector's
-    reach: a full collection otherwise scans them all while holding the GIL, and stalled the
-    scheduler thread for 80-120 ms with the UI running (measured by `bench --live`)."""
-    gc.collect()
-    gc.freeze()
-
-
-def thaw_heap() -> None:
-    """Undo `freeze_heap` when a session closes: frozen objects are never collected, so without this
-    every closed session (its engine buffers, its threads' cycles) would stay in memory for good
-    (`bench --live` grew by 50 MB per fault session)."""
-    gc.unfreeze()
 
 
 def default_session_dir() -> Path:
@@ -436,7 +420,7 @@ class Session:
 
     def apply_preset(self, name_or_path: str) -> Settings:
         """Switch to a preset's settings live (the model is reloaded only if the preset names another)."""
-        from liveperceiver.presets import load_preset
+        from liveperceiver.live.presets import load_preset
 
         current = self.settings.model if isinstance(self.settings.model, str) else None
         preset = load_preset(name_or_path, default_model=current).to_dict()  # its num_latents fits this model
@@ -611,13 +595,13 @@ class Session:
     def _load_model(self, spec):
         """A PerceiverAR, a LoadedModel, or a spec for checkpoint.load_model."""
         if spec is None or isinstance(spec, str | Path):
-            from liveperceiver.checkpoint import load_model
+            from liveperceiver.core.checkpoint import load_model
 
             return load_model(None if spec is None else str(spec)).model
         return getattr(spec, "model", spec)
 
     def _new_engine(self, model, settings: Settings):
-        from liveperceiver.engine import DTYPES, Engine, pick_device, resolve_weights
+        from liveperceiver.inference.engine import DTYPES, Engine, pick_device, resolve_weights
 
         max_latents = model.config.max_latents
         if settings.num_latents > max_latents:
@@ -1200,7 +1184,7 @@ def _roll(events: list[tuple[float, bool, int, str]], now: float) -> list[tuple[
 
 def settings_from_args(args) -> Settings:
     """The preset (or the defaults) with the command-line flags that were given on top."""
-    from liveperceiver import presets
+    from liveperceiver.live import presets
 
     settings = presets.load_preset(args.preset, default_model=args.model) if args.preset else Settings()
     in_channel = None
@@ -1283,13 +1267,4 @@ def run_play(args) -> NoReturn:
         saved = session.close()
     if saved:
         print(f"saved {saved}", flush=True)
-    _exit_now()
-
-
-def _exit_now() -> NoReturn:
-    """Exit 0 once everything is saved and every note is off, skipping interpreter teardown: with
-    torch loaded it can take longer than the one second a SIGTERM allows on a loaded machine, and
-    it would free (and so unregister) the JACK ports the session left open."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from liveperceiver.errors import UserError
+from liveperceiver.core.errors import UserError
 
 DEFAULT_BPM = 120.0
 MIN_BPM, MAX_BPM = 20.0, 999.0  # the tempo range Link accepts

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from liveperceiver import vocab
-from liveperceiver.errors import UserError, atomic_output, atomic_path
-from liveperceiver.model import PerceiverAR, PerceiverARConfig
-from liveperceiver.shipped import (  # finding models needs no torch: presets check the model they name
+from liveperceiver.core import vocab
+from liveperceiver.core.errors import UserError, atomic_output, atomic_path
+from liveperceiver.core.model import PerceiverAR, PerceiverARConfig
+from liveperceiver.core.shipped import (  # finding models needs no torch: presets check the model they name
     DEFAULT_MODEL,
     RANDOM_MAX_LATENTS,
     looks_like_repo_id,

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import pretty_midi
 
-from liveperceiver.errors import UserError
-from liveperceiver.tokenizer import encode_midi
+from liveperceiver.core.errors import UserError
+from liveperceiver.core.tokenizer import encode_midi
 
 MELODY, INNER, BASS = "melody", "inner", "bass"  # a note's role: how loud, and whether it leads
 CHORD_SYMBOLS = "chord symbols"  # part name of abc2midi's accompaniment (bass and chords)
@@ -1033,8 +1033,8 @@ def describe(midi: pretty_midi.PrettyMIDI) -> dict:
     """What a listener would notice, measured on the tokens the model sees (the pedal applied), as
     `eval` measures continuations: notes, seconds, notes per second, polyphony (notes sounding at each
     onset), velocity range and distinct velocity bins, and the share of the time the pedal is down."""
-    from liveperceiver.evaluate import note_stats
-    from liveperceiver.tokenizer import decode_notes
+    from liveperceiver.core.tokenizer import decode_notes
+    from liveperceiver.training.evaluate import note_stats
 
     tokens = encode_midi(midi)
     notes = decode_notes(tokens)
@@ -1063,9 +1063,15 @@ def describe(midi: pretty_midi.PrettyMIDI) -> dict:
 
 def run_render_example(args) -> None:
     """`liveperceiver dataset render-example`: one score, one rendition as `build --render` makes it."""
-    from liveperceiver.dataset import SCORE_SUFFIXES, _abc_to_midis, _has_abc2midi, _score_to_midis, music21_corpus_dir
-    from liveperceiver.errors import atomic_output
-    from liveperceiver.tokenizer import write_midi
+    from liveperceiver.core.errors import atomic_output
+    from liveperceiver.core.tokenizer import write_midi
+    from liveperceiver.training.dataset import (
+        SCORE_SUFFIXES,
+        _abc_to_midis,
+        _has_abc2midi,
+        _score_to_midis,
+        music21_corpus_dir,
+    )
 
     if args.source.startswith("music21:"):
         path = music21_corpus_dir() / args.source.removeprefix("music21:")
@@ -1113,6 +1119,6 @@ def run_render_example(args) -> None:
         facts = describe(what)
         print(f"{label:9} " + ", ".join(f"{key} {value}" for key, value in facts.items()))
     if args.wav:
-        from liveperceiver.render import render_midi
+        from liveperceiver.tools.render import render_midi
 
         render_midi(args.output, args.wav)

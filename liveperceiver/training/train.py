@@ -27,11 +27,11 @@ import tomllib
 import torch
 import torch.nn.functional as F
 
-from liveperceiver import vocab
-from liveperceiver.augment import AugmentConfig, augment_tokens
-from liveperceiver.dataset import TokenDataset, selection_report
-from liveperceiver.errors import UserError
-from liveperceiver.model import PerceiverAR, PerceiverARConfig
+from liveperceiver.core import vocab
+from liveperceiver.core.errors import UserError
+from liveperceiver.core.model import PerceiverAR, PerceiverARConfig
+from liveperceiver.training.augment import AugmentConfig, augment_tokens
+from liveperceiver.training.dataset import TokenDataset, selection_report
 
 CHECKPOINT = "checkpoint.pt"
 OPENING_PREFIX_MAX = 32  # prefix tokens at most in an opening batch
@@ -331,7 +331,7 @@ def _distributed() -> tuple[int, int]:
 
 def _init_weights(model: PerceiverAR, spec: str, config: PerceiverARConfig) -> None:
     """Copy a trained model's weights into a new run (a fine-tune); its architecture must match."""
-    from liveperceiver.checkpoint import load_model
+    from liveperceiver.core.checkpoint import load_model
 
     source = load_model(spec).model
     mine, theirs = config.to_dict(), source.config.to_dict()
@@ -481,7 +481,7 @@ def train(
     An existing run in `out` is continued only with `resume` and replaced only with `overwrite`."""
     from tqdm import tqdm
 
-    from liveperceiver.checkpoint import save_directory
+    from liveperceiver.core.checkpoint import save_directory
 
     found = _check_run_folder(out, resume, overwrite)  # before the rendezvous: no rank has written yet
     rank, world = _distributed()
@@ -689,7 +689,7 @@ def export_best(
     from the run's checkpoint and CSV log to config.json."""
     import json
 
-    from liveperceiver.checkpoint import build_model, load_directory, save_directory
+    from liveperceiver.core.checkpoint import build_model, load_directory, save_directory
 
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     if which == "last":

@@ -44,10 +44,10 @@ from pathlib import Path
 
 import rtmidi
 
-from liveperceiver import ports
-from liveperceiver.errors import UserError
-from liveperceiver.session import Session, percentiles
-from liveperceiver.settings import Settings
+from liveperceiver.core.errors import UserError
+from liveperceiver.live import ports
+from liveperceiver.live.session import Session, percentiles
+from liveperceiver.live.settings import Settings
 
 
 class Player(ports.JackPlayer):
@@ -358,7 +358,7 @@ class LinkPeer:
     """The DAW: a Link peer of its own in this process, with the asyncio loop aalink calls back through."""
 
     def __init__(self, bpm: float, quantum: int = 4) -> None:
-        from liveperceiver.link import require_aalink
+        from liveperceiver.live.link import require_aalink
 
         aalink = require_aalink()
         self.loop = asyncio.new_event_loop()
@@ -451,7 +451,7 @@ def link_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
 
 def link_in_namespace(args) -> dict:
     """`link_phase` in a child process in a private network namespace; {"skipped": why} if none can be made."""
-    from liveperceiver.link import require_aalink
+    from liveperceiver.live.link import require_aalink
 
     try:
         require_aalink()
@@ -466,7 +466,7 @@ def link_in_namespace(args) -> dict:
         return {"skipped": f"no private network namespace can be made here ({probe.stderr.strip()})"}
     with tempfile.TemporaryDirectory(prefix="lp-bench-link-") as tmp:
         out = Path(tmp) / "link.json"
-        command = [sys.executable, "-m", "liveperceiver.live_bench", "--link-phase", "--json", str(out)]
+        command = [sys.executable, "-m", "liveperceiver.tools.live_bench", "--link-phase", "--json", str(out)]
         command += ["--calls", str(args.calls), "--weights", args.weights, "--threads", str(args.threads)]
         command += ["--model", args.model] if args.model else []
         env = {key: value for key, value in os.environ.items() if key != "JACK_DEFAULT_SERVER"}  # its own server
@@ -480,9 +480,9 @@ def link_phase_main(argv: list[str]) -> int:
     """The child of `link_in_namespace`: its own private JACK server, the model, the Link phase."""
     import torch
 
-    from liveperceiver.checkpoint import load_model
+    from liveperceiver.core.checkpoint import load_model
 
-    parser = argparse.ArgumentParser(prog="python -m liveperceiver.live_bench")
+    parser = argparse.ArgumentParser(prog="python -m liveperceiver.tools.live_bench")
     parser.add_argument("--link-phase", action="store_true", required=True)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=20)
@@ -509,8 +509,8 @@ def link_phase_main(argv: list[str]) -> int:
 def run(args) -> None:
     import torch
 
-    from liveperceiver.bench import machine_description
-    from liveperceiver.checkpoint import load_model
+    from liveperceiver.core.checkpoint import load_model
+    from liveperceiver.tools.bench import machine_description
 
     faulthandler.enable()  # a crash in a native MIDI or JACK library leaves the Python stacks on stderr
     torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ import tempfile
 import wave
 from pathlib import Path
 
-from liveperceiver.errors import UserError, atomic_path
+from liveperceiver.core.errors import UserError, atomic_path
 
 SOUNDFONT_CANDIDATES = [
     "/usr/share/sounds/sf2/FluidR3_GM.sf2",  # Debian/Ubuntu: fluid-soundfont-gm
@@ -88,7 +88,7 @@ def render_midi(
 
     A MIDI file without notes (a session where nobody played) is refused rather than rendered: a
     silent WAV dropped into a DAW looks like a broken audio chain, and nothing is lost by not writing it."""
-    from liveperceiver.tokenizer import read_midi
+    from liveperceiver.core.tokenizer import read_midi
 
     midi_path, wav_path = Path(midi_path), Path(wav_path)
     if not 8000 <= sample_rate <= 96000:

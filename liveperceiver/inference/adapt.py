@@ -41,7 +41,7 @@ import math
 import numpy as np
 import torch
 
-from liveperceiver import vocab
+from liveperceiver.core import vocab
 
 UNIT = 8  # one occurrence of an n-gram, in count units (own tokens may count 0..UNIT units)
 ORDER = 12  # validation: 4 to 16 all help performances alike; longer orders keep helping scores (repeats)

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liveperceiver import vocab
-from liveperceiver.adapt import SessionCache, mix_logits
-from liveperceiver.model import PerceiverAR, rotary_inv_freq
-from liveperceiver.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
+from liveperceiver.core import vocab
+from liveperceiver.core.model import PerceiverAR, rotary_inv_freq
+from liveperceiver.inference.adapt import SessionCache, mix_logits
+from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HALF_WEIGHTS = ("float16", "bfloat16")  # quantize choices that store 16-bit weights, float32 activations

@@ -15,7 +15,7 @@ MAX_DYNAMICS_FOLLOW = 16.0  # sampling.dynamics_follow_bias: at 16 the model's l
 MAX_DENSITY_FOLLOW = 4.0  # sampling.density_follow_bias: beyond this its clamped factor only switches
 DENSITY_RATIO_RANGE = (0.25, 4.0)  # density follow's target: a quarter to four times the player's note rate
 QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
-ANSWER_ON = ("threshold", "beat", "bar")  # call mode with Link: where an answer starts (liveperceiver/link.py)
+ANSWER_ON = ("threshold", "beat", "bar")  # call mode with Link: where an answer starts (liveperceiver/live/link.py)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Settings:
     # [input]
     in_channel: int = 0  # 0: all channels, else 1-16
     thru: bool = False
-    # [link]: Ableton Link (liveperceiver/link.py)
+    # [link]: Ableton Link (liveperceiver/live/link.py)
     link: bool = False  # join the Link session: tempo, beat grid and start/stop shared with other apps
     link_quantum: int = 4  # beats per bar (Link's quantum): bar lines are shared with the peers
     link_start_stop: bool = True  # follow the session's start/stop (a peer's stop silences the model)
@@ -99,7 +99,7 @@ class Settings:
 
     def sampling_settings(self):
         """The engine's sampling settings (temperature, top-k, top-p, seed)."""
-        from liveperceiver.sampling import SamplingSettings
+        from liveperceiver.inference.sampling import SamplingSettings
 
         return SamplingSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
 
@@ -109,7 +109,7 @@ class Settings:
         so the context holds the note-off that was played (one time shift can pass the limit), and
         key follow leans its pitches toward the player's, dynamics follow its velocities, density
         follow its note rate."""
-        from liveperceiver.sampling import Constraints
+        from liveperceiver.inference.sampling import Constraints
 
         return Constraints(
             no_orphan_note_off=True,
@@ -156,7 +156,7 @@ FIELD_TYPES = {field.name: field.type for field in fields(Settings)}
 
 def check_key_follow_flag(value: float) -> None:
     """`--key-follow` for the offline commands (play checks it with the other settings)."""
-    from liveperceiver.errors import UserError
+    from liveperceiver.core.errors import UserError
 
     if not 0.0 <= value <= MAX_KEY_FOLLOW:
         raise UserError(f"--key-follow {value:g} is outside the allowed values (0 (off) .. {MAX_KEY_FOLLOW:g})")
@@ -164,7 +164,7 @@ def check_key_follow_flag(value: float) -> None:
 
 def check_follow_flags(args) -> None:
     """`--dynamics-follow`, `--density-follow` and `--density-ratio` for the offline commands, in one line each."""
-    from liveperceiver.errors import UserError
+    from liveperceiver.core.errors import UserError
 
     for flag, value, limit in (
         ("--dynamics-follow", args.dynamics_follow, MAX_DYNAMICS_FOLLOW),

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pretty_midi
 
-from liveperceiver import vocab
-from liveperceiver.errors import UserError, atomic_output
+from liveperceiver.core import vocab
+from liveperceiver.core.errors import UserError, atomic_output
 
 # music21 writes 10,080 ticks per quarter; pretty_midi refuses files past 10^7 ticks by default.
 pretty_midi.pretty_midi.MAX_TICK = 10**9

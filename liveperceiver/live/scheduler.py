@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from liveperceiver.settings import Settings
+from liveperceiver.live.settings import Settings
 
 SPIN_S = 0.0015  # wake this long before an event and spin the rest
 IDLE_WAKE_S = 0.1  # wake at least this often to run the watchdog

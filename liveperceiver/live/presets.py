@@ -23,9 +23,9 @@ from pathlib import Path
 
 import platformdirs
 
-from liveperceiver.errors import UserError
-from liveperceiver.settings import FIELD_TYPES, SECTIONS, Settings
-from liveperceiver.shipped import DEFAULT_MODEL, UnknownModel, model_max_latents, shipped_dir
+from liveperceiver.core.errors import UserError
+from liveperceiver.core.shipped import DEFAULT_MODEL, UnknownModel, model_max_latents, shipped_dir
+from liveperceiver.live.settings import FIELD_TYPES, SECTIONS, Settings
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -27,8 +27,8 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from liveperceiver.dataset import MIDI_SUFFIXES, SCORE_SUFFIXES, SourceFile
-from liveperceiver.errors import UserError
+from liveperceiver.core.errors import UserError
+from liveperceiver.training.dataset import MIDI_SUFFIXES, SCORE_SUFFIXES, SourceFile
 
 
 @dataclass(frozen=True)

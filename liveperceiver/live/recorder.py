@@ -28,7 +28,7 @@ from pathlib import Path
 
 import mido
 
-from liveperceiver.errors import UserError, atomic_output
+from liveperceiver.core.errors import UserError, atomic_output
 
 JOURNAL = "journal.txt"
 SESSION_MIDI = "session.mid"

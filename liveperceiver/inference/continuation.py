@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from liveperceiver import vocab
-from liveperceiver.engine import Engine
-from liveperceiver.sampling import StreamState
-from liveperceiver.tokenizer import Note, decode_notes, notes_to_midi, write_midi
+from liveperceiver.core import vocab
+from liveperceiver.core.tokenizer import Note, decode_notes, notes_to_midi, write_midi
+from liveperceiver.inference.engine import Engine
+from liveperceiver.inference.sampling import StreamState
 
 
 @dataclass

@@ -28,7 +28,7 @@ def shipped_dir(name: str) -> Path:
     packaged = resources.files(PACKAGE) / DATA / name
     if isinstance(packaged, Path) and packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]  # liveperceiver/core/shipped.py -> the checkout
     if (checkout / "pyproject.toml").is_file():
         return checkout / name
     return Path(str(packaged))  # absent: named in messages such as "no presets found in ..."

@@ -1,0 +1,75 @@
+"""Process-wide settings, made once by an entry point (`play`, `bench`, `eval`, `train`, `continue`),
+never by a library class: torch's thread count, the garbage collector, the GIL switch interval, stop
+signals and the final exit. Each of these changes the whole process, so a library that set them would
+surprise whoever embeds it (evaluate once built an Engine per piece, and each one reset the threads).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+REALTIME_SWITCH_INTERVAL_S = 0.0005  # GIL hand-over interval while a live session runs (Python's default: 5 ms)
+
+
+def set_torch_threads(threads: int) -> None:
+    """Torch's intra-op thread count. One is the live default: per-token matrices are small, and on a
+    2-core machine a second OpenMP thread is slower and, under load (a DAW, the MIDI thread), its
+    spin-waits made steps 10x slower."""
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"threads {threads} must be >= 1")
+    torch.set_num_threads(threads)
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (torch, the model, the UI's widgets) out of the garbage collector's
+    reach: a full collection otherwise scans them all while holding the GIL, and stalled the
+    scheduler thread for 80-120 ms with the UI running (measured by `bench --live`)."""
+    gc.collect()
+    gc.freeze()
+
+
+def thaw_heap() -> None:
+    """Undo `freeze_heap` when a session closes: frozen objects are never collected, so without this
+    every closed session (its engine buffers, its threads' cycles) would stay in memory for good
+    (`bench --live` grew by 50 MB per fault session)."""
+    gc.unfreeze()
+
+
+@contextmanager
+def realtime_switch_interval(interval_s: float = REALTIME_SWITCH_INTERVAL_S) -> Iterator[None]:
+    """The scheduler and input threads wait for the GIL behind the engine thread; Python's default
+    5 ms switch interval would delay each note by up to 5 ms, so hand the GIL over sooner while a
+    session runs, then restore the interval."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def stop_event_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> threading.Event:
+    """An event set by SIGINT/SIGTERM, for a headless loop that stops cleanly (only the main thread
+    may install handlers, so only an entry point calls this)."""
+    done = threading.Event()
+    for signum in signums:
+        signal.signal(signum, lambda *_: done.set())
+    return done
+
+
+def exit_now(code: int = 0) -> NoReturn:
+    """Exit once everything is saved and every note is off, skipping interpreter teardown: with torch
+    loaded it can take longer than the one second a SIGTERM allows on a loaded machine, and it would
+    free (and so unregister) the JACK ports the session left open."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

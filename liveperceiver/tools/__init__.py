@@ -1,0 +1,1 @@
+"""Measuring and listening: the engine benchmark, the live-bridge benchmark, rendering MIDI to audio."""
