@@ -69,6 +69,7 @@ from liveperceiver.live.recorder import MODEL, PLAYER, Recorder
 from liveperceiver.live.scheduler import OutNote, Scheduler
 from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import exit_now, freeze_heap, thaw_heap
+from liveperceiver.stats import percentiles
 
 # A call's answer begins with sound: until its first note-on only velocity tokens and note-ons the
 # output plays (pitch range) may be sampled (a random model otherwise opened with time shifts and
@@ -91,14 +92,6 @@ def default_session_dir() -> Path:
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(platformdirs.user_data_dir("liveperceiver")) / "sessions" / stamp
-
-
-def percentiles(values, qs=(50, 99)) -> tuple[float | None, ...]:
-    """Nearest-rank percentiles (None when empty)."""
-    data = sorted(values)
-    if not data:
-        return tuple(None for _ in qs)
-    return tuple(data[min(len(data) - 1, max(0, round(q / 100 * len(data)) - 1))] for q in qs)
 
 
 class EchoMemory:

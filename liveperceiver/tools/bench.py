@@ -26,6 +26,7 @@ from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.model import PerceiverAR
 from liveperceiver.inference.engine import DTYPES, Engine, Int8Linear, PackedLinear
 from liveperceiver.inference.sampling import SamplingSettings
+from liveperceiver.stats import percentile
 
 
 @dataclass
@@ -57,11 +58,6 @@ def machine_description() -> str:
     if torch.cuda.is_available():
         description += f", GPU {torch.cuda.get_device_name()}"
     return description
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def read_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
@@ -177,8 +173,8 @@ def bench_row(
         prefix=prefix,
         latents=latents,
         step_ms_p50=round(p50, 3),
-        step_ms_p99=round(percentile(step_times, 0.99), 3),
-        player_ms_p99=round(percentile(player_times, 0.99), 3),
+        step_ms_p99=round(percentile(step_times, 99), 3),
+        player_ms_p99=round(percentile(player_times, 99), 3),
         tokens_per_s=round(1000 / p50, 1),
         weights_mb=round(weights_read_per_step(engine, latents) / 1e6, 2),
         kv_mb=round(kv_bytes / 1e6, 2),

@@ -46,8 +46,9 @@ import rtmidi
 
 from liveperceiver.core.errors import UserError
 from liveperceiver.live import ports
-from liveperceiver.live.session import Session, percentiles
+from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
+from liveperceiver.stats import percentiles
 
 
 class Player(ports.JackPlayer):
