@@ -305,8 +305,8 @@ def run_continue(args: argparse.Namespace) -> None:
     from liveperceiver.core.errors import atomic_output
     from liveperceiver.inference.continuation import generate, write_continuation
     from liveperceiver.inference.engine import DTYPES, Engine
+    from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
-    from liveperceiver.live.settings import check_follow_flags, check_key_follow_flag
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")

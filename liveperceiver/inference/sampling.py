@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from liveperceiver.core import vocab
-from liveperceiver.live.settings import (  # one set of limits for presets, flags and the engine
+from liveperceiver.inference.limits import (  # one set of limits for presets, flags and the engine
     DENSITY_RATIO_RANGE,
     MAX_DENSITY_FOLLOW,
     MAX_DYNAMICS_FOLLOW,

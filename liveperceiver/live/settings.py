@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from liveperceiver.inference.limits import (  # one set of limits for presets, flags and the engine
+    DENSITY_RATIO_RANGE,
+    MAX_DENSITY_FOLLOW,
+    MAX_DYNAMICS_FOLLOW,
+    MAX_KEY_FOLLOW,
+)
+
 MODES = ("call", "duet", "listen")
-MAX_KEY_FOLLOW = 4.0  # sampling.key_follow_bias: beyond this the player's pitch classes dictate
-MAX_DYNAMICS_FOLLOW = 16.0  # sampling.dynamics_follow_bias: at 16 the model's levels all but copy the player's
-MAX_DENSITY_FOLLOW = 4.0  # sampling.density_follow_bias: beyond this its clamped factor only switches
-DENSITY_RATIO_RANGE = (0.25, 4.0)  # density follow's target: a quarter to four times the player's note rate
 QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
 ANSWER_ON = ("threshold", "beat", "bar")  # call mode with Link: where an answer starts (liveperceiver/live/link.py)
 
@@ -152,29 +155,3 @@ SECTIONS = {
 }
 
 FIELD_TYPES = {field.name: field.type for field in fields(Settings)}
-
-
-def check_key_follow_flag(value: float) -> None:
-    """`--key-follow` for the offline commands (play checks it with the other settings)."""
-    from liveperceiver.core.errors import UserError
-
-    if not 0.0 <= value <= MAX_KEY_FOLLOW:
-        raise UserError(f"--key-follow {value:g} is outside the allowed values (0 (off) .. {MAX_KEY_FOLLOW:g})")
-
-
-def check_follow_flags(args) -> None:
-    """`--dynamics-follow`, `--density-follow` and `--density-ratio` for the offline commands, in one line each."""
-    from liveperceiver.core.errors import UserError
-
-    for flag, value, limit in (
-        ("--dynamics-follow", args.dynamics_follow, MAX_DYNAMICS_FOLLOW),
-        ("--density-follow", args.density_follow, MAX_DENSITY_FOLLOW),
-    ):
-        if not 0.0 <= value <= limit:
-            raise UserError(f"{flag} {value:g} is outside the allowed values (0 (off) .. {limit:g})")
-    low, high = DENSITY_RATIO_RANGE
-    if not low <= args.density_ratio <= high:
-        raise UserError(
-            f"--density-ratio {args.density_ratio:g} is outside the allowed values "
-            f"({low:g} .. {high:g} times the player's note rate)"
-        )

@@ -595,7 +595,7 @@ def run_eval(args) -> None:
 
     from liveperceiver.core.checkpoint import load_model
     from liveperceiver.core.errors import atomic_output
-    from liveperceiver.live.settings import check_follow_flags, check_key_follow_flag
+    from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
 
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
