@@ -106,6 +106,7 @@ def test_bench_writes_rows_with_the_documented_keys(tmp_path):
 
 
 def test_cli_weight_choices_are_the_engines():
-    from liveperceiver import cli, engine
+    from liveperceiver import cli
+    from liveperceiver.inference import engine
 
     assert cli.WEIGHTS == engine.WEIGHTS  # spelled out in cli.py so that parsing does not import torch
