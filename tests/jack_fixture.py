@@ -1,7 +1,7 @@
 """A private JACK server (dummy driver) for tests, and a test keyboard/listener over real JACK ports.
 
 Import the fixture into a test module with `from tests.jack_fixture import jack_server  # noqa: F401`.
-The server has its own name (`lp-test-<n>`, see `ports.private_jack_server`), set in
+The server has its own name (`lp-test-<n>`, see `liveperceiver.testing.jack.private_jack_server`), set in
 JACK_DEFAULT_SERVER for every client in this process and its children, so tests never touch a user's
 JACK server.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from liveperceiver.live import ports
+from liveperceiver.testing.jack import JackPlayer, private_jack_server
 from tests.conftest import require_command
 
 
@@ -34,7 +35,7 @@ def fresh_jack_server():
 def _private_jack():
     require_command("jackd", "Debian/Ubuntu: apt install jackd2")  # skips here, fails in CI
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
-    with ports.private_jack_server("lp-test", period=512) as name:
+    with private_jack_server("lp-test", period=512) as name:
         yield name
 
 
@@ -47,7 +48,7 @@ def wait_for(predicate, timeout: float = 5.0, step: float = 0.005) -> bool:
     return predicate()
 
 
-class Keyboard(ports.JackPlayer):
+class Keyboard(JackPlayer):
     """The test's musician: a JACK client that plays into a port and listens to another."""
 
     def __init__(self, play_into: str | None = ports.VIRTUAL_IN, listen_to: str | None = ports.VIRTUAL_OUT):

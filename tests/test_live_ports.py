@@ -17,6 +17,7 @@ from liveperceiver.live.clock import ClockTracker
 from liveperceiver.live.recorder import Recorder, export_journal, recover
 from liveperceiver.live.scheduler import OutNote, Scheduler
 from liveperceiver.live.settings import Settings
+from liveperceiver.testing.jack import private_jack_server
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, wait_for  # noqa: F401
 
 
@@ -253,15 +254,15 @@ def test_a_silent_virtual_output_is_found_and_reopened(fresh_jack_server):  # no
 
 @pytest.mark.jack
 def test_private_jack_servers_reuse_a_small_pool_of_names(monkeypatch):
-    with ports.private_jack_server("lp-pool") as first:
+    with private_jack_server("lp-pool") as first:
         assert first == "lp-pool-0" and ports.jack_server_running()
-        with ports.private_jack_server("lp-pool") as second:  # the first one runs: the next name
+        with private_jack_server("lp-pool") as second:  # the first one runs: the next name
             assert second == "lp-pool-1" and os.environ["JACK_DEFAULT_SERVER"] == second
         assert os.environ["JACK_DEFAULT_SERVER"] == first
-    with ports.private_jack_server("lp-pool") as again:  # stopped servers free their names
+    with private_jack_server("lp-pool") as again:  # stopped servers free their names
         assert again == "lp-pool-0"
     monkeypatch.setenv("PATH", "")
-    with pytest.raises(UserError, match="install jackd2"), ports.private_jack_server("lp-pool"):
+    with pytest.raises(UserError, match="install jackd2"), private_jack_server("lp-pool"):
         pass
 
 

@@ -4,7 +4,7 @@ A private JACK server (dummy driver) is started; a scripted player (a second JAC
 calls into `LivePerceiver In`, barges in on the answers and listens on `LivePerceiver Out`. What is
 reported (medians and p99, after the first call as warm-up):
 
-- reaction: a player's event stamped in the input callback -> its tokens absorbed by the engine;
+- reaction: a player's event stamped by the input reader -> its tokens absorbed by the engine;
 - answer start: silence threshold reached -> first answer note-on sent (session-side) and heard
   by the player's client (JACK adds a period of latency, 256 frames at 48 kHz = 5.3 ms);
 - jitter: actual send time - scheduled time of every model event;
@@ -45,13 +45,13 @@ from pathlib import Path
 import rtmidi
 
 from liveperceiver.core.errors import UserError
-from liveperceiver.live import ports
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.stats import percentiles
+from liveperceiver.testing.jack import JackPlayer, private_jack_server
 
 
-class Player(ports.JackPlayer):
+class Player(JackPlayer):
     """The scripted musician: plays into LivePerceiver In, hears LivePerceiver Out."""
 
     def __init__(self):
@@ -168,7 +168,7 @@ def call_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
 
 
 def barge_times_from_journal(journal: Path, barge_pitch: int) -> list[float]:
-    """Player's barge-in note (stamped in the input callback) -> last model note-off sent after it."""
+    """Player's barge-in note (stamped by the input reader) -> last model note-off sent after it."""
     rows = []
     for line in journal.read_text().splitlines()[1:]:
         parts = line.split()
@@ -495,7 +495,7 @@ def link_phase_main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model).model
     try:
-        with ports.private_jack_server("lp-bench-link"), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
+        with private_jack_server("lp-bench-link"), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
             result = with_steal(lambda: link_phase(model, random.Random(1), args.calls, Path(tmp), args.weights))
     except UserError as error:
         print(f"bench --live, Link phase: {error}", file=sys.stderr)
@@ -519,7 +519,7 @@ def run(args) -> None:
     model, spec = loaded.model, loaded.name
     weights = args.weights
     rng = random.Random(0)
-    with ports.private_jack_server("lp-bench"), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
+    with private_jack_server("lp-bench"), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
         workdir = Path(tmp)
         results = {
             "model": spec,
