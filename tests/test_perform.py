@@ -1,6 +1,6 @@
-"""The performance renderer (liveperceiver.training.perform): one test per rule, each showing the rule's effect
-on the rendered notes and on the tokens the model trains on, on real scores: small ABC tunes through
-the real abc2midi and a Bach chorale from the music21 corpus."""
+"""The performance renderer (liveperceiver.training.perform, score, hands, expression): one test per
+rule, each showing the rule's effect on the rendered notes and on the tokens the model trains on, on
+real scores: small ABC tunes through the real abc2midi and a Bach chorale from the music21 corpus."""
 
 from __future__ import annotations
 
@@ -17,15 +17,18 @@ import pytest
 from liveperceiver.cli import main
 from liveperceiver.core import vocab
 from liveperceiver.core.tokenizer import decode_notes, encode_file, encode_midi, write_midi
+from liveperceiver.training import expression as E
+from liveperceiver.training import hands as H
 from liveperceiver.training import perform as P
+from liveperceiver.training import score as S
 from liveperceiver.training.dataset import (
-    SourceFile,
     _abc_to_midis,
     _score_to_midis,
     build,
     convert_file,
     music21_corpus_dir,
 )
+from liveperceiver.training.sources import SourceFile
 from tests.conftest import require_command
 
 # Eight bars in G with a pickup and chord symbols, played twice (16 bars: four phrases, two sections).
@@ -60,34 +63,34 @@ def abc_midi(text: str, folder: Path, options: tuple[str, ...] = ()) -> pretty_m
     return pretty_midi.PrettyMIDI(io.BytesIO(data))
 
 
-def abc_piece(text: str, folder: Path) -> P.ScorePiece:
+def abc_piece(text: str, folder: Path) -> S.ScorePiece:
     """The piece as `dataset build --render` reads it: abc2midi's output with and without chord symbols."""
-    return P.score_piece(abc_midi(text, folder), abc_midi(text, folder, ("-NGUI",)))
+    return S.score_piece(abc_midi(text, folder), abc_midi(text, folder, ("-NGUI",)))
 
 
 @pytest.fixture(scope="module")
-def tune(tmp_path_factory) -> P.ScorePiece:
+def tune(tmp_path_factory) -> S.ScorePiece:
     return abc_piece(TUNE, tmp_path_factory.mktemp("tune"))
 
 
 @pytest.fixture(scope="module")
-def plain_tune(tmp_path_factory) -> P.ScorePiece:
+def plain_tune(tmp_path_factory) -> S.ScorePiece:
     return abc_piece(PLAIN_TUNE, tmp_path_factory.mktemp("plain"))
 
 
 @pytest.fixture(scope="module")
-def chorale() -> P.ScorePiece:
+def chorale() -> S.ScorePiece:
     """BWV 1.6: a pickup, four voices and a horn part doubling the soprano."""
     bars: dict[str, list[float]] = {}
     [(tune, data)] = _score_to_midis(music21_corpus_dir() / "bach" / "bwv1.6.mxl", bars)
-    return P.score_piece(pretty_midi.PrettyMIDI(io.BytesIO(data)), None, bars[tune])
+    return S.score_piece(pretty_midi.PrettyMIDI(io.BytesIO(data)), None, bars[tune])
 
 
-def play(piece: P.ScorePiece, hands=P.HANDS, seed: int = 0, **rules) -> tuple[P.ScorePiece, P.Performance]:
+def play(piece: S.ScorePiece, hands=H.HANDS, seed: int = 0, **rules) -> tuple[S.ScorePiece, P.Performance]:
     """The texture and its performance with every rule off except `rules`."""
-    style = P.PerformanceStyle.neutral(**rules)
+    style = E.PerformanceStyle.neutral(**rules)
     rng = np.random.default_rng(seed)
-    texture = P.two_hands(piece, hands, style, rng)
+    texture = H.two_hands(piece, hands, style, rng)
     return texture, P.render_performance(texture, style, rng)
 
 
@@ -123,7 +126,7 @@ def test_a_flat_score_is_played_over_the_full_range_of_dynamics(plain_tune, tmp_
     assert len(score_bins) <= 3  # abc2midi's three accent levels, nothing more
     lowest, highest = 127, 0
     for seed in range(10):  # drawn styles, as `dataset build --render` draws them
-        performance = P.render_rendition(plain_tune, P.HANDS, seed)
+        performance = P.render_rendition(plain_tune, H.HANDS, seed)
         velocities = [n.velocity for n in performance.notes]
         tokens = performance.tokens()
         assert len({v // 4 for v in velocities}) >= 8 and len(token_velocities(tokens)) >= 8
@@ -134,7 +137,7 @@ def test_a_flat_score_is_played_over_the_full_range_of_dynamics(plain_tune, tmp_
 
 def test_phrase_arc_is_loudest_toward_the_middle_of_each_phrase(plain_tune):
     texture, performance = play(plain_tune, hands=(), arc=16)
-    phrasing = P.Phrasing(P.phrase_bounds(texture, 4))
+    phrasing = E.Phrasing(E.phrase_bounds(texture, 4))
     for notes in (performance.notes, heard(performance)):
         middle = [n.velocity for n in notes if 0.45 <= phrasing.position(n.score_start)[1] <= 0.75]
         ends = [n.velocity for n in notes if not 0.1 <= phrasing.position(n.score_start)[1] <= 0.9]
@@ -147,7 +150,7 @@ def test_terraced_levels_change_between_sections(plain_tune):
     stepped = 0
     for seed in range(4):
         texture, performance = play(plain_tune, hands=(), seed=seed, terrace=15)
-        phrasing = P.Phrasing(P.phrase_bounds(texture, 4))
+        phrasing = E.Phrasing(E.phrase_bounds(texture, 4))
         assert len(phrasing.bounds) == 4  # two sections of two phrases
         for notes in (performance.notes, heard(performance)):
             levels = [{n.velocity for n in notes if phrasing.position(n.score_start)[0] // 2 == s} for s in (0, 1)]
@@ -173,8 +176,8 @@ def test_melody_sounds_above_its_accompaniment(plain_tune):
     texture, performance = play(plain_tune, pattern="block", melody_margin=16)
     for notes in (performance.notes, heard(performance)):
         pairs = 0
-        for melody in (n for n in notes if n.role == P.MELODY):
-            under = [n for n in notes if n.role != P.MELODY and abs(n.score_start - melody.score_start) < 0.005]
+        for melody in (n for n in notes if n.role == S.MELODY):
+            under = [n for n in notes if n.role != S.MELODY and abs(n.score_start - melody.score_start) < 0.005]
             for note in under:
                 assert melody.velocity - note.velocity >= 8 and note.pitch < melody.pitch
                 pairs += 1
@@ -192,11 +195,11 @@ def test_per_note_variation(plain_tune):
 # --------------------------------------------------------------------------- timing
 
 
-def beat_ratios(notes, texture: P.ScorePiece) -> np.ndarray:
+def beat_ratios(notes, texture: S.ScorePiece) -> np.ndarray:
     """Performed over written time from each melody onset on a beat to the next: the local tempo."""
     beats = np.array(texture.beats)
     on_beat = sorted(
-        (n.score_start, n.start) for n in notes if n.role == P.MELODY and np.min(np.abs(beats - n.score_start)) < 0.005
+        (n.score_start, n.start) for n in notes if n.role == S.MELODY and np.min(np.abs(beats - n.score_start)) < 0.005
     )
     written = np.diff([s for s, _ in on_beat])
     played = np.diff([t for _, t in on_beat])
@@ -216,13 +219,13 @@ def test_rubato_is_a_smooth_tempo_curve(plain_tune):
 
 def test_phrase_final_and_final_ritardando(plain_tune):
     texture, performance = play(plain_tune, hands=(), phrase_ritard=0.4)
-    bounds = P.phrase_bounds(texture, 4)
+    bounds = E.phrase_bounds(texture, 4)
     ends = [b for _, b in bounds[:-1]]
     for notes in (performance.notes, heard(performance)):
         ratios = beat_ratios(notes, texture)
         beats = np.array(texture.beats)
         on_beat = sorted(
-            n.score_start for n in notes if n.role == P.MELODY and np.min(np.abs(beats - n.score_start)) < 0.005
+            n.score_start for n in notes if n.role == S.MELODY and np.min(np.abs(beats - n.score_start)) < 0.005
         )
         starts = np.array(on_beat[:-1])
         last_beat = [r for s, r in zip(starts, ratios, strict=True) if any(0 < e - s <= 0.51 for e in ends)]
@@ -238,8 +241,8 @@ def test_melody_leads_the_chord_under_it_by_10_to_30_ms(plain_tune):
     _, performance = play(plain_tune, pattern="block", melody_lead_ms=20)
     for notes, share in ((performance.notes, 1.0), (heard(performance), 0.9)):
         leads = []
-        for melody in (n for n in notes if n.role == P.MELODY):
-            under = [n for n in notes if n.role != P.MELODY and abs(n.score_start - melody.score_start) < 0.005]
+        for melody in (n for n in notes if n.role == S.MELODY):
+            under = [n for n in notes if n.role != S.MELODY and abs(n.score_start - melody.score_start) < 0.005]
             leads += [n.start - melody.start for n in under]
         leads = np.array(leads)
         assert len(leads) >= 40 and np.all(leads > 0.0)
@@ -249,7 +252,7 @@ def test_melody_leads_the_chord_under_it_by_10_to_30_ms(plain_tune):
 def test_articulation_legato_overlap_and_staccato(plain_tune):
     texture, performance = play(plain_tune, hands=(), legato=1.0, legato_overlap_ms=40)
     for notes, tolerance in ((performance.notes, 0.002), (heard(performance), 0.011)):
-        melody = sorted((n for n in notes if n.role == P.MELODY), key=lambda n: n.start)
+        melody = sorted((n for n in notes if n.role == S.MELODY), key=lambda n: n.start)
         overlaps = [a.end - b.start for a, b in zip(melody, melody[1:], strict=False) if a.pitch != b.pitch]
         assert len(overlaps) >= 40 and all(abs(o - 0.04) <= tolerance for o in overlaps)
     texture, performance = play(plain_tune, hands=(), staccato=1.0, staccato_ratio=0.4)
@@ -310,7 +313,7 @@ def test_chord_symbols_are_played_as_a_left_hand_below_the_melody(tune):
     names = [NAMES[c.chord.root] + ("m" if c.chord.minor else "") for c in texture.chords]
     assert names[: len(SYMBOLS)] == SYMBOLS and names[len(SYMBOLS) :] == SYMBOLS  # twice through
     for notes in (performance.notes, heard(performance)):
-        melody = [n for n in notes if n.role == P.MELODY]
+        melody = [n for n in notes if n.role == S.MELODY]
         left = [n for n in notes if n.hand == "left"]
         assert len(left) >= len(melody)
         for downbeat in [t for t in texture.downbeats if 0 < t < texture.end - 1]:
@@ -318,7 +321,7 @@ def test_chord_symbols_are_played_as_a_left_hand_below_the_melody(tune):
             below = [n.pitch for n in left if abs(n.score_start - downbeat) < 0.005]
             assert top and below and max(below) <= top[0] - 5
     alone = play(tune, hands=())[1]  # without "symbols", and nothing else, the melody is played alone
-    assert all(n.role == P.MELODY for n in alone.notes) and len(alone.notes) == len(melody)
+    assert all(n.role == S.MELODY for n in alone.notes) and len(alone.notes) == len(melody)
 
 
 @pytest.mark.parametrize(
@@ -333,7 +336,7 @@ def test_a_tune_without_symbols_is_harmonised_from_I_IV_V_vi(text, degrees, tmp_
     assert {c.degree for c in chords} <= degrees and len({c.degree for c in chords}) >= 3
     bars = {round(a, 3) for a, _ in texture.bars()}
     halves = {round(t, 3) for a, b in texture.bars() for t in texture.beats_in(a, b)}
-    melody = [n for n in texture.notes if n.role == P.MELODY]
+    melody = [n for n in texture.notes if n.role == S.MELODY]
     for span in chords:
         assert round(span.start, 3) in bars or round(span.start, 3) in halves  # a chord per bar or half bar
         held = [n for n in melody if n.start <= span.start + 0.005 < n.end] or [
@@ -355,17 +358,17 @@ def test_chorale_is_voiced_for_two_hands(chorale):
     assert {n.part for n in texture.notes} == {"Soprano", "Alto", "Tenor", "Bass"}  # the horn's doubling dropped
     assert {n.hand for n in texture.notes if n.part in ("Soprano", "Alto")} == {"right"}
     assert {n.hand for n in texture.notes if n.part == "Bass"} == {"left"}
-    for group in P.onset_groups(texture.notes):
+    for group in S.onset_groups(texture.notes):
         t = group[0].start + 0.005
         for hand in ("left", "right"):
             sounding = [n.pitch for n in texture.notes if n.hand == hand and n.start <= t < n.end]
             assert not sounding or max(sounding) - min(sounding) <= 12  # each hand within an octave
     soprano = {(n.pitch, round(n.start, 3)) for n in texture.notes if n.part == "Soprano"}
-    assert all((n.pitch, round(n.score_start, 3)) in soprano for n in performance.notes if n.role == P.MELODY)
+    assert all((n.pitch, round(n.score_start, 3)) in soprano for n in performance.notes if n.role == S.MELODY)
     for notes, share in ((performance.notes, 1.0), (heard(performance), 0.9)):
         leads = []
-        for note in (n for n in notes if n.role == P.MELODY):
-            under = [m.start for m in notes if m.role != P.MELODY and abs(m.score_start - note.score_start) < 0.005]
+        for note in (n for n in notes if n.role == S.MELODY):
+            under = [m.start for m in notes if m.role != S.MELODY and abs(m.score_start - note.score_start) < 0.005]
             leads += [t - note.start for t in under]
         leads = np.array(leads)
         assert len(leads) > 100 and np.mean((leads >= 0.0099) & (leads <= 0.0301)) >= share
@@ -375,10 +378,10 @@ def test_chorale_is_voiced_for_two_hands(chorale):
 
 
 def test_a_rendition_is_deterministic_exact_format_and_the_file_holds_the_same_tokens(tune, tmp_path):
-    first = P.render_rendition(tune, P.HANDS, 7)
+    first = P.render_rendition(tune, H.HANDS, 7)
     tokens = first.tokens()
-    assert tokens == P.render_rendition(tune, P.HANDS, 7).tokens()
-    assert tokens != P.render_rendition(tune, P.HANDS, 8).tokens()
+    assert tokens == P.render_rendition(tune, H.HANDS, 7).tokens()
+    assert tokens != P.render_rendition(tune, H.HANDS, 8).tokens()
     vocab.check_tokens(tokens)
     write_midi(first.to_midi(), tmp_path / "r.mid")
     assert encode_file(tmp_path / "r.mid") == tokens

