@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from liveperceiver.core import vocab
-from liveperceiver.core.model import PerceiverAR, rotary_inv_freq
+from liveperceiver.core.model import PerceiverAR, apply_rotary, rotary_rotation
 from liveperceiver.inference.adapt import SessionCache, mix_logits
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 
@@ -453,15 +453,12 @@ class Engine:
         def per_head(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(vocab.VOCAB_SIZE, heads, head_dim).contiguous()
 
-        def channel_pairs(x: torch.Tensor) -> torch.Tensor:
-            """(vocab, heads, head_dim / 2) complex: rotating a pair is multiplying by e^(i angle)."""
-            return torch.view_as_complex(per_head(x).float().unflatten(-1, (-1, 2)).contiguous())
-
         kv_in, q_in = ca.kv_norm(emb), ca.q_norm(emb)
         attention = ca.attention
-        # The reference scales queries before rotating them, so the table holds scaled queries.
-        self.latent_q = channel_pairs(attention.q_proj(q_in) * head_dim**-0.5)
-        self.key_table = torch.cat([channel_pairs(attention.k_proj(kv_in)), channel_pairs(attention.k_proj(q_in))])
+        # The reference scales queries before rotating them, so the table holds scaled queries. The
+        # query and key tables are float32 whatever the dtype: rows are rotated in float32 (apply_rotary).
+        self.latent_q = per_head(attention.q_proj(q_in) * head_dim**-0.5).float()
+        self.key_table = torch.cat([per_head(attention.k_proj(kv_in)), per_head(attention.k_proj(q_in))]).float()
         self.prefix_v = per_head(attention.v_proj(kv_in)).transpose(0, 1).contiguous()  # (heads, vocab, head_dim)
         self.latent_v = per_head(attention.v_proj(q_in))  # (vocab, heads, head_dim)
         self.embedding = emb
@@ -470,8 +467,9 @@ class Engine:
         self.capacity = config.max_seq_len + max(4096, config.max_seq_len)
         self.keys = torch.zeros(heads, self.capacity, head_dim, device=self.device, dtype=self.dtype)
         self.row_ids = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-        angles = torch.arange(self.capacity, dtype=torch.float64)[:, None] * rotary_inv_freq(head_dim)[None, :]
-        self.rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(self.device)
+        self.rotation = rotary_rotation(torch.arange(self.capacity), head_dim).to(
+            self.device
+        )  # float64 angles on the CPU
         self._base = 0  # stream position of buffer row 0
         self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys
         self._future_masks: dict[int, torch.Tensor] = {}
@@ -514,8 +512,7 @@ class Engine:
 
     def _rotated(self, table: torch.Tensor, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         """(heads, n, head_dim): the table rows of `ids`, rotated by the positions of buffer `rows`."""
-        pairs = table[ids] * self.rotation[rows, None, :]  # (n, heads, head_dim / 2)
-        return torch.view_as_real(pairs).flatten(-2).transpose(0, 1).to(self.dtype)
+        return apply_rotary(table[ids], self.rotation[rows, None, :]).transpose(0, 1).to(self.dtype)
 
     def _cross_attention(self, start: int, latent_start: int, end: int) -> torch.Tensor:
         count = end - latent_start
@@ -555,7 +552,7 @@ class Engine:
             attention = layers[index].attention
             q, k, v = (attention.heads(part[None])[0] for part in self._qkv(index, norm(x)))
             if self.config.is_rotary_layer(index):
-                q, k = self._rotate(q, rows), self._rotate(k, rows)
+                q, k = apply_rotary(q, self.rotation[rows]), apply_rotary(k, self.rotation[rows])
             if index == len(layers) - 1:
                 q, x, mask = q[:, -1:], x[-1:], None  # the last query sees every latent
             else:
@@ -564,11 +561,6 @@ class Engine:
             x = x + attention.o_proj(attended)
             x = x + mlp(x)
         return x
-
-    def _rotate(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
-        """(heads, n, head_dim) rotated by the positions of buffer `rows`."""
-        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-        return torch.view_as_real(pairs * self.rotation[rows]).flatten(-2).to(x.dtype)
 
     def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Query, key and value projections, in one matmul."""
