@@ -16,6 +16,7 @@ channels of a head (half of them when `abs_pos_emb`). Positions only matter rela
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -106,6 +107,25 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- layers
 
+Layer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def feed_forward(x: torch.Tensor, norm: Layer, fc1: Layer, fc2: Layer) -> torch.Tensor:
+    """The MLP's math on any callables: the modules here, or the engine's bare functions bound to
+    their weights (a module call costs more than a one-row product of these sizes)."""
+    return fc2(F.gelu(fc1(norm(x))))
+
+
+def output_logits(
+    hidden: torch.Tensor, norm: Layer | None, embedding: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Output norm (if any), then the tied projection onto the token embeddings (plus a bias, if any);
+    shared with the engine as `feed_forward` is."""
+    if norm is not None:
+        hidden = norm(hidden)
+    logits = hidden @ embedding.T
+    return logits if bias is None else logits + bias
+
 
 class MLP(nn.Module):
     """Pre-norm MLP without biases: LayerNorm -> Linear -> GELU -> Linear."""
@@ -117,7 +137,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(widening_factor * channels, channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return feed_forward(x, self.norm, self.fc1, self.fc2)
 
 
 class Attention(nn.Module):
@@ -224,10 +244,7 @@ class PerceiverAR(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output norm, then the tied projection onto the token embeddings."""
-        if self.out_norm is not None:
-            hidden = self.out_norm(hidden)
-        logits = hidden @ self.embedding.weight.T
-        return logits + self.output_bias if self.output_bias is not None else logits
+        return output_logits(hidden, self.out_norm, self.embedding.weight, self.output_bias)
 
     def forward(self, tokens: torch.Tensor, prefix_len: int) -> torch.Tensor:
         """Logits (B, N - prefix_len, vocab) for the latent positions of `tokens` (B, N)."""

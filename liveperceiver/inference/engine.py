@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from liveperceiver.core import vocab
-from liveperceiver.core.model import PerceiverAR, apply_rotary, rotary_rotation
+from liveperceiver.core.model import PerceiverAR, apply_rotary, feed_forward, output_logits, rotary_rotation
 from liveperceiver.inference.adapt import SessionCache, mix_logits
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 
@@ -238,13 +238,8 @@ def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def bound_mlp(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model's MLP (LayerNorm -> Linear -> GELU -> Linear) from bare pieces."""
-    norm, fc1, fc2 = bare(mlp.norm), bare(mlp.fc1), bare(mlp.fc2)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return fc2(F.gelu(fc1(norm(x))))
-
-    return forward
+    """The model's MLP (`feed_forward`) on bare pieces."""
+    return partial(feed_forward, norm=bare(mlp.norm), fc1=bare(mlp.fc1), fc2=bare(mlp.fc2))
 
 
 @contextmanager
@@ -438,7 +433,7 @@ class Engine:
             self._prepare_rows(start, latent_start, end)
             x = self._cross_attention(start, latent_start, end)
             x = self._self_attention(x, latent_start, end)
-            return self._output(x[-1:])[0].float()
+            return self._logits(x[-1:])[0].float()
 
     # ------------------------------------------------------------------ internals
 
@@ -492,7 +487,8 @@ class Engine:
         self._layers = []
         for layer, fused in zip(model.self_attention, self._fused_value_output, strict=True):
             self._layers.append((bare(layer.norm), bare(fused), bound_mlp(layer.mlp)))
-        self._out_norm = bare(model.out_norm) if model.out_norm is not None else None
+        out_norm = bare(model.out_norm) if model.out_norm is not None else None
+        self._logits = partial(output_logits, norm=out_norm, embedding=self.embedding, bias=model.output_bias)
 
     def _prepare_rows(self, start: int, latent_start: int, end: int) -> None:
         """Make rows [start, latent_start) prefix rows and [latent_start, end) latent rows: one
@@ -573,13 +569,6 @@ class Engine:
             mask = torch.ones(count, count, dtype=torch.bool, device=self.device).triu(1)
             self._future_masks[count] = mask
         return mask
-
-    def _output(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        if self._out_norm is not None:
-            x = self._out_norm(x)
-        logits = x @ self.embedding.T
-        return logits + model.output_bias if model.output_bias is not None else logits
 
     def _full_forward_logits(self) -> torch.Tensor:
         """Models with absolute position embeddings: a full forward pass over the window (exact, slower)."""
