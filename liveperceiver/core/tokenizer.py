@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +27,10 @@ import pretty_midi
 from liveperceiver.core import vocab
 from liveperceiver.core.errors import UserError, atomic_output
 
-# music21 writes 10,080 ticks per quarter; pretty_midi refuses files past 10^7 ticks by default.
-pretty_midi.pretty_midi.MAX_TICK = 10**9
+# music21 writes 10,080 ticks per quarter and a session recording one tick per ms, so long pieces pass
+# pretty_midi's MAX_TICK (10^7; it guards the tick -> time table it allocates, 8 bytes per tick).
+MAX_TICK = 10**9
+_MAX_TICK_LOCK = threading.RLock()
 
 DECODED_PROGRAM = 1  # the program the reference writes for its single decoded track
 
@@ -53,6 +58,37 @@ class NoteEvent:
 # --------------------------------------------------------------------------- reading MIDI files
 
 
+@contextmanager
+def _long_files_allowed() -> Iterator[None]:
+    """pretty_midi's MAX_TICK raised to ours while the block runs, under a lock, then restored.
+
+    Why scoped: pretty_midi reads that module global while it parses a file and in `tick_to_time`;
+    raising it for good on import would change it for every user of pretty_midi in the process."""
+    module = pretty_midi.pretty_midi
+    with _MAX_TICK_LOCK:
+        default = module.MAX_TICK
+        module.MAX_TICK = max(default, MAX_TICK)
+        try:
+            yield
+        finally:
+            module.MAX_TICK = default
+
+
+class LongMidi(pretty_midi.PrettyMIDI):
+    """A PrettyMIDI of up to MAX_TICK ticks: `parse_midi` reads it, and its tick -> time conversion
+    (which `get_tempo_changes` uses) accepts its late ticks as well."""
+
+    def tick_to_time(self, tick):
+        with _long_files_allowed():
+            return super().tick_to_time(tick)
+
+
+def parse_midi(data: bytes) -> pretty_midi.PrettyMIDI:
+    """pretty_midi's reading of MIDI file bytes, up to MAX_TICK ticks; raises what pretty_midi raises."""
+    with _long_files_allowed():
+        return LongMidi(io.BytesIO(data))
+
+
 def read_midi(path: str | Path) -> pretty_midi.PrettyMIDI:
     """Read a MIDI file (.mid, .midi or .mid.gz); a corrupt or non-MIDI file raises UserError."""
     path = Path(path)
@@ -68,7 +104,7 @@ def read_midi(path: str | Path) -> pretty_midi.PrettyMIDI:
     if not data.startswith(b"MThd"):
         raise UserError(f"{path}: not a MIDI file (no MThd header)")
     try:
-        return pretty_midi.PrettyMIDI(io.BytesIO(data))
+        return parse_midi(data)
     except Exception as error:  # mido and pretty_midi raise many kinds on corrupt data
         raise UserError(f"{path}: corrupt MIDI file ({type(error).__name__}: {error})") from None
 

@@ -8,14 +8,13 @@ training.perform, measures with training.evaluate and plays through FluidSynth (
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pretty_midi
 
 from liveperceiver.core.errors import UserError, atomic_output
-from liveperceiver.core.tokenizer import decode_notes, encode_midi, write_midi
+from liveperceiver.core.tokenizer import decode_notes, encode_midi, parse_midi, write_midi
 from liveperceiver.tools.render import render_midi
 from liveperceiver.training.dataset import music21_corpus_dir, score_midis
 from liveperceiver.training.evaluate import note_stats
@@ -79,8 +78,8 @@ def run_render_example(args) -> None:
             f"{path}: no tune {args.tune} (tunes: {', '.join(tunes[:20])}{', ...' if len(tunes) > 20 else ''})"
         )
     data = dict(midis)[wanted]
-    midi = pretty_midi.PrettyMIDI(io.BytesIO(data))
-    plain = pretty_midi.PrettyMIDI(io.BytesIO(melody_only[wanted])) if wanted in melody_only else None
+    midi = parse_midi(data)
+    plain = parse_midi(melody_only[wanted]) if wanted in melody_only else None
     piece = score_piece(midi, plain, bars.get(wanted))
     if not piece.notes:
         raise UserError(f"{path}: tune {wanted or 1} has no notes")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -177,9 +176,8 @@ def convert_file(path: Path, render: RenderSettings | None = None, name: str = "
     """Token lists of the pieces in one file (an ABC book holds many); raises on unreadable files.
     With `render`, a score's pieces also get rendered as piano performances (liveperceiver.training.perform),
     as tunes `<tune>/render<i>` seeded by `name`; MIDI files are performances already and are not."""
-    import pretty_midi
 
-    from liveperceiver.core.tokenizer import encode_file, encode_midi
+    from liveperceiver.core.tokenizer import encode_file, encode_midi, parse_midi
 
     if path.name.lower().endswith(MIDI_SUFFIXES):
         return [("", encode_file(path))]
@@ -189,14 +187,14 @@ def convert_file(path: Path, render: RenderSettings | None = None, name: str = "
         raise ValueError("abc2midi wrote no MIDI file")
     pieces = []
     for tune, data in midis:
-        midi = pretty_midi.PrettyMIDI(io.BytesIO(data))
+        midi = parse_midi(data)
         tokens = encode_midi(midi)
         if tokens and (not rendering or render.keep_score):
             pieces.append((tune, tokens))
         if tokens and rendering:
             from liveperceiver.training.perform import render_tokens
 
-            plain = pretty_midi.PrettyMIDI(io.BytesIO(melody_only[tune])) if tune in melody_only else None
+            plain = parse_midi(melody_only[tune]) if tune in melody_only else None
             for index, rendition in render_tokens(midi, render, f"{name}#{tune}", plain, bars.get(tune)):
                 pieces.append((f"{tune}/render{index}" if tune else f"render{index}", rendition))
     return pieces

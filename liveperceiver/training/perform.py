@@ -38,7 +38,7 @@ import numpy as np
 import pretty_midi
 
 from liveperceiver.core.errors import UserError
-from liveperceiver.core.tokenizer import encode_midi
+from liveperceiver.core.tokenizer import encode_midi, parse_midi
 from liveperceiver.training.expression import PerformanceStyle, Phrasing, phrase_bounds, tempo_curve, velocities
 from liveperceiver.training.hands import HANDS, two_hands
 from liveperceiver.training.score import MELODY, SAME_ONSET_S, ChordSpan, ScorePiece, onset_groups, score_piece
@@ -97,7 +97,7 @@ class Performance:
             return []
         data = io.BytesIO()
         self.to_midi().write(data)
-        return encode_midi(pretty_midi.PrettyMIDI(io.BytesIO(data.getvalue())))
+        return encode_midi(parse_midi(data.getvalue()))
 
 
 def render_performance(piece: ScorePiece, style: PerformanceStyle, rng: np.random.Generator) -> Performance:
