@@ -42,9 +42,9 @@ PEDAL_FREE = [path for path in golden_midi_files() if not has_pedal(path)]
 
 
 @pytest.mark.parametrize("path", golden_midi_files(), ids=lambda p: p.stem)
-def test_reference_mode_matches_golden_tokens(path):
+def test_reference_rules_match_golden_tokens(path):
     expected = load_json(path.with_suffix(".json"))["tokens"]
-    encoder = StreamEncoder(mode="reference")
+    encoder = StreamEncoder(rules="reference")
     early = [token for event in file_events(read_midi(path)) for token in encoder.feed(event)]
     assert early == []  # a later pedal pair could still duplicate every earlier note
     assert encoder.close() == expected
@@ -56,12 +56,12 @@ def test_pedal_free_files_include_chords_and_real_files():
 
 
 @pytest.mark.parametrize("path", PEDAL_FREE, ids=lambda p: p.stem)
-def test_live_mode_matches_golden_tokens_without_pedal(path):
+def test_live_rules_match_golden_tokens_without_pedal(path):
     expected = load_json(path.with_suffix(".json"))["tokens"]
-    assert encode_stream(file_events(read_midi(path)), mode="live") == expected
+    assert encode_stream(file_events(read_midi(path)), rules="live") == expected
 
 
-def test_live_mode_matches_reference_on_a_causal_pedal_file(tmp_path):
+def test_live_rules_match_reference_on_a_causal_pedal_file(tmp_path):
     """Every span has a later note, nothing starts after the last release, a restrike, a chord held."""
     midi = pretty_midi.PrettyMIDI()
     piano = pretty_midi.Instrument(program=0)
@@ -76,15 +76,15 @@ def test_live_mode_matches_reference_on_a_causal_pedal_file(tmp_path):
     expected = encode_midi(midi)
     decoded = decode_notes(expected)
     assert any(n.pitch == 60 and n.start == pytest.approx(0.2) and n.end == pytest.approx(0.6) for n in decoded)
-    assert encode_stream(file_events(midi), mode="live") == expected
-    assert encode_stream(file_events(midi), mode="reference") == expected
+    assert encode_stream(file_events(midi), rules="live") == expected
+    assert encode_stream(file_events(midi), rules="reference") == expected
 
 
-def test_live_mode_keeps_the_note_after_the_last_release():
-    """v_sustain: the reference drops the note struck after the last pedal-up; live mode plays it."""
+def test_live_rules_keep_the_note_after_the_last_release():
+    """v_sustain: the reference drops the note struck after the last pedal-up; the live rules play it."""
     path = TOKENIZER_GOLDEN / "v_sustain.mid"
     golden = load_json(path.with_suffix(".json"))
-    live = note_rows(decode_notes(encode_stream(file_events(read_midi(path)), mode="live")))
+    live = note_rows(decode_notes(encode_stream(file_events(read_midi(path)), rules="live")))
     dropped = [row for row in live if row not in golden["notes"]]
     assert [row[0] for row in dropped] == [65]
     assert sorted(row for row in live if row not in dropped) == sorted(golden["notes"])
@@ -197,9 +197,9 @@ def test_velocity_rule_sees_the_model_note_before_the_player_note():
     assert tokens[:2] == [vocab.TIME_SHIFT + 9, vocab.note_on(60)]
 
 
-def test_reference_mode_refuses_model_tokens():
-    with pytest.raises(ValueError, match="mode='live'"):
-        StreamEncoder(mode="reference").absorb_model_tokens([60])
+def test_reference_rules_refuse_model_tokens():
+    with pytest.raises(ValueError, match="rules='live'"):
+        StreamEncoder(rules="reference").absorb_model_tokens([60])
 
 
 @pytest.mark.parametrize(

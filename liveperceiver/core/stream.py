@@ -5,20 +5,20 @@ by the engine and handed back with `StreamEncoder.absorb_model_tokens`) merged i
 encoder therefore keeps the state that the offline encoder (`liveperceiver.core.tokenizer`) keeps for one
 whole file: the time of the last event in the stream and the previous event's raw velocity.
 
-Two encoder modes:
+Two rule sets for the encoder (`rules`; not the session's call/duet/listen modes):
 
-- ``mode="live"`` (default): the reference rules applied causally, so every token is emitted once its
+- ``rules="live"`` (default): the reference rules applied causally, so every token is emitted once its
   time has passed (on the next event, or on `advance(now)`), except that notes struck at exactly the
   same timestamp in one voice wait until their order is known (see "Ties" below). Equal to the
   reference on every file where the reference's pedal rule is causal (always without a pedal).
-- ``mode="reference"``: exactly `tokenizer.encode_midi` on the same events. The reference pedal rule
+- ``rules="reference"``: exactly `tokenizer.encode_midi` on the same events. The reference pedal rule
   is not causal, and not even in a bounded way: a later pair of pedal spans with no note after the
   first one makes the reference read all earlier notes of that instrument twice (duplicates), so no
-  token is ever determined before the end of the stream. Reference mode therefore emits everything at
+  token is ever determined before the end of the stream. The reference rules therefore emit everything at
   `close()`; it exists to prove that the event model (`file_events`, the pairing of note-ons with
   note-offs, voices) loses nothing.
 
-Ties (both modes reproduce them; live mode waits for them). The reference orders events at equal times
+Ties (both rule sets reproduce them; the live rules wait for them). The reference orders events at equal times
 by the position of their note in a stable sort by start time, a note-on before its own note-off.
 pretty_midi lists an instrument's notes in the order their note-offs occur, so: note-offs at one time
 come in order of (start, voice, key-release order), and note-ons at one time in one voice come in the
@@ -27,20 +27,20 @@ a chord struck at one exact timestamp only once its notes are released. Live tim
 never coincide, so this costs no latency live; `advance(now)` forces any such undetermined order
 (by key-down order) because the model is about to play after `now`.
 
-Live mode's pedal rule (per voice, CC64 >= 64 down, < 64 up): a note that starts while the pedal is
+The live rules' pedal rule (per voice, CC64 >= 64 down, < 64 up): a note that starts while the pedal is
 down and is released under it ends at the next onset of the same pitch while the pedal is still down,
 else at pedal-up; a note still held at pedal-up ends at its own release. This is the reference rule
-on one span. Reference quirks live mode does NOT reproduce, because each depends on the future and a
+on one span. Reference quirks the live rules do NOT reproduce, because each depends on the future and a
 live player's notes must not change or vanish after they were heard:
 
 - further CC64 values < 64 after a release extend that span's end (and re-capture the notes struck in
-  between): live mode ends the span at the first release;
-- notes that start after the last release are dropped: live mode keeps them;
-- the last span is only applied when some note starts after it: live mode always applies it;
+  between): the live rules end the span at the first release;
+- notes that start after the last release are dropped: the live rules keep them;
+- the last span is only applied when some note starts after it: the live rules always apply it;
 - a span with no later note makes the next span re-read earlier notes (duplicates): not reproduced;
-- a pedal never released is ignored: live mode holds the notes until pedal-up or `close()`;
+- a pedal never released is ignored: the live rules hold the notes until pedal-up or `close()`;
 - pretty_midi's list order decides which notes a span manages (a note held past the first note after
-  the release is skipped): live mode manages every note that starts in the span.
+  the release is skipped): the live rules manage every note that starts in the span.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from liveperceiver.core.tokenizer import (
 )
 
 EVENT_KINDS = ("note_on", "note_off", "pedal")
-MODES = ("live", "reference")
+RULES = ("live", "reference")  # the encoder's rule sets (module docstring)
 MAX_MIDI_VALUE = 127
 
 
@@ -105,7 +105,7 @@ class _Voice:
     span: list[_LiveNote] = field(default_factory=list)  # notes that started in the current pedal span
     pedal_down: bool = False
     releases: int = 0
-    # reference mode only: completed notes in pretty_midi order and the raw CC64 values
+    # reference rules only: completed notes in pretty_midi order and the raw CC64 values
     notes: list[Note] = field(default_factory=list)
     pedal: list[tuple[float, int]] = field(default_factory=list)
 
@@ -130,10 +130,10 @@ class StreamEncoder:
     100 + 50).
     """
 
-    def __init__(self, mode: str = "live") -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
+    def __init__(self, rules: str = "live") -> None:
+        if rules not in RULES:
+            raise ValueError(f"rules must be one of {RULES}, got {rules!r}")
+        self.rules = rules
         self._voices: dict[int, _Voice] = {}
         self._notes: list[_LiveNote] = []  # live notes with an event not yet emitted
         self._last_time = 0.0  # latest timestamp seen (events and advance); inputs must not go back
@@ -153,7 +153,7 @@ class StreamEncoder:
     @property
     def pending(self) -> int:
         """Number of player notes with a token not yet emitted (held for ties, pedal or a later time)."""
-        if self.mode == "reference":
+        if self.rules == "reference":
             return sum(len(voice.notes) for voice in self._voices.values())
         return len(self._notes)
 
@@ -181,20 +181,20 @@ class StreamEncoder:
             self._note_on(voice, event)
         else:
             self._note_off(voice, event.time, event.pitch)
-        if self.mode == "reference":
+        if self.rules == "reference":
             return []
         return self._emit(event.time, inclusive=False, force=False)
 
     def advance(self, now: float) -> list[int]:
-        """Live mode: emit every pending player event up to `now`, then time shifts for the silence since.
+        """Live rules: emit every pending player event up to `now`, then time shifts for the silence since.
 
         Call it before the model plays, so the model continues a stream that is complete up to `now`.
         Same-timestamp ties whose reference order is not yet known are emitted in key-down order.
-        Later inputs must not be earlier than `now`. Reference mode emits nothing before `close()`.
+        Later inputs must not be earlier than `now`. The reference rules emit nothing before `close()`.
         """
         self._check_time(now, "advance time")
         self._last_time = now
-        if self.mode == "reference":
+        if self.rules == "reference":
             return []
         tokens = self._emit(now, inclusive=True, force=True)
         steps = math.floor((now - self._clock) * 100 + 1e-6)
@@ -212,8 +212,8 @@ class StreamEncoder:
         Player events still pending (call `advance(now)` first so there are none) and player events
         stamped before the model's last event are placed at the stream's clock with no time shift.
         """
-        if self.mode == "reference":
-            raise ValueError("absorb_model_tokens() needs mode='live': reference mode holds tokens until close()")
+        if self.rules == "reference":
+            raise ValueError("absorb_model_tokens() needs rules='live': the reference rules hold tokens until close()")
         self._check_open()
         tokens = vocab.check_tokens(tokens, "model tokens")
         register = self._register
@@ -232,8 +232,8 @@ class StreamEncoder:
     def close(self, now: float | None = None) -> list[int]:
         """End the stream and return the remaining tokens; the encoder takes no more input.
 
-        Reference mode: exactly what `tokenizer.encode_midi` gives for the events (notes never released
-        are dropped, as pretty_midi drops them). Live mode: notes still held by key or pedal end at
+        Reference rules: exactly what `tokenizer.encode_midi` gives for the events (notes never released
+        are dropped, as pretty_midi drops them). Live rules: notes still held by key or pedal end at
         `now` (default: the latest timestamp), since their note-ons may already have been played.
         """
         if now is not None:
@@ -241,7 +241,7 @@ class StreamEncoder:
         self._check_open()
         end = self._last_time if now is None else now
         self._closed = True
-        if self.mode == "reference":
+        if self.rules == "reference":
             return self._reference_tokens()
         for voice in self._voices.values():
             for notes in voice.open.values():
@@ -300,7 +300,7 @@ class StreamEncoder:
     def _note_on(self, voice: _Voice, event: LiveEvent) -> None:
         note = _LiveNote(event.pitch, event.value, event.time, event.voice, self._arrivals, voice.pedal_down)
         self._arrivals += 1
-        if self.mode == "live":
+        if self.rules == "live":
             if voice.pedal_down:
                 for held in voice.span:  # a restrike under the pedal ends the earlier note of that pitch
                     if held.pitch == note.pitch and held.end is None:
@@ -323,21 +323,21 @@ class StreamEncoder:
         for note in keeping:  # pretty_midi drops a note whose note-off comes at its own start tick
             if note in voice.span:
                 voice.span.remove(note)
-            if note.on_emitted:  # live mode forced it out already: it can only end now
+            if note.on_emitted:  # the live rules forced it out already: it can only end now
                 self._release(voice, note, time)
-            elif self.mode == "live":
+            elif self.rules == "live":
                 self._notes.remove(note)
 
     def _release(self, voice: _Voice, note: _LiveNote, end: float | None = None) -> None:
         note.key_down = False
         note.order = voice.releases
         voice.releases += 1
-        if self.mode == "reference":
+        if self.rules == "reference":
             voice.notes.append(Note(note.pitch, note.velocity, note.start, self._last_time))
         elif note.end is None:
             note.end = end
 
-    # ------------------------------------------------------------------ emission (live mode)
+    # ------------------------------------------------------------------ emission (live rules)
 
     def _emit(self, until: float, inclusive: bool, force: bool) -> list[int]:
         """Emit, in the reference's order, every event before `until` whose place is determined."""
@@ -383,7 +383,7 @@ class StreamEncoder:
         self._previous_velocity = note.velocity
         return tokens + event_part
 
-    # ------------------------------------------------------------------ reference mode
+    # ------------------------------------------------------------------ reference rules
 
     def _reference_tokens(self) -> list[int]:
         """The offline reference pipeline on the collected notes, voices in index order."""
@@ -415,9 +415,9 @@ def file_events(midi: pretty_midi.PrettyMIDI) -> list[LiveEvent]:
     return [row[3] for row in rows]
 
 
-def encode_stream(events: list[LiveEvent], mode: str = "live") -> list[int]:
+def encode_stream(events: list[LiveEvent], rules: str = "live") -> list[int]:
     """All tokens of an event list fed one at a time (for tests and file replays)."""
-    encoder = StreamEncoder(mode)
+    encoder = StreamEncoder(rules)
     tokens: list[int] = []
     for event in events:
         tokens += encoder.feed(event)
