@@ -304,9 +304,10 @@ def run_continue(args: argparse.Namespace) -> None:
     from liveperceiver.core.checkpoint import load_model
     from liveperceiver.core.errors import atomic_output
     from liveperceiver.inference.continuation import generate, write_continuation
-    from liveperceiver.inference.engine import DTYPES, Engine
+    from liveperceiver.inference.engine import DTYPES, Engine, pick_device
     from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
+    from liveperceiver.runtime import configure_inference
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -322,13 +323,14 @@ def run_continue(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.greedy, args.seed)
     try:
+        device = pick_device(args.device)
+        configure_inference(args.threads, device.type, args.dtype)
         engine = Engine(
             loaded.model,
             num_latents=args.num_latents,
             sampling=sampling,
-            device=args.device,
+            device=device,
             dtype=DTYPES[args.dtype],
-            threads=args.threads,
             constraints=Constraints(
                 max_note_ms=round(args.max_note_seconds * 1000),
                 key_follow=args.key_follow,
@@ -365,6 +367,18 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+class DeprecatedFlag(argparse.Action):
+    """An old flag kept as an alias of its new name: stores into the new one, with one line on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"liveperceiver: {option_string} is deprecated: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_bench(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="measure engine speed (or the live bridge with --live)")
     parser.add_argument("--model", help="path, repo id, name, or random:seed | random:small | random:<config.json>")
@@ -374,20 +388,24 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core for MIDI)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        help="how the engine stores Linear weights, as `play --weights`: float32 (as --dtype), int8 (a scale per "
+        "output channel), float16/bfloat16 (16-bit weights, float32 activations), auto (measured on CPU); "
+        "default float32, with --live auto",
+    )
+    parser.add_argument(
         "--quantize",
+        dest="weights",
         choices=WEIGHTS[2:],
-        help="int8: int8 weights, a scale per output channel; float16/bfloat16: 16-bit weights, float32 activations",
+        action=DeprecatedFlag,
+        new="--weights",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--flat", action="store_true", help="also compare step time after 100k vs 5k tokens")
     parser.add_argument("--no-reference", action="store_true", help="skip perceiver-io's generate() even if installed")
     parser.add_argument("--live", action="store_true", help="benchmark the live bridge over JACK dummy ports")
-    parser.add_argument(
-        "--weights",
-        default="auto",
-        choices=WEIGHTS,
-        help="--live: the session's weight storage, as `play --weights` (auto: measured on CPU)",
-    )
     parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
     parser.add_argument("--sessions", type=int, default=5, help="--live: randomized sessions with faults")
     parser.add_argument(
@@ -405,8 +423,12 @@ def add_bench(subparsers) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     if args.live:
+        from liveperceiver.inference.engine import pick_device
+        from liveperceiver.runtime import configure_inference
         from liveperceiver.tools import live_bench
 
+        configure_inference(args.threads, pick_device(args.device).type, args.dtype)  # as play does
+        args.weights = args.weights or "auto"  # play's default
         live_bench.run(args)
         return
     from liveperceiver.tools import bench

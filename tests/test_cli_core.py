@@ -103,10 +103,22 @@ def test_bench_writes_rows_with_the_documented_keys(tmp_path):
         ):
             assert row[key] > 0
         assert row["step_ms_p99"] >= row["step_ms_p50"]
+        assert row["weights"] == "float32"
 
 
 def test_cli_weight_choices_are_the_engines():
     from liveperceiver import cli
-    from liveperceiver.inference import engine
+    from liveperceiver.inference import weights
 
-    assert cli.WEIGHTS == engine.WEIGHTS  # spelled out in cli.py so that parsing does not import torch
+    assert cli.WEIGHTS == weights.WEIGHTS  # spelled out in cli.py so that parsing does not import torch
+
+
+def test_bench_quantize_is_a_deprecated_alias_of_weights(tmp_path):
+    """`bench --quantize` (the old name) still works, says so in one line, and the rows record "weights"."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", TINY, "--prefix", "0", "--latents", "1", "--steps", "10", "--no-reference"]
+    result = run(*args, "--quantize", "float16", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("deprecated") == 1 and "use --weights" in result.stderr
+    assert [row["weights"] for row in load_json(out)] == ["float16"]
+    assert "quantize" not in load_json(out)[0]

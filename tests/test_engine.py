@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from liveperceiver.core import vocab
-from liveperceiver.inference.engine import DTYPES, Engine, Int8Linear, PackedLinear
+from liveperceiver.inference.engine import DTYPES, Engine
 from liveperceiver.inference.sampling import Constraints, SamplingSettings
-from liveperceiver.tools.bench import player_arrives
+from liveperceiver.inference.weights import Int8Linear, PackedLinear
+from liveperceiver.tools.bench import player_arrives, weights_read_per_step
 
 
 def full_forward_logits(model, engine: Engine) -> torch.Tensor:
@@ -248,7 +249,7 @@ def differences_over_changing_windows(model, engine: Engine, steps: int) -> list
 @pytest.mark.parametrize("storage, tolerance", [("float16", 0.02), ("bfloat16", 0.2)])
 def test_16_bit_weights_stay_close_to_the_float32_model(tiny_model, storage, tolerance):
     """16-bit weight storage (the fast CPU setting) changes the logits by rounding only."""
-    engine = Engine(tiny_model, num_latents=1, quantize=storage, sampling=SamplingSettings(seed=2))
+    engine = Engine(tiny_model, num_latents=1, weights=storage, sampling=SamplingSettings(seed=2))
     packed = [module for module in engine.model.modules() if isinstance(module, PackedLinear)]
     assert packed and all(module.weight.dtype == DTYPES[storage] for module in packed)
     assert not any(isinstance(module, torch.nn.Linear) for module in engine.model.modules())
@@ -260,7 +261,7 @@ def test_int8_layers_stay_close_to_the_float32_model(tiny_model):
     """int8 weights: every Linear and fused matrix is an Int8Linear, called as a module in the
     one-latent chain and in wider windows. The bound is half the largest difference torch.ao's
     dynamic quantisation gave (0.35), which also quantised the activations."""
-    engine = Engine(tiny_model, num_latents=1, quantize="int8", sampling=SamplingSettings(seed=2))
+    engine = Engine(tiny_model, num_latents=1, weights="int8", sampling=SamplingSettings(seed=2))
     int8 = [module for module in engine.model.modules() if isinstance(module, Int8Linear)]
     assert int8 and all(module.weight.dtype == torch.int8 for module in int8)
     assert not any(isinstance(module, torch.nn.Linear) for module in engine.model.modules())
@@ -272,7 +273,7 @@ def test_an_int8_engine_raises_no_warning(tiny_model):
     """torch.ao's dynamic quantisation warned that it is deprecated; the int8 kernel does not."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = Engine(tiny_model, quantize="int8", sampling=SamplingSettings(seed=2))
+        engine = Engine(tiny_model, weights="int8", sampling=SamplingSettings(seed=2))
         engine.append([vocab.velocity_token(80), 60])
         engine.sample(3)
     assert [str(warning.message) for warning in caught] == []
@@ -315,25 +316,45 @@ def test_bench_times_what_the_engine_thread_does_when_the_player_plays(tiny_mode
     assert max_difference(tiny_model, engine) < 1e-4  # rows rewritten after the rollback
 
 
-def test_a_step_leaves_the_onednn_switch_as_it_found_it(tiny_model):
-    """The engine turns oneDNN off while it computes on a float32 CPU (its GELU set-up costs more
-    than one row's GELU) and must hand the process-wide switch back."""
-    engine = Engine(tiny_model, sampling=SamplingSettings(seed=0))
-    engine.append([vocab.velocity_token(80), 60])
+def test_the_engine_leaves_process_wide_settings_alone(tiny_model):
+    """oneDNN's switch and torch's thread count are the entry point's (runtime.configure_inference):
+    building an engine and stepping it change neither."""
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
         for enabled in (False, True):
             torch.backends.mkldnn.enabled = enabled
+            engine = Engine(tiny_model, sampling=SamplingSettings(seed=0))
+            engine.append([vocab.velocity_token(80), 60])
             engine.step()
-            assert torch.backends.mkldnn.enabled is enabled
+            assert torch.backends.mkldnn.enabled is enabled and torch.get_num_threads() == 2
     finally:
         torch.backends.mkldnn.enabled = True
+        torch.set_num_threads(threads)
+
+
+def test_bench_counts_the_weights_a_step_reads(tiny_model):
+    """One latent reads each self-attention layer's fused value-output matrix (C x C) instead of its
+    four projections; several latents read float32 copies of 16-bit weights (PackedLinear's rows)."""
+    float32, float16 = Engine(tiny_model), Engine(tiny_model, weights="float16")
+    config = tiny_model.config
+    projections = config.num_self_attention_layers * 3 * config.num_channels**2 * 4  # bytes
+    assert weights_read_per_step(float32, 8) - weights_read_per_step(float32, 1) == projections
+    assert weights_read_per_step(float16, 8) == weights_read_per_step(float32, 8)
+    assert weights_read_per_step(float16, 1) < weights_read_per_step(float32, 1)
 
 
 def test_16_bit_weights_need_a_float32_model(tiny_model):
     with pytest.raises(ValueError, match="float32"):
-        Engine(tiny_model, quantize="float16", dtype=torch.bfloat16)
+        Engine(tiny_model, weights="float16", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="not one of"):
-        Engine(tiny_model, quantize="int4")
+        Engine(tiny_model, weights="int4")
+
+
+def test_quantize_is_a_deprecated_name_of_weights(tiny_model):
+    with pytest.warns(DeprecationWarning, match="weights="):
+        engine = Engine(tiny_model, quantize="float16")
+    assert engine.precision == "float16 weights"
 
 
 C_MAJOR = {0, 2, 4, 5, 7, 9, 11}
@@ -446,16 +467,16 @@ def test_append_carries_whose_tokens_they_were(tiny_model):
 
 
 def test_auto_weights_measures_once_per_model_and_device(tiny_model, monkeypatch):
-    from liveperceiver.inference import engine as engine_module
+    from liveperceiver.inference import weights as weights_module
 
     calls = []
-    real = engine_module.faster_weights
-    monkeypatch.setattr(engine_module, "_MEASURED_WEIGHTS", {})
-    monkeypatch.setattr(engine_module, "faster_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = weights_module.faster_weights
+    monkeypatch.setattr(weights_module, "_MEASURED_WEIGHTS", {})
+    monkeypatch.setattr(weights_module, "faster_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
     cpu = torch.device("cpu")
-    first = engine_module.resolve_weights("auto", cpu, tiny_model)
+    first = weights_module.resolve_weights("auto", cpu, tiny_model)
     assert first in (None, "float16")
-    assert engine_module.resolve_weights("auto", cpu, tiny_model) == first
+    assert weights_module.resolve_weights("auto", cpu, tiny_model) == first
     assert len(calls) == 1
-    assert engine_module.resolve_weights("float32", cpu, tiny_model) is None
-    assert engine_module.resolve_weights("auto", torch.device("meta"), tiny_model) is None  # not a CPU: float32
+    assert weights_module.resolve_weights("float32", cpu, tiny_model) is None
+    assert weights_module.resolve_weights("auto", torch.device("meta"), tiny_model) is None  # not a CPU: float32

@@ -22,8 +22,8 @@ stays flat on an unbounded stream.
 
 With one latent (the live default) a step is a chain of one-row products, so per-op overhead
 matters as much as bytes: layers are called through bare `F.linear`/`F.layer_norm` bound to their
-weights, and oneDNN is bypassed on float32 CPUs (its GELU costs 10 us of set-up per call, five
-times the op).
+weights, and on float32 CPUs oneDNN should be off (its GELU costs 10 us of set-up per call, five
+times the op): a process-wide switch, so the entry point turns it off (runtime.configure_inference).
 
 Rollback (`truncate`) just forgets tokens: buffer rows depend on id and position only.
 """
@@ -31,8 +31,8 @@ Rollback (`truncate`) just forgets tokens: buffer rows depend on id and position
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 import torch
@@ -43,11 +43,16 @@ from liveperceiver.core import vocab
 from liveperceiver.core.model import PerceiverAR, apply_rotary, feed_forward, output_logits, rotary_rotation
 from liveperceiver.inference.adapt import SessionCache, mix_logits
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
+from liveperceiver.inference.weights import (
+    WEIGHT_DTYPES,
+    PackedLinear,
+    check_weights,
+    pack_linear_layers,
+    resolve_weights,  # noqa: F401  (imported from here by live/session.py)
+    stored_linear,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HALF_WEIGHTS = ("float16", "bfloat16")  # quantize choices that store 16-bit weights, float32 activations
-QUANTIZE = ("int8", *HALF_WEIGHTS)
-STORAGE = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}  # quantize -> weight dtype
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -61,163 +66,13 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-WEIGHTS = ("auto", "float32", *QUANTIZE)
-
-
-def resolve_weights(weights: str, device: torch.device, model: PerceiverAR) -> str | None:
-    """The engine's `quantize` for a live weights setting. `auto` keeps float32 on GPUs, where a
-    step costs kernel launches, not bytes. On a CPU a one-latent step costs about the bytes of its
-    weights, so 16-bit weights should pay, but whether they do depends on the CPU (the README's
-    engine benchmark: float16 weights 30% faster on an AVX2 EPYC, 30% slower on an AVX512 Xeon), so
-    `auto` measures both there, once per model configuration and device (`faster_weights`)."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
-    if weights == "auto":
-        if device.type != "cpu":
-            return None
-        key = (repr(model.config), str(device))
-        if key not in _MEASURED_WEIGHTS:
-            _MEASURED_WEIGHTS[key] = faster_weights(model, device)
-        return _MEASURED_WEIGHTS[key]
-    return None if weights == "float32" else weights
-
-
-_MEASURED_WEIGHTS: dict[tuple[str, str], str | None] = {}
-
-
-def faster_weights(model: PerceiverAR, device: torch.device, budget_s: float = 0.3) -> str | None:
-    """None (float32) or "float16", whichever makes a one-latent step faster here: the median of
-    interleaved steps at a 1,024-token prefix, for about `budget_s` seconds in all."""
-    import time
-
-    candidates: tuple[str | None, ...] = (None, "float16")
-    engines = [Engine(model, device=device, quantize=q, sampling=SamplingSettings(seed=0)) for q in candidates]
-    context = [vocab.velocity_token(80), vocab.note_on(60), vocab.TIME_SHIFT + 44, vocab.note_off(60)] * 256  # 450 ms
-    for engine in engines:
-        engine.append(context)
-    times: list[list[float]] = [[] for _ in candidates]
-    deadline = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < 4 or (time.perf_counter() < deadline and rounds < 200):
-        for engine, measured in zip(engines, times, strict=True):
-            start = time.perf_counter()
-            engine.step()
-            measured.append(time.perf_counter() - start)
-            engine.truncate(len(context))
-        rounds += 1
-    medians = [sorted(measured[1:])[len(measured[1:]) // 2] for measured in times]  # the first is warm-up
-    return candidates[medians.index(min(medians))]
-
-
-def prepare_model(model: PerceiverAR, device: torch.device, dtype: torch.dtype, quantize: str | None) -> PerceiverAR:
+def prepare_model(model: PerceiverAR, device: torch.device, dtype: torch.dtype, weights: str | None) -> PerceiverAR:
     """A private eval-mode copy on `device` in `dtype`.
 
-    Weight storage (`quantize` int8/float16/bfloat16) is applied later, by the engine, once its
-    float32 tables are built."""
-    if quantize not in (None, "none", *QUANTIZE):
-        raise ValueError(f"quantize {quantize!r} is not one of: none, {', '.join(QUANTIZE)}")
-    if quantize in QUANTIZE and dtype != torch.float32:
-        raise ValueError(f"quantize {quantize} stores {quantize} weights for a float32 model; dtype is {dtype}")
+    Weight storage (`weights` int8/float16/bfloat16, weights.py) is applied later, by the engine,
+    once its float32 tables are built."""
+    check_weights(weights, dtype)
     return copy.deepcopy(model).eval().to(device=device, dtype=dtype)
-
-
-class PackedLinear(nn.Module):
-    """A bias-optional Linear whose weight is stored in `storage` dtype for single-row inputs, the
-    engine's one-latent steps (cast in, cast back).
-
-    Why: with one latent every step is a chain of matrix-vector products that read each weight
-    once, so a step costs the bytes of its weights. float16 storage halves them, and torch has fast
-    half-precision matrix-vector kernels on CPUs (F16C/AVX2 on x86, and ARM); activations, norms,
-    attention and sampling stay float32. Those kernels do not cover several rows (a window of
-    latents, a full forward pass), so a float32 copy serves them. Also holds the engine's fused
-    matrices in any precision."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype) -> None:
-        super().__init__()
-        weight = weight.detach()
-        self.register_buffer("weight", weight.to(storage).contiguous())
-        self.register_buffer("rows_weight", None if storage == weight.dtype else weight.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, storage: torch.dtype) -> PackedLinear:
-        return cls(linear.weight, linear.bias, storage)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows_weight is None:  # stored in the input's precision
-            return F.linear(x, self.weight, self.bias)
-        if x.shape[:-1].numel() > 1:
-            return F.linear(x, self.rows_weight, self.bias)
-        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-
-class Int8Linear(nn.Module):
-    """A bias-optional Linear whose weight is stored as int8 with one scale per output channel
-    (symmetric: scale = absmax / 127), the `int8` weight setting.
-
-    Why: a one-latent step reads every weight once, so int8 weights read a quarter of float32's
-    bytes. On a CPU torch's weight-only int8 kernel (`aten._weight_int8pack_mm`, as gpt-fast uses
-    it) scales the weights inside the product; on x86 it is vectorised for bfloat16 inputs only,
-    so the input enters it in bfloat16 and the output comes back in the input's dtype (a rounding
-    of about 0.4%, smaller than the int8 weights' own). Elsewhere (cuda, mps, or an input width
-    that is not a multiple of 16, which the kernel reads past) the weights are dequantised in the
-    call: slower, the same product up to rounding. Scales are rounded to bfloat16 before the
-    weights are quantised, so both paths use exactly the same weights. This replaces torch.ao's
-    dynamic quantisation, which is deprecated."""
-
-    KERNEL_WIDTH = 16  # the CPU kernel reads the input in 16-value blocks, with no tail
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        weight = weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).to(torch.bfloat16).float()
-        quantised = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.register_buffer("weight", quantised)
-        self.register_buffer("scales", scales)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_buffer("kernel_scales", scales.to(torch.bfloat16) if self._kernel_fits(weight) else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        return cls(linear.weight, linear.bias)
-
-    def _kernel_fits(self, weight: torch.Tensor) -> bool:
-        return (
-            weight.device.type == "cpu"
-            and self.in_features % self.KERNEL_WIDTH == 0
-            and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-        )
-
-    def dequantised(self, x: torch.Tensor) -> torch.Tensor:
-        """The product without the kernel: x @ (weight * scales).T, for any device and width."""
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_scales is None or x.device.type != "cpu":
-            return self.dequantised(x)
-        # a fresh bfloat16 copy: the kernel needs a contiguous, aligned 2-D input
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16, copy=True)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.kernel_scales)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-
-def stored_linear(weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype) -> nn.Module:
-    """A Linear holding `weight` in `storage`: Int8Linear for int8, else PackedLinear."""
-    if storage == torch.int8:
-        return Int8Linear(weight, bias)
-    return PackedLinear(weight, bias, storage)
-
-
-def pack_linear_layers(model: nn.Module, storage: torch.dtype) -> None:
-    """Replace every nn.Linear in `model` by one storing its weight in `storage` (`stored_linear`)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, stored_linear(child.weight, child.bias, storage))
 
 
 def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -242,21 +97,12 @@ def bound_mlp(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return partial(feed_forward, norm=bare(mlp.norm), fc1=bare(mlp.fc1), fc2=bare(mlp.fc2))
 
 
-@contextmanager
-def _without_onednn() -> Iterator[None]:
-    """oneDNN off while the engine computes. Process-wide, which is harmless: the engine thread is
-    the only one running torch in a live session, and the switch changes speed (and results only by
-    rounding: GELU's two kernels differ by about 5e-7)."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
 class Engine:
-    """One merged performance (player + model) as a token stream, and a sampler over it."""
+    """One merged performance (player + model) as a token stream, and a sampler over it.
+
+    Owned by one thread (a live session's engine thread, or the caller offline). It changes no
+    process-wide state: torch's threads and the oneDNN switch are the entry point's to set, once
+    (runtime.configure_inference)."""
 
     def __init__(
         self,
@@ -268,21 +114,19 @@ class Engine:
         constraints: Constraints = Constraints(),
         device: str | torch.device = "auto",
         dtype: torch.dtype = torch.float32,
-        quantize: str | None = None,
-        threads: int | None = 1,
+        weights: str | None = None,
         adapt: float = 0.0,
+        quantize: str | None = None,
     ) -> None:
-        # Torch's thread count is process-wide. One thread is the default because per-token
-        # matrices are small: on a 2-core machine two OpenMP threads are slower, and under load
-        # (a DAW, the MIDI thread) their spin-waits make steps 10x slower. None leaves it alone.
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads {threads} must be >= 1")
-            torch.set_num_threads(threads)
+        """`weights`: how Linear weights are stored (weights.py): None in `dtype`, or int8, float16 or
+        bfloat16 for a float32 model. `quantize` is its old name, deprecated."""
+        if quantize is not None:
+            warnings.warn("Engine(quantize=...) is deprecated: use weights=...", DeprecationWarning, stacklevel=2)
+            weights = weights or quantize
         self.config = model.config
         self.device = pick_device(device) if isinstance(device, str) else device
         self.dtype = dtype
-        self.model = prepare_model(model, self.device, dtype, quantize)
+        self.model = prepare_model(model, self.device, dtype, weights)
         self.tokens: list[int] = []
         self.sampled = bytearray()  # 1 where the token was sampled by step(), 0 where it was appended
         self.state = StreamState()
@@ -301,18 +145,16 @@ class Engine:
             adapt=adapt,
         )
         self.exact_tables = not self.config.abs_pos_emb
-        # Weight storage: the model's dtype unless `quantize` asks for int8 or 16-bit weights.
-        self.weight_dtype = STORAGE.get(quantize, dtype)
+        # Weight storage: the model's dtype unless `weights` asks for int8 or 16-bit weights.
+        self.weight_dtype = WEIGHT_DTYPES.get(weights, dtype)
         if self.exact_tables:
             self._build_tables()
         if self.weight_dtype != dtype:
             pack_linear_layers(self.model, self.weight_dtype)
         if self.exact_tables:
             self._bind_layers()
-        # oneDNN only slows one-row float32 work on CPUs (16-bit matmuls may need it, on AMX).
-        self._kernels = _without_onednn if self.device.type == "cpu" and dtype == torch.float32 else nullcontext
         # for the UI: float32, bfloat16, ..., or "float16 weights" (activations stay float32)
-        self.precision = str(dtype).removeprefix("torch.") if quantize in (None, "none") else f"{quantize} weights"
+        self.precision = f"{weights} weights" if weights in WEIGHT_DTYPES else str(dtype).removeprefix("torch.")
 
     # ------------------------------------------------------------------ settings
 
@@ -426,14 +268,13 @@ class Engine:
         """Float32 logits (vocab,) for the next token, on the engine's device (sampling reads back only the id)."""
         if not self.tokens:
             raise ValueError("the engine needs at least one token before it can sample")
-        with self._kernels():
-            if not self.exact_tables:
-                return self._full_forward_logits()
-            start, latent_start, end = self.window()
-            self._prepare_rows(start, latent_start, end)
-            x = self._cross_attention(start, latent_start, end)
-            x = self._self_attention(x, latent_start, end)
-            return self._logits(x[-1:])[0].float()
+        if not self.exact_tables:
+            return self._full_forward_logits()
+        start, latent_start, end = self.window()
+        self._prepare_rows(start, latent_start, end)
+        x = self._cross_attention(start, latent_start, end)
+        x = self._self_attention(x, latent_start, end)
+        return self._logits(x[-1:])[0].float()
 
     # ------------------------------------------------------------------ internals
 
@@ -569,6 +410,27 @@ class Engine:
             mask = torch.ones(count, count, dtype=torch.bool, device=self.device).triu(1)
             self._future_masks[count] = mask
         return mask
+
+    def modules_read_per_step(self, latents: int) -> list[nn.Module]:
+        """The modules whose weights one step with `latents` latents reads (bench's bandwidth bound):
+        the tied embedding, the cross-attention's output projection and MLP (its queries, keys and
+        values are per-token tables), the output norm, and per self-attention layer its norm, MLP and
+        attention: for one latent only the fused value-output matrix, else the fused q/k/v and o_proj.
+        Models with absolute positions run a full forward pass: every module."""
+        model = self.model
+        if not self.exact_tables:
+            return [module for module in model.modules() if next(module.parameters(recurse=False), None) is not None]
+        ca = model.cross_attention
+        modules = [model.embedding, ca.attention.o_proj, *ca.mlp.children()]
+        if model.out_norm is not None:
+            modules.append(model.out_norm)
+        for index, layer in enumerate(model.self_attention):
+            modules += [layer.norm, *layer.mlp.children()]
+            if latents == 1:
+                modules.append(self._fused_value_output[index])
+            else:
+                modules += [self._fused_qkv[index], layer.attention.o_proj]
+        return modules
 
     def _full_forward_logits(self) -> torch.Tensor:
         """Models with absolute position embeddings: a full forward pass over the window (exact, slower)."""

@@ -24,8 +24,9 @@ from torch import nn
 
 from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.model import PerceiverAR
-from liveperceiver.inference.engine import DTYPES, Engine, Int8Linear, PackedLinear
+from liveperceiver.inference.engine import DTYPES, Engine, pick_device
 from liveperceiver.inference.sampling import SamplingSettings
+from liveperceiver.inference.weights import Int8Linear, PackedLinear, resolve_weights
 from liveperceiver.stats import percentile
 
 
@@ -90,33 +91,9 @@ def _timed(function) -> float:
 
 
 def weights_read_per_step(engine: Engine, latents: int) -> int:
-    """Bytes of weights one step reads: the cross-attention's output projection and MLP (its q/k/v
-    became per-token tables), every self-attention layer's projections (for one latent only the
-    fused value-output matrix), MLPs and norms, the output norm, and the tied embedding."""
-    model = engine.model
-
-    def tree(module: nn.Module) -> int:
-        return sum(_module_bytes(m, latents) for m in module.modules() if isinstance(m, WEIGHTED))
-
-    total = _tensor_bytes(model.embedding.weight) + tree(model.cross_attention.mlp)
-    total += tree(model.cross_attention.attention.o_proj)
-    if model.out_norm is not None:
-        total += tree(model.out_norm)
-    for index, layer in enumerate(model.self_attention):
-        total += tree(layer.mlp) + tree(layer.norm)
-        fused = engine._fused_value_output[index]
-        if latents == 1 and fused is not None:
-            total += tree(fused)
-        else:
-            attention = layer.attention
-            projections = [attention.o_proj, attention.v_proj]
-            if latents > 1:
-                projections += [attention.q_proj, attention.k_proj]
-            total += sum(tree(m) for m in projections)
-    return total
-
-
-WEIGHTED = (nn.Linear, nn.LayerNorm, Int8Linear, PackedLinear)
+    """Bytes of weights one step reads: those of the modules the engine says a step reads
+    (`Engine.modules_read_per_step`: for one latent a fused value-output matrix per layer)."""
+    return sum(_module_bytes(module, latents) for module in engine.modules_read_per_step(latents))
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -134,7 +111,13 @@ def _module_bytes(module: nn.Module, rows: int) -> int:
 
 
 def bench_row(
-    model: PerceiverAR, prefix: int, latents: int, steps: int, dtype: torch.dtype, quantize: str | None, device: str
+    model: PerceiverAR,
+    prefix: int,
+    latents: int,
+    steps: int,
+    dtype: torch.dtype,
+    weights: str | None,
+    device: str | torch.device,
 ) -> tuple[BenchRow, Engine]:
     config = model.config
     if prefix > config.max_prefix_len or latents > config.max_latents:
@@ -148,9 +131,8 @@ def bench_row(
         prefix_cap=prefix,
         sampling=SamplingSettings(seed=0),
         dtype=dtype,
-        quantize=quantize,
+        weights=weights,
         device=device,
-        threads=None,  # run() set --threads
     )
     engine.append(rng.randrange(388) for _ in range(prefix + latents))
     step_times, player_times = [], []
@@ -266,16 +248,14 @@ def reference_step_ms(model: PerceiverAR, prefix: int, latents: int, steps: int)
 
 
 def top1_agreement(
-    model: PerceiverAR, dtype: torch.dtype, quantize: str | None, device: str, steps: int = 1000
+    model: PerceiverAR, dtype: torch.dtype, weights: str | None, device: str | torch.device, steps: int = 1000
 ) -> float:
     """Share of steps where the low-precision engine's argmax equals float32's, teacher-forced on float32's greedy path."""
     rng = random.Random(2)
     prompt = [rng.randrange(388) for _ in range(min(1024, model.config.max_prefix_len))]
     engines = [
-        Engine(model, sampling=SamplingSettings(greedy=True), device=device, threads=None),
-        Engine(
-            model, sampling=SamplingSettings(greedy=True), dtype=dtype, quantize=quantize, device=device, threads=None
-        ),
+        Engine(model, sampling=SamplingSettings(greedy=True), device=device),
+        Engine(model, sampling=SamplingSettings(greedy=True), dtype=dtype, weights=weights, device=device),
     ]
     for engine in engines:
         engine.append(prompt)
@@ -288,7 +268,7 @@ def top1_agreement(
     return agree / steps
 
 
-def adaptation_cost(model: PerceiverAR, device: str, steps: int = 500) -> dict:
+def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int = 500) -> dict:
     """What in-session adaptation (on by default in `play`) adds per token, in the engine: steps
     with the mix and steps without alternate on one engine over a practice-like stream (a full
     window of it, adapt.practice_stream), so both see the same machine; the difference of their
@@ -297,7 +277,7 @@ def adaptation_cost(model: PerceiverAR, device: str, steps: int = 500) -> dict:
     from liveperceiver.inference import adapt
 
     stream = adapt.practice_stream(adapt.WINDOW + steps)
-    engine = Engine(model, sampling=SamplingSettings(seed=0), device=device, threads=None, adapt=0.7)
+    engine = Engine(model, sampling=SamplingSettings(seed=0), device=device, adapt=0.7)
     engine.append(stream[: adapt.WINDOW])
     mixed, alone, pushes = [], [], []
     for token in stream[adapt.WINDOW :]:
@@ -326,10 +306,15 @@ def adaptation_cost(model: PerceiverAR, device: str, steps: int = 500) -> dict:
 
 def run(args) -> list[dict]:
     from liveperceiver.core.checkpoint import load_model
+    from liveperceiver.runtime import configure_inference
 
-    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    configure_inference(args.threads, device.type, args.dtype)
     loaded = load_model(args.model)
     dtype = DTYPES[args.dtype]
+    # --weights: None or float32 store weights in --dtype; auto measures, as `play` does
+    weights = None if args.weights is None else resolve_weights(args.weights, device, loaded.model)
+    stored = weights or args.dtype  # the storage precision, as the rows record it
     bandwidth, gemv = read_bandwidth_gb_s(), gemv_bandwidth_gb_s()
     rows = []
     header = (
@@ -337,7 +322,7 @@ def run(args) -> list[dict]:
         f" {'weights MB':>10} {'bound ms':>8} {'gemv bound':>10}"
     )
     print(
-        f"model {loaded.name} ({loaded.model.num_parameters() / 1e6:.1f}M parameters), dtype {args.dtype}, quantize {args.quantize or 'none'}, threads {args.threads}"
+        f"model {loaded.name} ({loaded.model.num_parameters() / 1e6:.1f}M parameters), dtype {args.dtype}, weights {stored}, threads {args.threads}"
     )
     print(f"machine: {machine_description()}; torch {torch.__version__}")
     print(f"memory read bandwidth {bandwidth:.1f} GB/s; matrix-vector products reach {gemv:.1f} GB/s")
@@ -348,7 +333,7 @@ def run(args) -> list[dict]:
             if prefix > loaded.model.config.max_prefix_len or latents > loaded.model.config.max_latents:
                 print(f"{prefix:>6} {latents:>7}  skipped: beyond the model's context")
                 continue
-            row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, args.quantize, args.device)
+            row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, weights, device)
             row.bandwidth_bound_ms = round(row.weights_mb / bandwidth, 3)  # MB / (GB/s) = ms
             row.gemv_bound_ms = round(row.weights_mb / gemv, 3)
             if args.flat:
@@ -368,7 +353,7 @@ def run(args) -> list[dict]:
                 | {
                     "threads": args.threads,
                     "dtype": args.dtype,
-                    "quantize": args.quantize or "none",
+                    "weights": stored,
                     "model": loaded.name,
                 }
             )
@@ -381,7 +366,7 @@ def run(args) -> list[dict]:
             if reference_ms is not None:
                 line += f"  reference {reference_ms:.2f} ms ({reference_ms / row.step_ms_p50:.1f}x)"
             print(line, flush=True)
-    adaptation = adaptation_cost(loaded.model, args.device)
+    adaptation = adaptation_cost(loaded.model, device)
     print(
         f"in-session adaptation (adapt.py; order {adaptation['adapt_order']}, {adaptation['adapt_window']}-token "
         f"window, a practice-like stream, 1 latent): {adaptation['adapt_ms_p50']:.3f} ms per token "
@@ -390,8 +375,8 @@ def run(args) -> list[dict]:
     )
     for row in rows:
         row.update(adaptation)
-    if args.dtype != "float32" or args.quantize:
-        agreement = top1_agreement(loaded.model, dtype, args.quantize, args.device)
+    if args.dtype != "float32" or weights is not None:
+        agreement = top1_agreement(loaded.model, dtype, weights, device)
         print(f"top-1 agreement with float32 over 1000 greedy steps: {agreement:.3f}")
         for row in rows:
             row["top1_agreement"] = agreement

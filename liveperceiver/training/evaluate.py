@@ -591,11 +591,10 @@ def check_counts(args) -> None:
 
 
 def run_eval(args) -> None:
-    import torch
-
     from liveperceiver.core.checkpoint import load_model
     from liveperceiver.core.errors import atomic_output
     from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
+    from liveperceiver.runtime import configure_inference
 
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
@@ -606,7 +605,8 @@ def run_eval(args) -> None:
     check_counts(args)
     check_run_folder(args.model)
     prepare_json(args.json)
-    torch.set_num_threads(max(1, getattr(args, "threads", 1) or 1))
+    # once for the whole run: every engine and forward pass here is float32 on the CPU
+    configure_inference(max(1, getattr(args, "threads", 1) or 1), "cpu", "float32")
     loaded = load_model(args.model)
     pieces, dataset_dir = load_inputs(args.inputs, args.split)
     full_pieces = pieces  # continuations need whole pieces for their prompts

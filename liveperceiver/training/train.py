@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from liveperceiver.core import vocab
 from liveperceiver.core.errors import UserError
 from liveperceiver.core.model import PerceiverAR, PerceiverARConfig
+from liveperceiver.runtime import set_torch_threads
 from liveperceiver.training.augment import AugmentConfig, augment_tokens
 from liveperceiver.training.dataset import TokenDataset, selection_report
 
@@ -486,7 +487,7 @@ def train(
     found = _check_run_folder(out, resume, overwrite)  # before the rendezvous: no rank has written yet
     rank, world = _distributed()
     cfg = run.train
-    torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)  # oneDNN stays on: bfloat16 autocast needs it
     ckpt_path = out / CHECKPOINT
     state = load_checkpoint(ckpt_path) if resume else None  # refused before anything is written
     if state is not None:
