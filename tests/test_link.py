@@ -390,7 +390,8 @@ def netns_bench_live_link_phase_measures_onsets_against_the_peer_grid(tmp_path, 
     """`bench --live`'s Link row on two calls: its own peer, the session on its beat, a tempo change."""
     import random
 
-    from liveperceiver.tools.live_bench import _link_rows, link_phase
+    from liveperceiver.tools.link_bench import link_phase
+    from liveperceiver.tools.live_bench import _link_rows
 
     result = link_phase(None, random.Random(3), 2, tmp_path)
     assert result["answered"] >= 1, result

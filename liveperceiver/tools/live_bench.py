@@ -17,28 +17,24 @@ reported (medians and p99, after the first call as warm-up):
   on the way, which a loaded machine does; the drop count is reported beside it);
 - the share of CPU time the hypervisor took during each timed phase (Linux "steal"): on a shared
   VM the p99 rows move with it, so a reader can tell a slow run from slow code;
-- Ableton Link: calls answered on the beat of a second Link peer (the DAW, in this process) that
+- Ableton Link: calls answered on the beat of a second Link peer (the DAW, in that process) that
   changes its tempo halfway; each model onset's distance from the peer's beat grid (the answer's
   first note from a beat, every note from the 1/8 grid it is quantised to), as sent and as heard.
-  Link multicasts on every network interface, so this phase runs in a child process inside a
-  network namespace of its own with only loopback (`unshare --net`; as root, or in a user
+  Link multicasts on every network interface, so this phase (link_bench.py) runs in a child process
+  inside a network namespace of its own with only loopback (`unshare --net`; as root, or in a user
   namespace); where none can be made the row says why it was skipped.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import faulthandler
 import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -71,7 +67,7 @@ class Player(JackPlayer):
         return last
 
     def first_on_after(self, since: float) -> float | None:
-        return next((t for t, m in self.messages() if t >= since and _is_on(m)), None)
+        return next((t for t, m in self.messages() if t >= since and is_note_on(m)), None)
 
     def note_messages(self) -> int:
         return sum(1 for _, m in self.messages() if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90))
@@ -82,7 +78,7 @@ class Player(JackPlayer):
         sounding: dict[int, int] = {}
         for _, m in self.messages():
             if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
-                delta = 1 if _is_on(m) else -1
+                delta = 1 if is_note_on(m) else -1
                 sounding[m[1]] = max(0, sounding.get(m[1], 0) + delta)
             elif as_synth and len(m) == 3 and m[0] & 0xF0 == 0xB0 and m[1] in (120, 123):
                 sounding.clear()
@@ -94,15 +90,15 @@ class Player(JackPlayer):
             if t > when:
                 break
             if len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
-                (sounding.add if _is_on(m) else sounding.discard)(m[1])
+                (sounding.add if is_note_on(m) else sounding.discard)(m[1])
         return sounding
 
 
-def _is_on(message: list[int]) -> bool:
+def is_note_on(message: list[int]) -> bool:
     return len(message) == 3 and message[0] & 0xF0 == 0x90 and message[2] > 0
 
 
-def _wait(predicate, timeout: float) -> bool:
+def wait_until(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -129,20 +125,20 @@ def call_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
         for index in range(calls):
             last_off = player.phrase(rng, rng.randrange(3, 7))
             threshold = last_off + settings.silence_ms / 1000
-            if not _wait(lambda t=last_off: player.first_on_after(t) is not None, settings.response_seconds + 1.5):
+            if not wait_until(lambda t=last_off: player.first_on_after(t) is not None, settings.response_seconds + 1.5):
                 continue
             answered += 1
             first = player.first_on_after(last_off)
             if index > 0:
                 heard_starts.append(first - threshold)
             # barge in while model notes sound (if they do within the answer)
-            _wait(lambda: bool(session.scheduler.sounding_pitches()), 0.8)
+            wait_until(lambda: bool(session.scheduler.sounding_pitches()), 0.8)
             barge = player.send([0x90, 50, 90])
             sounding = player.sounding_at(barge)
             time.sleep(0.15)
             player.send([0x80, 50, 0])
             if sounding:
-                offs = [t for t, m in list(player.heard) if t >= barge and not _is_on(m) and m[1] in sounding]
+                offs = [t for t, m in list(player.heard) if t >= barge and not is_note_on(m) and m[1] in sounding]
                 if offs:
                     barge_times.append(max(offs) - barge)
             time.sleep(0.2)
@@ -350,108 +346,12 @@ def _broken_once(engine):
 
 # --------------------------------------------------------------------------- Ableton Link
 
-LINK_HEAD_START_S = 1.0  # the peer's session is the older one: Link keeps its timeline (and tempo)
-LINK_TEMPI = (100.0, 128.0)  # the peer's tempo, changed halfway through the calls
 LINK_NETNS_SCRIPT = 'ip link set lo up && ip link set lo multicast on && exec "$@"'
 
 
-class LinkPeer:
-    """The DAW: a Link peer of its own in this process, with the asyncio loop aalink calls back through."""
-
-    def __init__(self, bpm: float, quantum: int = 4) -> None:
-        from liveperceiver.live.link import require_aalink
-
-        aalink = require_aalink()
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="lp-bench-peer", daemon=True).start()
-
-        async def make():
-            return aalink.Link(bpm)
-
-        self.link = asyncio.run_coroutine_threadsafe(make(), self.loop).result(5)
-        self.link.quantum = quantum
-        self.link.enabled = True
-
-    def line(self) -> tuple[float, float, float]:
-        """(monotonic time, the peer's beat then, its tempo): its grid until the tempo changes."""
-        before = time.monotonic()
-        beat = self.link.beat
-        after = time.monotonic()
-        return (before + after) / 2, beat, self.link.tempo
-
-    def close(self) -> None:
-        self.link.enabled = False
-        time.sleep(0.15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-def off_grid(lines: list[tuple[float, float, float]], when: float, every: float) -> float:
-    """Seconds from `when` to the nearest multiple of `every` beats of the peer's grid then (+: after)."""
-    at, beat, bpm = next(line for line in reversed(lines) if line[0] <= when)
-    beats = (beat + (when - at) * bpm / 60) / every
-    return (beats - round(beats)) * every * 60 / bpm
-
-
-def link_phase(model, rng: random.Random, calls: int, workdir: Path, weights: str = "auto") -> dict:
-    """Calls answered on the peer's beat (answer_on beat, quantise 1/8); the peer changes tempo halfway."""
-    names = [name for _, name in socket.if_nameindex()]
-    if names != ["lo"]:
-        raise UserError(f"the Link phase runs only where loopback is the one network interface, not {names}")
-    peer = LinkPeer(LINK_TEMPI[0])
-    time.sleep(LINK_HEAD_START_S)
-    settings = Settings(
-        mode="call",
-        silence_ms=300,
-        response_seconds=1.5,
-        quantize="1/8",
-        link=True,
-        answer_on="beat",
-        seed=rng.randrange(1 << 30),
-    )
-    session = Session(settings, model=model, api="jack", session_dir=workdir / "link", weights=weights)
-    session.start()
-    player = Player()
-    first_sent, first_heard, answered = [], [], 0
-    try:
-        if not _wait(lambda: session.snapshot().link.peers == 1, 10):
-            raise UserError("bench --live: the session's Link did not find the peer within 10 s")
-        lines = [peer.line()]
-        started = time.monotonic()
-        for index in range(calls):
-            if index == calls // 2:
-                peer.link.tempo = LINK_TEMPI[1]
-                lines.append(peer.line())
-            last_off = player.phrase(rng, rng.randrange(3, 7))
-            if not _wait(lambda t=last_off: player.first_on_after(t) is not None, settings.response_seconds + 2):
-                continue
-            answered += 1
-            with session.lock:
-                sent = min(w for w, on, _, who in session.roll if who == "model" and on and w >= last_off)
-            first_sent.append(off_grid(lines, sent, 1.0))
-            first_heard.append(off_grid(lines, player.first_on_after(last_off), 1.0))
-            _wait(lambda: session.decoder is None and not session.scheduler.pending_count(), 3)
-            time.sleep(0.2)
-        with session.lock:
-            sent_onsets = [w for w, on, _, who in session.roll if who == "model" and on and w >= started]
-        heard_onsets = [t for t, m in player.messages(started) if _is_on(m)]
-        result = {
-            "calls": calls,
-            "answered": answered,
-            "tempi_bpm": list(LINK_TEMPI),
-            "first_note_sent": ms(first_sent),
-            "first_note_heard": ms(first_heard),
-            "onsets_sent": ms([off_grid(lines, t, 0.5) for t in sent_onsets]),
-            "onsets_heard": ms([off_grid(lines, t, 0.5) for t in heard_onsets]),
-        }
-    finally:
-        session.close(release_ports=True)
-        player.close()
-        peer.close()
-    return result
-
-
 def link_in_namespace(args) -> dict:
-    """`link_phase` in a child process in a private network namespace; {"skipped": why} if none can be made."""
+    """`link_bench.link_phase` in a child process in a private network namespace; {"skipped": why} if
+    none can be made."""
     from liveperceiver.live.link import require_aalink
 
     try:
@@ -467,7 +367,7 @@ def link_in_namespace(args) -> dict:
         return {"skipped": f"no private network namespace can be made here ({probe.stderr.strip()})"}
     with tempfile.TemporaryDirectory(prefix="lp-bench-link-") as tmp:
         out = Path(tmp) / "link.json"
-        command = [sys.executable, "-m", "liveperceiver.tools.live_bench", "--link-phase", "--json", str(out)]
+        command = [sys.executable, "-m", "liveperceiver.tools.link_bench", "--link-phase", "--json", str(out)]
         command += ["--calls", str(args.calls), "--weights", args.weights, "--threads", str(args.threads)]
         command += ["--model", args.model] if args.model else []
         env = {key: value for key, value in os.environ.items() if key != "JACK_DEFAULT_SERVER"}  # its own server
@@ -475,33 +375,6 @@ def link_in_namespace(args) -> dict:
         if done.returncode != 0 or not out.is_file():
             return {"skipped": f"the Link phase failed (exit {done.returncode}; its output is above)"}
         return json.loads(out.read_text())
-
-
-def link_phase_main(argv: list[str]) -> int:
-    """The child of `link_in_namespace`: its own private JACK server, the model, the Link phase."""
-    import torch
-
-    from liveperceiver.core.checkpoint import load_model
-
-    parser = argparse.ArgumentParser(prog="python -m liveperceiver.tools.live_bench")
-    parser.add_argument("--link-phase", action="store_true", required=True)
-    parser.add_argument("--json", type=Path, required=True)
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--weights", default="auto")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model")
-    args = parser.parse_args(argv)
-    faulthandler.enable()
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model).model
-    try:
-        with private_jack_server("lp-bench-link"), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
-            result = with_steal(lambda: link_phase(model, random.Random(1), args.calls, Path(tmp), args.weights))
-    except UserError as error:
-        print(f"bench --live, Link phase: {error}", file=sys.stderr)
-        return 2
-    args.json.write_text(json.dumps(result))
-    return 0
 
 
 # --------------------------------------------------------------------------- entry point
@@ -616,7 +489,3 @@ def _link_rows(link: dict | None) -> list[str]:
         f"{'  every note: 1/8 grid (sent)':34}{_fmt(link['onsets_sent'])}",
         f"{'  the same, heard':34}{_fmt(link['onsets_heard'])}",
     ]
-
-
-if __name__ == "__main__":
-    sys.exit(link_phase_main(sys.argv[1:]))
