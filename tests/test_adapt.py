@@ -18,7 +18,8 @@ from liveperceiver.inference.adapt import RAMP, SIZE, SessionCache, loop_rate, m
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import Constraints, SamplingSettings
 from liveperceiver.live.settings import Settings
-from liveperceiver.training.evaluate import KneserNey, adapted_nll, model_nll, window_nll
+from liveperceiver.training.ngram import KneserNey
+from liveperceiver.training.nll import adapted_nll, model_nll, stream_nll
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_adaptation_lowers_the_nll_of_a_repetitive_real_piece(tiny_model, choral
     assert adapted.mean() < alone.mean() - 1.0, (adapted.mean(), alone.mean())
     assert adapted_nll(alone, pieces, 0.0) is alone
     # the engine's own cache, as play mixes it: the same gain at the live window
-    live = window_nll(tiny_model, pieces, 1, 400, progress=False, adapt=0.6)
+    live = stream_nll(tiny_model, pieces, 1, 400, progress=False, adapt=0.6)
     assert live["nll"] < live["nll_model"] - 1.0
     assert loop_rate(pieces[0]) > 0.3  # it is repetitive: 40% of its 16-token stretches came before
 
@@ -130,7 +131,7 @@ def test_the_engine_mixes_as_eval_scores(tiny_model, chorale_tokens):
     shorter than the model's latent window both see every earlier token as a latent."""
     pieces = [chorale_tokens[i : i + 30] for i in (0, 300, 600)]
     alone, _ = model_nll(tiny_model, pieces)
-    live = window_nll(tiny_model, pieces, tiny_model.config.max_latents, 10**6, progress=False, adapt=0.7)
+    live = stream_nll(tiny_model, pieces, tiny_model.config.max_latents, 10**6, progress=False, adapt=0.7)
     assert live["tokens"] == len(alone) == 87
     assert live["nll_model"] == pytest.approx(alone.mean(), abs=1e-5)
     assert live["nll"] == pytest.approx(adapted_nll(alone, pieces, 0.7).mean(), abs=1e-5)

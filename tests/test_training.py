@@ -223,7 +223,8 @@ def test_resume_continues_exactly(dataset_dir, tmp_path):
 
 def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_dir, tmp_path):
     from liveperceiver.core.errors import UserError
-    from liveperceiver.training.train import RunConfig, eval_windows, train
+    from liveperceiver.training.train import RunConfig, train
+    from liveperceiver.training.windows import eval_windows
 
     base = RunConfig.load(TINY_CONFIG)
     train(base, dataset_dir, tmp_path / "base", max_steps=10, progress=False)
@@ -244,7 +245,7 @@ def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_d
 
 
 def test_opening_batches_start_at_a_piece_with_a_short_prefix(dataset_dir):
-    from liveperceiver.training.train import OPENING_PREFIX_MAX, WindowSampler
+    from liveperceiver.training.windows import OPENING_PREFIX_MAX, WindowSampler
 
     data = TokenDataset(dataset_dir, "train", False)
     pieces = list(range(len(data)))
@@ -260,7 +261,7 @@ def test_opening_batches_start_at_a_piece_with_a_short_prefix(dataset_dir):
 
 
 def test_score_batches_put_their_targets_in_plain_scores(dataset_dir):
-    from liveperceiver.training.train import WindowSampler
+    from liveperceiver.training.windows import WindowSampler
 
     data = TokenDataset(dataset_dir, "train", False)
     pieces = list(range(len(data)))
@@ -578,8 +579,8 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     ]
 
 
-def test_window_nll_is_the_full_forward_nll_of_each_window(tiny_model):
-    from liveperceiver.training.evaluate import window_nll
+def test_stream_nll_is_the_full_forward_nll_of_each_window(tiny_model):
+    from liveperceiver.training.nll import stream_nll
 
     rng = np.random.default_rng(1)
     pieces = [[int(t) for t in rng.integers(0, 388, 40)], [int(t) for t in rng.integers(0, 388, 30)]]
@@ -592,13 +593,36 @@ def test_window_nll_is_the_full_forward_nll_of_each_window(tiny_model):
                     window = min(latents, t)
                     logits = tiny_model(context, t - window)[0, -1]
                     expected.append(-float(torch.log_softmax(logits.float(), -1)[piece[t]]))
-        got = window_nll(tiny_model, pieces, latents, max_tokens=60, progress=False)
+        got = stream_nll(tiny_model, pieces, latents, max_tokens=60, progress=False)
         assert got["tokens"] == 60 and got["num_latents"] == latents
         assert got["nll"] == pytest.approx(np.mean(expected[:60]), abs=1e-5)
 
 
+def test_validation_and_eval_score_the_same_windows_alike(dataset_dir, tiny_model):
+    """train.validate and eval's model_nll run one loop (nll.windows_nll) over the same windows
+    (windows.piece_windows): on a whole split, the same mean NLL, and each window is the NLL of a
+    full forward pass over it."""
+    from liveperceiver.training.nll import model_nll, window_nll
+    from liveperceiver.training.train import validate
+    from liveperceiver.training.windows import eval_windows
+
+    data = TokenDataset(dataset_dir, "validation", False)
+    config = tiny_model.config
+    windows = eval_windows(data, config.max_seq_len, config.max_prefix_len, None)
+    assert len(windows) > len(data) > 0  # several windows per piece
+    nll, targets = model_nll(tiny_model, [[int(t) for t in data.piece(i)] for i in range(len(data))])
+    assert len(nll) == sum(len(data.piece(i)) - 1 for i in range(len(data))) == sum(len(w) - p - 1 for w, p in windows)
+    assert validate(tiny_model, windows) == pytest.approx(float(nll.mean()), rel=1e-6)
+    tokens, prefix_len = windows[-1]
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([tokens[:-1]]), prefix_len)[0]
+    expected = -torch.log_softmax(logits, -1)[torch.arange(len(logits)), torch.tensor(tokens[prefix_len + 1 :])]
+    assert torch.allclose(window_nll(tiny_model, tokens, prefix_len), expected, atol=1e-5)
+    assert list(targets[-len(expected) :]) == tokens[prefix_len + 1 :]
+
+
 def test_kneser_ney_is_a_distribution():
-    from liveperceiver.training.evaluate import KneserNey
+    from liveperceiver.training.ngram import KneserNey
 
     rng = np.random.default_rng(0)
     ngram = KneserNey(4).fit([rng.integers(0, 20, 500), rng.integers(0, 30, 300)])

@@ -1,9 +1,9 @@
 """Evaluation: NLL per token against an n-gram baseline, and musical statistics of continuations.
 
 The model is scored with the context it had in training (a prefix of up to max_prefix_len tokens
-before each span of max_latents targets, within a piece). The baseline is an interpolated
-Kneser-Ney 4-gram fitted on the train split of the same dataset and scored on the same targets,
-so "x% below the baseline" says what the Perceiver's long context buys over local statistics.
+before each span of max_latents targets, within a piece; nll.py). The baseline is an interpolated
+Kneser-Ney 4-gram (ngram.py) fitted on the train split of the same dataset and scored on the same
+targets, so "x% below the baseline" says what the Perceiver's long context buys over local statistics.
 """
 
 from __future__ import annotations
@@ -19,108 +19,12 @@ import numpy as np
 
 from liveperceiver.core import vocab
 from liveperceiver.core.errors import UserError
+from liveperceiver.training.ngram import KneserNey
 
 TYPES = ("note_on", "note_off", "time_shift", "velocity")
 
 
-# --------------------------------------------------------------------------- n-gram baseline
-
-
-class KneserNey:
-    """Interpolated Kneser-Ney n-gram model over token ids (discount 0.75, uniform floor)."""
-
-    def __init__(self, order: int = 4, discount: float = 0.75, vocab_size: int = vocab.VOCAB_SIZE):
-        self.order, self.discount, self.vocab_size = order, discount, vocab_size
-        self.counts: list[Counter] = [Counter() for _ in range(order + 1)]  # n -> (history + w) counts
-        self.history_totals: list[Counter] = [Counter() for _ in range(order + 1)]
-        self.history_types: list[Counter] = [Counter() for _ in range(order + 1)]
-
-    def fit(self, pieces) -> KneserNey:
-        """Top order: real counts; lower orders: continuation counts (distinct one-token left extensions)."""
-        real: list[Counter] = [Counter() for _ in range(self.order + 1)]
-        for piece in pieces:
-            seq = [int(t) for t in piece]
-            for n in range(1, self.order + 1):
-                real[n].update(zip(*(seq[k:] for k in range(n)), strict=False))
-        self.counts[self.order] = real[self.order]
-        for n in range(1, self.order):
-            self.counts[n] = Counter(gram[1:] for gram in real[n + 1])
-        self.successors: list[dict] = [{} for _ in range(self.order + 1)]  # history -> (tokens, counts)
-        for n in range(1, self.order + 1):
-            grouped: dict[tuple, list[tuple[int, int]]] = {}
-            for gram, count in self.counts[n].items():
-                self.history_totals[n][gram[:-1]] += count
-                self.history_types[n][gram[:-1]] += 1
-                grouped.setdefault(gram[:-1], []).append((gram[-1], count))
-            for history, pairs in grouped.items():
-                tokens, counts = zip(*pairs, strict=True)
-                self.successors[n][history] = (np.array(tokens), np.array(counts, dtype=np.float64))
-        return self
-
-    def distribution(self, history: tuple[int, ...]) -> np.ndarray:
-        """P(t | history) for every token t: each order interpolates its discounted counts with the
-        order below, from a uniform floor up to the longest history seen in training."""
-        p = np.full(self.vocab_size, 1.0 / self.vocab_size)
-        for n in range(1, self.order + 1):
-            if n - 1 > len(history):
-                break
-            h = history[len(history) - (n - 1) :] if n > 1 else ()
-            total = self.history_totals[n].get(h, 0)
-            if total == 0:
-                break  # a longer history was never seen either
-            tokens, counts = self.successors[n][h]
-            discounted = np.zeros(self.vocab_size)
-            discounted[tokens] = np.maximum(counts - self.discount, 0.0)
-            p = discounted / total + self.discount * self.history_types[n][h] / total * p
-        return p
-
-    def sample(self, prompt: list[int], length: int, rng: np.random.Generator) -> list[int]:
-        """Continue `prompt` by `length` tokens drawn from the model (temperature 1, no guards)."""
-        seq = [int(t) for t in prompt]
-        for _ in range(length):
-            p = self.distribution(tuple(seq[max(0, len(seq) - self.order + 1) :]))
-            seq.append(int(rng.choice(self.vocab_size, p=p / p.sum())))
-        return seq[len(prompt) :]
-
-    def prob(self, history: tuple[int, ...], token: int) -> float:
-        return float(self.distribution(history)[token])
-
-    def nll(self, piece) -> np.ndarray:
-        """NLL (nats) of tokens 1.. of a piece, each given up to order-1 previous tokens of the piece."""
-        seq = [int(t) for t in piece]
-        out = np.empty(max(len(seq) - 1, 0))
-        for i in range(1, len(seq)):
-            out[i - 1] = -math.log(self.prob(tuple(seq[max(0, i - self.order + 1) : i]), seq[i]))
-        return out
-
-
 # --------------------------------------------------------------------------- model scoring
-
-
-def model_nll(model, pieces: list[list[int]], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per-target NLL and the target ids, over tokens 1.. of every piece, context as in training."""
-    import torch
-    from tqdm import tqdm
-
-    from liveperceiver.training.train import window_nll
-
-    config = model.config
-    latents = config.max_latents
-    nlls, targets = [], []
-    jobs = []
-    for piece in pieces:
-        for target_start in range(1, len(piece), latents):
-            end = min(len(piece), target_start + latents)
-            begin = max(0, target_start - 1 - config.max_prefix_len)
-            jobs.append((piece[begin:end], target_start - 1 - begin))
-    model.eval()
-    with torch.inference_mode():
-        for tokens, prefix_len in tqdm(jobs, desc="scoring", unit="window", disable=not progress, file=sys.stderr):
-            nlls.append(window_nll(model, tokens, prefix_len).numpy())
-            targets.append(np.asarray(tokens[prefix_len + 1 :]))
-    if not nlls:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
-    return np.concatenate(nlls), np.concatenate(targets)
 
 
 def adaptation_settings() -> dict:
@@ -144,29 +48,6 @@ def by_type(nll: np.ndarray, targets: np.ndarray) -> dict[str, dict]:
         if mask.any():
             result[kind] = {"nll": float(nll[mask].mean()), "tokens": int(mask.sum())}
     return result
-
-
-def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.ndarray:
-    """Per-target NLL with in-session adaptation, as `play` mixes it (adapt.py): each piece is a
-    session, its own past feeds a fresh cache token by token, and the cache is mixed with the
-    model's probability of each target (`nll`, from `model_nll`: the same targets in the same order)."""
-    from liveperceiver.inference.adapt import SessionCache, effective_weight, mixed_probability
-
-    if not weight:
-        return nll
-    a, b, seen = np.empty(len(nll)), np.empty(len(nll)), np.empty(len(nll))
-    index = 0
-    for piece in pieces:
-        cache = SessionCache()
-        cache.push(piece[0])
-        for token in piece[1:]:
-            a[index], b[index] = cache.token_terms(token)
-            seen[index] = len(cache)
-            cache.push(token)
-            index += 1
-    if index != len(nll):
-        raise ValueError(f"adapted_nll: {len(nll)} model targets for {index} tokens")
-    return -np.log(mixed_probability(np.exp(-nll), a, b, effective_weight(weight, seen)))
 
 
 POSITION_BUCKETS = ((1, 4), (4, 16), (16, 64), (64, 256), (256, None))
@@ -446,45 +327,6 @@ def cap_tokens(pieces: list[list[int]], max_tokens: int) -> list[list[int]]:
     return [kept[i] for i in sorted(kept)]
 
 
-def window_nll(
-    model, pieces: list[list[int]], num_latents: int, max_tokens: int, progress: bool = True, adapt: float = 0.0
-) -> dict:
-    """NLL per token as the live engine sees the stream: every token predicted from all the tokens
-    before it in its piece, the last `num_latents` of them as latents (training uses the model's
-    max_latents; a small live window trades some of that quality for speed); `nll` with the
-    engine's own session cache mixed in at weight `adapt` (adapt.mix_logits), `nll_model` without."""
-    import torch
-    from tqdm import tqdm
-
-    from liveperceiver.inference.adapt import mix_logits
-    from liveperceiver.inference.engine import Engine
-
-    latents = min(num_latents, model.config.max_latents)
-    total, total_model, count = 0.0, 0.0, 0
-    bar = tqdm(total=max_tokens, desc=f"{latents} latents", unit="token", disable=not progress, file=sys.stderr)
-    for piece in pieces:
-        if count >= max_tokens:
-            break
-        engine = Engine(model, num_latents=latents, device="cpu", adapt=adapt)
-        engine.append(piece[:1])
-        for target in piece[1 : 1 + max_tokens - count]:
-            logits = engine.next_logits().float()
-            total_model -= float(torch.log_softmax(logits, -1)[target])
-            total -= float(torch.log_softmax(mix_logits(logits, engine.cache, adapt), -1)[target]) if adapt else 0.0
-            count += 1
-            engine.append([target])
-            bar.update()
-    bar.close()
-    alone = total_model / max(count, 1)
-    return {
-        "num_latents": latents,
-        "tokens": count,
-        "adapt": adapt,
-        "nll": total / max(count, 1) if adapt else alone,
-        "nll_model": alone,
-    }
-
-
 def evaluate(
     model,
     pieces: list[list[int]],
@@ -499,6 +341,8 @@ def evaluate(
 ) -> dict:
     """`nll`: the system as `play` runs it (the model with in-session adaptation at weight `adapt`);
     `nll_model`: the model alone; both on the same targets, with the context of training windows."""
+    from liveperceiver.training.nll import adapted_nll, model_nll, stream_nll
+
     alone, targets = model_nll(model, pieces, progress)
     nll = adapted_nll(alone, pieces, adapt)
     result: dict = {
@@ -534,7 +378,7 @@ def evaluate(
         result["improvement_over_baseline"] = 1.0 - result["nll_model"] / result["baseline_nll"]  # the model alone
     if window_latents:
         whole = continuation_pieces or pieces
-        result["nll_by_window"] = [window_nll(model, whole, n, window_tokens, progress, adapt) for n in window_latents]
+        result["nll_by_window"] = [stream_nll(model, whole, n, window_tokens, progress, adapt) for n in window_latents]
     if continuations:
         result["continuations"] = continuation_stats(
             model, continuation_pieces or pieces, continuations, ngram=ngram, adapt=adapt, **sampling
