@@ -86,6 +86,9 @@ def test_wheel_installs_with_presets_and_default_model(tmp_path):
         assert f"{data}/models/{SHIPPED_MODEL}/{file_name}" in names
     assert {f"{data}/presets/{name}.toml" for name in PRESETS} <= names
     assert not [name for name in names if "my-own-model" in name], "only the shipped model goes into the wheel"
+    # every module ships, the test harness (liveperceiver/testing) too: `bench --live` drives a session with it
+    modules = {path.relative_to(REPO).as_posix() for path in (REPO / "liveperceiver").rglob("*.py")}
+    assert "liveperceiver/testing/jack.py" in modules and not modules - names, sorted(modules - names)
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
