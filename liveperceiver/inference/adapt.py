@@ -1,6 +1,6 @@
 """In-session adaptation: a cache model of the session itself, mixed into the model's distribution.
 
-Why (GUIDE.md section 6): music repeats itself, and a player's rhythms, voicings and dynamics are in
+Why: music repeats itself, and a player's rhythms, voicings and dynamics are in
 the session long before any model could have learnt them. A cache language model (Kuhn and De Mori,
 1990; the continuous cache of Grave, Joulin and Usunier, 2017) estimates the next token from the
 history itself and is mixed with the network's distribution, so the partner picks up what the

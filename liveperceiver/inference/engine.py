@@ -4,7 +4,7 @@ At every step the context is the most recent `prefix + num_latents` tokens and t
 `num_latents` are the latents: the `windowed_greedy` semantics of the reference, i.e. exactly a
 full forward pass of the model over that window (tests check it within 1e-4).
 
-Why it is cheap (GUIDE.md section 2): without absolute position embeddings the cross-attention
+Why it is cheap: without absolute position embeddings the cross-attention
 queries, keys and values of a token depend on its id alone; positions enter by rotating q and k.
 So they are 389-row tables, computed once:
 
