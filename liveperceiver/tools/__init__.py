@@ -1,1 +1,3 @@
-"""Measuring and listening: the engine benchmark, the live-bridge benchmark, rendering MIDI to audio."""
+"""Measuring and listening, on top of the product (which never imports them): the engine benchmark, the
+live-bridge benchmark over JACK (with its Ableton Link phase), MIDI rendered to audio, and one score
+rendered as a piano performance to listen to (`dataset render-example`)."""

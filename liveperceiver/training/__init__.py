@@ -1,2 +1,3 @@
-"""Offline: datasets (sources, the piano-performance renderer, augmentation), training, and evaluation.
-Built on `core` and `inference`; never imports `live`."""
+"""Offline: where the music comes from (sources, datasets), scores rendered as piano performances
+(score, hands, expression, perform), augmentation, training and evaluation. Built on `core` and
+`inference`; never imports `live`, `ui` or `tools`."""
