@@ -35,46 +35,14 @@ WEIGHTS = ("auto", "float32", "int8", "float16", "bfloat16")
 def add_tokenize(subparsers) -> None:
     parser = subparsers.add_parser("tokenize", help="print the token ids of a MIDI file as a JSON list")
     parser.add_argument("midi", type=Path, help="a .mid/.midi/.mid.gz file")
-    parser.set_defaults(handler=run_tokenize)
-
-
-def run_tokenize(args: argparse.Namespace) -> None:
-    from liveperceiver.core.tokenizer import encode_file
-
-    print(json.dumps(encode_file(args.midi)))
-
-
-def read_token_file(path: Path) -> list[int]:
-    """A JSON list of token ids (or an object with a `tokens` list); bad content raises UserError."""
-    from liveperceiver.core.vocab import check_tokens
-
-    try:
-        data = json.loads(path.read_text())
-    except OSError as error:
-        raise UserError(f"{path}: cannot read token file ({error.strerror or error})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not a JSON token list ({error})") from None
-    if isinstance(data, dict):
-        data = data.get("tokens")
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of token ids")
-    try:
-        return check_tokens(data, str(path))
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    parser.set_defaults(handler=lazy("liveperceiver.core.tokenizer", "run_tokenize"))
 
 
 def add_detokenize(subparsers) -> None:
     parser = subparsers.add_parser("detokenize", help="write the MIDI file decoded from a JSON token list")
     parser.add_argument("tokens", type=Path, help="a JSON file holding a list of token ids")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
-    parser.set_defaults(handler=run_detokenize)
-
-
-def run_detokenize(args: argparse.Namespace) -> None:
-    from liveperceiver.core.tokenizer import decode_midi, write_midi
-
-    write_midi(decode_midi(read_token_file(args.tokens)), args.output)
+    parser.set_defaults(handler=lazy("liveperceiver.core.tokenizer", "run_detokenize"))
 
 
 # --------------------------------------------------------------------------- dataset / train / eval (issue 7)
@@ -295,7 +263,7 @@ def add_continue(subparsers) -> None:
 
 
 def read_prompt(path: Path) -> list[int]:
-    from liveperceiver.core.tokenizer import encode_file
+    from liveperceiver.core.tokenizer import encode_file, read_token_file
 
     return read_token_file(path) if path.suffix == ".json" else encode_file(path)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -287,3 +288,34 @@ def write_midi(midi: pretty_midi.PrettyMIDI, path: str | Path) -> None:
             midi.write(file)
     except OSError as error:
         raise UserError(f"{path}: cannot write MIDI file ({error.strerror or error})") from None
+
+
+# --------------------------------------------------------------------------- token files and the commands
+
+
+def read_token_file(path: Path) -> list[int]:
+    """A JSON list of token ids (or an object with a `tokens` list); bad content raises UserError."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise UserError(f"{path}: cannot read token file ({error.strerror or error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a JSON token list ({error})") from None
+    if isinstance(data, dict):
+        data = data.get("tokens")
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of token ids")
+    try:
+        return vocab.check_tokens(data, str(path))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def run_tokenize(args) -> None:
+    """`liveperceiver tokenize`: the token ids of a MIDI file, as a JSON list on stdout."""
+    print(json.dumps(encode_file(args.midi)))
+
+
+def run_detokenize(args) -> None:
+    """`liveperceiver detokenize`: the MIDI file decoded from a JSON token list."""
+    write_midi(decode_midi(read_token_file(args.tokens)), args.output)
