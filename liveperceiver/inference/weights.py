@@ -1,11 +1,11 @@
 """How the engine stores its Linear weights (the `weights` setting: `play --weights`, `bench --weights`,
-`Engine(weights=...)`), and the choice of it.
+`Engine(weights=...)`): the Linear layers that store them, and the setting's choices.
 
 A one-latent step is a chain of matrix-vector products that read every weight once, so on a CPU a
 step costs about the bytes of its weights: int8 weights read a quarter of float32's, 16-bit weights
-half. `PackedLinear` and `Int8Linear` hold them; `resolve_weights` turns the setting (`auto` included)
-into what the engine stores. "weights" is the one name for storage precision; "quantise" is the
-rhythm grid's (live settings, clock, link).
+half. `PackedLinear` and `Int8Linear` hold them; the engine's `resolve_weights` turns the setting
+(`auto` included, measured on the engine) into what it stores. "weights" is the one name for
+storage precision; "quantise" is the rhythm grid's (live settings, clock, link).
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from liveperceiver.core import vocab
-from liveperceiver.core.model import PerceiverAR
 
 STORED_WEIGHTS = ("int8", "float16", "bfloat16")  # stored apart from a float32 model's compute dtype
 WEIGHT_DTYPES = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}  # weights -> storage
@@ -29,54 +26,6 @@ def check_weights(weights: str | None, dtype: torch.dtype) -> None:
         raise ValueError(f"weights {weights!r} is not one of: None (the dtype's), {', '.join(STORED_WEIGHTS)}")
     if weights in STORED_WEIGHTS and dtype != torch.float32:
         raise ValueError(f"weights {weights} stores {weights} weights for a float32 model; dtype is {dtype}")
-
-
-def resolve_weights(weights: str, device: torch.device, model: PerceiverAR) -> str | None:
-    """The engine's `weights` (None: the compute dtype) for a weights setting. `auto` keeps float32 on GPUs, where a
-    step costs kernel launches, not bytes. On a CPU a one-latent step costs about the bytes of its
-    weights, so 16-bit weights should pay, but whether they do depends on the CPU (the README's
-    engine benchmark: float16 weights 30% faster on an AVX2 EPYC, 30% slower on an AVX512 Xeon), so
-    `auto` measures both there, once per model configuration and device (`faster_weights`)."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
-    if weights == "auto":
-        if device.type != "cpu":
-            return None
-        key = (repr(model.config), str(device))
-        if key not in _MEASURED_WEIGHTS:
-            _MEASURED_WEIGHTS[key] = faster_weights(model, device)
-        return _MEASURED_WEIGHTS[key]
-    return None if weights == "float32" else weights
-
-
-_MEASURED_WEIGHTS: dict[tuple[str, str], str | None] = {}
-
-
-def faster_weights(model: PerceiverAR, device: torch.device, budget_s: float = 0.3) -> str | None:
-    """None (float32) or "float16", whichever makes a one-latent step faster here: the median of
-    interleaved steps at a 1,024-token prefix, for about `budget_s` seconds in all."""
-    import time
-
-    from liveperceiver.inference.engine import Engine
-    from liveperceiver.inference.sampling import SamplingSettings
-
-    candidates: tuple[str | None, ...] = (None, "float16")
-    engines = [Engine(model, device=device, weights=w, sampling=SamplingSettings(seed=0)) for w in candidates]
-    context = [vocab.velocity_token(80), vocab.note_on(60), vocab.TIME_SHIFT + 44, vocab.note_off(60)] * 256  # 450 ms
-    for engine in engines:
-        engine.append(context)
-    times: list[list[float]] = [[] for _ in candidates]
-    deadline = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < 4 or (time.perf_counter() < deadline and rounds < 200):
-        for engine, measured in zip(engines, times, strict=True):
-            start = time.perf_counter()
-            engine.step()
-            measured.append(time.perf_counter() - start)
-            engine.truncate(len(context))
-        rounds += 1
-    medians = [sorted(measured[1:])[len(measured[1:]) // 2] for measured in times]  # the first is warm-up
-    return candidates[medians.index(min(medians))]
 
 
 class PackedLinear(nn.Module):

@@ -24,9 +24,9 @@ from torch import nn
 
 from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.model import PerceiverAR
-from liveperceiver.inference.engine import DTYPES, Engine, pick_device
+from liveperceiver.inference.engine import DTYPES, Engine, pick_device, resolve_weights
 from liveperceiver.inference.sampling import SamplingSettings
-from liveperceiver.inference.weights import Int8Linear, PackedLinear, resolve_weights
+from liveperceiver.inference.weights import Int8Linear, PackedLinear
 from liveperceiver.stats import percentile
 
 
