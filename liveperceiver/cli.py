@@ -448,7 +448,18 @@ def add_play(subparsers) -> None:
         default="float32",
         help="the engine's compute dtype: bfloat16 halves the bytes read per step on GPUs (CPUs: float32 is faster without AMX)",
     )
-    parser.set_defaults(handler=lazy("liveperceiver.live.session", "run_play"))
+    parser.set_defaults(handler=run_play)
+
+
+def run_play(args: argparse.Namespace) -> object:
+    """`play`: headless, or with the Textual UI as its front end (live/play.py; live never imports ui)."""
+    from liveperceiver.live.play import run_play as play
+
+    if args.headless:
+        return play(args)
+    from liveperceiver.ui import run_ui
+
+    return play(args, front_end=run_ui)
 
 
 def add_ports(subparsers) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from liveperceiver.live import ports
+from liveperceiver.runtime import realtime_switch_interval
 from liveperceiver.testing.jack import JackPlayer, private_jack_server
 from tests.conftest import require_command
 
@@ -35,7 +36,8 @@ def fresh_jack_server():
 def _private_jack():
     require_command("jackd", "Debian/Ubuntu: apt install jackd2")  # skips here, fails in CI
     os.environ.setdefault("JACK_NO_START_SERVER", "1")
-    with private_jack_server("lp-test", period=512) as name:
+    # the GIL hand-over interval a session runs with under play (runtime.realtime_switch_interval)
+    with private_jack_server("lp-test", period=512) as name, realtime_switch_interval():
         yield name
 
 

@@ -218,7 +218,7 @@ def test_adapt_setting_validates_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "liveperceiver: error: --adapt 2 is outside the allowed values (0 (off) .. 1)\n"
     from liveperceiver.cli import build_parser
-    from liveperceiver.live.session import settings_from_args
+    from liveperceiver.live.play import settings_from_args
 
     with pytest.raises(UserError, match=r"^--adapt = 1\.5 is outside the allowed values \(0 \(off\) \.\. 1\)$"):
         settings_from_args(build_parser().parse_args(["play", "--adapt", "1.5"]))

@@ -244,7 +244,7 @@ def test_follow_flags_and_preset_keys(tmp_path, capsys):
     from liveperceiver.cli import build_parser, main
     from liveperceiver.core.errors import UserError
     from liveperceiver.live.presets import load_preset
-    from liveperceiver.live.session import settings_from_args
+    from liveperceiver.live.play import settings_from_args
 
     preset = tmp_path / "mine.toml"
     preset.write_text("[sampling]\ndynamics_follow = 0\ndensity_follow = 2\ndensity_ratio = 0.5\n")

@@ -182,7 +182,7 @@ def test_100k_random_and_malformed_messages(tmp_path):
         assert no_stuck_notes(keys, session.recorder.path)
         assert sent > 90_000
         assert session.snapshot().notes_in > 2_000  # the garbage really reached the session (JACK drops some)
-        assert session.errors == 0
+        assert session.shared.errors == 0
     finally:
         session.close(release_ports=True)
         keys.close()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from liveperceiver.core import vocab
+from liveperceiver.live.play import realtime_process
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from tests.conftest import MODEL_GOLDEN
@@ -117,17 +118,17 @@ def test_duet_plays_alongside_and_rolls_back(live):
     # once), so the note is played again, up to three times, until it lands mid-look-ahead.
     for _attempt in range(3):
         assert wait_for(lambda: session.scheduler.pending_count() > 0, timeout=10)
-        before, rolled, absorbed = len(session.engine), session.rolled_back, len(session.reactions)
+        before, rolled, absorbed = len(session.engine), session.runs.rolled_back, len(session.shared.reactions)
         keys.note(72)
         # wait for the engine to absorb the player's note (the model may play a 72 of its own meanwhile)
-        assert wait_for(lambda n=absorbed: len(session.reactions) > n, timeout=3)
-        if session.rolled_back > rolled:
+        assert wait_for(lambda n=absorbed: len(session.shared.reactions) > n, timeout=3)
+        if session.runs.rolled_back > rolled:
             break
         keys.off(72)
-    assert session.rolled_back > rolled
+    assert session.runs.rolled_back > rolled
     # the player's 72 joined the context where the look-ahead was cut (at or after what was kept)
     # (its note-on token is written when the stream moves on past it: the next run's start)
-    cut = before - (session.rolled_back - rolled)
+    cut = before - (session.runs.rolled_back - rolled)
 
     def players_72_after_the_cut() -> bool:
         tokens, sampled = list(session.engine.tokens), bytes(session.engine.sampled)
@@ -151,7 +152,7 @@ def test_engine_exception_leaves_nothing_sounding(live):
         raise RuntimeError("injected engine fault")
 
     session.engine.step = failing_step
-    assert wait_for(lambda: session.errors > 0, timeout=5)
+    assert wait_for(lambda: session.shared.errors > 0, timeout=5)
     assert no_stuck_notes(keys, session.recorder.path)
     assert any("injected engine fault" in line for line in session.snapshot().log)
     session.engine.step = real_step
@@ -173,7 +174,7 @@ def test_output_routed_back_to_input_does_not_run_away(live, jack_server):  # no
     assert wait_for(lambda: session.snapshot().notes_out >= 2, timeout=30), session.snapshot().log
     time.sleep(2)
     snap = session.snapshot()
-    assert session.suppressed > 0
+    assert session.shared.suppressed > 0
     # echoes are recognised (a few may arrive later than the 30 ms window on a loaded machine)
     assert snap.notes_in - 3 <= snap.notes_out // 4
     assert snap.notes_out < 100  # no runaway
@@ -209,7 +210,7 @@ def test_switching_mode_preset_model_and_sampling_mid_session_leaves_nothing_han
     session.update(mode="call")
     session.update(mode="listen")
     assert no_stuck_notes(keys, session.recorder.path) and not session.scheduler.sounding_pitches()
-    assert session.errors == 0, session.snapshot().log
+    assert session.shared.errors == 0, session.snapshot().log
 
 
 def test_thru_and_output_options(live):
@@ -232,7 +233,7 @@ def test_auto_api_finds_jack_here():
 def test_quantised_model_onsets_fall_on_the_clock_grid(live):
     session, keys = live(mode="duet", quantize="1/16")
     start = send_clock(keys, beats=16, after_first_beat=lambda: keys.phrase([60, 64], step=0.05, length=0.04))
-    origin, beat = session.clock.grid(time.monotonic())
+    origin, beat = session.timekeeper.clock.grid(time.monotonic())
     assert abs(beat - 0.5) < 0.01
     step = beat / 4
     with session.lock:  # what the scheduler sent, stamped as it was sent (JACK adds a period on the way)
@@ -275,17 +276,20 @@ def test_panic_ends_every_note_and_sends_cc123(live):
 
 
 def test_a_closed_session_is_freed(tmp_path, jack_server):  # noqa: F811
-    """Sessions freeze the heap while they run (GC pauses); a closed one must become garbage again,
+    """Play freezes the heap while a session runs (GC pauses); a closed one must become garbage again,
     or every session of a long-running process (the fault bench, the tests) stays in memory."""
-    session = make_session(tmp_path, mode="duet")
-    keys = Keyboard()
-    try:
-        keys.phrase([60, 62])
-        assert wait_for(lambda: session.snapshot().notes_in >= 2, timeout=10)
-        engine = weakref.ref(session.engine)
-        session.close(release_ports=True)
-    finally:
-        keys.close()
+    settings = Settings(seed=1, silence_ms=300, response_seconds=2.0, mode="duet")
+    session = Session(settings, model=None, api="jack", session_dir=tmp_path / "session")
+    with realtime_process():  # as play and bench --live run a built session
+        session.start()
+        keys = Keyboard()
+        try:
+            keys.phrase([60, 62])
+            assert wait_for(lambda: session.snapshot().notes_in >= 2, timeout=10)
+            engine = weakref.ref(session.engine)
+            session.close(release_ports=True)
+        finally:
+            keys.close()
     session = None  # the test's own reference goes too
     gc.collect()
     assert engine() is None
@@ -296,11 +300,11 @@ def test_an_answer_sampled_during_the_silence_is_dropped_when_the_player_goes_on
     hears nothing of it, and the context keeps only the player's notes at their true times."""
     session, keys = live(silence_ms=700, lookahead_ms=500)
     last_off = keys.phrase([60, 62, 64])
-    assert wait_for(lambda: session.speculation is not None and any(session.engine.sampled), timeout=3)
+    assert wait_for(lambda: session.runs.speculation is not None and any(session.engine.sampled), timeout=3)
     assert time.monotonic() - last_off < 0.7  # still before the threshold
-    rolled = session.rolled_back
+    rolled = session.runs.rolled_back
     on = keys.note(65)
-    assert wait_for(lambda: session.rolled_back > rolled, timeout=3), session.snapshot().log
+    assert wait_for(lambda: session.runs.rolled_back > rolled, timeout=3), session.snapshot().log
     time.sleep(0.05)
     assert not keys.note_ons(since=last_off)  # nothing of the dropped answer sounded
     keys.off(65)
@@ -355,12 +359,12 @@ def test_input_and_snapshot_hammered_together_from_their_threads(live):
             while not stop.is_set():
                 for pitch in range(36, 96):
                     for channel in range(16):
-                        session._hear(time.monotonic(), [0x90 | channel, pitch, 64 + channel])
-                session._hear(time.monotonic(), [0xB0, 64, 127])
+                        session.input_filter.hear(time.monotonic(), [0x90 | channel, pitch, 64 + channel])
+                session.input_filter.hear(time.monotonic(), [0xB0, 64, 127])
                 for pitch in range(36, 96):
                     for channel in range(16):
-                        session._hear(time.monotonic(), [0x80 | channel, pitch, 0])
-                session._hear(time.monotonic(), [0xB0, 64, 0])
+                        session.input_filter.hear(time.monotonic(), [0x80 | channel, pitch, 0])
+                session.input_filter.hear(time.monotonic(), [0xB0, 64, 0])
         except BaseException as error:  # noqa: BLE001 - the test reports it
             failures.append(error)
 
@@ -381,9 +385,9 @@ def test_input_and_snapshot_hammered_together_from_their_threads(live):
         stop.set()
         thread.join(5)
     assert not failures, repr(failures[0])
-    assert session.errors == 0, session.snapshot().log
+    assert session.shared.errors == 0, session.snapshot().log
     assert snapshots > 50
-    session._hear(time.monotonic(), [0xB0, 123, 0])  # all notes off from the player's side
+    session.input_filter.hear(time.monotonic(), [0xB0, 123, 0])  # all notes off from the player's side
     assert session.snapshot().held == []
 
 
@@ -401,7 +405,7 @@ def test_every_call_answer_opens_with_a_note(tmp_path, jack_server):  # noqa: F8
             last_off = keys.phrase([60 + call % 5, 67])
             if wait_for(lambda last_off=last_off: keys.note_ons(since=last_off), timeout=5):
                 answered += 1
-            wait_for(lambda: session.decoder is None, timeout=3)  # the answer is over (or cut)
+            wait_for(lambda: session.runs.decoder is None, timeout=3)  # the answer is over (or cut)
             time.sleep(0.05)
         session.update(mode="listen")
         assert answered == 20, session.snapshot().log

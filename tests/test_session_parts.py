@@ -11,7 +11,8 @@ from liveperceiver.core import vocab
 from liveperceiver.core.stream import StreamEncoder
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import SamplingSettings
-from liveperceiver.live.session import FEEDBACK_WINDOW_S, EchoMemory, Speculation
+from liveperceiver.live.input_filter import FEEDBACK_WINDOW_S, EchoMemory
+from liveperceiver.live.speculation import Speculation
 
 
 def test_an_echo_of_a_sent_note_is_recognised_once_within_the_window():

@@ -16,8 +16,10 @@ import mido
 import pytest
 
 from liveperceiver.live import ports
-from liveperceiver.live.session import Session, Snapshot
+from liveperceiver.live.commands import PlayerNoteOff, PlayerNoteOn
+from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
+from liveperceiver.live.snapshot import Snapshot
 from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen
 from liveperceiver.ui.widgets import CONTROLS, PianoRoll
 from tests.conftest import MODEL_GOLDEN
@@ -52,7 +54,8 @@ LOG = [
 
 
 class ReplaySession:
-    """The Session surface the UI uses, replaying one recorded moment; it records every command."""
+    """The session surface the UI uses (snapshot.LiveSession, plus the model and engine it reads once),
+    replaying one recorded moment; it records every command."""
 
     def __init__(self, tiny_model, folder: Path) -> None:
         self.settings = Settings(seed=1, model=str(TINY))
@@ -93,6 +96,10 @@ class ReplaySession:
             in_port="LivePerceiver In",
             out_port="LivePerceiver Out",
             log=list(LOG),
+            in_connected=self.midi_in.connected_name is not None,
+            out_connected=self.midi_out.connected_name is not None,
+            api=self.api,
+            session_dir=str(self.recorder.dir),
         )
 
     def update(self, **changes) -> Settings:
@@ -365,12 +372,12 @@ def test_port_vanishing_and_engine_error_are_shown(live_ui):
             # an engine fault: logged, shown, and the UI goes on
             session.update(mode="duet")
             session.engine.step = lambda **_: (_ for _ in ()).throw(RuntimeError("injected engine fault"))
-            session.commands.put(("player", ("note_on", time.monotonic(), 60, 0, 90)))
+            session.commands.put(PlayerNoteOn(when=time.monotonic(), pitch=60, channel=0, velocity=90))
             await pilot.pause(0.2)
-            session.commands.put(("player", ("note_off", time.monotonic(), 60, 0)))
+            session.commands.put(PlayerNoteOff(when=time.monotonic(), pitch=60, channel=0))
             for _ in range(30):
                 await pilot.pause(0.1)
-                if session.errors:
+                if session.shared.errors:
                     break
             await pilot.pause(0.2)
             assert "injected engine fault" in str(app.main.query_one("#log").render())

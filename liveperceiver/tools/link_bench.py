@@ -21,6 +21,7 @@ from pathlib import Path
 from liveperceiver.core.errors import UserError
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
+from liveperceiver.runtime import configure_inference, freeze_heap, realtime_switch_interval, thaw_heap
 from liveperceiver.testing.jack import private_jack_server
 from liveperceiver.tools.live_bench import Player, is_note_on, ms, wait_until, with_steal
 
@@ -82,6 +83,7 @@ def link_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
         seed=rng.randrange(1 << 30),
     )
     session = Session(settings, model=model, api="jack", session_dir=workdir / "link", weights=weights)
+    freeze_heap()  # as play runs a session (live/play.py)
     session.start()
     player = Player()
     first_sent, first_heard, answered = [], [], 0
@@ -102,7 +104,7 @@ def link_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
                 sent = min(w for w, on, _, who in session.roll if who == "model" and on and w >= last_off)
             first_sent.append(off_grid(lines, sent, 1.0))
             first_heard.append(off_grid(lines, player.first_on_after(last_off), 1.0))
-            wait_until(lambda: session.decoder is None and not session.scheduler.pending_count(), 3)
+            wait_until(lambda: session.runs.decoder is None and not session.scheduler.pending_count(), 3)
             time.sleep(0.2)
         with session.lock:
             sent_onsets = [w for w, on, _, who in session.roll if who == "model" and on and w >= started]
@@ -118,6 +120,7 @@ def link_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
         }
     finally:
         session.close(release_ports=True)
+        thaw_heap()
         player.close()
         peer.close()
     return result
@@ -125,9 +128,8 @@ def link_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
 
 def link_phase_main(argv: list[str]) -> int:
     """The child of `link_in_namespace`: its own private JACK server, the model, the Link phase."""
-    import torch
-
     from liveperceiver.core.checkpoint import load_model
+    from liveperceiver.inference.engine import pick_device
 
     parser = argparse.ArgumentParser(prog="python -m liveperceiver.tools.link_bench")
     parser.add_argument("--link-phase", action="store_true", required=True)
@@ -138,10 +140,14 @@ def link_phase_main(argv: list[str]) -> int:
     parser.add_argument("--model")
     args = parser.parse_args(argv)
     faulthandler.enable()
-    torch.set_num_threads(args.threads)
+    configure_inference(threads=args.threads, device=pick_device().type)  # as play: the session's device
     model = load_model(args.model).model
     try:
-        with private_jack_server("lp-bench-link"), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
+        with (
+            private_jack_server("lp-bench-link"),
+            tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp,
+            realtime_switch_interval(),
+        ):
             result = with_steal(lambda: link_phase(model, random.Random(1), args.calls, Path(tmp), args.weights))
     except UserError as error:
         print(f"bench --live, Link phase: {error}", file=sys.stderr)

@@ -43,6 +43,7 @@ import rtmidi
 from liveperceiver.core.errors import UserError
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
+from liveperceiver.runtime import configure_inference, freeze_heap, realtime_switch_interval, thaw_heap
 from liveperceiver.stats import percentiles
 from liveperceiver.testing.jack import JackPlayer, private_jack_server
 
@@ -118,6 +119,7 @@ def ms(values: list[float]) -> dict:
 def call_phase(model, rng: random.Random, calls: int, workdir: Path, weights: str = "auto") -> dict:
     settings = Settings(mode="call", silence_ms=300, response_seconds=1.5, seed=rng.randrange(1 << 30))
     session = Session(settings, model=model, api="jack", session_dir=workdir / "calls", weights=weights)
+    freeze_heap()  # as play runs a session (live/play.py): full collections would stall the music
     session.start()
     player = Player()
     heard_starts, barge_times, answered = [], [], 0
@@ -143,8 +145,8 @@ def call_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
                     barge_times.append(max(offs) - barge)
             time.sleep(0.2)
         with session.lock:
-            reactions = list(session.reactions)
-            starts = [sent - threshold for threshold, sent in session.answer_starts][1:]
+            reactions = list(session.shared.reactions)
+            starts = [sent - threshold for threshold, sent in session.shared.answer_starts][1:]
         result = {
             "calls": calls,
             "answered": answered,
@@ -155,6 +157,7 @@ def call_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
         }
     finally:
         session.close(release_ports=True)
+        thaw_heap()  # the closed session becomes garbage again
         time.sleep(0.05)
         result_stuck = player.balance()
         player.close()
@@ -194,6 +197,7 @@ def duet_phase(
     settings = Settings(mode="duet", lookahead_ms=300, seed=rng.randrange(1 << 30))
     folder = workdir / ("duet-ui" if ui_size else "duet")
     session = Session(settings, model=model, api="jack", session_dir=folder, weights=weights)
+    freeze_heap()  # as play runs a session (live/play.py): full collections would stall the music
     session.start()
     player = Player()
 
@@ -214,15 +218,16 @@ def duet_phase(
         result = {
             "seconds": seconds,
             "notes_out": snap.notes_out,
-            "rolled_back_tokens": session.rolled_back,
+            "rolled_back_tokens": session.runs.rolled_back,
             "jitter": ms(jitter),
             "late_events": ms(session.scheduler.jitter_late()),
-            "step": ms(list(session.step_times)),
+            "step": ms(list(session.shared.step_times)),
             "realtime_factor": snap.realtime_factor,
             "context_tokens": snap.context_tokens,
         }
     finally:
         session.close(release_ports=True)
+        thaw_heap()  # the closed session becomes garbage again
         time.sleep(0.05)
         result["stuck_after_close"] = player.balance()
         player.close()
@@ -298,6 +303,7 @@ def _fault_session(model, index: int, workdir: Path, weights: str = "auto") -> d
     rng = random.Random(index)
     settings = Settings(mode=rng.choice(["call", "duet"]), silence_ms=200, seed=index)
     session = Session(settings, model=model, api="jack", session_dir=workdir / f"fault{index}", weights=weights)
+    freeze_heap()  # as play runs a session (live/play.py): full collections would stall the music
     session.start()
     player = Player()
     log = []
@@ -319,6 +325,7 @@ def _fault_session(model, index: int, workdir: Path, weights: str = "auto") -> d
                 session.engine.step = _broken_once(session.engine)
     finally:
         session.close(release_ports=True)  # mid-answer, like a SIGTERM
+        thaw_heap()
         time.sleep(0.05)
         scheduler = session.scheduler
         row = {
@@ -384,15 +391,20 @@ def run(args) -> None:
     import torch
 
     from liveperceiver.core.checkpoint import load_model
+    from liveperceiver.inference.engine import pick_device
     from liveperceiver.tools.bench import machine_description
 
     faulthandler.enable()  # a crash in a native MIDI or JACK library leaves the Python stacks on stderr
-    torch.set_num_threads(args.threads)
+    configure_inference(threads=args.threads, device=pick_device().type)  # as play: the sessions' device
     loaded = load_model(args.model)  # None: the shipped default model
     model, spec = loaded.model, loaded.name
     weights = args.weights
     rng = random.Random(0)
-    with private_jack_server("lp-bench"), tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp:
+    with (
+        private_jack_server("lp-bench"),
+        tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp,
+        realtime_switch_interval(),
+    ):
         workdir = Path(tmp)
         results = {
             "model": spec,

@@ -1,4 +1,5 @@
-"""The live Textual UI over a `Session`: `LivePerceiverApp` and the `run_ui` entry point."""
+"""The live Textual UI over a live session (snapshot.LiveSession): `LivePerceiverApp` and `run_ui`, the
+front end that `play` passes to live/play.py. It imports the snapshot module, never the session module."""
 
 from liveperceiver.ui.app import LivePerceiverApp, run_ui
 

@@ -1,7 +1,8 @@
-"""The Textual UI: a window onto a running `Session`, never part of its real-time path.
+"""The Textual UI: a window onto a running live session, never part of its real-time path.
 
 The session runs its own threads. The app reads `session.snapshot()` on a timer (REFRESH_HZ) and
-turns keys into the session's command methods. Anything that may block (save, close, loading a
+turns keys into the session's command methods: it knows the session only as a `LiveSession`
+(live/snapshot.py), never the session module. Anything that may block (save, close, loading a
 preset, listing ports) runs in a worker thread, so a slow terminal or disk never delays a note.
 """
 
@@ -23,8 +24,8 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 
-from liveperceiver.live.session import Snapshot
 from liveperceiver.live.settings import MODES, QUANTIZE_GRIDS
+from liveperceiver.live.snapshot import LiveSession, Snapshot
 from liveperceiver.runtime import freeze_heap
 from liveperceiver.ui.widgets import (
     CONTROLS,
@@ -169,7 +170,9 @@ class PortsScreen(ModalScreen[None]):
 
 
 class LivePerceiverApp(App):
-    """The live UI over one Session (or anything with the same methods, for tests)."""
+    """The live UI over one session (a LiveSession: a Session, or a replay of one in the tests).
+
+    Threads: the Textual event loop's; save, close and preset loading run in its worker threads."""
 
     CSS_PATH = "app.tcss"
     TITLE = "LivePerceiver"
@@ -197,7 +200,9 @@ class LivePerceiverApp(App):
         *[Binding(str(n), f"preset({n})", f"preset {n}", show=False) for n in range(1, 10)],
     ]
 
-    def __init__(self, session, clock: Callable[[], float] = time.monotonic, presets: list | None = None) -> None:
+    def __init__(
+        self, session: LiveSession, clock: Callable[[], float] = time.monotonic, presets: list | None = None
+    ) -> None:
         super().__init__()
         self.session = session
         self.clock = clock
@@ -309,16 +314,11 @@ class LivePerceiverApp(App):
         screen.query_one(PianoRoll).show(snap, now, snap.pedal_down)
         if not text_panels:
             return
-        midi_in = getattr(self.session, "midi_in", None)
-        midi_out = getattr(self.session, "midi_out", None)
-        in_ok = midi_in is None or getattr(midi_in, "connected_name", "") is not None
-        out_ok = midi_out is None or getattr(midi_out, "connected_name", "") is not None
-        api = str(getattr(self.session, "api", "?"))
         lights = (now - self.lit[0] < ACTIVITY_S, now - self.lit[1] < ACTIVITY_S)
-        screen.query_one("#ports", Panel).show(ports_text(snap, api, in_ok, out_ok, *lights))
+        ports = ports_text(snap, snap.api or "?", snap.in_connected, snap.out_connected, *lights)
+        screen.query_one("#ports", Panel).show(ports)
         screen.query_one("#model", Panel).show(model_text(snap, self.info))
-        recorder = getattr(self.session, "recorder", None)
-        save_to = str(Path(recorder.dir) / "session.mid") if recorder is not None else snap.recording
+        save_to = str(Path(snap.session_dir) / "session.mid") if snap.session_dir else snap.recording
         panel = screen.query_one("#session", Panel)
         width = panel.content_size.width or 40
         panel.show(session_text(snap, now - self.started, save_to, self.last_save, width))
@@ -401,7 +401,7 @@ class LivePerceiverApp(App):
     def action_ports(self) -> None:
         snap = self.snap
         current = (snap.in_port, snap.out_port) if snap else ("?", "?")
-        self.push_screen(PortsScreen(str(getattr(self.session, "api", "auto")), current))
+        self.push_screen(PortsScreen(snap.api if snap and snap.api else "auto", current))
 
     def action_save(self) -> None:
         default = "session-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -410,8 +410,8 @@ class LivePerceiverApp(App):
     def _save_named(self, name: str | None) -> None:
         if name is None:
             return
-        recorder = getattr(self.session, "recorder", None)
-        folder = Path(recorder.dir) if recorder is not None else Path.cwd()
+        snap = self.snap
+        folder = Path(snap.session_dir) if snap is not None and snap.session_dir else Path.cwd()
         path = Path(name) if Path(name).is_absolute() else folder / name
         self.save_in_background(path if path.suffix in (".mid", ".midi") else path.with_suffix(".mid"))
 
@@ -463,7 +463,7 @@ class LivePerceiverApp(App):
 
     async def action_quit(self) -> None:
         """All notes off, save, exit: `session.close()` does all three, in a worker thread. It leaves
-        the JACK ports to the process's exit, which `run_play` makes next (Session.close)."""
+        the JACK ports to the process's exit, which `play.run_play` makes next (Session.close)."""
         if self.quitting:
             return
         self.quitting = True
@@ -533,10 +533,11 @@ class LivePerceiverApp(App):
 # --------------------------------------------------------------------------- entry point
 
 
-def run_ui(session) -> Path | None:
+def run_ui(session: LiveSession) -> Path | None:
     """Run the UI over a started session until the player quits; returns the saved MIDI file.
 
-    `liveperceiver` and `liveperceiver play` (without --headless) build and start the session,
-    call this, then leave through `session.run_play`'s one exit (closing twice is safe).
+    `liveperceiver` and `liveperceiver play` (without --headless) pass this to `play.run_play` as
+    its front end: it builds and starts the session, calls this, then leaves through its one exit
+    (closing twice is safe).
     """
     return LivePerceiverApp(session).run()

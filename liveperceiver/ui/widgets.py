@@ -18,7 +18,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from liveperceiver.live.link import LINK, MIDI_CLOCK, LinkStatus, link_line
-from liveperceiver.live.session import Snapshot
+from liveperceiver.live.snapshot import Snapshot
 
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 PLAYER_STYLE = "bold #4fc3f7"

@@ -1,0 +1,206 @@
+"""The input thread: what the player plays, filtered and passed on.
+
+Each incoming message is classified: MIDI clock and transport feed the ClockTracker, notes of other
+channels and echoes of our own output are dropped, the player's notes and pedal are journaled, passed
+thru (if asked) and queued for the engine thread as typed commands (commands.py). A note-on in call
+or duet mode barges in: `scheduler.silence()` at once, before the engine thread hears of it, so the
+model's notes stop within a scheduler wake-up rather than after an engine step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from liveperceiver.live.commands import (
+    Command,
+    PlayerEvent,
+    PlayerNoteOff,
+    PlayerNoteOn,
+    PlayerPedal,
+    Rollback,
+    Transport,
+)
+from liveperceiver.live.link import FREE, LINK, MIDI_CLOCK, describe_source
+from liveperceiver.live.recorder import PLAYER
+from liveperceiver.live.settings import Settings
+from liveperceiver.live.shared import SharedState, Timekeeper
+
+if TYPE_CHECKING:
+    from liveperceiver.live.ports import MidiInput, MidiOutput
+    from liveperceiver.live.recorder import Recorder
+    from liveperceiver.live.scheduler import Scheduler
+
+FEEDBACK_WINDOW_S = 0.030  # an input note matching one we sent this recently is our own echo
+PORT_CHECK_S = 0.5
+TEMPO_LOG_S = 2.0  # the journal gets the tempo at most this often
+
+
+class EchoMemory:
+    """The notes we sent in the last FEEDBACK_WINDOW_S, to recognise their routed-back copies.
+
+    Threads: the scheduler thread calls `sent`, the input thread calls `is_echo`; `self.lock` guards
+    the deque (iterating it while the other thread appends raised "deque mutated during iteration")."""
+
+    def __init__(self, window_s: float = FEEDBACK_WINDOW_S, size: int = 256) -> None:
+        self.window_s = window_s
+        self.lock = threading.Lock()
+        self.recent: deque[tuple[float, bool, int, int]] = deque(maxlen=size)  # (time, is_on, pitch, velocity)
+
+    def sent(self, when: float, is_on: bool, pitch: int, velocity: int) -> None:
+        with self.lock:
+            self.recent.append((when, is_on, pitch, velocity))
+
+    def is_echo(self, when: float, is_on: bool, pitch: int, velocity: int) -> bool:
+        """A routed-back copy of a note we sent: same pitch and kind within the window, and for a
+        note-on the same velocity (a player striking that key right then almost never matches it).
+        Each note sent explains one echo at most."""
+        with self.lock:
+            for index, (sent, sent_on, sent_pitch, sent_velocity) in enumerate(self.recent):
+                same_velocity = sent_velocity == velocity or not is_on
+                if sent_pitch == pitch and sent_on == is_on and same_velocity and 0 <= when - sent <= self.window_s:
+                    del self.recent[index]
+                    return True
+        return False
+
+
+class InputFilter:
+    """The input thread's work: `listen` is its loop, `hear` handles one message. Never waits on the
+    model or the disk.
+
+    Threads: owned by the input thread, which alone writes `last_activity` (a float the engine
+    thread only reads), `last_port_check`, `last_tempo_log` and `clock_source_shown`. It feeds
+    `timekeeper.clock`; the player's keys, pedal and counters go to `shared` under its lock;
+    `echoes` has a lock of its own (the scheduler thread writes it)."""
+
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        scheduler: Scheduler,
+        recorder: Recorder,
+        shared: SharedState,
+        timekeeper: Timekeeper,
+        commands: queue.SimpleQueue[Command],
+    ) -> None:
+        self._settings = settings  # the session's current settings (replaced whole by Session.update)
+        self.scheduler = scheduler
+        self.recorder = recorder
+        self.shared = shared
+        self.timekeeper = timekeeper
+        self.commands = commands
+        self.echoes = EchoMemory()  # what we sent: an input note matching one is our own echo
+        self.last_activity = 0.0  # when the player last played (monotonic seconds)
+        self.last_port_check = 0.0
+        self.last_tempo_log = 0.0
+        self.clock_source_shown = FREE  # the clock source last logged
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
+
+    def listen(self, midi_in: MidiInput, midi_out: MidiOutput, stopping: threading.Event) -> None:
+        """The input thread: poll the input, check the ports now and then, hear every message."""
+        while not stopping.is_set():
+            item = midi_in.get(timeout=0.05)
+            now = time.monotonic()
+            if now - self.last_port_check > PORT_CHECK_S:
+                self.last_port_check = now
+                self._check_ports(now, (midi_in, midi_out))
+            if item is None:
+                continue
+            try:
+                self.hear(*item)
+            except Exception:
+                self.shared.count_error()
+                self.shared.warn("input error: " + traceback.format_exc(limit=2).strip().splitlines()[-1])
+
+    def _check_ports(self, now: float, ports: tuple[MidiInput, MidiOutput]) -> None:
+        """A port that vanished or came back, a change of clock source (logged), the tempo (journaled)."""
+        for port in ports:
+            try:
+                line = port.check()
+            except Exception as error:  # a backend hiccup must not end input
+                line = f"port check failed: {error}"
+            if line:
+                self.shared.warn(line)
+        source, timeline, midi_bpm = self.timekeeper.source(now)
+        if source != self.clock_source_shown:
+            self.clock_source_shown = source
+            self.shared.info(describe_source(source, timeline, midi_bpm, now))
+        bpm = timeline.bpm if source == LINK else midi_bpm
+        if bpm is not None and now - self.last_tempo_log > TEMPO_LOG_S:
+            self.last_tempo_log = now
+            self.recorder.record_tempo(now, bpm)
+
+    def hear(self, when: float, message: list[int]) -> None:
+        """One incoming message: classify, filter, and pass on. Anything unknown is ignored."""
+        if not message:
+            return
+        status = message[0]
+        if status >= 0xF0:
+            change = self.timekeeper.clock.feed(status, message[1:], when)
+            if change == "stop":
+                self.scheduler.silence()
+                self.commands.put(Transport(running=False, when=when, source=MIDI_CLOCK))
+            elif change in ("start", "continue"):
+                self.commands.put(Transport(running=True, when=when, source=MIDI_CLOCK))
+            return
+        kind, channel = status & 0xF0, status & 0x0F
+        if len(message) < 3 or kind not in (0x80, 0x90, 0xB0) or any(b > 127 for b in message[1:3]):
+            return
+        settings = self.settings
+        if settings.in_channel and channel != settings.in_channel - 1:
+            return
+        number, value = message[1], message[2]
+        shared = self.shared
+        if kind == 0xB0:
+            if number == 64:
+                self._player(when, message, PlayerPedal(when, value, channel))
+                with shared.lock:
+                    shared.pedal_down = value >= 64
+            elif number in (120, 123):  # all sound/notes off from the player's side
+                tag, _ = self.scheduler.silence()
+                self.commands.put(Rollback(cut_at=when, tag=tag, keep_sounding=False))
+                with shared.lock:
+                    released = sorted(shared.held)
+                    shared.held.clear()
+                for held_channel, pitch in released:
+                    self._player(when, [0x80 | held_channel, pitch, 0], PlayerNoteOff(when, pitch, held_channel))
+            return
+        is_on = kind == 0x90 and value > 0
+        if self.echoes.is_echo(when, is_on, number, value):
+            with shared.lock:
+                shared.suppressed += 1
+            return
+        if is_on:
+            if settings.mode == "call":  # barge-in: the answer stops at once
+                tag, _ = self.scheduler.silence()
+                self.commands.put(Rollback(cut_at=when, tag=tag, keep_sounding=False))
+            elif settings.mode == "duet":  # the look-ahead goes; what sounds rings on
+                tag, _ = self.scheduler.silence(notes_off=False)
+                self.commands.put(Rollback(cut_at=when, tag=tag, keep_sounding=True))
+            with shared.lock:
+                shared.held.add((channel, number))
+            self._player(when, message, PlayerNoteOn(when, number, channel, value))
+        else:
+            with shared.lock:
+                shared.held.discard((channel, number))
+            self._player(when, message, PlayerNoteOff(when, number, channel))
+
+    def _player(self, when: float, message: list[int], event: PlayerEvent) -> None:
+        """The player's note or pedal: journal, thru, the roll and the count, then the engine thread."""
+        self.last_activity = when
+        self.recorder.record(PLAYER, when, message)
+        if self.settings.thru:
+            self.scheduler.send_raw(list(message))
+        if not isinstance(event, PlayerPedal):
+            is_on = isinstance(event, PlayerNoteOn)
+            with self.shared.lock:
+                self.shared.roll.append((when, is_on, event.pitch, "player"))
+                self.shared.notes_in += is_on
+        self.commands.put(event)
