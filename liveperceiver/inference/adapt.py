@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from liveperceiver.core import vocab
+from liveperceiver.inference.sampling import host_to_device
 
 UNIT = 8  # one occurrence of an n-gram, in count units (own tokens may count 0..UNIT units)
 ORDER = 12  # validation: 4 to 16 all help performances alike; longer orders keep helping scores (repeats)
@@ -276,18 +277,30 @@ def mix_logits(logits: torch.Tensor, cache: SessionCache, adapt: float) -> torch
     Both are taken at temperature 1, where each is an estimate of the next token's probability and
     the mix is the one `eval` scores; the sampling temperature, key follow and the masks then act on
     the mix exactly as they act on the model alone (a cache cannot bring back a masked token, and
-    the weight means the same at every temperature). Computed in numpy on the CPU: a few operations
-    on 389 numbers, where each torch call would cost more than its arithmetic."""
+    the weight means the same at every temperature). On the CPU computed in numpy: a few operations
+    on 389 numbers, where each torch call would cost more than its arithmetic. Elsewhere on the
+    device (`mix_on_device`): reading the logits back would stall the step."""
     a, b = cache.terms()
     if b >= 1.0 and not a.any():
         return logits
     weight = effective_weight(adapt, len(cache))
-    probs = torch.softmax(logits.float(), -1).cpu().numpy()
+    if logits.device.type != "cpu":
+        return mix_on_device(logits, a, b, weight)
+    probs = torch.softmax(logits.float(), -1).numpy()
     mixed = probs * np.float32(1.0 - weight + weight * b)
     mixed[:SIZE] += weight * a
     with np.errstate(divide="ignore"):  # a token the model gives exactly 0 and the cache nothing: -inf
         np.log(mixed, out=mixed)
-    return torch.from_numpy(mixed).to(device=logits.device, dtype=logits.dtype)
+    return torch.from_numpy(mixed).to(dtype=logits.dtype)
+
+
+def mix_on_device(logits: torch.Tensor, a: np.ndarray, b: float, weight: float) -> torch.Tensor:
+    """`mix_logits`' mix on the logits' own device, the cache's terms (`a`, `b`) sent there without
+    a host sync (sampling.host_to_device); float32 throughout (a few roundings from the CPU's numpy
+    mix, which adds the cache's part in float64)."""
+    mixed = torch.softmax(logits.float(), -1) * (1.0 - weight + weight * b)
+    mixed[:SIZE] += host_to_device(torch.from_numpy(weight * a).float(), logits.device)
+    return mixed.log_().to(logits.dtype)
 
 
 def loop_rate(tokens: list[int], start: int = 0, n: int = 16) -> float:

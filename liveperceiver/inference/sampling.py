@@ -4,6 +4,10 @@ Constraints are logit masks driven by a `StreamState` that follows the token str
 pitches, time since the last onset, the player's pitch classes, velocities and note rate), plus
 three soft biases that lean the model toward the player: key follow, dynamics follow and density
 follow. All are off by default, where the reference has none.
+
+On a GPU a step reads back one number, the sampled id (`choose`): the filters, masks and follows
+never branch on a tensor's value, and what the host computes (the follows' biases, the masks of
+sounding notes) goes to the device through `host_to_device`, without waiting for the device.
 """
 
 from __future__ import annotations
@@ -61,6 +65,19 @@ RATE_PRIOR_NOTES = 2.0  # the model's rate starts as the player's, worth this ma
 DENSITY_FACTOR_LIMIT = 4.0  # density follow never asks for more than this change in note rate either way
 WAIT_TILT_GAIN = 2.0  # density_follow_bias: the tilt exponent moves ln(notes per second) about this much
 LOG_WAIT = torch.log(torch.arange(1, vocab.NUM_TIME_SHIFTS + 1, dtype=torch.float32))  # ln(steps) per time-shift
+_LOG_WAIT_ON: dict[torch.device, torch.Tensor] = {torch.device("cpu"): LOG_WAIT}  # copied once per device
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (on the host) on `device` without a host sync. A plain copy from pageable memory to
+    a CUDA device waits for the device's queue to drain, so a step would stall on every mask;
+    from pinned memory the copy is queued like a kernel (torch keeps the pinned block alive until
+    it is done). On the CPU, the tensor itself."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @dataclass(frozen=True)
@@ -283,17 +300,16 @@ def key_follow_bias(strength: float, state: StreamState, logits: torch.Tensor, t
             else strength * math.log((p + PITCH_CLASS_PRIOR) * model_total / ((m + PITCH_CLASS_PRIOR) * player_total))
             for p, m in zip(player, model, strict=True)
         ]
-        bias = torch.tensor(by_class, device=logits.device)[PITCH_CLASS_OF.to(logits.device)]
+        bias = host_to_device(torch.tensor(by_class)[PITCH_CLASS_OF], logits.device)
         state.key_bias = (key, bias if any(by_class) else None)
     bias = state.key_bias[1]
     if bias is None:
         return
     note_ons = logits[vocab.NOTE_ON : vocab.NOTE_OFF]
     before = torch.logsumexp(note_ons / temperature, 0)
-    if not torch.isfinite(before):
-        return
     note_ons.add_(bias, alpha=temperature)
-    note_ons.add_((before - torch.logsumexp(note_ons / temperature, 0)) * temperature)
+    # No host sync: note-ons that are all -inf stay so (their correction, NaN, counts as 0).
+    note_ons.add_(torch.nan_to_num(before - torch.logsumexp(note_ons / temperature, 0), nan=0.0) * temperature)
 
 
 def reweight(group: torch.Tensor, bias: torch.Tensor, temperature: float) -> None:
@@ -328,7 +344,7 @@ def dynamics_follow_bias(strength: float, state: StreamState, logits: torch.Tens
                 strength * math.log((p + VELOCITY_PRIOR) * model_total / ((m + VELOCITY_PRIOR) * player_total))
                 for p, m in zip(player, model, strict=True)
             ]
-            bias = torch.tensor(by_bin, device=logits.device)
+            bias = host_to_device(torch.tensor(by_bin), logits.device)
         state.velocity_bias = (key, bias)
     if state.velocity_bias[1] is not None:
         reweight(logits[vocab.VELOCITY : vocab.PAD], state.velocity_bias[1], temperature)
@@ -374,7 +390,9 @@ def density_follow_bias(
     factor = density_factor(strength, ratio, state)
     if factor == 1.0:
         return
-    log_wait = LOG_WAIT if LOG_WAIT.device == logits.device else LOG_WAIT.to(logits.device)
+    log_wait = _LOG_WAIT_ON.get(logits.device)
+    if log_wait is None:
+        log_wait = _LOG_WAIT_ON[logits.device] = host_to_device(LOG_WAIT, logits.device)
     reweight(logits[vocab.TIME_SHIFT : vocab.VELOCITY], log_wait * (-math.log(factor) / WAIT_TILT_GAIN), temperature)
 
 
@@ -399,15 +417,14 @@ def constraint_mask(
     overdue = state.overdue(constraints.max_note_ms) if constraints.max_note_ms else []
     if overdue:
         # Only the overdue notes' note-offs stay possible.
-        allowed = [vocab.note_off(pitch) for pitch in overdue]
-        kept = logits[allowed].clone()
-        logits.fill_(minus_inf)
-        logits[allowed] = kept
+        allowed = torch.zeros(len(logits), dtype=torch.bool)
+        allowed[[vocab.note_off(pitch) for pitch in overdue]] = True
+        logits.masked_fill_(~host_to_device(allowed, logits.device), minus_inf)
         return
     if constraints.no_orphan_note_off:
         allowed = torch.zeros(128, dtype=torch.bool)
         allowed[list(state.onsets)] = True
-        logits[vocab.NOTE_OFF : vocab.TIME_SHIFT].masked_fill_(~allowed.to(logits.device), minus_inf)
+        logits[vocab.NOTE_OFF : vocab.TIME_SHIFT].masked_fill_(~host_to_device(allowed, logits.device), minus_inf)
     if constraints.pitch_range is not None:
         low, high = constraints.pitch_range
         logits[vocab.NOTE_ON : vocab.NOTE_ON + low] = minus_inf
@@ -433,11 +450,27 @@ def apply_temperature_top_k_top_p(logits: torch.Tensor, settings: SamplingSettin
     return probs
 
 
-def choose(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
-    """The next token id from float logits of shape (vocab,); pad is never chosen."""
+def sample_id(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+    """The next token id from float logits of shape (vocab,), as a 0-d tensor on their device, read
+    by nobody yet; pad is never chosen. When nothing can be sampled (every probability 0 or NaN) it
+    is -1, so that the one read back (`choose`) can say so.
+
+    The draw is torch.multinomial's for one sample, the same random numbers and the same result:
+    the argmax of p / q with q ~ Exp(1). multinomial reads its input back on the host first (two
+    checks of the probabilities), two syncs per step on a GPU; the check here rides on the id."""
     logits = logits.float()
     logits[vocab.PAD] = float("-inf")
     if settings.greedy:
-        return int(logits.argmax())
+        return logits.argmax()
     probs = apply_temperature_top_k_top_p(logits, settings)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    best, token = (probs / torch.empty_like(probs).exponential_(generator=generator)).max(0)
+    return torch.where(best > 0, token, -1)  # NaN (no distribution) and 0 (no mass) fail
+
+
+def choose(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
+    """The next token id from float logits of shape (vocab,); pad is never chosen. The step's one
+    read back from the device."""
+    token = int(sample_id(logits, settings, generator))
+    if token < 0:
+        raise RuntimeError("no token can be sampled: every token's probability is 0 or not a number")
+    return token
