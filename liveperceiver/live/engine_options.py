@@ -28,7 +28,8 @@ def resolve_model(spec) -> PerceiverAR:
 @dataclass(frozen=True)
 class EngineOptions:
     """How the session builds its engine (play's --device, --weights, --dtype), kept to build it
-    again when the model changes."""
+    again when the model changes. An immutable value: the session's constructor builds the first
+    engine on the caller's thread, the engine thread any later one."""
 
     device: str = "auto"  # cuda, then mps, then cpu
     weights: str = "auto"  # how the engine stores Linear weights (engine.resolve_weights)

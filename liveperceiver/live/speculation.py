@@ -20,7 +20,8 @@ class Speculation:
     Why: sampling the opening of an answer (velocity, note-ons, the time shift that releases them)
     takes several engine steps; started `lookahead_ms` early, the answer's first note is ready when
     the silence threshold passes instead of tens of milliseconds after it. If the player plays first,
-    nothing of it has sounded and the stream goes back exactly to `length` tokens and this encoder."""
+    nothing of it has sounded and the stream goes back exactly to `length` tokens and this encoder.
+    Owned by the engine thread (the run controller); the snapshot reads only whether there is one."""
 
     start_at: float  # monotonic time the silence threshold passes; no note of it plays before
     length: int  # the engine's length before the silence was written into it
