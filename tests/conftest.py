@@ -35,6 +35,19 @@ def load_json(path: Path):
     return json.loads(path.read_text())
 
 
+# The device the engine's tests run on: the CPU unless LIVEPERCEIVER_TEST_DEVICE names another
+# (.ci/gpu-check runs them with cuda). Tests pin their device; none lets the engine pick one.
+TEST_DEVICE = os.environ.get("LIVEPERCEIVER_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def engine_device() -> torch.device:
+    device = torch.device(TEST_DEVICE)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"LIVEPERCEIVER_TEST_DEVICE={TEST_DEVICE}, but torch sees no CUDA device", pytrace=False)
+    return device
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from liveperceiver.core.checkpoint import load_directory
