@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from liveperceiver.inference.sampling import (
     density_factor,
     sample_id,
 )
+from liveperceiver.tools.bench import device_clock
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CHECK = REPO / ".ci" / "gpu-check"
@@ -227,3 +229,19 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_fails(tmp_path):
     assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("gpu-check: no CUDA device here")
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+# --------------------------------------------------------------------------- bench's clock
+
+
+def test_bench_reads_the_plain_clock_on_the_cpu():
+    assert device_clock("cpu") is time.perf_counter
+
+
+def test_on_cuda_bench_times_the_work_not_its_launch(cuda):
+    """A kernel that spins for about 50 ms (at 1 GHz or more) is queued in microseconds; bench's clock waits for it."""
+    now = device_clock(cuda)
+    torch.cuda.synchronize()
+    start = now()
+    torch.cuda._sleep(50_000_000)
+    assert now() - start > 0.02

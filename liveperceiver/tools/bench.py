@@ -5,7 +5,9 @@ over many steps after warm-up, with the thread count stated. `player_ms_p99` tim
 engine thread does when the player's tokens arrive while it samples ahead (`Session._absorb_player`,
 then the next step): roll back the unplayed look-ahead, append the player's tokens, sample. The bound is the bytes of weights a
 step must read divided by the memory bandwidth measured in the same run (one `sum` over 256 MB),
-and beside it the same bytes divided by what matrix-vector products reach on this machine.
+and beside it the same bytes divided by what matrix-vector products reach on this machine, both
+measured on the device the engine runs on. On a GPU every clock is read after waiting for the
+device's queued work (`device_clock`), else a time would be that of launching the kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,33 +64,55 @@ def machine_description() -> str:
     return description
 
 
-def read_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
-    """Memory read bandwidth: the best of a few sums over a buffer much larger than the caches."""
-    buffer = torch.ones(megabytes * 1024 * 1024 // 4)
+def device_clock(device: str | torch.device) -> Callable[[], float]:
+    """`time.perf_counter`, read once the device has done the work queued on it: a GPU runs kernels
+    asynchronously, so a clock read right after a call would time their launch only. On the CPU the
+    plain clock (nothing is queued)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+
+        def cuda_now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return cuda_now
+    if device.type == "mps":
+
+        def mps_now() -> float:
+            torch.mps.synchronize()
+            return time.perf_counter()
+
+        return mps_now
+    return time.perf_counter
+
+
+def read_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Memory read bandwidth of `device`: the best of a few sums over a buffer much larger than the caches."""
+    buffer = torch.ones(megabytes * 1024 * 1024 // 4, device=device)
     buffer.sum()
-    best = min(_timed(buffer.sum) for _ in range(repeats))
+    best = min(_timed(buffer.sum, device_clock(device)) for _ in range(repeats))
     return buffer.numel() * 4 / best / 1e9
 
 
-def gemv_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
-    """What a step's matrix-vector products can reach: one vector through 1024x1024 float32
-    matrices totalling `megabytes` (far beyond the caches), bytes of weights per second."""
-    matrices = [torch.randn(1024, 1024) for _ in range(megabytes // 4)]
-    vector = torch.randn(1, 1024)
+def gemv_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """What a step's matrix-vector products can reach on `device`: one vector through 1024x1024
+    float32 matrices totalling `megabytes` (far beyond the caches), bytes of weights per second."""
+    matrices = [torch.randn(1024, 1024, device=device) for _ in range(megabytes // 4)]
+    vector = torch.randn(1, 1024, device=device)
 
     def chain() -> None:
         for matrix in matrices:
             torch.nn.functional.linear(vector, matrix)
 
     chain()
-    best = min(_timed(chain) for _ in range(repeats))
+    best = min(_timed(chain, device_clock(device)) for _ in range(repeats))
     return sum(_tensor_bytes(m) for m in matrices) / best / 1e9
 
 
-def _timed(function) -> float:
-    start = time.perf_counter()
+def _timed(function, now: Callable[[], float] = time.perf_counter) -> float:
+    start = now()
     function()
-    return time.perf_counter() - start
+    return now() - start
 
 
 def weights_read_per_step(engine: Engine, latents: int) -> int:
@@ -137,11 +162,12 @@ def bench_row(
     engine.append(rng.randrange(388) for _ in range(prefix + latents))
     step_times, player_times = [], []
     warmup = max(5, steps // 10)
+    now = device_clock(engine.device)
     for index in range(warmup + steps):
-        start = time.perf_counter()
+        start = now()
         engine.append([rng.randrange(388)])
         engine.step()
-        elapsed = time.perf_counter() - start
+        elapsed = now() - start
         if index >= warmup:
             step_times.append(elapsed * 1000)
         if index % 4 == 0:
@@ -172,25 +198,27 @@ def player_arrives(engine: Engine, rng: random.Random, lookahead: int = 4, token
     (`truncate`), the player's tokens appended, and the next token sampled, the engine calls a
     barge-in makes in a duet. The look-ahead (the last `lookahead` tokens, sampled untimed here) is
     a note's four tokens (velocity, note-on, time shift, note-off), about what a 200 ms look-ahead holds."""
+    now = device_clock(engine.device)
     engine.sample(lookahead - 1)  # with the loop's last sampled token: `lookahead` unplayed tokens
-    start = time.perf_counter()
+    start = now()
     engine.truncate(len(engine) - lookahead)
     engine.append(rng.randrange(388) for _ in range(tokens))
     engine.step()
-    return time.perf_counter() - start
+    return now() - start
 
 
 def flat_ratio(engine: Engine, steps: int) -> float:
     """Step p50 after 100,000 tokens divided by step p50 after 5,000 (cost must stay flat)."""
     rng = random.Random(1)
+    now = device_clock(engine.device)
 
     def median_step() -> float:
         times = []
         for _ in range(steps):
-            start = time.perf_counter()
+            start = now()
             engine.append([rng.randrange(388)])
             engine.step()
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
         return statistics.median(times)
 
     engine.truncate(0)
@@ -280,12 +308,13 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
     engine = Engine(model, sampling=SamplingSettings(seed=0), device=device, adapt=0.7)
     engine.append(stream[: adapt.WINDOW])
     mixed, alone, pushes = [], [], []
+    now = device_clock(engine.device)
     for token in stream[adapt.WINDOW :]:
         for weight, times in ((0.7, mixed), (0.0, alone)):
             engine.configure(adapt=weight)
-            start = time.perf_counter()
+            start = now()
             engine.step()
-            times.append((time.perf_counter() - start) * 1000)
+            times.append((now() - start) * 1000)
             engine.truncate(len(engine) - 1)
         start = time.perf_counter()
         engine.cache.push(token)
@@ -315,7 +344,7 @@ def run(args) -> list[dict]:
     # --weights: None or float32 store weights in --dtype; auto measures, as `play` does
     weights = None if args.weights is None else resolve_weights(args.weights, device, loaded.model)
     stored = weights or args.dtype  # the storage precision, as the rows record it
-    bandwidth, gemv = read_bandwidth_gb_s(), gemv_bandwidth_gb_s()
+    bandwidth, gemv = read_bandwidth_gb_s(device=device), gemv_bandwidth_gb_s(device=device)  # the engine's device
     rows = []
     header = (
         f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'player p99':>10} {'tok/s':>8}"
@@ -325,7 +354,8 @@ def run(args) -> list[dict]:
         f"model {loaded.name} ({loaded.model.num_parameters() / 1e6:.1f}M parameters), dtype {args.dtype}, weights {stored}, threads {args.threads}"
     )
     print(f"machine: {machine_description()}; torch {torch.__version__}")
-    print(f"memory read bandwidth {bandwidth:.1f} GB/s; matrix-vector products reach {gemv:.1f} GB/s")
+    on = "" if device.type == "cpu" else f"{device.type}: "
+    print(f"{on}memory read bandwidth {bandwidth:.1f} GB/s; matrix-vector products reach {gemv:.1f} GB/s")
     print("player p99: the player's tokens arrive mid-answer: roll back 4 look-ahead tokens, append 3, sample one")
     print(header)
     for prefix in args.prefix:
