@@ -293,6 +293,29 @@ def test_duet_drops_the_look_ahead_and_lets_the_sounding_notes_ring_until_the_mo
     assert sounding <= ended
 
 
+def test_a_carried_notes_note_off_taken_back_by_a_rollback_leaves_it_carried(rig):
+    """In duet, the carry loses a pitch when the model samples its note-off; if the player comes in
+    before that note-off plays, the rollback takes it back and the note still sounds: it must still be
+    carried (it was lost, and the context no longer knew the note sounded until the watchdog cut it)."""
+    r = duet_playing_along(rig)
+    r.runs.tick()
+    r.key(72, sample=False)  # the first rollback: the sounding notes are carried
+    carried = set(r.runs.carry)
+    assert carried
+    sent = len(r.output.sent)
+    for _ in range(400):  # sample on (nothing is sent: the test clock moves, no note is played)
+        r.clock.now += STEP_S
+        r.runs.tick()
+        if r.runs.carry != carried:
+            break
+    else:
+        pytest.fail("the tiny model never ended a carried note within 4 s")
+    assert len(r.output.sent) == sent  # nothing of it sounded
+    ended = carried - r.runs.carry
+    r.key(74, sample=False)  # the player again, before any of it played
+    assert ended <= r.runs.carry  # their note-offs were taken back: they still ring, still carried
+
+
 def test_pause_stops_sampling_reset_forgets_and_commands_are_typed(rig):
     r = rig(mode="duet")
     r.phrase([60, 62])

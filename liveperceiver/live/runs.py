@@ -132,6 +132,9 @@ class RunController:
         self.answer_sounded = False  # a note-on was released in this run
         self.starting: set[int] = set()  # note-ons sampled, waiting for the time shift that releases them
         self.carry: set[int] = set()  # duet: model notes ringing on past a rollback (their off was dropped)
+        # the carry as this run began: a rollback recounts from it, since the carry loses a pitch when its
+        # note-off is SAMPLED, and a rollback can take that note-off back before it plays
+        self.run_carry: frozenset[int] = frozenset()
         self.schedule_refused_at: float | None = None
         self.speculation: Speculation | None = None  # a call's answer sampled before the threshold
         self.rolled_back = 0  # sampled tokens dropped unplayed (barge-ins, switches)
@@ -264,7 +267,7 @@ class RunController:
         self.output.silence(reset_tags=True)
         self.speculation = None
         self.decoder = None
-        self.carry = set()
+        self._set_carry(())
         self.engine.reset()
         self.encoder = StreamEncoder()
         self.encoder_time = 0.0
@@ -398,6 +401,11 @@ class RunController:
         elif kind == "time_shift":
             self.starting.clear()
 
+    def _set_carry(self, pitches) -> None:
+        """The notes ringing on into the next run, and the same set kept as `run_carry` for a rollback."""
+        self.carry = set(pitches)
+        self.run_carry = frozenset(self.carry)
+
     def _carry_off(self, token: int, events: list, now: float) -> list:
         """A note ringing on from before the rollback ends when the model plays its note-off."""
         if vocab.event_type(token) == "note_on":
@@ -472,7 +480,7 @@ class RunController:
         decoder = self.decoder
         closing = decoder.close()
         closing += [TimedEvent("note_off", decoder.time, pitch, 0) for pitch in sorted(self.carry)]
-        self.carry = set()
+        self._set_carry(())
         tokens = [vocab.note_off(e.pitch) for e in closing]
         self.engine.append(tokens)
         self._schedule(closing, len(self.engine))
@@ -519,8 +527,8 @@ class RunController:
         self.committed = len(self.engine)
         # model notes that sounded in the kept part but whose note-off was dropped
         run = slice(self.run_tokens_start, self.committed)
-        open_notes = _open_model_notes(self.engine.tokens[run], self.engine.sampled[run], self.carry)
-        self.carry = set(open_notes) if keep_sounding else set()
+        open_notes = _open_model_notes(self.engine.tokens[run], self.engine.sampled[run], self.run_carry)
+        self._set_carry(open_notes if keep_sounding else ())
         if open_notes and not keep_sounding:
             at = self._rel(cut_at if cut_at is not None else self.clock())
             tokens = time_shift_tokens(max(0.0, at - self.encoder.clock))
@@ -540,7 +548,7 @@ class RunController:
         self.committed = self.run_tokens_start = speculation.length
         self.decoder = None
         self.schedule_refused_at = None
-        self.carry = set()
+        self._set_carry(())
         self.call_pending = keep_call
         with self.shared.lock:
             self.shared.pending_answer_start = None
