@@ -120,6 +120,9 @@ def add_train(subparsers) -> None:
         help="train only on pieces whose licence allows shipping the weights (for the models we ship)",
     )
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (overrides the config)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps; torchrun on CUDA: cuda:LOCAL_RANK"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=lazy("liveperceiver.training.train", "run_train"))
 
@@ -197,6 +200,7 @@ def add_eval(subparsers) -> None:
         help="also score NLL as the live engine does with N latents, e.g. 1,8,64",
     )
     parser.add_argument("--window-tokens", type=int, default=20000, help="tokens scored per --window-latents size")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.set_defaults(handler=lazy("liveperceiver.training.evaluate", "run_eval"))
 
