@@ -2,6 +2,7 @@
 never by a library class: torch's thread count, the garbage collector, the GIL switch interval, stop
 signals and the final exit. Each of these changes the whole process, so a library that set them would
 surprise whoever embeds it (evaluate once built an Engine per piece, and each one reset the threads).
+The entry points also check their `--device` flag here (`checked_device`), once, before any work.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import torch
 
 REALTIME_SWITCH_INTERVAL_S = 0.0005  # GIL hand-over interval while a live session runs (Python's default: 5 ms)
 
@@ -85,3 +89,26 @@ def configure_inference(threads: int = 1, device: str = "cpu", dtype: str = "flo
     set_torch_threads(threads)
     if device == "cpu" and dtype == "float32":
         torch.backends.mkldnn.enabled = False
+
+
+def checked_device(requested: str = "auto") -> torch.device:
+    """The torch.device a `--device` flag names (auto: cuda, then mps, then the CPU, as the engine's
+    pick_device), or one line saying this machine has no such device, before any model is loaded
+    (torch would otherwise fail deep inside the first `.to(device)`, with a traceback)."""
+    import torch
+
+    from liveperceiver.core.errors import UserError
+    from liveperceiver.inference.engine import pick_device
+
+    try:
+        device = pick_device(requested)
+    except RuntimeError as error:
+        raise UserError(f"--device {requested}: not a device ({str(error).splitlines()[0]})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            sees = f"sees {count} CUDA device{'s' if count != 1 else ''}" if count else "sees no CUDA device"
+            raise UserError(f"--device {requested}: torch {torch.__version__} {sees} here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {requested}: torch {torch.__version__} sees no Apple GPU (MPS) here")
+    return device

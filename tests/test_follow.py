@@ -41,7 +41,9 @@ def replayed(tokens: list[int], flags) -> StreamState:
 
 
 def sampled_tokens(model, player: list[int], count: int, seed: int = 7, **follow) -> list[int]:
-    engine = Engine(model, sampling=SamplingSettings(temperature=1.0, seed=seed), constraints=Constraints(**follow))
+    engine = Engine(
+        model, sampling=SamplingSettings(temperature=1.0, seed=seed), constraints=Constraints(**follow), device="cpu"
+    )
     engine.append(player)
     return engine.sample(count)
 
@@ -174,7 +176,7 @@ def test_exact_rewind_after_truncate(tiny_model):
     """An engine rolled back (the live path: look-ahead dropped when the player plays) holds the
     same velocity histograms and note rates as one that never sampled past the cut, to the bit."""
     follow = Constraints(dynamics_follow=2.0, density_follow=2.0, density_ratio=0.5)
-    engine = Engine(tiny_model, sampling=SamplingSettings(seed=3), constraints=follow)
+    engine = Engine(tiny_model, sampling=SamplingSettings(seed=3), constraints=follow, device="cpu")
     engine.append(phrase(70, 26, 12))  # 280 tokens: past a snapshot boundary
     engine.sample(300)
     before = (list(engine.state.model_velocities), [list(side) for side in engine.state.rates])
@@ -243,8 +245,8 @@ def test_follow_flags_and_preset_keys(tmp_path, capsys):
     range is one line naming the flag and the allowed values, before any model is loaded."""
     from liveperceiver.cli import build_parser, main
     from liveperceiver.core.errors import UserError
-    from liveperceiver.live.presets import load_preset
     from liveperceiver.live.play import settings_from_args
+    from liveperceiver.live.presets import load_preset
 
     preset = tmp_path / "mine.toml"
     preset.write_text("[sampling]\ndynamics_follow = 0\ndensity_follow = 2\ndensity_ratio = 0.5\n")
@@ -287,7 +289,9 @@ def test_eval_continuations_report_the_follow_statistics(tiny_model):
 
     pieces = [phrase(40, 28, 12, seed=s) for s in range(3)]
     follow = Constraints(no_orphan_note_off=True, dynamics_follow=4.0, density_follow=1.0, density_ratio=0.5)
-    report = continuation_stats(tiny_model, pieces, 3, prompt_len=64, length=64, constraints=follow, num_latents=1)
+    report = continuation_stats(
+        tiny_model, pieces, 3, prompt_len=64, length=64, constraints=follow, num_latents=1, device="cpu"
+    )
     assert report["count"] == 3 and 0.0 <= report["velocity_overlap"] <= 1.0
     assert report["prompt_velocity_overlap"] == pytest.approx(1.0)  # one level throughout: the prompt's own matches
     for key in ("notes_per_second_ratio", "polyphony_ratio"):

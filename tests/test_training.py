@@ -209,9 +209,17 @@ def test_resume_continues_exactly(dataset_dir, tmp_path):
     from liveperceiver.training.train import RunConfig, train
 
     run = RunConfig.load(TINY_CONFIG)
-    train(run, dataset_dir, tmp_path / "straight", max_steps=8, progress=False)
-    train(run, dataset_dir, tmp_path / "split", max_steps=4, progress=False)
-    train(RunConfig.load(TINY_CONFIG), dataset_dir, tmp_path / "split", resume=True, max_steps=8, progress=False)
+    train(run, dataset_dir, tmp_path / "straight", max_steps=8, progress=False, device="cpu")
+    train(run, dataset_dir, tmp_path / "split", max_steps=4, progress=False, device="cpu")
+    train(
+        RunConfig.load(TINY_CONFIG),
+        dataset_dir,
+        tmp_path / "split",
+        resume=True,
+        max_steps=8,
+        progress=False,
+        device="cpu",
+    )
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)  # plain values only
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 8
@@ -227,11 +235,11 @@ def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_d
     from liveperceiver.training.windows import eval_windows
 
     base = RunConfig.load(TINY_CONFIG)
-    train(base, dataset_dir, tmp_path / "base", max_steps=10, progress=False)
+    train(base, dataset_dir, tmp_path / "base", max_steps=10, progress=False, device="cpu")
     source = load_directory(tmp_path / "base" / "best")
     tune = RunConfig.load(TINY_CONFIG)
     tune.train.init_from, tune.train.latents = str(tmp_path / "base" / "best"), 4
-    train(tune, dataset_dir, tmp_path / "tune", max_steps=0, progress=False)
+    train(tune, dataset_dir, tmp_path / "tune", max_steps=0, progress=False, device="cpu")
     started = torch.load(tmp_path / "tune" / "checkpoint.pt", weights_only=True)["model"]
     for key, value in source.state_dict().items():
         assert torch.equal(started[key], value), key
@@ -241,7 +249,7 @@ def test_fine_tune_starts_from_a_model_and_validates_on_its_own_window(dataset_d
     wider.model.num_channels = 64
     wider.train.init_from = str(tmp_path / "base" / "best")
     with pytest.raises(UserError, match="num_channels"):
-        train(wider, dataset_dir, tmp_path / "wider", max_steps=0, progress=False)
+        train(wider, dataset_dir, tmp_path / "wider", max_steps=0, progress=False, device="cpu")
 
 
 def test_opening_batches_start_at_a_piece_with_a_short_prefix(dataset_dir):
@@ -293,7 +301,7 @@ def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir,
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         + ["-m", "liveperceiver", "train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir)]
-        + ["--out", str(out), "--max-steps", "30", "--quiet"],
+        + ["--out", str(out), "--max-steps", "30", "--quiet", "--device", "cpu"],  # gloo, even beside a GPU
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -305,6 +313,111 @@ def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir,
     assert ranks["world_size"] == 2 and ranks["checksums"][0] == ranks["checksums"][1]
     losses = [float(r["loss"]) for r in csv.DictReader((out / "log.csv").open())]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+
+
+# --------------------------------------------------------------------------- the device
+
+
+def test_each_torchrun_rank_trains_on_its_own_gpu_and_the_cpu_keeps_gloo():
+    from liveperceiver.core.errors import UserError
+    from liveperceiver.training.devices import process_group_backend, rank_device
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert rank_device(cuda, 1, 0) == cuda  # one process: the device as given
+    assert rank_device(cuda, 2, 1) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cuda", 1), 2, 1) == torch.device("cuda", 1)
+    assert rank_device(cpu, 4, 3) == cpu
+    assert process_group_backend(torch.device("cuda", 1)) == "nccl"
+    assert process_group_backend(cpu) == "gloo"  # on a GPU machine too, when the CPU trains
+    with pytest.raises(UserError, match="each rank trains on cuda:LOCAL_RANK"):
+        rank_device(torch.device("cuda", 0), 2, 1)
+    with pytest.raises(UserError, match=r"CUDA GPUs \(NCCL\) or the CPU \(gloo\), not mps"):
+        rank_device(torch.device("mps"), 2, 0)
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_device_this_machine_lacks_is_one_line(command, dataset_dir, tiny_run, tmp_path, capsys):
+    from liveperceiver.cli import main
+
+    lacking = "cuda:64" if torch.cuda.is_available() else "cuda"  # `--device cuda` without CUDA
+    if command == "train":
+        argv = ["train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir), "--out", str(tmp_path / "new")]
+    else:
+        argv = ["eval", "--model", str(tiny_run / "best"), str(dataset_dir), "--json", str(tmp_path / "new" / "x.json")]
+    for device, message in ((lacking, "CUDA device"), ("bogus", "not a device")):
+        capsys.readouterr()
+        assert main([*argv, "--device", device]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"liveperceiver: error: --device {device}: ") and message in captured.err
+        assert captured.err.count("\n") == 1 and captured.out == "", captured.err
+    assert not (tmp_path / "new").exists()  # refused before anything was written
+
+
+def test_training_and_eval_run_on_the_device_given(dataset_dir, tmp_path, engine_device, monkeypatch):
+    """The weights and every batch meet on the device asked for: the model's forward passes (training,
+    validation, eval's NLL) and the engines (eval's live-window NLL, continuations). On the CPU here;
+    on the GPU under .ci/gpu-check, where eval's NLL must also be the CPU's."""
+    from liveperceiver.core.model import PerceiverAR
+    from liveperceiver.inference.engine import Engine
+    from liveperceiver.training.evaluate import evaluate
+    from liveperceiver.training.train import RunConfig, train
+
+    forwards, engines = set(), set()
+    forward, next_logits = PerceiverAR.forward, Engine.next_logits
+
+    def observed_forward(self, tokens, *args, **kwargs):
+        forwards.add((tokens.device.type, next(self.parameters()).device.type))
+        return forward(self, tokens, *args, **kwargs)
+
+    def observed_logits(self):
+        logits = next_logits(self)
+        engines.add(logits.device.type)
+        return logits
+
+    monkeypatch.setattr(PerceiverAR, "forward", observed_forward)
+    monkeypatch.setattr(Engine, "next_logits", observed_logits)
+    run = RunConfig.load(TINY_CONFIG)
+    run.train.val_every = 2
+    result = train(run, dataset_dir, tmp_path / "run", max_steps=4, progress=False, device=engine_device)
+    assert result["step"] == 4 and result["validated"]
+    assert forwards == {(engine_device.type, engine_device.type)}
+    forwards.clear()
+    data = TokenDataset(dataset_dir, "validation", False)
+    pieces = [[int(t) for t in data.piece(i)][:120] for i in range(len(data))]
+    scored = {}
+    for device in {torch.device("cpu"), engine_device}:
+        model = load_directory(tmp_path / "run" / "best")
+        scored[device.type] = evaluate(
+            model, pieces, None, 1, False, window_latents=(2,), window_tokens=50, device=device, num_latents=2
+        )
+    assert forwards == {(device.type, device.type) for device in {torch.device("cpu"), engine_device}}
+    assert engines == {device.type for device in {torch.device("cpu"), engine_device}}
+    on_device, on_cpu = scored[engine_device.type], scored["cpu"]
+    assert on_device["continuations"]["count"] == 1
+    assert on_device["nll_model"] == pytest.approx(on_cpu["nll_model"], rel=1e-4)
+    assert on_device["nll_by_window"][0]["nll"] == pytest.approx(on_cpu["nll_by_window"][0]["nll"], rel=1e-4)
+
+
+def test_two_gpu_data_parallel_keeps_ranks_identical(dataset_dir, tmp_path, engine_device):
+    """torchrun on CUDA: each rank on its own GPU (cuda:LOCAL_RANK), NCCL between them."""
+    if engine_device.type != "cuda" or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs and LIVEPERCEIVER_TEST_DEVICE=cuda (.ci/gpu-check)")
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["-m", "liveperceiver", "train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir)]
+        + ["--out", str(out), "--max-steps", "30", "--quiet", "--device", "cuda"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and ranks["checksums"][0] == ranks["checksums"][1]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all("cuda" in rank for rank in state["ranks"])  # each rank's GPU generator, for an exact resume
 
 
 class Payload:
@@ -321,12 +434,12 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_runs(dataset_dir, tmp_p
     from liveperceiver.training.train import RunConfig, train
 
     run_dir, marker = tmp_path / "run", tmp_path / "payload-ran"
-    train(RunConfig.load(TINY_CONFIG), dataset_dir, run_dir, max_steps=2, progress=False)
+    train(RunConfig.load(TINY_CONFIG), dataset_dir, run_dir, max_steps=2, progress=False, device="cpu")
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     torch.save(
         {**state, "ranks": [{"sampler": Payload(marker), "torch": torch.get_rng_state()}]}, run_dir / "checkpoint.pt"
     )
-    args = ["train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir), "--out", str(run_dir)]
+    args = ["train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir), "--out", str(run_dir), "--device", "cpu"]
     result = run_cli(*args, "--resume", "--max-steps", "4", "--quiet")
     assert result.returncode == 2 and not marker.exists()
     assert result.stderr.count("\n") == 1 and "refused" in result.stderr and "Traceback" not in result.stderr
@@ -370,7 +483,18 @@ def test_own_midi_trains_by_default_and_every_count_is_printed(midi_folder, tmp_
         assert RunConfig.load(config).train.shippable_only is False, config.name  # README: train your own
     data = build_mixed(midi_folder, tmp_path)
     capsys.readouterr()
-    args = ["train", "--config", str(TINY_CONFIG), "--data", str(data), "--max-steps", "2", "--quiet"]
+    args = [
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--data",
+        str(data),
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert main([*args, "--out", str(tmp_path / "all")]) == 0
     err = capsys.readouterr().err
     for group in ("tunes", "pd"):
@@ -407,7 +531,7 @@ def test_without_validation_pieces_best_is_the_latest_model(tmp_path, capsys):
     assert {split_of(f"pd/p{i}.mid") for i in range(6)} == {"train"}
     build(find_sources(str(folder)), tmp_path / "data", jobs=1, progress=False)
     args = ["train", "--config", str(TINY_CONFIG), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
-    assert main([*args, "--max-steps", "3", "--quiet"]) == 0
+    assert main([*args, "--max-steps", "3", "--quiet", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "has no validation pieces" in captured.err and "no validation pieces" in captured.out
     meta = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
@@ -420,6 +544,7 @@ def test_a_run_folder_is_kept_unless_resume_or_overwrite(dataset_dir, tmp_path, 
 
     run_dir = tmp_path / "run"
     args = ["train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir), "--out", str(run_dir), "--quiet"]
+    args += ["--device", "cpu"]
     assert main([*args, "--max-steps", "10"]) == 0
     before = {p: p.read_bytes() for p in [run_dir / "log.csv", *sorted((run_dir / "best").iterdir())]}
     capsys.readouterr()
@@ -445,7 +570,7 @@ def tiny_run(dataset_dir, tmp_path_factory) -> Path:
     from liveperceiver.training.train import RunConfig, train
 
     run_dir = tmp_path_factory.mktemp("run") / "run"
-    train(RunConfig.load(TINY_CONFIG), dataset_dir, run_dir, max_steps=2, progress=False)
+    train(RunConfig.load(TINY_CONFIG), dataset_dir, run_dir, max_steps=2, progress=False, device="cpu")
     return run_dir
 
 
@@ -524,7 +649,7 @@ def test_eval_json_into_a_new_folder(dataset_dir, tiny_run, tmp_path, capsys):
 
     out = tmp_path / "missing" / "dir" / "x.json"
     argv = ["eval", "--model", str(tiny_run / "best"), str(dataset_dir), "--split", "validation", "--max-tokens", "40"]
-    assert main([*argv, "--json", str(out)]) == 0
+    assert main([*argv, "--json", str(out), "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["tokens"] == 40
 
 
@@ -545,7 +670,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     from liveperceiver.training.train import RunConfig, train
 
     run = RunConfig.load(TINY_CONFIG)
-    train(run, dataset_dir, tmp_path / "run", max_steps=20, progress=False)
+    train(run, dataset_dir, tmp_path / "run", max_steps=20, progress=False, device="cpu")
     model = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     from liveperceiver.core.model import PerceiverAR
 
@@ -555,6 +680,7 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     result = run_cli(
         "eval", "--model", str(tmp_path / "model"), str(dataset_dir), "--split", "train", "--max-tokens", "400",
         "--continuations", "2", "--window-latents", "1,4", "--window-tokens", "50", "--json", str(tmp_path / "eval.json"),
+        "--device", "cpu",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())

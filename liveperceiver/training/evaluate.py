@@ -14,12 +14,16 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from liveperceiver.core import vocab
 from liveperceiver.core.errors import UserError
 from liveperceiver.training.ngram import KneserNey
+
+if TYPE_CHECKING:
+    import torch
 
 TYPES = ("note_on", "note_off", "time_shift", "velocity")
 
@@ -160,11 +164,12 @@ def continuation_stats(
     num_latents: int = 64,
     ngram: KneserNey | None = None,
     adapt: float = 0.0,
+    device: str | torch.device = "cpu",
     **sampling,
 ) -> dict:
-    """Continue `count` held-out prompts with the engine and compare with what the piece really does;
-    with `ngram`, the n-gram baseline continues the same prompts too, as a yardstick. `adapt`: the
-    engine's session cache weight, as in `play` (the prompt and the model's own tokens feed it)."""
+    """Continue `count` held-out prompts with the engine (on `device`) and compare with what the piece
+    really does; with `ngram`, the n-gram baseline continues the same prompts too, as a yardstick.
+    `adapt`: the engine's session cache weight, as in `play` (the prompt and the model's own tokens feed it)."""
     from liveperceiver.inference.engine import Engine, continue_tokens
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
 
@@ -185,7 +190,7 @@ def continuation_stats(
             num_latents=min(num_latents, model.config.max_latents),
             sampling=settings,
             constraints=constraints or Constraints(),
-            device="cpu",
+            device=device,
             adapt=adapt,
         )
         generated = continue_tokens(engine, prompt, len(truth))
@@ -337,12 +342,15 @@ def evaluate(
     window_latents: tuple[int, ...] = (),
     window_tokens: int = 20000,
     adapt: float = 0.0,
+    device: str | torch.device = "cpu",
     **sampling,
 ) -> dict:
     """`nll`: the system as `play` runs it (the model with in-session adaptation at weight `adapt`);
-    `nll_model`: the model alone; both on the same targets, with the context of training windows."""
+    `nll_model`: the model alone; both on the same targets, with the context of training windows.
+    Everything runs on `device` (the model is moved there)."""
     from liveperceiver.training.nll import adapted_nll, model_nll, stream_nll
 
+    model = model.to(device)
     alone, targets = model_nll(model, pieces, progress)
     nll = adapted_nll(alone, pieces, adapt)
     result: dict = {
@@ -378,10 +386,12 @@ def evaluate(
         result["improvement_over_baseline"] = 1.0 - result["nll_model"] / result["baseline_nll"]  # the model alone
     if window_latents:
         whole = continuation_pieces or pieces
-        result["nll_by_window"] = [stream_nll(model, whole, n, window_tokens, progress, adapt) for n in window_latents]
+        result["nll_by_window"] = [
+            stream_nll(model, whole, n, window_tokens, progress, adapt, device) for n in window_latents
+        ]
     if continuations:
         result["continuations"] = continuation_stats(
-            model, continuation_pieces or pieces, continuations, ngram=ngram, adapt=adapt, **sampling
+            model, continuation_pieces or pieces, continuations, ngram=ngram, adapt=adapt, device=device, **sampling
         )
     return result
 
@@ -438,7 +448,7 @@ def run_eval(args) -> None:
     from liveperceiver.core.checkpoint import load_model
     from liveperceiver.core.errors import atomic_output
     from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
-    from liveperceiver.runtime import configure_inference
+    from liveperceiver.runtime import checked_device, configure_inference
 
     if args.max_note_seconds < 0:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
@@ -448,9 +458,10 @@ def run_eval(args) -> None:
         raise UserError(f"--adapt {args.adapt:g} is outside the allowed values (0 (off) .. 1)")
     check_counts(args)
     check_run_folder(args.model)
+    device = checked_device(args.device)
     prepare_json(args.json)
-    # once for the whole run: every engine and forward pass here is float32 on the CPU
-    configure_inference(max(1, getattr(args, "threads", 1) or 1), "cpu", "float32")
+    # once for the whole run: every engine and forward pass here is float32 on `device`
+    configure_inference(max(1, getattr(args, "threads", 1) or 1), device.type, "float32")
     loaded = load_model(args.model)
     pieces, dataset_dir = load_inputs(args.inputs, args.split)
     full_pieces = pieces  # continuations need whole pieces for their prompts
@@ -483,6 +494,7 @@ def run_eval(args) -> None:
         window_latents=tuple(args.window_latents),
         window_tokens=args.window_tokens,
         adapt=args.adapt,
+        device=device,
         **sampling,
     )
     result["model"] = loaded.source

@@ -5,6 +5,8 @@
 - `model_nll`: every token of some pieces with the context of training windows (windows.py);
 - `adapted_nll`: the same targets with in-session adaptation mixed in, as `play` runs it;
 - `stream_nll`: token by token on the live engine, with a chosen latent window (eval --window-latents).
+
+The forward passes run where the model's weights are, the engine on the device it is given.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from liveperceiver.training.windows import piece_windows
 
 
 def window_nll(model: PerceiverAR, tokens: list[int], prefix_len: int) -> torch.Tensor:
-    """Per-target NLL (nats) of the latent positions of one window: targets tokens[prefix_len+1:]."""
-    x = torch.tensor([tokens[:-1]], dtype=torch.long)
+    """Per-target NLL (nats) of the latent positions of one window: targets tokens[prefix_len+1:],
+    on the model's device."""
+    device = next(model.parameters()).device
+    x = torch.tensor([tokens[:-1]], dtype=torch.long, device=device)
     logits = model(x, prefix_len)[0].float()
-    targets = torch.tensor(tokens[prefix_len + 1 :], dtype=torch.long)
+    targets = torch.tensor(tokens[prefix_len + 1 :], dtype=torch.long, device=device)
     return F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -33,11 +37,12 @@ def windows_nll(
     model: PerceiverAR, windows: list[tuple[list[int], int]], bf16: bool = False, progress: bool = False
 ) -> list[torch.Tensor]:
     """Per-target NLL of each window (`window_nll`), in eval mode and without gradients (bfloat16
-    autocast on the CPU with `bf16`, as training runs); the model's mode is restored after."""
+    autocast with `bf16`, as training runs); the model's mode is restored after."""
     was_training = model.training
     model.eval()
+    device_type = next(model.parameters()).device.type
     try:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             scored = tqdm(windows, desc="scoring", unit="window", disable=not progress, file=sys.stderr)
             return [window_nll(model, tokens, prefix_len) for tokens, prefix_len in scored]
     finally:
@@ -52,7 +57,7 @@ def model_nll(model: PerceiverAR, pieces: list[list[int]], progress: bool = Fals
         return np.zeros(0), np.zeros(0, dtype=np.int64)
     nlls = windows_nll(model, windows, progress=progress)
     targets = [np.asarray(tokens[prefix_len + 1 :]) for tokens, prefix_len in windows]
-    return np.concatenate([nll.numpy() for nll in nlls]), np.concatenate(targets)
+    return np.concatenate([nll.cpu().numpy() for nll in nlls]), np.concatenate(targets)
 
 
 def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.ndarray:
@@ -77,12 +82,19 @@ def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.n
 
 
 def stream_nll(
-    model, pieces: list[list[int]], num_latents: int, max_tokens: int, progress: bool = True, adapt: float = 0.0
+    model,
+    pieces: list[list[int]],
+    num_latents: int,
+    max_tokens: int,
+    progress: bool = True,
+    adapt: float = 0.0,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """NLL per token as the live engine sees the stream: every token predicted from all the tokens
     before it in its piece, the last `num_latents` of them as latents (training uses the model's
     max_latents; a small live window trades some of that quality for speed); `nll` with the
-    engine's own session cache mixed in at weight `adapt` (adapt.mix_logits), `nll_model` without."""
+    engine's own session cache mixed in at weight `adapt` (adapt.mix_logits), `nll_model` without.
+    The engine runs on `device`."""
     from liveperceiver.inference.adapt import mix_logits
     from liveperceiver.inference.engine import Engine
 
@@ -92,7 +104,7 @@ def stream_nll(
     for piece in pieces:
         if count >= max_tokens:
             break
-        engine = Engine(model, num_latents=latents, device="cpu", adapt=adapt)
+        engine = Engine(model, num_latents=latents, device=device, adapt=adapt)
         engine.append(piece[:1])
         for target in piece[1 : 1 + max_tokens - count]:
             logits = engine.next_logits().float()

@@ -1,5 +1,8 @@
 """Training a Perceiver AR on a built dataset, on one process or data-parallel under torchrun.
 
+On the device `--device` names (auto: cuda, then mps, then the CPU). Under torchrun on CUDA each rank
+trains on its own GPU, cuda:LOCAL_RANK, and the ranks talk over NCCL; on the CPU over gloo (devices.py).
+
 Each example is a window of up to max_seq_len tokens: a prefix of random length (0..max_prefix_len,
 one draw per batch since the model takes one prefix length) and `latents` positions whose next
 tokens carry the loss. Windows are cut from the rank's pieces read back to back (windows.WindowSampler).
@@ -32,6 +35,7 @@ from liveperceiver.core.model import PerceiverAR, PerceiverARConfig
 from liveperceiver.runtime import set_torch_threads
 from liveperceiver.training.augment import AugmentConfig
 from liveperceiver.training.dataset import TokenDataset, selection_report
+from liveperceiver.training.devices import join_ranks, native_bf16, record_rank_checksums, training_device
 from liveperceiver.training.nll import windows_nll
 from liveperceiver.training.windows import WindowSampler, eval_windows
 
@@ -197,18 +201,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
 def _init_weights(model: PerceiverAR, spec: str, config: PerceiverARConfig) -> None:
     """Copy a trained model's weights into a new run (a fine-tune); its architecture must match."""
     from liveperceiver.core.checkpoint import load_model
@@ -219,15 +211,6 @@ def _init_weights(model: PerceiverAR, spec: str, config: PerceiverARConfig) -> N
     if differ:
         raise UserError(f"init_from {spec}: its model config differs in {', '.join(differ)}")
     model.load_state_dict(source.state_dict())
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: where bfloat16 autocast pays (measured 1.5-2x faster than float32 on an
-    AVX512-BF16 EPYC; on an AVX2-only one the emulation made a step about 10x slower)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -297,20 +280,6 @@ def _check_resumed(state: dict, path: Path, run: RunConfig, world: int) -> None:
         raise UserError(f"{path}: saved with {len(state['ranks'])} ranks, resuming with {world}")
 
 
-def _record_rank_checksums(model: PerceiverAR, out: Path, rank: int, world: int) -> None:
-    """Per-rank parameter checksums in ranks.json: data-parallel ranks must hold identical weights."""
-    import json
-
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        mine = [float(p.double().sum()) + float(p.double().square().sum()) for p in model.parameters()]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, mine)
-    if rank == 0:
-        (out / "ranks.json").write_text(json.dumps({"world_size": world, "checksums": gathered}) + "\n")
-
-
 def _report_data(data_dir: Path, shippable_only: bool, rank: int, world: int) -> None:
     """Refuse a run with nothing to train on, saying why (one line); then print what the run trains
     on and leaves out (per source and split), and warn when no piece validates."""
@@ -356,15 +325,18 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    device: str | torch.device = "auto",
 ) -> dict:
     """Train until max_steps (config or override); returns {"step", "val_loss", "best_val_loss"}.
-    An existing run in `out` is continued only with `resume` and replaced only with `overwrite`."""
+    An existing run in `out` is continued only with `resume` and replaced only with `overwrite`.
+    `device`: auto (cuda, mps, then the CPU) or a device; under torchrun see `rank_device`."""
     from tqdm import tqdm
 
     from liveperceiver.core.checkpoint import save_directory
 
     found = _check_run_folder(out, resume, overwrite)  # before the rendezvous: no rank has written yet
-    rank, world = _distributed()
+    device = training_device(device)
+    rank, world = join_ranks(device)
     cfg = run.train
     set_torch_threads(cfg.threads)  # oneDNN stays on: bfloat16 autocast needs it
     ckpt_path = out / CHECKPOINT
@@ -386,17 +358,17 @@ def train(
     shard = list(range(rank, len(train_data), world))  # each rank its own pieces
     sampler = WindowSampler(train_data, shard, run.augment, cfg.seed * 1000 + rank, cfg.opening_share, cfg.score_share)
     latents = cfg.latents or run.model.max_latents
-    bf16 = cfg.bf16 and cpu_has_native_bf16()
+    bf16 = cfg.bf16 and native_bf16(device)
     if cfg.bf16 and not bf16 and rank == 0:
-        print(
-            "warning: bf16 = true, but this CPU has no native bfloat16 (emulated, ~10x slower): float32",
-            file=sys.stderr,
+        where = (
+            "this CPU has no native bfloat16 (emulated, ~10x slower)" if device.type == "cpu" else f"not on {device}"
         )
+        print(f"warning: bf16 = true, but {where}: float32", file=sys.stderr)
     # validated on windows of the trained latent count, so a small-window fine-tune is judged as it plays
     val = eval_windows(val_data, run.model.max_seq_len, run.model.max_prefix_len, cfg.val_windows, latents)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = PerceiverAR(run.model)
+    model = PerceiverAR(run.model).to(device)  # made on the CPU: the same weights on every device
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -414,6 +386,8 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             sampler.set_state(state["ranks"][rank]["sampler"])
             torch.set_rng_state(state["ranks"][rank]["torch"])
+            if device.type == "cuda" and "cuda" in state["ranks"][rank]:  # prefix dropout draws on the GPU
+                torch.cuda.set_rng_state(state["ranks"][rank]["cuda"], device)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise UserError(f"{ckpt_path}: does not fit this run ({detail.strip()})") from None
@@ -428,11 +402,13 @@ def train(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
 
     def save_checkpoint() -> None:
         rank_state = {"sampler": sampler.state(), "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rank_state["cuda"] = torch.cuda.get_rng_state(device)
         ranks = [rank_state]
         if world > 1:
             import torch.distributed as dist
@@ -471,8 +447,11 @@ def train(
         while step < stop_step:
             t0 = time.monotonic()
             tokens, prefix_len = sampler.batch(cfg.batch_size, run.model.max_prefix_len, latents)
+            # counted on the host, where the batch is made: no wait for the device
+            n_targets = int((tokens[:, prefix_len + 1 :] != vocab.PAD).sum()) * world
+            tokens = tokens.to(device)
             inputs, targets = tokens[:, :-1], tokens[:, prefix_len + 1 :]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = ddp(inputs, prefix_len)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=vocab.PAD)
             optimizer.zero_grad(set_to_none=True)
@@ -481,7 +460,6 @@ def train(
             optimizer.step()
             scheduler.step()
             step += 1
-            n_targets = int((targets != vocab.PAD).sum()) * world
             tokens_seen += n_targets
             window_tokens += n_targets
             elapsed += time.monotonic() - t0
@@ -516,7 +494,7 @@ def train(
             if world > 1:  # rank 0's clock decides, so every rank joins the gather in save_checkpoint
                 import torch.distributed as dist
 
-                flag = torch.tensor([int(due)])
+                flag = torch.tensor([int(due)], device=device)  # NCCL broadcasts GPU tensors only
                 dist.broadcast(flag, 0)
                 due = bool(flag.item())
             if due:
@@ -524,7 +502,7 @@ def train(
                 last_ckpt = time.monotonic()
         save_checkpoint()
         if world > 1:
-            _record_rank_checksums(model, out, rank, world)
+            record_rank_checksums(model, out, rank, world)
     finally:
         bar.close()
         if log_file is not None:
@@ -551,6 +529,7 @@ def run_train(args) -> None:
         max_steps=args.max_steps,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        device=args.device,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         validation = (
