@@ -14,7 +14,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED_MODELS = ("liveperceiver-chorale",)  # models/<name>/ that go into the wheel; others stay local
+SHIPPED_MODELS = ("liveperceiver-piano", "liveperceiver-chorale")  # models/<name>/ in the wheel; others stay local
 MODEL_FILES = ("config.json", "model.safetensors", "MODEL_CARD.md")
 
 

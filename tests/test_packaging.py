@@ -27,7 +27,7 @@ from conftest import TOKENIZER_GOLDEN
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = "liveperceiver-chorale"
+SHIPPED_MODELS = ("liveperceiver-piano", "liveperceiver-chorale")  # setup.py: the default first
 PRESETS = sorted(path.stem for path in (REPO / "presets").glob("*.toml"))
 BUILD_INPUTS = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "liveperceiver", "presets"]
 
@@ -49,10 +49,11 @@ def source_tree(destination: Path) -> Path:
             shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "data"))
         else:
             shutil.copy2(source, destination / name)
-    shutil.copytree(REPO / "models" / SHIPPED_MODEL, destination / "models" / SHIPPED_MODEL)
+    for model in SHIPPED_MODELS:
+        shutil.copytree(REPO / "models" / model, destination / "models" / model)
     local = destination / "models" / "my-own-model"
     local.mkdir()
-    (local / "config.json").write_text((REPO / "models" / SHIPPED_MODEL / "config.json").read_text())
+    (local / "config.json").write_text((REPO / "models" / SHIPPED_MODELS[0] / "config.json").read_text())
     return destination
 
 
@@ -69,7 +70,8 @@ def build_wheel(tree: Path, out: Path) -> Path:
         return next(out.glob("liveperceiver-*.whl"))
     with tarfile.open(sdist) as archive:
         names = archive.getnames()
-    assert any(name.endswith(f"models/{SHIPPED_MODEL}/model.safetensors") for name in names), "sdist lacks the model"
+    for model in SHIPPED_MODELS:
+        assert any(name.endswith(f"models/{model}/model.safetensors") for name in names), f"sdist lacks {model}"
     assert any(name.endswith("presets/duet.toml") for name in names), "sdist lacks the presets"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", out, sdist], cwd=out)
     return next(out.glob("liveperceiver-*.whl"))
@@ -82,8 +84,9 @@ def test_wheel_installs_with_presets_and_default_model(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     data = "liveperceiver/data"
-    for file_name in ("config.json", "model.safetensors", "MODEL_CARD.md"):
-        assert f"{data}/models/{SHIPPED_MODEL}/{file_name}" in names
+    for model in SHIPPED_MODELS:
+        for file_name in ("config.json", "model.safetensors", "MODEL_CARD.md"):
+            assert f"{data}/models/{model}/{file_name}" in names
     assert {f"{data}/presets/{name}.toml" for name in PRESETS} <= names
     assert not [name for name in names if "my-own-model" in name], "only the shipped model goes into the wheel"
     # every module ships, the test harness (liveperceiver/testing) too: `bench --live` drives a session with it

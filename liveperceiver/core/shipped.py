@@ -16,7 +16,7 @@ from pathlib import Path
 
 PACKAGE = "liveperceiver"
 DATA = "data"  # liveperceiver/data/{presets,models} in a wheel; setup.py writes it
-DEFAULT_MODEL = "liveperceiver-chorale"
+DEFAULT_MODEL = "liveperceiver-piano"  # liveperceiver-chorale ships too (the chorale preset names it)
 RANDOM_MAX_LATENTS = {"seed": 2048, "small": 2048}  # checkpoint.RANDOM_CONFIGS, without importing torch
 DEFAULT_MAX_LATENTS = 2048  # PerceiverARConfig's default, for a config.json that leaves it out
 
