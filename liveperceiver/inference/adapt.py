@@ -6,7 +6,7 @@ the session long before any model could have learnt them. A cache language model
 history itself and is mixed with the network's distribution, so the partner picks up what the
 player keeps doing within a few bars, whatever the model was trained on.
 
-The cache is the interpolated Kneser-Ney n-gram of `eval`'s baseline (evaluate.KneserNey: discount
+The cache is the interpolated Kneser-Ney n-gram of `eval`'s baseline (training.ngram.KneserNey: discount
 0.75, continuation counts below the top order, a uniform floor) over the session's own tokens,
 updated token by token over the last WINDOW tokens: a push adds the counts of the n-grams ending at
 the new token and drops those starting where the window left off (O(order) dictionary updates), a
@@ -47,7 +47,7 @@ from liveperceiver.inference.sampling import host_to_device
 UNIT = 8  # one occurrence of an n-gram, in count units (own tokens may count 0..UNIT units)
 ORDER = 12  # validation: 4 to 16 all help performances alike; longer orders keep helping scores (repeats)
 WINDOW = 8192  # tokens the cache remembers (a few minutes of playing): bounds memory (~25 MB) and time
-DISCOUNT = 0.75  # Kneser-Ney's usual absolute discount, as evaluate.KneserNey
+DISCOUNT = 0.75  # Kneser-Ney's usual absolute discount, as training.ngram.KneserNey
 OWN_WEIGHT = 1.0  # how much a token the model sampled counts, against the player's 1 (chosen by measurement)
 RAMP = 64  # tokens of session after which the cache has half its weight (about 16 notes)
 SIZE = vocab.PAD  # the cache predicts real events only (ids 0..387); pad never occurs in a stream
