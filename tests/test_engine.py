@@ -480,3 +480,31 @@ def test_auto_weights_measures_once_per_model_and_device(tiny_model, monkeypatch
     assert len(calls) == 1
     assert engine_module.resolve_weights("float32", cpu, tiny_model) is None
     assert engine_module.resolve_weights("auto", torch.device("meta"), tiny_model) is None  # not a CPU: float32
+
+
+def test_per_token_sums_in_order_equal_index_add(tiny_model):
+    """The CUDA path of the prefix values' per-token sums (index_put_ with accumulate: sorted, so
+    deterministic there) gives the CPU's index_add_ sums, here on the CPU."""
+    from liveperceiver.inference.engine import sum_per_token, sum_per_token_in_order
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.softmax(torch.randn(4, 3, 500, generator=generator), dim=-1)
+    ids = torch.randint(0, vocab.VOCAB_SIZE, (500,), generator=generator)
+    assert torch.allclose(sum_per_token(weights, ids), sum_per_token_in_order(weights, ids), atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, "8:16"])
+def test_a_sampled_step_builds_no_tensor_from_python_lists(tiny_model, monkeypatch, window):
+    """GPU-ready: ids, positions and masks are slices of device buffers, and a sampled token goes
+    into the id buffer as it is chosen; only the player's tokens are copied in (once, at append)."""
+    engine = Engine(tiny_model, num_latents=window, sampling=SamplingSettings(seed=1))
+    engine.append(range(100, 160))
+    engine.sample(3)
+    built = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: built.append(args) or real(*args, **kwargs))
+    engine.sample(40)
+    assert built == []
+    engine.append([60, 61])
+    engine.step()
+    assert len(built) == 1

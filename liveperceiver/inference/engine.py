@@ -1,8 +1,10 @@
 """The streaming Perceiver AR sampler: exact, incremental sampling over an unbounded token stream.
 
-At every step the context is the most recent `prefix + num_latents` tokens and the last
-`num_latents` are the latents: the `windowed_greedy` semantics of the reference, i.e. exactly a
-full forward pass of the model over that window (tests check it within 1e-4).
+At every step the latents are the tokens from an anchor to the end of the stream and the prefix the
+at most `prefix_cap` tokens before the anchor; the anchor moves by the latent window's schedule
+(`num_latents` = MIN:MAX, window.py; `N` alone is the reference's `windowed_greedy`, the last N
+tokens as latents). Every step equals a full forward pass of the model over that window (tests check
+it within 1e-4, tests/test_window.py against perceiver-io's own).
 
 Why it is cheap: without absolute position embeddings the cross-attention
 queries, keys and values of a token depend on its id alone; positions enter by rotating q and k.
@@ -11,21 +13,25 @@ So they are 389-row tables, computed once:
     prefix token:  k = k_proj(kv_norm(emb)), v = v_proj(kv_norm(emb))
     latent token:  q = q_proj(q_norm(emb)),  k = k_proj(q_norm(emb)), v = v_proj(q_norm(emb))
 
-Appending a token writes one rotated key row (a complex multiply of channel pairs) and its id into
-preallocated buffers. Values are never stored per position: a prefix value is its token's table
-row, so the attention output over the prefix is (attention weight summed per token id) @ value
-table, 389 rows instead of thousands. A step rotates the few latent rows, runs one attention of
-the latents over the window, and sends only the latents (usually 1-16) through the self-attention
-stack. Keys are stored rotated by their position relative to a `base` that is moved forward (and
-the buffer rebuilt) once every few thousand tokens, so positions stay small and the cost per step
-stays flat on an unbounded stream.
+Appending a token writes its id and one rotated key row (a complex multiply of channel pairs) into
+preallocated device buffers. Values are never stored per position: a prefix value is its token's
+table row, so the attention output over the prefix is (attention weight summed per token id) @ value
+table, 389 rows instead of thousands. Between re-anchorings only the new latent rows (one per
+sampled token) go through the cross-attention and the self-attention stack, whose keys and values
+for the earlier latents are kept (latents.py); a re-anchoring runs MIN rows at once. Keys are stored
+rotated by their position relative to a `base` that is moved forward (and the buffer rebuilt) once
+every few thousand tokens, so positions stay small and the cost per step stays flat on an unbounded
+stream.
 
-With one latent (the live default) a step is a chain of one-row products, so per-op overhead
-matters as much as bytes: layers are called through bare `F.linear`/`F.layer_norm` bound to their
-weights, and on float32 CPUs oneDNN should be off (its GELU costs 10 us of set-up per call, five
-times the op): a process-wide switch, so the entry point turns it off (runtime.configure_inference).
+With window 1 a step is a chain of one-row products, so per-op overhead matters as much as bytes:
+layers are called through bare `F.linear`/`F.layer_norm` bound to their weights, and on float32 CPUs
+oneDNN should be off (its GELU costs 10 us of set-up per call, five times the op): a process-wide
+switch, so the entry point turns it off (runtime.configure_inference).
 
-Rollback (`truncate`) just forgets tokens: buffer rows depend on id and position only.
+GPU-ready: a step builds no tensor from Python lists (ids, positions and masks are slices of device
+buffers), sums attention per token id in a fixed order (`sum_per_token`), and reads back only the
+sampled id (sampling.choose). Rollback (`truncate`) just forgets tokens: buffer rows depend on id
+and position only, and kept latents on the tokens before them only.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from torch import nn
 from liveperceiver.core import vocab
 from liveperceiver.core.model import PerceiverAR, apply_rotary, feed_forward, output_logits, rotary_rotation
 from liveperceiver.inference.adapt import SessionCache, mix_logits
+from liveperceiver.inference.latents import BoundLayer, LatentStack
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 from liveperceiver.inference.weights import (
     WEIGHT_DTYPES,
@@ -51,6 +58,7 @@ from liveperceiver.inference.weights import (
     pack_linear_layers,
     stored_linear,
 )
+from liveperceiver.inference.window import LatentWindow, parse_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,7 +162,7 @@ class Engine:
         self,
         model: PerceiverAR,
         *,
-        num_latents: int = 1,
+        num_latents: int | str | LatentWindow = 1,
         prefix_cap: int | None = None,
         sampling: SamplingSettings = SamplingSettings(),
         constraints: Constraints = Constraints(),
@@ -164,8 +172,9 @@ class Engine:
         adapt: float = 0.0,
         quantize: str | None = None,
     ) -> None:
-        """`weights`: how Linear weights are stored (weights.py): None in `dtype`, or int8, float16 or
-        bfloat16 for a float32 model. `quantize` is its old name, deprecated."""
+        """`num_latents`: the latent window, N or MIN:MAX (window.py). `weights`: how Linear weights
+        are stored (weights.py): None in `dtype`, or int8, float16 or bfloat16 for a float32 model.
+        `quantize` is its old name, deprecated."""
         if quantize is not None:
             warnings.warn("Engine(quantize=...) is deprecated: use weights=...", DeprecationWarning, stacklevel=2)
             weights = weights or quantize
@@ -176,13 +185,14 @@ class Engine:
         self.tokens: list[int] = []
         self.sampled = bytearray()  # 1 where the token was sampled by step(), 0 where it was appended
         self.state = StreamState()
-        self.num_latents = 1
+        self.latents = LatentWindow(1, 1)
         self.prefix_cap = self.config.max_prefix_len
         self.sampling = SamplingSettings()
         self.constraints = Constraints()
         self.adapt = 0.0  # weight of the session cache in the mix (adapt.py; 0: the model alone)
         self.cache: SessionCache | None = None  # built when adaptation is first turned on, then kept in step
         self.generator = torch.Generator(device=self.device)
+        self._anchor: int | None = None  # stream position of the first latent (window.py's schedule)
         self.configure(
             num_latents=num_latents,
             prefix_cap=self.config.max_prefix_len if prefix_cap is None else prefix_cap,
@@ -204,19 +214,24 @@ class Engine:
 
     # ------------------------------------------------------------------ settings
 
+    @property
+    def num_latents(self) -> int | str:
+        """The latent window as settings hold it: N, or "MIN:MAX"."""
+        return self.latents.setting
+
     def configure(
         self,
         *,
-        num_latents: int | None = None,
+        num_latents: int | str | LatentWindow | None = None,
         prefix_cap: int | None = None,
         sampling: SamplingSettings | None = None,
         constraints: Constraints | None = None,
         adapt: float | None = None,
     ) -> None:
-        """Change settings between steps; everything is validated before anything changes."""
+        """Change settings between steps; everything is validated before anything changes. A new
+        window or prefix cap drops the anchor: the next step re-anchors."""
         config = self.config
-        if num_latents is not None and not 1 <= num_latents <= config.max_latents:
-            raise ValueError(f"num_latents {num_latents} outside 1..{config.max_latents} (the model's max_latents)")
+        window = None if num_latents is None else self.window_for(num_latents)
         if prefix_cap is not None and not 0 <= prefix_cap <= config.max_prefix_len:
             raise ValueError(f"prefix cap {prefix_cap} outside 0..{config.max_prefix_len} (the model's max_prefix_len)")
         if sampling is not None:
@@ -231,10 +246,12 @@ class Engine:
                 self.cache.extend(self.tokens, self.sampled)
         if adapt is not None:
             self.adapt = adapt
-        if num_latents is not None:
-            self.num_latents = num_latents
-        if prefix_cap is not None:
+        if window is not None and window != self.latents:
+            self.latents = window
+            self._anchor = None
+        if prefix_cap is not None and prefix_cap != self.prefix_cap:
             self.prefix_cap = prefix_cap
+            self._anchor = None
         if constraints is not None:
             self.constraints = constraints
         if sampling is not None:
@@ -243,6 +260,15 @@ class Engine:
             elif sampling.seed is None and self.sampling.seed is None and not self.tokens:
                 self.generator.seed()
             self.sampling = sampling
+
+    def window_for(self, num_latents: int | str | LatentWindow) -> LatentWindow:
+        """`num_latents` as a window that fits this model, else ValueError (one line)."""
+        max_latents = self.config.max_latents
+        if isinstance(num_latents, int) and not isinstance(num_latents, bool) and not 1 <= num_latents <= max_latents:
+            raise ValueError(f"num_latents {num_latents} outside 1..{max_latents} (the model's max_latents)")
+        window = parse_window(num_latents)
+        window.check(max_latents)
+        return window
 
     # ------------------------------------------------------------------ the stream
 
@@ -265,7 +291,8 @@ class Engine:
                 self.cache.push(token, sampled=bool(flag))
 
     def truncate(self, length: int) -> None:
-        """Drop tokens from the end (sampled but not played)."""
+        """Drop tokens from the end (sampled but not played). Buffer rows and the window's kept
+        latents below `length` stay valid: they depend on the tokens before them only."""
         if not 0 <= length <= len(self.tokens):
             raise ValueError(f"truncate length {length} outside 0..{len(self.tokens)}")
         del self.tokens[length:]
@@ -274,7 +301,11 @@ class Engine:
         if self.cache is not None:
             self.cache.truncate(length)
         if self.exact_tables:
+            self._ids_upto = min(self._ids_upto, length)
+            self._keys_upto = min(self._keys_upto, length)
             self._kv_upto = min(self._kv_upto, length)
+            if self._anchor is not None:
+                self.stack.truncate(length - self._anchor)
 
     def reset(self) -> None:
         self.truncate(0)
@@ -291,7 +322,10 @@ class Engine:
             constraint_mask(self.constraints, self.state, logits, temperature)
         for ids in forbid:
             logits[ids.start : ids.stop] = float("-inf")
-        token = choose(logits, self.sampling, self.generator)
+        token = choose(logits, self.sampling, self.generator)  # the step's one read back from the device
+        if self.exact_tables and self._ids_upto == len(self.tokens) < self._base + self.capacity:
+            self.row_ids[self._ids_upto - self._base] = token  # a device write: no list, no copy
+            self._ids_upto += 1
         self.tokens.append(token)
         self.sampled.append(1)
         self.state.push(token, sampled=True)
@@ -303,11 +337,11 @@ class Engine:
         return [self.step() for _ in range(count)]
 
     def window(self) -> tuple[int, int, int]:
-        """(window start, latent start, end) of the current context in stream positions."""
+        """(window start, latent start, end) in stream positions of the forward pass the next step
+        runs: the latents from the anchor (window.py's schedule) and the prefix before it."""
         end = len(self.tokens)
-        latents = min(self.num_latents, end)
-        prefix = min(self.prefix_cap, end - latents)
-        return end - latents - prefix, end - latents, end
+        anchor = self.latents.anchor(self._anchor, end)
+        return max(0, anchor - self.prefix_cap), anchor, end
 
     @torch.inference_mode()
     def next_logits(self) -> torch.Tensor:
@@ -315,12 +349,37 @@ class Engine:
         if not self.tokens:
             raise ValueError("the engine needs at least one token before it can sample")
         if not self.exact_tables:
-            return self._full_forward_logits()
-        start, latent_start, end = self.window()
-        self._prepare_rows(start, latent_start, end)
-        x = self._cross_attention(start, latent_start, end)
-        x = self._self_attention(x, latent_start, end)
-        return self._logits(x[-1:])[0].float()
+            start, self._anchor, end = self.window()
+            return self._full_forward_logits(start, self._anchor, end)
+        if self.latents.max == 1:  # nothing is kept: the one-row chain
+            start, anchor, end = self.window()
+            self._prepare_rows(start, anchor, end)
+            self._anchor = anchor
+            return self.stack.one_row_logits(self._cross_attention(start, anchor, anchor, end)).float()
+        end = self._advance()
+        return self.stack.row_logits(end - 1 - self._anchor).float()
+
+    @torch.inference_mode()
+    def prepare(self) -> None:
+        """Do now what the next step would do before its logits: re-anchor if it must, and run the
+        rows of the tokens appended since. The live engine thread calls it when it has nothing due
+        (ahead of playback, or waiting for the player), so that a re-anchoring, MIN rows at once,
+        is paid in idle time and not when a token is due."""
+        if self.tokens and self.exact_tables and self.latents.max > 1:
+            self._advance()
+
+    def _advance(self) -> int:
+        """The schedule for the next prediction, then the latent rows not run yet; returns the end."""
+        start, anchor, end = self.window()
+        self._prepare_rows(start, anchor, end)
+        if anchor != self._anchor:
+            self._anchor = anchor
+            self.stack.reserve(self.latents.max)
+            self.stack.truncate(0)
+        first = anchor + self.stack.count
+        if first < end:
+            self.stack.extend(self._cross_attention(start, anchor, first, end))
+        return end
 
     # ------------------------------------------------------------------ internals
 
@@ -340,149 +399,156 @@ class Engine:
         # The reference scales queries before rotating them, so the table holds scaled queries. The
         # query and key tables are float32 whatever the dtype: rows are rotated in float32 (apply_rotary).
         self.latent_q = per_head(attention.q_proj(q_in) * head_dim**-0.5).float()
-        self.key_table = torch.cat([per_head(attention.k_proj(kv_in)), per_head(attention.k_proj(q_in))]).float()
+        self.prefix_k = per_head(attention.k_proj(kv_in)).float()
+        self.latent_k = per_head(attention.k_proj(q_in)).float()
         self.prefix_v = per_head(attention.v_proj(kv_in)).transpose(0, 1).contiguous()  # (heads, vocab, head_dim)
         self.latent_v = per_head(attention.v_proj(q_in))  # (vocab, heads, head_dim)
         self.embedding = emb
 
-        # Buffers hold keys rotated by (position - base); rebuilt when they fill up.
+        # Buffers hold ids and keys rotated by (position - base); rebuilt when they fill up. All of
+        # a step's inputs are in them: it builds no tensor from Python lists (GPU-ready).
         self.capacity = config.max_seq_len + max(4096, config.max_seq_len)
         self.keys = torch.zeros(heads, self.capacity, head_dim, device=self.device, dtype=self.dtype)
         self.row_ids = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-        self.rotation = rotary_rotation(torch.arange(self.capacity), head_dim).to(
-            self.device
-        )  # float64 angles on the CPU
+        # float64 angles on the CPU, then e^(i angle) as complex64 on the device
+        self.rotation = rotary_rotation(torch.arange(self.capacity), head_dim).to(self.device)
+        self.future = torch.ones(config.max_latents, config.max_latents, dtype=torch.bool, device=self.device).triu(1)
         self._base = 0  # stream position of buffer row 0
-        self._kv_upto = 0  # rows for positions < this hold prefix (kv_norm) keys
-        self._future_masks: dict[int, torch.Tensor] = {}
-        # Fused weights, from the float32 weights, stored as the other Linear layers will be.
+        self._ids_upto = 0  # row_ids hold the ids of positions base .. this
+        self._kv_upto = 0  # rows of positions base .. this hold prefix (kv_norm) keys
+        self._keys_upto = 0  # rows from _kv_upto to this hold latent (q_norm) keys
+        # Fused weights, from the float32 weights, stored as the other Linear layers will be; the
+        # query rows carry the 1/sqrt(head_dim) of the attention scores.
         self._fused_qkv: list[nn.Module] = []
         self._fused_value_output: list[nn.Module] = []
         for layer in model.self_attention:
             a = layer.attention
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            qkv = torch.cat([a.q_proj.weight * head_dim**-0.5, a.k_proj.weight, a.v_proj.weight])
             self._fused_qkv.append(stored_linear(qkv, None, self.weight_dtype))
             value_output = a.o_proj.weight @ a.v_proj.weight
             self._fused_value_output.append(stored_linear(value_output, a.o_proj.bias, self.weight_dtype))
 
     def _bind_layers(self) -> None:
         """Each layer's pieces as plain callables (see `bare`), after any weight packing."""
-        model = self.model
+        model, config = self.model, self.config
         ca = model.cross_attention
         self._cross_output = bare(ca.attention.o_proj)
         self._cross_mlp = bound_mlp(ca.mlp)
-        self._layers = []
-        for layer, fused in zip(model.self_attention, self._fused_value_output, strict=True):
-            self._layers.append((bare(layer.norm), bare(fused), bound_mlp(layer.mlp)))
+        layers = [
+            BoundLayer(
+                norm=bare(layer.norm),
+                qkv=bare(self._fused_qkv[index]),
+                output=bare(layer.attention.o_proj),
+                mlp=bound_mlp(layer.mlp),
+                value_output=bare(self._fused_value_output[index]),
+                rotary=config.is_rotary_layer(index),
+            )
+            for index, layer in enumerate(model.self_attention)
+        ]
         out_norm = bare(model.out_norm) if model.out_norm is not None else None
-        self._logits = partial(output_logits, norm=out_norm, embedding=self.embedding, bias=model.output_bias)
+        logits = partial(output_logits, norm=out_norm, embedding=self.embedding, bias=model.output_bias)
+        self.stack = LatentStack(
+            layers, logits, self.rotation, config.num_heads, config.head_dim, self.device, self.dtype
+        )
 
-    def _prepare_rows(self, start: int, latent_start: int, end: int) -> None:
-        """Make rows [start, latent_start) prefix rows and [latent_start, end) latent rows: one
-        write from `first`, the first row that is not yet a prefix row."""
+    def _prepare_rows(self, start: int, anchor: int, end: int) -> None:
+        """Make the buffer rows of positions [start, anchor) prefix rows and [anchor, end) latent
+        rows, writing only rows that are not so yet (after a rebase: all of them)."""
         if start < self._base or end > self._base + self.capacity:
             self._base = max(0, end - self.config.max_seq_len)
-            self._kv_upto = self._base
-        first = min(self._kv_upto, latent_start)
-        tokens = self.tokens[first:end]
-        latent_from = latent_start - first
-        # In the key table latent tokens follow the prefix tokens (id + vocab size).
-        key_ids = tokens[:latent_from] + [token + vocab.VOCAB_SIZE for token in tokens[latent_from:]]
+            self._ids_upto = self._kv_upto = self._keys_upto = self._base
+        base = self._base
+        if self._ids_upto < end:  # the player's tokens (a sampled one is written by step)
+            ids = torch.tensor(self.tokens[self._ids_upto : end], dtype=torch.long)
+            self.row_ids[self._ids_upto - base : end - base].copy_(ids, non_blocking=True)
+            self._ids_upto = end
+        if self._kv_upto > anchor:  # rows from the anchor on hold prefix keys: they become latents
+            self._kv_upto = self._keys_upto = anchor
+        if self._kv_upto < anchor:  # latents (or unwritten rows) before the anchor become prefix rows
+            self._write_keys(self.prefix_k, self._kv_upto, anchor)
+            self._keys_upto = max(self._keys_upto, anchor)
+            self._kv_upto = anchor
+        if self._keys_upto < end:
+            self._write_keys(self.latent_k, self._keys_upto, end)
+            self._keys_upto = end
+
+    def _write_keys(self, table: torch.Tensor, first: int, end: int) -> None:
         rows = slice(first - self._base, end - self._base)
-        self.row_ids[rows] = torch.tensor(tokens, device=self.device)
-        self.keys[:, rows] = self._rotated(self.key_table, torch.tensor(key_ids, device=self.device), rows)
-        self._kv_upto = latent_start
+        self.keys[:, rows] = self._rotated(table, self.row_ids[rows], rows)
 
     def _rotated(self, table: torch.Tensor, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         """(heads, n, head_dim): the table rows of `ids`, rotated by the positions of buffer `rows`."""
         return apply_rotary(table[ids], self.rotation[rows, None, :]).transpose(0, 1).to(self.dtype)
 
-    def _cross_attention(self, start: int, latent_start: int, end: int) -> torch.Tensor:
-        count = end - latent_start
-        latent_rows = slice(latent_start - self._base, end - self._base)
-        ids = self.row_ids[latent_rows]
-        q = self._rotated(self.latent_q, ids, latent_rows)
+    def _cross_attention(self, start: int, anchor: int, first: int, end: int) -> torch.Tensor:
+        """(n, channels): the cross-attention layer for the latents of positions first..end, whose
+        queries see the prefix start..anchor and the latents anchor..themselves."""
+        base, count = self._base, end - first
+        rows = slice(first - base, end - base)
+        ids = self.row_ids[rows]
+        q = self._rotated(self.latent_q, ids, rows)
         # A plain matmul on the strided buffer view: no copy of the window (SDPA would copy it).
-        scores = torch.matmul(q, self.keys[:, start - self._base : end - self._base].transpose(1, 2))
-        if count > 1:  # causal among the latents; every latent sees the whole prefix
-            scores[..., -count:].masked_fill_(self._future(count), float("-inf"))
+        scores = torch.matmul(q, self.keys[:, start - base : end - base].transpose(1, 2))
+        if count > 1:  # causal among the new latents; each sees the whole prefix and the latents before it
+            scores[..., -count:].masked_fill_(self.future[:count, :count], float("-inf"))
         weights = torch.softmax(scores, dim=-1)  # (heads, count, window)
-        prefix_count = latent_start - start
-        prefix_ids = self.row_ids[start - self._base : latent_start - self._base]
+        prefix_count = anchor - start
+        prefix_ids = self.row_ids[start - base : anchor - base]
         # Values: a prefix value is its token's table row, so sum the weights per token id first
         # (in float32: thousands of small weights would lose their sum in a 16-bit dtype).
-        per_token = torch.zeros(weights.shape[0], count, vocab.VOCAB_SIZE, device=self.device)
-        per_token.index_add_(2, prefix_ids, weights[..., :prefix_count].float())
+        per_token = sum_per_token(weights[..., :prefix_count].float(), prefix_ids)
         attended = torch.matmul(per_token.to(self.dtype), self.prefix_v)
-        attended += torch.matmul(weights[..., prefix_count:], self.latent_v[ids].transpose(0, 1))
+        latent_values = self.latent_v[self.row_ids[anchor - base : end - base]].transpose(0, 1)
+        attended += torch.matmul(weights[..., prefix_count:], latent_values)
         x = self.embedding[ids] + self._cross_output(attended.transpose(0, 1).flatten(1))
         return x + self._cross_mlp(x)
 
-    def _self_attention(self, x: torch.Tensor, latent_start: int, end: int) -> torch.Tensor:
-        """The latents through the self-attention stack; the last layer only for the last latent,
-        since only its logits are sampled."""
-        count = end - latent_start
-        if count == 1:
-            # One query attending to one key: softmax is exactly 1, the output is its value, so
-            # each layer's attention is o_proj(v_proj(h)), one precomputed matrix.
-            for norm, value_output, mlp in self._layers:
-                x = x + value_output(norm(x))
-                x = x + mlp(x)
-            return x
-        rows = slice(latent_start - self._base, end - self._base)
-        layers = self.model.self_attention
-        for index, (norm, _, mlp) in enumerate(self._layers):
-            attention = layers[index].attention
-            q, k, v = (attention.heads(part[None])[0] for part in self._qkv(index, norm(x)))
-            if self.config.is_rotary_layer(index):
-                q, k = apply_rotary(q, self.rotation[rows]), apply_rotary(k, self.rotation[rows])
-            if index == len(layers) - 1:
-                q, x, mask = q[:, -1:], x[-1:], None  # the last query sees every latent
-            else:
-                mask = ~self._future(count)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).flatten(1)
-            x = x + attention.o_proj(attended)
-            x = x + mlp(x)
-        return x
-
-    def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Query, key and value projections, in one matmul."""
-        return self._fused_qkv[index](h).chunk(3, dim=-1)
-
-    def _future(self, count: int) -> torch.Tensor:
-        """Boolean (count, count) mask of keys in a latent's future, cached per window size."""
-        mask = self._future_masks.get(count)
-        if mask is None:
-            mask = torch.ones(count, count, dtype=torch.bool, device=self.device).triu(1)
-            self._future_masks[count] = mask
-        return mask
-
-    def modules_read_per_step(self, latents: int) -> list[nn.Module]:
-        """The modules whose weights one step with `latents` latents reads (bench's bandwidth bound):
-        the tied embedding, the cross-attention's output projection and MLP (its queries, keys and
-        values are per-token tables), the output norm, and per self-attention layer its norm, MLP and
-        attention: for one latent only the fused value-output matrix, else the fused q/k/v and o_proj.
-        Models with absolute positions run a full forward pass: every module."""
+    def modules_read_per_step(self, latents: int | str | LatentWindow) -> list[nn.Module]:
+        """The modules whose weights one step with the window `latents` reads (bench's bandwidth
+        bound): the tied embedding, the cross-attention's output projection and MLP (its queries,
+        keys and values are per-token tables), the output norm, and per self-attention layer its
+        norm, MLP and attention: for window 1 only the fused value-output matrix, else the fused
+        q/k/v and o_proj. Models with absolute positions run a full forward pass: every module."""
         model = self.model
         if not self.exact_tables:
             return [module for module in model.modules() if next(module.parameters(recurse=False), None) is not None]
+        window = parse_window(latents)
         ca = model.cross_attention
         modules = [model.embedding, ca.attention.o_proj, *ca.mlp.children()]
         if model.out_norm is not None:
             modules.append(model.out_norm)
         for index, layer in enumerate(model.self_attention):
             modules += [layer.norm, *layer.mlp.children()]
-            if latents == 1:
+            if window.max == 1:
                 modules.append(self._fused_value_output[index])
             else:
                 modules += [self._fused_qkv[index], layer.attention.o_proj]
         return modules
 
-    def _full_forward_logits(self) -> torch.Tensor:
+    def _full_forward_logits(self, start: int, anchor: int, end: int) -> torch.Tensor:
         """Models with absolute position embeddings: a full forward pass over the window (exact, slower)."""
-        start, latent_start, end = self.window()
         window = torch.tensor([self.tokens[start:end]], device=self.device)
-        return self.model(window, latent_start - start)[0, -1].float()
+        return self.model(window, anchor - start)[0, -1].float()
+
+
+def sum_per_token(weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(heads, n, vocab): attention `weights` (heads, n, len(ids)) summed per token id, in the same
+    order on every run. On the CPU index_add_ is a sequential loop and the fastest way (11 us for
+    4,096 ids and one row, where index_put_ and bincount take 30 us); on CUDA it adds with atomics,
+    in any order, so there `sum_per_token_in_order`."""
+    if weights.device.type != "cpu":
+        return sum_per_token_in_order(weights, ids)
+    heads, count, _ = weights.shape
+    return torch.zeros(heads, count, vocab.VOCAB_SIZE, dtype=weights.dtype).index_add_(2, ids, weights)
+
+
+def sum_per_token_in_order(weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`sum_per_token` by index_put_ with accumulate, which on CUDA sorts the ids and adds each id's
+    weights in order (deterministic, and no read back); on the CPU the same sums, only slower."""
+    heads, count, _ = weights.shape
+    per_token = torch.zeros(vocab.VOCAB_SIZE, heads, count, dtype=weights.dtype, device=weights.device)
+    per_token.index_put_((ids,), weights.permute(2, 0, 1), accumulate=True)
+    return per_token.permute(1, 2, 0)
 
 
 def continue_tokens(engine: Engine, prompt: Sequence[int], count: int) -> list[int]:

@@ -1,0 +1,109 @@
+"""The latent window `MIN:MAX` (the `num_latents` setting): which tokens a step's forward pass takes
+as latents, and when the engine re-anchors them.
+
+Why a window and not a fixed count: a step whose latents slide with the stream (`N`, the reference's
+windowed greedy) recomputes every latent at every step, so its cost grows with N and live play could
+only afford one latent, the model's weakest setting. With a window the latents start at an anchor and
+only grow at their end until there are MAX of them; then the anchor moves so that MIN remain. Between
+re-anchorings the prefix before the anchor is fixed and attention is causal, so nothing computed for an
+earlier latent changes: the engine keeps it and runs only the new rows (engine.py, latents.py).
+
+The schedule, exactly (tests/test_window.py checks it against perceiver-io's own forward passes):
+before predicting the token at stream position L from tokens[0:L], if there is no anchor yet, or
+L - anchor > MAX, or anchor >= L (after a rollback), the anchor becomes max(0, L - MIN). The latents
+are tokens[anchor:L], the prefix the at most `prefix_cap` tokens before the anchor. `N` alone is `N:N`:
+the anchor moves every step, today's sliding window.
+
+Pure Python: the CLI parses windows without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXAMPLES = "e.g. 1 or 32:64"
+
+
+@dataclass(frozen=True)
+class LatentWindow:
+    """MIN:MAX latents (1 <= MIN <= MAX); immutable, so settings and engines can share one."""
+
+    min: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if self.min < 1 or self.max < 1:
+            raise ValueError(f"num_latents {self}: each bound must be >= 1 ({EXAMPLES})")
+        if self.min > self.max:
+            raise ValueError(f"num_latents {self}: MIN {self.min} is more than MAX {self.max} ({EXAMPLES})")
+
+    def __str__(self) -> str:
+        return str(self.max) if self.min == self.max else f"{self.min}:{self.max}"
+
+    @property
+    def setting(self) -> int | str:
+        """The value settings, presets and JSON rows hold: N (an int) for N:N, else the text "MIN:MAX"."""
+        return self.max if self.min == self.max else str(self)
+
+    @property
+    def sliding(self) -> bool:
+        """N:N: the anchor moves every step (nothing is kept from one step to the next)."""
+        return self.min == self.max
+
+    def check(self, max_latents: int) -> None:
+        """ValueError unless MAX fits a model with `max_latents` latents."""
+        if self.max > max_latents:
+            raise ValueError(f"num_latents {self} outside 1..{max_latents} (the model's max_latents)")
+
+    def anchor(self, anchor: int | None, length: int) -> int:
+        """The anchor for predicting stream position `length` (the schedule above); `anchor` is the
+        current one (None: none yet)."""
+        if anchor is None or length - anchor > self.max or anchor >= length:
+            return max(0, length - self.min)
+        return anchor
+
+
+def parse_window(value: int | str | LatentWindow) -> LatentWindow:
+    """The one parser for `num_latents`: an int N, the text "N" or "MIN:MAX", or a window; a mistake
+    is a ValueError of one line (the CLI and presets show it as is)."""
+    if isinstance(value, LatentWindow):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"num_latents {value!r} is not N or MIN:MAX ({EXAMPLES})")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"num_latents {value} must be >= 1 ({EXAMPLES})")
+        return LatentWindow(value, value)
+    text = str(value).strip()
+    parts = text.split(":")
+    if len(parts) > 2 or not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"num_latents {text!r} is not N or MIN:MAX ({EXAMPLES})")
+    low, high = (int(part) for part in (parts if len(parts) == 2 else parts * 2))
+    return LatentWindow(low, high)
+
+
+def parse_windows(text: str) -> list[LatentWindow]:
+    """A comma-separated list of windows, e.g. "1,8:16,32:64" (`eval --window-latents`, `bench --latents`)."""
+    windows = [parse_window(part) for part in text.split(",") if part.strip()]
+    if not windows:
+        raise ValueError(f"{text!r} names no window ({EXAMPLES})")
+    return windows
+
+
+def window_ladder(max_latents: int) -> list[LatentWindow]:
+    """The windows the UI's latents control steps through: 1, then n/2:n for n = 8, 16, 32, ... up
+    to the model's max_latents (each a doubling of the step's context at about the same cost)."""
+    ladder = [LatentWindow(1, 1)]
+    size = 8
+    while size <= max_latents:
+        ladder.append(LatentWindow(size // 2, size))
+        size *= 2
+    return ladder
+
+
+def next_window(current: LatentWindow, direction: int, max_latents: int) -> LatentWindow:
+    """The UI's next window up (direction > 0) or down the ladder from `current` (which need not be on it)."""
+    ladder = window_ladder(max_latents)
+    if direction > 0:
+        return next((window for window in ladder if window.max > current.max), ladder[-1] if ladder else current)
+    return next((window for window in reversed(ladder) if window.max < current.max), ladder[0])
