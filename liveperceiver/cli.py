@@ -143,9 +143,9 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--top-p", type=float, default=live.top_p, help="top-p for continuations")
     parser.add_argument(
         "--num-latents",
-        type=int,
         default=live.num_latents,
-        help=f"engine latents (default {live.num_latents}, as live)",
+        metavar="N|MIN:MAX",
+        help=f"the engine's latent window for continuations (default {live.num_latents}, as live)",
     )
     parser.add_argument(
         "--max-note-seconds",
@@ -194,12 +194,11 @@ def add_eval(subparsers) -> None:
     )
     parser.add_argument(
         "--window-latents",
-        type=int_list,
         default=[],
-        metavar="N,...",
-        help="also score NLL as the live engine does with N latents, e.g. 1,8,64",
+        metavar="W,...",
+        help="also score NLL as the live engine does with each latent window (N or MIN:MAX), e.g. 1,8:64",
     )
-    parser.add_argument("--window-tokens", type=int, default=20000, help="tokens scored per --window-latents size")
+    parser.add_argument("--window-tokens", type=int, default=20000, help="tokens scored per --window-latents window")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.set_defaults(handler=lazy("liveperceiver.training.evaluate", "run_eval"))
@@ -236,7 +235,15 @@ def add_continue(subparsers) -> None:
     parser.add_argument("--model", help="path, Hugging Face repo id, or name under models/ (default: shipped model)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 1024, or no cap with --seconds")
     parser.add_argument("--seconds", type=float, help="stop when the continuation holds this much music")
-    parser.add_argument("--num-latents", type=int, default=1, help="latent window (1 .. the model's max_latents)")
+    from liveperceiver.live.settings import Settings
+
+    live = Settings()
+    parser.add_argument(
+        "--num-latents",
+        default=live.num_latents,
+        metavar="N|MIN:MAX",
+        help=f"the latent window: N, or MIN:MAX up to the model's max_latents (default {live.num_latents}, as live)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -279,6 +286,7 @@ def run_continue(args: argparse.Namespace) -> None:
     from liveperceiver.inference.engine import DTYPES, Engine, pick_device
     from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
+    from liveperceiver.inference.window import window_flag
     from liveperceiver.runtime import configure_inference
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -289,6 +297,7 @@ def run_continue(args: argparse.Namespace) -> None:
         raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
     check_key_follow_flag(args.key_follow)
     check_follow_flags(args)
+    num_latents = window_flag("--num-latents", args.num_latents)
     prompt = read_prompt(args.prompt)
     if not prompt:
         raise UserError(f"{args.prompt}: the prompt holds no tokens")
@@ -299,7 +308,7 @@ def run_continue(args: argparse.Namespace) -> None:
         configure_inference(args.threads, device.type, args.dtype)
         engine = Engine(
             loaded.model,
-            num_latents=args.num_latents,
+            num_latents=num_latents,
             sampling=sampling,
             device=device,
             dtype=DTYPES[args.dtype],
@@ -355,7 +364,12 @@ def add_bench(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="measure engine speed (or the live bridge with --live)")
     parser.add_argument("--model", help="path, repo id, name, or random:seed | random:small | random:<config.json>")
     parser.add_argument("--prefix", type=int_list, default=[0, 1024, 4096], help="prefix lengths, e.g. 0,1024,4096")
-    parser.add_argument("--latents", type=int_list, default=[1, 16, 64], help="latent windows, e.g. 1,16,64")
+    parser.add_argument(
+        "--latents",
+        default=[1, 16, 64],
+        metavar="W,...",
+        help="latent windows, N or MIN:MAX, e.g. 1,32:64,64 (default 1,16,64)",
+    )
     parser.add_argument("--steps", type=int, default=300, help="measured steps per row (after warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core for MIDI)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -394,6 +408,9 @@ def add_bench(subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    from liveperceiver.inference.window import windows_flag
+
+    args.latents = windows_flag("--latents", args.latents)
     if args.live:
         from liveperceiver.inference.engine import pick_device
         from liveperceiver.runtime import configure_inference
@@ -426,7 +443,7 @@ def add_play(subparsers) -> None:
     parser.add_argument("--response-seconds", type=float, metavar="S", help="call mode: longest answer")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
-    parser.add_argument("--num-latents", type=int, metavar="N")
+    parser.add_argument("--num-latents", metavar="N|MIN:MAX", help="the latent window")
     parser.add_argument("--key-follow", type=float, metavar="K", help="lean toward your pitch classes (0: off)")
     parser.add_argument("--adapt", type=float, metavar="W", help="weight of the session's own n-gram cache (0: off)")
     parser.add_argument("--dynamics-follow", type=float, metavar="K", help="lean toward your velocities (0: off)")

@@ -17,7 +17,14 @@ from conftest import MODEL_GOLDEN
 
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import SamplingSettings
-from liveperceiver.inference.window import LatentWindow, next_window, parse_window, parse_windows, window_ladder
+from liveperceiver.inference.window import (
+    EXAMPLES,
+    LatentWindow,
+    next_window,
+    parse_window,
+    parse_windows,
+    window_ladder,
+)
 
 
 class Schedule:
@@ -189,15 +196,15 @@ def test_one_parser_for_n_and_min_max(text, window):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("8:4", "MIN 8 is more than MAX 4"),
-        ("0", "must be >= 1"),
-        (0, "must be >= 1"),
-        ("0:4", "each bound must be >= 1"),
-        ("a", "is not N or MIN:MAX"),
-        ("1:2:3", "is not N or MIN:MAX"),
-        ("-1", "is not N or MIN:MAX"),
-        ("", "is not N or MIN:MAX"),
-        (True, "is not N or MIN:MAX"),
+        ("8:4", "^8:4: MIN 8 is more than MAX 4"),
+        ("0", "^0: must be at least 1"),
+        (0, "^0: must be at least 1"),
+        ("0:4", "^0:4: must be at least 1"),
+        ("a", "^'a': not N or MIN:MAX"),
+        ("1:2:3", "not N or MIN:MAX"),
+        ("-1", "not N or MIN:MAX"),
+        ("", "not N or MIN:MAX"),
+        (True, "not a number"),
     ],
 )
 def test_bad_windows_are_one_line_errors(text, message):
@@ -214,6 +221,38 @@ def test_the_engine_refuses_windows_beyond_the_model_without_change(tiny_model):
         assert engine.num_latents == "2:8" and engine.prefix_cap == tiny_model.config.max_prefix_len
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--latents", "1,8:4"], "--latents 8:4: MIN 8 is more than MAX 4"),
+        (["bench", "--latents", "0"], "--latents 0: must be at least 1"),
+        (["continue", "prompt.json", "-o", "out.mid", "--num-latents", "a"], "--num-latents 'a': not N or MIN:MAX"),
+        (["eval", "data", "--window-latents", "1,0:2"], "--window-latents 0:2: must be at least 1"),
+        (["eval", "data", "--num-latents", "9:8"], "--num-latents 9:8: MIN 9 is more than MAX 8"),
+    ],
+)
+def test_window_flags_are_one_line_errors(args, message, capsys):
+    """Refused before anything is loaded: one line on stderr, exit status 2."""
+    from liveperceiver.cli import main
+
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [f"liveperceiver: error: {message} ({EXAMPLES})"]
+
+
+def test_a_window_beyond_the_model_is_one_line(tmp_path, capsys):
+    from liveperceiver.cli import main
+
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text("[376, 60, 300, 188]")
+    tiny = str(MODEL_GOLDEN / "tiny-a")
+    args = ["continue", str(prompt), "-o", str(tmp_path / "out.mid"), "--model", tiny, "--num-latents", "8:33"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "liveperceiver: error: tiny-a: num_latents 8:33 outside 1..32 (the model's max_latents)"
+    ]
+    assert main([*args[:-1], "4:16", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+
+
 def test_windows_lists_and_the_ui_ladder():
     assert parse_windows("1,8:64, 16") == [LatentWindow(1, 1), LatentWindow(8, 64), LatentWindow(16, 16)]
     with pytest.raises(ValueError, match="names no window"):
@@ -224,3 +263,25 @@ def test_windows_lists_and_the_ui_ladder():
     assert next_window(LatentWindow(12, 12), 1, 64) == LatentWindow(8, 16)  # off the ladder: the next up
     assert next_window(LatentWindow(12, 12), -1, 64) == LatentWindow(4, 8)
     assert next_window(LatentWindow(4, 8), -1, 64) == LatentWindow(1, 1)
+
+
+def test_presets_and_settings_take_a_window(tmp_path):
+    from liveperceiver.core.errors import UserError
+    from liveperceiver.live.presets import load_preset, preset_to_toml
+    from liveperceiver.live.settings import Settings
+
+    path = tmp_path / "wide.toml"
+    path.write_text('[sampling]\nnum_latents = "32:64"\n')
+    settings = load_preset(path)
+    assert settings.num_latents == "32:64" and settings.latent_window == LatentWindow(32, 64)
+    path.write_text(preset_to_toml(settings))
+    assert load_preset(path) == settings  # written back as a string, read back equal
+    assert Settings(num_latents=" 8 ").num_latents == 8 and Settings(num_latents="4:4").num_latents == 4
+    for text, message in (
+        ('"8:4"', 'sampling.num_latents = "8:4" is outside the allowed values (N or MIN:MAX, 1 <= MIN <= MAX'),
+        ('"8:300"', 'sampling.num_latents = 8:300 is more than the model'),
+    ):
+        path.write_text(f"[sampling]\nnum_latents = {text}\n")
+        with pytest.raises(UserError, match=message.replace("(", r"\(")) as caught:
+            load_preset(path)
+        assert "\n" not in str(caught.value)

@@ -266,8 +266,11 @@ class Engine:
         max_latents = self.config.max_latents
         if isinstance(num_latents, int) and not isinstance(num_latents, bool) and not 1 <= num_latents <= max_latents:
             raise ValueError(f"num_latents {num_latents} outside 1..{max_latents} (the model's max_latents)")
-        window = parse_window(num_latents)
-        window.check(max_latents)
+        try:
+            window = parse_window(num_latents)
+            window.check(max_latents)
+        except ValueError as error:
+            raise ValueError(f"num_latents {error}") from None
         return window
 
     # ------------------------------------------------------------------ the stream

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EXAMPLES = "e.g. 1 or 32:64"
+from liveperceiver.core.errors import UserError
+
+EXAMPLES = "a latent window is N or MIN:MAX, e.g. 1 or 32:64"
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,9 @@ class LatentWindow:
 
     def __post_init__(self) -> None:
         if self.min < 1 or self.max < 1:
-            raise ValueError(f"num_latents {self}: each bound must be >= 1 ({EXAMPLES})")
+            raise ValueError(f"{self}: must be at least 1 ({EXAMPLES})")
         if self.min > self.max:
-            raise ValueError(f"num_latents {self}: MIN {self.min} is more than MAX {self.max} ({EXAMPLES})")
+            raise ValueError(f"{self}: MIN {self.min} is more than MAX {self.max} ({EXAMPLES})")
 
     def __str__(self) -> str:
         return str(self.max) if self.min == self.max else f"{self.min}:{self.max}"
@@ -53,7 +55,11 @@ class LatentWindow:
     def check(self, max_latents: int) -> None:
         """ValueError unless MAX fits a model with `max_latents` latents."""
         if self.max > max_latents:
-            raise ValueError(f"num_latents {self} outside 1..{max_latents} (the model's max_latents)")
+            raise ValueError(f"{self} outside 1..{max_latents} (the model's max_latents)")
+
+    def capped(self, max_latents: int) -> LatentWindow:
+        """This window with MIN and MAX at most `max_latents` (offline scoring of a smaller model)."""
+        return LatentWindow(min(self.min, max_latents), min(self.max, max_latents))
 
     def anchor(self, anchor: int | None, length: int) -> int:
         """The anchor for predicting stream position `length` (the schedule above); `anchor` is the
@@ -64,20 +70,19 @@ class LatentWindow:
 
 
 def parse_window(value: int | str | LatentWindow) -> LatentWindow:
-    """The one parser for `num_latents`: an int N, the text "N" or "MIN:MAX", or a window; a mistake
-    is a ValueError of one line (the CLI and presets show it as is)."""
+    """The one parser for `num_latents`: an int N, the text "N" or "MIN:MAX", or a window. A mistake
+    is a ValueError of one line that starts with the value, for the caller to name what it was
+    ("num_latents 8:4: MIN 8 is more than MAX 4 ...", "--latents 0: must be at least 1 ...")."""
     if isinstance(value, LatentWindow):
         return value
     if isinstance(value, bool):
-        raise ValueError(f"num_latents {value!r} is not N or MIN:MAX ({EXAMPLES})")
+        raise ValueError(f"{value!r}: not a number ({EXAMPLES})")
     if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"num_latents {value} must be >= 1 ({EXAMPLES})")
         return LatentWindow(value, value)
     text = str(value).strip()
     parts = text.split(":")
     if len(parts) > 2 or not all(part.strip().isdigit() for part in parts):
-        raise ValueError(f"num_latents {text!r} is not N or MIN:MAX ({EXAMPLES})")
+        raise ValueError(f"{text!r}: not N or MIN:MAX ({EXAMPLES})")
     low, high = (int(part) for part in (parts if len(parts) == 2 else parts * 2))
     return LatentWindow(low, high)
 
@@ -88,6 +93,25 @@ def parse_windows(text: str) -> list[LatentWindow]:
     if not windows:
         raise ValueError(f"{text!r} names no window ({EXAMPLES})")
     return windows
+
+
+def window_flag(flag: str, value: int | str) -> int | str:
+    """A command-line window (`continue --num-latents`, ...) as settings hold it; a mistake is a
+    UserError of one line naming the flag."""
+    try:
+        return parse_window(value).setting
+    except ValueError as error:
+        raise UserError(f"{flag} {error}") from None
+
+
+def windows_flag(flag: str, value: str | list) -> list[int | str]:
+    """A command-line list of windows (`bench --latents 1,32:64`, `eval --window-latents`)."""
+    if isinstance(value, list):  # the parser's default
+        return [window_flag(flag, window) for window in value]
+    try:
+        return [window.setting for window in parse_windows(value)]
+    except ValueError as error:
+        raise UserError(f"{flag} {error}") from None
 
 
 def window_ladder(max_latents: int) -> list[LatentWindow]:

@@ -7,7 +7,7 @@ user can tune `duet` without copying the whole set.
 
 The schema is `Settings` itself: a key that is not a field, a value of the wrong type or outside
 `Settings.validate()`'s range is refused with one line naming the file, the key and what is allowed.
-The model a preset names must exist, and its num_latents must fit that model (or the default model
+The model a preset names must exist, and its num_latents (N or "MIN:MAX") must fit that model (or the default model
 when it names none): both are read from the model's config.json, without loading weights. A preset
 is loaded in full before a session starts, so a typo never surfaces mid-performance.
 """
@@ -125,7 +125,7 @@ def _check_model(settings: Settings, values: dict, path: Path, default_model: st
         if settings.model is None:  # not the preset's mistake: whoever chose that model reports it
             return
         raise UserError(f"{path}: model = {_show(settings.model)}: {error}") from None
-    if max_latents is not None and settings.num_latents > max_latents:
+    if max_latents is not None and settings.latent_window.max > max_latents:
         if settings.model:
             model = _show(settings.model)
         elif default_model:

@@ -15,6 +15,7 @@ from liveperceiver.inference.limits import (  # one set of limits for presets, f
     MAX_DYNAMICS_FOLLOW,
     MAX_KEY_FOLLOW,
 )
+from liveperceiver.inference.window import LatentWindow, parse_window
 
 MODES = ("call", "duet", "listen")
 QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
@@ -31,7 +32,7 @@ class Settings:
     temperature: float = 0.9
     top_k: int = 0  # 0: off
     top_p: float = 0.95
-    num_latents: int = 1  # the live targets need it on a 2-core CPU; 8 plays better (model card: NLL by window)
+    num_latents: int | str = 1  # the latent window: N, or "MIN:MAX" (inference/window.py; model card: NLL by window)
     prefix_cap: int = 0  # 0: the model's max_prefix_len
     key_follow: float = 1.0  # the model follows the player's pitch classes (sampling.key_follow_bias; 0: off)
     dynamics_follow: float = 4.0  # its velocities follow the player's (sampling.dynamics_follow_bias; 0: off)
@@ -60,6 +61,17 @@ class Settings:
     link_start_stop: bool = True  # follow the session's start/stop (a peer's stop silences the model)
     answer_on: str = "threshold"  # call mode with Link: the answer starts at the threshold, or the next beat or bar
 
+    def __post_init__(self) -> None:
+        """A window given as text ("8", " 32:64") is held as `LatentWindow.setting` says: 8, "32:64"."""
+        try:
+            object.__setattr__(self, "num_latents", parse_window(self.num_latents).setting)
+        except (ValueError, TypeError):
+            pass  # validate() names it
+
+    @property
+    def latent_window(self) -> LatentWindow:
+        return parse_window(self.num_latents)
+
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its allowed values."""
         checks = [
@@ -67,7 +79,11 @@ class Settings:
             ("temperature", 0.0 < self.temperature <= 5.0, "0 < temperature <= 5"),
             ("top_k", 0 <= self.top_k <= 388, "0 (off) .. 388"),
             ("top_p", 0.0 < self.top_p <= 1.0, "0 < top_p <= 1"),
-            ("num_latents", 1 <= self.num_latents <= 2048, "1 .. 2048 (and at most the model's max_latents)"),
+            (
+                "num_latents",
+                _window_within(self.num_latents, 2048),
+                "N or MIN:MAX, 1 <= MIN <= MAX <= 2048 (and at most the model's max_latents)",
+            ),
             ("prefix_cap", 0 <= self.prefix_cap <= 65536, "0 (model maximum) .. the model's max_prefix_len"),
             ("key_follow", 0.0 <= self.key_follow <= MAX_KEY_FOLLOW, f"0 (off) .. {MAX_KEY_FOLLOW:g}"),
             ("adapt", 0.0 <= self.adapt <= 1.0, "0 (off) .. 1"),
@@ -131,6 +147,13 @@ class Settings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _window_within(value, most: int) -> bool:
+    try:
+        return parse_window(value).max <= most
+    except (ValueError, TypeError):
+        return False
 
 
 SECTIONS = {

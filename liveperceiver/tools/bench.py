@@ -1,7 +1,10 @@
 """`liveperceiver bench`: engine speed per (prefix, latents), beside the memory-bandwidth bound.
 
-A step = absorb one token + sample one token, the unit of live work. Figures are medians and p99
-over many steps after warm-up, with the thread count stated. `player_ms_p99` times what the live
+A step = absorb one token + sample one token, the unit of live work. Figures are medians, p99 and
+the worst step over many steps after warm-up, with the thread count stated. `latents` is the latent
+window (N, or MIN:MAX: inference/window.py); with a window the worst step is a re-anchoring, and
+`ahead_ms_max` the worst step when the engine prepared in the idle time before it, as the live
+engine thread does whenever it is ahead of playback (`Engine.prepare`). `player_ms_p99` times what the live
 engine thread does when the player's tokens arrive while it samples ahead (`Session._absorb_player`,
 then the next step): roll back the unplayed look-ahead, append the player's tokens, sample. The bound is the bytes of weights a
 step must read divided by the memory bandwidth measured in the same run (one `sum` over 256 MB),
@@ -30,15 +33,18 @@ from liveperceiver.core.model import PerceiverAR
 from liveperceiver.inference.engine import DTYPES, Engine, pick_device, resolve_weights
 from liveperceiver.inference.sampling import SamplingSettings
 from liveperceiver.inference.weights import Int8Linear, PackedLinear
+from liveperceiver.inference.window import LatentWindow, parse_window
 from liveperceiver.stats import percentile
 
 
 @dataclass
 class BenchRow:
     prefix: int
-    latents: int
+    latents: int | str  # the latent window as given: N, or "MIN:MAX"
     step_ms_p50: float
     step_ms_p99: float
+    step_ms_max: float  # the worst step (with a window: a re-anchoring, MIN rows at once)
+    ahead_ms_max: float  # the worst step when the engine prepared in the idle time before it (Engine.prepare)
     player_ms_p99: float  # the player's tokens arrive: roll back the look-ahead, append them, sample
     tokens_per_s: float
     weights_mb: float
@@ -115,10 +121,14 @@ def _timed(function, now: Callable[[], float] = time.perf_counter) -> float:
     return now() - start
 
 
-def weights_read_per_step(engine: Engine, latents: int) -> int:
-    """Bytes of weights one step reads: those of the modules the engine says a step reads
-    (`Engine.modules_read_per_step`: for one latent a fused value-output matrix per layer)."""
-    return sum(_module_bytes(module, latents) for module in engine.modules_read_per_step(latents))
+def weights_read_per_step(engine: Engine, latents: int | str | LatentWindow) -> int:
+    """Bytes of weights one step with the latent window `latents` reads: those of the modules the
+    engine says a step reads (`Engine.modules_read_per_step`: for window 1 a fused value-output
+    matrix per layer), for the rows a step runs: N for N:N, else the two new rows of a bench step
+    (the absorbed token's and the sampled one's)."""
+    window = parse_window(latents)
+    rows = window.max if window.sliding else 2
+    return sum(_module_bytes(module, rows) for module in engine.modules_read_per_step(window))
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -138,28 +148,29 @@ def _module_bytes(module: nn.Module, rows: int) -> int:
 def bench_row(
     model: PerceiverAR,
     prefix: int,
-    latents: int,
+    latents: int | str | LatentWindow,
     steps: int,
     dtype: torch.dtype,
     weights: str | None,
     device: str | torch.device,
 ) -> tuple[BenchRow, Engine]:
     config = model.config
-    if prefix > config.max_prefix_len or latents > config.max_latents:
+    window = parse_window(latents)
+    if prefix > config.max_prefix_len or window.max > config.max_latents:
         raise UserError(
-            f"prefix {prefix} / latents {latents} exceed the model ({config.max_prefix_len} / {config.max_latents})"
+            f"prefix {prefix} / latents {window} exceed the model ({config.max_prefix_len} / {config.max_latents})"
         )
     rng = random.Random(0)
     engine = Engine(
         model,
-        num_latents=latents,
+        num_latents=window,
         prefix_cap=prefix,
         sampling=SamplingSettings(seed=0),
         dtype=dtype,
         weights=weights,
         device=device,
     )
-    engine.append(rng.randrange(388) for _ in range(prefix + latents))
+    engine.append(rng.randrange(388) for _ in range(prefix + window.max))
     step_times, player_times = [], []
     warmup = max(5, steps // 10)
     now = device_clock(engine.device)
@@ -175,21 +186,39 @@ def bench_row(
             if index >= warmup:
                 player_times.append(player_time * 1000)
     p50 = statistics.median(step_times)
+    ahead = steps_after_prepare(engine, max(5, steps // 3))
     # Keys are read per position; values come from the two per-token tables (engine.py).
-    kv_bytes = (prefix + latents + 2 * config.vocab_size) * config.num_channels * torch.finfo(dtype).bits // 8
+    kv_bytes = (prefix + window.max + 2 * config.vocab_size) * config.num_channels * torch.finfo(dtype).bits // 8
     row = BenchRow(
         prefix=prefix,
-        latents=latents,
+        latents=window.setting,
         step_ms_p50=round(p50, 3),
         step_ms_p99=round(percentile(step_times, 99), 3),
+        step_ms_max=round(max(step_times), 3),
+        ahead_ms_max=round(max(ahead), 3),
         player_ms_p99=round(percentile(player_times, 99), 3),
         tokens_per_s=round(1000 / p50, 1),
-        weights_mb=round(weights_read_per_step(engine, latents) / 1e6, 2),
+        weights_mb=round(weights_read_per_step(engine, window) / 1e6, 2),
         kv_mb=round(kv_bytes / 1e6, 2),
         bandwidth_bound_ms=0.0,
         gemv_bound_ms=0.0,
     )
     return row, engine
+
+
+def steps_after_prepare(engine: Engine, steps: int) -> list[float]:
+    """Milliseconds per step when the engine prepared in the idle time before it, as the live engine
+    thread does whenever it is ahead of playback (`Engine.prepare`, untimed here): what a token that
+    falls due costs then. With a window a re-anchoring (MIN rows) is paid in `prepare`, so the worst
+    of these is a normal step; window 1 has nothing to prepare."""
+    now = device_clock(engine.device)
+    times = []
+    for _ in range(steps):
+        engine.prepare()
+        start = now()
+        engine.step()
+        times.append((now() - start) * 1000)
+    return times
 
 
 def player_arrives(engine: Engine, rng: random.Random, lookahead: int = 4, tokens: int = 3) -> float:
@@ -347,7 +376,7 @@ def run(args) -> list[dict]:
     bandwidth, gemv = read_bandwidth_gb_s(device=device), gemv_bandwidth_gb_s(device=device)  # the engine's device
     rows = []
     header = (
-        f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'player p99':>10} {'tok/s':>8}"
+        f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'worst ms':>8} {'ahead ms':>8} {'player p99':>10} {'tok/s':>8}"
         f" {'weights MB':>10} {'bound ms':>8} {'gemv bound':>10}"
     )
     print(
@@ -357,11 +386,16 @@ def run(args) -> list[dict]:
     on = "" if device.type == "cpu" else f"{device.type}: "
     print(f"{on}memory read bandwidth {bandwidth:.1f} GB/s; matrix-vector products reach {gemv:.1f} GB/s")
     print("player p99: the player's tokens arrive mid-answer: roll back 4 look-ahead tokens, append 3, sample one")
+    print(
+        "a step: absorb one token, sample one; latents N or MIN:MAX (a window re-anchors to MIN rows after MAX: "
+        "worst); ahead: the worst step when the engine prepared in idle time first, as the live engine thread does"
+    )
     print(header)
     for prefix in args.prefix:
         for latents in args.latents:
-            if prefix > loaded.model.config.max_prefix_len or latents > loaded.model.config.max_latents:
-                print(f"{prefix:>6} {latents:>7}  skipped: beyond the model's context")
+            window = parse_window(latents)
+            if prefix > loaded.model.config.max_prefix_len or window.max > loaded.model.config.max_latents:
+                print(f"{prefix:>6} {window!s:>7}  skipped: beyond the model's context")
                 continue
             row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, weights, device)
             row.bandwidth_bound_ms = round(row.weights_mb / bandwidth, 3)  # MB / (GB/s) = ms
@@ -370,7 +404,8 @@ def run(args) -> list[dict]:
                 row.flat_ratio = flat_ratio(engine, args.steps)
             reference_ms = None
             if not args.no_reference:
-                reference_ms = reference_step_ms(loaded.model, prefix, latents, min(args.steps, 100))
+                # a window's column: generate() with num_latents = its MAX
+                reference_ms = reference_step_ms(loaded.model, prefix, window.max, min(args.steps, 100))
             extra = {}
             if reference_ms is not None:
                 extra = {
@@ -388,7 +423,8 @@ def run(args) -> list[dict]:
                 }
             )
             line = (
-                f"{row.prefix:>6} {row.latents:>7} {row.step_ms_p50:>8.2f} {row.step_ms_p99:>8.2f} {row.player_ms_p99:>10.3f}"
+                f"{row.prefix:>6} {row.latents!s:>7} {row.step_ms_p50:>8.2f} {row.step_ms_p99:>8.2f}"
+                f" {row.step_ms_max:>8.2f} {row.ahead_ms_max:>8.2f} {row.player_ms_p99:>10.3f}"
                 f" {row.tokens_per_s:>8.0f} {row.weights_mb:>10.1f} {row.bandwidth_bound_ms:>8.2f} {row.gemv_bound_ms:>10.2f}"
             )
             if row.flat_ratio is not None:

@@ -161,7 +161,7 @@ def continuation_stats(
     length: int = 512,
     seed: int = 0,
     constraints=None,
-    num_latents: int = 64,
+    num_latents: int | str = 64,
     ngram: KneserNey | None = None,
     adapt: float = 0.0,
     device: str | torch.device = "cpu",
@@ -172,7 +172,9 @@ def continuation_stats(
     `adapt`: the engine's session cache weight, as in `play` (the prompt and the model's own tokens feed it)."""
     from liveperceiver.inference.engine import Engine, continue_tokens
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
+    from liveperceiver.inference.window import parse_window
 
+    window = parse_window(num_latents).capped(model.config.max_latents)  # the engine's latent window
     candidates = [p for p in pieces if len(p) >= prompt_len + length]
     if not candidates:
         candidates = [p for p in pieces if len(p) >= 64]
@@ -187,7 +189,7 @@ def continuation_stats(
         settings = SamplingSettings(seed=seed + k, **sampling)
         engine = Engine(
             model,
-            num_latents=min(num_latents, model.config.max_latents),
+            num_latents=window.setting,
             sampling=settings,
             constraints=constraints or Constraints(),
             device=device,
@@ -253,7 +255,7 @@ def continuation_stats(
         "count": len(rows),
         "prompt_tokens": prompt_len,
         "continuation_tokens": length,
-        "sampling": {**sampling, "num_latents": min(num_latents, model.config.max_latents), "adapt": adapt},
+        "sampling": {**sampling, "num_latents": window.setting, "adapt": adapt},
         "constraints": repr(constraints) if constraints else None,
         "well_formed": mean("well_formed"),
         "strict_well_formed": mean("strict_well_formed"),
@@ -339,7 +341,7 @@ def evaluate(
     continuations: int = 0,
     progress: bool = True,
     continuation_pieces: list[list[int]] | None = None,
-    window_latents: tuple[int, ...] = (),
+    window_latents: tuple[int | str, ...] = (),
     window_tokens: int = 20000,
     adapt: float = 0.0,
     device: str | torch.device = "cpu",
@@ -438,10 +440,25 @@ def check_counts(args) -> None:
         raise UserError(f"--max-tokens {args.max_tokens} must be >= 1")
     if args.window_tokens < 1:
         raise UserError(f"--window-tokens {args.window_tokens} must be >= 1")
-    if any(n < 1 for n in args.window_latents):
-        raise UserError(f"--window-latents {','.join(map(str, args.window_latents))}: each must be >= 1")
-    if args.num_latents < 1:
-        raise UserError(f"--num-latents {args.num_latents} must be >= 1")
+
+
+def parse_window_flags(args) -> None:
+    """--window-latents and --num-latents as latent windows (N or MIN:MAX), each mistake one line."""
+    from liveperceiver.inference.window import window_flag, windows_flag
+
+    args.window_latents = windows_flag("--window-latents", args.window_latents)
+    args.num_latents = window_flag("--num-latents", args.num_latents)
+
+
+def check_windows(windows: list[int | str], max_latents: int) -> None:
+    """Each --window-latents window fits the model (scored as given, never cut down to fit)."""
+    from liveperceiver.inference.window import parse_window
+
+    for window in windows:
+        try:
+            parse_window(window).check(max_latents)
+        except ValueError as error:
+            raise UserError(f"--window-latents {error}") from None
 
 
 def run_eval(args) -> None:
@@ -457,12 +474,14 @@ def run_eval(args) -> None:
     if not 0.0 <= args.adapt <= 1.0:
         raise UserError(f"--adapt {args.adapt:g} is outside the allowed values (0 (off) .. 1)")
     check_counts(args)
+    parse_window_flags(args)
     check_run_folder(args.model)
     device = checked_device(args.device)
     prepare_json(args.json)
     # once for the whole run: every engine and forward pass here is float32 on `device`
     configure_inference(max(1, getattr(args, "threads", 1) or 1), device.type, "float32")
     loaded = load_model(args.model)
+    check_windows(args.window_latents, loaded.model.config.max_latents)
     pieces, dataset_dir = load_inputs(args.inputs, args.split)
     full_pieces = pieces  # continuations need whole pieces for their prompts
     if args.max_tokens:
@@ -528,7 +547,7 @@ def run_eval(args) -> None:
         )
     for row in result.get("nll_by_window", []):
         lines.append(
-            f"  NLL with {row['num_latents']} latents, as live: {row['nll']:.4f}"
+            f"  NLL with latent window {row['num_latents']}, as live: {row['nll']:.4f}"
             + alone.format(row["nll_model"])
             + f" ({row['tokens']:,} tokens)"
         )

@@ -84,23 +84,25 @@ def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.n
 def stream_nll(
     model,
     pieces: list[list[int]],
-    num_latents: int,
+    num_latents: int | str,
     max_tokens: int,
     progress: bool = True,
     adapt: float = 0.0,
     device: str | torch.device = "cpu",
 ) -> dict:
     """NLL per token as the live engine sees the stream: every token predicted from all the tokens
-    before it in its piece, the last `num_latents` of them as latents (training uses the model's
-    max_latents; a small live window trades some of that quality for speed); `nll` with the
+    before it in its piece, its latents those of the latent window `num_latents` (N or MIN:MAX,
+    inference/window.py; training uses the model's max_latents, a small live window trades some of
+    that quality for speed; at most the model's max_latents here); `nll` with the
     engine's own session cache mixed in at weight `adapt` (adapt.mix_logits), `nll_model` without.
     The engine runs on `device`."""
     from liveperceiver.inference.adapt import mix_logits
     from liveperceiver.inference.engine import Engine
+    from liveperceiver.inference.window import parse_window
 
-    latents = min(num_latents, model.config.max_latents)
+    latents = parse_window(num_latents).capped(model.config.max_latents)
     total, total_model, count = 0.0, 0.0, 0
-    bar = tqdm(total=max_tokens, desc=f"{latents} latents", unit="token", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=max_tokens, desc=f"window {latents}", unit="token", disable=not progress, file=sys.stderr)
     for piece in pieces:
         if count >= max_tokens:
             break
@@ -116,7 +118,7 @@ def stream_nll(
     bar.close()
     alone = total_model / max(count, 1)
     return {
-        "num_latents": latents,
+        "num_latents": latents.setting,
         "tokens": count,
         "adapt": adapt,
         "nll": total / max(count, 1) if adapt else alone,
