@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,36 @@ def seconds_of(tokens: list[int]) -> float:
     return steps * vocab.TIME_STEP_S
 
 
+def handover_flags(prompt: list[int]) -> list[int]:
+    """`sampled` flags for appending a prompt that the model continues: 1 on the note-on of each note
+    the prompt leaves sounding, 0 elsewhere.
+
+    Why: a prompt cut from a piece often ends with notes held (a pedalled bass, a chord). In a live
+    session the player ends their own notes; offline nobody would, and the note-length guard
+    (`max_note_seconds`) watches only the model's notes. Handed over, they are the continuation's to
+    end, and the guard closes them like its own once they have sounded that long."""
+    open_at: dict[int, int] = {}  # pitch -> index of the note-on that sounds it now
+    for index, token in enumerate(prompt):
+        if token < vocab.NOTE_OFF:
+            open_at[token] = index
+        elif token < vocab.TIME_SHIFT:
+            open_at.pop(token - vocab.NOTE_OFF, None)
+    flags = [0] * len(prompt)
+    for index in open_at.values():
+        flags[index] = 1
+    return flags
+
+
+def continue_prompt(engine: Engine, prompt: Sequence[int], count: int) -> list[int]:
+    """Append `prompt` with its sounding notes handed over (`handover_flags`), and sample `count` tokens."""
+    engine.append(prompt, sampled=handover_flags(list(prompt)))
+    return engine.sample(count)
+
+
 def generate(engine: Engine, prompt: list[int], max_new_tokens: int, seconds: float | None = None) -> Continuation:
-    """Sample until `max_new_tokens` or until the continuation holds `seconds` of music."""
-    engine.append(prompt)
+    """Sample until `max_new_tokens` or until the continuation holds `seconds` of music; the notes the
+    prompt leaves sounding are the continuation's to end (`handover_flags`)."""
+    engine.append(prompt, sampled=handover_flags(prompt))
     generated: list[int] = []
     steps_10ms = 0
     limit_10ms = None if seconds is None else round(seconds * 100)

@@ -170,7 +170,8 @@ def continuation_stats(
     """Continue `count` held-out prompts with the engine (on `device`) and compare with what the piece
     really does; with `ngram`, the n-gram baseline continues the same prompts too, as a yardstick.
     `adapt`: the engine's session cache weight, as in `play` (the prompt and the model's own tokens feed it)."""
-    from liveperceiver.inference.engine import Engine, continue_tokens
+    from liveperceiver.inference.continuation import continue_prompt
+    from liveperceiver.inference.engine import Engine
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
     from liveperceiver.inference.window import parse_window
 
@@ -195,7 +196,7 @@ def continuation_stats(
             device=device,
             adapt=adapt,
         )
-        generated = continue_tokens(engine, prompt, len(truth))
+        generated = continue_prompt(engine, prompt, len(truth))
         gen, true, before = note_stats(generated), note_stats(truth), note_stats(prompt)
         yardstick = {}
         if ngram is not None:
