@@ -42,3 +42,14 @@ def test_appended_as_the_players_they_are_not_the_guards(tiny_model):
         engine.append(prompt)
         closed_at_once += set(engine.sample(2)) == {vocab.note_off(60), vocab.note_off(48)}
     assert closed_at_once < 4
+
+
+def test_a_prompt_cut_after_a_velocity_plays_its_note_then_closes_the_held_ones(tiny_model):
+    """The velocity's note-on comes first (dynamics follow keeps a velocity with its note), then the guard
+    closes the overdue notes: before, the two rules left no token to sample."""
+    prompt = [vocab.velocity_token(70), 60, *FIVE_SECONDS, vocab.velocity_token(90)]
+    guard = Constraints(no_orphan_note_off=True, max_note_ms=3000, dynamics_follow=4.0)
+    for seed in range(4):
+        engine = Engine(tiny_model, sampling=SamplingSettings(seed=seed), constraints=guard, device="cpu")
+        first, second = continue_prompt(engine, prompt, 2)
+        assert vocab.event_type(first) == "note_on" and second == vocab.note_off(60)

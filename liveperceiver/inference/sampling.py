@@ -404,18 +404,21 @@ def constraint_mask(
     Each follow re-weights one event type (time-shifts, velocities, note-ons) keeping its total, so
     they compose in any order and never change which type of event comes next."""
     minus_inf = float("-inf")
+    after_velocity = vocab.VELOCITY <= state.last_token < vocab.PAD
     if constraints.density_follow:
         density_follow_bias(constraints.density_follow, constraints.density_ratio, state, logits, temperature)
     if constraints.dynamics_follow:
         dynamics_follow_bias(constraints.dynamics_follow, state, logits, temperature)
-        if vocab.VELOCITY <= state.last_token < vocab.PAD:
+        if after_velocity:
             # A velocity token is always followed by its note-on in the data; pushed toward a level
             # it would not start a note at, the model sometimes waited instead, and the level was lost.
             logits[vocab.NOTE_OFF :] = minus_inf
     if constraints.key_follow:
         key_follow_bias(constraints.key_follow, state, logits, temperature)
     overdue = state.overdue(constraints.max_note_ms) if constraints.max_note_ms else []
-    if overdue:
+    # Right after a velocity token its note-on comes first (no time passes): a stream that ends on a
+    # velocity while a note is overdue (a prompt cut there, its held notes handed over) closes it next.
+    if overdue and not (constraints.dynamics_follow and after_velocity):
         # Only the overdue notes' note-offs stay possible.
         allowed = torch.zeros(len(logits), dtype=torch.bool)
         allowed[[vocab.note_off(pitch) for pitch in overdue]] = True
