@@ -162,11 +162,13 @@ def test_every_binding_changes_the_session(tiny_model, tmp_path):
             assert session.settings.temperature == pytest.approx(1.0)
             await pilot.press("down")
             assert session.settings.temperature == pytest.approx(0.95)
-            latents = session.settings.num_latents
-            await pilot.press("right", "right")
-            assert session.settings.num_latents == latents * 4
-            await pilot.press("left")
-            assert session.settings.num_latents == latents * 2
+            assert session.settings.num_latents == "16:32"  # the default window
+            await pilot.press("right")
+            assert session.settings.num_latents == "16:32"  # the tiny model's largest (max_latents 32)
+            await pilot.press("left", "left")
+            assert session.settings.num_latents == "4:8"
+            await pilot.press("right")
+            assert session.settings.num_latents == "8:16"
             await pilot.press("p")
             assert session.calls[-1] == ("panic",)
             await pilot.press("r")

@@ -146,6 +146,19 @@ def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return module
 
 
+def store_column_major(module: nn.Module) -> None:
+    """Store a float Linear's weight column by column: the same values, transposed strides, so that
+    F.linear hands MKL an (in, out) matrix. Why: on the CPU MKL multiplies a few rows by it 1.3-1.8x
+    faster than by the (out, in) one (one thread, a 1-row chain through 27 MB of weights: 1.7 -> 1.3
+    ms from memory, 1.3 -> 0.8 ms from the caches; 2 rows 2.1 -> 1.3 ms). 16-bit and int8 weights
+    keep their own kernels' layout."""
+    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and module.rows_weight is None):
+        weight = module.weight
+        if weight.dtype.is_floating_point and weight.dim() == 2 and weight.stride(1) != weight.shape[0]:
+            columns = weight.detach().t().contiguous().t()
+            module.weight = nn.Parameter(columns, requires_grad=False) if isinstance(module, nn.Linear) else columns
+
+
 def bound_mlp(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model's MLP (`feed_forward`) on bare pieces."""
     return partial(feed_forward, norm=bare(mlp.norm), fc1=bare(mlp.fc1), fc2=bare(mlp.fc2))
@@ -432,8 +445,14 @@ class Engine:
             self._fused_value_output.append(stored_linear(value_output, a.o_proj.bias, self.weight_dtype))
 
     def _bind_layers(self) -> None:
-        """Each layer's pieces as plain callables (see `bare`), after any weight packing."""
+        """Each layer's pieces as plain callables (see `bare`), after any weight packing; on the CPU
+        float weights stored column by column (`store_column_major`)."""
         model, config = self.model, self.config
+        logits_weight = self.embedding
+        if self.device.type == "cpu":
+            for module in [*model.modules(), *self._fused_qkv, *self._fused_value_output]:
+                store_column_major(module)
+            logits_weight = self.embedding.t().contiguous().t()  # rows stay rows for the table lookups
         ca = model.cross_attention
         self._cross_output = bare(ca.attention.o_proj)
         self._cross_mlp = bound_mlp(ca.mlp)
@@ -449,7 +468,7 @@ class Engine:
             for index, layer in enumerate(model.self_attention)
         ]
         out_norm = bare(model.out_norm) if model.out_norm is not None else None
-        logits = partial(output_logits, norm=out_norm, embedding=self.embedding, bias=model.output_bias)
+        logits = partial(output_logits, norm=out_norm, embedding=logits_weight, bias=model.output_bias)
         self.stack = LatentStack(
             layers, logits, self.rotation, config.num_heads, config.head_dim, self.device, self.dtype
         )

@@ -200,6 +200,8 @@ class RunController:
             return
         if self.decoder is not None:
             self._sample_ahead(now)
+        if mode != "listen" and self.commands.empty():
+            self.engine.prepare()  # nothing due: a latent window's re-anchoring runs now, not when a token is
 
     def _maybe_start(self, now: float, mode: str) -> None:
         """Duet: a run whenever there is a context. Call: an answer once the player has been silent

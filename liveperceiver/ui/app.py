@@ -24,6 +24,7 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 
+from liveperceiver.inference.window import next_window
 from liveperceiver.live.settings import MODES, QUANTIZE_GRIDS
 from liveperceiver.live.snapshot import LiveSession, Snapshot
 from liveperceiver.runtime import freeze_heap
@@ -56,7 +57,7 @@ STEPS: dict[str, float | tuple] = {
     "density_follow": 0.25,
     "density_ratio": 0.25,  # 0.25 .. 4 times the player's note rate
     "adapt": 0.1,  # the session cache's weight, 0 .. 1
-    "num_latents": 0,  # doubles and halves
+    "num_latents": 0,  # steps through the latent windows (action_latents)
     "prefix_cap": 256,
     "silence_ms": 50,
     "response_seconds": 0.5,
@@ -73,7 +74,7 @@ HELP = """\
   [b]space[/b]      pause / resume the model
   [b]m[/b]          next mode (call → duet → listen)
   [b]↑ ↓[/b]        temperature up / down
-  [b]← →[/b]        latent window halve / double
+  [b]← →[/b]        latent window smaller / larger
   [b], .[/b]        select a control     [b]- +[/b]  change it
   [b]z x[/b]        piano roll zoom in / out
   [b]p[/b]          panic: all notes off
@@ -358,9 +359,10 @@ class LivePerceiverApp(App):
         self._update(temperature=min(5.0, max(0.05, value)))
 
     def action_latents(self, direction: int) -> None:
-        current = self.session.settings.num_latents
-        value = current * 2 if direction > 0 else current // 2
-        self._update(num_latents=max(1, min(self.info.max_latents or value, value)))
+        """Up or down the latent windows 1, 4:8, 8:16, ... (inference/window.py's ladder)."""
+        current = self.session.settings.latent_window
+        window = next_window(current, direction, self.info.max_latents or current.max)
+        self._update(num_latents=window.setting)
 
     def action_select(self, direction: int) -> None:
         self.selected = (self.selected + direction) % len(CONTROLS)
