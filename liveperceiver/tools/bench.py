@@ -2,9 +2,11 @@
 
 A step = absorb one token + sample one token, the unit of live work. Figures are medians, p99 and
 the worst step over many steps after warm-up, with the thread count stated. `latents` is the latent
-window (N, or MIN:MAX: inference/window.py); with a window the worst step is a re-anchoring, and
-`ahead_ms_max` the worst step when the engine prepared in the idle time before it, as the live
-engine thread does whenever it is ahead of playback (`Engine.prepare`). `player_ms_p99` times what the live
+window (N, or MIN:MAX: inference/window.py); with a window a step runs two new latent rows (the
+absorbed token's and the sampled one's) and the worst step is a re-anchoring. `alone_ms_p50` times
+steps that only sample (the model playing on its own, one new row), and `ahead_ms_max` the worst
+of them when the engine prepared in the idle time before each, as the live engine thread does
+whenever it is ahead of playback (`Engine.prepare`). `player_ms_p99` times what the live
 engine thread does when the player's tokens arrive while it samples ahead (`Session._absorb_player`,
 then the next step): roll back the unplayed look-ahead, append the player's tokens, sample. The bound is the bytes of weights a
 step must read divided by the memory bandwidth measured in the same run (one `sum` over 256 MB),
@@ -44,6 +46,7 @@ class BenchRow:
     step_ms_p50: float
     step_ms_p99: float
     step_ms_max: float  # the worst step (with a window: a re-anchoring, MIN rows at once)
+    alone_ms_p50: float  # a step that only samples (the model playing on its own: one new latent row)
     ahead_ms_max: float  # the worst step when the engine prepared in the idle time before it (Engine.prepare)
     player_ms_p99: float  # the player's tokens arrive: roll back the look-ahead, append them, sample
     tokens_per_s: float
@@ -186,7 +189,8 @@ def bench_row(
             if index >= warmup:
                 player_times.append(player_time * 1000)
     p50 = statistics.median(step_times)
-    ahead = steps_after_prepare(engine, max(5, steps // 3))
+    alone = sampled_steps(engine, max(5, steps // 3), prepare=False)
+    ahead = sampled_steps(engine, max(5, steps // 3), prepare=True)
     # Keys are read per position; values come from the two per-token tables (engine.py).
     kv_bytes = (prefix + window.max + 2 * config.vocab_size) * config.num_channels * torch.finfo(dtype).bits // 8
     row = BenchRow(
@@ -195,6 +199,7 @@ def bench_row(
         step_ms_p50=round(p50, 3),
         step_ms_p99=round(percentile(step_times, 99), 3),
         step_ms_max=round(max(step_times), 3),
+        alone_ms_p50=round(statistics.median(alone), 3),
         ahead_ms_max=round(max(ahead), 3),
         player_ms_p99=round(percentile(player_times, 99), 3),
         tokens_per_s=round(1000 / p50, 1),
@@ -206,15 +211,17 @@ def bench_row(
     return row, engine
 
 
-def steps_after_prepare(engine: Engine, steps: int) -> list[float]:
-    """Milliseconds per step when the engine prepared in the idle time before it, as the live engine
-    thread does whenever it is ahead of playback (`Engine.prepare`, untimed here): what a token that
-    falls due costs then. With a window a re-anchoring (MIN rows) is paid in `prepare`, so the worst
-    of these is a normal step; window 1 has nothing to prepare."""
+def sampled_steps(engine: Engine, steps: int, prepare: bool) -> list[float]:
+    """Milliseconds per step that only samples (the model playing on its own). With `prepare` the
+    engine first does, untimed, what the live engine thread does whenever it is ahead of playback
+    (`Engine.prepare`): then a step is what a token that falls due costs, and a window's
+    re-anchoring (MIN rows) is paid in `prepare`, so the worst of them is a normal step. Window 1
+    has nothing to prepare."""
     now = device_clock(engine.device)
     times = []
     for _ in range(steps):
-        engine.prepare()
+        if prepare:
+            engine.prepare()
         start = now()
         engine.step()
         times.append((now() - start) * 1000)
@@ -376,7 +383,8 @@ def run(args) -> list[dict]:
     bandwidth, gemv = read_bandwidth_gb_s(device=device), gemv_bandwidth_gb_s(device=device)  # the engine's device
     rows = []
     header = (
-        f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'worst ms':>8} {'ahead ms':>8} {'player p99':>10} {'tok/s':>8}"
+        f"{'prefix':>6} {'latents':>7} {'p50 ms':>8} {'p99 ms':>8} {'worst ms':>8} {'alone p50':>9} {'ahead ms':>8}"
+        f" {'player p99':>10} {'tok/s':>8}"
         f" {'weights MB':>10} {'bound ms':>8} {'gemv bound':>10}"
     )
     print(
@@ -388,7 +396,8 @@ def run(args) -> list[dict]:
     print("player p99: the player's tokens arrive mid-answer: roll back 4 look-ahead tokens, append 3, sample one")
     print(
         "a step: absorb one token, sample one; latents N or MIN:MAX (a window re-anchors to MIN rows after MAX: "
-        "worst); ahead: the worst step when the engine prepared in idle time first, as the live engine thread does"
+        "worst); alone: a step that only samples (one new latent row); ahead: the worst such step when the "
+        "engine prepared in idle time first, as the live engine thread does"
     )
     print(header)
     for prefix in args.prefix:
@@ -424,7 +433,7 @@ def run(args) -> list[dict]:
             )
             line = (
                 f"{row.prefix:>6} {row.latents!s:>7} {row.step_ms_p50:>8.2f} {row.step_ms_p99:>8.2f}"
-                f" {row.step_ms_max:>8.2f} {row.ahead_ms_max:>8.2f} {row.player_ms_p99:>10.3f}"
+                f" {row.step_ms_max:>8.2f} {row.alone_ms_p50:>9.2f} {row.ahead_ms_max:>8.2f} {row.player_ms_p99:>10.3f}"
                 f" {row.tokens_per_s:>8.0f} {row.weights_mb:>10.1f} {row.bandwidth_bound_ms:>8.2f} {row.gemv_bound_ms:>10.2f}"
             )
             if row.flat_ratio is not None:
