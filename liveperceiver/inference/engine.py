@@ -26,7 +26,8 @@ stream.
 With window 1 a step is a chain of one-row products, so per-op overhead matters as much as bytes:
 layers are called through bare `F.linear`/`F.layer_norm` bound to their weights, and on float32 CPUs
 oneDNN should be off (its GELU costs 10 us of set-up per call, five times the op): a process-wide
-switch, so the entry point turns it off (runtime.configure_inference).
+switch, so the entry point turns it off (runtime.configure_inference). On the CPU float weights are
+stored column by column (`store_column_major`), the layout MKL multiplies a few rows by fastest.
 
 GPU-ready: a step builds no tensor from Python lists (ids, positions and masks are slices of device
 buffers), sums attention per token id in a fixed order (`sum_per_token`), and reads back only the
