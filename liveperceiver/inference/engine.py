@@ -572,9 +572,3 @@ def sum_per_token_in_order(weights: torch.Tensor, ids: torch.Tensor) -> torch.Te
     per_token = torch.zeros(vocab.VOCAB_SIZE, heads, count, dtype=weights.dtype, device=weights.device)
     per_token.index_put_((ids,), weights.permute(2, 0, 1), accumulate=True)
     return per_token.permute(1, 2, 0)
-
-
-def continue_tokens(engine: Engine, prompt: Sequence[int], count: int) -> list[int]:
-    """Append `prompt` and sample `count` tokens (offline continuation)."""
-    engine.append(prompt)
-    return engine.sample(count)
