@@ -228,7 +228,7 @@ def test_a_session_quantises_to_a_clock_that_was_playing_before_it_started(tmp_p
             while time.monotonic() < due:
                 time.sleep(0.0005)
             keys.send(message)
-        assert session.clock.bpm(time.monotonic()) == pytest.approx(100, abs=0.5)
+        assert session.timekeeper.clock.bpm(time.monotonic()) == pytest.approx(100, abs=0.5)
         assert session.snapshot().transport_running
         with session.lock:  # stamped as the scheduler sent them
             onsets = [when for when, is_on, _, who in session.roll if who == "model" and is_on and when > first + 1.2]
