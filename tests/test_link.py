@@ -378,7 +378,7 @@ def netns_play_headless_joins_link_and_stops_on_sigint(tmp_path, peer, jack_serv
         while time.monotonic() < deadline and not all(any(w in line for line in lines) for w in wanted):
             time.sleep(0.1)
         assert all(any(w in line for line in lines) for w in wanted), "".join(lines)
-        assert peer.link.num_peers == 1
+        assert wait_for(lambda: peer.link.num_peers == 1, timeout=5)  # each side discovers the other on its own time
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(30)
