@@ -162,6 +162,7 @@ def synchronizing(calls) -> int:
     return sum("synchronizing" in str(warning.message) for warning in caught)
 
 
+@pytest.mark.cuda
 def test_on_cuda_the_sampling_path_never_waits_for_the_gpu(cuda):
     cpu_state, cuda_state, cache = session_state(), session_state(), session_cache()
     on_cpu = mix_logits(random_logits(3), cache, 0.7)
@@ -184,6 +185,7 @@ def test_on_cuda_the_sampling_path_never_waits_for_the_gpu(cuda):
     assert all(0 <= int(token) < vocab.PAD for token in results["ids"])
 
 
+@pytest.mark.cuda
 def test_on_cuda_a_step_reads_back_once(tiny_model, cuda):
     engine = Engine(
         tiny_model,
@@ -198,6 +200,7 @@ def test_on_cuda_a_step_reads_back_once(tiny_model, cuda):
     assert synchronizing(lambda: engine.sample(20)) == 20
 
 
+@pytest.mark.cuda
 def test_on_cuda_the_engine_gives_the_cpu_logits(tiny_model, cuda):
     """Teacher-forced on the CPU engine's greedy path, both engines' logits agree step by step."""
     engines = [Engine(tiny_model, num_latents=4, device=device) for device in ("cpu", cuda)]
@@ -238,6 +241,7 @@ def test_bench_reads_the_plain_clock_on_the_cpu():
     assert device_clock("cpu") is time.perf_counter
 
 
+@pytest.mark.cuda
 def test_on_cuda_bench_times_the_work_not_its_launch(cuda):
     """A kernel that spins for about 50 ms (at 1 GHz or more) is queued in microseconds; bench's clock waits for it."""
     now = device_clock(cuda)

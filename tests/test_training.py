@@ -398,6 +398,7 @@ def test_training_and_eval_run_on_the_device_given(dataset_dir, tmp_path, engine
     assert on_device["nll_by_window"][0]["nll"] == pytest.approx(on_cpu["nll_by_window"][0]["nll"], rel=1e-4)
 
 
+@pytest.mark.cuda
 def test_two_gpu_data_parallel_keeps_ranks_identical(dataset_dir, tmp_path, engine_device):
     """torchrun on CUDA: each rank on its own GPU (cuda:LOCAL_RANK), NCCL between them."""
     if engine_device.type != "cuda" or torch.cuda.device_count() < 2:

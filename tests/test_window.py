@@ -167,9 +167,11 @@ def test_the_schedule_matches_perceiver_io_golden(tiny_model):
     assert compared >= 40 and worst < 1e-4
 
 
+@pytest.mark.reference
 def test_the_schedule_matches_perceiver_io_live(tiny_model):
     """The same replay against perceiver-io's model in this process, when it is installed (it is an
-    optional benchmark dependency that CI does not install: skipped there and wherever it is missing)."""
+    optional benchmark dependency that CI does not install: marked `reference`, deselected by default;
+    run it in the reference venv with `python -m pytest -m reference tests/test_window.py`)."""
     huggingface = pytest.importorskip("perceiver.model.audio.symbolic.huggingface")
     model = huggingface.PerceiverSymbolicAudioModel.from_pretrained(str(MODEL_GOLDEN / "tiny-a")).eval()
 
