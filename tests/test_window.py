@@ -281,7 +281,7 @@ def test_presets_and_settings_take_a_window(tmp_path):
     assert Settings(num_latents=" 8 ").num_latents == 8 and Settings(num_latents="4:4").num_latents == 4
     for text, message in (
         ('"8:4"', 'sampling.num_latents = "8:4" is outside the allowed values (N or MIN:MAX, 1 <= MIN <= MAX'),
-        ('"8:300"', 'sampling.num_latents = 8:300 is more than the model'),
+        ('"8:300"', "sampling.num_latents = 8:300 is more than the model"),
     ):
         path.write_text(f"[sampling]\nnum_latents = {text}\n")
         with pytest.raises(UserError, match=message.replace("(", r"\(")) as caught:
