@@ -33,6 +33,7 @@ from liveperceiver.cli import main
 from liveperceiver.core.errors import UserError
 from liveperceiver.live.link import FREE, LINK, MIDI_CLOCK, LinkStatus, LinkTimeline, clock_source, link_line
 from liveperceiver.live.settings import Settings
+from liveperceiver.runtime import freeze_heap, thaw_heap
 from tests.conftest import MODEL_GOLDEN, in_ci, missing, require_command
 from tests.jack_fixture import Keyboard, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
@@ -179,6 +180,7 @@ def live(tmp_path, peer, jack_server):  # noqa: F811 - the imported fixture
             settings, model=None, api="jack", session_dir=tmp_path / f"session{len(sessions)}", link_tempo=link_tempo
         )
         sessions.append(session)
+        freeze_heap()  # as play runs a session (live/play.py realtime_process): no full collection stalls it
         session.start()
         keys = Keyboard()
         keyboards.append(keys)
@@ -191,6 +193,7 @@ def live(tmp_path, peer, jack_server):  # noqa: F811 - the imported fixture
         session.close(release_ports=True)
     for keys in keyboards:
         keys.close()
+    thaw_heap()
 
 
 # --------------------------------------------------------------------------- peer tests (netns_*)
