@@ -303,7 +303,7 @@ def netns_the_session_shows_and_logs_link_and_follows_the_ui_toggle(live, peer, 
     phase = (line.beat_at(time.monotonic()) - snap.link.beat) % 4
     assert min(phase, 4 - phase) < 0.05, (snap.link.beat, line)  # the peer's place in the bar
     assert wait_for(lambda: any("clock: Ableton Link" in entry for entry in session.snapshot().log), timeout=2)
-    assert any("link: 1 peer" in entry for entry in session.snapshot().log)
+    assert wait_for(lambda: any("link: 1 peer" in entry for entry in session.snapshot().log), timeout=2)
     preset = tmp_path / "duet.toml"  # a preset that says nothing of Link
     preset.write_text('mode = "duet"\n[link]\nlink_quantum = 3\n')
     app = LivePerceiverApp(session, presets=[SimpleNamespace(name="duet", path=preset, description="")])
