@@ -193,12 +193,45 @@ def test_eval_reports_nll_with_and_without_adaptation(tmp_path, chorale_tokens):
         assert main(argv) == 0
         reports[weight] = json.loads(out.read_text())
     on, off = reports["0.6"], reports["0"]
-    assert on["nll_model"] == pytest.approx(off["nll_model"]) == pytest.approx(off["nll"])
-    assert on["nll"] < on["nll_model"] - 1.0 and on["adapt"]["weight"] == 0.6
+    assert on["nll_model"] == pytest.approx(off["nll_model"])  # the model alone, training windows, either way
+    assert on["nll"] < off["nll"] - 1.0 and on["adapt"]["weight"] == 0.6 == on["system"]["adapt"]
+    assert on["system"]["num_latents"] == Settings().num_latents  # the system as play runs it
+    assert "dynamics_follow=4.0" in on["system"]["constraints"]
     assert on["perplexity"] == pytest.approx(np.exp(on["nll"]))
     for kind, row in on["by_type"].items():
-        assert row["nll"] < row["nll_model"], kind
-        assert row["nll_model"] == pytest.approx(off["by_type"][kind]["nll"])
+        assert row["nll_model"] == pytest.approx(off["by_type"][kind]["nll_model"])
+    assert on["by_type"]["note_on"]["nll"] < off["by_type"]["note_on"]["nll"] - 1.0
+
+
+def test_the_system_nll_is_what_play_samples_from(tiny_model, chorale_tokens):
+    """eval's `nll` is the distribution the engine samples from at temperature 1, token by token:
+    the model at the window, the session cache mixed in, then play's guards and follows."""
+    from liveperceiver.inference.adapt import mix_logits
+    from liveperceiver.inference.sampling import Constraints, constraint_mask
+    from liveperceiver.training.nll import stream_token_nll
+
+    pieces = [chorale_tokens[:150]]  # from its start: every note-off closes a note-on of the piece
+    play = Settings().engine_constraints()
+    system, alone = stream_token_nll(tiny_model, pieces, "4:8", None, 0.7, play, progress=False)
+    expected_system, expected_alone = [], []
+    with torch.inference_mode():
+        for piece in pieces:
+            engine = Engine(tiny_model, num_latents="4:8", adapt=0.7, constraints=play, device="cpu")
+            engine.append(piece[:1])
+            for target in piece[1:]:
+                logits = engine.next_logits().float()
+                expected_alone.append(-float(torch.log_softmax(logits, -1)[target]))
+                mixed = mix_logits(logits, engine.cache, 0.7)
+                constraint_mask(play, engine.state, mixed)
+                expected_system.append(-float(torch.log_softmax(mixed, -1)[target]))
+                engine.append([target])
+    np.testing.assert_allclose(system, expected_system, atol=1e-6)
+    np.testing.assert_allclose(alone, expected_alone, atol=1e-6)
+    assert np.isfinite(system).all()  # play's guards never rule out a true token
+    plain, _ = stream_token_nll(tiny_model, pieces, "4:8", None, 0.7, Constraints(), progress=False)
+    assert not np.allclose(plain, system)  # the guards and follows are in it
+    first_only, _ = stream_token_nll(tiny_model, pieces, "4:8", 100, 0.0, None, progress=False)
+    np.testing.assert_allclose(first_only, alone[:100], atol=1e-6)  # adaptation 0, no constraints: the model
 
 
 def test_adapt_setting_validates_in_one_line(tmp_path, capsys):

@@ -348,14 +348,21 @@ def evaluate(
     device: str | torch.device = "cpu",
     **sampling,
 ) -> dict:
-    """`nll`: the system as `play` runs it (the model with in-session adaptation at weight `adapt`);
-    `nll_model`: the model alone; both on the same targets, with the context of training windows.
-    Everything runs on `device` (the model is moved there)."""
-    from liveperceiver.training.nll import adapted_nll, model_nll, stream_nll
+    """`nll`: the system as `play` runs it, token by token on the live engine (nll.stream_token_nll):
+    the latent window `sampling["num_latents"]` (default: the model's max_latents), in-session
+    adaptation at weight `adapt`, and `sampling["constraints"]` (play's guards and follows), scored at
+    temperature 1; `nll_model`: the model alone with the context of training windows. Both on the
+    same targets. Everything runs on `device` (the model is moved there)."""
+    from liveperceiver.inference.window import parse_window
+    from liveperceiver.training.nll import model_nll, stream_nll, stream_token_nll
 
     model = model.to(device)
     alone, targets = model_nll(model, pieces, progress)
-    nll = adapted_nll(alone, pieces, adapt)
+    system_window = sampling.get("num_latents") or model.config.max_latents
+    constraints = sampling.get("constraints")
+    nll, _ = stream_token_nll(model, pieces, system_window, None, adapt, constraints, device, progress)
+    if len(nll) != len(alone):
+        raise ValueError(f"evaluate: {len(nll)} streamed targets for {len(alone)} scored ones")
     result: dict = {
         "tokens": int(len(nll)),
         "pieces": len(pieces),
@@ -364,6 +371,12 @@ def evaluate(
         "nll_model": float(alone.mean()),
         "perplexity_model": float(math.exp(alone.mean())),
         "adapt": {"weight": adapt, **adaptation_settings()},
+        "system": {
+            "num_latents": parse_window(system_window).capped(model.config.max_latents).setting,
+            "adapt": adapt,
+            "constraints": repr(constraints) if constraints is not None else None,
+            "temperature": 1.0,
+        },
         "by_type": by_type(nll, targets),
         "by_context": by_position(nll, pieces),
         "baseline": None,
@@ -518,16 +531,18 @@ def run_eval(args) -> None:
         **sampling,
     )
     result["model"] = loaded.source
-    alone = "  (model alone {:.4f})" if args.adapt else ""
+    alone = "  (model alone {:.4f})"
+    system = result["system"]
+    parts = [
+        f"latent window {system['num_latents']}",
+        f"in-session adaptation {args.adapt:g}" if args.adapt else "adaptation off",
+        "play's guards and follows" if system["constraints"] else "no guards or follows",
+    ]
     lines = [
         f"model {loaded.name}: {result['tokens']:,} tokens in {result['pieces']} pieces",
-        f"  NLL {result['nll']:.4f} nats/token, perplexity {result['perplexity']:.2f}"
-        + (
-            f", with in-session adaptation {args.adapt:g} as play runs it (the model alone: NLL "
-            f"{result['nll_model']:.4f}, perplexity {result['perplexity_model']:.2f})"
-            if args.adapt
-            else " (the model alone: in-session adaptation off)"
-        ),
+        f"  NLL {result['nll']:.4f} nats/token, perplexity {result['perplexity']:.2f}: the system as play runs it "
+        f"({', '.join(parts)}; scored at temperature 1); the model alone with training windows: NLL "
+        f"{result['nll_model']:.4f}, perplexity {result['perplexity_model']:.2f}",
     ]
     if result["baseline_nll"] is not None:
         lines.append("  " + baseline_line(result["nll_model"], result["baseline_nll"]))

@@ -3,8 +3,11 @@
 - `window_nll`: the model's NLL of one scoring window (a full forward pass);
 - `windows_nll`: the loop over windows (training's validation, eval's `model_nll`);
 - `model_nll`: every token of some pieces with the context of training windows (windows.py);
-- `adapted_nll`: the same targets with in-session adaptation mixed in, as `play` runs it;
-- `stream_nll`: token by token on the live engine, with a chosen latent window (eval --window-latents).
+- `adapted_nll`: the same targets with in-session adaptation mixed in (the closed form of the
+  engine's mix, on the scores of `model_nll`: a quick way to try a weight);
+- `stream_token_nll`: token by token on the live engine, with a chosen latent window, adaptation
+  and the guards and follows of `play` (eval's `nll`, the system as `play` runs it);
+- `stream_nll`: its mean, per latent window (eval --window-latents).
 
 The forward passes run where the model's weights are, the engine on the device it is given.
 """
@@ -81,6 +84,61 @@ def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.n
     return -np.log(mixed_probability(np.exp(-nll), a, b, effective_weight(weight, seen)))
 
 
+def stream_token_nll(
+    model,
+    pieces: list[list[int]],
+    num_latents: int | str,
+    max_tokens: int | None = None,
+    adapt: float = 0.0,
+    constraints=None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-target NLL as the live engine predicts the stream, token by token: (the system, the model
+    alone), over tokens 1.. of every piece in order (at most `max_tokens`).
+
+    Every token is predicted from all the tokens before it in its piece, its latents those of the
+    latent window `num_latents` (N or MIN:MAX, inference/window.py; at most the model's
+    max_latents). The model alone is the engine's logits; the system is what `play` samples from at
+    temperature 1: the engine's session cache mixed in at weight `adapt` (adapt.mix_logits), then
+    `constraints` (sampling.constraint_mask: the guards and the key, dynamics and density follows),
+    every token counted as the player's. Top-k and top-p are not applied: they give some true
+    tokens probability 0. The engine runs on `device`."""
+    from liveperceiver.inference.adapt import mix_logits
+    from liveperceiver.inference.engine import Engine
+    from liveperceiver.inference.sampling import Constraints, constraint_mask
+    from liveperceiver.inference.window import parse_window
+
+    latents = parse_window(num_latents).capped(model.config.max_latents)
+    constraints = constraints or Constraints()
+    total = sum(len(piece) - 1 for piece in pieces)
+    count = total if max_tokens is None else min(total, max_tokens)
+    system, alone = np.empty(count), np.empty(count)
+    index = 0
+    bar = tqdm(total=count, desc=f"window {latents}", unit="token", disable=not progress, file=sys.stderr)
+    with torch.inference_mode():
+        for piece in pieces:
+            if index >= count:
+                break
+            engine = Engine(model, num_latents=latents, device=device, adapt=adapt, constraints=constraints)
+            engine.append(piece[:1])
+            for target in piece[1 : 1 + count - index]:
+                logits = engine.next_logits().float()
+                alone[index] = -float(torch.log_softmax(logits, -1)[target])
+                if adapt or constraints.active:
+                    logits = mix_logits(logits, engine.cache, adapt) if adapt else logits.clone()
+                    if constraints.active:
+                        constraint_mask(constraints, engine.state, logits)
+                    system[index] = -float(torch.log_softmax(logits, -1)[target])
+                else:
+                    system[index] = alone[index]
+                index += 1
+                engine.append([target])
+                bar.update()
+    bar.close()
+    return system, alone
+
+
 def stream_nll(
     model,
     pieces: list[list[int]],
@@ -90,37 +148,16 @@ def stream_nll(
     adapt: float = 0.0,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """NLL per token as the live engine sees the stream: every token predicted from all the tokens
-    before it in its piece, its latents those of the latent window `num_latents` (N or MIN:MAX,
-    inference/window.py; training uses the model's max_latents, a small live window trades some of
-    that quality for speed; at most the model's max_latents here); `nll` with the
-    engine's own session cache mixed in at weight `adapt` (adapt.mix_logits), `nll_model` without.
-    The engine runs on `device`."""
-    from liveperceiver.inference.adapt import mix_logits
-    from liveperceiver.inference.engine import Engine
+    """Mean NLL per token as the live engine sees the stream with the latent window `num_latents`
+    (`stream_token_nll`; a small live window trades some of the training windows' quality for
+    speed): `nll` with the session cache mixed in at weight `adapt`, `nll_model` without."""
     from liveperceiver.inference.window import parse_window
 
-    latents = parse_window(num_latents).capped(model.config.max_latents)
-    total, total_model, count = 0.0, 0.0, 0
-    bar = tqdm(total=max_tokens, desc=f"window {latents}", unit="token", disable=not progress, file=sys.stderr)
-    for piece in pieces:
-        if count >= max_tokens:
-            break
-        engine = Engine(model, num_latents=latents, device=device, adapt=adapt)
-        engine.append(piece[:1])
-        for target in piece[1 : 1 + max_tokens - count]:
-            logits = engine.next_logits().float()
-            total_model -= float(torch.log_softmax(logits, -1)[target])
-            total -= float(torch.log_softmax(mix_logits(logits, engine.cache, adapt), -1)[target]) if adapt else 0.0
-            count += 1
-            engine.append([target])
-            bar.update()
-    bar.close()
-    alone = total_model / max(count, 1)
+    system, alone = stream_token_nll(model, pieces, num_latents, max_tokens, adapt, None, device, progress)
     return {
-        "num_latents": latents.setting,
-        "tokens": count,
+        "num_latents": parse_window(num_latents).capped(model.config.max_latents).setting,
+        "tokens": len(system),
         "adapt": adapt,
-        "nll": total / max(count, 1) if adapt else alone,
-        "nll_model": alone,
+        "nll": float(system.mean()) if len(system) else 0.0,
+        "nll_model": float(alone.mean()) if len(alone) else 0.0,
     }
