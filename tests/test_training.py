@@ -706,6 +706,27 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     ]
 
 
+def test_an_evaluation_only_set_has_no_fitted_baseline(dataset_dir, tiny_model, tmp_path):
+    """A set with no train split (e.g. held-out performances) gets no 4-gram: fitted on nothing it
+    would be the uniform distribution, reported as if it were a yardstick."""
+    import shutil
+
+    from liveperceiver.training.evaluate import evaluate
+
+    only_test = tmp_path / "only-test"
+    shutil.copytree(dataset_dir, only_test)
+    index = json.loads((only_test / "index.json").read_text())
+    for piece in index["pieces"]:
+        piece["split"] = "test"
+    (only_test / "index.json").write_text(json.dumps(index))
+    data = TokenDataset(only_test, "test")
+    pieces = [[int(t) for t in data.piece(i)][:60] for i in range(len(data))]
+    report = evaluate(tiny_model, pieces, only_test, progress=False, num_latents=2)
+    assert report["baseline_nll"] is None and report["baseline"].startswith("none: ")
+    fitted = evaluate(tiny_model, pieces, dataset_dir, progress=False, num_latents=2)
+    assert fitted["baseline_nll"] > 0 and fitted["nll"] == pytest.approx(report["nll"])
+
+
 def test_stream_nll_is_the_full_forward_nll_of_each_window(tiny_model):
     from liveperceiver.training.nll import stream_nll
 

@@ -391,7 +391,11 @@ def evaluate(
         from liveperceiver.training.dataset import TokenDataset
 
         train = TokenDataset(ngram_data, "train")
-        ngram = KneserNey(4).fit(train.piece(i) for i in range(len(train)))
+        if len(train):
+            ngram = KneserNey(4).fit(train.piece(i) for i in range(len(train)))
+        else:  # an evaluation-only set: a 4-gram fitted on nothing is the uniform distribution, no yardstick
+            result["baseline"] = f"none: {ngram_data} has no train split to fit the 4-gram on (see --ngram-data)"
+    if ngram is not None:
         base = np.concatenate([ngram.nll(p) for p in pieces])
         result["baseline"] = f"interpolated Kneser-Ney 4-gram fitted on {ngram_data} (train split)"
         result["baseline_nll"] = float(base.mean())
@@ -546,6 +550,8 @@ def run_eval(args) -> None:
     ]
     if result["baseline_nll"] is not None:
         lines.append("  " + baseline_line(result["nll_model"], result["baseline_nll"]))
+    elif result["baseline"]:
+        lines.append(f"  no 4-gram baseline: {result['baseline'].removeprefix('none: ')}")
     for kind, row in result["by_type"].items():
         base = result.get("baseline_by_type", {}).get(kind, {}).get("nll")
         lines.append(
