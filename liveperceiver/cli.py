@@ -283,11 +283,11 @@ def run_continue(args: argparse.Namespace) -> None:
     from liveperceiver.core.checkpoint import load_model
     from liveperceiver.core.errors import atomic_output
     from liveperceiver.inference.continuation import generate, write_continuation
-    from liveperceiver.inference.engine import DTYPES, Engine, pick_device
+    from liveperceiver.inference.engine import DTYPES, Engine
     from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
     from liveperceiver.inference.window import window_flag
-    from liveperceiver.runtime import configure_inference
+    from liveperceiver.runtime import checked_device, configure_inference
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -301,10 +301,10 @@ def run_continue(args: argparse.Namespace) -> None:
     prompt = read_prompt(args.prompt)
     if not prompt:
         raise UserError(f"{args.prompt}: the prompt holds no tokens")
+    device = checked_device(args.device)  # one line for a device this machine lacks, before the model loads
     loaded = load_model(args.model)
     sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.greedy, args.seed)
     try:
-        device = pick_device(args.device)
         configure_inference(args.threads, device.type, args.dtype)
         engine = Engine(
             loaded.model,
@@ -412,11 +412,10 @@ def run_bench(args: argparse.Namespace) -> None:
 
     args.latents = windows_flag("--latents", args.latents)
     if args.live:
-        from liveperceiver.inference.engine import pick_device
-        from liveperceiver.runtime import configure_inference
+        from liveperceiver.runtime import checked_device, configure_inference
         from liveperceiver.tools import live_bench
 
-        configure_inference(args.threads, pick_device(args.device).type, args.dtype)  # as play does
+        configure_inference(args.threads, checked_device(args.device).type, args.dtype)  # as play does
         args.weights = args.weights or "auto"  # play's default
         live_bench.run(args)
         return

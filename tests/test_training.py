@@ -335,15 +335,20 @@ def test_each_torchrun_rank_trains_on_its_own_gpu_and_the_cpu_keeps_gloo():
         rank_device(torch.device("mps"), 2, 0)
 
 
-@pytest.mark.parametrize("command", ["train", "eval"])
-def test_a_device_this_machine_lacks_is_one_line(command, dataset_dir, tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["train", "eval", "continue", "bench", "bench --live", "play"])
+def test_a_device_this_machine_lacks_is_one_line(command, dataset_dir, midi_folder, tiny_run, tmp_path, capsys):
     from liveperceiver.cli import main
 
     lacking = "cuda:64" if torch.cuda.is_available() else "cuda"  # `--device cuda` without CUDA
-    if command == "train":
-        argv = ["train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir), "--out", str(tmp_path / "new")]
-    else:
-        argv = ["eval", "--model", str(tiny_run / "best"), str(dataset_dir), "--json", str(tmp_path / "new" / "x.json")]
+    model = str(tiny_run / "best")
+    argv = {
+        "train": ["train", "--config", str(TINY_CONFIG), "--data", str(dataset_dir), "--out", str(tmp_path / "new")],
+        "eval": ["eval", "--model", model, str(dataset_dir), "--json", str(tmp_path / "new" / "x.json")],
+        "continue": ["continue", "--model", model, str(midi_folder / "tune01.mid"), "-o", str(tmp_path / "new.mid")],
+        "bench": ["bench", "--model", model, "--no-reference", "--json", str(tmp_path / "new" / "b.json")],
+        "bench --live": ["bench", "--live", "--model", model],
+        "play": ["play", "--headless", "--model", model, "--record", str(tmp_path / "new.mid")],
+    }[command]
     for device, message in ((lacking, "CUDA device"), ("bogus", "not a device")):
         capsys.readouterr()
         assert main([*argv, "--device", device]) == 2

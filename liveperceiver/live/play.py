@@ -18,6 +18,7 @@ from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.live.snapshot import LiveSession
 from liveperceiver.runtime import (
+    checked_device,
     configure_inference,
     exit_now,
     freeze_heap,
@@ -91,10 +92,8 @@ def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> 
     """Open the ports and play until the front end returns (the UI quits) or, headless, until
     SIGINT/SIGTERM; then the one way out of a live session: close it (notes off, take saved, JACK
     ports left open) and exit 0."""
-    from liveperceiver.inference.engine import pick_device
-
     settings = settings_from_args(args)
-    configure_inference(threads=LIVE_THREADS, device=pick_device(args.device).type, dtype=args.dtype)
+    configure_inference(threads=LIVE_THREADS, device=checked_device(args.device).type, dtype=args.dtype)
     session = Session(
         settings,
         model=settings.model,

@@ -32,7 +32,7 @@ from torch import nn
 
 from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.model import PerceiverAR
-from liveperceiver.inference.engine import DTYPES, Engine, pick_device, resolve_weights
+from liveperceiver.inference.engine import DTYPES, Engine, resolve_weights
 from liveperceiver.inference.sampling import SamplingSettings
 from liveperceiver.inference.weights import Int8Linear, PackedLinear
 from liveperceiver.inference.window import LatentWindow, parse_window
@@ -371,9 +371,9 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
 
 def run(args) -> list[dict]:
     from liveperceiver.core.checkpoint import load_model
-    from liveperceiver.runtime import configure_inference
+    from liveperceiver.runtime import checked_device, configure_inference
 
-    device = pick_device(args.device)
+    device = checked_device(args.device)
     configure_inference(args.threads, device.type, args.dtype)
     loaded = load_model(args.model)
     dtype = DTYPES[args.dtype]
