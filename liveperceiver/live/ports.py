@@ -284,10 +284,6 @@ class _Port:
         )
         self.connected_name = self.registered_name if renamed else self.virtual_name
 
-    def port_names(self) -> list[str]:
-        with self.lock:
-            return self.port.get_ports()
-
     def _open(self, index: int) -> None:
         name = self.port.get_ports()[index]
         self.port.open_port(index, self.virtual_name)

@@ -385,10 +385,6 @@ class TokenDataset:
         p = self.pieces[i]
         return self.tokens[p["offset"] : p["offset"] + p["length"]]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(p["length"] for p in self.pieces)
-
 
 def read_index(directory: Path) -> dict:
     """index.json of a built dataset; a missing or damaged one is the user's to fix (one line)."""
