@@ -64,10 +64,14 @@ class LatentStack:
         self._allocate(1)
 
     def _allocate(self, size: int) -> None:
-        shape = (len(self.layers), 2, self.heads, size, self.head_dim)  # per layer its keys, then values
-        self.kept = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.last_queries = torch.zeros(shape[2:], device=self.device, dtype=self.dtype)
-        self.last_inputs = torch.zeros(size, self.heads * self.head_dim, device=self.device, dtype=self.dtype)
+        """Per layer its kept keys, stored transposed (heads, head_dim, size) so that the scores are a
+        plain bmm, and values (heads, size, head_dim); views bound once, not indexed per call."""
+        layers, heads, head_dim = len(self.layers), self.heads, self.head_dim
+        keys = torch.zeros(layers, heads, head_dim, size, device=self.device, dtype=self.dtype)
+        values = torch.zeros(layers, heads, size, head_dim, device=self.device, dtype=self.dtype)
+        self.keys, self.values = list(keys.unbind(0)), list(values.unbind(0))
+        self.last_queries = torch.zeros(heads, size, head_dim, device=self.device, dtype=self.dtype)
+        self.last_inputs = torch.zeros(size, heads * head_dim, device=self.device, dtype=self.dtype)
         self.future = torch.ones(size, size, dtype=torch.bool, device=self.device).triu(1)
         self.size = size
         self.count = 0
@@ -83,45 +87,42 @@ class LatentStack:
 
     def extend(self, x: torch.Tensor) -> None:
         """Rows `count` .. `count` + n (x: their (n, channels) cross-attention outputs) through the
-        stack up to the last layer's input; their keys and values are kept in every layer."""
+        stack up to the last layer's input; their keys and values are kept in every layer. Two new
+        rows go through as one (2, channels) product: two one-row passes cost more (MKL)."""
         first, n = self.count, x.shape[0]
         end = first + n
-        rows = slice(first, end)
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(layer.norm(x)).view(n, 3, self.heads, self.head_dim)
-            kept = self.kept[index]
+            # (3, heads, n, head_dim) views of the fused product: queries, keys, values
+            qkv = layer.qkv(layer.norm(x)).view(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3)
+            q, k, v = qkv
             if layer.rotary:
-                qk = apply_rotary(qkv[:, :2], self.rotation[rows, None, None, :])
-                q = qk[:, 0].transpose(0, 1)
-                kept[0, :, rows] = qk[:, 1].transpose(0, 1)
-                kept[1, :, rows] = qkv[:, 2].transpose(0, 1)
-            else:
-                q = qkv[:, 0].transpose(0, 1)
-                kept[:, :, rows] = qkv[:, 1:].permute(1, 2, 0, 3)  # keys and values in one copy
-            if index == len(self.layers) - 1:
-                self.last_queries[:, rows] = q
-                self.last_inputs[rows] = x
+                q, k = apply_rotary(qkv[:2], self.rotation[first:end])
+            self.keys[index][:, :, first:end] = k.transpose(1, 2)
+            self.values[index][:, first:end] = v
+            if index == last:
+                self.last_queries[:, first:end] = q
+                self.last_inputs[first:end] = x
                 break
-            x = x + layer.output(self._attend(kept, q, first, end))
+            x = x + layer.output(self._attend(index, q, first, end))
             x = x + layer.mlp(x)
         self.count = end
 
-    def _attend(self, kept: torch.Tensor, q: torch.Tensor, first: int, end: int) -> torch.Tensor:
-        """Queries (heads, n, head_dim) of rows first..end over a layer's kept keys and values of rows
-        0..end, causal: (n, channels). bmm, not matmul: a third less time at these sizes."""
+    def _attend(self, index: int, q: torch.Tensor, first: int, end: int) -> torch.Tensor:
+        """Queries (heads, n, head_dim) of rows first..end over layer `index`'s kept keys and values
+        of rows 0..end, causal: (n, channels). bmm, not matmul: a third less time at these sizes."""
         n = end - first
-        scores = torch.bmm(q, kept[0, :, :end].transpose(1, 2))  # queries are pre-scaled
+        scores = torch.bmm(q, self.keys[index][:, :, :end])  # queries are pre-scaled
         if n > 1:
             scores[..., first:].masked_fill_(self.future[:n, :n], float("-inf"))
-        attended = torch.bmm(torch.softmax(scores, dim=-1), kept[1, :, :end])
+        attended = torch.bmm(torch.softmax(scores, dim=-1), self.values[index][:, :end])
         return attended.transpose(0, 1).reshape(n, -1)
 
     def row_logits(self, row: int) -> torch.Tensor:
         """Logits (vocab,) after kept row `row`: its last layer, the output norm and projection."""
-        layer = self.layers[-1]
-        last = len(self.layers) - 1
-        q = self.last_queries[:, row : row + 1]
-        x = self.last_inputs[row : row + 1] + layer.output(self._attend(self.kept[last], q, row, row + 1))
+        layer, last = self.layers[-1], len(self.layers) - 1
+        attended = self._attend(last, self.last_queries[:, row : row + 1], row, row + 1)
+        x = self.last_inputs[row : row + 1] + layer.output(attended)
         x = x + layer.mlp(x)
         return self.logits(x)[0]
 
