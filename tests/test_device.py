@@ -186,18 +186,41 @@ def test_on_cuda_the_sampling_path_never_waits_for_the_gpu(cuda):
 
 
 @pytest.mark.cuda
-def test_on_cuda_a_step_reads_back_once(tiny_model, cuda):
+@pytest.mark.parametrize("window", [4, "4:12", 1])  # sliding; cached (a CUDA graph per one-row step); one latent
+def test_on_cuda_a_step_reads_back_once(tiny_model, cuda, window):
     engine = Engine(
         tiny_model,
         device=cuda,
-        num_latents=4,
+        num_latents=window,
         sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=0),
         constraints=EVERYTHING,
         adapt=0.7,
     )
     engine.append(practice_stream(300))
-    engine.sample(8)  # warm-up: tables, masks and pinned buffers are made once
+    engine.sample(8)  # warm-up: tables, masks and pinned buffers are made once, the graph captured
     assert synchronizing(lambda: engine.sample(20)) == 20
+    if window != 4:
+        assert engine.one_row_step is not None and engine.one_row_step.graph is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("window", ["4:12", 1])
+def test_on_cuda_the_graphed_step_gives_the_cpu_logits(tiny_model, cuda, window):
+    """The one-row steps replay a CUDA graph (on by default on CUDA); teacher-forced on the CPU
+    engine's greedy path, with rollbacks across the anchor, the logits agree step by step."""
+    engines = [Engine(tiny_model, num_latents=window, device=device) for device in ("cpu", cuda)]
+    assert engines[0].one_row_step is None and engines[1].one_row_step is not None
+    for engine in engines:
+        engine.append(practice_stream(200))
+    for index in range(150):
+        on_cpu, on_cuda = (engine.next_logits() for engine in engines)
+        torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+        token = int(on_cpu[: vocab.PAD].argmax())
+        for engine in engines:
+            engine.append([token])
+            if index % 40 == 39:
+                engine.truncate(len(engine) - 7)
+    assert engines[1].one_row_step.graph is not None
 
 
 @pytest.mark.cuda

@@ -270,7 +270,7 @@ def test_follow_flags_and_preset_keys(tmp_path, capsys):
 def test_continuation_statistics_of_known_notes():
     """eval's velocity overlap (32 token bins) and notes per second (every note-on, a pitch struck
     again while it sounds included) on tokens written by hand."""
-    from liveperceiver.training.evaluate import note_stats, rate_ratio, velocity_overlap
+    from liveperceiver.training.continuations import note_stats, rate_ratio, velocity_overlap
 
     ts = vocab.TIME_SHIFT + 49  # 0.5 s
     # bins 20, 20, 10, 10 against 20, 10, 10, 5: min(2/4, 1/4) + min(2/4, 2/4) = 0.75
@@ -285,7 +285,7 @@ def test_continuation_statistics_of_known_notes():
 
 
 def test_eval_continuations_report_the_follow_statistics(tiny_model):
-    from liveperceiver.training.evaluate import continuation_stats
+    from liveperceiver.training.continuations import continuation_stats
 
     pieces = [phrase(40, 28, 12, seed=s) for s in range(3)]
     follow = Constraints(no_orphan_note_off=True, dynamics_follow=4.0, density_follow=1.0, density_ratio=0.5)

@@ -789,7 +789,7 @@ def test_kneser_ney_is_a_distribution():
 
 
 def test_well_formed():
-    from liveperceiver.training.evaluate import well_formed
+    from liveperceiver.training.continuations import well_formed
 
     assert well_formed([60], [300, 128 + 60])
     assert well_formed([60, 60], [128 + 60, 128 + 60])  # a unison needs two note-offs
@@ -803,7 +803,7 @@ def test_well_formed():
 
 def test_overlaps_of_known_histograms():
     """Overlap = the sum of bin-wise minima of the normalised histograms, checked against sums by hand."""
-    from liveperceiver.training.evaluate import histogram_overlap, note_stats, pitch_class_overlap
+    from liveperceiver.training.continuations import histogram_overlap, note_stats, pitch_class_overlap
 
     def notes(pitches: list[int]) -> dict:
         return note_stats(encode_notes([Note(p, 80, 0.5 * i, 0.5 * i + 0.4) for i, p in enumerate(pitches)]))

@@ -52,15 +52,26 @@ def full_forward(model, tokens: list[int], window: tuple[int, int, int]) -> torc
 
 
 def difference(model, engine: Engine, window: tuple[int, int, int]) -> float:
-    return (engine.next_logits() - full_forward(model, engine.tokens, window)).abs().max().item()
+    return (engine.next_logits().cpu() - full_forward(model, engine.tokens, window)).abs().max().item()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_windows_equal_full_forward_passes(tiny_model, seed):
+@pytest.mark.parametrize(
+    ("seed", "graph_step"), [(0, False), (1, False), (2, False), (3, True), (4, True)], ids=lambda v: str(v)
+)
+def test_random_windows_equal_full_forward_passes(tiny_model, engine_device, seed, graph_step):
+    """graph_step: the one-new-row steps run the fixed-shape step (inference/graphed.py): eagerly on
+    the CPU, as a captured CUDA graph under .ci/gpu-check."""
     rng = random.Random(seed)
     config = tiny_model.config
     schedule = Schedule(4, 12, config.max_prefix_len)
-    engine = Engine(tiny_model, num_latents="4:12", sampling=SamplingSettings(seed=seed))
+    engine = Engine(
+        tiny_model,
+        num_latents="4:12",
+        sampling=SamplingSettings(seed=seed),
+        device=engine_device,
+        graph_step=graph_step,
+    )
+    fixed_shape_steps = count_calls(engine.one_row_step, "compute") if graph_step else None
     engine.append([rng.randrange(388) for _ in range(30)])
     seen = {"rebases": 0, "rollbacks across the anchor": 0, "absorbs": 0, "changes": 0, "re-anchorings": 0}
     worst, checked, base = 0.0, 0, engine._base
@@ -95,6 +106,20 @@ def test_random_windows_equal_full_forward_passes(tiny_model, seed):
         base = engine._base
     assert checked >= 500 and worst < 1e-4
     assert seen.pop("rebases") >= 2 and min(seen.values()) >= 5, seen
+    if graph_step:  # most steps need one new row (windows 1:1 among them after a change)
+        assert fixed_shape_steps[0] > 700, fixed_shape_steps
+
+
+def count_calls(obj, name: str) -> list[int]:
+    """Count the calls of obj.name (the real method still runs) in the returned one-item list."""
+    calls, method = [0], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return method(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return calls
 
 
 def test_only_new_rows_are_computed(tiny_model):

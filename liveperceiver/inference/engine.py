@@ -49,6 +49,7 @@ from torch import nn
 from liveperceiver.core import vocab
 from liveperceiver.core.model import PerceiverAR, apply_rotary, feed_forward, output_logits, rotary_rotation
 from liveperceiver.inference.adapt import SessionCache, mix_logits
+from liveperceiver.inference.graphed import OneRowStep
 from liveperceiver.inference.latents import BoundLayer, LatentStack
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 from liveperceiver.inference.weights import (
@@ -185,10 +186,13 @@ class Engine:
         weights: str | None = None,
         adapt: float = 0.0,
         quantize: str | None = None,
+        graph_step: bool | None = None,
     ) -> None:
         """`num_latents`: the latent window, N or MIN:MAX (window.py). `weights`: how Linear weights
         are stored (weights.py): None in `dtype`, or int8, float16 or bfloat16 for a float32 model.
-        `quantize` is its old name, deprecated."""
+        `quantize` is its old name, deprecated. `graph_step`: steps that need one new latent row run
+        the fixed-shape step of graphed.py, captured as a CUDA graph on CUDA (None: on CUDA only;
+        True elsewhere runs it eagerly, as the tests do)."""
         if quantize is not None:
             warnings.warn("Engine(quantize=...) is deprecated: use weights=...", DeprecationWarning, stacklevel=2)
             weights = weights or quantize
@@ -223,6 +227,8 @@ class Engine:
             pack_linear_layers(self.model, self.weight_dtype)
         if self.exact_tables:
             self._bind_layers()
+        use_graph = self.device.type == "cuda" if graph_step is None else graph_step
+        self.one_row_step = OneRowStep(self) if use_graph and self.exact_tables else None
         # for the UI: float32, bfloat16, ..., or "float16 weights" (activations stay float32)
         self.precision = f"{weights} weights" if weights in WEIGHT_DTYPES else str(dtype).removeprefix("torch.")
 
@@ -372,9 +378,24 @@ class Engine:
             start, anchor, end = self.window()
             self._prepare_rows(start, anchor, end)
             self._anchor = anchor
+            if self.one_row_step is not None:
+                return self._graph_step(start, anchor, end)
             return self.stack.one_row_logits(self._cross_attention(start, anchor, anchor, end)).float()
+        start, anchor, end = self.window()
+        if self.one_row_step is not None and anchor == self._anchor and self.stack.count == end - 1 - anchor:
+            self._prepare_rows(start, anchor, end)  # between re-anchorings, one new row: the fixed-shape step
+            logits = self._graph_step(start, anchor, end)
+            self.stack.count = end - anchor
+            return logits
         end = self._advance()
         return self.stack.row_logits(end - 1 - self._anchor).float()
+
+    def _graph_step(self, start: int, anchor: int, end: int) -> torch.Tensor:
+        """The logits of the one new row (stream position end - 1) by graphed.OneRowStep, its rows
+        already prepared."""
+        base = self._base
+        self.one_row_step.set_rows(start - base, anchor - base, end - 1 - base)
+        return self.one_row_step()
 
     @torch.inference_mode()
     def prepare(self) -> None:
@@ -517,14 +538,18 @@ class Engine:
         weights = torch.softmax(scores, dim=-1)  # (heads, count, window)
         prefix_count = anchor - start
         prefix_ids = self.row_ids[start - base : anchor - base]
-        # Values: a prefix value is its token's table row, so sum the weights per token id first
-        # (in float32: thousands of small weights would lose their sum in a 16-bit dtype).
-        per_token = sum_per_token(weights[..., :prefix_count].float(), prefix_ids)
-        attended = torch.matmul(per_token.to(self.dtype), self.prefix_v)
+        attended = self._prefix_values(weights[..., :prefix_count], prefix_ids)
         latent_values = self.latent_v[self.row_ids[anchor - base : end - base]].transpose(0, 1)
         attended += torch.matmul(weights[..., prefix_count:], latent_values)
         x = self.embedding[ids] + self._cross_output(attended.transpose(0, 1).flatten(1))
         return x + self._cross_mlp(x)
+
+    def _prefix_values(self, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(heads, n, head_dim): attention `weights` (heads, n, len(ids)) over prefix rows of token
+        `ids`, applied to their values. A prefix value is its token's table row, so the weights are
+        summed per token id first (in float32: thousands of small weights would lose their sum in a
+        16-bit dtype), then multiplied by the 389-row value table."""
+        return torch.matmul(sum_per_token(weights.float(), ids).to(self.dtype), self.prefix_v)
 
     def modules_read_per_step(self, latents: int | str | LatentWindow) -> list[nn.Module]:
         """The modules whose weights one step with the window `latents` reads (bench's bandwidth

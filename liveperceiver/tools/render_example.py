@@ -16,8 +16,8 @@ import pretty_midi
 from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.tokenizer import decode_notes, encode_midi, parse_midi, write_midi
 from liveperceiver.tools.render import render_midi
+from liveperceiver.training.continuations import note_stats
 from liveperceiver.training.dataset import music21_corpus_dir, score_midis
-from liveperceiver.training.evaluate import note_stats
 from liveperceiver.training.perform import parse_hands, render_rendition, rendition_seed
 from liveperceiver.training.score import score_piece
 from liveperceiver.training.sources import SCORE_SUFFIXES
