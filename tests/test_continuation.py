@@ -19,15 +19,6 @@ def test_only_the_notes_left_sounding_are_handed_over():
     assert flags.index(1) == 6
 
 
-def test_a_pitch_struck_twice_and_closed_once_is_still_handed_over(tiny_model):
-    """Under the pedal the tokenizer writes a re-struck note as two note-ons and two note-offs: after
-    one note-off the pitch still sounds, so it is handed over and the guard closes it."""
-    prompt = [vocab.velocity_token(80), 60, vocab.TIME_SHIFT + 9, 60, vocab.note_off(60), *FIVE_SECONDS]
-    assert handover_flags(prompt) == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
-    for seed in range(4):
-        assert continue_prompt(engine_for(tiny_model, seed), prompt, 1) == [vocab.note_off(60)]
-
-
 def engine_for(model, seed: int) -> Engine:
     guard = Constraints(no_orphan_note_off=True, max_note_ms=3000)
     return Engine(model, sampling=SamplingSettings(seed=seed), constraints=guard, device="cpu")

@@ -163,6 +163,24 @@ def test_a_pitch_struck_twice_while_sounding_is_closed_twice(tiny_model):
     assert closable[tokens.index(60)]
 
 
+def test_a_re_struck_note_closed_once_leaves_nothing_overdue(tiny_model):
+    """The first note-off ends a re-struck pitch's sound (the decoder and the scheduler pair notes by
+    pitch): a second note-off is allowed, never required. Requiring it made every later answer fail
+    once the note was 'overdue': an answer's opening forbids note-offs (live/runs.py), the guard then
+    allowed only that note-off, and nothing could be sampled (bench --live's Link phase: 11 of 20
+    answers dropped)."""
+    from liveperceiver.live.runs import OPENING_FORBID
+
+    guard = Constraints(no_orphan_note_off=True, max_note_ms=1000, dynamics_follow=4.0)
+    engine = Engine(tiny_model, constraints=guard, sampling=SamplingSettings(seed=0), device="cpu")
+    engine.append([vocab.velocity_token(80), 60, 60, vocab.note_off(60)], sampled=[1, 1, 1, 1])
+    engine.append([vocab.TIME_SHIFT + 99] * 2)  # 2 s later, the player's silence ends: an answer opens
+    assert engine.state.overdue(guard.max_note_ms) == []
+    for _ in range(3):
+        engine.step(forbid=(OPENING_FORBID,))
+        engine.truncate(6)
+
+
 def test_constraint_pitch_range_bites(tiny_model):
     _, free = sample_under(tiny_model, Constraints())
     assert any(t < 128 and not 50 <= t <= 70 for t in free)

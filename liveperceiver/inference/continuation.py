@@ -56,16 +56,15 @@ def handover_flags(prompt: list[int]) -> list[int]:
     session the player ends their own notes; offline nobody would, and the note-length guard
     (`max_note_seconds`) watches only the model's notes. Handed over, they are the continuation's to
     end, and the guard closes them like its own once they have sounded that long."""
-    open_at: dict[int, list[int]] = {}  # pitch -> indices of its note-ons not closed yet (a re-strike: two)
+    open_at: dict[int, int] = {}  # pitch -> index of the note-on that sounds it now
     for index, token in enumerate(prompt):
         if token < vocab.NOTE_OFF:
-            open_at.setdefault(token, []).append(index)
-        elif token < vocab.TIME_SHIFT and open_at.get(token - vocab.NOTE_OFF):
-            open_at[token - vocab.NOTE_OFF].pop(0)  # the tokenizer closes a pitch's notes in the order struck
+            open_at[token] = index
+        elif token < vocab.TIME_SHIFT:
+            open_at.pop(token - vocab.NOTE_OFF, None)
     flags = [0] * len(prompt)
-    for indices in open_at.values():
-        if indices:
-            flags[indices[-1]] = 1
+    for index in open_at.values():
+        flags[index] = 1
     return flags
 
 

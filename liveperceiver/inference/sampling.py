@@ -159,9 +159,9 @@ class StreamState:
     SNAPSHOT_EVERY = 256
 
     def __init__(self) -> None:
-        self.onsets: dict[int, int] = {}  # sounding pitch -> onset time (ms) of its first open note-on
-        # sounding pitch -> its open note-ons: a pitch struck again while it sounds (the pedal holds it,
-        # a repeated note) is two notes to the tokenizer, closed by two note-offs (1% of MAESTRO's notes)
+        self.onsets: dict[int, int] = {}  # sounding pitch -> onset time (ms)
+        # pitch -> its note-ons not yet matched by a note-off: a pitch struck again while it sounds (the
+        # pedal holds it) is two notes to the tokenizer, closed by two note-offs (1% of MAESTRO's notes)
         self.open_notes: dict[int, int] = {}
         self.sampled: set[int] = set()  # sounding pitches the model struck (a player's notes are not its to end)
         self.clock_ms = 0
@@ -242,11 +242,12 @@ class StreamState:
         elif token < vocab.TIME_SHIFT:
             pitch = token - vocab.NOTE_OFF
             still_open = self.open_notes.pop(pitch, 0) - 1
-            if still_open > 0:  # the pitch was struck again while it sounded: its later note-on is open
+            if still_open > 0:  # struck again while it sounded: one more note-off is the tokenizer's
                 self.open_notes[pitch] = still_open
-            else:
-                self.onsets.pop(pitch, None)
-                self.sampled.discard(pitch)
+            # The first note-off ends the pitch's sound, as the decoder and the scheduler pair notes by
+            # pitch: a second one is allowed (open_notes), never required (no guard waits for it).
+            self.onsets.pop(pitch, None)
+            self.sampled.discard(pitch)
         elif token < vocab.VELOCITY:
             self.clock_ms += vocab.time_shift_steps(token) * 10
         elif token < vocab.PAD:
@@ -437,7 +438,7 @@ def constraint_mask(
         return
     if constraints.no_orphan_note_off:
         allowed = torch.zeros(128, dtype=torch.bool)
-        allowed[list(state.onsets)] = True
+        allowed[list(state.open_notes)] = True
         logits[vocab.NOTE_OFF : vocab.TIME_SHIFT].masked_fill_(~host_to_device(allowed, logits.device), minus_inf)
     if constraints.pitch_range is not None:
         low, high = constraints.pitch_range
