@@ -106,7 +106,11 @@ class SamplingSettings:
 class Constraints:
     """Optional musical constraints; None/False/0 means off."""
 
-    no_orphan_note_off: bool = False  # no more note-offs for a pitch than it has open note-ons
+    no_orphan_note_off: bool = False  # no note-off for a pitch that is not sounding
+    # with no_orphan_note_off: a pitch struck again while it sounded may be closed twice, as the
+    # tokenizer writes it (eval scores real streams so). Sampling closes it once: the reference
+    # decoder would make the second note-off a doubled note (continuations' polyphony 0.90 -> 1.27).
+    repeated_note_offs: bool = False
     pitch_range: tuple[int, int] | None = None  # note-ons allowed only in [low, high]
     max_polyphony: int = 0  # no note-on while this many notes sound
     min_onset_gap_ms: int = 0  # no note-on sooner than this after the previous one
@@ -245,7 +249,7 @@ class StreamState:
             if still_open > 0:  # struck again while it sounded: one more note-off is the tokenizer's
                 self.open_notes[pitch] = still_open
             # The first note-off ends the pitch's sound, as the decoder and the scheduler pair notes by
-            # pitch: a second one is allowed (open_notes), never required (no guard waits for it).
+            # pitch: a second one is never required, and allowed only with repeated_note_offs.
             self.onsets.pop(pitch, None)
             self.sampled.discard(pitch)
         elif token < vocab.VELOCITY:
@@ -438,7 +442,7 @@ def constraint_mask(
         return
     if constraints.no_orphan_note_off:
         allowed = torch.zeros(128, dtype=torch.bool)
-        allowed[list(state.open_notes)] = True
+        allowed[list(state.open_notes if constraints.repeated_note_offs else state.onsets)] = True
         logits[vocab.NOTE_OFF : vocab.TIME_SHIFT].masked_fill_(~host_to_device(allowed, logits.device), minus_inf)
     if constraints.pitch_range is not None:
         low, high = constraints.pitch_range

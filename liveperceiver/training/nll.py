@@ -15,6 +15,7 @@ The forward passes run where the model's weights are, the engine on the device i
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -101,8 +102,9 @@ def stream_token_nll(
     latent window `num_latents` (N or MIN:MAX, inference/window.py; at most the model's
     max_latents). The model alone is the engine's logits; the system is what `play` samples from at
     temperature 1: the engine's session cache mixed in at weight `adapt` (adapt.mix_logits), then
-    `constraints` (sampling.constraint_mask: the guards and the key, dynamics and density follows),
-    every token counted as the player's. Top-k and top-p are not applied: they give some true
+    `constraints` (sampling.constraint_mask: the guards and the key, dynamics and density follows;
+    the orphan guard in the tokenizer's language, `repeated_note_offs`), every token counted as the
+    player's. Top-k and top-p are not applied: they give some true
     tokens probability 0. The engine runs on `device`."""
     from liveperceiver.inference.adapt import mix_logits
     from liveperceiver.inference.engine import Engine
@@ -111,6 +113,8 @@ def stream_token_nll(
 
     latents = parse_window(num_latents).capped(model.config.max_latents)
     constraints = constraints or Constraints()
+    if constraints.no_orphan_note_off:  # real streams close a pitch struck twice twice (sampling.Constraints)
+        constraints = replace(constraints, repeated_note_offs=True)
     total = sum(len(piece) - 1 for piece in pieces)
     count = total if max_tokens is None else min(total, max_tokens)
     system, alone = np.empty(count), np.empty(count)
