@@ -382,18 +382,18 @@ class Engine:
             if self.one_row_step is not None:
                 return self._graph_step(start, anchor, end)
             return self.stack.one_row_logits(self._cross_attention(start, anchor, anchor, end)).float()
-        start, anchor, end = self.window()
-        if self.one_row_step is not None and anchor == self._anchor and self.stack.count == end - 1 - anchor:
-            self._prepare_rows(start, anchor, end)  # between re-anchorings, one new row: the fixed-shape step
-            logits = self._graph_step(start, anchor, end)
-            self.stack.count = end - anchor
-            return logits
+        if self.one_row_step is not None:
+            start, anchor, end = self.window()
+            if anchor == self._anchor and self.stack.count == end - 1 - anchor:
+                self._prepare_rows(start, anchor, end)  # between re-anchorings, one new row: the fixed-shape step
+                logits = self._graph_step(start, anchor, end)
+                self.stack.count = end - anchor
+                return logits
         end = self._advance()
         return self.stack.row_logits(end - 1 - self._anchor).float()
 
     def _graph_step(self, start: int, anchor: int, end: int) -> torch.Tensor:
-        """The logits of the one new row (stream position end - 1) by graphed.OneRowStep, its rows
-        already prepared."""
+        """The logits of the new row at stream position end - 1, its rows prepared: graphed.OneRowStep."""
         base = self._base
         self.one_row_step.set_rows(start - base, anchor - base, end - 1 - base)
         return self.one_row_step()

@@ -15,8 +15,8 @@ runs several rows, eagerly). Everything before the logits (the token ids, the ro
 written by the engine's eager code first, as for its own step.
 
 On the CPU the engine keeps its sliced step (the masked one reads the whole key buffer); tests run
-this one eagerly on the CPU and check that it equals the sliced step (tests/test_graphed.py), and
-`.ci/gpu-check` runs the captured graph on CUDA against the CPU.
+this one eagerly on the CPU against full forward passes (tests/test_window.py), and `.ci/gpu-check`
+runs the captured graph on CUDA against the CPU (tests/test_device.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class OneRowStep:
         self.start = torch.zeros((), dtype=torch.long, device=device)  # buffer row of the window's start
         self.anchor = torch.zeros((), dtype=torch.long, device=device)  # buffer row of the first latent
         self.row = torch.zeros((), dtype=torch.long, device=device)  # buffer row of the new latent
-        self.kept_row = torch.zeros((), dtype=torch.long, device=device)  # its row in the latent stack
         self.positions = torch.arange(engine.capacity, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
@@ -56,7 +55,6 @@ class OneRowStep:
         self.start.fill_(start)
         self.anchor.fill_(anchor)
         self.row.fill_(row)
-        self.kept_row.fill_(row - anchor)
 
     def __call__(self) -> torch.Tensor:
         """Float32 logits (vocab,) of the new row, a tensor of the caller's own."""
@@ -106,8 +104,8 @@ class OneRowStep:
         and row_logits for one row): its keys and values, and the last layer's query and input, are
         kept at its row; it attends to the kept rows up to itself."""
         stack = self.engine.stack
-        kept_row = self.kept_row.view(1)
-        visible = torch.arange(stack.size, device=x.device) <= self.kept_row
+        kept_row = (self.row - self.anchor).view(1)  # its row in the latent stack, numbered from the anchor
+        visible = torch.arange(stack.size, device=x.device) <= kept_row
         last = len(stack.layers) - 1
         for index, layer in enumerate(stack.layers):
             qkv = layer.qkv(layer.norm(x)).view(1, 3, stack.heads, stack.head_dim).permute(1, 2, 0, 3)
