@@ -32,8 +32,8 @@ stored column by column (`store_column_major`), the layout MKL multiplies a few 
 GPU-ready: a step builds no tensor from Python lists (ids, positions and masks are slices of device
 buffers), sums attention per token id in a fixed order (`sum_per_token`), and reads back only the
 sampled id (sampling.choose). On CUDA the steps that need one new latent row replay a CUDA graph of
-the same step computed with fixed shapes (graphed.py). Rollback (`truncate`) just forgets tokens: buffer rows depend on id
-and position only, and kept latents on the tokens before them only.
+the same step computed with fixed shapes (graphed.py). Rollback (`truncate`) just forgets tokens:
+buffer rows depend on id and position only, and kept latents on the tokens before them only.
 """
 
 from __future__ import annotations
