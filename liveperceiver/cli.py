@@ -27,7 +27,7 @@ def lazy(module: str, function: str) -> Callable[[argparse.Namespace], object]:
 
 
 # engine.WEIGHTS, spelled out here so that building the parser does not import torch
-WEIGHTS = ("auto", "float32", "int8", "float16", "bfloat16")
+WEIGHTS = ("auto", "float32", "int8", "float16", "bfloat16", "blocked")
 
 # --------------------------------------------------------------------------- tokenize / detokenize
 
@@ -377,8 +377,8 @@ def add_bench(subparsers) -> None:
         "--weights",
         choices=WEIGHTS,
         help="how the engine stores Linear weights, as `play --weights`: float32 (as --dtype), int8 (a scale per "
-        "output channel), float16/bfloat16 (16-bit weights, float32 activations), auto (measured on CPU); "
-        "default float32, with --live auto",
+        "output channel), float16/bfloat16 (16-bit weights, float32 activations), blocked (float32 in oneDNN's "
+        "blocked layout, CPU only), auto (measured on CPU); default float32, with --live auto",
     )
     parser.add_argument(
         "--quantize",
@@ -460,7 +460,8 @@ def add_play(subparsers) -> None:
         "--weights",
         default="auto",
         choices=WEIGHTS,
-        help="how the engine stores Linear weights (auto: float32 on GPU; on CPU float32 or float16, whichever steps faster)",
+        help="how the engine stores Linear weights (auto: float32 on GPU; on CPU float32, float16 or blocked, "
+        "whichever steps faster)",
     )
     parser.add_argument(
         "--dtype",

@@ -27,7 +27,8 @@ With window 1 a step is a chain of one-row products, so per-op overhead matters 
 layers are called through bare `F.linear`/`F.layer_norm` bound to their weights, and on float32 CPUs
 oneDNN should be off (its GELU costs 10 us of set-up per call, five times the op): a process-wide
 switch, so the entry point turns it off (runtime.configure_inference). On the CPU float weights are
-stored column by column (`store_column_major`), the layout MKL multiplies a few rows by fastest.
+stored column by column (`store_column_major`, weights.py), the layout MKL multiplies a few rows by
+fastest; weights `blocked` store them in oneDNN's layout instead, faster still for large models.
 
 GPU-ready: a step builds no tensor from Python lists (ids, positions and masks are slices of device
 buffers), sums attention per token id in a fixed order (`sum_per_token`), and reads back only the
@@ -40,25 +41,26 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from liveperceiver.core import vocab
-from liveperceiver.core.model import PerceiverAR, apply_rotary, feed_forward, output_logits, rotary_rotation
+from liveperceiver.core.model import PerceiverAR, apply_rotary, output_logits, rotary_rotation
 from liveperceiver.inference.adapt import SessionCache, mix_logits
 from liveperceiver.inference.graphed import OneRowStep
 from liveperceiver.inference.latents import BoundLayer, LatentStack
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 from liveperceiver.inference.weights import (
-    WEIGHT_DTYPES,
     WEIGHTS,
-    PackedLinear,
+    bare,
+    blocked_weights_available,
+    bound_mlp,
     check_weights,
     pack_linear_layers,
+    store_column_major,
     stored_linear,
 )
 from liveperceiver.inference.window import LatentWindow, parse_window
@@ -82,8 +84,9 @@ def resolve_weights(weights: str, device: torch.device, model: PerceiverAR) -> s
     `auto` keeps float32 on GPUs, where a step costs kernel launches, not bytes. On a CPU a
     one-latent step costs about the bytes of its weights, so 16-bit weights should pay, but whether
     they do depends on the CPU (the README's engine benchmark: float16 weights 30% faster on an AVX2
-    EPYC, 30% slower on an AVX512 Xeon), so `auto` measures both there, once per model configuration
-    and device (`faster_weights`)."""
+    EPYC, 30% slower on an AVX512 Xeon), and blocked float32 weights pay for large models only
+    (weights.BlockedLinear), so `auto` measures them there, once per model configuration and device
+    (`faster_weights`)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
     if weights == "auto":
@@ -100,11 +103,11 @@ _MEASURED_WEIGHTS: dict[tuple[str, str], str | None] = {}
 
 
 def faster_weights(model: PerceiverAR, device: torch.device, budget_s: float = 0.3) -> str | None:
-    """None (float32) or "float16", whichever makes a one-latent step faster here: the median of
-    interleaved steps at a 1,024-token prefix, for about `budget_s` seconds in all."""
+    """None (float32), "float16" or "blocked" (where it works), whichever makes a one-latent step
+    fastest here: the median of interleaved steps at a 1,024-token prefix, for about `budget_s` s."""
     import time
 
-    candidates: tuple[str | None, ...] = (None, "float16")
+    candidates = (None, "float16", *(("blocked",) if blocked_weights_available(device) else ()))
     engines = [Engine(model, device=device, weights=w, sampling=SamplingSettings(seed=0)) for w in candidates]
     context = [vocab.velocity_token(80), vocab.note_on(60), vocab.TIME_SHIFT + 44, vocab.note_off(60)] * 256  # 450 ms
     for engine in engines:
@@ -126,45 +129,10 @@ def faster_weights(model: PerceiverAR, device: torch.device, budget_s: float = 0
 def prepare_model(model: PerceiverAR, device: torch.device, dtype: torch.dtype, weights: str | None) -> PerceiverAR:
     """A private eval-mode copy on `device` in `dtype`.
 
-    Weight storage (`weights` int8/float16/bfloat16, weights.py) is applied later, by the engine,
-    once its float32 tables are built."""
-    check_weights(weights, dtype)
+    Weight storage (`weights` int8/float16/bfloat16/blocked, weights.py) is applied later, by the
+    engine, once its float32 tables are built."""
+    check_weights(weights, dtype, device)
     return copy.deepcopy(model).eval().to(device=device, dtype=dtype)
-
-
-def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`module` as a plain function: F.linear / F.layer_norm bound to its weights when it is a float
-    Linear or LayerNorm (a module call costs more than a one-row product of these sizes), else the
-    module itself (int8 weights, 16-bit packed weights)."""
-    if isinstance(module, nn.LayerNorm):
-        return partial(
-            F.layer_norm,
-            normalized_shape=module.normalized_shape,
-            weight=module.weight,
-            bias=module.bias,
-            eps=module.eps,
-        )
-    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and module.rows_weight is None):
-        return partial(F.linear, weight=module.weight, bias=module.bias)
-    return module
-
-
-def store_column_major(module: nn.Module) -> None:
-    """Store a float Linear's weight column by column: the same values, transposed strides, so that
-    F.linear hands MKL an (in, out) matrix. Why: on the CPU MKL multiplies a few rows by it 1.3-1.8x
-    faster than by the (out, in) one (one thread, a 1-row chain through 27 MB of weights: 1.7 -> 1.3
-    ms from memory, 1.3 -> 0.8 ms from the caches; 2 rows 2.1 -> 1.3 ms). 16-bit and int8 weights
-    keep their own kernels' layout."""
-    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and module.rows_weight is None):
-        weight = module.weight
-        if weight.dtype.is_floating_point and weight.dim() == 2 and weight.stride(1) != weight.shape[0]:
-            columns = weight.detach().t().contiguous().t()
-            module.weight = nn.Parameter(columns, requires_grad=False) if isinstance(module, nn.Linear) else columns
-
-
-def bound_mlp(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model's MLP (`feed_forward`) on bare pieces."""
-    return partial(feed_forward, norm=bare(mlp.norm), fc1=bare(mlp.fc1), fc2=bare(mlp.fc2))
 
 
 class Engine:
@@ -190,7 +158,7 @@ class Engine:
         graph_step: bool | None = None,
     ) -> None:
         """`num_latents`: the latent window, N or MIN:MAX (window.py). `weights`: how Linear weights
-        are stored (weights.py): None in `dtype`, or int8, float16 or bfloat16 for a float32 model.
+        are stored (weights.py): None in `dtype`, or int8, float16, bfloat16 or blocked for a float32 model.
         `quantize` is its old name, deprecated. `graph_step`: steps that need one new latent row run
         the fixed-shape step of graphed.py, captured as a CUDA graph on CUDA (None: on CUDA only;
         True elsewhere runs it eagerly, as the tests do)."""
@@ -220,18 +188,18 @@ class Engine:
             adapt=adapt,
         )
         self.exact_tables = not self.config.abs_pos_emb
-        # Weight storage: the model's dtype unless `weights` asks for int8 or 16-bit weights.
-        self.weight_dtype = WEIGHT_DTYPES.get(weights, dtype)
+        # Weight storage: the model's dtype unless `weights` asks for int8, 16-bit or blocked weights.
+        self.weights = weights
         if self.exact_tables:
             self._build_tables()
-        if self.weight_dtype != dtype:
-            pack_linear_layers(self.model, self.weight_dtype)
+        if weights is not None:
+            pack_linear_layers(self.model, weights)
         if self.exact_tables:
             self._bind_layers()
         use_graph = self.device.type == "cuda" if graph_step is None else graph_step
         self.one_row_step = OneRowStep(self) if use_graph and self.exact_tables else None
         # for the UI: float32, bfloat16, ..., or "float16 weights" (activations stay float32)
-        self.precision = f"{weights} weights" if weights in WEIGHT_DTYPES else str(dtype).removeprefix("torch.")
+        self.precision = f"{weights} weights" if weights is not None else str(dtype).removeprefix("torch.")
 
     # ------------------------------------------------------------------ settings
 
@@ -463,9 +431,9 @@ class Engine:
         for layer in model.self_attention:
             a = layer.attention
             qkv = torch.cat([a.q_proj.weight * head_dim**-0.5, a.k_proj.weight, a.v_proj.weight])
-            self._fused_qkv.append(stored_linear(qkv, None, self.weight_dtype))
+            self._fused_qkv.append(stored_linear(qkv, None, self.weights))
             value_output = a.o_proj.weight @ a.v_proj.weight
-            self._fused_value_output.append(stored_linear(value_output, a.o_proj.bias, self.weight_dtype))
+            self._fused_value_output.append(stored_linear(value_output, a.o_proj.bias, self.weights))
 
     def _bind_layers(self) -> None:
         """Each layer's pieces as plain callables (see `bare`), after any weight packing; on the CPU

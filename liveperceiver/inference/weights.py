@@ -1,31 +1,58 @@
 """How the engine stores its Linear weights (the `weights` setting: `play --weights`, `bench --weights`,
-`Engine(weights=...)`): the Linear layers that store them, and the setting's choices.
+`Engine(weights=...)`): the Linear layers that store them, the setting's choices, and the engine's
+layers as plain functions bound to their weights (`bare`).
 
 A one-latent step is a chain of matrix-vector products that read every weight once, so on a CPU a
 step costs about the bytes of its weights: int8 weights read a quarter of float32's, 16-bit weights
-half. `PackedLinear` and `Int8Linear` hold them; the engine's `resolve_weights` turns the setting
-(`auto` included, measured on the engine) into what it stores. "weights" is the one name for
-storage precision; "quantise" is the rhythm grid's (live settings, clock, link).
+half. `PackedLinear` and `Int8Linear` hold them; `BlockedLinear` holds float32 weights in oneDNN's
+blocked layout, which reads them faster than MKL does for one or a few rows. The engine's
+`resolve_weights` turns the setting (`auto` included, measured on the engine) into what it stores.
+"weights" is the one name for storage precision; "quantise" is the rhythm grid's (live settings,
+clock, link).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-STORED_WEIGHTS = ("int8", "float16", "bfloat16")  # stored apart from a float32 model's compute dtype
+from liveperceiver.core.model import feed_forward
+
+# stored apart from a float32 model's compute dtype (blocked: float32, in another layout)
+STORED_WEIGHTS = ("int8", "float16", "bfloat16", "blocked")
 WEIGHT_DTYPES = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}  # weights -> storage
 WEIGHTS = ("auto", "float32", *STORED_WEIGHTS)  # the setting's choices (cli.py spells them out too)
 
 
-def check_weights(weights: str | None, dtype: torch.dtype) -> None:
+def check_weights(weights: str | None, dtype: torch.dtype, device: torch.device) -> None:
     """`Engine(weights=...)`: None (stored in the compute dtype), or one of STORED_WEIGHTS, which
-    store 16-bit or int8 weights for float32 activations and so need a float32 model."""
+    store weights apart from float32 activations and so need a float32 model; `blocked` also needs
+    the CPU and torch's oneDNN packed Linear (`blocked_weights_available`)."""
     if weights not in (None, *STORED_WEIGHTS):
         raise ValueError(f"weights {weights!r} is not one of: None (the dtype's), {', '.join(STORED_WEIGHTS)}")
     if weights in STORED_WEIGHTS and dtype != torch.float32:
         raise ValueError(f"weights {weights} stores {weights} weights for a float32 model; dtype is {dtype}")
+    if weights == "blocked" and device.type != "cpu":
+        raise ValueError(f"weights blocked stores weights in oneDNN's CPU layout; the device is {device.type}")
+    if weights == "blocked" and not blocked_weights_available(device):
+        raise ValueError(
+            "weights blocked needs torch's oneDNN packed Linear (torch.ops.mkldnn), which this torch lacks"
+        )
+
+
+def blocked_weights_available(device: torch.device) -> bool:
+    """Whether `blocked` weights work here: on the CPU, with a torch built with oneDNN's packed
+    Linear (the ops work whether or not the process-wide oneDNN switch is on)."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 class PackedLinear(nn.Module):
@@ -112,16 +139,84 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def stored_linear(weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype) -> nn.Module:
-    """A Linear holding `weight` in `storage`: Int8Linear for int8, else PackedLinear."""
-    if storage == torch.int8:
+class BlockedLinear(nn.Module):
+    """A bias-optional float32 Linear whose weight is stored in oneDNN's blocked layout, the
+    `blocked` weight setting: the same float32 products, for any number of rows.
+
+    Why: on a CPU MKL's float32 products of one or two rows are memory-bound and do not reach the
+    memory's bandwidth (two rows cost ~1.85x one); oneDNN's product over a weight reordered once
+    into its blocked layout reads it faster (2-core AVX512 EPYC, 24 products of 1024x4096 and
+    4096x1024: one row 19-22 -> 11-12 ms, two rows 34 -> 12-20 ms). Each call has ~10 us more
+    set-up than MKL's, so for small models whose weights fit in the caches it gains little or
+    loses: `auto` measures it. `ROWS_HINT` is the rows the reorder expects: any hint from 2 (to 64 at least) gives
+    the same layout (AB16b64a, as ONEDNN_VERBOSE=1 shows), 1 keeps the plain one and MKL's speed.
+    The product is F.linear's for any number of rows."""
+
+    ROWS_HINT = 2
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        weight = weight.detach().float().contiguous()
+        # an opaque oneDNN tensor: only torch.ops.mkldnn reads it
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.ROWS_HINT))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.product = partial(
+            torch.ops.mkldnn._linear_pointwise, W=self.weight, B=self.bias, attr="none", scalars=[], algorithm=""
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x)
+
+
+def stored_linear(weight: torch.Tensor, bias: torch.Tensor | None, weights: str | None) -> nn.Module:
+    """A Linear holding `weight` as the `weights` setting stores it (None: as it is)."""
+    if weights == "blocked":
+        return BlockedLinear(weight, bias)
+    if weights == "int8":
         return Int8Linear(weight, bias)
-    return PackedLinear(weight, bias, storage)
+    return PackedLinear(weight, bias, WEIGHT_DTYPES.get(weights, weight.dtype))
 
 
-def pack_linear_layers(model: nn.Module, storage: torch.dtype) -> None:
-    """Replace every nn.Linear in `model` by one storing its weight in `storage` (`stored_linear`)."""
+def pack_linear_layers(model: nn.Module, weights: str) -> None:
+    """Replace every nn.Linear in `model` by one storing its weight as `weights` says (`stored_linear`)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, stored_linear(child.weight, child.bias, storage))
+                setattr(module, name, stored_linear(child.weight, child.bias, weights))
+
+
+def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` as a plain function: F.linear / F.layer_norm bound to its weights when it is a float
+    Linear or LayerNorm (a module call costs more than a one-row product of these sizes), oneDNN's
+    product for blocked weights, else the module itself (int8 weights, 16-bit packed weights)."""
+    if isinstance(module, nn.LayerNorm):
+        return partial(
+            F.layer_norm,
+            normalized_shape=module.normalized_shape,
+            weight=module.weight,
+            bias=module.bias,
+            eps=module.eps,
+        )
+    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and module.rows_weight is None):
+        return partial(F.linear, weight=module.weight, bias=module.bias)
+    if isinstance(module, BlockedLinear):
+        return module.product
+    return module
+
+
+def store_column_major(module: nn.Module) -> None:
+    """Store a float Linear's weight column by column: the same values, transposed strides, so that
+    F.linear hands MKL an (in, out) matrix. Why: on the CPU MKL multiplies a few rows by it 1.3-1.8x
+    faster than by the (out, in) one (one thread, a 1-row chain through 27 MB of weights: 1.7 -> 1.3
+    ms from memory, 1.3 -> 0.8 ms from the caches; 2 rows 2.1 -> 1.3 ms). 16-bit, int8 and blocked
+    weights keep their own kernels' layout."""
+    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and module.rows_weight is None):
+        weight = module.weight
+        if weight.dtype.is_floating_point and weight.dim() == 2 and weight.stride(1) != weight.shape[0]:
+            columns = weight.detach().t().contiguous().t()
+            module.weight = nn.Parameter(columns, requires_grad=False) if isinstance(module, nn.Linear) else columns
+
+
+def bound_mlp(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's MLP (`feed_forward`) on bare pieces."""
+    return partial(feed_forward, norm=bare(mlp.norm), fc1=bare(mlp.fc1), fc2=bare(mlp.fc2))

@@ -145,7 +145,8 @@ def _module_bytes(module: nn.Module, rows: int) -> int:
     if isinstance(module, PackedLinear):
         weight = module.rows_weight if rows > 1 and module.rows_weight is not None else module.weight
         return _tensor_bytes(weight) + (0 if module.bias is None else _tensor_bytes(module.bias))
-    return sum(_tensor_bytes(p) for p in module.parameters(recurse=False))
+    # float Linear and norm layers: their parameters; BlockedLinear: its buffers (the reordered weight, the bias)
+    return sum(_tensor_bytes(t) for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
 
 def bench_row(
