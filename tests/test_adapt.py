@@ -128,15 +128,28 @@ def test_adaptation_lowers_the_nll_of_a_repetitive_real_piece(tiny_model, choral
 
 def test_the_engine_mixes_as_eval_scores(tiny_model, chorale_tokens):
     """The engine's mix of full distributions (adapt.mix_logits, what `play` samples from) and
-    eval's mix of the true tokens' probabilities (adapted_nll) agree token by token: on pieces
-    shorter than the model's latent window both see every earlier token as a latent."""
+    eval's mix of the true tokens' probabilities (adapted_nll, the cache alone) agree token by token
+    on note-ons and time-shifts: on pieces shorter than the model's latent window both see every
+    earlier token as a latent, and the session experts move probability only within the velocities
+    and within the note-offs, keeping each type's total. On those two types the experts change it."""
+    from liveperceiver.training.nll import stream_token_nll
+
     pieces = [chorale_tokens[i : i + 30] for i in (0, 300, 600)]
-    alone, _ = model_nll(tiny_model, pieces)
-    live = stream_nll(tiny_model, pieces, tiny_model.config.max_latents, 10**6, progress=False, adapt=0.7)
-    assert live["tokens"] == len(alone) == 87
-    assert live["nll_model"] == pytest.approx(alone.mean(), abs=1e-5)
-    assert live["nll"] == pytest.approx(adapted_nll(alone, pieces, 0.7).mean(), abs=1e-5)
-    assert live["nll"] < live["nll_model"] - 0.05
+    alone, targets = model_nll(tiny_model, pieces)
+    system, live_alone = stream_token_nll(
+        tiny_model, pieces, tiny_model.config.max_latents, None, 0.7, None, "cpu", False
+    )
+    assert len(system) == len(alone) == 87
+    np.testing.assert_allclose(live_alone, alone, atol=1e-5)
+    cache_only = adapted_nll(alone, pieces, 0.7)
+    untouched = targets < vocab.NOTE_OFF
+    untouched |= (targets >= vocab.TIME_SHIFT) & (targets < vocab.VELOCITY)
+    leaned = ~untouched
+    assert untouched.sum() > 30 and leaned.sum() > 30
+    np.testing.assert_allclose(system[untouched], cache_only[untouched], atol=1e-5)
+    # all but a piece's first velocity (no player's velocity yet to lean on)
+    assert (np.abs(system[leaned] - cache_only[leaned]) > 1e-4).sum() >= leaned.sum() - len(pieces)
+    assert system.mean() < alone.mean() - 0.05
 
 
 def test_engine_keeps_the_cache_in_step_and_weight_zero_is_the_model_alone(tiny_model, chorale_tokens):
@@ -222,7 +235,7 @@ def test_the_system_nll_is_what_play_samples_from(tiny_model, chorale_tokens):
             for target in piece[1:]:
                 logits = engine.next_logits().float()
                 expected_alone.append(-float(torch.log_softmax(logits, -1)[target]))
-                mixed = mix_logits(logits, engine.cache, 0.7)
+                mixed = mix_logits(logits, engine.cache, 0.7, engine.state)
                 constraint_mask(replace(play, repeated_note_offs=True), engine.state, mixed)  # real streams
                 expected_system.append(-float(torch.log_softmax(mixed, -1)[target]))
                 engine.append([target])
@@ -273,3 +286,84 @@ def test_bench_times_adaptation_in_the_engine_on_a_repetitive_stream(tiny_model)
     assert cost["adapt_ms_p50"] == pytest.approx(
         cost["adapt_step_ms_p50"] - cost["adapt_step_ms_p50_without"] + cost["adapt_push_ms_p50"], abs=2e-4
     )
+
+
+def player_state(tokens: list[int]):
+    from liveperceiver.inference.sampling import StreamState
+
+    state = StreamState()
+    for token in tokens:
+        state.push(token)
+    return state
+
+
+SOFT_CHORD = [vocab.velocity_token(40), vocab.note_on(60), vocab.note_on(64), vocab.note_on(67), vocab.TIME_SHIFT + 30]
+
+
+def test_session_experts_follow_the_players_velocities_and_end_the_oldest_note_first():
+    from liveperceiver.inference.adapt import OLDER_FIRST, OLDER_FIRST_AFTER_OFF, session_experts
+
+    assert session_experts(player_state([vocab.TIME_SHIFT + 10])) == []  # nothing played: nothing to say
+    experts = dict(session_experts(player_state(SOFT_CHORD * 4)))  # the chord struck four times
+    velocity, ending = experts[vocab.VELOCITY], experts[vocab.NOTE_OFF]
+    assert len(velocity) == vocab.NUM_VELOCITY_BINS and velocity.sum() == pytest.approx(1.0)
+    assert velocity.argmax() == 40 // 4 and velocity[8:13].sum() > 0.7  # the player's level and its neighbours
+    assert len(ending) == 128 and ending.sum() == pytest.approx(1.0)
+    assert np.flatnonzero(ending).tolist() == [60, 64, 67]  # only sounding notes end
+    assert ending[64] / ending[60] == pytest.approx(OLDER_FIRST) and ending[67] / ending[64] == pytest.approx(
+        OLDER_FIRST
+    )
+    after_off = dict(session_experts(player_state([*SOFT_CHORD, vocab.note_off(60)])))[vocab.NOTE_OFF]
+    assert after_off[67] / after_off[64] == pytest.approx(OLDER_FIRST_AFTER_OFF)  # simultaneous note-offs: oldest first
+    assert after_off[64] > 0.9 and after_off[60] == 0.0
+    loud = dict(session_experts(player_state([*SOFT_CHORD * 4, vocab.velocity_token(110), vocab.note_on(72)])))
+    assert loud[vocab.VELOCITY][110 // 4] > velocity[110 // 4] * 5  # it moves with the player
+
+
+def near_bin_10(probs: torch.Tensor) -> float:
+    """The share of a distribution's velocity tokens within two bins of bin 10 (MIDI 40)."""
+    velocities = probs[vocab.VELOCITY : vocab.PAD]
+    return float(velocities[8:13].sum() / velocities.sum())
+
+
+def test_the_experts_move_velocities_and_note_offs_within_their_type_only():
+    """Mixed into the model alone (an empty cache: the experts only), each type keeps its total."""
+    state = player_state(SOFT_CHORD * 4)
+    types = [
+        (0, vocab.NOTE_OFF),
+        (vocab.NOTE_OFF, vocab.TIME_SHIFT),
+        (vocab.TIME_SHIFT, vocab.VELOCITY),
+        (vocab.VELOCITY, vocab.PAD),
+    ]
+    for seed in range(3):
+        logits = torch.randn(vocab.VOCAB_SIZE, generator=torch.Generator().manual_seed(seed)) * 2
+        plain, leaned = torch.softmax(logits, -1), mix_logits(logits, SessionCache(), 0.7, state).exp()
+        assert float(leaned.sum()) == pytest.approx(1.0, abs=1e-5)
+        for low, high in types:  # whether a note starts, ends or time passes: unchanged
+            assert float(leaned[low:high].sum()) == pytest.approx(float(plain[low:high].sum()), abs=1e-6)
+        torch.testing.assert_close(leaned[: vocab.NOTE_OFF], plain[: vocab.NOTE_OFF])
+        assert near_bin_10(leaned) > near_bin_10(plain) + 0.2  # toward the player's level
+        assert float(leaned[vocab.note_off(60)]) > float(plain[vocab.note_off(60)])  # the oldest note gains
+        assert float(leaned[vocab.note_off(50)]) < float(plain[vocab.note_off(50)])  # a silent pitch loses
+    assert mix_logits(logits, SessionCache(), 0.7, player_state([vocab.TIME_SHIFT])) is logits  # nothing to say
+
+
+def test_an_adapting_engine_answers_at_the_players_level(tiny_model, chorale_tokens, monkeypatch):
+    """Sampled from a real model: with the velocity expert the answer's velocities sit nearer the
+    player's than the same engine's without it (its share set to 0), the cache mixed in either way."""
+    import liveperceiver.inference.adapt as adapt
+
+    soft = [token for token in chorale_tokens[:400] if not vocab.VELOCITY <= token < vocab.PAD]
+    prompt = []
+    for token in soft:  # the chorale played pianissimo: bin 6 before every note
+        prompt += [vocab.velocity_token(24), token] if token < vocab.NOTE_OFF else [token]
+    distances, share_in_play = {}, adapt.EXPERT_SHARE
+    for share in (share_in_play, 0.0):
+        monkeypatch.setattr(adapt, "EXPERT_SHARE", share)
+        engine = Engine(tiny_model, num_latents=1, sampling=SamplingSettings(seed=5), device="cpu", adapt=0.7)
+        engine.append(prompt)
+        sampled = engine.sample(400)
+        levels = [token - vocab.VELOCITY for token in sampled if vocab.VELOCITY <= token < vocab.PAD]
+        assert len(levels) > 20
+        distances[share] = np.mean([abs(level - 6) for level in levels])
+    assert distances[share_in_play] < distances[0.0] - 1.0, distances

@@ -17,7 +17,15 @@ import pytest
 import torch
 
 from liveperceiver.core import vocab
-from liveperceiver.inference.adapt import SessionCache, effective_weight, mix_logits, mix_on_device, practice_stream
+from liveperceiver.inference.adapt import (
+    EXPERT_SHARE,
+    SessionCache,
+    effective_weight,
+    mix_logits,
+    mix_on_device,
+    practice_stream,
+    session_experts,
+)
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import (
     Constraints,
@@ -117,7 +125,7 @@ def test_the_sampling_path_never_reads_the_device_back():
     `.numpy()` or `.cpu()` of any of them would raise here, so only `choose`'s int() reads back."""
     meta = torch.device("meta")
     state, cache = session_state(), session_cache()
-    logits = mix_logits(torch.empty(vocab.VOCAB_SIZE, device=meta), cache, 0.7)
+    logits = mix_logits(torch.empty(vocab.VOCAB_SIZE, device=meta), cache, 0.7, state)
     assert logits.device == meta  # mixed on the device, not in numpy
     constraint_mask(EVERYTHING, state, logits, 0.9)
     assert state.key_bias[1] is not None and state.velocity_bias[1] is not None  # both follows had work to do
@@ -133,11 +141,18 @@ def test_the_device_mix_is_the_cpu_mix():
     cache = session_cache()
     a, b = cache.terms()
     weight = effective_weight(0.7, len(cache))
+    state = session_state()
+    state.push(vocab.note_on(60))  # a note sounding, so that both experts have work to do
+    experts = session_experts(state)
+    assert {first for first, _ in experts} == {vocab.VELOCITY, vocab.NOTE_OFF}  # both experts have work to do
     for seed in range(5):
         logits = random_logits(seed)
         on_cpu, on_device = mix_logits(logits, cache, 0.7), mix_on_device(logits, a, b, weight)
         assert on_device.dtype == on_cpu.dtype and not torch.equal(on_cpu, logits)
         torch.testing.assert_close(on_device, on_cpu, rtol=1e-6, atol=1e-6)
+        leaned = mix_on_device(logits, a, b, weight, experts, 0.7 * EXPERT_SHARE)
+        torch.testing.assert_close(leaned, mix_logits(logits, cache, 0.7, state), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(leaned, on_cpu)
 
 
 # --------------------------------------------------------------------------- on a GPU (.ci/gpu-check)
@@ -165,7 +180,7 @@ def synchronizing(calls) -> int:
 @pytest.mark.cuda
 def test_on_cuda_the_sampling_path_never_waits_for_the_gpu(cuda):
     cpu_state, cuda_state, cache = session_state(), session_state(), session_cache()
-    on_cpu = mix_logits(random_logits(3), cache, 0.7)
+    on_cpu = mix_logits(random_logits(3), cache, 0.7, cpu_state)
     constraint_mask(EVERYTHING, cpu_state, on_cpu, 0.9)
     logits, overdue = random_logits(3, cuda), overdue_state()
     generators = [torch.Generator(cuda).manual_seed(0) for _ in SETTINGS]
@@ -173,7 +188,7 @@ def test_on_cuda_the_sampling_path_never_waits_for_the_gpu(cuda):
     results = {}
 
     def sample() -> None:
-        mixed = mix_logits(logits, cache, 0.7)
+        mixed = mix_logits(logits, cache, 0.7, cuda_state)
         constraint_mask(EVERYTHING, cuda_state, mixed, 0.9)
         constraint_mask(Constraints(max_note_ms=1000), overdue, mixed.clone(), 0.9)
         results["logits"] = mixed

@@ -307,8 +307,8 @@ class Engine:
         """Sample the next token, append it, and return it; ids in the `forbid` ranges are never
         chosen (the live session uses it so that an answer begins with a note, not a pause)."""
         logits = self.next_logits()
-        if self.adapt:  # the session cache mixed in at temperature 1, before everything else (adapt.mix_logits)
-            logits = mix_logits(logits, self.cache, self.adapt)
+        if self.adapt:  # the session cache and experts, at temperature 1, before everything else (adapt.mix_logits)
+            logits = mix_logits(logits, self.cache, self.adapt, self.state)
         if self.constraints.active:
             temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
             constraint_mask(self.constraints, self.state, logits, temperature)
