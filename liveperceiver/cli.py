@@ -383,7 +383,7 @@ def add_bench(subparsers) -> None:
     parser.add_argument(
         "--quantize",
         dest="weights",
-        choices=WEIGHTS[2:],
+        choices=("int8", "float16", "bfloat16"),  # what it took before it was deprecated
         action=DeprecatedFlag,
         new="--weights",
         help=argparse.SUPPRESS,

@@ -100,7 +100,10 @@ def test_auto_weights_measures_blocked_where_it_works(tiny_model, monkeypatch):
     class RecordingEngine(Engine):
         def __init__(self, model, **settings) -> None:
             built.append(settings["weights"])
+            windows.append(str(settings["num_latents"]))
             super().__init__(model, **settings)
+
+    windows: list[str] = []
 
     monkeypatch.setattr(engine_module, "Engine", RecordingEngine)
     cpu = torch.device("cpu")
@@ -110,6 +113,13 @@ def test_auto_weights_measures_blocked_where_it_works(tiny_model, monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert engine_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16")
     assert built == [None, "float16"]
+    built.clear()
+    windows.clear()
+    monkeypatch.setattr(engine_module, "_MEASURED_WEIGHTS", {})
+    engine_module.resolve_weights("auto", cpu, tiny_model, "4:8")  # measured at the window the session runs
+    engine_module.resolve_weights("auto", cpu, tiny_model, "4:8")  # once
+    engine_module.resolve_weights("auto", cpu, tiny_model, 1)
+    assert windows == ["4:8", "4:8", "1", "1"] and len(engine_module._MEASURED_WEIGHTS) == 2
 
 
 def test_bench_counts_blocked_weights_as_float32(tiny_model):

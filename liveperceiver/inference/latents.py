@@ -27,7 +27,7 @@ Layer = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class BoundLayer:
-    """One self-attention layer as plain callables (engine.bare): `qkv` is the fused query, key and
+    """One self-attention layer as plain callables (weights.bare): `qkv` is the fused query, key and
     value projection with the query's 1/sqrt(head_dim) folded in; `value_output` the fused o_proj @
     v_proj, the whole attention when a query sees only itself."""
 

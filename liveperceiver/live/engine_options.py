@@ -57,7 +57,7 @@ class EngineOptions:
                 adapt=settings.adapt,
                 device=device,
                 dtype=DTYPES[self.dtype],
-                weights=resolve_weights(weights, device, model),
+                weights=resolve_weights(weights, device, model, settings.num_latents),
             )
         except ValueError as error:  # e.g. int8 weights on a GPU
             raise UserError(f"cannot build the engine: {error}") from None

@@ -378,9 +378,6 @@ def run(args) -> list[dict]:
     configure_inference(args.threads, device.type, args.dtype)
     loaded = load_model(args.model)
     dtype = DTYPES[args.dtype]
-    # --weights: None or float32 store weights in --dtype; auto measures, as `play` does
-    weights = None if args.weights is None else resolve_weights(args.weights, device, loaded.model)
-    stored = weights or args.dtype  # the storage precision, as the rows record it
     bandwidth, gemv = read_bandwidth_gb_s(device=device), gemv_bandwidth_gb_s(device=device)  # the engine's device
     rows = []
     header = (
@@ -389,7 +386,7 @@ def run(args) -> list[dict]:
         f" {'weights MB':>10} {'bound ms':>8} {'gemv bound':>10}"
     )
     print(
-        f"model {loaded.name} ({loaded.model.num_parameters() / 1e6:.1f}M parameters), dtype {args.dtype}, weights {stored}, threads {args.threads}"
+        f"model {loaded.name} ({loaded.model.num_parameters() / 1e6:.1f}M parameters), dtype {args.dtype}, weights {args.weights or args.dtype}, threads {args.threads}"
     )
     print(f"machine: {machine_description()}; torch {torch.__version__}")
     on = "" if device.type == "cpu" else f"{device.type}: "
@@ -407,6 +404,9 @@ def run(args) -> list[dict]:
             if prefix > loaded.model.config.max_prefix_len or window.max > loaded.model.config.max_latents:
                 print(f"{prefix:>6} {window!s:>7}  skipped: beyond the model's context")
                 continue
+            # --weights: None or float32 store weights in --dtype; auto measures at this window, as `play` does
+            weights = None if args.weights is None else resolve_weights(args.weights, device, loaded.model, window)
+            stored = weights or args.dtype  # the storage precision, as the row records it
             row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, weights, device)
             row.bandwidth_bound_ms = round(row.weights_mb / bandwidth, 3)  # MB / (GB/s) = ms
             row.gemv_bound_ms = round(row.weights_mb / gemv, 3)
@@ -441,6 +441,8 @@ def run(args) -> list[dict]:
                 line += f"  after-100k/5k {row.flat_ratio:.3f}"
             if reference_ms is not None:
                 line += f"  reference {reference_ms:.2f} ms ({reference_ms / row.step_ms_p50:.1f}x)"
+            if args.weights == "auto":
+                line += f"  weights {stored}"
             print(line, flush=True)
     adaptation = adaptation_cost(loaded.model, device)
     print(
@@ -451,11 +453,13 @@ def run(args) -> list[dict]:
     )
     for row in rows:
         row.update(adaptation)
-    if args.dtype != "float32" or weights is not None:
-        agreement = top1_agreement(loaded.model, dtype, weights, device)
-        print(f"top-1 agreement with float32 over 1000 greedy steps: {agreement:.3f}")
-        for row in rows:
-            row["top1_agreement"] = agreement
+    for stored in dict.fromkeys(row["weights"] for row in rows):  # each storage the rows used, once
+        if args.dtype != "float32" or stored != "float32":
+            agreement = top1_agreement(loaded.model, dtype, None if stored == args.dtype else stored, device)
+            print(f"top-1 agreement with float32 over 1000 greedy steps ({stored} weights): {agreement:.3f}")
+            for row in rows:
+                if row["weights"] == stored:
+                    row["top1_agreement"] = agreement
     if args.json:
         with atomic_output(Path(args.json), "w") as file:
             json.dump(rows, file, indent=2)
