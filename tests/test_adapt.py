@@ -210,7 +210,7 @@ def test_eval_reports_nll_with_and_without_adaptation(tmp_path, chorale_tokens):
     assert on["nll_model"] == pytest.approx(off["nll_model"])  # the model alone, training windows, either way
     assert on["nll"] < off["nll"] - 1.0 and on["adapt"]["weight"] == 0.6 == on["system"]["adapt"]
     assert on["system"]["num_latents"] == Settings().num_latents  # the system as play runs it
-    assert "dynamics_follow=4.0" in on["system"]["constraints"]
+    assert f"dynamics_follow={Settings().dynamics_follow}" in on["system"]["constraints"]
     assert on["perplexity"] == pytest.approx(np.exp(on["nll"]))
     for kind, row in on["by_type"].items():
         assert row["nll_model"] == pytest.approx(off["by_type"][kind]["nll_model"])

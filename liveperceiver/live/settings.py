@@ -37,7 +37,9 @@ class Settings:
     num_latents: int | str = "16:32"
     prefix_cap: int = 0  # 0: the model's max_prefix_len
     key_follow: float = 1.0  # the model follows the player's pitch classes (sampling.key_follow_bias; 0: off)
-    dynamics_follow: float = 4.0  # its velocities follow the player's (sampling.dynamics_follow_bias; 0: off)
+    dynamics_follow: float = 1.0  # its velocities follow the player's (sampling.dynamics_follow_bias; 0: off; the
+    # session cache's velocity expert follows them too: at 1 the answers shared as much of the player's velocity
+    # histogram as at 4, at far less NLL cost: piano model card, "Session experts")
     density_follow: float = 1.0  # its note rate follows the player's (sampling.density_follow_bias; 0: off)
     density_ratio: float = 1.0  # density follow's target: 1 like the player, 0.5 sparser, 2 busier
     adapt: float = 0.7  # weight of the session cache, in-session adaptation (adapt.py; 0: off)
