@@ -126,3 +126,24 @@ def test_bench_counts_blocked_weights_as_float32(tiny_model):
     float32, blocked = Engine(tiny_model), Engine(tiny_model, weights="blocked")
     for window in (1, 8, "4:12"):
         assert weights_read_per_step(blocked, window) == weights_read_per_step(float32, window)
+
+
+def test_float16_weights_take_several_rows_through_the_blocked_product(monkeypatch):
+    """`float16` weights serve one row from the half-precision copy and several from a float32 copy:
+    blocked where oneDNN is here (so a window's multi-row steps do not fall back to MKL's slow
+    small products), plain float32 otherwise; both equal F.linear on the float32 weight."""
+    from liveperceiver.inference.weights import PackedLinear
+
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(96, 64, generator=generator), torch.randn(96, generator=generator)
+    rows = torch.randn(3, 64, generator=generator)
+    packed = PackedLinear(weight, bias, torch.float16)
+    assert packed.rows_blocked is not None and packed.rows_weight is None
+    torch.testing.assert_close(packed(rows), F.linear(rows, weight, bias), rtol=1e-5, atol=1e-5)
+    one = packed(rows[:1])  # the half-precision kernel: float16 rounding of the weights
+    torch.testing.assert_close(one, F.linear(rows[:1], weight, bias), rtol=1e-2, atol=2e-2)
+    assert not torch.allclose(one, F.linear(rows[:1], weight, bias), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    plain = PackedLinear(weight, bias, torch.float16)
+    assert plain.rows_blocked is None and plain.rows_weight is not None
+    torch.testing.assert_close(plain(rows), F.linear(rows, weight, bias), rtol=1e-5, atol=1e-5)

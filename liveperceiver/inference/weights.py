@@ -57,30 +57,39 @@ def blocked_weights_available(device: torch.device) -> bool:
 
 class PackedLinear(nn.Module):
     """A bias-optional Linear whose weight is stored in `storage` dtype for single-row inputs, the
-    engine's one-latent steps (cast in, cast back).
+    engine's one-latent steps and a window's steps between re-anchorings (cast in, cast back).
 
-    Why: with one latent every step is a chain of matrix-vector products that read each weight
-    once, so a step costs the bytes of its weights. float16 storage halves them, and torch has fast
-    half-precision matrix-vector kernels on CPUs (F16C/AVX2 on x86, and ARM); activations, norms,
-    attention and sampling stay float32. Those kernels do not cover several rows (a window of
-    latents, a full forward pass), so a float32 copy serves them. Also holds the engine's fused
-    matrices in any precision."""
+    Why: a one-row step is a chain of matrix-vector products that read each weight once, so it
+    costs the bytes of its weights. float16 storage halves them, and torch has fast half-precision
+    matrix-vector kernels on CPUs (F16C/AVX2 on x86, and ARM); activations, norms, attention and
+    sampling stay float32. Those kernels do not cover several rows (a player's tokens absorbed into
+    a window, a re-anchoring, a full forward pass), so a float32 copy serves them: in oneDNN's
+    blocked layout where it works (`BlockedLinear`: two rows for about the price of one, where MKL
+    takes 1.85x), else as it is. Also holds the engine's fused matrices in any precision."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype) -> None:
         super().__init__()
         weight = weight.detach()
+        self.cast = storage != weight.dtype  # False: stored in the inputs' precision, one product for any rows
         self.register_buffer("weight", weight.to(storage).contiguous())
-        self.register_buffer("rows_weight", None if storage == weight.dtype else weight.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("rows_weight", None)  # the float32 copy for several rows, when not blocked
+        self.rows_blocked = None
+        if self.cast and weight.dtype == torch.float32 and blocked_weights_available(weight.device):
+            self.rows_blocked = BlockedLinear(weight, bias)
+        elif self.cast:
+            self.rows_weight = weight.contiguous()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, storage: torch.dtype) -> PackedLinear:
         return cls(linear.weight, linear.bias, storage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows_weight is None:  # stored in the input's precision
+        if not self.cast:
             return F.linear(x, self.weight, self.bias)
         if x.shape[:-1].numel() > 1:
+            if self.rows_blocked is not None:
+                return self.rows_blocked(x)
             return F.linear(x, self.rows_weight, self.bias)
         y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias
@@ -197,7 +206,7 @@ def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             bias=module.bias,
             eps=module.eps,
         )
-    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and module.rows_weight is None):
+    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and not module.cast):
         return partial(F.linear, weight=module.weight, bias=module.bias)
     if isinstance(module, BlockedLinear):
         return module.product
@@ -210,7 +219,7 @@ def store_column_major(module: nn.Module) -> None:
     faster than by the (out, in) one (one thread, a 1-row chain through 27 MB of weights: 1.7 -> 1.3
     ms from memory, 1.3 -> 0.8 ms from the caches; 2 rows 2.1 -> 1.3 ms). 16-bit, int8 and blocked
     weights keep their own kernels' layout."""
-    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and module.rows_weight is None):
+    if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and not module.cast):
         weight = module.weight
         if weight.dtype.is_floating_point and weight.dim() == 2 and weight.stride(1) != weight.shape[0]:
             columns = weight.detach().t().contiguous().t()

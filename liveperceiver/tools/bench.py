@@ -143,6 +143,8 @@ def _module_bytes(module: nn.Module, rows: int) -> int:
     if isinstance(module, Int8Linear):
         return sum(_tensor_bytes(t) for t in (module.weight, module.scales, module.bias) if t is not None)
     if isinstance(module, PackedLinear):
+        if rows > 1 and module.rows_blocked is not None:
+            return _module_bytes(module.rows_blocked, rows)
         weight = module.rows_weight if rows > 1 and module.rows_weight is not None else module.weight
         return _tensor_bytes(weight) + (0 if module.bias is None else _tensor_bytes(module.bias))
     # float Linear and norm layers: their parameters; BlockedLinear: its buffers (the reordered weight, the bias)
