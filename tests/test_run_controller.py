@@ -215,7 +215,8 @@ def test_the_player_going_on_first_takes_the_answer_back_as_if_it_was_never_samp
     last_off = r.phrase([60, 62, 64])
     threshold = last_off + 0.400
     r.run_until(threshold - 0.03)
-    assert r.runs.speculation is not None and sum(r.runs.engine.sampled) >= 4
+    # sampled ahead: at least the answer's opening velocity and note, and what fills the look-ahead after
+    assert r.runs.speculation is not None and sum(r.runs.engine.sampled) >= 3
     assert not r.output.sent
     rolled = r.runs.rolled_back
     r.key(65)  # the player goes on before the threshold
