@@ -320,6 +320,20 @@ def test_session_experts_follow_the_players_velocities_and_end_the_oldest_note_f
     assert loud[vocab.VELOCITY][110 // 4] > velocity[110 // 4] * 5  # it moves with the player
 
 
+def test_in_play_the_note_off_expert_leans_on_the_models_own_notes():
+    """A note the player holds is theirs to end: while the model's own notes sound, the expert
+    spreads over those only (oldest first); with none of its own, over the player's."""
+    from liveperceiver.inference.adapt import session_experts
+
+    state = player_state([vocab.velocity_token(60), vocab.note_on(48), vocab.TIME_SHIFT + 20])
+    alone = dict(session_experts(state))[vocab.NOTE_OFF]
+    assert alone[48] == pytest.approx(1.0)  # nothing of its own sounds: the player's note
+    for token in (vocab.velocity_token(60), vocab.note_on(60), vocab.note_on(64)):
+        state.push(token, sampled=True)
+    own = dict(session_experts(state))[vocab.NOTE_OFF]
+    assert own[48] == 0.0 and own[60] > own[64] > 0.0 and own.sum() == pytest.approx(1.0)
+
+
 def near_bin_10(probs: torch.Tensor) -> float:
     """The share of a distribution's velocity tokens within two bins of bin 10 (MIDI 40)."""
     velocities = probs[vocab.VELOCITY : vocab.PAD]

@@ -48,6 +48,7 @@ model knows, cost about 0.06 nats a token more (piano model card, "Session exper
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -289,17 +290,26 @@ def session_experts(state: StreamState) -> list[tuple[int, np.ndarray]]:
     """The experts with something to say now, each as (its type's first id, a distribution over the
     type's ids): the player's recent velocities (StreamState's decaying, spread histogram, with
     dynamics follow's prior per bin), once they have played one; the notes sounding, by when they
-    began, oldest likeliest to end (OLDER_FIRST, OLDER_FIRST_AFTER_OFF)."""
+    began, oldest likeliest to end (OLDER_FIRST, OLDER_FIRST_AFTER_OFF).
+
+    Which notes: the model's own while any sound (in `play` a note the player holds is theirs to
+    end, and the model's note-off for it never sounds, so the expert must not pull toward it), else
+    all (in `eval` every token is the player's). The order is when each pitch last joined the open
+    notes (`StreamState.open_notes`): a pitch struck again while it sounds keeps its first place
+    until one of its note-offs comes, then goes last, an approximation of the tokenizer's order for
+    about 1% of real notes."""
     experts = []
     if any(state.player_velocities):
         histogram = np.asarray(state.player_velocities) + VELOCITY_PRIOR
         experts.append((vocab.VELOCITY, histogram / histogram.sum()))
-    if state.open_notes:  # pitch -> open note-ons, in the order the pitches began sounding
+    sounding = list(state.open_notes)  # pitch -> open note-ons, in the order the pitches began sounding
+    ending_first = [pitch for pitch in sounding if pitch in state.sampled] or sounding
+    if ending_first:
         after_off = vocab.NOTE_OFF <= state.last_token < vocab.TIME_SHIFT
         ratio = OLDER_FIRST_AFTER_OFF if after_off else OLDER_FIRST
-        by_age = ratio ** np.arange(len(state.open_notes))
+        by_age = ratio ** np.arange(len(ending_first))
         ending = np.zeros(vocab.TIME_SHIFT - vocab.NOTE_OFF)
-        ending[list(state.open_notes)] = by_age / by_age.sum()
+        ending[ending_first] = by_age / by_age.sum()
         experts.append((vocab.NOTE_OFF, ending))
     return experts
 
@@ -350,7 +360,7 @@ def mix_on_device(
     a: np.ndarray,
     b: float,
     weight: float,
-    experts: list[tuple[int, np.ndarray]] = (),
+    experts: Sequence[tuple[int, np.ndarray]] = (),
     share: float = 0.0,
 ) -> torch.Tensor:
     """`mix_logits`' mix on the logits' own device, the cache's terms (`a`, `b`) and the experts sent

@@ -88,8 +88,9 @@ def resolve_weights(
     on the CPU (the README's engine benchmark: float16 weights 30% faster on an AVX2 EPYC, 30% slower
     on an AVX512 Xeon) and on the latent window (16-bit kernels serve one row only; a window's rows
     go through a float32 copy), and blocked float32 weights pay for large models only
-    (weights.BlockedLinear), so `auto` measures them there at the window the engine will run,
-    once per model configuration, device and window (`faster_weights`)."""
+    (weights.BlockedLinear), so `auto` measures them there at the window the engine is built with,
+    once per model configuration, device and window (`faster_weights`); a later change of window
+    (Engine.configure) keeps the weights."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
     if weights == "auto":

@@ -24,7 +24,7 @@ from liveperceiver.core.model import feed_forward
 
 # stored apart from a float32 model's compute dtype (blocked: float32, in another layout)
 STORED_WEIGHTS = ("int8", "float16", "bfloat16", "blocked")
-WEIGHT_DTYPES = {"int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16}  # weights -> storage
+WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # 16-bit weights -> storage
 WEIGHTS = ("auto", "float32", *STORED_WEIGHTS)  # the setting's choices (cli.py spells them out too)
 
 
