@@ -147,3 +147,20 @@ def test_float16_weights_take_several_rows_through_the_blocked_product(monkeypat
     plain = PackedLinear(weight, bias, torch.float16)
     assert plain.rows_blocked is None and plain.rows_weight is not None
     torch.testing.assert_close(plain(rows), F.linear(rows, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_weights_measure_nothing_for_16_bit_compute(tiny_model, monkeypatch):
+    """16-bit compute stores its own weights: `auto` keeps them, in `play` (EngineOptions) and in
+    `bench` alike, without building the float32 engines it would time (they would refuse the dtype)."""
+    from liveperceiver.live.engine_options import EngineOptions
+    from liveperceiver.live.settings import Settings
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("auto measured weights for 16-bit compute")
+
+    monkeypatch.setattr(engine_module, "faster_weights", no_measuring)
+    monkeypatch.setattr(engine_module, "_MEASURED_WEIGHTS", {})
+    cpu = torch.device("cpu")
+    assert engine_module.resolve_weights("auto", cpu, tiny_model, "4:8", torch.bfloat16) is None
+    engine = EngineOptions(device="cpu", weights="auto", dtype="bfloat16").build(tiny_model, Settings(num_latents=1))
+    assert engine.precision == "bfloat16"

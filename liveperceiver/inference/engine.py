@@ -80,10 +80,15 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def resolve_weights(
-    weights: str, device: torch.device, model: PerceiverAR, num_latents: int | str | LatentWindow = 1
+    weights: str,
+    device: torch.device,
+    model: PerceiverAR,
+    num_latents: int | str | LatentWindow = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> str | None:
     """The engine's `weights` (None: stored in the compute dtype) for a weights setting (weights.py).
-    `auto` keeps float32 on GPUs, where a step costs kernel launches, not bytes. On a CPU a step
+    `auto` keeps the compute dtype for 16-bit compute (`dtype`), which stores its own weights, and
+    float32 on GPUs, where a step costs kernel launches, not bytes. On a CPU a step
     costs about the bytes of its weights, so 16-bit weights should pay, but whether they do depends
     on the CPU (the README's engine benchmark: float16 weights 30% faster on an AVX2 EPYC, 30% slower
     on an AVX512 Xeon) and on the latent window (16-bit kernels serve one row only; a window's rows
@@ -94,7 +99,7 @@ def resolve_weights(
     if weights not in WEIGHTS:
         raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
     if weights == "auto":
-        if device.type != "cpu":
+        if device.type != "cpu" or dtype != torch.float32:
             return None
         window = parse_window(num_latents).capped(model.config.max_latents)
         key = (repr(model.config), str(device), window.setting)

@@ -44,9 +44,7 @@ class EngineOptions:
         cap = settings.prefix_cap or None
         if cap is not None:
             cap = min(cap, model.config.max_prefix_len)
-        device = pick_device(self.device)
-        # 16-bit compute (--dtype) stores its own weights: `auto` then measures nothing
-        weights = "float32" if self.dtype != "float32" and self.weights == "auto" else self.weights
+        device, dtype = pick_device(self.device), DTYPES[self.dtype]
         try:
             return Engine(
                 model,
@@ -56,8 +54,8 @@ class EngineOptions:
                 constraints=settings.engine_constraints(),
                 adapt=settings.adapt,
                 device=device,
-                dtype=DTYPES[self.dtype],
-                weights=resolve_weights(weights, device, model, settings.num_latents),
+                dtype=dtype,
+                weights=resolve_weights(self.weights, device, model, settings.num_latents, dtype),
             )
         except ValueError as error:  # e.g. int8 weights on a GPU
             raise UserError(f"cannot build the engine: {error}") from None

@@ -407,9 +407,9 @@ def run(args) -> list[dict]:
                 print(f"{prefix:>6} {window!s:>7}  skipped: beyond the model's context")
                 continue
             # --weights: None or float32 store weights in --dtype; auto measures at this window, as `play` does
-            # (16-bit compute stores its own weights: auto then measures nothing, as in play)
-            setting = "float32" if args.dtype != "float32" and args.weights == "auto" else args.weights
-            weights = None if setting is None else resolve_weights(setting, device, loaded.model, window)
+            weights = (
+                None if args.weights is None else resolve_weights(args.weights, device, loaded.model, window, dtype)
+            )
             stored = weights or args.dtype  # the storage precision, as the row records it
             row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, weights, device)
             row.bandwidth_bound_ms = round(row.weights_mb / bandwidth, 3)  # MB / (GB/s) = ms
