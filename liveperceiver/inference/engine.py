@@ -325,12 +325,8 @@ class Engine:
     def step(self, forbid: Sequence[range] = ()) -> int:
         """Sample the next token, append it, and return it; ids in the `forbid` ranges are never
         chosen (the live session uses it so that an answer begins with a note, not a pause)."""
-        logits = self.next_logits()
-        if self.adapt:  # the session cache and experts, at temperature 1, before everything else (adapt.mix_logits)
-            logits = mix_logits(logits, self.cache, self.adapt, self.state)
-        if self.constraints.active:
-            temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
-            constraint_mask(self.constraints, self.state, logits, temperature)
+        temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
+        logits = self.played_logits(self.next_logits(), temperature)
         for ids in forbid:
             logits[ids.start : ids.stop] = float("-inf")
         token = choose(logits, self.sampling, self.generator)  # the step's one read back from the device
@@ -343,6 +339,17 @@ class Engine:
         if self.cache is not None:
             self.cache.push(token, sampled=True)
         return token
+
+    def played_logits(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The model's `logits` as the engine samples from them: the session cache and its experts
+        mixed in at temperature 1, before everything else (adapt.mix_logits), then the constraints at
+        the sampling `temperature` (in place where nothing was mixed). eval's `nll` scores these at
+        temperature 1 (training/nll.py), so what it scores is what `play` plays."""
+        if self.adapt:
+            logits = mix_logits(logits, self.cache, self.adapt, self.state)
+        if self.constraints.active:
+            constraint_mask(self.constraints, self.state, logits, temperature)
+        return logits
 
     def sample(self, count: int) -> list[int]:
         return [self.step() for _ in range(count)]

@@ -101,14 +101,13 @@ def stream_token_nll(
     Every token is predicted from all the tokens before it in its piece, its latents those of the
     latent window `num_latents` (N or MIN:MAX, inference/window.py; at most the model's
     max_latents). The model alone is the engine's logits; the system is what `play` samples from at
-    temperature 1: the engine's session cache and experts mixed in at weight `adapt` (adapt.mix_logits), then
-    `constraints` (sampling.constraint_mask: the guards and the key, dynamics and density follows;
-    the orphan guard in the tokenizer's language, `repeated_note_offs`), every token counted as the
-    player's. Top-k and top-p are not applied: they give some true
-    tokens probability 0. The engine runs on `device`."""
-    from liveperceiver.inference.adapt import mix_logits
+    temperature 1 (Engine.played_logits): the engine's session cache and experts mixed in at weight
+    `adapt` (adapt.mix_logits), then `constraints` (sampling.constraint_mask: the guards and the key,
+    dynamics and density follows; the orphan guard in the tokenizer's language,
+    `repeated_note_offs`), every token counted as the player's. Top-k and top-p are not applied:
+    they give some true tokens probability 0. The engine runs on `device`."""
     from liveperceiver.inference.engine import Engine
-    from liveperceiver.inference.sampling import Constraints, constraint_mask
+    from liveperceiver.inference.sampling import Constraints
     from liveperceiver.inference.window import parse_window
 
     latents = parse_window(num_latents).capped(model.config.max_latents)
@@ -130,10 +129,8 @@ def stream_token_nll(
                 logits = engine.next_logits().float()
                 alone[index] = -float(torch.log_softmax(logits, -1)[target])
                 if adapt or constraints.active:
-                    logits = mix_logits(logits, engine.cache, adapt, engine.state) if adapt else logits.clone()
-                    if constraints.active:
-                        constraint_mask(constraints, engine.state, logits)
-                    system[index] = -float(torch.log_softmax(logits, -1)[target])
+                    played = engine.played_logits(logits.clone(), temperature=1.0)
+                    system[index] = -float(torch.log_softmax(played, -1)[target])
                 else:
                     system[index] = alone[index]
                 index += 1
