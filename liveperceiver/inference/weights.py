@@ -80,10 +80,6 @@ class PackedLinear(nn.Module):
         elif self.cast:
             self.rows_weight = weight.contiguous()
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, storage: torch.dtype) -> PackedLinear:
-        return cls(linear.weight, linear.bias, storage)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cast:
             return F.linear(x, self.weight, self.bias)
@@ -121,10 +117,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("kernel_scales", scales.to(torch.bfloat16) if self._kernel_fits(weight) else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        return cls(linear.weight, linear.bias)
 
     def _kernel_fits(self, weight: torch.Tensor) -> bool:
         return (
