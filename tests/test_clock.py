@@ -207,6 +207,47 @@ def test_the_grid_needs_fresh_pulses():
     assert clock.quantize(1.234, "off", now=0.0, fallback_origin=0.0) == 1.234
 
 
+def feed_stamps(clock: ClockTracker, stamps: list[float]) -> None:
+    for stamp in stamps:
+        assert clock.feed(CLOCK, [], stamp) is None
+
+
+def test_a_lost_pulse_does_not_move_the_grid():
+    """An overloaded JACK client can lose a pulse (seen in CI); counted as they came, every later
+    pulse is one short and the 1/16 grid moves a pulse late, 25 ms at 100 bpm, for good."""
+    for bpm, lost in ((100, PPQN * 4 + 7), (100, PPQN + 3), (150, PPQN * 5)):
+        clock, rng = ClockTracker(), random.Random(bpm + lost)
+        first, period = 4.0, 60 / bpm / PPQN
+        stamps = [arrival(first + i * period) for i in range(PPQN * 6)]
+        del stamps[lost]
+        feed_stamps(clock, stamps)
+        assert clock.pulses == PPQN * 6
+        errors = errors_ms(clock, "1/16", first, 60 / bpm / 4, stamps[-1], rng)
+        assert 0 <= min(errors) and max(errors) <= JACK_PERIOD * 1000 + 1, (bpm, lost, min(errors), max(errors))
+
+
+def test_late_pulses_and_tempo_changes_are_counted_as_they_come():
+    """What is not a lost or repeated pulse keeps its number: a pulse stamped 20 ms late (a stall),
+    a tempo halved or doubled at once, and a backend period longer than half a pulse (1024 frames at
+    120 bpm), where a normal gap can look like two periods."""
+    clock = ClockTracker()
+    period = 60 / 100 / PPQN
+    stamps = [arrival(1.0 + i * period) for i in range(PPQN * 5)]
+    stamps[PPQN * 4] += 0.020
+    feed_stamps(clock, stamps)
+    assert clock.pulses == PPQN * 5
+    halved = [stamps[-1] + period * 2 * (i + 1) for i in range(PPQN * 4)]
+    feed_stamps(clock, halved)
+    assert clock.pulses == PPQN * 9 and clock.bpm(halved[-1]) == pytest.approx(50, abs=0.1)
+    doubled = [halved[-1] + period * (i + 1) / 2 for i in range(PPQN * 4)]
+    feed_stamps(clock, doubled)
+    assert clock.pulses == PPQN * 13 and clock.bpm(doubled[-1]) == pytest.approx(200, abs=0.1)
+    clock, long_period = ClockTracker(), 1024 / 48000
+    sent = [2.0 + i * 60 / 120 / PPQN for i in range(PPQN * 16)]
+    feed_stamps(clock, [math.ceil(t / long_period) * long_period + POLL for t in sent])
+    assert clock.pulses == PPQN * 16
+
+
 @pytest.mark.jack
 def test_a_session_quantises_to_a_clock_that_was_playing_before_it_started(tmp_path, jack_server):  # noqa: F811
     """Over real JACK ports: a 100 bpm clock with no Start (the DAW already plays), quantise 1/16 in

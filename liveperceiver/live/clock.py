@@ -47,6 +47,7 @@ class ClockTracker:
     A least-squares line through the recent (pulse number, time) pairs gives both the tempo and a
     steady beat grid for quantising; single late pulses move neither much. A gap in the pulses
     longer than `timeout_s` (a DAW that sends clock only while playing, stopped) starts a new line.
+    A pulse the backend lost is counted anyway when the line shows it (`_repair_last_pulse`).
 
     Only the input thread calls `feed`; the other methods read a few attributes and copy the deque
     (one C call under CPython's GIL), so any thread may call them and see the state of one message
@@ -55,6 +56,7 @@ class ClockTracker:
 
     def __init__(self, window: int = 4 * PPQN, timeout_s: float = 1.0):
         self.points: deque[tuple[int, float]] = deque(maxlen=window + 1)  # (pulse count, arrival time)
+        self.repairable = False  # the last point is the pulse before the next: no transport message or gap since
         self.timeout_s = timeout_s
         self.playing = False  # the transport said so: after Start or Continue, before Stop
         self.transport_heard = False  # any Start/Continue/Stop: until then the pulses are taken as playing
@@ -79,7 +81,9 @@ class ClockTracker:
         if status == CLOCK:
             if self.last_pulse is not None and not 0 <= time - self.last_pulse <= self.timeout_s:
                 self.points.clear()  # the clock paused: the pulses before the gap do not fit a line with these
+            self._repair_last_pulse(time)
             self.points.append((self.count, time))
+            self.repairable = True
             self.last_pulse = time
             if self.beat_count is None and self.running:
                 self._anchor()  # the first pulse heard without a Start: the grid's origin
@@ -87,6 +91,7 @@ class ClockTracker:
             if self.running:
                 self.pulses += 1
             return None
+        self.repairable = False  # a transport message may renumber what comes next: repair within a run of pulses
         if status == START:
             self.playing = self.transport_heard = True
             self.pulses, self.resume_at = 0, None
@@ -114,19 +119,61 @@ class ClockTracker:
                     self._anchor()
         return None
 
-    def _fit(self, now: float) -> tuple[float, float] | None:
-        """(intercept, seconds per pulse) of the recent pulses; None without fresh pulses."""
-        points = list(self.points)  # one copy: the input thread may clear the deque meanwhile
-        last_pulse = self.last_pulse
-        if last_pulse is None or now - last_pulse > self.timeout_s or len(points) < PPQN // 2 + 1:
-            return None
+    def _repair_last_pulse(self, time: float) -> None:
+        """Renumber the previous pulse when it and the one arriving now both come a pulse late.
+
+        An overloaded backend (a JACK client that missed its cycle) can lose a pulse; counted as they
+        came, every later pulse would be numbered one short and the grid would move a pulse late (25 ms
+        at 100 bpm) for good. Against the line through the pulses before it, a lost pulse shows as two
+        pulses in a row one period later than their numbers say, each by as much as the others jitter
+        around the line. A single late pulse is followed by one on time; a slower tempo falls further
+        behind with every pulse and spreads the line's residuals. When the jitter (residuals' range)
+        comes near a period the two cannot be told apart, and pulses are counted as they come.
+        """
+        if not self.repairable or len(self.points) < PPQN + 1:
+            return
+        points = list(self.points)
+        line = self._line(points[:-1])  # the previous pulse itself may be the odd one
+        if line is None:
+            return
+        intercept, period, low, high = line
+        margin = (high - low) / 4
+        if high - low + 2 * margin >= period:
+            return
+
+        def a_pulse_late(count: int, stamp: float) -> bool:
+            return low + period - margin <= stamp - intercept - period * count <= high + period + margin
+
+        count, stamp = points[-1]
+        if a_pulse_late(count, stamp) and a_pulse_late(count + 1, time):
+            self.points[-1] = (count + 1, stamp)  # the lost pulse came before it
+            self.count += 1
+            if self.running:
+                self.pulses += 1
+
+    @staticmethod
+    def _line(points: list[tuple[int, float]]) -> tuple[float, float, float, float] | None:
+        """Least-squares (intercept, seconds per pulse, lowest and highest residual) of (count, time) points."""
         n = len(points)
+        if n < PPQN // 2 + 1:
+            return None
         mean_c = sum(c for c, _ in points) / n
         mean_t = sum(t for _, t in points) / n
         slope = sum((c - mean_c) * (t - mean_t) for c, t in points) / sum((c - mean_c) ** 2 for c, _ in points)
         if slope <= 0:
             return None
-        return mean_t - slope * mean_c, slope
+        intercept = mean_t - slope * mean_c
+        residuals = [t - intercept - slope * c for c, t in points]
+        return intercept, slope, min(residuals), max(residuals)
+
+    def _fit(self, now: float) -> tuple[float, float] | None:
+        """(intercept, seconds per pulse) of the recent pulses; None without fresh pulses."""
+        points = list(self.points)  # one copy: the input thread may clear the deque meanwhile
+        last_pulse = self.last_pulse
+        if last_pulse is None or now - last_pulse > self.timeout_s:
+            return None
+        line = self._line(points)
+        return None if line is None else line[:2]
 
     def bpm(self, now: float) -> float | None:
         """Tempo from the recent pulses; None without at least half a beat of fresh pulses."""
