@@ -68,6 +68,8 @@ SIZE = vocab.PAD  # the cache predicts real events only (ids 0..387); pad never 
 EXPERT_SHARE = 0.7  # an expert's share of its event type: adapt * EXPERT_SHARE (0.49 at play's adapt 0.7)
 OLDER_FIRST = 0.7  # when a note ends: each sounding note's weight against the next older one's
 OLDER_FIRST_AFTER_OFF = 0.1  # the same right after a note-off (simultaneous note-offs come oldest first)
+AGE_WEIGHTS = OLDER_FIRST ** np.arange(128)  # the i-th oldest sounding note's weight
+AGE_WEIGHTS_AFTER_OFF = OLDER_FIRST_AFTER_OFF ** np.arange(128)
 
 
 class SessionCache:
@@ -108,10 +110,11 @@ class SessionCache:
         # continuation counts (distinct one-token left extensions). One record per history: a
         # push updates about two dozen of them, so each costs one dictionary lookup.
         self.levels: list[dict[tuple[int, ...], list]] = [{} for _ in range(n)]
-        # the same counts of orders 1 and 2 as dense rows: their contexts have hundreds of
-        # successors, and one vector operation reads a row faster than a dictionary's scattered entries
-        self.unigrams = np.zeros(SIZE)
-        self.bigrams = np.zeros((vocab.VOCAB_SIZE, SIZE)) if self.order >= 2 else None
+        # the counts of orders 1 and 2 less their discounts (max(count - D, 0)) as dense rows: their
+        # contexts have hundreds of successors, and one vector operation reads a row faster than a
+        # dictionary's scattered entries
+        self.unigram_excess = np.zeros(SIZE)
+        self.bigram_excess = np.zeros((vocab.VOCAB_SIZE, SIZE)) if self.order >= 2 else None
         # real counts of the n-grams below the top order (n >= 2): the continuation counts come from them
         self.real: list[dict[tuple[int, ...], int]] = [{} for _ in range(n)]
 
@@ -207,13 +210,13 @@ class SessionCache:
             counts[token] = new
         else:
             del counts[token]
+        discount = self.discount
         if n == 1:
-            self.unigrams[token] = new
+            self.unigram_excess[token] = new - discount if new > discount else 0
         elif n == 2:
-            self.bigrams[history[0], token] = new
+            self.bigram_excess[history[0], token] = new - discount if new > discount else 0
         record[0] += delta
         if record[0]:
-            discount = self.discount
             record[1] += (new if new < discount else discount) - (old if old < discount else discount)
         else:
             del level[history]
@@ -237,7 +240,7 @@ class SessionCache:
     def terms(self) -> tuple[np.ndarray, float]:
         """(a, b): P_cache(t) = a[t] + b * floor(t) for any floor distribution (uniform: the cache
         alone). `a` is what the seen n-grams give after their discounts, `b` the mass they leave."""
-        a = np.zeros(SIZE)
+        a = None
         scale = 1.0
         discount = self.discount
         small: dict[int, float] = {}  # the long contexts have a few successors each: plain Python is faster
@@ -246,13 +249,18 @@ class SessionCache:
             total, mass, counts = levels[n - 1]
             factor = scale / total
             if n <= 2:
-                row = self.unigrams if n == 1 else self.bigrams[self.tokens[-1]]
-                a += factor * np.maximum(row - discount, 0.0)
+                row = self.unigram_excess if n == 1 else self.bigram_excess[self.tokens[-1]]
+                if a is None:
+                    a = factor * row
+                else:
+                    a += factor * row
             else:
                 for token, count in counts.items():
                     if count > discount:
                         small[token] = small.get(token, 0.0) + factor * (count - discount)
             scale *= mass / total
+        if a is None:
+            a = np.zeros(SIZE)
         if small:
             a[list(small)] += list(small.values())
         return a, scale
@@ -306,10 +314,9 @@ def session_experts(state: StreamState) -> list[tuple[int, np.ndarray]]:
     ending_first = [pitch for pitch in sounding if pitch in state.sampled] or sounding
     if ending_first:
         after_off = vocab.NOTE_OFF <= state.last_token < vocab.TIME_SHIFT
-        ratio = OLDER_FIRST_AFTER_OFF if after_off else OLDER_FIRST
-        by_age = ratio ** np.arange(len(ending_first))
+        by_age = (AGE_WEIGHTS_AFTER_OFF if after_off else AGE_WEIGHTS)[: len(ending_first)]
         ending = np.zeros(vocab.TIME_SHIFT - vocab.NOTE_OFF)
-        ending[ending_first] = by_age / by_age.sum()
+        ending[ending_first] = by_age * (1.0 / by_age.sum())
         experts.append((vocab.NOTE_OFF, ending))
     return experts
 
@@ -350,9 +357,8 @@ def mix_logits(
     mixed = probs * np.float32(1.0 - weight + weight * b)
     mixed[:SIZE] += weight * a
     lean_on_experts(mixed, experts, share)
-    with np.errstate(divide="ignore"):  # a token the model gives exactly 0 and the cache nothing: -inf
-        np.log(mixed, out=mixed)
-    return torch.from_numpy(mixed).to(dtype=logits.dtype)
+    # torch's log: a token the model gives exactly 0 and the cache nothing is -inf, without numpy's warning
+    return torch.from_numpy(mixed).log_().to(dtype=logits.dtype)
 
 
 def mix_on_device(
