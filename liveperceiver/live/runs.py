@@ -368,7 +368,7 @@ class RunController:
             elapsed = time.perf_counter() - started
             before = decoder.time
             events = decoder.feed(token)
-            self._follow_starting(token)
+            self._follow_starting(token, settings)
             if self.carry:
                 events = self._carry_off(token, events, decoder.time)
             with self.shared.lock:
@@ -388,16 +388,18 @@ class RunController:
             return ()
         last = self.engine.tokens[-1] if self.run_steps else None
         after_velocity = last is not None and vocab.event_type(last) == "velocity"
-        low = min(127, max(0, settings.pitch_low - settings.transpose))
-        high = max(-1, min(127, settings.pitch_high - settings.transpose))
-        silent_pitches = (range(0, low), range(high + 1, vocab.NOTE_OFF)) if low <= high else ()
+        played = _played_pitches(settings)
+        silent_pitches = (range(0, played.start), range(played.stop, vocab.NOTE_OFF)) if played else ()
         return (AFTER_VELOCITY_FORBID if after_velocity else OPENING_FORBID, *silent_pitches)
 
-    def _follow_starting(self, token: int) -> None:
-        """Note-ons sampled but not yet released by a time shift (the decoder holds them until then)."""
+    def _follow_starting(self, token: int, settings: Settings) -> None:
+        """Note-ons the output plays, sampled but not yet released by a time shift (the decoder holds
+        them until then, and drops one whose note-off comes first). A note outside the pitch range
+        never sounds: an answer that had only such notes besides a dropped one was silent."""
         kind = vocab.event_type(token)
         if kind == "note_on":
-            self.starting.add(token)
+            if token in _played_pitches(settings):
+                self.starting.add(token)
         elif kind == "note_off":
             self.starting.discard(token - vocab.NOTE_OFF)
         elif kind == "time_shift":
@@ -554,6 +556,13 @@ class RunController:
         self.call_pending = keep_call
         with self.shared.lock:
             self.shared.pending_answer_start = None
+
+
+def _played_pitches(settings: Settings) -> range:
+    """The model's pitches the output plays: the pitch range, before transposition (scheduler.py)."""
+    return range(
+        max(0, settings.pitch_low - settings.transpose), min(127, settings.pitch_high - settings.transpose) + 1
+    )
 
 
 def _grid_moved(old: LinkTimeline, new: LinkTimeline, now: float) -> bool:
