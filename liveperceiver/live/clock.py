@@ -23,6 +23,7 @@ The session starts and stops the model on Start, Continue and Stop.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,6 +32,12 @@ PULSES_PER_SIXTEENTH = PPQN // 4  # the unit of Song Position
 CLOCK, START, CONTINUE, STOP, SONG_POSITION = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 GRID_BEATS = {"1/4": 1.0, "1/8": 0.5, "1/8t": 1 / 3, "1/16": 0.25, "1/16t": 1 / 6, "1/32": 0.125}
 DEFAULT_BPM = 120.0
+# A pulse stamped later than the fitted line's median by more than this many median absolute
+# deviations of the residuals (and LATE_FLOOR_S) is late, not jitter: the tempo line leaves it out.
+# Uniform jitter over a backend period P has a deviation of P/4 and reaches P/2 above the median.
+LATE_MAD = 3.0
+LATE_FLOOR_S = 0.003
+LATE_PASSES = 3
 
 
 @dataclass
@@ -153,17 +160,32 @@ class ClockTracker:
 
     @staticmethod
     def _line(points: list[tuple[int, float]]) -> tuple[float, float, float, float] | None:
-        """Least-squares (intercept, seconds per pulse, lowest and highest residual) of (count, time) points."""
-        n = len(points)
-        if n < PPQN // 2 + 1:
-            return None
-        mean_c = sum(c for c, _ in points) / n
-        mean_t = sum(t for _, t in points) / n
-        slope = sum((c - mean_c) * (t - mean_t) for c, t in points) / sum((c - mean_c) ** 2 for c, _ in points)
-        if slope <= 0:
-            return None
-        intercept = mean_t - slope * mean_c
-        residuals = [t - intercept - slope * c for c, t in points]
+        """(intercept, seconds per pulse, lowest and highest residual of all the points) of (count,
+        time) points: a least-squares line through the points that are not late.
+
+        A stamp is never early, but it is late by more than the backend's period when the thread
+        that stamps it did not run in time (a busy machine: the model sampling ahead at a run's
+        start held pulses back 20-95 ms in bunches), and a few such pulses bend a least-squares line
+        for the four beats they stay in it: answers 30-70 ms off the DAW's grid. So the first line's
+        residuals decide: stamps later than the median one by more than LATE_MAD times their median
+        absolute deviation (a third of a uniform jitter's range) and LATE_FLOOR_S go, and the line is
+        fitted again through the rest, up to LATE_PASSES times (late stamps at one end tilt the first
+        line toward themselves, hiding some of their lateness from it)."""
+        kept = points
+        for _ in range(LATE_PASSES):
+            line = _least_squares(kept)
+            if line is None:
+                return None
+            intercept, slope = line
+            residuals = [t - intercept - slope * c for c, t in kept]
+            middle = statistics.median(residuals)
+            deviation = statistics.median(abs(r - middle) for r in residuals)
+            limit = middle + max(LATE_MAD * deviation, LATE_FLOOR_S)
+            on_time = [point for point, r in zip(kept, residuals, strict=True) if r <= limit]
+            if len(on_time) == len(kept):
+                break
+            kept = on_time
+        residuals = [t - intercept - slope * c for c, t in points]  # the late ones too: all the jitter there is
         return intercept, slope, min(residuals), max(residuals)
 
     def _fit(self, now: float) -> tuple[float, float] | None:
@@ -207,3 +229,17 @@ class ClockTracker:
         if snapped < now:
             snapped = origin + math.ceil((now - origin) / step) * step
         return snapped
+
+
+def _least_squares(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """(intercept, slope) of the least-squares line through (count, time) points; None with too few
+    points for a tempo (half a beat) or a line that does not go forward in time."""
+    n = len(points)
+    if n < PPQN // 2 + 1:
+        return None
+    mean_c = sum(c for c, _ in points) / n
+    mean_t = sum(t for _, t in points) / n
+    slope = sum((c - mean_c) * (t - mean_t) for c, t in points) / sum((c - mean_c) ** 2 for c, _ in points)
+    if slope <= 0:
+        return None
+    return mean_t - slope * mean_c, slope
