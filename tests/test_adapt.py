@@ -297,6 +297,11 @@ def player_state(tokens: list[int]):
     return state
 
 
+def experts_by_type(experts) -> dict:
+    """session_experts' distributions by their type's first id."""
+    return {first: expert for first, expert, _ in experts}
+
+
 SOFT_CHORD = [vocab.velocity_token(40), vocab.note_on(60), vocab.note_on(64), vocab.note_on(67), vocab.TIME_SHIFT + 30]
 
 
@@ -304,7 +309,7 @@ def test_session_experts_follow_the_players_velocities_and_end_the_oldest_note_f
     from liveperceiver.inference.adapt import OLDER_FIRST, OLDER_FIRST_AFTER_OFF, session_experts
 
     assert session_experts(player_state([vocab.TIME_SHIFT + 10])) == []  # nothing played: nothing to say
-    experts = dict(session_experts(player_state(SOFT_CHORD * 4)))  # the chord struck four times
+    experts = experts_by_type(session_experts(player_state(SOFT_CHORD * 4)))  # the chord struck four times
     velocity, ending = experts[vocab.VELOCITY], experts[vocab.NOTE_OFF]
     assert len(velocity) == vocab.NUM_VELOCITY_BINS and velocity.sum() == pytest.approx(1.0)
     assert velocity.argmax() == 40 // 4 and velocity[8:13].sum() > 0.7  # the player's level and its neighbours
@@ -313,10 +318,12 @@ def test_session_experts_follow_the_players_velocities_and_end_the_oldest_note_f
     assert ending[64] / ending[60] == pytest.approx(OLDER_FIRST) and ending[67] / ending[64] == pytest.approx(
         OLDER_FIRST
     )
-    after_off = dict(session_experts(player_state([*SOFT_CHORD, vocab.note_off(60)])))[vocab.NOTE_OFF]
+    after_off = experts_by_type(session_experts(player_state([*SOFT_CHORD, vocab.note_off(60)])))[vocab.NOTE_OFF]
     assert after_off[67] / after_off[64] == pytest.approx(OLDER_FIRST_AFTER_OFF)  # simultaneous note-offs: oldest first
     assert after_off[64] > 0.9 and after_off[60] == 0.0
-    loud = dict(session_experts(player_state([*SOFT_CHORD * 4, vocab.velocity_token(110), vocab.note_on(72)])))
+    loud = experts_by_type(
+        session_experts(player_state([*SOFT_CHORD * 4, vocab.velocity_token(110), vocab.note_on(72)]))
+    )
     assert loud[vocab.VELOCITY][110 // 4] > velocity[110 // 4] * 5  # it moves with the player
 
 
@@ -326,12 +333,22 @@ def test_in_play_the_note_off_expert_leans_on_the_models_own_notes():
     from liveperceiver.inference.adapt import session_experts
 
     state = player_state([vocab.velocity_token(60), vocab.note_on(48), vocab.TIME_SHIFT + 20])
-    alone = dict(session_experts(state))[vocab.NOTE_OFF]
+    alone = experts_by_type(session_experts(state))[vocab.NOTE_OFF]
     assert alone[48] == pytest.approx(1.0)  # nothing of its own sounds: the player's note
     for token in (vocab.velocity_token(60), vocab.note_on(60), vocab.note_on(64)):
         state.push(token, sampled=True)
-    own = dict(session_experts(state))[vocab.NOTE_OFF]
+    own = experts_by_type(session_experts(state))[vocab.NOTE_OFF]
     assert own[48] == 0.0 and own[60] > own[64] > 0.0 and own.sum() == pytest.approx(1.0)
+    # mixed in (an empty cache: the expert alone), it reorders the model's own note-offs only: their
+    # total stays the model's, so its notes do not end sooner; the player's note and the pitches not
+    # sounding keep their own probability
+    logits = torch.randn(vocab.VOCAB_SIZE, generator=torch.Generator().manual_seed(4)) * 2
+    plain, leaned = torch.softmax(logits, -1), mix_logits(logits, SessionCache(), 0.7, state).exp()
+    mine = [vocab.note_off(60), vocab.note_off(64)]
+    assert float(leaned[mine].sum()) == pytest.approx(float(plain[mine].sum()), rel=1e-5)
+    others = [t for t in range(vocab.NOTE_OFF, vocab.TIME_SHIFT) if t not in mine]
+    torch.testing.assert_close(leaned[others], plain[others])
+    assert float(leaned[mine[0]] / leaned[mine[1]]) > float(plain[mine[0]] / plain[mine[1]])  # the older first
 
 
 def near_bin_10(probs: torch.Tensor) -> float:

@@ -144,7 +144,7 @@ def test_the_device_mix_is_the_cpu_mix():
     weight = effective_weight(0.7, len(cache))
     state = session_state()
     experts = session_experts(state)
-    assert {first for first, _ in experts} == {vocab.VELOCITY, vocab.NOTE_OFF}  # both experts have work to do
+    assert {first for first, _, _ in experts} == {vocab.VELOCITY, vocab.NOTE_OFF}  # both experts have work to do
     for seed in range(5):
         logits = random_logits(seed)
         on_cpu, on_device = mix_logits(logits, cache, 0.7), mix_on_device(logits, a, b, weight)

@@ -294,40 +294,54 @@ def mixed_probability(p_model: np.ndarray, a: np.ndarray, b: np.ndarray, weight)
     return (1.0 - weight + weight * b) * p_model + weight * a
 
 
-def session_experts(state: StreamState) -> list[tuple[int, np.ndarray]]:
+Expert = tuple[int, np.ndarray, "np.ndarray | None"]  # (type's first id, distribution over the type, members)
+
+
+def session_experts(state: StreamState) -> list[Expert]:
     """The experts with something to say now, each as (its type's first id, a distribution over the
-    type's ids): the player's recent velocities (StreamState's decaying, spread histogram, with
-    dynamics follow's prior per bin), once they have played one; the notes sounding, by when they
-    began, oldest likeliest to end (OLDER_FIRST, OLDER_FIRST_AFTER_OFF).
+    type's ids, the ids whose probability it redistributes: a mask, or None for the whole type): the
+    player's recent velocities (StreamState's decaying, spread histogram, with dynamics follow's
+    prior per bin), once they have played one; the notes sounding, by when they began, oldest
+    likeliest to end (OLDER_FIRST, OLDER_FIRST_AFTER_OFF).
 
     Which notes: the model's own while any sound (in `play` a note the player holds is theirs to
-    end, and the model's note-off for it never sounds, so the expert must not pull toward it), else
-    all (in `eval` every token is the player's). The order is when each pitch last joined the open
+    end, and the model's note-off for it never sounds, so the expert must not pull toward it), and
+    then over their note-offs only: it changes which of its notes ends, never how often the model
+    ends one of its own (leaning the whole type on them, the note-offs the model gives to pitches
+    not sounding included, ended its notes so early that its answers' polyphony fell from 0.83 to
+    0.57 of the true continuation's, median of the piano-like prompts). Else all sounding notes,
+    over the whole type (in `eval` every token is the player's; chosen there on the piano-like
+    set). The order is when each pitch last joined the open
     notes (`StreamState.open_notes`): a pitch struck again while it sounds keeps its first place
     until one of its note-offs comes, then goes last, an approximation of the tokenizer's order for
     about 1% of real notes."""
     experts = []
     if any(state.player_velocities):
         histogram = np.asarray(state.player_velocities) + VELOCITY_PRIOR
-        experts.append((vocab.VELOCITY, histogram / histogram.sum()))
+        experts.append((vocab.VELOCITY, histogram / histogram.sum(), None))
     sounding = list(state.open_notes)  # pitch -> open note-ons, in the order the pitches began sounding
-    ending_first = [pitch for pitch in sounding if pitch in state.sampled] or sounding
+    own = [pitch for pitch in sounding if pitch in state.sampled]
+    ending_first = own or sounding
     if ending_first:
         after_off = vocab.NOTE_OFF <= state.last_token < vocab.TIME_SHIFT
         by_age = (AGE_WEIGHTS_AFTER_OFF if after_off else AGE_WEIGHTS)[: len(ending_first)]
         ending = np.zeros(vocab.TIME_SHIFT - vocab.NOTE_OFF)
         ending[ending_first] = by_age * (1.0 / by_age.sum())
-        experts.append((vocab.NOTE_OFF, ending))
+        experts.append((vocab.NOTE_OFF, ending, ending > 0 if own else None))
     return experts
 
 
-def lean_on_experts(probs: np.ndarray, experts: list[tuple[int, np.ndarray]], share: float) -> None:
-    """Within each expert's event type, in place: (1 - share) x `probs` + share x the expert, times
-    the type's total probability, which so stays what it was."""
-    for first, expert in experts:
+def lean_on_experts(probs: np.ndarray, experts: list[Expert], share: float) -> None:
+    """Over each expert's members (session_experts), in place: (1 - share) x `probs` + share x the
+    expert, times the members' total probability, which so stays what it was."""
+    for first, expert, members in experts:
         group = probs[first : first + len(expert)]
-        total = group.sum()
-        group *= 1.0 - share
+        if members is None:
+            total = group.sum()
+            group *= 1.0 - share
+        else:
+            total = group[members].sum()
+            group[members] *= 1.0 - share
         group += (share * total) * expert
 
 
@@ -366,7 +380,7 @@ def mix_on_device(
     a: np.ndarray,
     b: float,
     weight: float,
-    experts: Sequence[tuple[int, np.ndarray]] = (),
+    experts: Sequence[Expert] = (),
     share: float = 0.0,
 ) -> torch.Tensor:
     """`mix_logits`' mix on the logits' own device, the cache's terms (`a`, `b`) and the experts sent
@@ -374,10 +388,16 @@ def mix_on_device(
     the CPU's numpy mix, which adds the cache's part in float64)."""
     mixed = torch.softmax(logits.float(), -1) * (1.0 - weight + weight * b)
     mixed[:SIZE] += host_to_device(torch.from_numpy(weight * a).float(), logits.device)
-    for first, expert in experts:
+    for first, expert, members in experts:
         group = mixed[first : first + len(expert)]
-        total = group.sum()  # stays on the device
-        group.mul_(1.0 - share).add_(host_to_device(torch.from_numpy(share * expert).float(), logits.device) * total)
+        if members is None:
+            total = group.sum()  # stays on the device
+            group.mul_(1.0 - share)
+        else:
+            inside = host_to_device(torch.from_numpy(members.astype(np.float32)), logits.device)
+            total = (group * inside).sum()
+            group.mul_(1.0 - share * inside)
+        group.add_(host_to_device(torch.from_numpy(share * expert).float(), logits.device) * total)
     return mixed.log_().to(logits.dtype)
 
 
