@@ -37,7 +37,12 @@ def start_play(session_dir, *extra: str) -> subprocess.Popen:
     stdout = open(session_dir.parent / "play.out", "w")  # noqa: SIM115 - a pipe nobody reads could block it
     process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True)
     # every poll opens and closes two JACK clients (libjack's races): poll every 50 ms, not 5
-    assert wait_for(lambda: ports.VIRTUAL_OUT in " ".join(ports.list_ports("jack")[0]), timeout=30, step=0.05)
+    if not wait_for(lambda: ports.VIRTUAL_OUT in " ".join(ports.list_ports("jack")[0]), timeout=30, step=0.05):
+        process.kill()  # seen once in a full run: say what play printed, it is gone with the tmp dir later
+        process.wait(10)
+        stdout.close()
+        said = (session_dir.parent / "play.out").read_text()[-3000:]
+        raise AssertionError(f"play's output port did not appear within 30 s (exit {process.returncode}): {said}")
     return process
 
 
