@@ -31,12 +31,16 @@ def arrival(sent: float) -> float:
     return math.ceil(sent / JACK_PERIOD) * JACK_PERIOD + POLL
 
 
+def feed_stamps(clock: ClockTracker, stamps: list[float]) -> None:
+    for stamp in stamps:
+        assert clock.feed(CLOCK, [], stamp) is None
+
+
 def play_pulses(clock: ClockTracker, bpm: float, first: float, count: int) -> list[float]:
     """Feed `count` pulses at `bpm` from `first` (DAW time, as sent); returns their send times."""
     period = 60.0 / bpm / PPQN
     sent = [first + i * period for i in range(count)]
-    for t in sent:
-        assert clock.feed(CLOCK, [], arrival(t)) is None
+    feed_stamps(clock, [arrival(t) for t in sent])
     return sent
 
 
@@ -207,11 +211,6 @@ def test_the_grid_needs_fresh_pulses():
     assert clock.grid(arrival(sent[-1])) is not None
     assert clock.grid(arrival(sent[-1]) + 1.5) is None
     assert clock.quantize(1.234, "off", now=0.0, fallback_origin=0.0) == 1.234
-
-
-def feed_stamps(clock: ClockTracker, stamps: list[float]) -> None:
-    for stamp in stamps:
-        assert clock.feed(CLOCK, [], stamp) is None
 
 
 def test_a_lost_pulse_does_not_move_the_grid():

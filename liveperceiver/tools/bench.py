@@ -370,6 +370,7 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
         "adapt_step_ms_p50": round(statistics.median(mixed), 4),
         "adapt_step_ms_p50_without": round(statistics.median(alone), 4),
         "adapt_push_ms_p50": round(push, 4),
+        "adapt_run": run,
         "adapt_order": adapt.ORDER,
         "adapt_window": adapt.WINDOW,
     }
@@ -456,7 +457,7 @@ def run(args) -> list[dict]:
         f"in-session adaptation (adapt.py; order {adaptation['adapt_order']}, {adaptation['adapt_window']}-token "
         f"window, a practice-like stream, 1 latent): {adaptation['adapt_ms_p50']:.3f} ms per token "
         f"(step p50 {adaptation['adapt_step_ms_p50']:.3f} ms with the mix, {adaptation['adapt_step_ms_p50_without']:.3f} "
-        f"without, runs of 8 interleaved; the cache's push {adaptation['adapt_push_ms_p50']:.3f} ms)"
+        f"without, runs of {adaptation['adapt_run']} interleaved; the cache's push {adaptation['adapt_push_ms_p50']:.3f} ms)"
     )
     for row in rows:
         row.update(adaptation)
