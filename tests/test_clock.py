@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 import time
 
 import pytest
@@ -20,9 +19,16 @@ from liveperceiver.live.clock import CLOCK, CONTINUE, PPQN, SONG_POSITION, START
 from liveperceiver.live.play import realtime_process
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
-from tests.jack_fixture import Keyboard, jack_server, no_stuck_notes, wait_for  # noqa: F401
+from tests.jack_fixture import (  # noqa: F401 - the imported fixture
+    JACK_PERIOD,
+    Keyboard,
+    assert_onsets_on_grid,
+    jack_server,
+    no_stuck_notes,
+    play_timeline,
+    wait_for,
+)
 
-JACK_PERIOD = 512 / 48000  # the test server's period (tests/jack_fixture.py)
 POLL = 0.0002  # the input thread's poll adds up to this
 
 
@@ -270,14 +276,10 @@ def test_late_pulses_and_tempo_changes_are_counted_as_they_come():
 @pytest.mark.jack
 def test_a_session_quantises_to_a_clock_that_was_playing_before_it_started(tmp_path, jack_server):  # noqa: F811
     """Over real JACK ports: a 100 bpm clock with no Start (the DAW already plays), quantise 1/16 in
-    duet mode. The model's note-ons land on the 150 ms grid through the first pulse sent, a little
-    after it (the pulses reach the session a JACK period late at most; the scheduler adds its jitter):
-    nine in ten within -3..+J+10 ms, the median within 0..J+3, and none off by more than a pulse and
-    a JACK period (a grid counted one pulse off, or a tempo line bent by late pulses, fails these).
-    On the 120 bpm fallback grid they fell anywhere in -75..+75 ms. The session runs as `play` runs
-    it (realtime_process): without the frozen heap a full garbage collection held the GIL and sent a
-    chord 20-70 ms late in 4 runs of 6. Why not every note within the tight bound even so: on a
-    shared 2-core VM a thread now and then does not run in time (8 runs of 8 had none)."""
+    duet mode. The model's note-ons land on the 150 ms grid through the first pulse sent
+    (tests.jack_fixture.assert_onsets_on_grid says within what); on the 120 bpm fallback grid they
+    fell anywhere in -75..+75 ms. The session runs as `play` runs it (realtime_process): without the
+    frozen heap a full garbage collection held the GIL and sent a chord 20-70 ms late in 4 runs of 6."""
     settings = Settings(seed=1, silence_ms=300, response_seconds=2.0, mode="duet", quantize="1/16")
     with realtime_process():  # as play runs a session: the GIL handed over sooner, the heap frozen
         session = Session(settings, model=None, api="jack", session_dir=tmp_path / "session")
@@ -290,27 +292,14 @@ def test_a_session_quantises_to_a_clock_that_was_playing_before_it_started(tmp_p
             events = [(first + i * period, [CLOCK]) for i in range(PPQN * 16)]
             for n, pitch in enumerate([60, 64]):
                 events += [(first + 0.6 + n * 0.05, [0x90, pitch, 90]), (first + 0.64 + n * 0.05, [0x80, pitch, 0])]
-            for due, message in sorted(events):
-                while time.monotonic() < due:
-                    time.sleep(0.0005)
-                keys.send(message)
+            play_timeline(keys, events)
             assert session.timekeeper.clock.bpm(time.monotonic()) == pytest.approx(100, abs=0.5)
             assert session.snapshot().transport_running
             with session.lock:  # stamped as the scheduler sent them
                 onsets = [
                     when for when, is_on, _, who in session.roll if who == "model" and is_on and when > first + 1.2
                 ]
-            assert len(onsets) >= 2, session.snapshot().log
-            residuals_ms = [((when - first + step / 2) % step - step / 2) * 1000 for when in onsets]
-            off_grid = [
-                (round(when - first, 3), round(r, 1))
-                for when, r in zip(onsets, residuals_ms, strict=True)
-                if not -3 <= r <= JACK_PERIOD * 1000 + 10
-            ]
-            report = (off_grid, len(onsets))  # (seconds after the first pulse, ms off the grid), of how many
-            assert len(off_grid) <= len(onsets) / 10, report
-            assert 0 <= statistics.median(residuals_ms) <= JACK_PERIOD * 1000 + 3, report
-            assert all(abs(r) <= (period + JACK_PERIOD) * 1000 for r in residuals_ms), report
+            assert_onsets_on_grid(onsets, origin=first, step=step, pulse=period)
             keys.send([STOP])  # the DAW stops: the model stops with it, though no Start came
             assert wait_for(lambda: session.snapshot().state == "stopped (transport)", timeout=2)
             assert no_stuck_notes(keys, session.recorder.path)

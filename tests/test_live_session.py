@@ -16,12 +16,20 @@ import pytest
 import torch
 
 from liveperceiver.core import vocab
+from liveperceiver.live.clock import CLOCK, PPQN, START
 from liveperceiver.live.play import realtime_process
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import freeze_heap, thaw_heap
 from tests.conftest import MODEL_GOLDEN
-from tests.jack_fixture import Keyboard, jack_server, no_stuck_notes, wait_for  # noqa: F401
+from tests.jack_fixture import (  # noqa: F401 - the imported fixture
+    Keyboard,
+    assert_onsets_on_grid,
+    jack_server,
+    no_stuck_notes,
+    play_timeline,
+    wait_for,
+)
 
 pytestmark = pytest.mark.jack
 
@@ -60,18 +68,16 @@ def live(tmp_path, jack_server):  # noqa: F811 - the imported fixture
     thaw_heap()
 
 
-def send_clock(keys, beats: int, after_first_beat=None) -> float:
-    """MIDI start, then `beats` of 120 bpm clock (24 ppqn) at their exact times; returns the start."""
-    keys.send([0xFA])
-    period = 60 / 120 / 24
-    start = time.monotonic()
-    for i in range(24 * beats):
-        target = start + i * period
-        while time.monotonic() < target:
-            time.sleep(0.0005)
-        keys.send([0xF8])
-        if i == 24 and after_first_beat is not None:
-            after_first_beat()
+def send_clock(keys, beats: int, phrase_after_first_beat: list[int] | None = None) -> float:
+    """MIDI Start, then `beats` of 120 bpm clock (24 ppqn) at their exact times, and the player's
+    phrase (50 ms apart) after the first beat on the same timeline; returns the first pulse's time."""
+    keys.send([START])
+    period = 60 / 120 / PPQN
+    start = time.monotonic() + 0.002
+    events = [(start + i * period, [CLOCK]) for i in range(PPQN * beats)]
+    for n, pitch in enumerate(phrase_after_first_beat or []):
+        events += [(start + 0.5 + n * 0.05, [0x90, pitch, 90]), (start + 0.54 + n * 0.05, [0x80, pitch, 0])]
+    play_timeline(keys, events)
     return start
 
 
@@ -236,24 +242,16 @@ def test_auto_api_finds_jack_here():
 
 
 def test_quantised_model_onsets_fall_on_the_clock_grid(live):
+    """With Start and a 120 bpm clock, quantise 1/16 in duet mode: the model's note-ons land on the
+    125 ms grid through the first pulse (tests.jack_fixture.assert_onsets_on_grid)."""
     session, keys = live(mode="duet", quantize="1/16")
-    start = send_clock(keys, beats=16, after_first_beat=lambda: keys.phrase([60, 64], step=0.05, length=0.04))
+    start = send_clock(keys, beats=16, phrase_after_first_beat=[60, 64])
     origin, beat = session.timekeeper.clock.grid(time.monotonic())
     assert abs(beat - 0.5) < 0.01
-    step = beat / 4
     with session.lock:  # what the scheduler sent, stamped as it was sent (JACK adds a period on the way)
         onsets = [when for when, is_on, _, who in session.roll if who == "model" and is_on and when > start + 1.0]
     assert len(onsets) >= 2, session.snapshot().log
-    # the grid moves with the fitted tempo, so check the gaps between onsets: whole grid steps, within
-    # 12 ms (a tenth of the 125 ms step: the tempo refit moves the grid a few ms between notes, and
-    # the send jitter adds up to 2 ms each side); unquantised onsets would spread over +-62 ms
-    gaps = [((b - a) / step) % 1.0 for a, b in zip(onsets, onsets[1:], strict=False)]
-    off = [
-        (round(b - start, 3), round(min(g, 1 - g) * step * 1000, 1))
-        for b, g in zip(onsets[1:], gaps, strict=True)
-        if min(g, 1 - g) * step >= 0.012
-    ]
-    assert not off, (off, len(gaps))  # (seconds after Start, ms off a whole number of steps), of how many
+    assert_onsets_on_grid(onsets, origin=start, step=beat / 4, pulse=60 / 120 / PPQN)
 
 
 def test_input_channel_filter(live):
