@@ -15,7 +15,15 @@ import torch
 
 from liveperceiver.core import vocab
 from liveperceiver.core.errors import UserError
-from liveperceiver.inference.adapt import RAMP, SIZE, SessionCache, loop_rate, mix_logits, mixed_probability
+from liveperceiver.inference.adapt import (
+    SIZE,
+    WEIGHTS,
+    CacheWeight,
+    SessionCache,
+    loop_rate,
+    mix_logits,
+    mixed_probability,
+)
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import Constraints, SamplingSettings
 from liveperceiver.live.settings import Settings
@@ -103,7 +111,7 @@ def test_mix_is_a_distribution_and_the_engine_samples_from_it(tiny_model, choral
     mixed = mix_logits(logits, cache, 0.6)
     p_model = torch.softmax(logits.double(), -1).numpy()
     a, b = cache.terms()
-    w = 0.6 * 300 / (300 + RAMP)  # ramped in over the session's first tokens
+    w = 0.6 * WEIGHTS.mean()  # no learnt weight given: the prior's mean fraction of adapt
     expected = (1 - w) * p_model + w * (np.append(a, 0.0) + b * p_model)
     assert float(mixed.exp().sum()) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(mixed.exp().double().numpy(), expected, rtol=1e-5, atol=1e-9)
@@ -235,7 +243,8 @@ def test_the_system_nll_is_what_play_samples_from(tiny_model, chorale_tokens):
             for target in piece[1:]:
                 logits = engine.next_logits().float()
                 expected_alone.append(-float(torch.log_softmax(logits, -1)[target]))
-                mixed = mix_logits(logits, engine.cache, 0.7, engine.state)
+                position = len(engine.tokens)  # the weight learns from each token as the engine's does
+                mixed = mix_logits(logits, engine.cache, 0.7, engine.state, engine.cache_weight, position)
                 constraint_mask(replace(play, repeated_note_offs=True), engine.state, mixed)  # real streams
                 expected_system.append(-float(torch.log_softmax(mixed, -1)[target]))
                 engine.append([target])
@@ -398,3 +407,66 @@ def test_an_adapting_engine_answers_at_the_players_level(tiny_model, chorale_tok
         assert len(levels) > 20
         distances[share] = np.mean([abs(level - 6) for level in levels])
     assert distances[share_in_play] < distances[0.0] - 1.0, distances
+
+
+def test_the_cache_weight_follows_whichever_predicts_the_player_better():
+    """CacheWeight's posterior: tokens the cache predicts far better than the model pull the weight
+    toward adapt, tokens it gets wrong pull it toward 0, and older tokens are forgotten, so it turns
+    around within a few dozen tokens when the music changes."""
+    weight = CacheWeight()
+    prior = weight.fraction
+    assert prior == pytest.approx(WEIGHTS.mean())
+    for position in range(40):  # a repeated figure: the cache sure and right, the model unsure
+        weight.judge(position, p_model=0.02, a_token=0.8, b=0.1, adapt=1.0)
+    assert weight.fraction > 0.95
+    for position in range(40, 80):  # new material: the cache sure of the old continuation, wrong
+        weight.judge(position, p_model=0.3, a_token=0.0, b=0.1, adapt=1.0)
+    assert weight.fraction < 0.2
+    nothing_heard = CacheWeight()  # a context the cache never saw: b = 1, a = 0, every weight alike
+    for position in range(20):
+        nothing_heard.judge(position, p_model=0.3, a_token=0.0, b=1.0, adapt=1.0)
+    assert nothing_heard.fraction == pytest.approx(prior)
+
+
+def test_the_engine_learns_the_weight_from_the_players_tokens_and_undoes_it_on_rollback(tiny_model, chorale_tokens):
+    """The learnt weight is judged by the player's tokens only, each at the step that predicted it
+    with the same tokens before it (in play: the first player token after a rollback of sampled
+    look-ahead); a rollback undoes the judgements past it exactly; eval, where every token is the
+    player's, judges each."""
+    engine = Engine(tiny_model, num_latents="4:8", sampling=SamplingSettings(seed=2), device="cpu", adapt=1.0)
+    engine.append(chorale_tokens[:200])
+    assert engine.cache_weight.fraction == pytest.approx(WEIGHTS.mean())  # no step predicted them
+    engine.sample(10)  # the model's own tokens are never judged
+    assert engine.cache_weight.fraction == pytest.approx(WEIGHTS.mean())
+    engine.truncate(203)  # the player comes in three tokens into the look-ahead
+    engine.append(chorale_tokens[200:204])  # the first was predicted by the step at 203, the rest by none
+    judged = engine.cache_weight.fraction
+    assert judged != pytest.approx(WEIGHTS.mean())
+    engine.sample(5)
+    engine.truncate(207)
+    engine.append(chorale_tokens[204:206])
+    twice = engine.cache_weight.fraction
+    assert twice != pytest.approx(judged)
+    engine.truncate(207)  # a rollback past the second judgement: as if it had not come
+    assert engine.cache_weight.fraction == pytest.approx(judged)
+    engine.truncate(150)  # and past the first
+    assert engine.cache_weight.fraction == pytest.approx(WEIGHTS.mean())
+    # eval judges every token: its weight moves on a repetitive real piece (the cache knows it)
+    from liveperceiver.training.nll import stream_token_nll
+
+    scored = Engine(tiny_model, num_latents=1, device="cpu", adapt=1.0)
+    scored.append(chorale_tokens[:1])
+    for target in chorale_tokens[1:600]:
+        scored.played_logits(scored.next_logits().float(), temperature=1.0)
+        scored.append([target])
+    assert scored.cache_weight.fraction > WEIGHTS.mean() + 0.1
+    system, alone = stream_token_nll(tiny_model, [chorale_tokens[:600]], 1, None, 1.0, None, "cpu", False)
+    fixed = Engine(tiny_model, num_latents=1, device="cpu", adapt=1.0)  # never judged: the prior's mean
+    fixed.append(chorale_tokens[:1])
+    prior_nll = []
+    with torch.inference_mode():
+        for target in chorale_tokens[1:600]:
+            logits = fixed.next_logits().float()
+            prior_nll.append(-float(torch.log_softmax(mix_logits(logits, fixed.cache, 1.0, fixed.state), -1)[target]))
+            fixed.append([target])
+    assert system.mean() < np.mean(prior_nll) < alone.mean()

@@ -19,8 +19,9 @@ import torch
 from liveperceiver.core import vocab
 from liveperceiver.inference.adapt import (
     EXPERT_SHARE,
+    WEIGHTS,
+    CacheWeight,
     SessionCache,
-    effective_weight,
     mix_logits,
     mix_on_device,
     practice_stream,
@@ -126,7 +127,8 @@ def test_the_sampling_path_never_reads_the_device_back():
     `.numpy()` or `.cpu()` of any of them would raise here, so only `choose`'s int() reads back."""
     meta = torch.device("meta")
     state, cache = session_state(), session_cache()
-    logits = mix_logits(torch.empty(vocab.VOCAB_SIZE, device=meta), cache, 0.7, state)
+    remembered = CacheWeight()  # the step is remembered for judging a player's token later, on the device
+    logits = mix_logits(torch.empty(vocab.VOCAB_SIZE, device=meta), cache, 0.7, state, remembered, 12)
     assert logits.device == meta  # mixed on the device, not in numpy
     constraint_mask(EVERYTHING, state, logits, 0.9)
     assert state.key_bias[1] is not None and state.velocity_bias[1] is not None  # both follows had work to do
@@ -141,16 +143,17 @@ def test_the_sampling_path_never_reads_the_device_back():
 def test_the_device_mix_is_the_cpu_mix():
     cache = session_cache()
     a, b = cache.terms()
-    weight = effective_weight(0.7, len(cache))
+    weight = 0.7 * WEIGHTS.mean()  # mix_logits without a learnt weight: the prior's mean
     state = session_state()
     experts = session_experts(state)
     assert {first for first, _, _ in experts} == {vocab.VELOCITY, vocab.NOTE_OFF}  # both experts have work to do
     for seed in range(5):
         logits = random_logits(seed)
-        on_cpu, on_device = mix_logits(logits, cache, 0.7), mix_on_device(logits, a, b, weight)
+        on_cpu, (on_device, probs) = mix_logits(logits, cache, 0.7), mix_on_device(logits, a, b, weight)
+        torch.testing.assert_close(probs, torch.softmax(logits, -1))
         assert on_device.dtype == on_cpu.dtype and not torch.equal(on_cpu, logits)
         torch.testing.assert_close(on_device, on_cpu, rtol=1e-6, atol=1e-6)
-        leaned = mix_on_device(logits, a, b, weight, experts, 0.7 * EXPERT_SHARE)
+        leaned, _ = mix_on_device(logits, a, b, weight, experts, 0.7 * EXPERT_SHARE)
         torch.testing.assert_close(leaned, mix_logits(logits, cache, 0.7, state), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(leaned, on_cpu)
 

@@ -49,7 +49,7 @@ from torch import nn
 
 from liveperceiver.core import vocab
 from liveperceiver.core.model import PerceiverAR, apply_rotary, output_logits, rotary_rotation
-from liveperceiver.inference.adapt import SessionCache, mix_logits
+from liveperceiver.inference.adapt import CacheWeight, SessionCache, mix_logits
 from liveperceiver.inference.graphed import OneRowStep
 from liveperceiver.inference.latents import BoundLayer, LatentStack
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
@@ -195,8 +195,9 @@ class Engine:
         self.prefix_cap = self.config.max_prefix_len
         self.sampling = SamplingSettings()
         self.constraints = Constraints()
-        self.adapt = 0.0  # weight of the session cache in the mix (adapt.py; 0: the model alone)
+        self.adapt = 0.0  # the session cache's highest weight in the mix (adapt.py; 0: the model alone)
         self.cache: SessionCache | None = None  # built when adaptation is first turned on, then kept in step
+        self.cache_weight = CacheWeight()  # the cache's weight, learnt from the player's tokens (adapt.py)
         self.generator = torch.Generator(device=self.device)
         self._anchor: int | None = None  # stream position of the first latent (window.py's schedule)
         self.configure(
@@ -247,7 +248,7 @@ class Engine:
         if constraints is not None:
             constraints.validate()
         if adapt is not None and not 0.0 <= adapt <= 1.0:
-            raise ValueError(f"adapt {adapt} outside 0..1 (the session cache's weight; 0 = off)")
+            raise ValueError(f"adapt {adapt} outside 0..1 (the session cache's highest weight; 0 = off)")
         if adapt:
             if self.cache is None:  # once on, the cache follows the stream even while the weight is 0
                 self.cache = SessionCache()
@@ -295,11 +296,13 @@ class Engine:
         if len(flags) != len(tokens):
             raise ValueError(f"append: {len(flags)} sampled flags for {len(tokens)} tokens")
         for token, flag in zip(tokens, flags, strict=True):
+            if self.cache is not None:
+                if not flag:  # the player's token: how well each weight of the cache would have predicted it
+                    self.cache_weight.observe(len(self.tokens), token, self.adapt)
+                self.cache.push(token, sampled=bool(flag))
             self.tokens.append(token)
             self.sampled.append(flag)
             self.state.push(token, sampled=bool(flag))
-            if self.cache is not None:
-                self.cache.push(token, sampled=bool(flag))
 
     def truncate(self, length: int) -> None:
         """Drop tokens from the end (sampled but not played). Buffer rows and the window's kept
@@ -311,6 +314,7 @@ class Engine:
         self.state.rewind(self.tokens, self.sampled, length)
         if self.cache is not None:
             self.cache.truncate(length)
+            self.cache_weight.truncate(length)
         if self.exact_tables:
             self._ids_upto = min(self._ids_upto, length)
             self._keys_upto = min(self._keys_upto, length)
@@ -346,7 +350,7 @@ class Engine:
         the sampling `temperature` (in place where nothing was mixed). eval's `nll` scores these at
         temperature 1 (training/nll.py), so what it scores is what `play` plays."""
         if self.adapt:
-            logits = mix_logits(logits, self.cache, self.adapt, self.state)
+            logits = mix_logits(logits, self.cache, self.adapt, self.state, self.cache_weight, len(self.tokens))
         if self.constraints.active:
             constraint_mask(self.constraints, self.state, logits, temperature)
         return logits

@@ -42,7 +42,7 @@ class Settings:
     # histogram as at 4, at far less NLL cost: piano model card, "Session experts")
     density_follow: float = 1.0  # its note rate follows the player's (sampling.density_follow_bias; 0: off)
     density_ratio: float = 1.0  # density follow's target: 1 like the player, 0.5 sparser, 2 busier
-    adapt: float = 0.7  # weight of the session cache, in-session adaptation (adapt.py; 0: off)
+    adapt: float = 1.0  # the session cache's highest weight, in-session adaptation (adapt.py; 0: off)
     seed: int | None = None
     # [timing]
     silence_ms: int = 600

@@ -345,12 +345,12 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
     from liveperceiver.inference import adapt
 
     stream = adapt.practice_stream(adapt.WINDOW + steps)
-    engine = Engine(model, sampling=SamplingSettings(seed=0), device=device, adapt=0.7)
+    engine = Engine(model, sampling=SamplingSettings(seed=0), device=device, adapt=1.0)
     engine.append(stream[: adapt.WINDOW])
     mixed, alone, pushes = [], [], []
     now = device_clock(engine.device)
     for index, token in enumerate(stream[adapt.WINDOW :]):
-        turns = ((0.7, mixed), (0.0, alone))
+        turns = ((1.0, mixed), (0.0, alone))
         for weight, times in turns if index % 2 else turns[::-1]:
             engine.configure(adapt=weight)
             for _ in range(run):
@@ -358,7 +358,8 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
                 engine.step()
                 times.append((now() - start) * 1000)
             engine.truncate(len(engine) - run)
-        start = time.perf_counter()
+        start = time.perf_counter()  # the cache takes the token, and the weight is judged by it
+        engine.cache_weight.observe(len(engine), token, 1.0)
         engine.cache.push(token)
         pushes.append((time.perf_counter() - start) * 1000)
         engine.cache.truncate(len(engine.cache) - 1)

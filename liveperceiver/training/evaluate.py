@@ -41,7 +41,8 @@ def adaptation_settings() -> dict:
         "order": adapt.ORDER,
         "window": adapt.WINDOW,
         "discount": adapt.DISCOUNT,
-        "ramp": adapt.RAMP,
+        "weights": [float(w) for w in adapt.WEIGHTS],
+        "forget": adapt.FORGET,
         "own_weight": adapt.OWN_WEIGHT,
     }
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from liveperceiver.core.model import PerceiverAR
-from liveperceiver.inference.adapt import SessionCache, effective_weight, mixed_probability
+from liveperceiver.inference.adapt import CacheWeight, SessionCache, mixed_probability
 from liveperceiver.training.windows import piece_windows
 
 
@@ -64,25 +64,30 @@ def model_nll(model: PerceiverAR, pieces: list[list[int]], progress: bool = Fals
     return np.concatenate([nll.cpu().numpy() for nll in nlls]), np.concatenate(targets)
 
 
-def adapted_nll(nll: np.ndarray, pieces: list[list[int]], weight: float) -> np.ndarray:
+def adapted_nll(nll: np.ndarray, pieces: list[list[int]], adapt: float) -> np.ndarray:
     """Per-target NLL with in-session adaptation, as `play` mixes it (adapt.py): each piece is a
     session, its own past feeds a fresh cache token by token, and the cache is mixed with the
-    model's probability of each target (`nll`, from `model_nll`: the same targets in the same order)."""
-    if not weight:
+    model's probability of each target (`nll`, from `model_nll`: the same targets in the same order)
+    at the weight the session has learnt so far (adapt.CacheWeight), every token the player's."""
+    if not adapt:
         return nll
-    a, b, seen = np.empty(len(nll)), np.empty(len(nll)), np.empty(len(nll))
+    p_model = np.exp(-nll)
+    mixed = np.empty(len(nll))
     index = 0
     for piece in pieces:
-        cache = SessionCache()
+        cache, weight = SessionCache(), CacheWeight()
         cache.push(piece[0])
-        for token in piece[1:]:
-            a[index], b[index] = cache.token_terms(token)
-            seen[index] = len(cache)
+        for position, token in enumerate(piece[1:], start=1):
+            if index >= len(nll):
+                raise ValueError(f"adapted_nll: {len(nll)} model targets for more tokens")
+            a, b = cache.token_terms(token)
+            mixed[index] = mixed_probability(p_model[index], a, b, adapt * weight.fraction)
+            weight.judge(position, p_model[index], a, b, adapt)
             cache.push(token)
             index += 1
     if index != len(nll):
         raise ValueError(f"adapted_nll: {len(nll)} model targets for {index} tokens")
-    return -np.log(mixed_probability(np.exp(-nll), a, b, effective_weight(weight, seen)))
+    return -np.log(mixed)
 
 
 def stream_token_nll(
