@@ -429,39 +429,48 @@ def test_the_cache_weight_follows_whichever_predicts_the_player_better():
 
 
 def test_the_engine_learns_the_weight_from_the_players_tokens_and_undoes_it_on_rollback(tiny_model, chorale_tokens):
-    """The learnt weight is judged by the player's tokens only, each at the step that predicted it
-    with the same tokens before it (in play: the first player token after a rollback of sampled
-    look-ahead); a rollback undoes the judgements past it exactly; eval, where every token is the
-    player's, judges each."""
-    engine = Engine(tiny_model, num_latents="4:8", sampling=SamplingSettings(seed=2), device="cpu", adapt=1.0)
-    engine.append(chorale_tokens[:200])
-    assert engine.cache_weight.fraction == pytest.approx(WEIGHTS.mean())  # no step predicted them
-    engine.sample(10)  # the model's own tokens are never judged
-    assert engine.cache_weight.fraction == pytest.approx(WEIGHTS.mean())
-    engine.truncate(203)  # the player comes in three tokens into the look-ahead
-    engine.append(chorale_tokens[200:204])  # the first was predicted by the step at 203, the rest by none
-    judged = engine.cache_weight.fraction
-    assert judged != pytest.approx(WEIGHTS.mean())
-    engine.sample(5)
-    engine.truncate(207)
-    engine.append(chorale_tokens[204:206])
-    twice = engine.cache_weight.fraction
-    assert twice != pytest.approx(judged)
-    engine.truncate(207)  # a rollback past the second judgement: as if it had not come
-    assert engine.cache_weight.fraction == pytest.approx(judged)
-    engine.truncate(150)  # and past the first
-    assert engine.cache_weight.fraction == pytest.approx(WEIGHTS.mean())
-    # eval judges every token: its weight moves on a repetitive real piece (the cache knows it)
+    """The learnt weight is judged by the player's tokens only: at the step that predicted one (eval,
+    and a player's token entering look-ahead), or else from the latent window's rows once they are
+    run, with the same probabilities (the window is exact); a rollback undoes the judgements past it
+    exactly. The model's own tokens are never judged."""
+    prior = WEIGHTS.mean()
+    # eval's way: a step predicts every token, judged as it is appended
+    stepped = Engine(tiny_model, num_latents="4:8", device="cpu", adapt=1.0)
+    stepped.append(chorale_tokens[:1])
+    for target in chorale_tokens[1:260]:
+        stepped.played_logits(stepped.next_logits().float(), temperature=1.0)
+        stepped.append([target])
+    # play's way: the player's tokens come while the engine waits; it runs their rows when idle
+    waiting = Engine(tiny_model, num_latents="4:8", device="cpu", adapt=1.0)
+    for token in chorale_tokens[:260]:
+        waiting.append([token])
+        waiting.prepare()
+    assert stepped.cache_weight.fraction != pytest.approx(prior)
+    assert waiting.cache_weight.fraction == pytest.approx(stepped.cache_weight.fraction, abs=1e-6)
+    # a burst of player tokens, judged from rows at the next step; the model's own tokens never
+    waited = waiting.cache_weight.fraction
+    waiting.append(chorale_tokens[260:266])
+    assert waiting.cache_weight.fraction == waited  # not judged before their rows run
+    waiting.sample(1)
+    judged = waiting.cache_weight.fraction
+    assert judged != pytest.approx(waited)
+    waiting.sample(9)
+    assert waiting.cache_weight.fraction == judged
+    before_entry = len(waiting)
+    waiting.truncate(before_entry - 7)  # the player comes in three tokens into the look-ahead
+    waiting.append(chorale_tokens[266:270])  # the first predicted by the step there, the rest by rows
+    waiting.sample(1)
+    entered = waiting.cache_weight.fraction
+    assert entered != pytest.approx(judged)
+    waiting.truncate(before_entry - 7)  # a rollback past those judgements: as if they had not come
+    assert waiting.cache_weight.fraction == pytest.approx(judged)
+    waiting.truncate(1)  # back to the first token: every judgement undone
+    assert waiting.cache_weight.fraction == pytest.approx(prior)
+    # on a repetitive real piece the learnt weight beats the prior's mean weight, which beats none
     from liveperceiver.training.nll import stream_token_nll
 
-    scored = Engine(tiny_model, num_latents=1, device="cpu", adapt=1.0)
-    scored.append(chorale_tokens[:1])
-    for target in chorale_tokens[1:600]:
-        scored.played_logits(scored.next_logits().float(), temperature=1.0)
-        scored.append([target])
-    assert scored.cache_weight.fraction > WEIGHTS.mean() + 0.1
     system, alone = stream_token_nll(tiny_model, [chorale_tokens[:600]], 1, None, 1.0, None, "cpu", False)
-    fixed = Engine(tiny_model, num_latents=1, device="cpu", adapt=1.0)  # never judged: the prior's mean
+    fixed = Engine(tiny_model, num_latents=1, device="cpu", adapt=1.0)  # mixed without a learnt weight
     fixed.append(chorale_tokens[:1])
     prior_nll = []
     with torch.inference_mode():

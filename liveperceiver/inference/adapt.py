@@ -296,11 +296,12 @@ class CacheWeight:
     forgotten by FORGET per token (see the module's docstring). It starts uniform; while the cache
     has nothing to say (b = 1, a = 0) every candidate scores alike and it does not move.
 
-    In `eval` every token is the player's and each is judged at the step that predicted it. In
-    `play` a player's token is judged when the engine ran a step at its position with the same
-    tokens before it (`remember`): the first token of the player's each entry into a stream the
-    engine had sampled ahead; the tokens that follow it in the same burst have no step and are not
-    judged. The model's own tokens are never judged (they were drawn from the mix itself).
+    In `eval` every token is the player's and each is judged at the step that predicted it
+    (`remember`, `observe`). In `play` the player's tokens mostly come where no step predicted them
+    (while the engine waits, or after the first token of an entry into look-ahead): the engine judges
+    those from its latent window's rows once it has run them (Engine._judge_from_rows; with one
+    latent no rows are kept and only the tokens a step predicted are judged). The model's own tokens
+    are never judged (they were drawn from the mix itself).
 
     Threads: owned by the engine's thread (Engine keeps it in step with its stream)."""
 
@@ -322,16 +323,20 @@ class CacheWeight:
         if len(self._steps) > HISTORY:  # a long run sampled ahead: the oldest can no longer be needed
             del self._steps[next(iter(self._steps))]
 
-    def observe(self, position: int, token: int, adapt: float) -> None:
+    def observe(self, position: int, token: int, adapt: float) -> bool:
         """The player's `token` came at `position`: judge the candidates by it if a step predicted it
-        there; the steps beyond it predicted another stream and are dropped."""
+        there; the steps beyond it predicted another stream and are dropped. False when no step did
+        (the engine may judge it later from its window's rows)."""
         step = self._steps.get(position)
         for stale in [p for p in self._steps if p >= position]:
             del self._steps[stale]
-        if step is None or not adapt or token >= SIZE:
-            return
+        if not adapt or token >= SIZE:
+            return True  # nothing to judge
+        if step is None:
+            return False
         probs, a, b = step
         self.judge(position, float(probs[token]), float(a[token]), b, adapt)
+        return True
 
     def judge(self, position: int, p_model: float, a_token: float, b: float, adapt: float) -> None:
         """One token's judgement: the model's probability of it, the cache's terms there."""

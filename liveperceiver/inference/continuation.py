@@ -69,15 +69,17 @@ def handover_flags(prompt: list[int]) -> list[int]:
 
 
 def continue_prompt(engine: Engine, prompt: Sequence[int], count: int) -> list[int]:
-    """Append `prompt` with its sounding notes handed over (`handover_flags`), and sample `count` tokens."""
-    engine.append(prompt, sampled=handover_flags(list(prompt)))
+    """Append `prompt` as played (Engine.append_as_played) with its sounding notes handed over
+    (`handover_flags`), and sample `count` tokens."""
+    engine.append_as_played(prompt, sampled=handover_flags(list(prompt)))
     return engine.sample(count)
 
 
 def generate(engine: Engine, prompt: list[int], max_new_tokens: int, seconds: float | None = None) -> Continuation:
     """Sample until `max_new_tokens` or until the continuation holds `seconds` of music; the notes the
-    prompt leaves sounding are the continuation's to end (`handover_flags`)."""
-    engine.append(prompt, sampled=handover_flags(prompt))
+    prompt leaves sounding are the continuation's to end (`handover_flags`); the prompt is appended
+    as played (Engine.append_as_played)."""
+    engine.append_as_played(prompt, sampled=handover_flags(prompt))
     generated: list[int] = []
     steps_10ms = 0
     limit_10ms = None if seconds is None else round(seconds * 100)

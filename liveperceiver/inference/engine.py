@@ -198,6 +198,9 @@ class Engine:
         self.adapt = 0.0  # the session cache's highest weight in the mix (adapt.py; 0: the model alone)
         self.cache: SessionCache | None = None  # built when adaptation is first turned on, then kept in step
         self.cache_weight = CacheWeight()  # the cache's weight, learnt from the player's tokens (adapt.py)
+        # the player's tokens no step predicted, to judge the weight by from the window's rows once they
+        # are run: (position, token, the cache's a and b for it there)
+        self._unjudged: list[tuple[int, int, float, float]] = []
         self.generator = torch.Generator(device=self.device)
         self._anchor: int | None = None  # stream position of the first latent (window.py's schedule)
         self.configure(
@@ -298,11 +301,26 @@ class Engine:
         for token, flag in zip(tokens, flags, strict=True):
             if self.cache is not None:
                 if not flag:  # the player's token: how well each weight of the cache would have predicted it
-                    self.cache_weight.observe(len(self.tokens), token, self.adapt)
+                    position = len(self.tokens)
+                    if not self.cache_weight.observe(position, token, self.adapt) and self._rows_kept():
+                        self._unjudged.append((position, token, *self.cache.token_terms(token)))
                 self.cache.push(token, sampled=bool(flag))
             self.tokens.append(token)
             self.sampled.append(flag)
             self.state.push(token, sampled=bool(flag))
+
+    def append_as_played(self, tokens: Sequence[int], sampled: Sequence[int] | None = None) -> None:
+        """`append`, one token at a time with the window's rows run after each (`prepare`), as a live
+        session's engine runs them between the player's events: offline continuations so judge the
+        cache's weight by every prompt token, as `play` would have (appended at once, only the tokens
+        in the first step's window would be). Without kept rows: `append`."""
+        if not self._rows_kept():
+            self.append(tokens, sampled)
+            return
+        flags = [0] * len(tokens) if sampled is None else list(sampled)
+        for token, flag in zip(tokens, flags, strict=True):
+            self.append([token], [flag])
+            self.prepare()
 
     def truncate(self, length: int) -> None:
         """Drop tokens from the end (sampled but not played). Buffer rows and the window's kept
@@ -315,6 +333,7 @@ class Engine:
         if self.cache is not None:
             self.cache.truncate(length)
             self.cache_weight.truncate(length)
+            self._unjudged = [entry for entry in self._unjudged if entry[0] < length]
         if self.exact_tables:
             self._ids_upto = min(self._ids_upto, length)
             self._keys_upto = min(self._keys_upto, length)
@@ -382,7 +401,7 @@ class Engine:
             return self.stack.one_row_logits(self._cross_attention(start, anchor, anchor, end)).float()
         if self.one_row_step is not None:
             start, anchor, end = self.window()
-            if anchor == self._anchor and self.stack.count == end - 1 - anchor:
+            if anchor == self._anchor and self.stack.count == end - 1 - anchor and not self._unjudged:
                 self._prepare_rows(start, anchor, end)  # between re-anchorings, one new row: the fixed-shape step
                 logits = self._graph_step(start, anchor, end)
                 self.stack.count = end - anchor
@@ -408,6 +427,8 @@ class Engine:
     def _advance(self) -> int:
         """The schedule for the next prediction, then the latent rows not run yet; returns the end."""
         start, anchor, end = self.window()
+        if self._unjudged and self._anchor is not None:  # first from the rows run before: their own windows
+            self._judge_from_rows(self._anchor, self._anchor + self.stack.count)
         self._prepare_rows(start, anchor, end)
         if anchor != self._anchor:
             self._anchor = anchor
@@ -416,7 +437,32 @@ class Engine:
         first = anchor + self.stack.count
         if first < end:
             self.stack.extend(self._cross_attention(start, anchor, first, end))
+        if self._unjudged:
+            self._judge_from_rows(anchor, end)
         return end
+
+    def _rows_kept(self) -> bool:
+        """Whether the latent window keeps rows that can judge a player's token later."""
+        return bool(self.adapt) and self.exact_tables and self.latents.max > 1
+
+    def _judge_from_rows(self, anchor: int, rows_end: int) -> None:
+        """Judge the cache's weight by the player's tokens no step predicted, in stream order, from
+        the logits of the kept rows before them (row i predicts the token at anchor + i + 1; rows up
+        to stream position `rows_end` are run): one pass over the last layer for all of them, one
+        read back. Rows run before a token came are those a step there would have used (the window
+        re-anchors only when it must grow past MAX); rows run after a re-anchoring have the later
+        anchor's latents. Tokens at or before the anchor have no row and go unjudged."""
+        pending = [entry for entry in self._unjudged if anchor < entry[0] <= rows_end]
+        self._unjudged = [entry for entry in self._unjudged if entry[0] > rows_end]
+        if not pending or not self.adapt:
+            return
+        first = pending[0][0] - 1 - anchor
+        logits = self.stack.rows_logits(first, pending[-1][0] - anchor)
+        rows = torch.tensor([position - 1 - anchor - first for position, *_ in pending], device=logits.device)
+        tokens = torch.tensor([token for _, token, *_ in pending], device=logits.device)
+        probabilities = torch.softmax(logits.float(), -1)[rows, tokens].tolist()
+        for (position, _, a, b), p_model in zip(pending, probabilities, strict=True):
+            self.cache_weight.judge(position, p_model, a, b, self.adapt)
 
     # ------------------------------------------------------------------ internals
 

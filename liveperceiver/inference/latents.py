@@ -120,11 +120,16 @@ class LatentStack:
 
     def row_logits(self, row: int) -> torch.Tensor:
         """Logits (vocab,) after kept row `row`: its last layer, the output norm and projection."""
+        return self.rows_logits(row, row + 1)[0]
+
+    def rows_logits(self, first: int, end: int) -> torch.Tensor:
+        """Logits (end - first, vocab) after kept rows first..end, in one pass over the last layer's
+        weights (the engine judges the cache's weight by the player's tokens with them)."""
         layer, last = self.layers[-1], len(self.layers) - 1
-        attended = self._attend(last, self.last_queries[:, row : row + 1], row, row + 1)
-        x = self.last_inputs[row : row + 1] + layer.output(attended)
+        attended = self._attend(last, self.last_queries[:, first:end], first, end)
+        x = self.last_inputs[first:end] + layer.output(attended)
         x = x + layer.mlp(x)
-        return self.logits(x)[0]
+        return self.logits(x)
 
     def one_row_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits after a window of one latent that no later row will attend to (window 1:1): one
