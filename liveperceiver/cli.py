@@ -164,7 +164,7 @@ def add_eval(subparsers) -> None:
         type=float,
         default=live.adapt,
         metavar="W",
-        help=f"weight of the session cache (the piece's own n-grams) in `nll` and continuations (default {live.adapt:g}, as live; 0: off)",
+        help=f"highest weight of the session cache (the piece's own n-grams; the weight is learnt up to it) in `nll` and continuations (default {live.adapt:g}, as live; 0: off)",
     )
     parser.add_argument(
         "--dynamics-follow",
@@ -444,7 +444,12 @@ def add_play(subparsers) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--num-latents", metavar="N|MIN:MAX", help="the latent window")
     parser.add_argument("--key-follow", type=float, metavar="K", help="lean toward your pitch classes (0: off)")
-    parser.add_argument("--adapt", type=float, metavar="W", help="weight of the session's own n-gram cache (0: off)")
+    parser.add_argument(
+        "--adapt",
+        type=float,
+        metavar="W",
+        help="highest weight of the session's own n-gram cache, learnt up to it as you play (0: off)",
+    )
     parser.add_argument("--dynamics-follow", type=float, metavar="K", help="lean toward your velocities (0: off)")
     parser.add_argument("--density-follow", type=float, metavar="K", help="lean toward your note rate (0: off)")
     parser.add_argument(

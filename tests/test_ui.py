@@ -21,7 +21,7 @@ from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.live.snapshot import Snapshot
 from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen
-from liveperceiver.ui.widgets import CONTROLS, PianoRoll
+from liveperceiver.ui.widgets import CONTROLS, Panel, PianoRoll
 from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import Keyboard, jack_server, wait_for  # noqa: F401
 
@@ -178,6 +178,8 @@ def test_every_binding_changes_the_session(tiny_model, tmp_path):
                 app.selected = index
                 before = getattr(session.settings, name)
                 await pilot.press("plus")
+                if getattr(session.settings, name) == before:  # at its top already (adapt's default is 1)
+                    await pilot.press("minus")
                 assert getattr(session.settings, name) != before, name
             await pilot.press("minus")
             await pilot.press("full_stop")
@@ -325,6 +327,9 @@ def test_phrase_and_answer_on_the_roll_then_quit_saves_silences_and_leaves_the_p
             assert "player" in whos and "model" in whos, app.snap.log
             assert {60, 62, 64, 65, 67} <= {n[2] for n in roll.snapshot.roll if n[3] == "player"}
             assert "█" in roll.text()
+            learnt = app.snap.cache_weight  # the session cache's weight, learnt from the phrase, is shown
+            assert learnt is not None and 0.0 <= learnt <= session.settings.adapt
+            assert f"cache {learnt:.2f}" in str(app.main.query_one("#model", Panel).shown)
             await pilot.press("space")  # pause while notes may be sounding, then quit
             await pilot.press("q")
             for _ in range(100):  # the quit worker closes the session, then the app exits

@@ -119,6 +119,7 @@ class RunController:
         self.committed = len(engine)
         start, _, end = engine.window()
         self.context = (len(engine), end - start)  # (tokens, window), published whole for the snapshot
+        self.cache_weight: float | None = None  # the session cache's learnt weight now (None: adaptation off)
         self.decoder: StreamDecoder | None = None  # not None while a run samples
         self.run_tokens_start = 0
         self.answer_end: float | None = None  # call mode: the answer's end in encoder seconds
@@ -166,8 +167,10 @@ class RunController:
         try:
             self._work()
         finally:
-            start, _, end = self.engine.window()
-            self.context = (len(self.engine), end - start)  # one reference: the snapshot reads it whole
+            engine = self.engine
+            start, _, end = engine.window()
+            self.context = (len(engine), end - start)  # one reference: the snapshot reads it whole
+            self.cache_weight = engine.adapt * engine.cache_weight.fraction if engine.adapt else None
 
     def _work(self) -> None:
         wait = IDLE_WAIT_S if self.settings.mode != "listen" else LISTEN_WAIT_S

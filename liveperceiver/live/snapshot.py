@@ -65,6 +65,7 @@ class Snapshot:
     errors: int = 0  # engine/input exceptions survived (details in log)
     clock_source: str = FREE  # what times the session: "link", "midi clock" or "free" (link.clock_source)
     link: LinkStatus | None = None  # Link's peers, tempo and beat in the bar; None while Link is off
+    cache_weight: float | None = None  # the session cache's weight as learnt now, up to `adapt` (None: off)
 
 
 class LiveSession(Protocol):
@@ -159,6 +160,7 @@ class SnapshotBuilder:
             transport_running=not self.runs.transport_stopped if linked else self.timekeeper.clock.running,
             context_tokens=context_tokens,
             context_window=context_window,
+            cache_weight=self.runs.cache_weight,
             recording=str(self.recorder.path),
             recorded=sum(self.recorder.counts.values()),
             in_port=self.midi_in.name,

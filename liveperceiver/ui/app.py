@@ -56,7 +56,7 @@ STEPS: dict[str, float | tuple] = {
     "dynamics_follow": 1.0,  # 0 .. 16
     "density_follow": 0.25,
     "density_ratio": 0.25,  # 0.25 .. 4 times the player's note rate
-    "adapt": 0.1,  # the session cache's weight, 0 .. 1
+    "adapt": 0.1,  # the session cache's highest weight (learnt up to it), 0 .. 1
     "num_latents": 0,  # steps through the latent windows (action_latents)
     "prefix_cap": 256,
     "silence_ms": 50,
