@@ -432,7 +432,7 @@ def test_the_engine_learns_the_weight_from_the_players_tokens_and_undoes_it_on_r
     """The learnt weight is judged by the player's tokens only: at the step that predicted one (eval,
     and a player's token entering look-ahead), or else from the latent window's rows once they are
     run, with the same probabilities (the window is exact); a rollback undoes the judgements past it
-    exactly. The model's own tokens are never judged."""
+    exactly. The model's own tokens are never judged (they age the verdict: the next test)."""
     prior = WEIGHTS.mean()
     # eval's way: a step predicts every token, judged as it is appended
     stepped = Engine(tiny_model, num_latents="4:8", device="cpu", adapt=1.0)
@@ -454,16 +454,16 @@ def test_the_engine_learns_the_weight_from_the_players_tokens_and_undoes_it_on_r
     waiting.sample(1)
     judged = waiting.cache_weight.fraction
     assert judged != pytest.approx(waited)
-    waiting.sample(9)
-    assert waiting.cache_weight.fraction == judged
+    waiting.sample(9)  # the model's own tokens are not judged: they only age the verdict toward the prior
+    assert abs(waiting.cache_weight.fraction - prior) < abs(judged - prior)
     before_entry = len(waiting)
     waiting.truncate(before_entry - 7)  # the player comes in three tokens into the look-ahead
+    rolled_back = waiting.cache_weight.fraction
     waiting.append(chorale_tokens[266:270])  # the first predicted by the step there, the rest by rows
     waiting.sample(1)
-    entered = waiting.cache_weight.fraction
-    assert entered != pytest.approx(judged)
+    assert waiting.cache_weight.fraction != pytest.approx(rolled_back)
     waiting.truncate(before_entry - 7)  # a rollback past those judgements: as if they had not come
-    assert waiting.cache_weight.fraction == pytest.approx(judged)
+    assert waiting.cache_weight.fraction == pytest.approx(rolled_back)
     waiting.truncate(1)  # back to the first token: every judgement undone
     assert waiting.cache_weight.fraction == pytest.approx(prior)
     # on a repetitive real piece the learnt weight beats the prior's mean weight, which beats none
@@ -479,3 +479,23 @@ def test_the_engine_learns_the_weight_from_the_players_tokens_and_undoes_it_on_r
             prior_nll.append(-float(torch.log_softmax(mix_logits(logits, fixed.cache, 1.0, fixed.state), -1)[target]))
             fixed.append([target])
     assert system.mean() < np.mean(prior_nll) < alone.mean()
+
+
+def test_the_models_own_tokens_age_the_learnt_weight_back_toward_the_prior(tiny_model, chorale_tokens):
+    """In a long answer nobody judges the weight: each token the model plays ages the player's
+    verdict by FORGET, so the weight drifts back to the prior's mean instead of holding at its top
+    (held there, an answer to a repetitive score prompt copied itself into a 64-token loop); a
+    rollback of the answer restores the verdict exactly."""
+    engine = Engine(tiny_model, num_latents=1, sampling=SamplingSettings(seed=1), device="cpu", adapt=1.0)
+    engine.append(chorale_tokens[:1])
+    for target in chorale_tokens[1:400]:  # the player's repetitive chorale, each token judged
+        engine.played_logits(engine.next_logits().float(), temperature=1.0)
+        engine.append([target])
+    verdict = engine.cache_weight.fraction
+    assert verdict > WEIGHTS.mean() + 0.2
+    engine.sample(10)
+    assert WEIGHTS.mean() < engine.cache_weight.fraction < verdict
+    engine.sample(190)
+    assert engine.cache_weight.fraction == pytest.approx(WEIGHTS.mean(), abs=0.01)
+    engine.truncate(400)
+    assert engine.cache_weight.fraction == verdict

@@ -301,7 +301,8 @@ class CacheWeight:
     (while the engine waits, or after the first token of an entry into look-ahead): the engine judges
     those from its latent window's rows once it has run them (Engine._judge_from_rows; with one
     latent no rows are kept and only the tokens a step predicted are judged). The model's own tokens
-    are never judged (they were drawn from the mix itself).
+    are never judged (they were drawn from the mix itself); each ages the verdict as a token passing
+    would (`age`), so a long answer drifts back to the prior's mean weight.
 
     Threads: owned by the engine's thread (Engine keeps it in step with its stream)."""
 
@@ -346,6 +347,18 @@ class CacheWeight:
         if len(self._history) > HISTORY:
             del self._history[: len(self._history) - HISTORY]
         self._log_posterior = FORGET * self._log_posterior + np.log(np.maximum(probability, 1e-300))
+        posterior = np.exp(self._log_posterior - self._log_posterior.max())
+        self.fraction = float(posterior @ WEIGHTS / posterior.sum())
+
+    def age(self, position: int) -> None:
+        """The model played the token at `position`: no judgement (it was drawn from the mix), but
+        what the player's tokens said ages by FORGET as if a token had passed, so that in a long
+        answer the weight drifts back toward the prior's mean instead of holding the player's last
+        verdict (held at 0.93 after a repetitive score prompt, the answer copied itself into a loop)."""
+        self._history.append((position, self._log_posterior))
+        if len(self._history) > HISTORY:
+            del self._history[: len(self._history) - HISTORY]
+        self._log_posterior = FORGET * self._log_posterior
         posterior = np.exp(self._log_posterior - self._log_posterior.max())
         self.fraction = float(posterior @ WEIGHTS / posterior.sum())
 

@@ -261,6 +261,7 @@ class Engine:
         if window is not None and window != self.latents:
             self.latents = window
             self._anchor = None
+            self._unjudged.clear()  # a window of one keeps no rows to judge them by
         if prefix_cap is not None and prefix_cap != self.prefix_cap:
             self.prefix_cap = prefix_cap
             self._anchor = None
@@ -356,11 +357,12 @@ class Engine:
         if self.exact_tables and self._ids_upto == len(self.tokens) < self._base + self.capacity:
             self.row_ids[self._ids_upto - self._base] = token  # a device write: no list, no copy
             self._ids_upto += 1
+        if self.cache is not None:
+            self.cache_weight.age(len(self.tokens))
+            self.cache.push(token, sampled=True)
         self.tokens.append(token)
         self.sampled.append(1)
         self.state.push(token, sampled=True)
-        if self.cache is not None:
-            self.cache.push(token, sampled=True)
         return token
 
     def played_logits(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
