@@ -16,8 +16,8 @@ import torch
 from liveperceiver.core import vocab
 from liveperceiver.core.errors import UserError
 from liveperceiver.inference.adapt import (
+    PRIOR_FRACTION,
     SIZE,
-    WEIGHTS,
     CacheWeight,
     SessionCache,
     loop_rate,
@@ -111,7 +111,7 @@ def test_mix_is_a_distribution_and_the_engine_samples_from_it(tiny_model, choral
     mixed = mix_logits(logits, cache, 0.6)
     p_model = torch.softmax(logits.double(), -1).numpy()
     a, b = cache.terms()
-    w = 0.6 * WEIGHTS.mean()  # no learnt weight given: the prior's mean fraction of adapt
+    w = 0.6 * PRIOR_FRACTION  # no learnt weight given: the prior's mean fraction of adapt
     expected = (1 - w) * p_model + w * (np.append(a, 0.0) + b * p_model)
     assert float(mixed.exp().sum()) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(mixed.exp().double().numpy(), expected, rtol=1e-5, atol=1e-9)
@@ -415,7 +415,7 @@ def test_the_cache_weight_follows_whichever_predicts_the_player_better():
     around within a few dozen tokens when the music changes."""
     weight = CacheWeight()
     prior = weight.fraction
-    assert prior == pytest.approx(WEIGHTS.mean())
+    assert prior == pytest.approx(PRIOR_FRACTION)
     for position in range(40):  # a repeated figure: the cache sure and right, the model unsure
         weight.judge(position, p_model=0.02, a_token=0.8, b=0.1, adapt=1.0)
     assert weight.fraction > 0.95
@@ -432,8 +432,8 @@ def test_the_engine_learns_the_weight_from_the_players_tokens_and_undoes_it_on_r
     """The learnt weight is judged by the player's tokens only: at the step that predicted one (eval,
     and a player's token entering look-ahead), or else from the latent window's rows once they are
     run, with the same probabilities (the window is exact); a rollback undoes the judgements past it
-    exactly. The model's own tokens are never judged (they age the verdict: the next test)."""
-    prior = WEIGHTS.mean()
+    exactly. The model's own tokens are never judged (they fade the verdict: the next test)."""
+    prior = PRIOR_FRACTION
     # eval's way: a step predicts every token, judged as it is appended
     stepped = Engine(tiny_model, num_latents="4:8", device="cpu", adapt=1.0)
     stepped.append(chorale_tokens[:1])
@@ -481,7 +481,7 @@ def test_the_engine_learns_the_weight_from_the_players_tokens_and_undoes_it_on_r
     assert system.mean() < np.mean(prior_nll) < alone.mean()
 
 
-def test_the_models_own_tokens_age_the_learnt_weight_back_toward_the_prior(tiny_model, chorale_tokens):
+def test_the_models_own_tokens_fade_the_learnt_weight_back_toward_the_prior(tiny_model, chorale_tokens):
     """In a long answer nobody judges the weight: each token the model plays ages the player's
     verdict by FORGET, so the weight drifts back to the prior's mean instead of holding at its top
     (held there, an answer to a repetitive score prompt copied itself into a 64-token loop); a
@@ -492,10 +492,10 @@ def test_the_models_own_tokens_age_the_learnt_weight_back_toward_the_prior(tiny_
         engine.played_logits(engine.next_logits().float(), temperature=1.0)
         engine.append([target])
     verdict = engine.cache_weight.fraction
-    assert verdict > WEIGHTS.mean() + 0.2
+    assert verdict > PRIOR_FRACTION + 0.2
     engine.sample(10)
-    assert WEIGHTS.mean() < engine.cache_weight.fraction < verdict
+    assert PRIOR_FRACTION < engine.cache_weight.fraction < verdict
     engine.sample(190)
-    assert engine.cache_weight.fraction == pytest.approx(WEIGHTS.mean(), abs=0.01)
+    assert engine.cache_weight.fraction == pytest.approx(PRIOR_FRACTION, abs=0.01)
     engine.truncate(400)
     assert engine.cache_weight.fraction == verdict

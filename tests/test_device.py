@@ -19,7 +19,7 @@ import torch
 from liveperceiver.core import vocab
 from liveperceiver.inference.adapt import (
     EXPERT_SHARE,
-    WEIGHTS,
+    PRIOR_FRACTION,
     CacheWeight,
     SessionCache,
     mix_logits,
@@ -143,7 +143,7 @@ def test_the_sampling_path_never_reads_the_device_back():
 def test_the_device_mix_is_the_cpu_mix():
     cache = session_cache()
     a, b = cache.terms()
-    weight = 0.7 * WEIGHTS.mean()  # mix_logits without a learnt weight: the prior's mean
+    weight = 0.7 * PRIOR_FRACTION  # mix_logits without a learnt weight: the prior's mean
     state = session_state()
     experts = session_experts(state)
     assert {first for first, _, _ in experts} == {vocab.VELOCITY, vocab.NOTE_OFF}  # both experts have work to do

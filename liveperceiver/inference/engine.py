@@ -358,7 +358,7 @@ class Engine:
             self.row_ids[self._ids_upto - self._base] = token  # a device write: no list, no copy
             self._ids_upto += 1
         if self.cache is not None:
-            self.cache_weight.age(len(self.tokens))
+            self.cache_weight.fade(len(self.tokens))
             self.cache.push(token, sampled=True)
         self.tokens.append(token)
         self.sampled.append(1)

@@ -41,7 +41,7 @@ def adaptation_settings() -> dict:
         "order": adapt.ORDER,
         "window": adapt.WINDOW,
         "discount": adapt.DISCOUNT,
-        "weights": [float(w) for w in adapt.WEIGHTS],
+        "weights": list(adapt.WEIGHTS),
         "forget": adapt.FORGET,
         "own_weight": adapt.OWN_WEIGHT,
     }
