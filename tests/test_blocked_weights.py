@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liveperceiver.inference import engine as engine_module
+from liveperceiver.inference import auto_weights as weights_module
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import SamplingSettings
 from liveperceiver.inference.weights import BlockedLinear, blocked_weights_available
@@ -105,21 +105,21 @@ def test_auto_weights_measures_blocked_where_it_works(tiny_model, monkeypatch):
 
     windows: list[str] = []
 
-    monkeypatch.setattr(engine_module, "Engine", RecordingEngine)
+    monkeypatch.setattr(weights_module, "Engine", RecordingEngine)
     cpu = torch.device("cpu")
-    assert engine_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16", "blocked")
+    assert weights_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16", "blocked")
     assert built == [None, "float16", "blocked"]
     built.clear()
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert engine_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16")
+    assert weights_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16")
     assert built == [None, "float16"]
     built.clear()
     windows.clear()
-    monkeypatch.setattr(engine_module, "_MEASURED_WEIGHTS", {})
-    engine_module.resolve_weights("auto", cpu, tiny_model, "4:8")  # measured at the window the session runs
-    engine_module.resolve_weights("auto", cpu, tiny_model, "4:8")  # once
-    engine_module.resolve_weights("auto", cpu, tiny_model, 1)
-    assert windows == ["4:8", "4:8", "1", "1"] and len(engine_module._MEASURED_WEIGHTS) == 2
+    monkeypatch.setattr(weights_module, "_MEASURED_WEIGHTS", {})
+    weights_module.resolve_weights("auto", cpu, tiny_model, "4:8")  # measured at the window the session runs
+    weights_module.resolve_weights("auto", cpu, tiny_model, "4:8")  # once
+    weights_module.resolve_weights("auto", cpu, tiny_model, 1)
+    assert windows == ["4:8", "4:8", "1", "1"] and len(weights_module._MEASURED_WEIGHTS) == 2
 
 
 def test_bench_counts_blocked_weights_as_float32(tiny_model):
@@ -158,9 +158,9 @@ def test_auto_weights_measure_nothing_for_16_bit_compute(tiny_model, monkeypatch
     def no_measuring(*args, **kwargs):
         raise AssertionError("auto measured weights for 16-bit compute")
 
-    monkeypatch.setattr(engine_module, "faster_weights", no_measuring)
-    monkeypatch.setattr(engine_module, "_MEASURED_WEIGHTS", {})
+    monkeypatch.setattr(weights_module, "faster_weights", no_measuring)
+    monkeypatch.setattr(weights_module, "_MEASURED_WEIGHTS", {})
     cpu = torch.device("cpu")
-    assert engine_module.resolve_weights("auto", cpu, tiny_model, "4:8", torch.bfloat16) is None
+    assert weights_module.resolve_weights("auto", cpu, tiny_model, "4:8", torch.bfloat16) is None
     engine = EngineOptions(device="cpu", weights="auto", dtype="bfloat16").build(tiny_model, Settings(num_latents=1))
     assert engine.precision == "bfloat16"

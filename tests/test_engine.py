@@ -514,19 +514,19 @@ def test_append_carries_whose_tokens_they_were(tiny_model):
 
 
 def test_auto_weights_measures_once_per_model_and_device(tiny_model, monkeypatch):
-    from liveperceiver.inference import engine as engine_module
+    from liveperceiver.inference import auto_weights as weights_module
 
     calls = []
-    real = engine_module.faster_weights
-    monkeypatch.setattr(engine_module, "_MEASURED_WEIGHTS", {})
-    monkeypatch.setattr(engine_module, "faster_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = weights_module.faster_weights
+    monkeypatch.setattr(weights_module, "_MEASURED_WEIGHTS", {})
+    monkeypatch.setattr(weights_module, "faster_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
     cpu = torch.device("cpu")
-    first = engine_module.resolve_weights("auto", cpu, tiny_model)
+    first = weights_module.resolve_weights("auto", cpu, tiny_model)
     assert first in (None, "float16", "blocked")
-    assert engine_module.resolve_weights("auto", cpu, tiny_model) == first
+    assert weights_module.resolve_weights("auto", cpu, tiny_model) == first
     assert len(calls) == 1
-    assert engine_module.resolve_weights("float32", cpu, tiny_model) is None
-    assert engine_module.resolve_weights("auto", torch.device("meta"), tiny_model) is None  # not a CPU: float32
+    assert weights_module.resolve_weights("float32", cpu, tiny_model) is None
+    assert weights_module.resolve_weights("auto", torch.device("meta"), tiny_model) is None  # not a CPU: float32
 
 
 def test_per_token_sums_in_order_equal_index_add(tiny_model):

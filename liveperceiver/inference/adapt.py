@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -311,6 +311,9 @@ class CacheWeight:
 
     def __init__(self) -> None:
         self._steps: dict[int, tuple] = {}  # position -> (model probabilities, a, b) of the step there
+        # the player's tokens no step predicted, to be judged from the engine's latent rows once they
+        # are run (`judge_from_rows`): (position, token, the cache's a and b for it there)
+        self.deferred: list[tuple[int, int, float, float]] = []
         # (position judged, log posterior before it); the posterior is 7 plain floats: per token,
         # Python's arithmetic on them costs a third of numpy's calls (2.8 against 7.6 us, warm)
         self._history: deque[tuple[int, list[float]]] = deque(maxlen=HISTORY)
@@ -318,6 +321,7 @@ class CacheWeight:
 
     def reset(self) -> None:
         self._steps.clear()
+        self.deferred.clear()
         self._history.clear()
         self._log_posterior = [0.0] * len(WEIGHTS)
         self.fraction = PRIOR_FRACTION  # the posterior's mean weight, as a fraction of `adapt`
@@ -353,6 +357,28 @@ class CacheWeight:
             log_posterior.append(FORGET * log_p + math.log(max(probability, 1e-300)))
         self._move(position, log_posterior)
 
+    def judge_from_rows(
+        self, rows_logits: Callable[[int, int], torch.Tensor], anchor: int, rows_end: int, adapt: float
+    ) -> None:
+        """Judge by the `deferred` tokens, in stream order, from the logits of the engine's kept
+        latent rows before them (`rows_logits(first, end)`, LatentStack.rows_logits: row i predicts
+        the token at anchor + i + 1; rows up to stream position `rows_end` are run): one pass over
+        the last layer for all of them, one read back. Rows run before a token came are those a step
+        there would have used (the window re-anchors only when it must grow past MAX); rows run after
+        a re-anchoring have the later anchor's latents. Tokens at or before the anchor have no row
+        and go unjudged."""
+        pending = [entry for entry in self.deferred if anchor < entry[0] <= rows_end]
+        self.deferred = [entry for entry in self.deferred if entry[0] > rows_end]
+        if not pending or not adapt:
+            return
+        first = pending[0][0] - 1 - anchor
+        logits = rows_logits(first, pending[-1][0] - anchor)
+        rows = torch.tensor([position - 1 - anchor - first for position, *_ in pending], device=logits.device)
+        tokens = torch.tensor([token for _, token, *_ in pending], device=logits.device)
+        probabilities = torch.softmax(logits.float(), -1)[rows, tokens].tolist()
+        for (position, _, a, b), p_model in zip(pending, probabilities, strict=True):
+            self.judge(position, p_model, a, b, adapt)
+
     def fade(self, position: int) -> None:
         """The model played the token at `position`: no judgement (it was drawn from the mix), but
         what the player's tokens said ages by FORGET as if a token had passed, so that in a long
@@ -378,6 +404,7 @@ class CacheWeight:
             return
         for stale in [p for p in self._steps if p > length]:
             del self._steps[stale]
+        self.deferred = [entry for entry in self.deferred if entry[0] < length]
         restored = None
         while self._history and self._history[-1][0] >= length:
             restored = self._history.pop()[1]

@@ -68,18 +68,32 @@ def handover_flags(prompt: list[int]) -> list[int]:
     return flags
 
 
+def append_as_played(engine: Engine, tokens: Sequence[int], sampled: Sequence[int] | None = None) -> None:
+    """`engine.append`, one token at a time with the window's rows run after each (`prepare`), as a
+    live session's engine runs them between the player's events: an offline continuation so judges
+    the session cache's weight by every prompt token, as `play` would have (appended at once, only
+    the tokens in the first step's window would be). Without kept rows: `append`."""
+    if not engine.keeps_rows():
+        engine.append(tokens, sampled)
+        return
+    flags = [0] * len(tokens) if sampled is None else list(sampled)
+    for token, flag in zip(tokens, flags, strict=True):
+        engine.append([token], [flag])
+        engine.prepare()
+
+
 def continue_prompt(engine: Engine, prompt: Sequence[int], count: int) -> list[int]:
-    """Append `prompt` as played (Engine.append_as_played) with its sounding notes handed over
+    """Append `prompt` as played (`append_as_played`) with its sounding notes handed over
     (`handover_flags`), and sample `count` tokens."""
-    engine.append_as_played(prompt, sampled=handover_flags(list(prompt)))
+    append_as_played(engine, prompt, sampled=handover_flags(list(prompt)))
     return engine.sample(count)
 
 
 def generate(engine: Engine, prompt: list[int], max_new_tokens: int, seconds: float | None = None) -> Continuation:
     """Sample until `max_new_tokens` or until the continuation holds `seconds` of music; the notes the
     prompt leaves sounding are the continuation's to end (`handover_flags`); the prompt is appended
-    as played (Engine.append_as_played)."""
-    engine.append_as_played(prompt, sampled=handover_flags(prompt))
+    as played (`append_as_played`)."""
+    append_as_played(engine, prompt, sampled=handover_flags(prompt))
     generated: list[int] = []
     steps_10ms = 0
     limit_10ms = None if seconds is None else round(seconds * 100)

@@ -54,9 +54,7 @@ from liveperceiver.inference.graphed import OneRowStep
 from liveperceiver.inference.latents import BoundLayer, LatentStack
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 from liveperceiver.inference.weights import (
-    WEIGHTS,
     bare,
-    blocked_weights_available,
     bound_mlp,
     check_weights,
     pack_linear_layers,
@@ -77,72 +75,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def resolve_weights(
-    weights: str,
-    device: torch.device,
-    model: PerceiverAR,
-    num_latents: int | str | LatentWindow = 1,
-    dtype: torch.dtype = torch.float32,
-) -> str | None:
-    """The engine's `weights` (None: stored in the compute dtype) for a weights setting (weights.py).
-    `auto` keeps the compute dtype for 16-bit compute (`dtype`), which stores its own weights, and
-    float32 on GPUs, where a step costs kernel launches, not bytes. On a CPU a step
-    costs about the bytes of its weights, so 16-bit weights should pay, but whether they do depends
-    on the CPU (the README's engine benchmark: float16 weights 30% faster on an AVX2 EPYC, 30% slower
-    on an AVX512 Xeon) and on the latent window (16-bit kernels serve one row only; a window's rows
-    go through a float32 copy), and blocked float32 weights pay for large models only
-    (weights.BlockedLinear), so `auto` measures them there at the window the engine is built with,
-    once per model configuration, device and window (`faster_weights`); a later change of window
-    (Engine.configure) keeps the weights."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
-    if weights == "auto":
-        if device.type != "cpu" or dtype != torch.float32:
-            return None
-        window = parse_window(num_latents).capped(model.config.max_latents)
-        key = (repr(model.config), str(device), window.setting)
-        if key not in _MEASURED_WEIGHTS:
-            _MEASURED_WEIGHTS[key] = faster_weights(model, device, num_latents=window)
-        return _MEASURED_WEIGHTS[key]
-    return None if weights == "float32" else weights
-
-
-_MEASURED_WEIGHTS: dict[tuple[str, str, str], str | None] = {}
-
-
-def faster_weights(
-    model: PerceiverAR, device: torch.device, budget_s: float = 0.3, num_latents: int | str | LatentWindow = 1
-) -> str | None:
-    """None (float32), "float16" or "blocked" (where it works), whichever makes a step with the
-    latent window `num_latents` fastest here: the median of interleaved steps (each samples one
-    token after a 1,024-token context) for about `budget_s` seconds."""
-    import time
-
-    candidates = (None, "float16", *(("blocked",) if blocked_weights_available(device) else ()))
-    engines = [
-        Engine(model, num_latents=num_latents, device=device, weights=w, sampling=SamplingSettings(seed=0))
-        for w in candidates
-    ]
-    context = [vocab.velocity_token(80), vocab.note_on(60), vocab.TIME_SHIFT + 44, vocab.note_off(60)] * 256  # 450 ms
-    for engine in engines:
-        engine.append(context)
-    times: list[list[float]] = [[] for _ in candidates]
-    deadline = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < 4 or (time.perf_counter() < deadline and rounds < 200):
-        for engine, measured in zip(engines, times, strict=True):
-            # the context's last token taken back and played again: with a window its latent row is
-            # computed anew in the step, as a player's token is (a kept row would cost nothing)
-            engine.truncate(len(context) - 1)
-            engine.append(context[-1:])
-            start = time.perf_counter()
-            engine.step()
-            measured.append(time.perf_counter() - start)
-        rounds += 1
-    medians = [sorted(measured[1:])[len(measured[1:]) // 2] for measured in times]  # the first is warm-up
-    return candidates[medians.index(min(medians))]
 
 
 def prepare_model(model: PerceiverAR, device: torch.device, dtype: torch.dtype, weights: str | None) -> PerceiverAR:
@@ -198,9 +130,6 @@ class Engine:
         self.adapt = 0.0  # the session cache's highest weight in the mix (adapt.py; 0: the model alone)
         self.cache: SessionCache | None = None  # built when adaptation is first turned on, then kept in step
         self.cache_weight = CacheWeight()  # the cache's weight, learnt from the player's tokens (adapt.py)
-        # the player's tokens no step predicted, to judge the weight by from the window's rows once they
-        # are run: (position, token, the cache's a and b for it there)
-        self._unjudged: list[tuple[int, int, float, float]] = []
         self.generator = torch.Generator(device=self.device)
         self._anchor: int | None = None  # stream position of the first latent (window.py's schedule)
         self.configure(
@@ -261,7 +190,7 @@ class Engine:
         if window is not None and window != self.latents:
             self.latents = window
             self._anchor = None
-            self._unjudged.clear()  # a window of one keeps no rows to judge them by
+            self.cache_weight.deferred.clear()  # a window of one keeps no rows to judge them by
         if prefix_cap is not None and prefix_cap != self.prefix_cap:
             self.prefix_cap = prefix_cap
             self._anchor = None
@@ -303,25 +232,12 @@ class Engine:
             if self.cache is not None:
                 if not flag:  # the player's token: how well each weight of the cache would have predicted it
                     position = len(self.tokens)
-                    if not self.cache_weight.observe(position, token, self.adapt) and self._rows_kept():
-                        self._unjudged.append((position, token, *self.cache.token_terms(token)))
+                    if not self.cache_weight.observe(position, token, self.adapt) and self.keeps_rows():
+                        self.cache_weight.deferred.append((position, token, *self.cache.token_terms(token)))
                 self.cache.push(token, sampled=bool(flag))
             self.tokens.append(token)
             self.sampled.append(flag)
             self.state.push(token, sampled=bool(flag))
-
-    def append_as_played(self, tokens: Sequence[int], sampled: Sequence[int] | None = None) -> None:
-        """`append`, one token at a time with the window's rows run after each (`prepare`), as a live
-        session's engine runs them between the player's events: offline continuations so judge the
-        cache's weight by every prompt token, as `play` would have (appended at once, only the tokens
-        in the first step's window would be). Without kept rows: `append`."""
-        if not self._rows_kept():
-            self.append(tokens, sampled)
-            return
-        flags = [0] * len(tokens) if sampled is None else list(sampled)
-        for token, flag in zip(tokens, flags, strict=True):
-            self.append([token], [flag])
-            self.prepare()
 
     def truncate(self, length: int) -> None:
         """Drop tokens from the end (sampled but not played). Buffer rows and the window's kept
@@ -334,7 +250,6 @@ class Engine:
         if self.cache is not None:
             self.cache.truncate(length)
             self.cache_weight.truncate(length)
-            self._unjudged = [entry for entry in self._unjudged if entry[0] < length]
         if self.exact_tables:
             self._ids_upto = min(self._ids_upto, length)
             self._keys_upto = min(self._keys_upto, length)
@@ -403,7 +318,7 @@ class Engine:
             return self.stack.one_row_logits(self._cross_attention(start, anchor, anchor, end)).float()
         if self.one_row_step is not None:
             start, anchor, end = self.window()
-            if anchor == self._anchor and self.stack.count == end - 1 - anchor and not self._unjudged:
+            if anchor == self._anchor and self.stack.count == end - 1 - anchor and not self.cache_weight.deferred:
                 self._prepare_rows(start, anchor, end)  # between re-anchorings, one new row: the fixed-shape step
                 logits = self._graph_step(start, anchor, end)
                 self.stack.count = end - anchor
@@ -429,8 +344,11 @@ class Engine:
     def _advance(self) -> int:
         """The schedule for the next prediction, then the latent rows not run yet; returns the end."""
         start, anchor, end = self.window()
-        if self._unjudged and self._anchor is not None:  # first from the rows run before: their own windows
-            self._judge_from_rows(self._anchor, self._anchor + self.stack.count)
+        deferred = self.cache_weight.deferred
+        if deferred and self._anchor is not None:  # first from the rows run before: their own windows
+            self.cache_weight.judge_from_rows(
+                self.stack.rows_logits, self._anchor, self._anchor + self.stack.count, self.adapt
+            )
         self._prepare_rows(start, anchor, end)
         if anchor != self._anchor:
             self._anchor = anchor
@@ -439,32 +357,13 @@ class Engine:
         first = anchor + self.stack.count
         if first < end:
             self.stack.extend(self._cross_attention(start, anchor, first, end))
-        if self._unjudged:
-            self._judge_from_rows(anchor, end)
+        if self.cache_weight.deferred:
+            self.cache_weight.judge_from_rows(self.stack.rows_logits, anchor, end, self.adapt)
         return end
 
-    def _rows_kept(self) -> bool:
-        """Whether the latent window keeps rows that can judge a player's token later."""
+    def keeps_rows(self) -> bool:
+        """Whether the latent window keeps rows that can judge a player's token later (adapt.py)."""
         return bool(self.adapt) and self.exact_tables and self.latents.max > 1
-
-    def _judge_from_rows(self, anchor: int, rows_end: int) -> None:
-        """Judge the cache's weight by the player's tokens no step predicted, in stream order, from
-        the logits of the kept rows before them (row i predicts the token at anchor + i + 1; rows up
-        to stream position `rows_end` are run): one pass over the last layer for all of them, one
-        read back. Rows run before a token came are those a step there would have used (the window
-        re-anchors only when it must grow past MAX); rows run after a re-anchoring have the later
-        anchor's latents. Tokens at or before the anchor have no row and go unjudged."""
-        pending = [entry for entry in self._unjudged if anchor < entry[0] <= rows_end]
-        self._unjudged = [entry for entry in self._unjudged if entry[0] > rows_end]
-        if not pending or not self.adapt:
-            return
-        first = pending[0][0] - 1 - anchor
-        logits = self.stack.rows_logits(first, pending[-1][0] - anchor)
-        rows = torch.tensor([position - 1 - anchor - first for position, *_ in pending], device=logits.device)
-        tokens = torch.tensor([token for _, token, *_ in pending], device=logits.device)
-        probabilities = torch.softmax(logits.float(), -1)[rows, tokens].tolist()
-        for (position, _, a, b), p_model in zip(pending, probabilities, strict=True):
-            self.cache_weight.judge(position, p_model, a, b, self.adapt)
 
     # ------------------------------------------------------------------ internals
 

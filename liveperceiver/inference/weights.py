@@ -5,8 +5,8 @@ layers as plain functions bound to their weights (`bare`).
 A one-latent step is a chain of matrix-vector products that read every weight once, so on a CPU a
 step costs about the bytes of its weights: int8 weights read a quarter of float32's, 16-bit weights
 half. `PackedLinear` and `Int8Linear` hold them; `BlockedLinear` holds float32 weights in oneDNN's
-blocked layout, which reads them faster than MKL does for one or a few rows. The engine's
-`resolve_weights` turns the setting (`auto` included, measured on the engine) into what it stores.
+blocked layout, which reads them faster than MKL does for one or a few rows. `auto_weights.resolve_weights`
+turns the setting (`auto` included, measured on the engine) into what it stores.
 "weights" is the one name for storage precision; "quantise" is the rhythm grid's (live settings,
 clock, link).
 """

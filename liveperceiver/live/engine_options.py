@@ -32,11 +32,12 @@ class EngineOptions:
     engine on the caller's thread, the engine thread any later one."""
 
     device: str = "auto"  # cuda, then mps, then cpu
-    weights: str = "auto"  # how the engine stores Linear weights (engine.resolve_weights)
+    weights: str = "auto"  # how the engine stores Linear weights (auto_weights.resolve_weights)
     dtype: str = "float32"  # the compute dtype: float32, or bfloat16/float16 on a GPU
 
     def build(self, model: PerceiverAR, settings: Settings) -> Engine:
-        from liveperceiver.inference.engine import DTYPES, Engine, pick_device, resolve_weights
+        from liveperceiver.inference.auto_weights import resolve_weights
+        from liveperceiver.inference.engine import DTYPES, Engine, pick_device
 
         max_latents = model.config.max_latents
         if settings.latent_window.max > max_latents:

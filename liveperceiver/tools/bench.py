@@ -32,7 +32,8 @@ from torch import nn
 
 from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.model import PerceiverAR
-from liveperceiver.inference.engine import DTYPES, Engine, resolve_weights
+from liveperceiver.inference.auto_weights import resolve_weights
+from liveperceiver.inference.engine import DTYPES, Engine
 from liveperceiver.inference.sampling import SamplingSettings
 from liveperceiver.inference.weights import Int8Linear, PackedLinear
 from liveperceiver.inference.window import LatentWindow, parse_window

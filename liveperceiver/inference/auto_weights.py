@@ -1,0 +1,80 @@
+"""The engine's `weights` setting resolved to what it stores (weights.py holds the storage): `auto`
+measures the choices on the engine itself, once per model configuration, device and window.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from liveperceiver.core import vocab
+from liveperceiver.core.model import PerceiverAR
+from liveperceiver.inference.engine import Engine
+from liveperceiver.inference.sampling import SamplingSettings
+from liveperceiver.inference.weights import WEIGHTS, blocked_weights_available
+from liveperceiver.inference.window import LatentWindow, parse_window
+
+
+def resolve_weights(
+    weights: str,
+    device: torch.device,
+    model: PerceiverAR,
+    num_latents: int | str | LatentWindow = 1,
+    dtype: torch.dtype = torch.float32,
+) -> str | None:
+    """The engine's `weights` (None: stored in the compute dtype) for a weights setting (weights.py).
+    `auto` keeps the compute dtype for 16-bit compute (`dtype`), which stores its own weights, and
+    float32 on GPUs, where a step costs kernel launches, not bytes. On a CPU a step
+    costs about the bytes of its weights, so 16-bit weights should pay, but whether they do depends
+    on the CPU (the README's engine benchmark: float16 weights 30% faster on an AVX2 EPYC, 30% slower
+    on an AVX512 Xeon) and on the latent window (16-bit kernels serve one row only; a window's rows
+    go through a float32 copy), and blocked float32 weights pay for large models only
+    (weights.BlockedLinear), so `auto` measures them there at the window the engine is built with,
+    once per model configuration, device and window (`faster_weights`); a later change of window
+    (Engine.configure) keeps the weights."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r} is not one of: {', '.join(WEIGHTS)}")
+    if weights == "auto":
+        if device.type != "cpu" or dtype != torch.float32:
+            return None
+        window = parse_window(num_latents).capped(model.config.max_latents)
+        key = (repr(model.config), str(device), window.setting)
+        if key not in _MEASURED_WEIGHTS:
+            _MEASURED_WEIGHTS[key] = faster_weights(model, device, num_latents=window)
+        return _MEASURED_WEIGHTS[key]
+    return None if weights == "float32" else weights
+
+
+_MEASURED_WEIGHTS: dict[tuple[str, str, str], str | None] = {}
+
+
+def faster_weights(
+    model: PerceiverAR, device: torch.device, budget_s: float = 0.3, num_latents: int | str | LatentWindow = 1
+) -> str | None:
+    """None (float32), "float16" or "blocked" (where it works), whichever makes a step with the
+    latent window `num_latents` fastest here: the median of interleaved steps (each samples one
+    token after a 1,024-token context) for about `budget_s` seconds."""
+    candidates = (None, "float16", *(("blocked",) if blocked_weights_available(device) else ()))
+    engines = [
+        Engine(model, num_latents=num_latents, device=device, weights=w, sampling=SamplingSettings(seed=0))
+        for w in candidates
+    ]
+    context = [vocab.velocity_token(80), vocab.note_on(60), vocab.TIME_SHIFT + 44, vocab.note_off(60)] * 256  # 450 ms
+    for engine in engines:
+        engine.append(context)
+    times: list[list[float]] = [[] for _ in candidates]
+    deadline = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < 4 or (time.perf_counter() < deadline and rounds < 200):
+        for engine, measured in zip(engines, times, strict=True):
+            # the context's last token taken back and played again: with a window its latent row is
+            # computed anew in the step, as a player's token is (a kept row would cost nothing)
+            engine.truncate(len(context) - 1)
+            engine.append(context[-1:])
+            start = time.perf_counter()
+            engine.step()
+            measured.append(time.perf_counter() - start)
+        rounds += 1
+    medians = [sorted(measured[1:])[len(measured[1:]) // 2] for measured in times]  # the first is warm-up
+    return candidates[medians.index(min(medians))]
