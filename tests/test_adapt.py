@@ -464,6 +464,12 @@ def test_the_engine_learns_the_weight_from_the_players_tokens_and_undoes_it_on_r
     assert waiting.cache_weight.fraction != pytest.approx(rolled_back)
     waiting.truncate(before_entry - 7)  # a rollback past those judgements: as if they had not come
     assert waiting.cache_weight.fraction == pytest.approx(rolled_back)
+    waiting.append(chorale_tokens[270:273])  # waiting for their rows: a new window keeps them, one latent cannot
+    waiting.configure(num_latents="8:16")
+    assert len(waiting.cache_weight.deferred) == 3
+    waiting.configure(num_latents=1)
+    assert not waiting.cache_weight.deferred
+    waiting.configure(num_latents="4:8")
     waiting.truncate(1)  # back to the first token: every judgement undone
     assert waiting.cache_weight.fraction == pytest.approx(prior)
     # on a repetitive real piece the learnt weight beats the prior's mean weight, which beats none

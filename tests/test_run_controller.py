@@ -360,3 +360,22 @@ def test_pause_stops_sampling_reset_forgets_and_commands_are_typed(rig):
     assert vocab.note_on(60) in r.runs.engine.tokens and r.runs.call_pending  # a new context, from t0
     with pytest.raises(TypeError):
         r.runs.handle(("player", ("note_on", r.clock.now, 60, 0, 90)))  # the old positional tuple
+
+
+def test_listening_teaches_the_cache_weight_and_closing_notes_do_not(rig):
+    """In listen mode the engine samples nothing, yet runs the latent rows of what the player plays
+    when idle, so the session cache's weight (adapt.CacheWeight) learns from the player before the
+    model ever answers; the note-offs a session writes to close the model's own notes are not the
+    player's and teach it nothing."""
+    from liveperceiver.inference.adapt import PRIOR_FRACTION
+
+    r = rig(mode="listen")
+    r.phrase([60, 64, 67, 64] * 4)
+    r.run_for(0.2)
+    engine = r.runs.engine
+    assert not engine.cache_weight.deferred  # every player's token judged, none left waiting
+    assert engine.cache_weight.fraction != pytest.approx(PRIOR_FRACTION)
+    learnt = engine.cache_weight.fraction
+    engine.append([vocab.TIME_SHIFT + 9, vocab.note_off(72)], judged=False)
+    engine.prepare()
+    assert engine.cache_weight.fraction == learnt and not engine.cache_weight.deferred

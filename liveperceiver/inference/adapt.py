@@ -296,13 +296,14 @@ class SessionCache:
 class CacheWeight:
     """The cache's weight in the mix, learnt in the session: a posterior over the candidate weights
     `adapt` x WEIGHTS, each scored by the probability its mix gave the player's tokens, older tokens
-    forgotten by FORGET per token (see the module's docstring). It starts uniform; while the cache
-    has nothing to say (b = 1, a = 0) every candidate scores alike and it does not move.
+    forgotten by FORGET per token (see the module's docstring). It starts uniform; where the cache
+    has nothing to say (b = 1, a = 0) every candidate scores alike and only the forgetting moves it
+    (toward uniform).
 
     In `eval` every token is the player's and each is judged at the step that predicted it
     (`remember`, `observe`). In `play` the player's tokens mostly come where no step predicted them
     (while the engine waits, or after the first token of an entry into look-ahead): the engine judges
-    those from its latent window's rows once it has run them (Engine._judge_from_rows; with one
+    those from its latent window's rows once it has run them (`judge_from_rows`; with one
     latent no rows are kept and only the tokens a step predicted are judged). The model's own tokens
     are never judged (they were drawn from the mix itself); each ages the verdict as a token passing
     would (`fade`), so a long answer drifts back to the prior's mean weight.
@@ -312,8 +313,9 @@ class CacheWeight:
     def __init__(self) -> None:
         self._steps: dict[int, tuple] = {}  # position -> (model probabilities, a, b) of the step there
         # the player's tokens no step predicted, to be judged from the engine's latent rows once they
-        # are run (`judge_from_rows`): (position, token, the cache's a and b for it there)
-        self.deferred: list[tuple[int, int, float, float]] = []
+        # are run (`judge_from_rows`): (position, token, the cache's a and b for it there); the oldest
+        # leave at HISTORY (only the last window's can still get a row)
+        self.deferred: deque[tuple[int, int, float, float]] = deque(maxlen=HISTORY)
         # (position judged, log posterior before it); the posterior is 7 plain floats: per token,
         # Python's arithmetic on them costs a third of numpy's calls (2.8 against 7.6 us, warm)
         self._history: deque[tuple[int, list[float]]] = deque(maxlen=HISTORY)
@@ -368,7 +370,7 @@ class CacheWeight:
         a re-anchoring have the later anchor's latents. Tokens at or before the anchor have no row
         and go unjudged."""
         pending = [entry for entry in self.deferred if anchor < entry[0] <= rows_end]
-        self.deferred = [entry for entry in self.deferred if entry[0] > rows_end]
+        self.deferred = deque((entry for entry in self.deferred if entry[0] > rows_end), maxlen=HISTORY)
         if not pending or not adapt:
             return
         first = pending[0][0] - 1 - anchor
@@ -404,7 +406,7 @@ class CacheWeight:
             return
         for stale in [p for p in self._steps if p > length]:
             del self._steps[stale]
-        self.deferred = [entry for entry in self.deferred if entry[0] < length]
+        self.deferred = deque((entry for entry in self.deferred if entry[0] < length), maxlen=HISTORY)
         restored = None
         while self._history and self._history[-1][0] >= length:
             restored = self._history.pop()[1]

@@ -32,7 +32,8 @@ fastest; weights `blocked` store them in oneDNN's layout instead, faster still f
 
 GPU-ready: a step builds no tensor from Python lists (ids, positions and masks are slices of device
 buffers), sums attention per token id in a fixed order (`sum_per_token`), and reads back only the
-sampled id (sampling.choose). On CUDA the steps that need one new latent row replay a CUDA graph of
+sampled id (sampling.choose); a player's token appended reads back its probability once, to judge
+the session cache's weight (adapt.CacheWeight). On CUDA the steps that need one new latent row replay a CUDA graph of
 the same step computed with fixed shapes (graphed.py). Rollback (`truncate`) just forgets tokens:
 buffer rows depend on id and position only, and kept latents on the tokens before them only.
 """
@@ -190,7 +191,8 @@ class Engine:
         if window is not None and window != self.latents:
             self.latents = window
             self._anchor = None
-            self.cache_weight.deferred.clear()  # a window of one keeps no rows to judge them by
+            if window.max == 1:  # a window of one keeps no rows to judge them by
+                self.cache_weight.deferred.clear()
         if prefix_cap is not None and prefix_cap != self.prefix_cap:
             self.prefix_cap = prefix_cap
             self._anchor = None
@@ -220,9 +222,11 @@ class Engine:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def append(self, tokens: Iterable[int], sampled: Sequence[int] | None = None) -> None:
+    def append(self, tokens: Iterable[int], sampled: Sequence[int] | None = None, judged: bool = True) -> None:
         """Absorb tokens (the player's events); `sampled` marks those the model sampled itself
-        (1), for a stream carried over from another engine."""
+        (1), for a stream carried over from another engine. `judged=False`: tokens that count as the
+        player's but that the player did not play (the note-offs a live session writes to close the
+        model's own notes) teach the cache's weight nothing (adapt.CacheWeight)."""
         tokens = list(tokens)
         vocab.check_tokens(tokens, "append")
         flags = [0] * len(tokens) if sampled is None else [1 if flag else 0 for flag in sampled]
@@ -230,7 +234,7 @@ class Engine:
             raise ValueError(f"append: {len(flags)} sampled flags for {len(tokens)} tokens")
         for token, flag in zip(tokens, flags, strict=True):
             if self.cache is not None:
-                if not flag:  # the player's token: how well each weight of the cache would have predicted it
+                if judged and not flag:  # the player's token: how well each weight of the cache would have predicted it
                     position = len(self.tokens)
                     if not self.cache_weight.observe(position, token, self.adapt) and self.keeps_rows():
                         self.cache_weight.deferred.append((position, token, *self.cache.token_terms(token)))

@@ -203,8 +203,10 @@ class RunController:
             return
         if self.decoder is not None:
             self._sample_ahead(now)
-        if mode != "listen" and self.commands.empty():
-            self.engine.prepare()  # nothing due: a latent window's re-anchoring runs now, not when a token is
+        if self.commands.empty() and (mode != "listen" or self.engine.cache_weight.deferred):
+            # nothing due: a latent window's re-anchoring runs now, not when a token is; listening, the
+            # rows run only to judge the cache's weight by what the player plays (adapt.CacheWeight)
+            self.engine.prepare()
 
     def _maybe_start(self, now: float, mode: str) -> None:
         """Duet: a run whenever there is a context. Call: an answer once the player has been silent
@@ -489,7 +491,7 @@ class RunController:
         closing += [TimedEvent("note_off", decoder.time, pitch, 0) for pitch in sorted(self.carry)]
         self._set_carry(())
         tokens = [vocab.note_off(e.pitch) for e in closing]
-        self.engine.append(tokens)
+        self.engine.append(tokens, judged=False)  # the model's notes closed: nothing the player did
         self._schedule(closing, len(self.engine))
         self.decoder = None
 
@@ -540,7 +542,7 @@ class RunController:
             at = self._rel(cut_at if cut_at is not None else self.clock())
             tokens = time_shift_tokens(max(0.0, at - self.encoder.clock))
             tokens += [vocab.note_off(pitch) for pitch in open_notes]
-            self.engine.append(tokens)
+            self.engine.append(tokens, judged=False)  # the model's cut notes closed: nothing the player did
             self.encoder.absorb_model_tokens(tokens)
             self.committed = len(self.engine)
         self.decoder = None

@@ -113,7 +113,7 @@ def continuation_stats(
 ) -> dict:
     """Continue `count` held-out prompts with the engine (on `device`) and compare with what the piece
     really does; with `ngram`, the n-gram baseline continues the same prompts too, as a yardstick.
-    `adapt`: the engine's session cache weight, as in `play` (the prompt and the model's own tokens feed it)."""
+    `adapt`: the engine's session cache's highest weight, as in `play` (the prompt and the model's own tokens feed it)."""
     from liveperceiver.inference.continuation import continue_prompt
     from liveperceiver.inference.engine import Engine
     from liveperceiver.inference.sampling import Constraints, SamplingSettings

@@ -142,7 +142,7 @@ def evaluate(
 ) -> dict:
     """`nll`: the system as `play` runs it, token by token on the live engine (nll.stream_token_nll):
     the latent window `sampling["num_latents"]` (default: the model's max_latents), in-session
-    adaptation at weight `adapt`, and `sampling["constraints"]` (play's guards and follows), scored at
+    adaptation with its weight learnt up to `adapt`, and `sampling["constraints"]` (play's guards and follows), scored at
     temperature 1; `nll_model`: the model alone with the context of training windows. Both on the
     same targets. Everything runs on `device` (the model is moved there)."""
     from liveperceiver.inference.window import parse_window

@@ -106,8 +106,8 @@ def stream_token_nll(
     Every token is predicted from all the tokens before it in its piece, its latents those of the
     latent window `num_latents` (N or MIN:MAX, inference/window.py; at most the model's
     max_latents). The model alone is the engine's logits; the system is what `play` samples from at
-    temperature 1 (Engine.played_logits): the engine's session cache and experts mixed in at weight
-    `adapt` (adapt.mix_logits), then `constraints` (sampling.constraint_mask: the guards and the key,
+    temperature 1 (Engine.played_logits): the engine's session cache mixed in at the weight it learns up to
+    `adapt`, and its experts (adapt.mix_logits), then `constraints` (sampling.constraint_mask: the guards and the key,
     dynamics and density follows; the orphan guard in the tokenizer's language,
     `repeated_note_offs`), every token counted as the player's. Top-k and top-p are not applied:
     they give some true tokens probability 0. The engine runs on `device`."""
@@ -156,7 +156,7 @@ def stream_nll(
 ) -> dict:
     """Mean NLL per token as the live engine sees the stream with the latent window `num_latents`
     (`stream_token_nll`; a small live window trades some of the training windows' quality for
-    speed): `nll` with the session cache mixed in at weight `adapt`, `nll_model` without."""
+    speed): `nll` with the session cache mixed in (its weight learnt up to `adapt`), `nll_model` without."""
     from liveperceiver.inference.window import parse_window
 
     system, alone = stream_token_nll(model, pieces, num_latents, max_tokens, adapt, None, device, progress)
