@@ -293,6 +293,13 @@ class SessionCache:
 # --------------------------------------------------------------------------- mixing with the model
 
 
+def mixed_probability(p_model: np.ndarray, a: np.ndarray, b: np.ndarray, weight) -> np.ndarray:
+    """The mix's probability of the true tokens, from the model's (`p_model`) and the cache's terms
+    there (`SessionCache.token_terms`) at the cache's `weight` (per token or one):
+    (1 - weight) p_model + weight (a + b p_model)."""
+    return (1.0 - weight + weight * b) * p_model + weight * a
+
+
 class CacheWeight:
     """The cache's weight in the mix, learnt in the session: a posterior over the candidate weights
     `adapt` x WEIGHTS, each scored by the probability its mix gave the player's tokens, older tokens
@@ -352,11 +359,10 @@ class CacheWeight:
 
     def judge(self, position: int, p_model: float, a_token: float, b: float, adapt: float) -> None:
         """One token's judgement: the model's probability of it, the cache's terms there."""
-        log_posterior = []
-        for log_p, candidate in zip(self._log_posterior, WEIGHTS, strict=True):
-            weight = adapt * candidate
-            probability = (1.0 - weight + weight * b) * p_model + weight * a_token
-            log_posterior.append(FORGET * log_p + math.log(max(probability, 1e-300)))
+        log_posterior = [
+            FORGET * log_p + math.log(max(mixed_probability(p_model, a_token, b, adapt * candidate), 1e-300))
+            for log_p, candidate in zip(self._log_posterior, WEIGHTS, strict=True)
+        ]
         self._move(position, log_posterior)
 
     def judge_from_rows(
@@ -412,13 +418,6 @@ class CacheWeight:
             restored = self._history.pop()[1]
         if restored is not None:
             self._set(restored)
-
-
-def mixed_probability(p_model: np.ndarray, a: np.ndarray, b: np.ndarray, weight) -> np.ndarray:
-    """The mix's probability of the true tokens, from the model's (`p_model`) and the cache's terms
-    there (`SessionCache.token_terms`) at the cache's `weight` (per token or one):
-    (1 - weight) p_model + weight (a + b p_model)."""
-    return (1.0 - weight + weight * b) * p_model + weight * a
 
 
 Expert = tuple[int, np.ndarray, "np.ndarray | None"]  # (type's first id, distribution over the type, members)

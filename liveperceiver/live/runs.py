@@ -393,7 +393,7 @@ class RunController:
             return ()
         last = self.engine.tokens[-1] if self.run_steps else None
         after_velocity = last is not None and vocab.event_type(last) == "velocity"
-        played = _played_pitches(settings)
+        played = settings.played_pitches
         silent_pitches = (range(0, played.start), range(played.stop, vocab.NOTE_OFF)) if played else ()
         return (AFTER_VELOCITY_FORBID if after_velocity else OPENING_FORBID, *silent_pitches)
 
@@ -403,7 +403,7 @@ class RunController:
         never sounds: an answer that had only such notes besides a dropped one was silent."""
         kind = vocab.event_type(token)
         if kind == "note_on":
-            if token in _played_pitches(settings):
+            if token in settings.played_pitches:
                 self.starting.add(token)
         elif kind == "note_off":
             self.starting.discard(token - vocab.NOTE_OFF)
@@ -561,13 +561,6 @@ class RunController:
         self.call_pending = keep_call
         with self.shared.lock:
             self.shared.pending_answer_start = None
-
-
-def _played_pitches(settings: Settings) -> range:
-    """The model's pitches the output plays: the pitch range, before transposition (scheduler.py)."""
-    return range(
-        max(0, settings.pitch_low - settings.transpose), min(127, settings.pitch_high - settings.transpose) + 1
-    )
 
 
 def _grid_moved(old: LinkTimeline, new: LinkTimeline, now: float) -> bool:

@@ -261,7 +261,7 @@ class Scheduler:
             if note.pitch in self.sounding:
                 self._off(note.pitch)  # retrigger: the old note ends first
             pitch = note.pitch + settings.transpose
-            if not settings.pitch_low <= pitch <= settings.pitch_high or not 0 <= pitch <= 127:
+            if note.pitch not in settings.played_pitches:
                 return
             velocity = max(1, min(127, round(note.velocity * settings.velocity_scale)))
             channel = settings.out_channel - 1

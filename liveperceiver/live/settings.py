@@ -76,6 +76,12 @@ class Settings:
     def latent_window(self) -> LatentWindow:
         return parse_window(self.num_latents)
 
+    @property
+    def played_pitches(self) -> range:
+        """The model's pitches the output plays: those that land in pitch_low..pitch_high once
+        transposed (the scheduler drops the others; the run controller never counts on them)."""
+        return range(max(0, self.pitch_low - self.transpose), min(127, self.pitch_high - self.transpose) + 1)
+
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its allowed values."""
         checks = [

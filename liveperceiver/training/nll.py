@@ -71,6 +71,9 @@ def adapted_nll(nll: np.ndarray, pieces: list[list[int]], adapt: float) -> np.nd
     at the weight the session has learnt so far (adapt.CacheWeight), every token the player's."""
     if not adapt:
         return nll
+    targets = sum(len(piece) - 1 for piece in pieces)
+    if targets != len(nll):
+        raise ValueError(f"adapted_nll: {len(nll)} model targets for {targets} tokens")
     p_model = np.exp(-nll)
     mixed = np.empty(len(nll))
     index = 0
@@ -78,15 +81,11 @@ def adapted_nll(nll: np.ndarray, pieces: list[list[int]], adapt: float) -> np.nd
         cache, weight = SessionCache(), CacheWeight()
         cache.push(piece[0])
         for position, token in enumerate(piece[1:], start=1):
-            if index >= len(nll):
-                raise ValueError(f"adapted_nll: {len(nll)} model targets for more tokens")
             a, b = cache.token_terms(token)
             mixed[index] = mixed_probability(p_model[index], a, b, adapt * weight.fraction)
             weight.judge(position, p_model[index], a, b, adapt)
             cache.push(token)
             index += 1
-    if index != len(nll):
-        raise ValueError(f"adapted_nll: {len(nll)} model targets for {index} tokens")
     return -np.log(mixed)
 
 
