@@ -3,6 +3,7 @@ and the one rule for tests that need a program this machine may lack (`missing`)
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -117,3 +118,16 @@ def no_jack_ports_left_to_the_exit():
         for port in left:
             ports.release(port)
         pytest.fail(f"the test left {len(left)} JACK port(s) to the process's exit (Session.close(release_ports=True))")
+
+
+@pytest.fixture(scope="session")
+def chorale_tokens() -> list[int]:
+    """A real piece: Bach's BWV 1.6 from the music21 corpus, as the dataset exports it (its opening
+    phrases come back, as chorales' do)."""
+    import pretty_midi
+
+    from liveperceiver.core.tokenizer import encode_midi
+    from liveperceiver.training.dataset import _score_to_midis, music21_corpus_dir
+
+    [(_, data)] = _score_to_midis(music21_corpus_dir() / "bach" / "bwv1.6.mxl")
+    return encode_midi(pretty_midi.PrettyMIDI(io.BytesIO(data)))

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from liveperceiver.core import vocab
+from liveperceiver.inference.dynamic import DynamicOutput
 from liveperceiver.inference.sampling import VELOCITY_PRIOR, StreamState, host_to_device
 
 UNIT = 8  # one occurrence of an n-gram, in count units (own tokens may count 0..UNIT units)
@@ -304,8 +305,7 @@ class CacheWeight:
     """The cache's weight in the mix, learnt in the session: a posterior over the candidate weights
     `adapt` x WEIGHTS, each scored by the probability its mix gave the player's tokens, older tokens
     forgotten by FORGET per token (see the module's docstring). It starts uniform; where the cache
-    has nothing to say (b = 1, a = 0) every candidate scores alike and only the forgetting moves it
-    (toward uniform).
+    has nothing to say (b = 1, a = 0) only the forgetting moves it (toward uniform).
 
     In `eval` every token is the player's and each is judged at the step that predicted it
     (`remember`, `observe`). In `play` the player's tokens mostly come where no step predicted them
@@ -366,25 +366,40 @@ class CacheWeight:
         self._move(position, log_posterior)
 
     def judge_from_rows(
-        self, rows_logits: Callable[[int, int], torch.Tensor], anchor: int, rows_end: int, adapt: float
+        self,
+        rows_output: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+        anchor: int,
+        rows_end: int,
+        adapt: float,
+        dynamic: DynamicOutput | None = None,
+        rate: float = 0.0,
     ) -> None:
-        """Judge by the `deferred` tokens, in stream order, from the logits of the engine's kept
-        latent rows before them (`rows_logits(first, end)`, LatentStack.rows_logits: row i predicts
-        the token at anchor + i + 1; rows up to stream position `rows_end` are run): one pass over
-        the last layer for all of them, one read back. Rows run before a token came are those a step
-        there would have used (the window re-anchors only when it must grow past MAX); rows run after
-        a re-anchoring have the later anchor's latents. Tokens at or before the anchor have no row
-        and go unjudged."""
+        """Judge by the `deferred` tokens, in stream order, from the engine's kept latent rows before
+        them (`rows_output(first, end)`: their logits and hidden states; row i predicts the token at
+        anchor + i + 1; rows up to stream position `rows_end` are run): one pass over the last layer,
+        one read back. Rows run before a token came are those a step there would have used; after a
+        re-anchoring they have the later anchor's latents, and tokens at or before the anchor go
+        unjudged. `dynamic` adjusts each row's logits and learns from each token (at `rate`) in turn."""
         pending = [entry for entry in self.deferred if anchor < entry[0] <= rows_end]
         self.deferred = deque((entry for entry in self.deferred if entry[0] > rows_end), maxlen=HISTORY)
         if not pending or not adapt:
             return
         first = pending[0][0] - 1 - anchor
-        logits = rows_logits(first, pending[-1][0] - anchor)
-        rows = torch.tensor([position - 1 - anchor - first for position, *_ in pending], device=logits.device)
-        tokens = torch.tensor([token for _, token, *_ in pending], device=logits.device)
-        probabilities = torch.softmax(logits.float(), -1)[rows, tokens].tolist()
-        for (position, _, a, b), p_model in zip(pending, probabilities, strict=True):
+        logits, hidden = rows_output(first, pending[-1][0] - anchor)
+        rows = [position - 1 - anchor - first for position, *_ in pending]
+        tokens = [token for _, token, *_ in pending]
+        if dynamic is None or not rate:
+            device = logits.device
+            probs = torch.softmax(logits.float(), -1)
+            chosen = probs[torch.tensor(rows, device=device), torch.tensor(tokens, device=device)]
+        else:
+            chosen = []
+            for (position, token, *_), row in zip(pending, rows, strict=True):
+                probs = torch.softmax(dynamic.adjusted(logits[row], hidden[row]), -1)
+                chosen.append(probs[token])
+                dynamic.learn(position, probs, hidden[row], token, rate)
+            chosen = torch.stack(chosen)
+        for (position, _, a, b), p_model in zip(pending, chosen.tolist(), strict=True):
             self.judge(position, p_model, a, b, adapt)
 
     def fade(self, position: int) -> None:

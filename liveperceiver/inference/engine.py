@@ -43,14 +43,15 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Sequence
-from functools import partial
 
 import torch
 from torch import nn
 
 from liveperceiver.core import vocab
-from liveperceiver.core.model import PerceiverAR, apply_rotary, output_logits, rotary_rotation
+from liveperceiver.core.model import PerceiverAR, apply_rotary, rotary_rotation
 from liveperceiver.inference.adapt import CacheWeight, SessionCache, mix_logits
+from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
+from liveperceiver.inference.dynamic import DynamicOutput, OutputHead
 from liveperceiver.inference.graphed import OneRowStep
 from liveperceiver.inference.latents import BoundLayer, LatentStack
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
@@ -131,6 +132,8 @@ class Engine:
         self.adapt = 0.0  # the session cache's highest weight in the mix (adapt.py; 0: the model alone)
         self.cache: SessionCache | None = None  # built when adaptation is first turned on, then kept in step
         self.cache_weight = CacheWeight()  # the cache's weight, learnt from the player's tokens (adapt.py)
+        self.dynamic: DynamicOutput | None = None  # the output layer's correction, learnt likewise (dynamic.py)
+        self._step_hidden: torch.Tensor | None = None  # the hidden state of next_logits' row
         self.generator = torch.Generator(device=self.device)
         self._anchor: int | None = None  # stream position of the first latent (window.py's schedule)
         self.configure(
@@ -149,6 +152,7 @@ class Engine:
             pack_linear_layers(self.model, weights)
         if self.exact_tables:
             self._bind_layers()
+            self.dynamic = DynamicOutput(self.config.vocab_size, self.config.num_channels, self.device)
         use_graph = self.device.type == "cuda" if graph_step is None else graph_step
         self.one_row_step = OneRowStep(self) if use_graph and self.exact_tables else None
         # for the UI: float32, bfloat16, ..., or "float16 weights" (activations stay float32)
@@ -236,7 +240,10 @@ class Engine:
             if self.cache is not None:
                 if judged and not flag:  # the player's token: how well each weight of the cache would have predicted it
                     position = len(self.tokens)
-                    if not self.cache_weight.observe(position, token, self.adapt) and self.keeps_rows():
+                    observed = self.cache_weight.observe(position, token, self.adapt)
+                    if self.dynamic is not None:  # and the output layer learns from it (at the same steps)
+                        self.dynamic.observe(position, token, self.adapt * DYNAMIC_RATE)
+                    if not observed and self.keeps_rows():
                         self.cache_weight.deferred.append((position, token, *self.cache.token_terms(token)))
                 self.cache.push(token, sampled=bool(flag))
             self.tokens.append(token)
@@ -254,6 +261,8 @@ class Engine:
         if self.cache is not None:
             self.cache.truncate(length)
             self.cache_weight.truncate(length)
+        if self.dynamic is not None:
+            self.dynamic.truncate(length)
         if self.exact_tables:
             self._ids_upto = min(self._ids_upto, length)
             self._keys_upto = min(self._keys_upto, length)
@@ -290,6 +299,9 @@ class Engine:
         the sampling `temperature` (in place where nothing was mixed). eval's `nll` scores these at
         temperature 1 (training/nll.py), so what it scores is what `play` plays."""
         if self.adapt:
+            if self._step_hidden is not None:  # the output layer as the session has taught it
+                logits = self.dynamic.adjust(logits, self._step_hidden, len(self.tokens))
+                self._step_hidden = None
             logits = mix_logits(logits, self.cache, self.adapt, self.state, self.cache_weight, len(self.tokens))
         if self.constraints.active:
             constraint_mask(self.constraints, self.state, logits, temperature)
@@ -307,9 +319,15 @@ class Engine:
 
     @torch.inference_mode()
     def next_logits(self) -> torch.Tensor:
-        """Float32 logits (vocab,) for the next token, on the engine's device (sampling reads back only the id)."""
+        """Float32 logits (vocab,) for the next token, on the engine's device (sampling reads back only the id):
+        the model's own; `played_logits` adds what the session taught it."""
         if not self.tokens:
             raise ValueError("the engine needs at least one token before it can sample")
+        logits = self._model_logits()
+        self._step_hidden = self.head.hidden[-1] if self.exact_tables else None
+        return logits
+
+    def _model_logits(self) -> torch.Tensor:
         if not self.exact_tables:
             start, self._anchor, end = self.window()
             return self._full_forward_logits(start, self._anchor, end)
@@ -351,7 +369,7 @@ class Engine:
         deferred = self.cache_weight.deferred
         if deferred and self._anchor is not None:  # first from the rows run before: their own windows
             self.cache_weight.judge_from_rows(
-                self.stack.rows_logits, self._anchor, self._anchor + self.stack.count, self.adapt
+                self._rows_output, self._anchor, self._anchor + self.stack.count, self.adapt, *self._learner()
             )
         self._prepare_rows(start, anchor, end)
         if anchor != self._anchor:
@@ -362,8 +380,15 @@ class Engine:
         if first < end:
             self.stack.extend(self._cross_attention(start, anchor, first, end))
         if self.cache_weight.deferred:
-            self.cache_weight.judge_from_rows(self.stack.rows_logits, anchor, end, self.adapt)
+            self.cache_weight.judge_from_rows(self._rows_output, anchor, end, self.adapt, *self._learner())
         return end
+
+    def _rows_output(self, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of kept rows first..end and their hidden states (adapt.CacheWeight.judge_from_rows)."""
+        return self.stack.rows_logits(first, end), self.head.hidden
+
+    def _learner(self) -> tuple[DynamicOutput | None, float]:
+        return self.dynamic, self.adapt * DYNAMIC_RATE
 
     def keeps_rows(self) -> bool:
         """Whether the latent window keeps rows that can judge a player's token later (adapt.py)."""
@@ -440,9 +465,9 @@ class Engine:
             for index, layer in enumerate(model.self_attention)
         ]
         out_norm = bare(model.out_norm) if model.out_norm is not None else None
-        logits = partial(output_logits, norm=out_norm, embedding=logits_weight, bias=model.output_bias)
+        self.head = OutputHead(out_norm, logits_weight, model.output_bias)
         self.stack = LatentStack(
-            layers, logits, self.rotation, config.num_heads, config.head_dim, self.device, self.dtype
+            layers, self.head, self.rotation, config.num_heads, config.head_dim, self.device, self.dtype
         )
 
     def _prepare_rows(self, start: int, anchor: int, end: int) -> None:

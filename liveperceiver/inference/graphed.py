@@ -47,6 +47,7 @@ class OneRowStep:
         self.positions = torch.arange(engine.capacity, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
         self._captured_for: tuple | None = None
 
     def set_rows(self, start: int, anchor: int, row: int) -> None:
@@ -64,6 +65,7 @@ class OneRowStep:
         if self.graph is None or self._captured_for != key:
             self._capture(key)
         self.graph.replay()
+        self.engine.head.hidden = self.hidden.clone()  # the row's hidden state, for dynamic.DynamicOutput
         return self.output.clone()
 
     def compute(self) -> torch.Tensor:
@@ -143,4 +145,5 @@ class OneRowStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.output = self.compute()
+            self.hidden = self.engine.head.hidden  # set by the output head inside the graph: replays rewrite it
         self.graph, self._captured_for = graph, key

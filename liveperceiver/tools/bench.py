@@ -33,6 +33,7 @@ from torch import nn
 from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.model import PerceiverAR
 from liveperceiver.inference.auto_weights import resolve_weights
+from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
 from liveperceiver.inference.engine import DTYPES, Engine
 from liveperceiver.inference.sampling import SamplingSettings
 from liveperceiver.inference.weights import Int8Linear, PackedLinear
@@ -359,8 +360,10 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
                 engine.step()
                 times.append((now() - start) * 1000)
             engine.truncate(len(engine) - run)
-        start = time.perf_counter()  # the cache takes the token, and the weight is judged by it
+        start = time.perf_counter()  # the cache takes the token, the weight is judged and the output layer taught by it
         engine.cache_weight.observe(len(engine), token, 1.0)
+        if engine.dynamic is not None:
+            engine.dynamic.observe(len(engine), token, DYNAMIC_RATE)
         engine.cache.push(token)
         pushes.append((time.perf_counter() - start) * 1000)
         engine.cache.truncate(len(engine.cache) - 1)
