@@ -232,11 +232,12 @@ def test_the_system_nll_is_what_play_samples_from(tiny_model, chorale_tokens):
             engine = Engine(tiny_model, num_latents="4:8", adapt=0.7, constraints=play, device="cpu")
             engine.append(piece[:1])
             for target in piece[1:]:
-                logits = engine.next_logits().float()
-                expected_alone.append(-float(torch.log_softmax(logits, -1)[target]))
+                logits = engine.next_logits().float()  # with the output layer the session taught it
+                model = engine.head.model_logits()[-1].float()  # the model's own projection
+                expected_alone.append(-float(torch.log_softmax(model, -1)[target]))
                 position = len(engine.tokens)  # the weight learns from each token as the engine's does
-                adjusted = engine.dynamic.adjust(logits, engine.head.hidden[-1], position)  # tests/test_dynamic.py
-                mixed = mix_logits(adjusted, engine.cache, 0.7, engine.state, engine.cache_weight, position)
+                engine.dynamic.remember(position, logits, engine.head.hidden[-1])  # tests/test_dynamic.py
+                mixed = mix_logits(logits, engine.cache, 0.7, engine.state, engine.cache_weight, position)
                 constraint_mask(replace(play, repeated_note_offs=True), engine.state, mixed)  # real streams
                 expected_system.append(-float(torch.log_softmax(mixed, -1)[target]))
                 engine.append([target])

@@ -395,7 +395,7 @@ class CacheWeight:
         else:
             chosen = []
             for (position, token, *_), row in zip(pending, rows, strict=True):
-                probs = torch.softmax(dynamic.adjusted(logits[row], hidden[row]), -1)
+                probs = torch.softmax(dynamic.logits(hidden[row]), -1)  # learnt up to the token before
                 chosen.append(probs[token])
                 dynamic.learn(position, probs, hidden[row], token, rate)
             chosen = torch.stack(chosen)

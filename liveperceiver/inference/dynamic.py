@@ -42,56 +42,74 @@ STEPS_KEPT = 512  # steps remembered for a player's token to come (more than any
 
 
 class OutputHead:
-    """The engine's output: the output norm, then the tied projection (model.output_logits), keeping
-    the normalised hidden state of its last call (`hidden`, (rows, channels)) for DynamicOutput.
+    """The engine's output: the output norm, then the projection onto the token embeddings by
+    `weight`, which is the model's tied embedding (model.output_logits), or while adaptation is on
+    the session's learnt copy of it (DynamicOutput.weight): the correction costs a step nothing.
+    Keeps the normalised hidden states of its last call (`hidden`, (rows, channels)).
 
     Threads: owned by the engine's thread."""
 
     def __init__(self, norm, embedding: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.norm, self.embedding, self.bias = norm, embedding, bias
+        self.weight = embedding
         self.hidden: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.hidden = self.norm(x) if self.norm is not None else x
-        return output_logits(self.hidden, None, self.embedding, self.bias)
+        return self.project(self.hidden, self.weight)
+
+    def project(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`hidden` (rows, channels) onto `weight`'s rows, in the weight's precision."""
+        return output_logits(hidden.to(weight.dtype), None, weight, self.bias)
+
+    def model_logits(self) -> torch.Tensor:
+        """The last call's logits as the model alone gives them (eval's `nll` beside the system's)."""
+        return self.project(self.hidden, self.embedding)
 
 
 class DynamicOutput:
-    """The learnt correction to the output projection (see the module's docstring), in float32 on
-    the engine's device. On the CPU the error and its scale are numpy arithmetic on 389 numbers,
-    then one rank-one update in place (torch's calls on small tensors cost more than their work);
-    elsewhere the same as device operations, with no read back.
+    """The session's copy of the output projection (`weight`, float32, the model's tied embedding
+    plus the learnt correction, `delta`; see the module's docstring), on the engine's device. On the
+    CPU the error and its scale are numpy arithmetic on 389 numbers, then one rank-one update in
+    place (torch's calls on small tensors cost more than their work); elsewhere the same as device
+    operations, with no read back.
 
-    Like adapt.CacheWeight: a step's adjusted logits and hidden state are remembered (`adjust`), and
-    the player's token that comes at that position teaches it (`observe`); a token no step predicted
-    is taught from the latent window's rows later (`learn`, called by CacheWeight.judge_from_rows).
-    A rollback undoes the steps of the tokens it drops (`truncate`)."""
+    Like adapt.CacheWeight: a step's logits (with the correction so far) and hidden state are
+    remembered (`remember`), and the player's token that comes at that position teaches it
+    (`observe`); a token no step predicted is taught from the latent window's rows later (`learn`,
+    called by CacheWeight.judge_from_rows). A rollback undoes the steps of the tokens it drops
+    (`truncate`)."""
 
-    def __init__(self, vocab_size: int, channels: int, device: torch.device) -> None:
-        self.on_cpu = device.type == "cpu"
-        self.delta = torch.zeros(vocab_size, channels, device=device)
-        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (adjusted logits, hidden)
-        self._history: deque[tuple[int, object, object, object]] = deque(maxlen=HISTORY)
+    def __init__(self, head: OutputHead) -> None:
+        self.head = head
+        # the same layout as the embedding (the engine stores it for a fast projection)
+        self.weight = head.embedding.detach().float().clone(memory_format=torch.preserve_format)
+        self.on_cpu = self.weight.device.type == "cpu"
+        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (logits, hidden)
+        self._history: deque[tuple[int, object, torch.Tensor, object]] = deque(maxlen=HISTORY)
         self.learnt = 0  # tokens learnt from
 
+    @property
+    def delta(self) -> torch.Tensor:
+        """The learnt correction (vocab, channels)."""
+        return self.weight - self.head.embedding.detach().float()
+
     def reset(self) -> None:
-        self.delta.zero_()
+        self.weight.copy_(self.head.embedding)
         self._steps.clear()
         self._history.clear()
         self.learnt = 0
 
-    def adjusted(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """`logits` (vocab,) + delta @ `hidden` (channels,), float32."""
-        return logits.float() + self.delta @ hidden.float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of `hidden` (channels,) with the correction as it is now."""
+        return self.head.project(hidden[None], self.weight)[0].float()
 
-    def adjust(self, logits: torch.Tensor, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """The step predicting stream `position`: its adjusted logits, remembered with `hidden` for
-        the player's token that may come there."""
-        adjusted = self.adjusted(logits, hidden)
-        self._steps[position] = (adjusted, hidden)
+    def remember(self, position: int, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """The step predicting stream `position`: its `logits` (projected by `weight`) and `hidden`,
+        for the player's token that may come there."""
+        self._steps[position] = (logits.float().clone(), hidden)  # the caller may mask its logits in place
         if len(self._steps) > STEPS_KEPT:  # a long answer: the oldest step is far behind what plays
             del self._steps[next(iter(self._steps))]
-        return adjusted
 
     def observe(self, position: int, token: int, rate: float) -> bool:
         """The player's `token` came at `position`: learn from it if a step predicted it there. Every
@@ -102,26 +120,25 @@ class DynamicOutput:
             return True
         if step is None:
             return False
-        adjusted, hidden = step
-        self.learn(position, torch.softmax(adjusted, -1), hidden, token, rate)
+        logits, hidden = step
+        self.learn(position, torch.softmax(logits, -1), hidden, token, rate)
         return True
 
     def learn(self, position: int, probs: torch.Tensor, hidden: torch.Tensor, token: int, rate: float) -> None:
-        """One step on the player's `token` at `position`, from the adjusted distribution `probs` the
-        model had there and the hidden state it came from."""
+        """One step on the player's `token` at `position`, from the distribution `probs` the model had
+        there (with the correction) and the hidden state it came from."""
+        h = hidden.float()
         if self.on_cpu:
-            h = hidden.float()
             error = probs.float().numpy().copy()
             error[token] -= 1.0
             error = torch.from_numpy(error)
             scale = -rate / float(h.dot(h))
-            self.delta.addr_(error, h, alpha=scale)
+            self.weight.addr_(error, h, alpha=scale)
         else:
-            h = hidden.float()
             error = probs.float().clone()
             error[token] -= 1.0
             scale = -rate / h.dot(h)  # a device scalar: no read back
-            self.delta.addr_(error * scale, h)
+            self.weight.addr_(error * scale, h)
         self._history.append((position, error, h, scale))
         self.learnt += 1
 
@@ -136,7 +153,7 @@ class DynamicOutput:
         while self._history and self._history[-1][0] >= length:
             _, error, h, scale = self._history.pop()
             if self.on_cpu:
-                self.delta.addr_(error, h, alpha=-scale)
+                self.weight.addr_(error, h, alpha=-scale)
             else:
-                self.delta.addr_(error * -scale, h)
+                self.weight.addr_(error * -scale, h)
             self.learnt -= 1

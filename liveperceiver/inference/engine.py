@@ -152,7 +152,8 @@ class Engine:
             pack_linear_layers(self.model, weights)
         if self.exact_tables:
             self._bind_layers()
-            self.dynamic = DynamicOutput(self.config.vocab_size, self.config.num_channels, self.device)
+            self.dynamic = DynamicOutput(self.head)
+            self._choose_output()
         use_graph = self.device.type == "cuda" if graph_step is None else graph_step
         self.one_row_step = OneRowStep(self) if use_graph and self.exact_tables else None
         # for the UI: float32, bfloat16, ..., or "float16 weights" (activations stay float32)
@@ -192,6 +193,7 @@ class Engine:
                 self.cache.extend(self.tokens, self.sampled)
         if adapt is not None:
             self.adapt = adapt
+            self._choose_output()
         if window is not None and window != self.latents:
             self.latents = window
             self._anchor = None
@@ -299,8 +301,8 @@ class Engine:
         the sampling `temperature` (in place where nothing was mixed). eval's `nll` scores these at
         temperature 1 (training/nll.py), so what it scores is what `play` plays."""
         if self.adapt:
-            if self._step_hidden is not None:  # the output layer as the session has taught it
-                logits = self.dynamic.adjust(logits, self._step_hidden, len(self.tokens))
+            if self._step_hidden is not None:  # for the output layer to learn from the player's token here
+                self.dynamic.remember(len(self.tokens), logits, self._step_hidden)
                 self._step_hidden = None
             logits = mix_logits(logits, self.cache, self.adapt, self.state, self.cache_weight, len(self.tokens))
         if self.constraints.active:
@@ -319,8 +321,8 @@ class Engine:
 
     @torch.inference_mode()
     def next_logits(self) -> torch.Tensor:
-        """Float32 logits (vocab,) for the next token, on the engine's device (sampling reads back only the id):
-        the model's own; `played_logits` adds what the session taught it."""
+        """Float32 logits (vocab,) for the next token, on the engine's device (sampling reads back only the id),
+        with the output layer the session taught it while adaptation is on (dynamic.py)."""
         if not self.tokens:
             raise ValueError("the engine needs at least one token before it can sample")
         logits = self._model_logits()
@@ -382,6 +384,11 @@ class Engine:
         if self.cache_weight.deferred:
             self.cache_weight.judge_from_rows(self._rows_output, anchor, end, self.adapt, *self._learner())
         return end
+
+    def _choose_output(self) -> None:
+        """The output projection: the session's learnt copy while adaptation is on, else the model's."""
+        if self.dynamic is not None:
+            self.head.weight = self.dynamic.weight if self.adapt else self.head.embedding
 
     def _rows_output(self, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits of kept rows first..end and their hidden states (adapt.CacheWeight.judge_from_rows)."""

@@ -131,7 +131,8 @@ class OneRowStep:
         """What a captured graph depends on besides the device scalars: the window's size and the
         addresses of the buffers it reads and writes (a larger window reallocates the stack)."""
         engine, stack = self.engine, self.engine.stack
-        return (engine.latents.max, stack.size, stack.keys[0].data_ptr(), engine.keys.data_ptr())
+        weight = engine.head.weight.data_ptr()  # the model's output projection, or the session's learnt one
+        return (engine.latents.max, stack.size, stack.keys[0].data_ptr(), engine.keys.data_ptr(), weight)
 
     def _capture(self, key: tuple) -> None:
         """Capture `compute` as a CUDA graph. The warm-up runs write the new row's kept keys and

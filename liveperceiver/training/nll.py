@@ -104,9 +104,10 @@ def stream_token_nll(
 
     Every token is predicted from all the tokens before it in its piece, its latents those of the
     latent window `num_latents` (N or MIN:MAX, inference/window.py; at most the model's
-    max_latents). The model alone is the engine's logits; the system is what `play` samples from at
-    temperature 1 (Engine.played_logits): the engine's session cache mixed in at the weight it learns up to
-    `adapt`, and its experts (adapt.mix_logits), then `constraints` (sampling.constraint_mask: the guards and the key,
+    max_latents). The model alone is the engine's logits by the model's own output projection; the
+    system is what `play` samples from at temperature 1 (Engine.played_logits): the output layer the
+    session taught it (dynamic.py), the engine's session cache mixed in at the weight it learns up
+    to `adapt`, and its experts (adapt.mix_logits), then `constraints` (sampling.constraint_mask: the guards and the key,
     dynamics and density follows; the orphan guard in the tokenizer's language,
     `repeated_note_offs`), every token counted as the player's. Top-k and top-p are not applied:
     they give some true tokens probability 0. The engine runs on `device`."""
@@ -131,7 +132,8 @@ def stream_token_nll(
             engine.append(piece[:1])
             for target in piece[1 : 1 + count - index]:
                 logits = engine.next_logits().float()
-                alone[index] = -float(torch.log_softmax(logits, -1)[target])
+                own = engine.head.model_logits()[-1].float() if engine.dynamic is not None and adapt else logits
+                alone[index] = -float(torch.log_softmax(own, -1)[target])
                 if adapt or constraints.active:
                     played = engine.played_logits(logits.clone(), temperature=1.0)
                     system[index] = -float(torch.log_softmax(played, -1)[target])
