@@ -97,3 +97,37 @@ def test_learning_the_output_layer_lowers_the_nll_of_a_real_piece(tiny_model, ch
     assert learning[300:].mean() < still[300:].mean()
     with pytest.raises(AssertionError):
         np.testing.assert_allclose(learning, still, atol=1e-3)
+
+
+def test_waiting_updates_fold_in_unchanged_and_adapt_zero_is_the_model_alone(tiny_model, chorale_tokens):
+    """On the CPU the last updates wait as rank-one terms: folding them into the copy (as the idle
+    engine does) leaves the logits as they were; a rollback of waiting ones is exact. With
+    adaptation off the engine projects by the model's own embedding; turned on again, by what it
+    learnt."""
+    engine = Engine(tiny_model, num_latents="4:8", device="cpu", adapt=1.0)
+    engine.append(chorale_tokens[:1])
+    for target in chorale_tokens[1:40]:
+        engine.played_logits(engine.next_logits(), temperature=1.0)
+        engine.append([target])
+    assert 0 < engine.dynamic.pending < 39  # some folded in already, some waiting
+    waiting = engine.dynamic.pending
+    learnt = engine.next_logits()
+    hidden = engine.head.hidden[-1]
+    weight = engine.dynamic.weight.clone()
+    engine.truncate(38)  # the last two updates were waiting: dropped exactly
+    assert engine.dynamic.pending == waiting - 2 and torch.equal(engine.dynamic.weight, weight)
+    before = engine.dynamic.logits(hidden)
+    engine.dynamic.flush()  # as the idle engine does
+    assert engine.dynamic.pending == 0 and not torch.equal(engine.dynamic.weight, weight)
+    torch.testing.assert_close(engine.dynamic.logits(hidden), before, atol=1e-5, rtol=0)
+    count = engine.dynamic.learnt
+    engine.append(chorale_tokens[38:40])  # no step predicted these: learnt from the window's rows when idle
+    engine.prepare()
+    assert engine.dynamic.learnt == count + 2 and engine.dynamic.pending == 0
+    learnt = engine.next_logits()
+    engine.configure(adapt=0.0)
+    alone = engine.next_logits()
+    torch.testing.assert_close(alone, engine.head.model_logits()[-1].float(), atol=0, rtol=0)
+    assert (alone - learnt).abs().max() > 1e-3
+    engine.configure(adapt=1.0)
+    assert (engine.next_logits() - learnt).abs().max() < 1e-4

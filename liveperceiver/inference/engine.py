@@ -364,6 +364,8 @@ class Engine:
         is paid in idle time and not when a token is due."""
         if self.tokens and self.exact_tables and self.latents.max > 1:
             self._advance()
+        if self.dynamic is not None:
+            self.dynamic.flush()  # the output layer's waiting updates, folded in while nothing is due
 
     def _advance(self) -> int:
         """The schedule for the next prediction, then the latent rows not run yet; returns the end."""
@@ -388,7 +390,7 @@ class Engine:
     def _choose_output(self) -> None:
         """The output projection: the session's learnt copy while adaptation is on, else the model's."""
         if self.dynamic is not None:
-            self.head.weight = self.dynamic.weight if self.adapt else self.head.embedding
+            self.head.learnt = self.dynamic if self.adapt else None
 
     def _rows_output(self, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits of kept rows first..end and their hidden states (adapt.CacheWeight.judge_from_rows)."""
