@@ -236,7 +236,7 @@ def test_the_system_nll_is_what_play_samples_from(tiny_model, chorale_tokens):
                 model = engine.head.model_logits()[-1].float()  # the model's own projection
                 expected_alone.append(-float(torch.log_softmax(model, -1)[target]))
                 position = len(engine.tokens)  # the weight learns from each token as the engine's does
-                engine.dynamic.remember(position, logits, engine.head.hidden[-1])  # tests/test_dynamic.py
+                engine.dynamic.remember(position, engine.head.hidden[-1])  # tests/test_dynamic.py
                 mixed = mix_logits(logits, engine.cache, 0.7, engine.state, engine.cache_weight, position)
                 constraint_mask(replace(play, repeated_note_offs=True), engine.state, mixed)  # real streams
                 expected_system.append(-float(torch.log_softmax(mixed, -1)[target]))

@@ -1,12 +1,11 @@
 """In-session adaptation: a cache model of the session itself, mixed into the model's distribution.
 
-Why: music repeats itself, and a player's rhythms, voicings and dynamics are in
-the session long before any model could have learnt them. A cache language model (Kuhn and De Mori,
-1990; the continuous cache of Grave, Joulin and Usunier, 2017) estimates the next token from the
-history itself and is mixed with the network's distribution, so the partner picks up what the
-player keeps doing within a few bars, whatever the model was trained on.
+Why: music repeats itself, and a player's rhythms, voicings and dynamics are in the session long
+before any model could have learnt them. A cache language model (Kuhn and De Mori, 1990; Grave,
+Joulin and Usunier, 2017) estimates the next token from the history itself, mixed with the
+network's distribution: the partner picks up what the player keeps doing within a few bars.
 
-The cache is the interpolated Kneser-Ney n-gram of `eval`'s baseline (training.ngram.KneserNey: discount
+The cache is `eval`'s baseline n-gram (training.ngram.KneserNey: interpolated Kneser-Ney, discount
 0.75, continuation counts below the top order, a uniform floor) over the session's own tokens,
 updated token by token over the last WINDOW tokens: a push adds the counts of the n-grams ending at
 the new token and drops those starting where the window left off (O(order) dictionary updates), a
@@ -31,22 +30,19 @@ times WEIGHTS), each judged by the probability its mix gave the player's tokens,
 tokens forgotten (FORGET per token: the last few dozen tokens count). P is linear in w, so the mix
 at the posterior's mean weight is exactly the posterior's average of the candidates' mixes. Why:
 how much the session predicts itself changes from player to player and from passage to passage (a
-repeated figure, then new material), and a fixed weight fits one of them. On three validation sets
-dumped from the live engine (the piano-like set, the rendered-score validation split, the score
-test split) the learnt weight beat every fixed weight on every set (model card "In-session
-adaptation"); the fixed 0.7 it replaced cost the rendered scores 0.22 nats a token more than the
-model alone, the learnt weight gains 0.06 there.
+repeated figure, then new material), and a fixed weight fits one of them. On three sets dumped
+from the live engine (piano-like, rendered-score validation, score test) the learnt weight beat
+every fixed weight (chorale model card, "The learnt weight").
 
-Two session experts then lean one event type each on what the session shows (`session_experts`):
-the next velocity on the player's recent velocities (the decaying histogram that dynamics follow
-keeps, sampling.StreamState), and which sounding note ends next on the order the notes began
-(oldest first; the tokenizer writes simultaneous note-offs in onset order, so right after a
-note-off the next one is almost always the oldest note left). Within its type an expert takes a
-share `adapt * EXPERT_SHARE` of the probability, and the type's total is kept: the experts change
-how loud the next note is and which note ends, never whether a note starts or ends. Why: on real
-piano playing the model, trained on rendered scores, predicts both badly; as `play` runs it the
-piano-like set's note-offs went from 3.80 to 2.38 nats with them, while rendered scores, which the
-model knows, cost about 0.06 nats a token more (piano model card, "Session experts").
+Two session experts lean one event type each on the session (`session_experts`): the next
+velocity on the player's recent velocities (dynamics follow's decaying histogram,
+sampling.StreamState), and which sounding note ends next on the order the notes began (oldest
+first: the tokenizer writes simultaneous note-offs in onset order). Within its type an expert takes
+a share `adapt * EXPERT_SHARE` and the type's total is kept: they change how loud the next note is
+and which note ends, never whether one starts or ends. Why: the model, trained on rendered scores,
+predicts both badly on real playing (piano-like note-offs 3.80 -> 2.38 nats with them; rendered
+scores cost about 0.06 a token more; piano model card, "Session experts"). The model's output
+layer learns the session too, from the same steps (dynamic.py).
 """
 
 from __future__ import annotations
@@ -341,6 +337,10 @@ class CacheWeight:
         self._steps[position] = (probs, a, b)
         if len(self._steps) > STEPS_KEPT:  # a long answer: the oldest step is far behind what plays
             del self._steps[next(iter(self._steps))]
+
+    def predicted(self, position: int):
+        """The model's probabilities at the step that predicted `position` (None if none did)."""
+        return self._steps.get(position, (None,))[0]
 
     def observe(self, position: int, token: int, adapt: float) -> bool:
         """The player's `token` came at `position`: judge the candidates by it if a step predicted it

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
 import torch
 
 from liveperceiver.core.model import output_logits
@@ -79,9 +80,8 @@ class DynamicOutput:
     """The session's copy of the output projection (`weight`, float32: the model's tied embedding
     plus the learnt correction; see the module's docstring), on the engine's device.
 
-    Like adapt.CacheWeight: a step's logits (with the correction so far) and hidden state are
-    remembered (`remember`), and the player's token that comes at that position teaches it
-    (`observe`); a token no step predicted is taught from the latent window's rows later (`learn`,
+    Like adapt.CacheWeight: a step's hidden state is remembered (`remember`), and the player's token
+    that comes at that position teaches it (`observe`, with the probabilities CacheWeight kept); a token no step predicted is taught from the latent window's rows later (`learn`,
     called by CacheWeight.judge_from_rows). A rollback undoes the steps of the tokens it drops
     (`truncate`). On the CPU the last updates wait as rank-one terms (`_errors`, `_hiddens`: the
     scaled error and the hidden state, `pending` of them) until `flush` folds them in; elsewhere each
@@ -98,8 +98,9 @@ class DynamicOutput:
         vocab_size, channels = embedding.shape
         self._errors = torch.zeros(PENDING, vocab_size)
         self._hiddens = torch.zeros(PENDING, channels)
+        self._errors_np, self._hiddens_np = self._errors.numpy(), self._hiddens.numpy()  # the same memory
         self.pending = 0
-        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (logits, hidden)
+        self._steps: dict[int, torch.Tensor] = {}  # position -> the hidden state of the step there
         self._history: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=HISTORY)
         self.learnt = 0  # tokens learnt from
 
@@ -128,41 +129,42 @@ class DynamicOutput:
         """Float32 logits (vocab,) of one hidden state (channels,)."""
         return self.project(hidden[None])[0].float()
 
-    def remember(self, position: int, logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        """The step predicting stream `position`: its `logits` (with the correction) and `hidden`,
-        for the player's token that may come there."""
-        self._steps[position] = (logits.float().clone(), hidden)  # the caller may mask its logits in place
+    def remember(self, position: int, hidden: torch.Tensor) -> None:
+        """The step predicting stream `position` had `hidden` (its logits with the correction so far
+        are the model's probabilities adapt.CacheWeight keeps for the same step)."""
+        self._steps[position] = hidden
         if len(self._steps) > STEPS_KEPT:  # a long answer: the oldest step is far behind what plays
             del self._steps[next(iter(self._steps))]
 
-    def observe(self, position: int, token: int, rate: float) -> bool:
-        """The player's `token` came at `position`: learn from it if a step predicted it there. Every
-        step remembered is dropped (as CacheWeight.observe). False when no step predicted it."""
-        step = self._steps.get(position)
+    def observe(self, position: int, token: int, rate: float, probs) -> bool:
+        """The player's `token` came at `position`: learn from it if a step predicted it there, with
+        the distribution `probs` that step had (adapt.CacheWeight.predicted; numpy or a tensor).
+        Every step remembered is dropped (as CacheWeight.observe). False when no step predicted it."""
+        hidden = self._steps.get(position)
         self._steps.clear()
         if not rate:
             return True
-        if step is None:
+        if hidden is None or probs is None:
             return False
-        logits, hidden = step
-        self.learn(position, torch.softmax(logits, -1), hidden, token, rate)
+        self.learn(position, probs, hidden, token, rate)
         return True
 
-    def learn(self, position: int, probs: torch.Tensor, hidden: torch.Tensor, token: int, rate: float) -> None:
+    def learn(self, position: int, probs, hidden: torch.Tensor, token: int, rate: float) -> None:
         """One step on the player's `token` at `position`, from the distribution `probs` the model had
-        there (with the correction) and the hidden state it came from."""
-        h = hidden.detach().float()
-        if self.on_cpu:
-            error = probs.float().numpy().copy()  # numpy: torch's calls on 389 numbers cost more than the work
+        there (with the correction; numpy or a tensor) and the hidden state it came from."""
+        if self.on_cpu:  # numpy: torch's calls on a few hundred numbers cost more than their work
+            h = hidden.detach().float().numpy()
+            error = np.array(probs.numpy() if isinstance(probs, torch.Tensor) else probs, dtype=np.float32)
             error[token] -= 1.0
             error *= -rate / float(h.dot(h))
-            error = torch.from_numpy(error)
             if self.pending == PENDING:
                 self.flush()
-            self._errors[self.pending] = error
-            self._hiddens[self.pending] = h
+            self._errors_np[self.pending] = error
+            self._hiddens_np[self.pending] = h
             self.pending += 1
+            error, h = torch.from_numpy(error), torch.from_numpy(h)
         else:
+            h = hidden.detach().float()
             error = probs.float().clone()
             error[token] -= 1.0
             error *= -rate / h.dot(h)  # a device scalar: no read back

@@ -242,9 +242,10 @@ class Engine:
             if self.cache is not None:
                 if judged and not flag:  # the player's token: how well each weight of the cache would have predicted it
                     position = len(self.tokens)
-                    observed = self.cache_weight.observe(position, token, self.adapt)
                     if self.dynamic is not None:  # and the output layer learns from it (at the same steps)
-                        self.dynamic.observe(position, token, self.adapt * DYNAMIC_RATE)
+                        probs = self.cache_weight.predicted(position)
+                        self.dynamic.observe(position, token, self.adapt * DYNAMIC_RATE, probs)
+                    observed = self.cache_weight.observe(position, token, self.adapt)
                     if not observed and self.keeps_rows():
                         self.cache_weight.deferred.append((position, token, *self.cache.token_terms(token)))
                 self.cache.push(token, sampled=bool(flag))
@@ -302,7 +303,7 @@ class Engine:
         temperature 1 (training/nll.py), so what it scores is what `play` plays."""
         if self.adapt:
             if self._step_hidden is not None:  # for the output layer to learn from the player's token here
-                self.dynamic.remember(len(self.tokens), logits, self._step_hidden)
+                self.dynamic.remember(len(self.tokens), self._step_hidden)
                 self._step_hidden = None
             logits = mix_logits(logits, self.cache, self.adapt, self.state, self.cache_weight, len(self.tokens))
         if self.constraints.active:

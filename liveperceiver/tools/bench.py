@@ -361,9 +361,9 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
                 times.append((now() - start) * 1000)
             engine.truncate(len(engine) - run)
         start = time.perf_counter()  # the cache takes the token, the weight is judged and the output layer taught by it
-        engine.cache_weight.observe(len(engine), token, 1.0)
         if engine.dynamic is not None:
-            engine.dynamic.observe(len(engine), token, DYNAMIC_RATE)
+            engine.dynamic.observe(len(engine), token, DYNAMIC_RATE, engine.cache_weight.predicted(len(engine)))
+        engine.cache_weight.observe(len(engine), token, 1.0)
         engine.cache.push(token)
         pushes.append((time.perf_counter() - start) * 1000)
         engine.cache.truncate(len(engine.cache) - 1)
