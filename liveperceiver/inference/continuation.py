@@ -71,8 +71,9 @@ def handover_flags(prompt: list[int]) -> list[int]:
 def append_as_played(engine: Engine, tokens: Sequence[int], sampled: Sequence[int] | None = None) -> None:
     """`engine.append`, one token at a time with the window's rows run after each (`prepare`), as a
     live session's engine runs them between the player's events: an offline continuation so judges
-    the session cache's weight by every prompt token, as `play` would have (appended at once, only
-    the tokens in the first step's window would be). Without kept rows: `append`."""
+    the session cache's weight and teaches the output layer (dynamic.py) by every prompt token, as
+    `play` would have (appended at once, only the tokens in the first step's window would be).
+    Without kept rows: `append`."""
     if not engine.keeps_rows():
         engine.append(tokens, sampled)
         return
