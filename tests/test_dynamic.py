@@ -131,3 +131,14 @@ def test_waiting_updates_fold_in_unchanged_and_adapt_zero_is_the_model_alone(tin
     assert (alone - learnt).abs().max() > 1e-3
     engine.configure(adapt=1.0)
     assert (engine.next_logits() - learnt).abs().max() < 1e-4
+
+
+def test_an_engine_built_in_inference_mode_learns_outside_it(tiny_model, chorale_tokens):
+    with torch.inference_mode():
+        engine = Engine(tiny_model, num_latents="4:8", device="cpu", adapt=1.0)
+    engine.append(chorale_tokens[:1])
+    for target in chorale_tokens[1:40]:  # more than the updates that wait: some are folded in
+        engine.played_logits(engine.next_logits(), temperature=1.0)
+        engine.append([target])
+    engine.truncate(10)  # undoes folded updates in place
+    assert engine.dynamic.learnt == 9

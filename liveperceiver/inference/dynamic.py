@@ -92,12 +92,15 @@ class DynamicOutput:
     def __init__(self, head: OutputHead) -> None:
         self.head = head
         embedding = head.embedding
-        # the same layout as the embedding (the engine stores it for a fast projection)
-        self.weight = embedding.float().clone(memory_format=torch.preserve_format)
-        self.on_cpu = self.weight.device.type == "cpu"
         vocab_size, channels = embedding.shape
-        self._errors = torch.zeros(PENDING, vocab_size)
-        self._hiddens = torch.zeros(PENDING, channels)
+        # normal tensors even when the engine is built in inference mode: append and truncate,
+        # which may run outside it, update them in place
+        with torch.inference_mode(False):
+            # the same layout as the embedding (the engine stores it for a fast projection)
+            self.weight = embedding.float().clone(memory_format=torch.preserve_format)
+            self._errors = torch.zeros(PENDING, vocab_size)
+            self._hiddens = torch.zeros(PENDING, channels)
+        self.on_cpu = self.weight.device.type == "cpu"
         self._errors_np, self._hiddens_np = self._errors.numpy(), self._hiddens.numpy()  # the same memory
         self.pending = 0
         self._steps: dict[int, torch.Tensor] = {}  # position -> the hidden state of the step there
