@@ -235,9 +235,9 @@ def test_the_system_nll_is_what_play_samples_from(tiny_model, chorale_tokens):
                 logits = engine.next_logits().float()  # with the output layer the session taught it
                 model = engine.head.model_logits()[-1].float()  # the model's own projection
                 expected_alone.append(-float(torch.log_softmax(model, -1)[target]))
-                position = len(engine.tokens)  # the weight learns from each token as the engine's does
-                engine.dynamic.remember(position, engine.head.hidden[-1])  # tests/test_dynamic.py
-                mixed = mix_logits(logits, engine.cache, 0.7, engine.state, engine.cache_weight, position)
+                position = len(engine.tokens)  # the weight and the output layer learn as the engine's do
+                hidden = engine.head.hidden[-1]  # tests/test_dynamic.py
+                mixed = mix_logits(logits, engine.cache, 0.7, engine.state, engine.cache_weight, position, hidden)
                 constraint_mask(replace(play, repeated_note_offs=True), engine.state, mixed)  # real streams
                 expected_system.append(-float(torch.log_softmax(mixed, -1)[target]))
                 engine.append([target])

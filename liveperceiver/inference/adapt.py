@@ -39,10 +39,8 @@ velocity on the player's recent velocities (dynamics follow's decaying histogram
 sampling.StreamState), and which sounding note ends next on the order the notes began (oldest
 first: the tokenizer writes simultaneous note-offs in onset order). Within its type an expert takes
 a share `adapt * EXPERT_SHARE` and the type's total is kept: they change how loud the next note is
-and which note ends, never whether one starts or ends. Why: the model, trained on rendered scores,
-predicts both badly on real playing (piano-like note-offs 3.80 -> 2.38 nats with them; rendered
-scores cost about 0.06 a token more; piano model card, "Session experts"). The model's output
-layer learns the session too, from the same steps (dynamic.py).
+and which note ends, never whether one starts or ends. Why: the model predicts both badly on real
+playing (piano model card, "Session experts"). The output layer learns at the same steps (dynamic.py).
 """
 
 from __future__ import annotations
@@ -300,21 +298,20 @@ def mixed_probability(p_model: np.ndarray, a: np.ndarray, b: np.ndarray, weight)
 class CacheWeight:
     """The cache's weight in the mix, learnt in the session: a posterior over the candidate weights
     `adapt` x WEIGHTS, each scored by the probability its mix gave the player's tokens, older tokens
-    forgotten by FORGET per token (see the module's docstring). It starts uniform; where the cache
-    has nothing to say (b = 1, a = 0) only the forgetting moves it (toward uniform).
+    forgotten by FORGET per token (module docstring). It starts uniform; where the cache has
+    nothing to say (b = 1, a = 0) only the forgetting moves it (toward uniform).
 
     In `eval` every token is the player's and each is judged at the step that predicted it
     (`remember`, `observe`). In `play` the player's tokens mostly come where no step predicted them
     (while the engine waits, or after the first token of an entry into look-ahead): the engine judges
-    those from its latent window's rows once it has run them (`judge_from_rows`; with one
-    latent no rows are kept and only the tokens a step predicted are judged). The model's own tokens
-    are never judged (they were drawn from the mix itself); each ages the verdict as a token passing
-    would (`fade`), so a long answer drifts back to the prior's mean weight.
+    those from its latent window's rows once it has run them (`judge_from_rows`; one latent keeps no
+    rows). The model's own tokens are never judged (drawn from the mix itself); each ages the
+    verdict as a token passing would (`fade`): a long answer drifts back to the prior's mean.
 
     Threads: owned by the engine's thread (Engine keeps it in step with its stream)."""
 
     def __init__(self) -> None:
-        self._steps: dict[int, tuple] = {}  # position -> (model probabilities, a, b) of the step there
+        self._steps: dict[int, tuple] = {}  # position -> (model probabilities, a, b, hidden) of the step there
         # the player's tokens no step predicted, to be judged from the engine's latent rows once they
         # are run (`judge_from_rows`): (position, token, the cache's a and b for it there); the oldest
         # leave at HISTORY (only the last window's can still get a row)
@@ -331,16 +328,18 @@ class CacheWeight:
         self._log_posterior = [0.0] * len(WEIGHTS)
         self.fraction = PRIOR_FRACTION  # the posterior's mean weight, as a fraction of `adapt`
 
-    def remember(self, position: int, probs, a: np.ndarray, b: float) -> None:
-        """The step at stream `position`: the model's probabilities (numpy, or a tensor on the
-        device: read back only at one token when a player's token is judged) and the cache's terms."""
-        self._steps[position] = (probs, a, b)
+    def remember(self, position: int, probs, a: np.ndarray, b: float, hidden: torch.Tensor | None = None) -> None:
+        """The step at stream `position`: the model's probabilities (numpy, or a device tensor read
+        back at one token when a player's token is judged), the cache's terms, the logits' hidden state
+        (dynamic.DynamicOutput learns at the same steps)."""
+        self._steps[position] = (probs, a, b, hidden)
         if len(self._steps) > STEPS_KEPT:  # a long answer: the oldest step is far behind what plays
             del self._steps[next(iter(self._steps))]
 
-    def predicted(self, position: int):
-        """The model's probabilities at the step that predicted `position` (None if none did)."""
-        return self._steps.get(position, (None,))[0]
+    def predicted(self, position: int) -> tuple:
+        """(the model's probabilities, the hidden state) of the step that predicted `position`, or Nones."""
+        probs, _, _, hidden = self._steps.get(position, (None, None, None, None))
+        return probs, hidden
 
     def observe(self, position: int, token: int, adapt: float) -> bool:
         """The player's `token` came at `position`: judge the candidates by it if a step predicted it
@@ -353,7 +352,7 @@ class CacheWeight:
             return True  # nothing to judge
         if step is None:
             return False
-        probs, a, b = step
+        probs, a, b, _ = step
         self.judge(position, float(probs[token]), float(a[token]), b, adapt)
         return True
 
@@ -493,13 +492,14 @@ def mix_logits(
     state: StreamState | None = None,
     weight: CacheWeight | None = None,
     position: int | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mix as logits (log-probabilities) of the same shape, device and dtype: the cache with the
     model as its floor, mixed with the model at `adapt` times the learnt fraction of `weight` (the
     prior's mean without one), then the session experts of `state` at `adapt * EXPERT_SHARE` (see
     the module's docstring). Where neither the cache nor an expert has anything to go on, `logits`
-    themselves. With `weight` and the stream `position` predicted, the step is remembered there for
-    judging the player's token that comes at it (CacheWeight.remember).
+    themselves. With `weight` and the stream `position` predicted, the step (and the logits' `hidden`
+    state) is remembered there for the player's token that comes at it (CacheWeight.remember).
 
     Both are taken at temperature 1, where each is an estimate of the next token's probability and
     the mix is the one `eval` scores; the sampling temperature, key follow and the masks then act on
@@ -523,7 +523,7 @@ def mix_logits(
         # torch's log: a token the model gives exactly 0 and the cache nothing is -inf, without numpy's warning
         mixed = torch.from_numpy(mixed).log_().to(dtype=logits.dtype)
     if weight is not None and position is not None:
-        weight.remember(position, probs, a, b)
+        weight.remember(position, probs, a, b, hidden)
     return mixed
 
 

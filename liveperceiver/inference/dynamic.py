@@ -21,9 +21,9 @@ as rank-one terms added to the logits of the steps after them (a few dot product
 into the copy together, in one matrix product, or when the engine is idle (`Engine.prepare`).
 
 Chosen offline on the live engine's hidden states (16:32 window, the learnt cache mixed in, experts
-and follows off; piano model card, "Dynamic output"): the piano-like set 3.521 -> 3.371 nats/token
-(rate 0.5; 0.3: 3.386, 1.0: 3.386), the rendered validation split 1.629 -> 1.60, the score test
-split 0.505 -> 0.507. Any decay of the correction toward 0 cost more than it saved (0.999 per
+and follows off; piano model card, "The output layer learns the session"): the piano-like set
+3.521 -> 3.371 nats/token (rate 0.5; 0.3: 3.385, 1.0: 3.386), the rendered validation split 1.629
+-> 1.594, the score test split 0.505 -> 0.507. Any decay of the correction toward 0 cost more than it saved (0.999 per
 token: 3.465 on the piano-like set). Only the player's tokens teach it: for a token the model drew
 from p itself the step's expectation is zero, so its own tokens would add noise only.
 
@@ -41,7 +41,6 @@ from liveperceiver.core.model import output_logits
 
 RATE = 0.5  # the normalised step at play's adapt 1 (adapt x RATE): chosen on the piano-like set
 HISTORY = 512  # learning steps a rollback can undo (live rollbacks reach back a few dozen tokens)
-STEPS_KEPT = 512  # steps remembered for a player's token to come (more than any look-ahead samples)
 PENDING = 16  # CPU: updates kept as rank-one terms before they are folded into the copy at once
 
 
@@ -80,8 +79,9 @@ class DynamicOutput:
     """The session's copy of the output projection (`weight`, float32: the model's tied embedding
     plus the learnt correction; see the module's docstring), on the engine's device.
 
-    Like adapt.CacheWeight: a step's hidden state is remembered (`remember`), and the player's token
-    that comes at that position teaches it (`observe`, with the probabilities CacheWeight kept); a token no step predicted is taught from the latent window's rows later (`learn`,
+    It learns at the steps adapt.CacheWeight judges at: the player's token that comes where a step
+    predicted it teaches it from that step's probabilities and hidden state, which CacheWeight keeps
+    (`observe`); a token no step predicted is taught from the latent window's rows later (`learn`,
     called by CacheWeight.judge_from_rows). A rollback undoes the steps of the tokens it drops
     (`truncate`). On the CPU the last updates wait as rank-one terms (`_errors`, `_hiddens`: the
     scaled error and the hidden state, `pending` of them) until `flush` folds them in; elsewhere each
@@ -103,20 +103,18 @@ class DynamicOutput:
         self.on_cpu = self.weight.device.type == "cpu"
         self._errors_np, self._hiddens_np = self._errors.numpy(), self._hiddens.numpy()  # the same memory
         self.pending = 0
-        self._steps: dict[int, torch.Tensor] = {}  # position -> the hidden state of the step there
         self._history: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=HISTORY)
         self.learnt = 0  # tokens learnt from
 
     @property
     def delta(self) -> torch.Tensor:
-        """The learnt correction (vocab, channels), pending updates included."""
-        self.flush()
-        return self.weight - self.head.embedding.float()
+        """The learnt correction (vocab, channels), waiting updates included."""
+        count = self.pending
+        return self.weight - self.head.embedding.float() + self._errors[:count].T @ self._hiddens[:count]
 
     def reset(self) -> None:
         self.weight.copy_(self.head.embedding)
         self.pending = 0
-        self._steps.clear()
         self._history.clear()
         self.learnt = 0
 
@@ -132,25 +130,13 @@ class DynamicOutput:
         """Float32 logits (vocab,) of one hidden state (channels,)."""
         return self.project(hidden[None])[0].float()
 
-    def remember(self, position: int, hidden: torch.Tensor) -> None:
-        """The step predicting stream `position` had `hidden` (its logits with the correction so far
-        are the model's probabilities adapt.CacheWeight keeps for the same step)."""
-        self._steps[position] = hidden
-        if len(self._steps) > STEPS_KEPT:  # a long answer: the oldest step is far behind what plays
-            del self._steps[next(iter(self._steps))]
-
-    def observe(self, position: int, token: int, rate: float, probs) -> bool:
-        """The player's `token` came at `position`: learn from it if a step predicted it there, with
-        the distribution `probs` that step had (adapt.CacheWeight.predicted; numpy or a tensor).
-        Every step remembered is dropped (as CacheWeight.observe). False when no step predicted it."""
-        hidden = self._steps.get(position)
-        self._steps.clear()
-        if not rate:
-            return True
-        if hidden is None or probs is None:
-            return False
-        self.learn(position, probs, hidden, token, rate)
-        return True
+    def observe(self, position: int, token: int, rate: float, step: tuple) -> None:
+        """The player's `token` came at `position`: learn from it if a step predicted it there.
+        `step`: (the distribution it had, numpy or a tensor; its hidden state), or Nones
+        (adapt.CacheWeight.predicted)."""
+        probs, hidden = step
+        if rate and probs is not None and hidden is not None:
+            self.learn(position, probs, hidden, token, rate)
 
     def learn(self, position: int, probs, hidden: torch.Tensor, token: int, rate: float) -> None:
         """One step on the player's `token` at `position`, from the distribution `probs` the model had
@@ -184,13 +170,10 @@ class DynamicOutput:
 
     def truncate(self, length: int) -> None:
         """A rollback to `length` tokens: the steps learnt from tokens at `length` or later are undone
-        (a waiting one exactly, a folded one within float32 rounding), the remembered steps beyond
-        `length` dropped."""
+        (a waiting one exactly, a folded one within float32 rounding)."""
         if length == 0:
             self.reset()
             return
-        for stale in [p for p in self._steps if p > length]:
-            del self._steps[stale]
         while self._history and self._history[-1][0] >= length:
             _, error, h = self._history.pop()
             if self.pending:  # the newest updates are the waiting ones

@@ -242,9 +242,10 @@ class Engine:
             if self.cache is not None:
                 if judged and not flag:  # the player's token: how well each weight of the cache would have predicted it
                     position = len(self.tokens)
-                    if self.dynamic is not None:  # and the output layer learns from it (at the same steps)
-                        probs = self.cache_weight.predicted(position)
-                        self.dynamic.observe(position, token, self.adapt * DYNAMIC_RATE, probs)
+                    if self.dynamic is not None:  # and the output layer learns from it (at the same step)
+                        self.dynamic.observe(
+                            position, token, self.adapt * DYNAMIC_RATE, self.cache_weight.predicted(position)
+                        )
                     observed = self.cache_weight.observe(position, token, self.adapt)
                     if not observed and self.keeps_rows():
                         self.cache_weight.deferred.append((position, token, *self.cache.token_terms(token)))
@@ -301,11 +302,9 @@ class Engine:
         mixed in at temperature 1, before everything else (adapt.mix_logits), then the constraints at
         the sampling `temperature` (in place where nothing was mixed). eval's `nll` scores these at
         temperature 1 (training/nll.py), so what it scores is what `play` plays."""
-        if self.adapt:
-            if self._step_hidden is not None:  # for the output layer to learn from the player's token here
-                self.dynamic.remember(len(self.tokens), self._step_hidden)
-                self._step_hidden = None
-            logits = mix_logits(logits, self.cache, self.adapt, self.state, self.cache_weight, len(self.tokens))
+        if self.adapt:  # the step's hidden state kept with it, for the output layer to learn from the player's token
+            position, hidden, self._step_hidden = len(self.tokens), self._step_hidden, None
+            logits = mix_logits(logits, self.cache, self.adapt, self.state, self.cache_weight, position, hidden)
         if self.constraints.active:
             constraint_mask(self.constraints, self.state, logits, temperature)
         return logits

@@ -68,7 +68,8 @@ def adapted_nll(nll: np.ndarray, pieces: list[list[int]], adapt: float) -> np.nd
     """Per-target NLL with in-session adaptation, as `play` mixes it (adapt.py): each piece is a
     session, its own past feeds a fresh cache token by token, and the cache is mixed with the
     model's probability of each target (`nll`, from `model_nll`: the same targets in the same order)
-    at the weight the session has learnt so far (adapt.CacheWeight), every token the player's."""
+    at the weight the session has learnt so far (adapt.CacheWeight), every token the player's. The
+    session cache only: the experts and the output layer's learning (dynamic.py) are not in it."""
     if not adapt:
         return nll
     targets = sum(len(piece) - 1 for piece in pieces)
