@@ -308,7 +308,7 @@ SOFT_CHORD = [vocab.velocity_token(40), vocab.note_on(60), vocab.note_on(64), vo
 
 
 def test_session_experts_follow_the_players_velocities_and_end_the_oldest_note_first():
-    from liveperceiver.inference.adapt import OLDER_FIRST, OLDER_FIRST_AFTER_OFF, session_experts
+    from liveperceiver.inference.experts import OLDER_FIRST, OLDER_FIRST_AFTER_OFF, session_experts
 
     assert session_experts(player_state([vocab.TIME_SHIFT + 10])) == []  # nothing played: nothing to say
     experts = experts_by_type(session_experts(player_state(SOFT_CHORD * 4)))  # the chord struck four times
@@ -332,7 +332,7 @@ def test_session_experts_follow_the_players_velocities_and_end_the_oldest_note_f
 def test_in_play_the_note_off_expert_leans_on_the_models_own_notes():
     """A note the player holds is theirs to end: while the model's own notes sound, the expert
     spreads over those only (oldest first); with none of its own, over the player's."""
-    from liveperceiver.inference.adapt import session_experts
+    from liveperceiver.inference.experts import session_experts
 
     state = player_state([vocab.velocity_token(60), vocab.note_on(48), vocab.TIME_SHIFT + 20])
     alone = experts_by_type(session_experts(state))[vocab.NOTE_OFF]
@@ -351,6 +351,33 @@ def test_in_play_the_note_off_expert_leans_on_the_models_own_notes():
     others = [t for t in range(vocab.NOTE_OFF, vocab.TIME_SHIFT) if t not in mine]
     torch.testing.assert_close(leaned[others], plain[others])
     assert float(leaned[mine[0]] / leaned[mine[1]]) > float(plain[mine[0]] / plain[mine[1]])  # the older first
+
+
+def test_the_experts_made_before_are_the_experts_made_afresh(chorale_tokens):
+    """session_experts keeps each expert while its input is unchanged (most steps): through a stream
+    of the player's and the model's tokens, with rollbacks, it always equals a fresh state's."""
+    from liveperceiver.inference.experts import session_experts
+    from liveperceiver.inference.sampling import StreamState
+
+    tokens = chorale_tokens[:700]
+    flags = bytearray(int(index % 50 > 30) for index in range(len(tokens)))  # the model's turns
+    state, made = StreamState(), 0
+    for index, (token, flag) in enumerate(zip(tokens, flags, strict=True)):
+        state.push(token, sampled=bool(flag))
+        if index % 97 == 96:  # a rollback of 12 tokens, played again
+            state.rewind(tokens, flags, index - 11)
+            for back in range(index - 11, index + 1):
+                state.push(tokens[back], sampled=bool(flags[back]))
+        fresh = StreamState()
+        for back in range(index + 1):
+            fresh.push(tokens[back], sampled=bool(flags[back]))
+        kept, afresh = session_experts(state), session_experts(fresh)
+        assert len(kept) == len(afresh)
+        for (first, expert, members), (first2, expert2, members2) in zip(kept, afresh, strict=True):
+            assert first == first2 and np.array_equal(expert, expert2)
+            assert (members is None) == (members2 is None) and (members is None or np.array_equal(members, members2))
+        made += len(kept)
+    assert made > 600 and len(state.experts) == 2  # both experts spoke, and were kept
 
 
 def near_bin_10(probs: torch.Tensor) -> float:

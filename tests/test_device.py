@@ -18,16 +18,15 @@ import torch
 
 from liveperceiver.core import vocab
 from liveperceiver.inference.adapt import (
-    EXPERT_SHARE,
     PRIOR_FRACTION,
     CacheWeight,
     SessionCache,
     mix_logits,
     mix_on_device,
     practice_stream,
-    session_experts,
 )
 from liveperceiver.inference.engine import Engine
+from liveperceiver.inference.experts import EXPERT_SHARE, session_experts
 from liveperceiver.inference.sampling import (
     Constraints,
     SamplingSettings,

@@ -34,13 +34,8 @@ repeated figure, then new material), and a fixed weight fits one of them. On thr
 from the live engine (piano-like, rendered-score validation, score test) the learnt weight beat
 every fixed weight (chorale model card, "The learnt weight").
 
-Two session experts lean one event type each on the session (`session_experts`): the next
-velocity on the player's recent velocities (dynamics follow's decaying histogram,
-sampling.StreamState), and which sounding note ends next on the order the notes began (oldest
-first: the tokenizer writes simultaneous note-offs in onset order). Within its type an expert takes
-a share `adapt * EXPERT_SHARE` and the type's total is kept: they change how loud the next note is
-and which note ends, never whether one starts or ends. Why: the model predicts both badly on real
-playing (piano model card, "Session experts"). The output layer learns at the same steps (dynamic.py).
+The session experts (experts.py) lean the next velocity and which note ends on the session.
+The output layer learns at the same steps (dynamic.py).
 """
 
 from __future__ import annotations
@@ -54,7 +49,8 @@ import torch
 
 from liveperceiver.core import vocab
 from liveperceiver.inference.dynamic import DynamicOutput
-from liveperceiver.inference.sampling import VELOCITY_PRIOR, StreamState, host_to_device
+from liveperceiver.inference.experts import EXPERT_SHARE, Expert, lean_on_experts, session_experts
+from liveperceiver.inference.sampling import StreamState, host_to_device
 
 UNIT = 8  # one occurrence of an n-gram, in count units (own tokens may count 0..UNIT units)
 ORDER = 12  # validation: 4 to 16 all help performances alike; longer orders keep helping scores (repeats)
@@ -69,13 +65,6 @@ FORGET = 0.95  # per observed token: a token 14 tokens back counts half
 HISTORY = 4096  # judgements a rollback can undo (live rollbacks reach back a few dozen tokens)
 STEPS_KEPT = 512  # steps remembered for judging a player's token (more than any look-ahead samples)
 SIZE = vocab.PAD  # the cache predicts real events only (ids 0..387); pad never occurs in a stream
-# Session experts (chosen on the piano-like set, two folds of its pieces agreeing: a weight of 0.7 for
-# each on one half scored best on the other; 0.49 keeps most of the gain and halves the cost on scores)
-EXPERT_SHARE = 0.49  # an expert's share of its event type: adapt * EXPERT_SHARE (0.49 at play's adapt 1)
-OLDER_FIRST = 0.7  # when a note ends: each sounding note's weight against the next older one's
-OLDER_FIRST_AFTER_OFF = 0.1  # the same right after a note-off (simultaneous note-offs come oldest first)
-AGE_WEIGHTS = OLDER_FIRST ** np.arange(128)  # the i-th oldest sounding note's weight
-AGE_WEIGHTS_AFTER_OFF = OLDER_FIRST_AFTER_OFF ** np.arange(128)
 
 
 class SessionCache:
@@ -432,57 +421,6 @@ class CacheWeight:
             restored = self._history.pop()[1]
         if restored is not None:
             self._set(restored)
-
-
-Expert = tuple[int, np.ndarray, "np.ndarray | None"]  # (type's first id, distribution over the type, members)
-
-
-def session_experts(state: StreamState) -> list[Expert]:
-    """The experts with something to say now, each as (its type's first id, a distribution over the
-    type's ids, the ids whose probability it redistributes: a mask, or None for the whole type): the
-    player's recent velocities (StreamState's decaying, spread histogram, with dynamics follow's
-    prior per bin), once they have played one; the notes sounding, by when they began, oldest
-    likeliest to end (OLDER_FIRST, OLDER_FIRST_AFTER_OFF).
-
-    Which notes: the model's own while any sound (in `play` a note the player holds is theirs to
-    end, and the model's note-off for it never sounds, so the expert must not pull toward it), and
-    then over their note-offs only: it changes which of its notes ends, never how often the model
-    ends one of its own (leaning the whole type on them, the note-offs the model gives to pitches
-    not sounding included, ended its notes so early that its answers' polyphony fell from 0.83 to
-    0.57 of the true continuation's, median of the piano-like prompts). Else all sounding notes,
-    over the whole type (in `eval` every token is the player's; chosen there on the piano-like
-    set). The order is when each pitch last joined the open
-    notes (`StreamState.open_notes`): a pitch struck again while it sounds keeps its first place
-    until one of its note-offs comes, then goes last, an approximation of the tokenizer's order for
-    about 1% of real notes."""
-    experts = []
-    if any(state.player_velocities):
-        histogram = np.asarray(state.player_velocities) + VELOCITY_PRIOR
-        experts.append((vocab.VELOCITY, histogram / histogram.sum(), None))
-    sounding = list(state.open_notes)  # pitch -> open note-ons, in the order the pitches began sounding
-    own = [pitch for pitch in sounding if pitch in state.sampled]
-    ending_first = own or sounding
-    if ending_first:
-        after_off = vocab.NOTE_OFF <= state.last_token < vocab.TIME_SHIFT
-        by_age = (AGE_WEIGHTS_AFTER_OFF if after_off else AGE_WEIGHTS)[: len(ending_first)]
-        ending = np.zeros(vocab.TIME_SHIFT - vocab.NOTE_OFF)
-        ending[ending_first] = by_age * (1.0 / by_age.sum())
-        experts.append((vocab.NOTE_OFF, ending, ending > 0 if own else None))
-    return experts
-
-
-def lean_on_experts(probs: np.ndarray, experts: list[Expert], share: float) -> None:
-    """Over each expert's members (session_experts), in place: (1 - share) x `probs` + share x the
-    expert, times the members' total probability, which so stays what it was."""
-    for first, expert, members in experts:
-        group = probs[first : first + len(expert)]
-        if members is None:
-            total = group.sum()
-            group *= 1.0 - share
-        else:
-            total = group[members].sum()
-            group[members] *= 1.0 - share
-        group += (share * total) * expert
 
 
 def mix_logits(

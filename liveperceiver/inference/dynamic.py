@@ -103,7 +103,8 @@ class DynamicOutput:
         self.on_cpu = self.weight.device.type == "cpu"
         self._errors_np, self._hiddens_np = self._errors.numpy(), self._hiddens.numpy()  # the same memory
         self.pending = 0
-        self._history: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=HISTORY)
+        # (position, scaled error, hidden state) of each step: numpy arrays on the CPU, tensors elsewhere
+        self._history: deque[tuple[int, np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]] = deque(maxlen=HISTORY)
         self.learnt = 0  # tokens learnt from
 
     @property
@@ -151,7 +152,6 @@ class DynamicOutput:
             self._errors_np[self.pending] = error
             self._hiddens_np[self.pending] = h
             self.pending += 1
-            error, h = torch.from_numpy(error), torch.from_numpy(h)
         else:
             h = hidden.detach().float()
             error = probs.float().clone()
@@ -179,5 +179,5 @@ class DynamicOutput:
             if self.pending:  # the newest updates are the waiting ones
                 self.pending -= 1
             else:
-                self.weight.addr_(error, h, alpha=-1.0)
+                self.weight.addr_(torch.as_tensor(error), torch.as_tensor(h), alpha=-1.0)
             self.learnt -= 1

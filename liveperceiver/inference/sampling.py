@@ -179,6 +179,7 @@ class StreamState:
         self.model_velocities = [0.0] * vocab.NUM_VELOCITY_BINS
         self.velocity_version = 0  # bumped whenever either velocity histogram changes
         self.last_token = -1  # the stream's latest token (-1: none yet)
+        self.experts: dict[str, tuple] = {}  # experts.session_experts' cache: what each expert was made from, and it
         self.velocity_bias: tuple[tuple, torch.Tensor | None] | None = None  # dynamics_follow_bias's cache
         # note rate per side (0: the player, 1: the model): [decayed intervals, decayed ms, last onset ms or -1]
         self.rates = [[0.0, 0.0, -1], [0.0, 0.0, -1]]
