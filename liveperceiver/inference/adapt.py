@@ -347,8 +347,9 @@ class CacheWeight:
 
     def judge(self, position: int, p_model: float, a_token: float, b: float, adapt: float) -> None:
         """One token's judgement: the model's probability of it, the cache's terms there."""
+        slope = adapt * (mixed_probability(p_model, a_token, b, 1.0) - p_model)  # the mix is linear in its weight
         log_posterior = [
-            FORGET * log_p + math.log(max(mixed_probability(p_model, a_token, b, adapt * candidate), 1e-300))
+            FORGET * log_p + math.log(max(p_model + candidate * slope, 1e-300))
             for log_p, candidate in zip(self._log_posterior, WEIGHTS, strict=True)
         ]
         self._move(position, log_posterior)

@@ -122,9 +122,9 @@ class DynamicOutput:
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of `hidden` (rows, channels) with the correction as it is now."""
         logits = output_logits(hidden.to(self.weight.dtype), None, self.weight, self.head.bias)
-        if self.pending:  # + sum over the waiting updates of (hidden . h_j) e_j
+        if self.pending:  # + sum over the waiting updates of (hidden . h_j) e_j, into the fresh logits
             count = self.pending
-            logits = logits + (hidden.float() @ self._hiddens[:count].T) @ self._errors[:count]
+            logits.addmm_(hidden.float() @ self._hiddens[:count].T, self._errors[:count])
         return logits
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -144,9 +144,9 @@ class DynamicOutput:
         there (with the correction; numpy or a tensor) and the hidden state it came from."""
         if self.on_cpu:  # numpy: torch's calls on a few hundred numbers cost more than their work
             h = hidden.detach().float().numpy()
-            error = np.array(probs.numpy() if isinstance(probs, torch.Tensor) else probs, dtype=np.float32)
-            error[token] -= 1.0
-            error *= -rate / float(h.dot(h))
+            scale = np.float32(rate / float(h.dot(h)))
+            error = np.multiply(probs.numpy() if isinstance(probs, torch.Tensor) else probs, -scale, dtype=np.float32)
+            error[token] += scale
             if self.pending == PENDING:
                 self.flush()
             self._errors_np[self.pending] = error
