@@ -525,3 +525,26 @@ def test_the_models_own_tokens_fade_the_learnt_weight_back_toward_the_prior(tiny
     assert engine.cache_weight.fraction == pytest.approx(PRIOR_FRACTION, abs=0.01)
     engine.truncate(400)
     assert engine.cache_weight.fraction == verdict
+
+
+def test_a_pad_token_in_the_stream_counts_nothing_and_teaches_nothing(tiny_model, chorale_tokens):
+    """Pad is in the vocabulary but no event: an adapting engine takes it in a stream (a token file
+    may hold one) without counting or learning from it, and rolls it back."""
+    tokens = chorale_tokens[:40]
+    engine = Engine(tiny_model, num_latents="4:8", sampling=SamplingSettings(seed=1), device="cpu", adapt=1.0)
+    engine.append(tokens[:30])
+    engine.step()  # a step predicted position 30
+    engine.truncate(30)
+    learnt = engine.dynamic.learnt
+    engine.append([vocab.PAD])  # the player's pad comes there: nothing to learn
+    assert engine.dynamic.learnt == learnt
+    engine.step()
+    engine.truncate(31)
+    engine.append([tokens[30]])  # a real token where a step predicted it teaches
+    assert engine.dynamic.learnt == learnt + 1
+    engine.append(tokens[31:])
+    assert len(engine.sample(8)) == 8
+    counted = {token for record in engine.cache.levels[1].values() for token in record[2]}
+    assert vocab.PAD not in counted and counted  # no n-gram ends at pad
+    engine.truncate(30)
+    assert engine.cache.tokens == tokens[:30] and engine.dynamic.learnt == learnt

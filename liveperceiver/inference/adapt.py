@@ -124,8 +124,13 @@ class SessionCache:
         if length >= self.window:  # the oldest token leaves: the n-grams it starts go with it
             self._starting_at(length - self.window, length, -1)
         self.tokens.append(token)
-        self.units.append(self.own_units if sampled else UNIT)
+        self.units.append(self._units(token, sampled))
         self._ending_at(length, max(0, length + 1 - self.window), 1)
+
+    def _units(self, token: int, sampled: bool) -> int:
+        """How much the n-grams ending at `token` count: the model's own tokens `own_units`; pad,
+        which is not an event (nothing predicts it), nothing."""
+        return 0 if token >= SIZE else self.own_units if sampled else UNIT
 
     def extend(self, tokens, sampled=None) -> None:
         """Push `tokens` (`sampled[i]`: token i was the model's). Into an empty cache only the last
@@ -135,7 +140,7 @@ class SessionCache:
         if not self.tokens and len(tokens) > self.window:
             first = len(tokens) - self.window
             self.tokens.extend(int(token) for token in tokens)
-            self.units.extend(self.own_units if flag else UNIT for flag in flags)
+            self.units.extend(self._units(token, flag) for token, flag in zip(tokens, flags, strict=True))
             for end in range(first, len(tokens)):
                 self._ending_at(end, first, 1)
             return
