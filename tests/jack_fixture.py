@@ -22,9 +22,13 @@ from liveperceiver.testing.jack import JackPlayer, private_jack_server
 from tests.conftest import require_command
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def jack_server():
-    """The name of a running private JACK server (without jackd: skips the test, or fails it in CI)."""
+    """The name of a running private JACK server, one per test module (without jackd: skips the test,
+    or fails it in CI). Module scope, not session: each module that imports the fixture gets its own
+    instance anyway, and JACK_DEFAULT_SERVER names the one started last; with session scope a
+    module's tests that ran after another module's (`pytest a.py::t1 b.py::t2 a.py::t3`) opened
+    their ports on the other module's server while the fixture named their own."""
     yield from _private_jack()
 
 
