@@ -64,7 +64,7 @@ PRIOR_FRACTION = sum(WEIGHTS) / len(WEIGHTS)  # the weight before the session ha
 FORGET = 0.95  # per observed token: a token 14 tokens back counts half
 HISTORY = 4096  # judgements a rollback can undo (live rollbacks reach back a few dozen tokens)
 STEPS_KEPT = 512  # steps remembered for judging a player's token (more than any look-ahead samples)
-SIZE = vocab.PAD  # the cache predicts real events only (ids 0..387); pad never occurs in a stream
+SIZE = vocab.PAD  # the cache predicts real events only (ids 0..387); a pad in a stream counts for nothing
 
 
 class SessionCache:
@@ -441,7 +441,7 @@ def mix_logits(
     """The mix as logits (log-probabilities) of the same shape, device and dtype: the cache with the
     model as its floor, mixed with the model at `adapt` times the learnt fraction of `weight` (the
     prior's mean without one), then the session experts of `state` at `adapt * EXPERT_SHARE` (see
-    the module's docstring). Where neither the cache nor an expert has anything to go on, `logits`
+    this module's docstring and experts.py). Where neither the cache nor an expert has anything to go on, `logits`
     themselves. With `weight` and the stream `position` predicted, the step (and the logits' `hidden`
     state) is remembered there for the player's token that comes at it (CacheWeight.remember).
 
