@@ -305,11 +305,13 @@ def test_a_closed_session_is_freed(tmp_path, jack_server):  # noqa: F811
 
 def test_an_answer_sampled_during_the_silence_is_dropped_when_the_player_goes_on(live):
     """Call mode samples the answer `lookahead_ms` before the threshold; a player who goes on first
-    hears nothing of it, and the context keeps only the player's notes at their true times."""
-    session, keys = live(silence_ms=700, lookahead_ms=500)
+    hears nothing of it, and the context keeps only the player's notes at their true times. The
+    speculation runs for a second before the threshold (a 500 ms one was missed once in a full run:
+    the check must see it while it runs)."""
+    session, keys = live(silence_ms=1200, lookahead_ms=1000)
     last_off = keys.phrase([60, 62, 64])
     assert wait_for(lambda: session.runs.speculation is not None and any(session.engine.sampled), timeout=3)
-    assert time.monotonic() - last_off < 0.7  # still before the threshold
+    assert time.monotonic() - last_off < 1.2  # still before the threshold
     rolled = session.runs.rolled_back
     on = keys.note(65)
     assert wait_for(lambda: session.runs.rolled_back > rolled, timeout=3), session.snapshot().log
@@ -325,7 +327,7 @@ def test_an_answer_sampled_during_the_silence_is_dropped_when_the_player_goes_on
     shifted = sum(vocab.time_shift_steps(t) * 0.01 for t in gap if vocab.event_type(t) == "time_shift")
     assert abs(shifted - (on - last_off)) < 0.03  # the true gap, not the silence written for the answer
     assert wait_for(lambda: keys.note_ons(since=release), timeout=10)  # the next silence is answered
-    assert keys.note_ons(since=release)[0][0] - release >= 0.7 - 0.01
+    assert keys.note_ons(since=release)[0][0] - release >= 1.2 - 0.01
     session.update(mode="listen")
     assert no_stuck_notes(keys, session.recorder.path)
 
