@@ -441,8 +441,8 @@ def mix_logits(
     """The mix as logits (log-probabilities) of the same shape, device and dtype: the cache with the
     model as its floor, mixed with the model at `adapt` times the learnt fraction of `weight` (the
     prior's mean without one), then the session experts of `state` at `adapt * EXPERT_SHARE` (see
-    this module's docstring and experts.py). Where neither the cache nor an expert has anything to go on, `logits`
-    themselves. With `weight` and the stream `position` predicted, the step (and the logits' `hidden`
+    this module's docstring and experts.py). Where neither the cache nor an expert has anything to
+    go on, `logits` themselves. With `weight` and the stream `position` predicted, the step (and the logits' `hidden`
     state) is remembered there for the player's token that comes at it (CacheWeight.remember).
 
     Both are taken at temperature 1, where each is an estimate of the next token's probability and

@@ -23,8 +23,8 @@ into the copy together, in one matrix product, or when the engine is idle (`Engi
 Chosen offline on the live engine's hidden states (16:32 window, the learnt cache mixed in, experts
 and follows off; piano model card, "The output layer learns the session"): the piano-like set
 3.521 -> 3.371 nats/token (rate 0.5; 0.3: 3.385, 1.0: 3.386), the rendered validation split 1.629
--> 1.594, the score test split 0.505 -> 0.507. Any decay of the correction toward 0 cost more than it saved (0.999 per
-token: 3.465 on the piano-like set). Only the player's tokens teach it: for a token the model drew
+-> 1.594, the score test split 0.505 -> 0.507. Any decay of the correction toward 0 cost more than
+it saved (0.999 per token: 3.465 on the piano-like set). Only the player's tokens teach it: for a token the model drew
 from p itself the step's expectation is zero, so its own tokens would add noise only.
 
 Threads: owned by the engine's thread (Engine keeps it in step with its stream).
