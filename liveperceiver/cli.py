@@ -366,9 +366,9 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--prefix", type=int_list, default=[0, 1024, 4096], help="prefix lengths, e.g. 0,1024,4096")
     parser.add_argument(
         "--latents",
-        default=[1, 16, 64],
         metavar="W,...",
-        help="latent windows, N or MIN:MAX, e.g. 1,32:64,64 (default 1,16,64)",
+        help="latent windows, N or MIN:MAX, e.g. 1,32:64,64 (default 1,16,64); with --live one window "
+        "(default play's)",
     )
     parser.add_argument("--steps", type=int, default=300, help="measured steps per row (after warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core for MIDI)")
@@ -410,8 +410,12 @@ def add_bench(subparsers) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     from liveperceiver.inference.window import windows_flag
 
-    args.latents = windows_flag("--latents", args.latents)
     if args.live:
+        from liveperceiver.live.settings import Settings
+
+        args.latents = windows_flag("--latents", args.latents or [Settings.num_latents])
+        if len(args.latents) != 1:
+            raise UserError(f"bench --live --latents {','.join(map(str, args.latents))}: give one window")
         from liveperceiver.runtime import checked_device, configure_inference
         from liveperceiver.tools import live_bench
 
@@ -421,6 +425,7 @@ def run_bench(args: argparse.Namespace) -> None:
         return
     from liveperceiver.tools import bench
 
+    args.latents = windows_flag("--latents", args.latents or [1, 16, 64])
     bench.run(args)
 
 

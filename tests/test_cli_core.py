@@ -122,3 +122,9 @@ def test_bench_quantize_is_a_deprecated_alias_of_weights(tmp_path):
     assert result.stderr.count("deprecated") == 1 and "use --weights" in result.stderr
     assert [row["weights"] for row in load_json(out)] == ["float16"]
     assert "quantize" not in load_json(out)[0]
+
+
+def test_bench_live_takes_one_window():
+    result = run("bench", "--live", "--model", TINY, "--latents", "1,8")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["liveperceiver: error: bench --live --latents 1,8: give one window"]

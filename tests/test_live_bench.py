@@ -57,3 +57,19 @@ def test_a_phase_reports_the_hypervisors_share_of_cpu_time():
         assert result["cpu_steal_share"] is not None and 0.0 <= result["cpu_steal_share"] <= 1.0
     else:
         assert result["cpu_steal_share"] is None
+
+
+def test_the_bench_runs_its_sessions_at_the_window_it_is_given(tmp_path, tiny_model):
+    """`bench --live --latents 2:4` measures play at that window, not at play's default."""
+    from liveperceiver.live.settings import Settings
+    from liveperceiver.runtime import thaw_heap
+    from liveperceiver.tools.live_bench import BenchEngine
+
+    assert Settings.num_latents != "2:4"
+    session = BenchEngine("float32", "2:4").session(tiny_model, tmp_path / "s", mode="call", seed=1)
+    try:
+        assert session.settings.num_latents == "2:4"
+        assert session.engine.num_latents == "2:4"
+    finally:
+        session.close(release_ports=True)
+        thaw_heap()

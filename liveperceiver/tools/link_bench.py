@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 from liveperceiver.core.errors import UserError
-from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
-from liveperceiver.runtime import configure_inference, freeze_heap, realtime_switch_interval, thaw_heap
+from liveperceiver.runtime import configure_inference, realtime_switch_interval, thaw_heap
 from liveperceiver.testing.jack import private_jack_server
-from liveperceiver.tools.live_bench import Player, is_note_on, ms, wait_until, with_steal
+from liveperceiver.tools.live_bench import BenchEngine, Player, is_note_on, ms, wait_until, with_steal
 
 LINK_HEAD_START_S = 1.0  # the peer's session is the older one: Link keeps its timeline (and tempo)
 LINK_TEMPI = (100.0, 128.0)  # the peer's tempo, changed halfway through the calls
@@ -66,14 +65,16 @@ def off_grid(lines: list[tuple[float, float, float]], when: float, every: float)
     return (beats - round(beats)) * every * 60 / bpm
 
 
-def link_phase(model, rng: random.Random, calls: int, workdir: Path, weights: str = "auto") -> dict:
+def link_phase(model, rng: random.Random, calls: int, workdir: Path, engine: BenchEngine = BenchEngine()) -> dict:
     """Calls answered on the peer's beat (answer_on beat, quantise 1/8); the peer changes tempo halfway."""
     names = [name for _, name in socket.if_nameindex()]
     if names != ["lo"]:
         raise UserError(f"the Link phase runs only where loopback is the one network interface, not {names}")
     peer = LinkPeer(LINK_TEMPI[0])
     time.sleep(LINK_HEAD_START_S)
-    settings = Settings(
+    session = engine.session(
+        model,
+        workdir / "link",
         mode="call",
         silence_ms=300,
         response_seconds=1.5,
@@ -82,9 +83,7 @@ def link_phase(model, rng: random.Random, calls: int, workdir: Path, weights: st
         answer_on="beat",
         seed=rng.randrange(1 << 30),
     )
-    session = Session(settings, model=model, api="jack", session_dir=workdir / "link", weights=weights)
-    freeze_heap()  # as play runs a session (live/play.py)
-    session.start()
+    settings = session.settings
     player = Player()
     first_sent, first_heard, answered = [], [], 0
     try:
@@ -136,19 +135,21 @@ def link_phase_main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--weights", default="auto")
+    parser.add_argument("--num-latents", default=Settings.num_latents)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model")
     args = parser.parse_args(argv)
     faulthandler.enable()
     configure_inference(threads=args.threads, device=pick_device().type)  # as play: the session's device
     model = load_model(args.model).model
+    engine = BenchEngine(args.weights, args.num_latents)
     try:
         with (
             private_jack_server("lp-bench-link"),
             tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp,
             realtime_switch_interval(),
         ):
-            result = with_steal(lambda: link_phase(model, random.Random(1), args.calls, Path(tmp), args.weights))
+            result = with_steal(lambda: link_phase(model, random.Random(1), args.calls, Path(tmp), engine))
     except UserError as error:
         print(f"bench --live, Link phase: {error}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import rtmidi
@@ -46,6 +47,29 @@ from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import configure_inference, freeze_heap, realtime_switch_interval, thaw_heap
 from liveperceiver.stats import percentiles
 from liveperceiver.testing.jack import JackPlayer, private_jack_server
+
+
+@dataclass(frozen=True)
+class BenchEngine:
+    """How every session of the bench runs its engine, as `play --weights W --num-latents WINDOW` would
+    (play's defaults unless `bench --live --weights/--latents` say otherwise)."""
+
+    weights: str = "auto"
+    num_latents: int | str = Settings.num_latents
+
+    def session(self, model, folder: Path, **settings) -> Session:
+        """A started session on the private JACK server, with the heap frozen as `play` runs one
+        (live/play.py: full collections would stall the music); `thaw_heap()` after closing it."""
+        session = Session(
+            Settings(num_latents=self.num_latents, **settings),
+            model=model,
+            api="jack",
+            session_dir=folder,
+            weights=self.weights,
+        )
+        freeze_heap()
+        session.start()
+        return session
 
 
 class Player(JackPlayer):
@@ -116,11 +140,11 @@ def ms(values: list[float]) -> dict:
 # --------------------------------------------------------------------------- phases
 
 
-def call_phase(model, rng: random.Random, calls: int, workdir: Path, weights: str = "auto") -> dict:
-    settings = Settings(mode="call", silence_ms=300, response_seconds=1.5, seed=rng.randrange(1 << 30))
-    session = Session(settings, model=model, api="jack", session_dir=workdir / "calls", weights=weights)
-    freeze_heap()  # as play runs a session (live/play.py): full collections would stall the music
-    session.start()
+def call_phase(model, rng: random.Random, calls: int, workdir: Path, engine: BenchEngine = BenchEngine()) -> dict:
+    session = engine.session(
+        model, workdir / "calls", mode="call", silence_ms=300, response_seconds=1.5, seed=rng.randrange(1 << 30)
+    )
+    settings = session.settings
     player = Player()
     heard_starts, barge_times, answered = [], [], 0
     try:
@@ -190,15 +214,12 @@ def duet_phase(
     seconds: float,
     workdir: Path,
     ui_size: tuple[int, int] | None = None,
-    weights: str = "auto",
+    engine: BenchEngine = BenchEngine(),
 ) -> dict:
     """A duet with a player; with `ui_size` the Textual UI draws the session the whole time
     (headless, at that terminal size), to show that the UI does not disturb the timing."""
-    settings = Settings(mode="duet", lookahead_ms=300, seed=rng.randrange(1 << 30))
     folder = workdir / ("duet-ui" if ui_size else "duet")
-    session = Session(settings, model=model, api="jack", session_dir=folder, weights=weights)
-    freeze_heap()  # as play runs a session (live/play.py): full collections would stall the music
-    session.start()
+    session = engine.session(model, folder, mode="duet", lookahead_ms=300, seed=rng.randrange(1 << 30))
     player = Player()
 
     def play() -> None:
@@ -250,7 +271,12 @@ def _play_under_ui(session, play, size: tuple[int, int]) -> None:
 
 
 def fault_phase(
-    model, sessions: int, workdir: Path, log_path: Path | None = None, first: int = 0, weights: str = "auto"
+    model,
+    sessions: int,
+    workdir: Path,
+    log_path: Path | None = None,
+    first: int = 0,
+    engine: BenchEngine = BenchEngine(),
 ) -> dict:
     """Randomized sessions with faults; the figure that matters is the stuck-note count (0).
 
@@ -262,7 +288,7 @@ def fault_phase(
     for index in range(first, sessions):
         if index in done:
             continue
-        row = _fault_session(model, index, workdir, weights)
+        row = _fault_session(model, index, workdir, engine)
         done[index] = row
         if log_path:
             with open(log_path, "a") as log:
@@ -299,12 +325,10 @@ def _read_fault_log(path: Path) -> dict[int, dict]:
     return rows
 
 
-def _fault_session(model, index: int, workdir: Path, weights: str = "auto") -> dict:
+def _fault_session(model, index: int, workdir: Path, engine: BenchEngine) -> dict:
     rng = random.Random(index)
-    settings = Settings(mode=rng.choice(["call", "duet"]), silence_ms=200, seed=index)
-    session = Session(settings, model=model, api="jack", session_dir=workdir / f"fault{index}", weights=weights)
-    freeze_heap()  # as play runs a session (live/play.py): full collections would stall the music
-    session.start()
+    mode = rng.choice(["call", "duet"])
+    session = engine.session(model, workdir / f"fault{index}", mode=mode, silence_ms=200, seed=index)
     player = Player()
     log = []
     try:
@@ -376,6 +400,7 @@ def link_in_namespace(args) -> dict:
         out = Path(tmp) / "link.json"
         command = [sys.executable, "-m", "liveperceiver.tools.link_bench", "--link-phase", "--json", str(out)]
         command += ["--calls", str(args.calls), "--weights", args.weights, "--threads", str(args.threads)]
+        command += ["--num-latents", str(args.latents[0])]
         command += ["--model", args.model] if args.model else []
         env = {key: value for key, value in os.environ.items() if key != "JACK_DEFAULT_SERVER"}  # its own server
         done = subprocess.run([*prefix, "sh", "-c", LINK_NETNS_SCRIPT, "sh", *command], env=env, text=True)
@@ -398,7 +423,7 @@ def run(args) -> None:
     configure_inference(threads=args.threads, device=pick_device().type)  # as play: the sessions' device
     loaded = load_model(args.model)  # None: the shipped default model
     model, spec = loaded.model, loaded.name
-    weights = args.weights
+    engine = BenchEngine(args.weights, args.latents[0])
     rng = random.Random(0)
     with (
         private_jack_server("lp-bench"),
@@ -409,15 +434,16 @@ def run(args) -> None:
         results = {
             "model": spec,
             "torch_threads": torch.get_num_threads(),
-            "weights": weights,
+            "weights": engine.weights,
+            "latents": engine.num_latents,
             "machine": machine_description(),
             "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
-            "call": with_steal(lambda: call_phase(model, rng, args.calls, workdir, weights)),
-            "duet": with_steal(lambda: duet_phase(model, rng, args.duet_seconds, workdir, weights=weights)),
+            "call": with_steal(lambda: call_phase(model, rng, args.calls, workdir, engine)),
+            "duet": with_steal(lambda: duet_phase(model, rng, args.duet_seconds, workdir, engine=engine)),
             "duet_with_ui": with_steal(
-                lambda: duet_phase(model, rng, args.duet_seconds, workdir, ui_size=(160, 48), weights=weights)
+                lambda: duet_phase(model, rng, args.duet_seconds, workdir, ui_size=(160, 48), engine=engine)
             ),
-            "faults": fault_phase(model, args.sessions, workdir, args.faults_log, args.first_session, weights),
+            "faults": fault_phase(model, args.sessions, workdir, args.faults_log, args.first_session, engine),
         }
     results["link"] = link_in_namespace(args)  # a child with a JACK server of its own, after this one stops
     print(format_table(results))
@@ -461,6 +487,7 @@ def format_table(results: dict) -> str:
     rtf = duet["realtime_factor"]
     lines = [
         f"live bench: model {results['model']}, weights {results['weights']}, "
+        f"latents {results.get('latents', 'n/a')}, "
         f"torch threads {results['torch_threads']}, {results['machine']}",
         f"JACK {results['jack']}",
         f"{'':34}{'p50 ms':>8} {'p99 ms':>8}",
