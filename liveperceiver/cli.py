@@ -367,8 +367,7 @@ def add_bench(subparsers) -> None:
     parser.add_argument(
         "--latents",
         metavar="W,...",
-        help="latent windows, N or MIN:MAX, e.g. 1,32:64,64 (default 1,16,64); with --live one window "
-        "(default play's)",
+        help="latent windows, N or MIN:MAX, e.g. 1,32:64,64 (default 1,16,64); with --live one window (default play's)",
     )
     parser.add_argument("--steps", type=int, default=300, help="measured steps per row (after warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core for MIDI)")
