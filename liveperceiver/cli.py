@@ -145,7 +145,8 @@ def add_eval(subparsers) -> None:
         "--num-latents",
         default=live.num_latents,
         metavar="N|MIN:MAX",
-        help=f"the engine's latent window for continuations (default {live.num_latents}, as live)",
+        help=f"the engine's latent window for continuations (default {live.num_latents}: 32:64, or the largest "
+        "a model with fewer latents has, as live)",
     )
     parser.add_argument(
         "--max-note-seconds",
@@ -242,7 +243,8 @@ def add_continue(subparsers) -> None:
         "--num-latents",
         default=live.num_latents,
         metavar="N|MIN:MAX",
-        help=f"the latent window: N, or MIN:MAX up to the model's max_latents (default {live.num_latents}, as live)",
+        help=f"the latent window: N, or MIN:MAX up to the model's max_latents (default {live.num_latents}: 32:64, "
+        "or the largest a model with fewer latents has, as live)",
     )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
@@ -407,14 +409,15 @@ def add_bench(subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from liveperceiver.inference.window import windows_flag
+    from liveperceiver.inference.window import window_flag, windows_flag
 
     if args.live:
         from liveperceiver.live.settings import Settings
 
-        args.latents = windows_flag("--latents", args.latents or [Settings.num_latents])
-        if len(args.latents) != 1:
-            raise UserError(f"bench --live --latents {','.join(map(str, args.latents))}: give one window")
+        window = str(args.latents or Settings.num_latents)
+        if "," in window:
+            raise UserError(f"bench --live --latents {window}: give one window")
+        args.latents = [window_flag("--latents", window)]
         from liveperceiver.runtime import checked_device, configure_inference
         from liveperceiver.tools import live_bench
 
@@ -446,7 +449,9 @@ def add_play(subparsers) -> None:
     parser.add_argument("--response-seconds", type=float, metavar="S", help="call mode: longest answer")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
-    parser.add_argument("--num-latents", metavar="N|MIN:MAX", help="the latent window")
+    parser.add_argument(
+        "--num-latents", metavar="N|MIN:MAX|auto", help="the latent window (auto: 32:64, or what the model has)"
+    )
     parser.add_argument("--key-follow", type=float, metavar="K", help="lean toward your pitch classes (0: off)")
     parser.add_argument(
         "--adapt",

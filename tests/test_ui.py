@@ -163,7 +163,7 @@ def test_every_binding_changes_the_session(tiny_model, tmp_path):
             assert session.settings.temperature == pytest.approx(1.0)
             await pilot.press("down")
             assert session.settings.temperature == pytest.approx(0.95)
-            assert session.settings.num_latents == "16:32"  # the default window
+            assert session.settings.num_latents == "auto"  # the default window: 16:32 for this model
             await pilot.press("right")
             assert session.settings.num_latents == "16:32"  # the tiny model's largest (max_latents 32)
             await pilot.press("left", "left")

@@ -20,10 +20,14 @@ from liveperceiver.inference.sampling import SamplingSettings
 from liveperceiver.inference.window import (
     EXAMPLES,
     LatentWindow,
+    fitted_window,
     next_window,
     parse_window,
     parse_windows,
+    resolve_window,
+    window_flag,
     window_ladder,
+    window_text,
 )
 
 
@@ -300,15 +304,52 @@ def test_presets_and_settings_take_a_window(tmp_path):
     path = tmp_path / "wide.toml"
     path.write_text('[sampling]\nnum_latents = "32:64"\n')
     settings = load_preset(path)
-    assert settings.num_latents == "32:64" and settings.latent_window == LatentWindow(32, 64)
+    assert settings.num_latents == "32:64" and settings.latent_window(256) == LatentWindow(32, 64)
     path.write_text(preset_to_toml(settings))
     assert load_preset(path) == settings  # written back as a string, read back equal
     assert Settings(num_latents=" 8 ").num_latents == 8 and Settings(num_latents="4:4").num_latents == 4
     for text, message in (
-        ('"8:4"', 'sampling.num_latents = "8:4" is outside the allowed values (N or MIN:MAX, 1 <= MIN <= MAX'),
+        ('"8:4"', 'sampling.num_latents = "8:4" is outside the allowed values (auto, or N or MIN:MAX, 1 <= MIN'),
         ('"8:300"', "sampling.num_latents = 8:300 is more than the model"),
     ):
         path.write_text(f"[sampling]\nnum_latents = {text}\n")
         with pytest.raises(UserError, match=message.replace("(", r"\(")) as caught:
             load_preset(path)
         assert "\n" not in str(caught.value)
+
+
+def test_auto_is_32_64_or_the_largest_window_a_smaller_model_has(tiny_model):
+    """The default window: 32:64 for the shipped models (256 latents), the ladder's largest that fits a
+    model with fewer (the tiny test model has 32), and never more than 32:64 for a larger one."""
+    from liveperceiver.live.settings import Settings
+
+    assert [str(resolve_window("auto", most)) for most in (1, 7, 8, 32, 63, 64, 256, 1024)] == [
+        "1",
+        "1",
+        "4:8",
+        "16:32",
+        "16:32",
+        "32:64",
+        "32:64",
+        "32:64",
+    ]
+    assert resolve_window("8:16", 256) == LatentWindow(8, 16)  # a window is itself, whatever the model
+    assert fitted_window("auto", 32) == LatentWindow(16, 32) and fitted_window("32:64", 32) == LatentWindow(32, 32)
+    assert Settings().num_latents == "auto" and Settings(num_latents=" auto ").num_latents == "auto"
+    assert Settings().latent_window(tiny_model.config.max_latents) == LatentWindow(16, 32)
+    assert window_text("auto", 256) == "auto 32:64" and window_text("8:16", 256) == "8:16"
+    engine = Engine(tiny_model, num_latents="auto")  # the engine plays the window auto stands for
+    assert engine.num_latents == "16:32"
+    engine.configure(num_latents="4:8")
+    engine.configure(num_latents="auto")
+    assert engine.num_latents == "16:32"
+
+
+def test_auto_is_a_window_flag_but_not_a_bench_row(capsys):
+    from liveperceiver.cli import main
+
+    assert window_flag("--num-latents", " auto") == "auto"
+    assert main(["bench", "--latents", "1,auto"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"liveperceiver: error: --latents 'auto': not N or MIN:MAX ({EXAMPLES})"
+    ]

@@ -13,7 +13,7 @@ from liveperceiver.core.model import PerceiverAR
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import SamplingSettings
 from liveperceiver.inference.weights import WEIGHTS, blocked_weights_available
-from liveperceiver.inference.window import LatentWindow, parse_window
+from liveperceiver.inference.window import LatentWindow, fitted_window
 
 
 def resolve_weights(
@@ -38,7 +38,7 @@ def resolve_weights(
     if weights == "auto":
         if device.type != "cpu" or dtype != torch.float32:
             return None
-        window = parse_window(num_latents).capped(model.config.max_latents)
+        window = fitted_window(num_latents, model.config.max_latents)
         key = (repr(model.config), str(device), window.setting)
         if key not in _MEASURED_WEIGHTS:
             _MEASURED_WEIGHTS[key] = faster_weights(model, device, num_latents=window)

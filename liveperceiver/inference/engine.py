@@ -63,7 +63,7 @@ from liveperceiver.inference.weights import (
     store_column_major,
     stored_linear,
 )
-from liveperceiver.inference.window import LatentWindow, parse_window
+from liveperceiver.inference.window import LatentWindow, parse_window, resolve_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,7 +217,7 @@ class Engine:
         if isinstance(num_latents, int) and not isinstance(num_latents, bool) and not 1 <= num_latents <= max_latents:
             raise ValueError(f"num_latents {num_latents} outside 1..{max_latents} (the model's max_latents)")
         try:
-            window = parse_window(num_latents)
+            window = resolve_window(num_latents, max_latents)
             window.check(max_latents)
         except ValueError as error:
             raise ValueError(f"num_latents {error}") from None

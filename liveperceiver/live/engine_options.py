@@ -40,7 +40,7 @@ class EngineOptions:
         from liveperceiver.inference.engine import DTYPES, Engine, pick_device
 
         max_latents = model.config.max_latents
-        if settings.latent_window.max > max_latents:
+        if settings.latent_window(max_latents).max > max_latents:
             raise UserError(f"num_latents {settings.num_latents} is more than the model's max_latents {max_latents}")
         cap = settings.prefix_cap or None
         if cap is not None:

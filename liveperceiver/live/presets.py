@@ -125,7 +125,7 @@ def _check_model(settings: Settings, values: dict, path: Path, default_model: st
         if settings.model is None:  # not the preset's mistake: whoever chose that model reports it
             return
         raise UserError(f"{path}: model = {_show(settings.model)}: {error}") from None
-    if max_latents is not None and settings.latent_window.max > max_latents:
+    if max_latents is not None and settings.latent_window(max_latents).max > max_latents:
         if settings.model:
             model = _show(settings.model)
         elif default_model:

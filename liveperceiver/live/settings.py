@@ -15,7 +15,7 @@ from liveperceiver.inference.limits import (  # one set of limits for presets, f
     MAX_DYNAMICS_FOLLOW,
     MAX_KEY_FOLLOW,
 )
-from liveperceiver.inference.window import LatentWindow, parse_window
+from liveperceiver.inference.window import AUTO, LatentWindow, parse_window, resolve_window
 
 MODES = ("call", "duet", "listen")
 QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
@@ -32,9 +32,10 @@ class Settings:
     temperature: float = 0.9
     top_k: int = 0  # 0: off
     top_p: float = 0.95
-    # the latent window, N or "MIN:MAX" (inference/window.py): 16:32 is the smallest whose NLL as live
-    # is within 5% of the model's full windows (chorale model card: NLL by window), at 1 latent's step cost
-    num_latents: int | str = "16:32"
+    # the latent window, N or "MIN:MAX" (inference/window.py), or "auto": 32:64, chosen for the piano model
+    # (its NLL as live within 1% of full windows, every live target kept: its model card, "Latent window"),
+    # or the largest window of the UI's ladder that a model with fewer latents has
+    num_latents: int | str = AUTO
     prefix_cap: int = 0  # 0: the model's max_prefix_len
     key_follow: float = 1.0  # the model follows the player's pitch classes (sampling.key_follow_bias; 0: off)
     dynamics_follow: float = 1.0  # its velocities follow the player's (sampling.dynamics_follow_bias; 0: off; the
@@ -67,14 +68,17 @@ class Settings:
 
     def __post_init__(self) -> None:
         """A window given as text ("8", " 32:64") is held as `LatentWindow.setting` says: 8, "32:64"."""
+        if isinstance(self.num_latents, str) and self.num_latents.strip() == AUTO:
+            object.__setattr__(self, "num_latents", AUTO)
+            return
         try:
             object.__setattr__(self, "num_latents", parse_window(self.num_latents).setting)
         except (ValueError, TypeError):
             pass  # validate() names it
 
-    @property
-    def latent_window(self) -> LatentWindow:
-        return parse_window(self.num_latents)
+    def latent_window(self, max_latents: int) -> LatentWindow:
+        """The window a model with `max_latents` latents plays at (AUTO resolved for it; not checked)."""
+        return resolve_window(self.num_latents, max_latents)
 
     @property
     def played_pitches(self) -> range:
@@ -92,7 +96,7 @@ class Settings:
             (
                 "num_latents",
                 _window_within(self.num_latents, 2048),
-                "N or MIN:MAX, 1 <= MIN <= MAX <= 2048 (and at most the model's max_latents)",
+                "auto, or N or MIN:MAX, 1 <= MIN <= MAX <= 2048 (and at most the model's max_latents)",
             ),
             ("prefix_cap", 0 <= self.prefix_cap <= 65536, "0 (model maximum) .. the model's max_prefix_len"),
             ("key_follow", 0.0 <= self.key_follow <= MAX_KEY_FOLLOW, f"0 (off) .. {MAX_KEY_FOLLOW:g}"),
@@ -160,6 +164,8 @@ class Settings:
 
 
 def _window_within(value, most: int) -> bool:
+    if value == AUTO:
+        return True
     try:
         return parse_window(value).max <= most
     except (ValueError, TypeError):

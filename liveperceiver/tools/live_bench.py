@@ -42,6 +42,7 @@ from pathlib import Path
 import rtmidi
 
 from liveperceiver.core.errors import UserError
+from liveperceiver.inference.window import window_text
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import configure_inference, freeze_heap, realtime_switch_interval, thaw_heap
@@ -229,6 +230,7 @@ def duet_phase(
             time.sleep(rng.uniform(0.5, 1.5))
             player.phrase(rng, rng.randrange(1, 3))
 
+    result: dict = {}  # filled when the duet ends; an error on the way propagates after the close
     try:
         if ui_size is None:
             play()
@@ -236,7 +238,7 @@ def duet_phase(
             _play_under_ui(session, play, ui_size)
         snap = session.snapshot()
         jitter = session.scheduler.jitter()
-        result = {
+        result |= {
             "seconds": seconds,
             "notes_out": snap.notes_out,
             "rolled_back_tokens": session.runs.rolled_back,
@@ -435,7 +437,7 @@ def run(args) -> None:
             "model": spec,
             "torch_threads": torch.get_num_threads(),
             "weights": engine.weights,
-            "latents": engine.num_latents,
+            "latents": window_text(engine.num_latents, model.config.max_latents),
             "machine": machine_description(),
             "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
             "call": with_steal(lambda: call_phase(model, rng, args.calls, workdir, engine)),

@@ -117,9 +117,9 @@ def continuation_stats(
     from liveperceiver.inference.continuation import continue_prompt
     from liveperceiver.inference.engine import Engine
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
-    from liveperceiver.inference.window import parse_window
+    from liveperceiver.inference.window import fitted_window
 
-    window = parse_window(num_latents).capped(model.config.max_latents)  # the engine's latent window
+    window = fitted_window(num_latents, model.config.max_latents)  # the engine's latent window
     candidates = [p for p in pieces if len(p) >= prompt_len + length]
     if not candidates:
         candidates = [p for p in pieces if len(p) >= 64]

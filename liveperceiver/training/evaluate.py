@@ -145,7 +145,7 @@ def evaluate(
     adaptation with its weight learnt up to `adapt`, and `sampling["constraints"]` (play's guards and follows), scored at
     temperature 1; `nll_model`: the model alone with the context of training windows. Both on the
     same targets. Everything runs on `device` (the model is moved there)."""
-    from liveperceiver.inference.window import parse_window
+    from liveperceiver.inference.window import fitted_window
     from liveperceiver.training.nll import model_nll, stream_nll, stream_token_nll
 
     model = model.to(device)
@@ -164,7 +164,7 @@ def evaluate(
         "perplexity_model": float(math.exp(alone.mean())),
         "adapt": {"weight": adapt, **adaptation_settings()},
         "system": {
-            "num_latents": parse_window(system_window).capped(model.config.max_latents).setting,
+            "num_latents": fitted_window(system_window, model.config.max_latents).setting,
             "adapt": adapt,
             "constraints": repr(constraints) if constraints is not None else None,
             "temperature": 1.0,

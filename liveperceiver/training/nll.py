@@ -114,9 +114,9 @@ def stream_token_nll(
     they give some true tokens probability 0. The engine runs on `device`."""
     from liveperceiver.inference.engine import Engine
     from liveperceiver.inference.sampling import Constraints
-    from liveperceiver.inference.window import parse_window
+    from liveperceiver.inference.window import fitted_window
 
-    latents = parse_window(num_latents).capped(model.config.max_latents)
+    latents = fitted_window(num_latents, model.config.max_latents)
     constraints = constraints or Constraints()
     if constraints.no_orphan_note_off:  # real streams close a pitch struck twice twice (sampling.Constraints)
         constraints = replace(constraints, repeated_note_offs=True)
@@ -159,11 +159,11 @@ def stream_nll(
     """Mean NLL per token as the live engine sees the stream with the latent window `num_latents`
     (`stream_token_nll`; a small live window trades some of the training windows' quality for
     speed): `nll` with the session cache mixed in (its weight learnt up to `adapt`), `nll_model` without."""
-    from liveperceiver.inference.window import parse_window
+    from liveperceiver.inference.window import fitted_window
 
     system, alone = stream_token_nll(model, pieces, num_latents, max_tokens, adapt, None, device, progress)
     return {
-        "num_latents": parse_window(num_latents).capped(model.config.max_latents).setting,
+        "num_latents": fitted_window(num_latents, model.config.max_latents).setting,
         "tokens": len(system),
         "adapt": adapt,
         "nll": float(system.mean()) if len(system) else 0.0,

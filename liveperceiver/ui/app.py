@@ -360,8 +360,8 @@ class LivePerceiverApp(App):
 
     def action_latents(self, direction: int) -> None:
         """Up or down the latent windows 1, 4:8, 8:16, ... (inference/window.py's ladder)."""
-        current = self.session.settings.latent_window
-        window = next_window(current, direction, self.info.max_latents or current.max)
+        max_latents = self.info.max_latents
+        window = next_window(self.session.settings.latent_window(max_latents), direction, max_latents)
         self._update(num_latents=window.setting)
 
     def action_select(self, direction: int) -> None:

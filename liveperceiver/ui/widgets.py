@@ -17,6 +17,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Static
 
+from liveperceiver.inference.window import window_text
 from liveperceiver.live.link import LINK, MIDI_CLOCK, LinkStatus, link_line
 from liveperceiver.live.snapshot import Snapshot
 
@@ -245,7 +246,7 @@ def model_text(snapshot: Snapshot, info: ModelInfo) -> Text:
     # the engine keeps every token heard; the model attends to the last max_prefix of them
     in_view = min(snapshot.context_tokens, info.max_prefix) if info.max_prefix else snapshot.context_tokens
     _row(text, "context", f"{in_view:,}/{info.max_prefix:,} of {snapshot.context_tokens:,}")
-    latents = f"{snapshot.settings.num_latents}/{info.max_latents}"
+    latents = f"{window_text(snapshot.settings.num_latents, info.max_latents)}/{info.max_latents}"
     if snapshot.cache_weight is not None:  # how much it leans on the session now, learnt from your playing
         latents += f"  cache {snapshot.cache_weight:.2f}"
     _row(text, "latents", latents)
