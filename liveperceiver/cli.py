@@ -155,6 +155,12 @@ def add_eval(subparsers) -> None:
         help="the engine closes notes held this long (default: as live; 0: off)",
     )
     parser.add_argument(
+        "--max-rest-seconds",
+        type=float,
+        default=live.max_rest_seconds,
+        help="after a rest of its own this long the model plays (default: as live; 0: off)",
+    )
+    parser.add_argument(
         "--key-follow",
         type=float,
         default=live.key_follow,
@@ -255,6 +261,9 @@ def add_continue(subparsers) -> None:
         "--max-note-seconds", type=float, default=0.0, help="the model must close notes held this long (0: off)"
     )
     parser.add_argument(
+        "--max-rest-seconds", type=float, default=0.0, help="after a rest of its own this long the model plays (0: off)"
+    )
+    parser.add_argument(
         "--key-follow", type=float, default=0.0, help="lean toward the prompt's pitch classes (0: off; play uses 1)"
     )
     parser.add_argument(
@@ -295,8 +304,6 @@ def run_continue(args: argparse.Namespace) -> None:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.seconds is not None and args.seconds <= 0:
         raise UserError(f"--seconds {args.seconds} must be > 0")
-    if args.max_note_seconds < 0:
-        raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
     check_key_follow_flag(args.key_follow)
     check_follow_flags(args)
     num_latents = window_flag("--num-latents", args.num_latents)
@@ -316,6 +323,7 @@ def run_continue(args: argparse.Namespace) -> None:
             dtype=DTYPES[args.dtype],
             constraints=Constraints(
                 max_note_ms=round(args.max_note_seconds * 1000),
+                max_rest_ms=round(args.max_rest_seconds * 1000),
                 key_follow=args.key_follow,
                 dynamics_follow=args.dynamics_follow,
                 density_follow=args.density_follow,

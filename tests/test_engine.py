@@ -280,6 +280,46 @@ def test_max_note_length_closes_only_the_models_notes(tiny_model):
     assert engine.state.overdue(500) == [60]
 
 
+def longest_sampled_rest_ms(prompt: list[int], generated: list[int]) -> int:
+    """Longest wait the model made of its own time-shifts with no note-on in between (anyone's)."""
+    rest, longest = 0, 0
+    for index, token in enumerate(prompt + generated):
+        if token < vocab.NOTE_OFF:
+            rest = 0
+        elif vocab.TIME_SHIFT <= token < vocab.VELOCITY and index >= len(prompt):
+            rest += vocab.time_shift_steps(token) * 10
+            longest = max(longest, rest)
+    return longest
+
+
+def test_the_rest_guard_bites(tiny_model):
+    prompt, free = sample_under(tiny_model, Constraints(), steps=600)
+    assert longest_sampled_rest_ms(prompt, free) > 1500
+    prompt, guarded = sample_under(tiny_model, Constraints(max_rest_ms=400), steps=600)
+    # the model plays on the first step after its rest reached the limit; one time-shift (<= 1 s) can pass it
+    assert longest_sampled_rest_ms(prompt, guarded) < 400 + 1000
+
+
+def test_the_rest_guard_counts_only_the_models_own_waits(tiny_model):
+    """A player resting 5 s is real time, not the model's stall; the model's own waits are, until
+    anyone strikes a note; a rollback restores what the model had waited."""
+    engine = Engine(tiny_model, constraints=Constraints(max_rest_ms=500))
+    engine.append([376, 60] + [355] * 5)  # the player's note, then the player's 5 s rest
+    assert engine.state.model_rest_ms == 0
+    engine.state.push(330, sampled=True)  # the model waits 750 ms
+    assert engine.state.model_rest_ms == 750
+    logits = torch.zeros(vocab.VOCAB_SIZE)
+    constraint_mask(engine.constraints, engine.state, logits)
+    assert torch.isinf(logits[vocab.TIME_SHIFT : vocab.VELOCITY]).all()
+    assert torch.isfinite(logits[: vocab.TIME_SHIFT]).all() and torch.isfinite(logits[vocab.VELOCITY :]).all()
+    engine.state.push(62)  # the player strikes a note: the model's rest starts again
+    assert engine.state.model_rest_ms == 0
+    tokens = [*engine.tokens, 330, 62]
+    sampled = bytearray(len(engine.tokens)) + bytearray([1, 0])
+    engine.state.rewind(tokens, sampled, len(tokens) - 1)
+    assert engine.state.model_rest_ms == 750
+
+
 def differences_over_changing_windows(model, engine: Engine, steps: int) -> list[float]:
     """Largest logit difference from the float32 model at each of `steps` sampled steps after a
     200-token prompt, alternating one latent (the live chain) with wider windows."""

@@ -282,6 +282,11 @@ def test_continuation_statistics_of_known_notes():
     restruck = [376, 60, ts, 376, 60, ts, 188, ts, ts]  # C4 struck twice before its note-off: two notes heard
     assert note_stats(restruck)["density"] == pytest.approx(1.0)  # 2 note-ons in 2 s (the decoder keeps one)
     assert rate_ratio(1.5, 2.0) == 0.75 and rate_ratio(1.0, 0.0) is None
+    assert note_stats(a)["longest_rest"] == pytest.approx(0.5)  # a note-on every 0.5 s, the last 0.5 s before the end
+    wait = [vocab.TIME_SHIFT + 99] * 3  # 3 s
+    assert note_stats([*wait, 376, 60, ts, 188])["longest_rest"] == pytest.approx(3.0)  # from the start
+    assert note_stats([376, 60, ts, 188, *wait, ts])["longest_rest"] == pytest.approx(4.0)  # to the end
+    assert note_stats(wait)["longest_rest"] == pytest.approx(3.0)  # no note at all: all of it
 
 
 def test_eval_continuations_report_the_follow_statistics(tiny_model):

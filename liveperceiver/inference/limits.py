@@ -18,7 +18,11 @@ def check_key_follow_flag(value: float) -> None:
 
 
 def check_follow_flags(args) -> None:
-    """`--dynamics-follow`, `--density-follow` and `--density-ratio` for the offline commands, in one line each."""
+    """`--dynamics-follow`, `--density-follow` and `--density-ratio`, and the guards' `--max-note-seconds`
+    and `--max-rest-seconds`, for the offline commands, in one line each."""
+    for flag, value in (("--max-note-seconds", args.max_note_seconds), ("--max-rest-seconds", args.max_rest_seconds)):
+        if value < 0:
+            raise UserError(f"{flag} {value:g} must be >= 0 (0: off)")
     for flag, value, limit in (
         ("--dynamics-follow", args.dynamics_follow, MAX_DYNAMICS_FOLLOW),
         ("--density-follow", args.density_follow, MAX_DENSITY_FOLLOW),

@@ -115,6 +115,7 @@ class Constraints:
     max_polyphony: int = 0  # no note-on while this many notes sound
     min_onset_gap_ms: int = 0  # no note-on sooner than this after the previous one
     max_note_ms: int = 0  # a note sounding this long must be closed next (no stuck notes in the stream)
+    max_rest_ms: int = 0  # after the model itself waited this long since the last note-on, it may not wait on
     key_follow: float = 0.0  # lean the model's pitches toward the player's pitch classes (0: off; see key_follow_bias)
     dynamics_follow: float = 0.0  # lean its velocities toward the player's (0: off; see dynamics_follow_bias)
     density_follow: float = 0.0  # lean its note rate toward density_ratio x the player's (0: off; density_follow_bias)
@@ -125,7 +126,7 @@ class Constraints:
             low, high = self.pitch_range
             if not 0 <= low <= high <= 127:
                 raise ValueError(f"pitch_range {self.pitch_range} must satisfy 0 <= low <= high <= 127")
-        for name in ("max_polyphony", "min_onset_gap_ms", "max_note_ms"):
+        for name in ("max_polyphony", "min_onset_gap_ms", "max_note_ms", "max_rest_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 0 (0 = off)")
         if not 0.0 <= self.key_follow <= MAX_KEY_FOLLOW:
@@ -145,6 +146,7 @@ class Constraints:
             or self.max_polyphony
             or self.min_onset_gap_ms
             or self.max_note_ms
+            or self.max_rest_ms
             or self.key_follow
             or self.dynamics_follow
             or self.density_follow
@@ -170,6 +172,7 @@ class StreamState:
         self.sampled: set[int] = set()  # sounding pitches the model struck (a player's notes are not its to end)
         self.clock_ms = 0
         self.last_onset_ms: int | None = None
+        self.model_rest_ms = 0  # the model's own time-shifts since the last note-on (the rest guard's)
         self.length = 0
         self.player_pitch_classes = [0.0] * 12
         self.model_pitch_classes = [0.0] * 12
@@ -192,6 +195,7 @@ class StreamState:
             set(self.sampled),
             self.clock_ms,
             self.last_onset_ms,
+            self.model_rest_ms,
             list(self.player_pitch_classes),
             list(self.model_pitch_classes),
             list(self.player_velocities),
@@ -230,6 +234,7 @@ class StreamState:
             self.onsets.setdefault(token, self.clock_ms)
             self.open_notes[token] = self.open_notes.get(token, 0) + 1
             self.last_onset_ms = self.clock_ms
+            self.model_rest_ms = 0
             if sampled:
                 self.sampled.add(token)
             else:
@@ -255,6 +260,8 @@ class StreamState:
             self.sampled.discard(pitch)
         elif token < vocab.VELOCITY:
             self.clock_ms += vocab.time_shift_steps(token) * 10
+            if sampled:
+                self.model_rest_ms += vocab.time_shift_steps(token) * 10
         elif token < vocab.PAD:
             self.velocity_version += 1
             histogram = self.model_velocities if sampled else self.player_velocities
@@ -277,6 +284,7 @@ class StreamState:
             own,
             self.clock_ms,
             self.last_onset_ms,
+            self.model_rest_ms,
             player,
             model,
             player_vel,
@@ -453,6 +461,12 @@ def constraint_mask(
     too_soon = constraints.min_onset_gap_ms and state.ms_since_onset < constraints.min_onset_gap_ms
     if polyphony_full or too_soon:
         logits[vocab.NOTE_ON : vocab.NOTE_OFF] = minus_inf
+    if constraints.max_rest_ms and state.model_rest_ms >= constraints.max_rest_ms:
+        # The rest guard: a model that has waited this long on its own plays (or releases) next. Its
+        # waits are its own decision step by step, and a slow, sparse prompt (the Gymnopédie) could
+        # talk it into waiting for good (piano card, "Rests"). Only its own time-shifts count: the
+        # player's rests are real time, and a stream scored as the player's is never guarded.
+        logits[vocab.TIME_SHIFT : vocab.VELOCITY] = minus_inf
 
 
 def apply_temperature_top_k_top_p(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:

@@ -51,6 +51,7 @@ class Settings:
     lookahead_ms: int = 200
     quantize: str = "off"
     max_note_seconds: float = 4.0  # watchdog: longer model notes are cut (the model closes its own a second sooner)
+    max_rest_seconds: float = 4.0  # the model's longest rest of its own: after it, it plays (0: off; the rest guard)
     # [output]
     out_channel: int = 1  # 1-16
     transpose: int = 0
@@ -117,6 +118,11 @@ class Settings:
             ("lookahead_ms", 20 <= self.lookahead_ms <= 2000, "20 .. 2000"),
             ("quantize", self.quantize in QUANTIZE_GRIDS, f"one of {', '.join(QUANTIZE_GRIDS)}"),
             ("max_note_seconds", 0.5 <= self.max_note_seconds <= 60, "0.5 .. 60"),
+            (
+                "max_rest_seconds",
+                self.max_rest_seconds == 0 or 0.5 <= self.max_rest_seconds <= 60,
+                "0 (off), 0.5 .. 60",
+            ),
             ("out_channel", 1 <= self.out_channel <= 16, "1 .. 16"),
             ("transpose", -48 <= self.transpose <= 48, "-48 .. 48"),
             ("velocity_scale", 0.0 < self.velocity_scale <= 4.0, "0 < velocity_scale <= 4"),
@@ -139,14 +145,15 @@ class Settings:
     def engine_constraints(self):
         """What the engine enforces while sampling: no note-off for a note that is not sounding,
         the model closes its own long notes a second before the scheduler's watchdog would cut them,
-        so the context holds the note-off that was played (one time shift can pass the limit), and
-        key follow leans its pitches toward the player's, dynamics follow its velocities, density
+        so the context holds the note-off that was played (one time shift can pass the limit), the
+        model plays again after a rest of its own of `max_rest_seconds` (the rest guard), and key follow leans its pitches toward the player's, dynamics follow its velocities, density
         follow its note rate."""
         from liveperceiver.inference.sampling import Constraints
 
         return Constraints(
             no_orphan_note_off=True,
             max_note_ms=max(500, round(self.max_note_seconds * 1000) - 1000),
+            max_rest_ms=round(self.max_rest_seconds * 1000),
             key_follow=self.key_follow,
             dynamics_follow=self.dynamics_follow,
             density_follow=self.density_follow,
@@ -187,7 +194,7 @@ SECTIONS = {
         "adapt",
         "seed",
     ),
-    "timing": ("silence_ms", "response_seconds", "lookahead_ms", "quantize", "max_note_seconds"),
+    "timing": ("silence_ms", "response_seconds", "lookahead_ms", "quantize", "max_note_seconds", "max_rest_seconds"),
     "output": ("out_channel", "transpose", "velocity_scale", "pitch_low", "pitch_high"),
     "input": ("in_channel", "thru"),
     "link": ("link", "link_quantum", "link_start_stop", "answer_on"),

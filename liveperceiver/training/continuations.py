@@ -61,6 +61,13 @@ def note_stats(tokens: list[int]) -> dict:
     lengths = np.array([n.end - n.start for n in notes])
     iois = np.diff(onsets) if len(onsets) > 1 else np.zeros(0)
     polyphony = [sum(1 for m in notes if m.start <= n.start < m.end) for n in notes]
+    clock, heard = 0.0, [0.0]  # the start, every note-on, the end: the longest span between is a rest
+    for token in tokens:
+        if token < vocab.NOTE_OFF:
+            heard.append(clock)
+        elif vocab.TIME_SHIFT <= token < vocab.VELOCITY:
+            clock += vocab.time_shift_steps(token) / 100
+    heard.append(clock)
     return {
         "notes": len(notes),
         "pitch_classes": pcs / pcs.sum() if pcs.sum() else pcs,
@@ -69,6 +76,7 @@ def note_stats(tokens: list[int]) -> dict:
         "polyphony": float(np.mean(polyphony)) if polyphony else 0.0,
         "lengths": lengths,
         "iois": iois[iois > 0],
+        "longest_rest": float(np.max(np.diff(heard))),  # seconds without a note-on (the rest guard's measure)
     }
 
 
@@ -169,6 +177,7 @@ def continuation_stats(
                 "ioi_overlap": histogram_overlap(gen["iois"], true["iois"], time_bins),
                 "median_length": (_median(gen["lengths"]), _median(true["lengths"])),
                 "median_ioi": (_median(gen["iois"]), _median(true["iois"])),
+                "longest_rest": (gen["longest_rest"], true["longest_rest"]),
             }
         )
     if not rows:
@@ -218,6 +227,10 @@ def continuation_stats(
         "polyphony_ratio": ratios("polyphony_ratio"),
         "median_note_length_s": pair("median_length"),
         "median_inter_onset_s": pair("median_ioi"),
+        "longest_rest_s": pair("longest_rest"),
+        # continuations that went 5 s without a note-on (a stall; play's rest guard waits at most 4 s)
+        "rests_of_5s": sum(r["longest_rest"][0] >= 5.0 for r in rows),
+        "true_rests_of_5s": sum(r["longest_rest"][1] >= 5.0 for r in rows),
     }
 
 

@@ -277,8 +277,6 @@ def run_eval(args) -> None:
     from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
     from liveperceiver.runtime import checked_device, configure_inference
 
-    if args.max_note_seconds < 0:
-        raise UserError(f"--max-note-seconds {args.max_note_seconds} must be >= 0 (0: off)")
     check_key_follow_flag(args.key_follow)
     check_follow_flags(args)
     if not 0.0 <= args.adapt <= 1.0:
@@ -309,6 +307,7 @@ def run_eval(args) -> None:
         sampling["constraints"] = Constraints(
             no_orphan_note_off=True,
             max_note_ms=round(args.max_note_seconds * 1000),
+            max_rest_ms=round(args.max_rest_seconds * 1000),
             key_follow=args.key_follow,
             dynamics_follow=args.dynamics_follow,
             density_follow=args.density_follow,
@@ -387,6 +386,11 @@ def run_eval(args) -> None:
                 )
                 for label, key in (("notes/s", "notes_per_second"), ("polyphony", "polyphony"))
             )
+        )
+        lines.append(
+            f"  longest rest {c['longest_rest_s']['generated']:.2f} s against the truth's "
+            f"{c['longest_rest_s']['true']:.2f} (mean); 5 s or more without a note-on: {c['rests_of_5s']} of "
+            f"{c['count']} continuations (the truth: {c['true_rests_of_5s']})"
         )
     print("\n".join(lines))
     if args.json:
