@@ -207,7 +207,10 @@ def test_eval_reports_nll_with_and_without_adaptation(tmp_path, chorale_tokens):
     on, off = reports["0.6"], reports["0"]
     assert on["nll_model"] == pytest.approx(off["nll_model"])  # the model alone, training windows, either way
     assert on["nll"] < off["nll"] - 1.0 and on["adapt"]["weight"] == 0.6 == on["system"]["adapt"]
-    assert on["system"]["num_latents"] == Settings().num_latents  # the system as play runs it
+    from liveperceiver.core.shipped import model_max_latents
+
+    live = Settings().latent_window(model_max_latents(str(MODEL_GOLDEN / "tiny-a"))).setting  # auto, for this model
+    assert on["system"]["num_latents"] == live  # the system as play runs it
     assert f"dynamics_follow={Settings().dynamics_follow}" in on["system"]["constraints"]
     assert on["perplexity"] == pytest.approx(np.exp(on["nll"]))
     for kind, row in on["by_type"].items():

@@ -703,7 +703,10 @@ def test_eval_reports_nll_baseline_and_continuation_statistics(dataset_dir, tmp_
     assert sum(row["tokens"] for row in contexts) == report["tokens"] and contexts[0]["context"] == "1-3"
     assert all(row["baseline_nll"] > 0 for row in contexts)
     assert [(row["num_latents"], row["tokens"]) for row in report["nll_by_window"]] == [(1, 50), (4, 50)]
-    assert report["continuations"]["sampling"]["num_latents"] == Settings().num_latents  # as live by default
+    from liveperceiver.core.shipped import model_max_latents
+
+    live = Settings().latent_window(model_max_latents(str(tmp_path / "model"))).setting  # auto, for this model
+    assert report["continuations"]["sampling"]["num_latents"] == live  # as live by default
     assert f"key_follow={Settings().key_follow}" in report["continuations"]["constraints"]
     wrong = run_cli("eval", "--model", str(tmp_path / "model"), str(dataset_dir), "--key-follow", "-1")
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
