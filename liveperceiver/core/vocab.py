@@ -38,6 +38,12 @@ def event_type(token: int) -> str:
     return "pad"
 
 
+def is_event(token: int) -> bool:
+    """A note-on, note-off, time-shift or velocity: everything but pad, which fills a batch and is
+    no event (nothing predicts it, and the session's adaptation learns nothing from it)."""
+    return token < PAD
+
+
 def note_on(pitch: int) -> int:
     return NOTE_ON + pitch
 

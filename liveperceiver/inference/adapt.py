@@ -130,7 +130,7 @@ class SessionCache:
     def _units(self, token: int, sampled: bool) -> int:
         """How much the n-grams ending at `token` count: the model's own tokens `own_units`; pad,
         which is not an event (nothing predicts it), nothing."""
-        return 0 if token >= SIZE else self.own_units if sampled else UNIT
+        return 0 if not vocab.is_event(token) else self.own_units if sampled else UNIT
 
     def extend(self, tokens, sampled=None) -> None:
         """Push `tokens` (`sampled[i]`: token i was the model's). Into an empty cache only the last
@@ -342,7 +342,7 @@ class CacheWeight:
         when no step predicted it (the engine may judge it later from its window's rows)."""
         step = self._steps.get(position)
         self._steps.clear()
-        if not adapt or token >= SIZE:
+        if not adapt or not vocab.is_event(token):
             return True  # nothing to judge
         if step is None:
             return False

@@ -240,8 +240,8 @@ class Engine:
             raise ValueError(f"append: {len(flags)} sampled flags for {len(tokens)} tokens")
         for token, flag in zip(tokens, flags, strict=True):
             if self.cache is not None:
-                # the player's token (pad is no event): how well each weight would have predicted it
-                if judged and not flag and token != vocab.PAD:
+                # the player's event: how well each weight would have predicted it
+                if judged and not flag and vocab.is_event(token):
                     position = len(self.tokens)
                     if self.dynamic is not None:  # and the output layer learns from it (at the same step)
                         self.dynamic.observe(
