@@ -144,7 +144,7 @@ def add_eval(subparsers) -> None:
     parser.add_argument(
         "--num-latents",
         default=live.num_latents,
-        metavar="N|MIN:MAX",
+        metavar="N|MIN:MAX|auto",
         help=f"the engine's latent window for continuations (default {live.num_latents}: 32:64, or the largest "
         "a model with fewer latents has, as live)",
     )
@@ -248,7 +248,7 @@ def add_continue(subparsers) -> None:
     parser.add_argument(
         "--num-latents",
         default=live.num_latents,
-        metavar="N|MIN:MAX",
+        metavar="N|MIN:MAX|auto",
         help=f"the latent window: N, or MIN:MAX up to the model's max_latents (default {live.num_latents}: 32:64, "
         "or the largest a model with fewer latents has, as live)",
     )
@@ -377,7 +377,8 @@ def add_bench(subparsers) -> None:
     parser.add_argument(
         "--latents",
         metavar="W,...",
-        help="latent windows, N or MIN:MAX, e.g. 1,32:64,64 (default 1,16,64); with --live one window (default play's)",
+        help="latent windows, N or MIN:MAX, e.g. 1,32:64,64 (default 1,16,64); with --live one window or auto "
+        "(default auto, play's)",
     )
     parser.add_argument("--steps", type=int, default=300, help="measured steps per row (after warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core for MIDI)")
