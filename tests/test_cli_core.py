@@ -128,3 +128,8 @@ def test_bench_live_takes_one_window():
     result = run("bench", "--live", "--model", TINY, "--latents", "1,8")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["liveperceiver: error: bench --live --latents 1,8: give one window"]
+    result = run("bench", "--live", "--model", TINY, "--latents", "16:64")  # refused before JACK starts
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "liveperceiver: error: bench --live --latents 16:64 outside 1..32 (the model's max_latents)"
+    ]

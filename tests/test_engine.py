@@ -314,9 +314,13 @@ def test_the_rest_guard_counts_only_the_models_own_waits(tiny_model):
     assert torch.isfinite(logits[: vocab.TIME_SHIFT]).all() and torch.isfinite(logits[vocab.VELOCITY :]).all()
     engine.state.push(62)  # the player strikes a note: the model's rest starts again
     assert engine.state.model_rest_ms == 0
-    tokens = [*engine.tokens, 330, 62]
-    sampled = bytearray(len(engine.tokens)) + bytearray([1, 0])
-    engine.state.rewind(tokens, sampled, len(tokens) - 1)
+    engine.state.push(330, sampled=True)  # 750 ms again, but two notes sound and one is the most allowed
+    logits = torch.zeros(vocab.VOCAB_SIZE)
+    constraint_mask(Constraints(max_rest_ms=500, max_polyphony=1), engine.state, logits)
+    assert torch.isfinite(logits[vocab.TIME_SHIFT : vocab.VELOCITY]).all()  # no note may start: time moves on
+    tokens = [*engine.tokens, 330, 62, 330]
+    sampled = bytearray(len(engine.tokens)) + bytearray([1, 0, 1])
+    engine.state.rewind(tokens, sampled, len(tokens) - 2)  # back to just after the model's first wait
     assert engine.state.model_rest_ms == 750
 
 

@@ -143,6 +143,29 @@ def changes(session: ReplaySession) -> list[dict]:
 # --------------------------------------------------------------------------- key bindings
 
 
+def test_the_model_panel_and_the_window_keys_follow_a_model_switch(tiny_model, tmp_path):
+    """A preset naming another model switches the session's model: the panel and the latent window's
+    ladder are the new model's (auto stands for 16:32 with the tiny model, 32:64 with more latents)."""
+    from liveperceiver.core.checkpoint import load_model
+
+    app, session = replay_app(tiny_model, tmp_path)
+
+    async def drive():
+        async with app.run_test(size=(100, 30)) as pilot:
+            app.refresh_view()
+            assert "auto 16:32/32" in str(app.main.query_one("#model", Panel).render())
+            session.model = load_model("random:small").model  # more latents: auto is 32:64
+            session.settings = Settings(seed=1)
+            app.refresh_view()
+            await pilot.pause()
+            most = session.model.config.max_latents
+            assert most > 64 and f"auto 32:64/{most}" in str(app.main.query_one("#model", Panel).render())
+            await pilot.press("right")
+            assert session.settings.num_latents == "64:128"  # up from 32:64, the new model's ladder
+
+    asyncio.run(drive())
+
+
 def test_every_binding_changes_the_session(tiny_model, tmp_path):
     preset_file = tmp_path / "warm.toml"
     preset_file.write_text('mode = "duet"\n[sampling]\ntemperature = 1.3\n')

@@ -461,11 +461,12 @@ def constraint_mask(
     too_soon = constraints.min_onset_gap_ms and state.ms_since_onset < constraints.min_onset_gap_ms
     if polyphony_full or too_soon:
         logits[vocab.NOTE_ON : vocab.NOTE_OFF] = minus_inf
-    if constraints.max_rest_ms and state.model_rest_ms >= constraints.max_rest_ms:
+    if constraints.max_rest_ms and state.model_rest_ms >= constraints.max_rest_ms and not (polyphony_full or too_soon):
         # The rest guard: a model that has waited this long on its own plays (or releases) next. Its
         # waits are its own decision step by step, and a slow, sparse prompt (the Gymnopédie) could
         # talk it into waiting for good (piano card, "Rests"). Only its own time-shifts count: the
-        # player's rests are real time, and a stream scored as the player's is never guarded.
+        # player's rests are real time, and a stream scored as the player's is never guarded. While
+        # no note may start (polyphony full, too soon), waiting stays allowed: time must move on.
         logits[vocab.TIME_SHIFT : vocab.VELOCITY] = minus_inf
 
 

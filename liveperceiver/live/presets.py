@@ -7,7 +7,7 @@ user can tune `duet` without copying the whole set.
 
 The schema is `Settings` itself: a key that is not a field, a value of the wrong type or outside
 `Settings.validate()`'s range is refused with one line naming the file, the key and what is allowed.
-The model a preset names must exist, and its num_latents (N or "MIN:MAX") must fit that model (or the default model
+The model a preset names must exist, and its num_latents (N, "MIN:MAX" or "auto") must fit that model (or the default model
 when it names none): both are read from the model's config.json, without loading weights. A preset
 is loaded in full before a session starts, so a typo never surfaces mid-performance.
 """

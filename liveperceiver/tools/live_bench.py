@@ -42,7 +42,7 @@ from pathlib import Path
 import rtmidi
 
 from liveperceiver.core.errors import UserError
-from liveperceiver.inference.window import window_text
+from liveperceiver.inference.window import resolve_window, window_text
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import configure_inference, freeze_heap, realtime_switch_interval, thaw_heap
@@ -425,6 +425,10 @@ def run(args) -> None:
     configure_inference(threads=args.threads, device=pick_device().type)  # as play: the sessions' device
     loaded = load_model(args.model)  # None: the shipped default model
     model, spec = loaded.model, loaded.name
+    try:  # before any JACK server starts
+        resolve_window(args.latents[0], model.config.max_latents).check(model.config.max_latents)
+    except ValueError as error:
+        raise UserError(f"bench --live --latents {error}") from None
     engine = BenchEngine(args.weights, args.latents[0])
     rng = random.Random(0)
     with (

@@ -219,6 +219,7 @@ class LivePerceiverApp(App):
         self.last_warning = ""
         self.saved: Path | None = None
         self.info = self._model_info()
+        self._info_model = getattr(self.session, "model", None)  # the model `info` describes
 
     # ------------------------------------------------------------------ layout and refresh
 
@@ -246,6 +247,14 @@ class LivePerceiverApp(App):
     def main(self) -> Screen:
         """The screen holding the panels (it stays drawn under a dialog)."""
         return self.screen_stack[0]
+
+    def _current_info(self) -> ModelInfo:
+        """`info`, read again once the session has switched models (a preset naming another model):
+        its name and size, and the latent ladder and the window `auto` stands for, are the new model's."""
+        model = getattr(self.session, "model", None)
+        if model is not self._info_model:
+            self.info, self._info_model = self._model_info(), model
+        return self.info
 
     def _model_info(self) -> ModelInfo:
         """Facts that do not change while playing, read once from the session's model and engine."""
@@ -318,7 +327,7 @@ class LivePerceiverApp(App):
         lights = (now - self.lit[0] < ACTIVITY_S, now - self.lit[1] < ACTIVITY_S)
         ports = ports_text(snap, snap.api or "?", snap.in_connected, snap.out_connected, *lights)
         screen.query_one("#ports", Panel).show(ports)
-        screen.query_one("#model", Panel).show(model_text(snap, self.info))
+        screen.query_one("#model", Panel).show(model_text(snap, self._current_info()))
         save_to = str(Path(snap.session_dir) / "session.mid") if snap.session_dir else snap.recording
         panel = screen.query_one("#session", Panel)
         width = panel.content_size.width or 40
@@ -360,7 +369,7 @@ class LivePerceiverApp(App):
 
     def action_latents(self, direction: int) -> None:
         """Up or down the latent windows 1, 4:8, 8:16, ... (inference/window.py's ladder)."""
-        max_latents = self.info.max_latents
+        max_latents = self._current_info().max_latents
         window = next_window(self.session.settings.latent_window(max_latents), direction, max_latents)
         self._update(num_latents=window.setting)
 
