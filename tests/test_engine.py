@@ -15,6 +15,7 @@ from liveperceiver.core.tokenizer import encode_midi
 from liveperceiver.inference.engine import DTYPES, Engine
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, constraint_mask
 from liveperceiver.inference.weights import Int8Linear, PackedLinear
+from liveperceiver.live.settings import Settings
 from liveperceiver.tools.bench import player_arrives, weights_read_per_step
 
 
@@ -599,3 +600,14 @@ def test_a_sampled_step_builds_no_tensor_from_python_lists(tiny_model, monkeypat
     engine.append([60, 61])
     engine.step()
     assert len(built) == 1
+
+
+def test_play_samples_only_the_pitches_its_output_plays(tiny_model):
+    """The scheduler drops a note outside the output's range (after transpose); play's engine never
+    samples one, so no dropped note ends the model's rest or sits in its context as if heard."""
+    settings = Settings(pitch_low=60, pitch_high=72, transpose=5)
+    _, free = sample_under(tiny_model, Constraints(), steps=600)
+    assert any(t < vocab.NOTE_OFF and t not in range(55, 68) for t in free)  # the random model strays
+    _, played = sample_under(tiny_model, settings.engine_constraints(), steps=600)
+    onsets = [t for t in played if t < vocab.NOTE_OFF]
+    assert onsets and all(55 <= t <= 67 for t in onsets)

@@ -368,7 +368,7 @@ class RunController:
             if self.stopping.is_set() or not self.commands.empty():
                 return
             started = time.perf_counter()
-            token = self.engine.step(forbid=self._opening_forbid(settings))
+            token = self.engine.step(forbid=self._opening_forbid())
             self.run_steps += 1
             elapsed = time.perf_counter() - started
             before = decoder.time
@@ -387,15 +387,14 @@ class RunController:
                 if not self._schedule(events, tag):
                     return
 
-    def _opening_forbid(self, settings: Settings) -> tuple[range, ...]:
-        """What a call's answer may not sample yet: it opens with a note that sounds (OPENING_FORBID)."""
+    def _opening_forbid(self) -> tuple[range, ...]:
+        """What a call's answer may not sample yet: it opens with a note that sounds (OPENING_FORBID;
+        the engine's pitch range keeps it to the pitches the output plays)."""
         if self.answer_end is None or self.answer_sounded or self.starting:
             return ()
         last = self.engine.tokens[-1] if self.run_steps else None
         after_velocity = last is not None and vocab.event_type(last) == "velocity"
-        played = settings.played_pitches
-        silent_pitches = (range(0, played.start), range(played.stop, vocab.NOTE_OFF)) if played else ()
-        return (AFTER_VELOCITY_FORBID if after_velocity else OPENING_FORBID, *silent_pitches)
+        return (AFTER_VELOCITY_FORBID if after_velocity else OPENING_FORBID,)
 
     def _follow_starting(self, token: int, settings: Settings) -> None:
         """Note-ons the output plays, sampled but not yet released by a time shift (the decoder holds

@@ -144,14 +144,19 @@ class Settings:
 
     def engine_constraints(self):
         """What the engine enforces while sampling: no note-off for a note that is not sounding,
-        the model closes its own long notes a second before the scheduler's watchdog would cut them,
-        so the context holds the note-off that was played (one time shift can pass the limit), the
-        model plays again after a rest of its own of `max_rest_seconds` (the rest guard), and key follow leans its pitches toward the player's, dynamics follow its velocities, density
-        follow its note rate."""
+        note-ons only of the pitches the output plays (`played_pitches`: the scheduler drops the
+        others, and a dropped note would still end the model's rest and sit in its context as if
+        heard), the model closes its own long notes a second before the scheduler's watchdog would
+        cut them, so the context holds the note-off that was played (one time shift can pass the
+        limit), the model plays again after a rest of its own of `max_rest_seconds` (the rest
+        guard), and key follow leans its pitches toward the player's, dynamics follow its
+        velocities, density follow its note rate."""
         from liveperceiver.inference.sampling import Constraints
 
+        played = self.played_pitches
         return Constraints(
             no_orphan_note_off=True,
+            pitch_range=(played.start, played.stop - 1) if played else None,
             max_note_ms=max(500, round(self.max_note_seconds * 1000) - 1000),
             max_rest_ms=round(self.max_rest_seconds * 1000),
             key_follow=self.key_follow,
