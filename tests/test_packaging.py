@@ -99,8 +99,11 @@ def test_wheel_installs_with_presets_and_default_model(tmp_path):
     venv_site = Path(run([python, "-c", "import site; print(site.getsitepackages()[0])"], cwd=tmp_path).stdout.strip())
     # this environment's packages after the venv's own (its .pth files, e.g. the editable finder, stay unread)
     (venv_site / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    # the machine's pip, running inside the venv: installs there, never touches this environment's copy
-    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=tmp_path)
+    # the machine's pip, running inside the venv: installs there, never touches this environment's copy.
+    # Without PYTHONPATH: a checkout on it (its egg-info) reads to pip as this very version installed,
+    # and pip then skips the wheel ("already installed with the same version").
+    clean = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=tmp_path, env=clean)
 
     elsewhere, home = tmp_path / "elsewhere", tmp_path / "home"
     elsewhere.mkdir()
