@@ -52,7 +52,6 @@ SETTINGS = [
 # every constraint and follow at once (the overdue rule, which masks all else, has its own state)
 EVERYTHING = Constraints(
     no_orphan_note_off=True,
-    no_own_restrike=True,
     pitch_range=(36, 96),
     max_polyphony=6,
     min_onset_gap_ms=20,

@@ -13,7 +13,7 @@ import torch
 from liveperceiver.core import vocab
 from liveperceiver.core.tokenizer import encode_midi
 from liveperceiver.inference.engine import DTYPES, Engine
-from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, constraint_mask
+from liveperceiver.inference.sampling import Constraints, SamplingSettings, constraint_mask
 from liveperceiver.inference.weights import Int8Linear, PackedLinear
 from liveperceiver.live.settings import Settings
 from liveperceiver.tools.bench import player_arrives, weights_read_per_step
@@ -611,62 +611,3 @@ def test_play_samples_only_the_pitches_its_output_plays(tiny_model):
     _, played = sample_under(tiny_model, settings.engine_constraints(), steps=600)
     onsets = [t for t in played if t < vocab.NOTE_OFF]
     assert onsets and all(55 <= t <= 67 for t in onsets)
-
-
-def test_the_orphan_guard_keeps_the_note_off_total_on_the_sounding_notes():
-    """Masking note-offs of pitches that do not sound moves their share onto those that do (at the
-    sampling temperature): whether a note ends stays what the mix said, only which one changes."""
-    state = StreamState()
-    for token in (vocab.note_on(60), vocab.note_on(64), vocab.TIME_SHIFT + 9):
-        state.push(token, sampled=True)
-    logits = torch.randn(vocab.VOCAB_SIZE, generator=torch.Generator().manual_seed(0))
-    temperature = 0.9
-    before = torch.softmax(logits / temperature, 0)
-    guarded = logits.clone()
-    constraint_mask(Constraints(no_orphan_note_off=True), state, guarded, temperature)
-    after = torch.softmax(guarded / temperature, 0)
-    note_offs = slice(vocab.NOTE_OFF, vocab.TIME_SHIFT)
-    assert after[note_offs].sum().item() == pytest.approx(before[note_offs].sum().item(), rel=1e-5)
-    assert set(torch.nonzero(after[note_offs]).flatten().tolist()) == {60, 64}
-    ratio = (after[vocab.note_off(60)] / after[vocab.note_off(64)]).item()
-    assert ratio == pytest.approx((before[vocab.note_off(60)] / before[vocab.note_off(64)]).item(), rel=1e-5)
-    assert after[: vocab.NOTE_OFF].sum().item() == pytest.approx(before[: vocab.NOTE_OFF].sum().item(), rel=1e-5)
-    silent = logits.clone()  # nothing sounds: no note can end, the other types share the mass
-    constraint_mask(Constraints(no_orphan_note_off=True), StreamState(), silent, temperature)
-    assert torch.isinf(silent[note_offs]).all() and torch.isfinite(silent[vocab.TIME_SHIFT :]).all()
-
-
-def test_the_model_does_not_strike_a_pitch_it_is_sounding(tiny_model):
-    """A pitch the model sounds is released before it is struck again; the player's notes and, in a
-    narrow range that sounds whole, the last note-ons stay possible."""
-
-    def own_restrikes(tokens: list[int], sampled_from: int) -> int:
-        own: set[int] = set()
-        count = 0
-        for index, token in enumerate(tokens):
-            if token < vocab.NOTE_OFF:
-                count += index >= sampled_from and token in own
-                if index >= sampled_from:
-                    own.add(token)
-                else:
-                    own.discard(token)
-            elif token < vocab.TIME_SHIFT:
-                own.discard(token - vocab.NOTE_OFF)
-        return count
-
-    prompt, free = sample_under(tiny_model, Constraints(), steps=800)
-    assert own_restrikes(prompt + free, len(prompt)) > 5  # the random tiny model does strike them again
-    prompt, guarded = sample_under(tiny_model, Constraints(no_own_restrike=True), steps=800)
-    assert own_restrikes(prompt + guarded, len(prompt)) == 0
-    state = StreamState()
-    state.push(vocab.note_on(60))  # the player's
-    state.push(vocab.note_on(62), sampled=True)
-    logits = torch.zeros(vocab.VOCAB_SIZE)
-    constraint_mask(Constraints(no_own_restrike=True), state, logits)
-    assert torch.isinf(logits[vocab.note_on(62)]) and torch.isfinite(logits[vocab.note_on(60)])
-    range_sounds = StreamState()  # the model sounds all of 60..62: in that range a note-on must stay possible
-    for pitch in (60, 61, 62):
-        range_sounds.push(vocab.note_on(pitch), sampled=True)
-    logits = torch.zeros(vocab.VOCAB_SIZE)
-    constraint_mask(Constraints(no_own_restrike=True, pitch_range=(60, 62)), range_sounds, logits)
-    assert torch.isfinite(logits[vocab.NOTE_ON : vocab.NOTE_OFF]).sum() == 3

@@ -111,12 +111,11 @@ class Constraints:
     # tokenizer writes it (eval scores real streams so). Sampling closes it once: the reference
     # decoder would make the second note-off a doubled note (continuations' polyphony 0.90 -> 1.27).
     repeated_note_offs: bool = False
-    # no note-on for a pitch the model itself is sounding: it releases the note first. A pitch struck
-    # again while it sounds is 0.1% of the rendered training data's note-ons and 1% of real playing's,
-    # but 26% of the model's in piano continuations, mostly the session cache's doing (an n-gram copies
-    # a note-on without knowing what sounds); the scheduler plays each as a repeated note, not a new
-    # pitch, so answers came out thinner than they were sampled.
-    no_own_restrike: bool = False
+    # No rule against striking a pitch the model sounds: in piano continuations 26% of its note-ons
+    # do (the data's 0.1-1%), its way to repeat a note the session cache kept it from releasing (the
+    # cache's copied note-offs of silent pitches are masked here); the scheduler retriggers, so it is
+    # heard as the repeated note it decodes to. Measured and left out (piano card, "Re-strikes"):
+    # banning it made walls of held notes, keeping the note-off total on sounding notes thin answers.
     pitch_range: tuple[int, int] | None = None  # note-ons allowed only in [low, high]
     max_polyphony: int = 0  # no note-on while this many notes sound
     min_onset_gap_ms: int = 0  # no note-on sooner than this after the previous one
@@ -148,7 +147,6 @@ class Constraints:
     def active(self) -> bool:
         return bool(
             self.no_orphan_note_off
-            or self.no_own_restrike
             or self.pitch_range
             or self.max_polyphony
             or self.min_onset_gap_ms
@@ -457,32 +455,13 @@ def constraint_mask(
         logits.masked_fill_(~host_to_device(allowed, logits.device), minus_inf)
         return
     if constraints.no_orphan_note_off:
-        # The orphan guard keeps the note-off type's total (at the sampling temperature) on the notes
-        # that sound: "a note ends now" stays as likely as the mix said, and only which one moves.
-        # The session cache copies note-offs of pitches from the phrases it matched, most of them not
-        # sounding here; masked away, their mass went to every other token, and the model's notes
-        # stayed on until the note-length guard (or, 26% of its note-ons, until it struck the same
-        # pitch again). With no note sounding nothing can end, and the other types share the mass.
         allowed = torch.zeros(128, dtype=torch.bool)
         allowed[list(state.open_notes if constraints.repeated_note_offs else state.onsets)] = True
-        note_offs = logits[vocab.NOTE_OFF : vocab.TIME_SHIFT]
-        total = torch.logsumexp(note_offs / temperature, 0)
-        note_offs.masked_fill_(~host_to_device(allowed, logits.device), minus_inf)
-        # No host sync: with every note-off masked (or none possible before) the correction is not
-        # finite and counts as 0, so they stay -inf.
-        kept = torch.nan_to_num(total - torch.logsumexp(note_offs / temperature, 0), nan=0.0, posinf=0.0, neginf=0.0)
-        note_offs.add_(kept * temperature)
-    low, high = constraints.pitch_range or (0, 127)
+        logits[vocab.NOTE_OFF : vocab.TIME_SHIFT].masked_fill_(~host_to_device(allowed, logits.device), minus_inf)
     if constraints.pitch_range is not None:
+        low, high = constraints.pitch_range
         logits[vocab.NOTE_ON : vocab.NOTE_ON + low] = minus_inf
         logits[vocab.NOTE_ON + high + 1 : vocab.NOTE_OFF] = minus_inf
-    own = [pitch for pitch in state.sampled if low <= pitch <= high]
-    # Unless every pitch it may play sounds already (a narrow range): after a velocity token only a
-    # note-on may come, so some note-on must stay possible.
-    if constraints.no_own_restrike and own and len(own) <= high - low:
-        sounding_own = torch.zeros(128, dtype=torch.bool)
-        sounding_own[own] = True
-        logits[vocab.NOTE_ON : vocab.NOTE_OFF].masked_fill_(host_to_device(sounding_own, logits.device), minus_inf)
     polyphony_full = constraints.max_polyphony and len(state.onsets) >= constraints.max_polyphony
     too_soon = constraints.min_onset_gap_ms and state.ms_since_onset < constraints.min_onset_gap_ms
     if polyphony_full or too_soon:

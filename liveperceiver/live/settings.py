@@ -144,7 +144,6 @@ class Settings:
 
     def engine_constraints(self):
         """What the engine enforces while sampling: no note-off for a note that is not sounding,
-        no note-on for a pitch the model itself sounds (it releases it first; `no_own_restrike`),
         note-ons only of the pitches the output plays (`played_pitches`: the scheduler drops the
         others, and a dropped note would still end the model's rest and sit in its context as if
         heard), the model closes its own long notes a second before the scheduler's watchdog would
@@ -157,7 +156,6 @@ class Settings:
         played = self.played_pitches
         return Constraints(
             no_orphan_note_off=True,
-            no_own_restrike=True,
             pitch_range=(played.start, played.stop - 1) if played else None,
             max_note_ms=max(500, round(self.max_note_seconds * 1000) - 1000),
             max_rest_ms=round(self.max_rest_seconds * 1000),

@@ -306,7 +306,6 @@ def run_eval(args) -> None:
 
         sampling["constraints"] = Constraints(
             no_orphan_note_off=True,
-            no_own_restrike=True,
             max_note_ms=round(args.max_note_seconds * 1000),
             max_rest_ms=round(args.max_rest_seconds * 1000),
             key_follow=args.key_follow,
