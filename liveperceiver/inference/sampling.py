@@ -112,10 +112,10 @@ class Constraints:
     # decoder would make the second note-off a doubled note (continuations' polyphony 0.90 -> 1.27).
     repeated_note_offs: bool = False
     # No rule against striking a pitch the model sounds: in piano continuations 26% of its note-ons
-    # do (the data's 0.1-1%), its way to repeat a note the session cache kept it from releasing (the
-    # cache's copied note-offs of silent pitches are masked here); the scheduler retriggers, so it is
-    # heard as the repeated note it decodes to. Measured and left out (piano card, "Re-strikes"):
-    # banning it made walls of held notes, keeping the note-off total on sounding notes thin answers.
+    # do (the data's 0.1-1%; 10% with adaptation off), its way to repeat a note it had not released;
+    # the scheduler retriggers, so it is heard as the repeated note it decodes to. Measured and left
+    # out (piano card, "Where the thinness is"): banning it made walls of held notes, keeping the
+    # note-off total on sounding notes made thin answers.
     pitch_range: tuple[int, int] | None = None  # note-ons allowed only in [low, high]
     max_polyphony: int = 0  # no note-on while this many notes sound
     min_onset_gap_ms: int = 0  # no note-on sooner than this after the previous one
