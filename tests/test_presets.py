@@ -156,6 +156,8 @@ def test_int_is_accepted_for_float(tmp_path):
         ('mode = "solo"\n', "mode", "call, duet, listen"),
         ('[timing]\nquantize = "1/5"\n', "timing.quantize", "1/8t"),
         ("[sampling]\ntop_p = nan\n", "sampling.top_p", "0 < top_p <= 1"),
+        # shifted out of MIDI altogether: the model would have no pitch to answer with
+        ("[output]\npitch_low = 100\npitch_high = 110\ntranspose = -30\n", "output.transpose", "a MIDI pitch"),
     ],
 )
 def test_out_of_range(tmp_path, text, key, allowed):

@@ -111,7 +111,7 @@ def load_preset(name_or_path: str | Path, default_model: str | None = None) -> S
         origin = "" if name in values else " (the default)"
         raise UserError(
             f"{path}: {_key(name)} = {_show(getattr(settings, name))}{origin} is outside the allowed values "
-            f"({_allowed(name)})"
+            f"({_allowed_by(error, name)})"
         ) from None
     _check_model(settings, values, path, default_model)
     return settings
@@ -215,6 +215,15 @@ def _allowed(name: str) -> str:
     return ""
 
 
+def _allowed_by(error: ValueError, name: str) -> str:
+    """The allowed values `Settings.validate()` named when it refused `name` (a field checked twice,
+    as transpose is, words each check its own way); `_allowed` when the message is not its own."""
+    message, marker = str(error), " is outside the allowed values ("
+    if message.startswith(f"{name} ") and marker in message and message.endswith(")"):
+        return message[message.rindex(marker) + len(marker) : -1]
+    return _allowed(name)
+
+
 def _key(name: str) -> str:
     section = SECTION_OF[name]
     return f"{section}.{name}" if section else name
@@ -260,7 +269,8 @@ def apply_overrides(settings: Settings, **flags) -> Settings:
         name = str(error).split(" ", 1)[0]
         where = "--" + name.replace("_", "-") if name in changes else f"{_key(name)} (from the preset)"
         raise UserError(
-            f"{where} = {_show(getattr(replace(settings, **changes), name))} is outside the allowed values ({_allowed(name)})"
+            f"{where} = {_show(getattr(replace(settings, **changes), name))} is outside the allowed values "
+            f"({_allowed_by(error, name)})"
         ) from None
 
 

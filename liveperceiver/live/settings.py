@@ -128,6 +128,12 @@ class Settings:
             ("velocity_scale", 0.0 < self.velocity_scale <= 4.0, "0 < velocity_scale <= 4"),
             ("pitch_low", 0 <= self.pitch_low <= 127, "0 .. 127"),
             ("pitch_high", self.pitch_low <= self.pitch_high <= 127, "pitch_low .. 127"),
+            # a shift that leaves the model no pitch to play would leave an answer nothing to open with
+            (
+                "transpose",
+                bool(self.played_pitches),
+                "one that leaves the model a MIDI pitch in pitch_low .. pitch_high",
+            ),
             ("in_channel", 0 <= self.in_channel <= 16, "0 (all) .. 16"),
             ("link_quantum", 1 <= self.link_quantum <= 16, "1 .. 16 beats per bar"),
             ("answer_on", self.answer_on in ANSWER_ON, f"one of {', '.join(ANSWER_ON)}"),
