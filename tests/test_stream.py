@@ -10,7 +10,7 @@ import pytest
 from conftest import TOKENIZER_GOLDEN, golden_midi_files, load_json
 
 from liveperceiver.core import vocab
-from liveperceiver.core.stream import LiveEvent, StreamDecoder, StreamEncoder, encode_stream, file_events
+from liveperceiver.core.stream import LiveEvent, StreamDecoder, StreamEncoder, encode_stream, file_events, played_notes
 from liveperceiver.core.tokenizer import Note, decode_notes, encode_events, encode_midi, note_events, read_midi
 
 
@@ -248,17 +248,6 @@ def decode_stream(tokens: list[int]) -> tuple[list[Note], list]:
     return decoder.notes, events + decoder.close()
 
 
-def paired_notes(events) -> list[Note]:
-    started, notes = {}, []
-    for event in events:
-        if event.kind == "note_on":
-            started[event.pitch] = event
-        else:
-            start = started.pop(event.pitch)
-            notes.append(Note(event.pitch, start.velocity, start.time, event.time))
-    return notes
-
-
 def well_formed(tokens: list[int]) -> bool:
     """Every note-on is closed once, by the next note-off of its pitch, before that pitch starts again."""
     sounding: set[int] = set()
@@ -293,7 +282,7 @@ def test_decoder_matches_golden_notes(path):
     notes, events = decode_stream(golden["tokens"])
     assert note_rows(notes) == golden["notes"]
     if well_formed(golden["tokens"]):
-        assert note_rows(paired_notes(events)) == golden["notes"]
+        assert note_rows(played_notes(golden["tokens"])) == golden["notes"]
 
 
 def test_playback_events_pair_into_reference_notes_when_well_formed():
@@ -301,7 +290,7 @@ def test_playback_events_pair_into_reference_notes_when_well_formed():
     assert len(checked) >= 20
     for tokens in checked:
         _, events = decode_stream(tokens)
-        assert note_rows(paired_notes(events)) == note_rows(decode_notes(tokens))
+        assert note_rows(played_notes(tokens)) == note_rows(decode_notes(tokens))
         times = [event.time for event in events]
         assert times == sorted(times)
 
@@ -316,3 +305,16 @@ def test_playback_events_never_double_a_pitch():
         ("note_on", 60, 0.1),
         ("note_off", 60, 0.2),
     ]
+
+
+def test_played_notes_are_what_the_scheduler_sounds():
+    """A pitch struck again while it sounds is two notes to the ear (the first ends at the second
+    strike), where the reference decoder keeps only the second; a note never closed ends with the
+    stream. The continuations' figures count these."""
+    tokens = [60, 64, vocab.TIME_SHIFT + 9, 60, vocab.TIME_SHIFT + 19, vocab.note_off(60), vocab.TIME_SHIFT + 9]
+    assert note_rows(decode_notes(tokens)) == [[60, 0, 0.1, 0.3]]
+    assert note_rows(played_notes(tokens)) == [[60, 0, 0.0, 0.1], [64, 0, 0.0, 0.4], [60, 0, 0.1, 0.3]]
+    from liveperceiver.training.continuations import note_stats
+
+    stats = note_stats(tokens)
+    assert stats["notes"] == 3 and stats["polyphony"] == pytest.approx((2 + 2 + 2) / 3)

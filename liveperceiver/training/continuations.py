@@ -46,14 +46,16 @@ def well_formed(prompt: list[int], continuation: list[int], max_open_s: float | 
 
 
 def note_stats(tokens: list[int]) -> dict:
-    """Pitch classes, velocity bins, density, polyphony, note lengths and inter-onset intervals of decoded notes.
+    """Pitch classes, velocity bins, density, polyphony, note lengths and inter-onset intervals of
+    the notes as `play` sounds them (`stream.played_notes`).
 
-    Density counts note-on tokens, every attack a listener hears: a pitch struck again while it
-    sounds is a new note to the ear, but the decoder keeps only the last of the two (and the model
-    does this often: about a third of its notes in piano continuations)."""
-    from liveperceiver.core.tokenizer import decode_notes
+    A pitch struck again while it sounds is two notes to the ear (the scheduler retriggers it), where
+    the reference decoder keeps only the last of the two; the model does this for about a quarter of
+    its note-ons in piano continuations, so until 2026-12-04 these figures, polyphony most, counted
+    its answers thinner than they sound. Density counts note-on tokens, every attack."""
+    from liveperceiver.core.stream import played_notes
 
-    notes = decode_notes(tokens)
+    notes = played_notes(tokens)
     duration = sum(vocab.time_shift_steps(t) for t in tokens if vocab.TIME_SHIFT <= t < vocab.VELOCITY) / 100
     pcs = np.bincount([n.pitch % 12 for n in notes], minlength=12).astype(float)
     bins = np.bincount([n.velocity * vocab.NUM_VELOCITY_BINS // 128 for n in notes], minlength=32).astype(float)
