@@ -4,7 +4,7 @@ the note-length guard closes them like the model's own, so a prompt cut mid-chor
 from __future__ import annotations
 
 from liveperceiver.core import vocab
-from liveperceiver.inference.continuation import continue_prompt, generate, handover_flags
+from liveperceiver.inference.continuation import Continuation, continue_prompt, generate, handover_flags
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import Constraints, SamplingSettings
 
@@ -53,3 +53,11 @@ def test_a_prompt_cut_after_a_velocity_plays_its_note_then_closes_the_held_ones(
         engine = Engine(tiny_model, sampling=SamplingSettings(seed=seed), constraints=guard, device="cpu")
         first, second = continue_prompt(engine, prompt, 2)
         assert vocab.event_type(first) == "note_on" and second == vocab.note_off(60)
+
+
+def test_a_continuation_file_holds_a_re_struck_note_twice():
+    """`continue` writes what `play` would sound: a pitch the model strikes again while it sounds is
+    a repeated note (the reference decoder would keep only the second strike)."""
+    generated = [60, vocab.TIME_SHIFT + 9, 60, vocab.TIME_SHIFT + 9, vocab.note_off(60)]
+    notes = Continuation(prompt=[], generated=generated).notes(include_prompt=False)
+    assert [(n.pitch, round(n.start, 3), round(n.end, 3)) for n in notes] == [(60, 0.0, 0.1), (60, 0.1, 0.2)]

@@ -10,7 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from liveperceiver.core import vocab
-from liveperceiver.core.tokenizer import Note, decode_notes, notes_to_midi, write_midi
+from liveperceiver.core.stream import played_notes
+from liveperceiver.core.tokenizer import Note, notes_to_midi, write_midi
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import StreamState
 
@@ -24,7 +25,9 @@ class Continuation:
         return seconds_of(self.generated)
 
     def notes(self, include_prompt: bool) -> list[Note]:
-        """Decoded notes; notes still sounding at the end are closed there, so none are lost.
+        """The notes as `play` sounds them (`stream.played_notes`: a pitch struck again while it sounds
+        is two notes, where the reference decoder keeps only the second); notes still sounding at the
+        end are closed there, so none are lost.
 
         The whole sequence is decoded (so the continuation keeps the prompt's velocity and its
         note-offs match); without the prompt, notes starting before the continuation are dropped
@@ -34,7 +37,7 @@ class Continuation:
         for token in tokens:
             state.push(token)
         closing = [vocab.TIME_SHIFT] + [vocab.note_off(pitch) for pitch in sorted(state.sounding)]
-        notes = decode_notes(tokens + closing)
+        notes = played_notes(tokens + closing)
         if include_prompt:
             return notes
         offset = seconds_of(self.prompt)
