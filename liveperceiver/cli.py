@@ -39,7 +39,9 @@ def add_tokenize(subparsers) -> None:
 
 
 def add_detokenize(subparsers) -> None:
-    parser = subparsers.add_parser("detokenize", help="write the MIDI file decoded from a JSON token list")
+    parser = subparsers.add_parser(
+        "detokenize", help="write the MIDI file decoded from a JSON token list (as perceiver-io's decoder pairs notes)"
+    )
     parser.add_argument("tokens", type=Path, help="a JSON file holding a list of token ids")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the MIDI file to write")
     parser.set_defaults(handler=lazy("liveperceiver.core.tokenizer", "run_detokenize"))

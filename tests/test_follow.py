@@ -280,7 +280,7 @@ def test_continuation_statistics_of_known_notes():
     assert velocity_overlap(note_stats(a), note_stats(a)) == pytest.approx(1.0)
     assert note_stats(a)["density"] == pytest.approx(2.0)  # 4 notes in 2 s
     restruck = [376, 60, ts, 376, 60, ts, 188, ts, ts]  # C4 struck twice before its note-off: two notes heard
-    assert note_stats(restruck)["density"] == pytest.approx(1.0)  # 2 note-ons in 2 s (the decoder keeps one)
+    assert note_stats(restruck)["density"] == pytest.approx(1.0)  # 2 note-ons in 2 s (both heard)
     assert rate_ratio(1.5, 2.0) == 0.75 and rate_ratio(1.0, 0.0) is None
     assert note_stats(a)["longest_rest"] == pytest.approx(0.5)  # a note-on every 0.5 s, the last 0.5 s before the end
     wait = [vocab.TIME_SHIFT + 99] * 3  # 3 s

@@ -281,8 +281,18 @@ def test_decoder_matches_golden_notes(path):
     golden = load_json(path.with_suffix(".json"))
     notes, events = decode_stream(golden["tokens"])
     assert note_rows(notes) == golden["notes"]
+    assert_each_note_on_then_its_off(events)
     if well_formed(golden["tokens"]):
         assert note_rows(played_notes(golden["tokens"])) == golden["notes"]
+
+
+def assert_each_note_on_then_its_off(events) -> None:
+    """The events alternate per pitch, on then off (played_notes would pass over a stray note-off)."""
+    sounding: set[int] = set()
+    for event in events:
+        assert (event.pitch in sounding) == (event.kind == "note_off"), event
+        sounding ^= {event.pitch}
+    assert not sounding
 
 
 def test_playback_events_pair_into_reference_notes_when_well_formed():
@@ -290,6 +300,7 @@ def test_playback_events_pair_into_reference_notes_when_well_formed():
     assert len(checked) >= 20
     for tokens in checked:
         _, events = decode_stream(tokens)
+        assert_each_note_on_then_its_off(events)
         assert note_rows(played_notes(tokens)) == note_rows(decode_notes(tokens))
         times = [event.time for event in events]
         assert times == sorted(times)

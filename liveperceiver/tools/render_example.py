@@ -14,7 +14,8 @@ import numpy as np
 import pretty_midi
 
 from liveperceiver.core.errors import UserError, atomic_output
-from liveperceiver.core.tokenizer import decode_notes, encode_midi, parse_midi, write_midi
+from liveperceiver.core.stream import played_notes
+from liveperceiver.core.tokenizer import encode_midi, parse_midi, write_midi
 from liveperceiver.tools.render import render_midi
 from liveperceiver.training.continuations import note_stats
 from liveperceiver.training.dataset import music21_corpus_dir, score_midis
@@ -28,7 +29,7 @@ def describe(midi: pretty_midi.PrettyMIDI) -> dict:
     `eval` measures continuations: notes, seconds, notes per second, polyphony (notes sounding at each
     onset), velocity range and distinct velocity bins, and the share of the time the pedal is down."""
     tokens = encode_midi(midi)
-    notes = decode_notes(tokens)
+    notes = played_notes(tokens)  # the notes note_stats counts
     stats = note_stats(tokens)
     seconds = max((n.end for n in notes), default=0.0)
     down = 0.0

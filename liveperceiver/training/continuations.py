@@ -52,7 +52,8 @@ def note_stats(tokens: list[int]) -> dict:
     A pitch struck again while it sounds is two notes to the ear (the scheduler retriggers it), where
     the reference decoder keeps only the last of the two; the model does this for about a quarter of
     its note-ons in piano continuations, so until 2026-12-04 these figures, polyphony most, counted
-    its answers thinner than they sound. Density counts note-on tokens, every attack."""
+    its answers thinner than they sound. Density counts note-on tokens, every strike sampled (a
+    zero-length one, which never sounds, too)."""
     from liveperceiver.core.stream import played_notes
 
     notes = played_notes(tokens)
