@@ -304,6 +304,8 @@ def run_eval(args) -> None:
     if not args.no_constraints:
         from liveperceiver.inference.sampling import Constraints
 
+        # play's pitch range (Settings.played_pitches) is left out: it bounds what the model plays,
+        # and a true note outside it would score an infinite NLL here
         sampling["constraints"] = Constraints(
             no_orphan_note_off=True,
             max_note_ms=round(args.max_note_seconds * 1000),

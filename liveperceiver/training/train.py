@@ -35,7 +35,7 @@ from liveperceiver.core.model import PerceiverAR, PerceiverARConfig
 from liveperceiver.runtime import set_torch_threads
 from liveperceiver.training.augment import AugmentConfig
 from liveperceiver.training.dataset import TokenDataset, selection_report
-from liveperceiver.training.devices import join_ranks, native_bf16, record_rank_checksums, training_device
+from liveperceiver.training.devices import exit_rank, join_ranks, native_bf16, record_rank_checksums, training_device
 from liveperceiver.training.nll import windows_nll
 from liveperceiver.training.windows import WindowSampler, eval_windows
 
@@ -538,6 +538,7 @@ def run_train(args) -> None:
             else "no validation pieces (best/ is the latest model)"
         )
         print(f"step {result['step']}, {result['tokens_seen']:,} tokens, {validation} -> {args.out}")
+    exit_rank()
 
 
 def export_best(
