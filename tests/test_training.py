@@ -296,6 +296,12 @@ def test_score_batches_put_their_targets_in_plain_scores(dataset_dir):
     assert hits["anywhere"] < 30, hits  # without the share, targets fall anywhere
 
 
+def ranks_own_output(stderr: str) -> str:
+    """What the ranks themselves printed to stderr (the end of it), before torchrun's own report,
+    whose tracebacks would fill the message and hide a rank's error."""
+    return stderr.split("torch/distributed/elastic")[0][-2000:]
+
+
 def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
@@ -308,8 +314,7 @@ def test_two_process_data_parallel_keeps_ranks_identical_and_learns(dataset_dir,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=180,
     )
-    ranks_own = result.stderr.split("torch/distributed/elastic")[0]  # before the launcher's report
-    assert result.returncode == 0, ranks_own[-2000:]
+    assert result.returncode == 0, ranks_own_output(result.stderr)
     ranks = json.loads((out / "ranks.json").read_text())
     assert ranks["world_size"] == 2 and ranks["checksums"][0] == ranks["checksums"][1]
     losses = [float(r["loss"]) for r in csv.DictReader((out / "log.csv").open())]
@@ -420,8 +425,7 @@ def test_two_gpu_data_parallel_keeps_ranks_identical(dataset_dir, tmp_path, engi
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
     )
-    ranks_own = result.stderr.split("torch/distributed/elastic")[0]  # before the launcher's report
-    assert result.returncode == 0, ranks_own[-2000:]
+    assert result.returncode == 0, ranks_own_output(result.stderr)
     ranks = json.loads((out / "ranks.json").read_text())
     assert ranks["world_size"] == 2 and ranks["checksums"][0] == ranks["checksums"][1]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
