@@ -76,6 +76,24 @@ def test_named_port_errors_and_reconnects():
         midi_in.close()
 
 
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
+def test_a_jack_port_is_unregistered_only_after_the_graph_was_quiet():
+    """libjack's notification thread walks a client's port list after each graph change, unlocked
+    against the unregister (jack2 #216): a port closed right after another change waits it out."""
+    port = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="lp-test-quiet")
+    try:
+        port.open_virtual_port("quiet")
+        assert any(name.endswith(":quiet") for name in ports.list_ports("jack")[1])
+        ports.jack_graph_changed()
+        changed = time.monotonic()
+        ports.unregister(port)
+        assert time.monotonic() - changed >= ports.JACK_GRACE_S
+        assert not any(name.endswith(":quiet") for name in ports.list_ports("jack")[1])
+    finally:
+        ports.release(port)
+
+
 def test_ambiguous_port_name_is_a_user_error():
     with pytest.raises(UserError, match="ambiguous"):
         ports.match_port(["a:piano 1", "a:piano 2"], "piano")

@@ -43,7 +43,7 @@ API_CHOICES = ("auto", *API_IDS)
 StampedMessage = tuple[float, list[int]]  # (time.monotonic() seconds, raw MIDI bytes)
 POLL_S = 0.0005  # how often an input is read when idle: adds at most this to a message's stamp
 POLLER_NICE = 10  # the input readers' nice value (lower_thread_priority)
-JACK_CYCLE_GRACE_S = 0.1  # release(): time a JACK process cycle in flight gets to finish
+JACK_GRACE_S = 0.1  # time JACK work in flight gets to finish: a process cycle, a graph change's notifications
 
 
 # --------------------------------------------------------------------------- which APIs work here
@@ -123,6 +123,7 @@ def list_ports(api: str) -> tuple[list[str], list[str]]:
     """(input port names, output port names) that `api` sees now."""
     midi_in = rtmidi.MidiIn(API_IDS[api], name=f"{CLIENT_NAME} list")
     midi_out = rtmidi.MidiOut(API_IDS[api], name=f"{CLIENT_NAME} list")
+    jack_graph_changed()  # two clients opened
     try:
         return midi_in.get_ports(), midi_out.get_ports()
     finally:
@@ -149,19 +150,59 @@ def match_port(names: list[str], wanted: str) -> int | None:
 def release(port) -> None:
     """Close and free an rtmidi MidiIn/MidiOut (again: nothing); never use it afterwards.
 
-    Closing first unregisters the port right after a process cycle ends (rtmidi's JACK output waits
-    for one), so later cycles return before touching anything. An open JACK output then gets
-    JACK_CYCLE_GRACE_S before it is freed: RtMidi 5.0 (in python-rtmidi 1.5.8) frees its ring
+    Closing first unregisters the port (see `unregister`) right after a process cycle ends (rtmidi's
+    JACK output waits for one), so later cycles return before touching anything. An open JACK output
+    then gets JACK_GRACE_S before it is freed: RtMidi 5.0 (in python-rtmidi 1.5.8) frees its ring
     buffer before it stops the client's process thread, and a late cycle still reading that buffer
-    would crash the process.
+    would crash the process. Freeing closes the client: a graph change.
     """
     if port.is_deleted:
         return
     was_open = port.is_port_open()
-    port.close_port()
-    if was_open and isinstance(port, rtmidi.MidiOut) and port.get_current_api() == rtmidi.API_UNIX_JACK:
-        time.sleep(JACK_CYCLE_GRACE_S)
+    is_jack = port.get_current_api() == rtmidi.API_UNIX_JACK
+    unregister(port)
+    if was_open and is_jack and isinstance(port, rtmidi.MidiOut):
+        time.sleep(JACK_GRACE_S)
     port.delete()
+    if is_jack:
+        jack_graph_changed()
+
+
+_graph_lock = threading.Lock()  # one JACK port unregistered at a time in this process
+_last_graph_change = 0.0  # time.monotonic() of this process's last JACK graph change; any thread sets it
+
+
+def jack_graph_changed() -> None:
+    """Note a JACK graph change this process made or saw: a client opened or closed, a port
+    registered, connected or gone. `unregister` waits until JACK_GRACE_S after the last one."""
+    global _last_graph_change
+    _last_graph_change = time.monotonic()
+
+
+def wait_for_quiet_jack_graph() -> None:
+    """Sleep until JACK_GRACE_S has passed since this process's last JACK graph change."""
+    time.sleep(max(0.0, _last_graph_change + JACK_GRACE_S - time.monotonic()))
+
+
+def unregister(port) -> None:
+    """`close_port()`; an open JACK port only once the graph has been quiet for JACK_GRACE_S.
+
+    Why: libjack (JACK2, as python-rtmidi's wheel bundles it) removes a port from its client's list
+    without a lock in jack_port_unregister, while the client's notification thread walks that list
+    to recompute latencies after any graph change on the server (jack2 issue #216; gdb put a crash
+    in JackClient::HandleLatencyCallback). The notifications come a cycle or two after a change, so
+    a port closed right after another client closed (a test's or the bench's musician closing its
+    two clients, a session its two ports) could remove it while they ran: a segfault, seen in CI.
+    Changes by other processes cannot be timed this way; `_Port.close` leaves `play`'s ports to
+    the process's exit for that reason.
+    """
+    if not port.is_port_open() or port.get_current_api() != rtmidi.API_UNIX_JACK:
+        port.close_port()
+        return
+    with _graph_lock:
+        wait_for_quiet_jack_graph()
+        port.close_port()
+        jack_graph_changed()
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -257,7 +298,9 @@ class _Port:
 
     def _new_client(self):
         try:
-            return self._new()
+            port = self._new()
+            jack_graph_changed()  # a client opened
+            return port
         except rtmidi.RtMidiError as error:  # e.g. the JACK server went away after resolve_api()
             raise UserError(
                 f"cannot open a {self.api} MIDI {self.direction} client ({error}): {_install_hint(self.api)}"
@@ -273,6 +316,7 @@ class _Port:
         try:
             before = lister.get_ports() if lister is not None and self.api == "jack" else None
             self.port.open_virtual_port(self.virtual_name)
+            jack_graph_changed()
             after = lister.get_ports() if before is not None else []
         except rtmidi.RtMidiError as error:
             release(self.port)
@@ -287,6 +331,7 @@ class _Port:
     def _open(self, index: int) -> None:
         name = self.port.get_ports()[index]
         self.port.open_port(index, self.virtual_name)
+        jack_graph_changed()
         self.connected_name = name
 
     def _before_close(self) -> None:
@@ -302,11 +347,10 @@ class _Port:
             return None
         with self.lock:
             names = self.port.get_ports()
-            if self.connected_name is not None and self.connected_name not in names:
-                self.port.close_port()
-                lost, self.connected_name = self.connected_name, None
-                return f"{self.direction} port {lost!r} vanished; waiting for it to return"
-            if self.connected_name is None:
+            lost = self.connected_name if self.connected_name is not None and self.connected_name not in names else None
+            if lost is not None:
+                self.connected_name = None  # send() drops from here on
+            elif self.connected_name is None:
                 try:
                     index = match_port(names, self.wanted)
                 except UserError:
@@ -314,18 +358,23 @@ class _Port:
                 if index is not None:
                     self._open(index)
                     return f"{self.direction} port {self.connected_name!r} reconnected"
-        return None
+        if lost is None:
+            return None
+        jack_graph_changed()  # the port's removal: its notifications may still be arriving
+        wait_for_quiet_jack_graph()  # here, not under self.lock, where send() would wait with it
+        with self.lock:
+            if not self.port.is_deleted:
+                unregister(self.port)
+        return f"{self.direction} port {lost!r} vanished; waiting for it to return"
 
     def close(self, release_port: bool = True) -> None:
         """Stop using the port and close it; with `release_port` False a JACK port is left to the
         process's exit (the caller exits next: `liveperceiver play`).
 
-        Why: libjack (JACK2, as python-rtmidi's wheel bundles it) changes a client's list of ports
-        without a lock in jack_port_unregister, while the client's notification thread walks that
-        list to recompute latencies after any graph change on the server (jack2 issue #216). If one
-        arrives at that moment the process crashes; gdb puts the fault in
-        JackClient::HandleLatencyCallback. A process that exits with its client open leaves the
-        removal to the server, and nothing walks a list that changes."""
+        Why: an unregister races libjack's latency notifications (see `unregister`); this process's
+        own graph changes are waited out there, a change made by another program at that moment
+        (a DAW connecting) cannot be. A process that exits with its client open leaves the removal
+        to the server, and nothing walks a list that changes."""
         with self.lock:
             self._before_close()
             if release_port or self.api != "jack":
@@ -399,6 +448,7 @@ class MidiOutput(_Port):
             return None
         heard = threading.Event()
         probe = rtmidi.MidiIn(API_IDS[self.api], name=f"{CLIENT_NAME} probe")
+        jack_graph_changed()
         probe.ignore_types(sysex=True, timing=True, active_sense=False)
         reader = InputReader(probe, lambda stamped: heard.set() if stamped[1] == [0xFE] else None, "midi-probe")
         try:
@@ -409,6 +459,7 @@ class MidiOutput(_Port):
             if not ours:
                 return False
             probe.open_port(ours[0], f"{CLIENT_NAME} probe")
+            jack_graph_changed()
             deadline = time.monotonic() + timeout
             while not heard.is_set() and time.monotonic() < deadline:
                 self.send([0xFE])

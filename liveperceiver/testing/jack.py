@@ -26,6 +26,7 @@ from liveperceiver.live.ports import (
     VIRTUAL_OUT,
     InputReader,
     StampedMessage,
+    jack_graph_changed,
     jack_server_running,
     match_port,
     release,
@@ -119,6 +120,7 @@ class JackPlayer:
         self.out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"{name}-keys")
         self.inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=f"{name}-ears")
         self.inp.ignore_types(sysex=True, timing=False, active_sense=True)
+        jack_graph_changed()  # two clients opened
         self.heard: list[StampedMessage] = []
         self.lock = threading.Lock()
         self.reader = InputReader(self.inp, self._hear, name=f"{name}-ears")
@@ -133,9 +135,11 @@ class JackPlayer:
 
     def connect_out(self, name: str, timeout: float = 5.0) -> None:
         self.out.open_port(_wait_for_port(self.out, name, timeout))
+        jack_graph_changed()
 
     def connect_in(self, name: str, timeout: float = 5.0) -> None:
         self.inp.open_port(_wait_for_port(self.inp, name, timeout))
+        jack_graph_changed()
 
     def _hear(self, stamped: StampedMessage) -> None:
         with self.lock:
