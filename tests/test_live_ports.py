@@ -256,7 +256,7 @@ def test_a_silent_virtual_output_is_found_and_reopened(fresh_jack_server):  # no
     keys = None
     try:
         assert output.delivers() is True
-        output.port.close_port()  # its port gone: from outside, what a stalled JACK client looks like
+        ports.unregister(output.port)  # its port gone: from outside, what a stalled JACK client looks like
         assert output.delivers() is False
         assert output.ensure_delivery() is True
         assert any("reopening" in line for line in lines)
