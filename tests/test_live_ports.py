@@ -17,6 +17,7 @@ from liveperceiver.live.clock import ClockTracker
 from liveperceiver.live.recorder import Recorder, export_journal, recover
 from liveperceiver.live.scheduler import OutNote, Scheduler
 from liveperceiver.live.settings import Settings
+from liveperceiver.testing import jack_stress
 from liveperceiver.testing.jack import private_jack_server
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, wait_for  # noqa: F401
 
@@ -92,6 +93,15 @@ def test_a_jack_port_is_unregistered_only_after_the_graph_was_quiet():
         assert not any(name.endswith(":quiet") for name in ports.list_ports("jack")[1])
     finally:
         ports.release(port)
+
+
+@pytest.mark.jack
+def test_the_stress_loop_closes_each_port_after_a_quiet_graph():
+    """`jack_stress` (the crash's reproduction) runs its rounds, each port closed a grace after the
+    other client's close: at most one round per JACK_GRACE_S."""
+    seconds = 1.0
+    rounds = jack_stress.stress(seconds, raw=False)
+    assert 1 <= rounds <= seconds / ports.JACK_GRACE_S + 1
 
 
 def test_ambiguous_port_name_is_a_user_error():
