@@ -136,6 +136,10 @@ class ClockTracker:
         around the line. A single late pulse is followed by one on time; a slower tempo falls further
         behind with every pulse and spreads the line's residuals. When the jitter (residuals' range)
         comes near a period the two cannot be told apart, and pulses are counted as they come.
+        A repeated pulse is counted (the grid moves a pulse early): dropping one that came a period
+        early, with the next on time without it, was tried and dropped genuine pulses where the
+        backend's period is longer than a pulse (1024 frames at 120 bpm: two pulses share a stamp
+        as a repeat and its original do, and the line hides the jitter that shows it).
         """
         if not self.repairable or len(self.points) < PPQN + 1:
             return
