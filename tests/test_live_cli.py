@@ -88,6 +88,7 @@ def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, fresh_
         sigterm_at = time.monotonic()
         process.send_signal(signum)
         process.wait(10)
+        ports.jack_graph_changed()  # the server removes play's ports now: keys.close() waits that out
         elapsed = time.monotonic() - sigterm_at
         assert process.returncode == 0, (tmp_path / "play.out").read_text()
         assert elapsed < 1.5  # the 1 s bound (about 0.2 s here), with a CI margin
@@ -113,6 +114,7 @@ def test_kill_9_then_recover_rebuilds_the_take(tmp_path, capsys):
         time.sleep(0.4)  # more than the 250 ms flush bound
         process.kill()
         process.wait(10)
+        ports.jack_graph_changed()  # the server removes the dead client now: keys.close() waits that out
     finally:
         keys.close()
     assert main(["recover", str(tmp_path / "s"), "-o", str(tmp_path / "r.mid")]) == 0

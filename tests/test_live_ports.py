@@ -86,13 +86,20 @@ def test_a_jack_port_is_unregistered_only_after_the_graph_was_quiet():
     try:
         port.open_virtual_port("quiet")
         assert any(name.endswith(":quiet") for name in ports.list_ports("jack")[1])
-        ports.jack_graph_changed()
         changed = time.monotonic()
+        ports.jack_graph_changed()
         ports.unregister(port)
         assert time.monotonic() - changed >= ports.JACK_GRACE_S
         assert not any(name.endswith(":quiet") for name in ports.list_ports("jack")[1])
     finally:
         ports.release(port)
+    output = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-quiet-out")
+    output.open_virtual_port("quiet-out")
+    changed = time.monotonic()
+    ports.jack_graph_changed()
+    ports.release(output)  # release unregisters through the same wait (then the output's own grace)
+    assert time.monotonic() - changed >= 2 * ports.JACK_GRACE_S
+    assert not any(name.endswith(":quiet-out") for name in ports.list_ports("jack")[0])
 
 
 @pytest.mark.jack

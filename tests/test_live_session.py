@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from liveperceiver.core import vocab
+from liveperceiver.live import ports
 from liveperceiver.live.clock import CLOCK, PPQN, START
 from liveperceiver.live.play import realtime_process
 from liveperceiver.live.session import Session
@@ -181,6 +182,7 @@ def test_output_routed_back_to_input_does_not_run_away(live, jack_server):  # no
     out_port = "LivePerceiver Out:LivePerceiver Out"
     in_port = "LivePerceiver In:LivePerceiver In"
     subprocess.run(["jack_connect", "-s", jack_server, out_port, in_port], check=True, capture_output=True)
+    ports.jack_graph_changed()
     keys.phrase([60, 63, 67])
     assert wait_for(lambda: session.snapshot().notes_out >= 2, timeout=30), session.snapshot().log
     time.sleep(2)
@@ -190,6 +192,7 @@ def test_output_routed_back_to_input_does_not_run_away(live, jack_server):  # no
     assert snap.notes_in - 3 <= snap.notes_out // 4
     assert snap.notes_out < 100  # no runaway
     subprocess.run(["jack_disconnect", "-s", jack_server, out_port, in_port], check=True, capture_output=True)
+    ports.jack_graph_changed()  # the session's ports close next: that waits this out
 
 
 def test_tempo_from_midi_clock_and_transport(live):
@@ -234,8 +237,6 @@ def test_thru_and_output_options(live):
 
 
 def test_auto_api_finds_jack_here():
-    from liveperceiver.live import ports
-
     if ports.api_available("alsa"):
         pytest.skip("ALSA sequencer present: auto picks ALSA")
     assert ports.resolve_api("auto") == "jack"

@@ -7,7 +7,7 @@ python-rtmidi directly (raw byte lists, no message objects on the real-time path
   `time.monotonic()` as it arrives and puts `(time, bytes)` on a queue. The backend's own thread (JACK's
   process cycle) never runs Python: see `InputReader` for why.
 - `MidiOutput.send()` is called by the scheduler thread only.
-- A port attached by name (`--in/--out`) is checked with `check()` from a housekeeping thread; when
+- A port attached by name (`--in/--out`) is checked with `check()` from the session's input thread; when
   it vanishes this is reported once, and when a port of that name returns it is reopened.
 """
 
@@ -70,6 +70,7 @@ def jack_server_running() -> bool:
     if not client:
         return False
     jack.jack_client_close(client)
+    jack_graph_changed()  # a client came and went
     return True
 
 
@@ -180,8 +181,10 @@ def jack_graph_changed() -> None:
 
 
 def wait_for_quiet_jack_graph() -> None:
-    """Sleep until JACK_GRACE_S has passed since this process's last JACK graph change."""
-    time.sleep(max(0.0, _last_graph_change + JACK_GRACE_S - time.monotonic()))
+    """Sleep until JACK_GRACE_S has passed since this process's last JACK graph change (one noted
+    meanwhile by another thread, the UI's port listing say, moves the end)."""
+    while (left := _last_graph_change + JACK_GRACE_S - time.monotonic()) > 0:
+        time.sleep(left)
 
 
 def unregister(port) -> None:
@@ -194,7 +197,8 @@ def unregister(port) -> None:
     a port closed right after another client closed (a test's or the bench's musician closing its
     two clients, a session its two ports) could remove it while they ran: a segfault, seen in CI.
     Changes by other processes cannot be timed this way; `_Port.close` leaves `play`'s ports to
-    the process's exit for that reason.
+    the process's exit for that reason. Registering a port adds to the same list unlocked; an
+    append racing the walk frees nothing, and opens are not delayed.
     """
     if not port.is_port_open() or port.get_current_api() != rtmidi.API_UNIX_JACK:
         port.close_port()
@@ -360,8 +364,9 @@ class _Port:
                     return f"{self.direction} port {self.connected_name!r} reconnected"
         if lost is None:
             return None
-        jack_graph_changed()  # the port's removal: its notifications may still be arriving
-        wait_for_quiet_jack_graph()  # here, not under self.lock, where send() would wait with it
+        if self.api == "jack":
+            jack_graph_changed()  # the port's removal: its notifications may still be arriving
+            wait_for_quiet_jack_graph()  # here, not under self.lock, where send() would wait with it
         with self.lock:
             if not self.port.is_deleted:
                 unregister(self.port)
