@@ -19,6 +19,7 @@ from liveperceiver.live.scheduler import OutNote, Scheduler
 from liveperceiver.live.settings import Settings
 from liveperceiver.testing import jack_stress
 from liveperceiver.testing.jack import private_jack_server
+from tests.conftest import require_command
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, wait_for  # noqa: F401
 
 
@@ -106,6 +107,7 @@ def test_a_jack_port_is_unregistered_only_after_the_graph_was_quiet():
 def test_the_stress_loop_closes_each_port_after_a_quiet_graph():
     """`jack_stress` (the crash's reproduction) runs its rounds, each port closed a grace after the
     other client's close: at most one round per JACK_GRACE_S."""
+    require_command("jackd", "Debian/Ubuntu: apt install jackd2")  # skips here, fails in CI
     seconds = 1.0
     rounds = jack_stress.stress(seconds, raw=False)
     assert 1 <= rounds <= seconds / ports.JACK_GRACE_S + 1
