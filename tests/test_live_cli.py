@@ -70,8 +70,9 @@ def diagnose(tmp_path, server: str) -> str:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, fresh_jack_server, signum):  # noqa: F811
     process = start_play(tmp_path / "s", "--record", str(tmp_path / "take.mid"))
-    keys = Keyboard()
+    keys = None
     try:
+        keys = Keyboard()  # in the try: if it fails, play is still stopped (left running, it loaded later tests)
         assert until_heard(keys, tmp_path / "s" / "journal.txt"), diagnose(tmp_path, fresh_jack_server)
         keys.phrase([60, 64, 67, 72])
         if not wait_for(lambda: keys.note_ons(), timeout=20):
@@ -102,21 +103,24 @@ def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, fresh_
     finally:
         if process.poll() is None:
             process.kill()
-        keys.close()
+        if keys is not None:
+            keys.close()
 
 
 def test_kill_9_then_recover_rebuilds_the_take(tmp_path, capsys):
     process = start_play(tmp_path / "s", "--mode", "listen")
-    keys = Keyboard()
+    keys = None
     try:
+        keys = Keyboard()
         assert until_heard(keys, tmp_path / "s" / "journal.txt")
         keys.phrase([60, 62, 64, 65, 67, 69])
         time.sleep(0.4)  # more than the 250 ms flush bound
+    finally:
         process.kill()
         process.wait(10)
         ports.jack_graph_changed()  # the server removes the dead client now: keys.close() waits that out
-    finally:
-        keys.close()
+        if keys is not None:
+            keys.close()
     assert main(["recover", str(tmp_path / "s"), "-o", str(tmp_path / "r.mid")]) == 0
     assert "Player " in capsys.readouterr().out
     midi = mido.MidiFile(tmp_path / "r.mid")

@@ -43,6 +43,7 @@ API_CHOICES = ("auto", *API_IDS)
 StampedMessage = tuple[float, list[int]]  # (time.monotonic() seconds, raw MIDI bytes)
 POLL_S = 0.0005  # how often an input is read when idle: adds at most this to a message's stamp
 POLLER_NICE = 10  # the input readers' nice value (lower_thread_priority)
+LISTING_ATTEMPTS = 5  # port_names(): listings tried while ports come and go
 JACK_GRACE_S = 0.1  # time JACK work in flight gets to finish: a process cycle, a graph change's notifications
 
 
@@ -126,10 +127,22 @@ def list_ports(api: str) -> tuple[list[str], list[str]]:
     midi_out = rtmidi.MidiOut(API_IDS[api], name=f"{CLIENT_NAME} list")
     jack_graph_changed()  # two clients opened
     try:
-        return midi_in.get_ports(), midi_out.get_ports()
+        return port_names(midi_in), port_names(midi_out)
     finally:
         release(midi_in)
         release(midi_out)
+
+
+def port_names(port) -> list[str]:
+    """`port.get_ports()`, listed again when a port vanished mid-listing: python-rtmidi asks for the
+    count, then for each name by number, and a JACK port can go in between (InvalidPortError; seen
+    in CI while a starting session's probe port closed)."""
+    for _ in range(LISTING_ATTEMPTS - 1):
+        try:
+            return port.get_ports()
+        except rtmidi.InvalidPortError:
+            time.sleep(0.01)
+    return port.get_ports()
 
 
 def match_port(names: list[str], wanted: str) -> int | None:
@@ -290,9 +303,9 @@ class _Port:
         if self.wanted is None:
             self.open_virtual(lister)
             return
-        index = match_port(self.port.get_ports(), self.wanted)
+        index = match_port(port_names(self.port), self.wanted)
         if index is None:
-            available = ", ".join(self.port.get_ports()) or "none"
+            available = ", ".join(port_names(self.port)) or "none"
             release(self.port)
             raise UserError(f"no MIDI {self.direction} port matches {self.wanted!r}; available: {available}")
         self._open(index)
@@ -318,10 +331,10 @@ class _Port:
         instance's client is renamed `LivePerceiver In-01`). No extra client is opened for it:
         every JACK client opened and closed is one more exposure to libjack's races (see close)."""
         try:
-            before = lister.get_ports() if lister is not None and self.api == "jack" else None
+            before = port_names(lister) if lister is not None and self.api == "jack" else None
             self.port.open_virtual_port(self.virtual_name)
             jack_graph_changed()
-            after = lister.get_ports() if before is not None else []
+            after = port_names(lister) if before is not None else []
         except rtmidi.RtMidiError as error:
             release(self.port)
             raise UserError(f"cannot create the virtual MIDI port {self.virtual_name!r} ({error})") from None
@@ -333,7 +346,7 @@ class _Port:
         self.connected_name = self.registered_name if renamed else self.virtual_name
 
     def _open(self, index: int) -> None:
-        name = self.port.get_ports()[index]
+        name = port_names(self.port)[index]
         self.port.open_port(index, self.virtual_name)
         jack_graph_changed()
         self.connected_name = name
@@ -350,7 +363,7 @@ class _Port:
         if self.wanted is None:
             return None
         with self.lock:
-            names = self.port.get_ports()
+            names = port_names(self.port)
             lost = self.connected_name if self.connected_name is not None and self.connected_name not in names else None
             if lost is not None:
                 self.connected_name = None  # send() drops from here on
@@ -457,7 +470,7 @@ class MidiOutput(_Port):
         probe.ignore_types(sysex=True, timing=True, active_sense=False)
         reader = InputReader(probe, lambda stamped: heard.set() if stamped[1] == [0xFE] else None, "midi-probe")
         try:
-            names = probe.get_ports()
+            names = port_names(probe)
             ours = [index for index, name in enumerate(names) if name.endswith(":" + self.virtual_name)]
             if len(ours) > 1:
                 return None

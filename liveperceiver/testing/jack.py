@@ -29,6 +29,7 @@ from liveperceiver.live.ports import (
     jack_graph_changed,
     jack_server_running,
     match_port,
+    port_names,
     release,
 )
 
@@ -163,7 +164,7 @@ class JackPlayer:
 def _wait_for_port(port, name: str, timeout: float) -> int:
     """The index of the port matching `name`, waiting up to `timeout` s for it to appear."""
     deadline = time.monotonic() + timeout
-    while (index := match_port(port.get_ports(), name)) is None:
+    while (index := match_port(port_names(port), name)) is None:
         if time.monotonic() > deadline:
             raise UserError(f"MIDI port {name!r} did not appear within {timeout:g} s")
         time.sleep(0.005)
