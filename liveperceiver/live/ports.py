@@ -136,7 +136,7 @@ def list_ports(api: str) -> tuple[list[str], list[str]]:
 def port_names(port) -> list[str]:
     """`port.get_ports()`, listed again when a port vanished mid-listing: python-rtmidi asks for the
     count, then for each name by number, and a JACK port can go in between (InvalidPortError; seen
-    in CI while a starting session's probe port closed)."""
+    in a full test run while a starting session's probe port closed)."""
     for _ in range(LISTING_ATTEMPTS - 1):
         try:
             return port.get_ports()
