@@ -5,6 +5,7 @@ there, and the check that data-parallel ranks hold identical weights."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -69,8 +70,6 @@ def exit_rank() -> None:
     group would join those threads, but a DistributedDataParallel model keeps it alive past
     `destroy_process_group` (torch 2.13), so the rank leaves with os._exit once its output is
     flushed: every file of the run is closed by then."""
-    import sys
-
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
