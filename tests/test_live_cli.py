@@ -18,6 +18,7 @@ from liveperceiver.core.errors import UserError
 from liveperceiver.live import ports
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
+from liveperceiver.testing.jack import private_jack_server, stop_jack_server
 from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
@@ -105,6 +106,39 @@ def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, fresh_
             process.kill()
         if keys is not None:
             keys.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "stop"])
+def test_jack_server_gone_is_one_line_then_the_take_is_saved_and_play_exits_1(tmp_path, signum):
+    with private_jack_server("lp-gone") as name:  # this test stops its server
+        process = start_play(tmp_path / "s", "--record", str(tmp_path / "take.mid"))  # duet: the model plays too
+        keys = None
+        try:
+            keys = Keyboard()
+            assert until_heard(keys, tmp_path / "s" / "journal.txt"), diagnose(tmp_path, name)
+            keys.phrase([60, 64, 67])
+            assert wait_for(lambda: " P 90435a" in (tmp_path / "s" / "journal.txt").read_text())  # 67 journaled
+            wait_for(keys.note_ons, timeout=5)  # the model answering, mostly (the take is checked either way)
+            stop_jack_server(name, signum)
+            stopped_at = time.monotonic()
+            process.wait(10)
+            elapsed = time.monotonic() - stopped_at
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+            if keys is not None:
+                keys.close()  # on a server that is gone: frees its clients, nothing else
+    said = (tmp_path / "play.out").read_text()
+    assert process.returncode == 1, said
+    assert elapsed < 3.0, said  # the watch hears it in milliseconds, the input thread looks every 0.5 s
+    assert said.count("the JACK server went away") == 1, said
+    assert "Traceback" not in said and f"saved {tmp_path / 'take.mid'}" in said, said
+    midi = mido.MidiFile(tmp_path / "take.mid")  # the take up to the loss, as played
+    assert [m.note for m in midi.tracks[1] if m.type == "note_on" and m.velocity > 1] == [60, 64, 67]
+    model_notes = [m for m in midi.tracks[2] if m.type in ("note_on", "note_off")]
+    sounding = sum(1 if m.type == "note_on" and m.velocity else -1 for m in model_notes)
+    assert sounding == 0, model_notes  # every note the model began ends in the take
 
 
 def test_kill_9_then_recover_rebuilds_the_take(tmp_path, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +20,7 @@ from liveperceiver.live.recorder import Recorder, export_journal, recover
 from liveperceiver.live.scheduler import OutNote, Scheduler
 from liveperceiver.live.settings import Settings
 from liveperceiver.testing import jack_stress
-from liveperceiver.testing.jack import private_jack_server
+from liveperceiver.testing.jack import private_jack_server, stop_jack_server
 from tests.conftest import require_command
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, wait_for  # noqa: F401
 
@@ -320,6 +322,35 @@ def test_a_second_instance_is_named_as_jack_renamed_it(fresh_jack_server):  # no
 
 @pytest.mark.jack
 @pytest.mark.usefixtures("jack_server")
+def test_a_port_left_to_the_exit_is_not_unregistered_by_a_check_under_way(monkeypatch):
+    keyboard = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-piano")
+    keyboard.open_virtual_port("piano")
+    midi_in = ports.MidiInput("jack", "lp-test-piano", log=print)
+    left = None
+    try:
+        ports.release(keyboard)  # the named port vanishes
+        quiet = ports.wait_for_quiet_jack_graph
+
+        def close_meanwhile() -> None:  # the session closes while check() waits out the graph change
+            if not midi_in.closed:
+                midi_in.reader.stop()
+                midi_in.close(release_port=False)
+            quiet()
+
+        monkeypatch.setattr(ports, "wait_for_quiet_jack_graph", close_meanwhile)
+        assert wait_for(lambda: midi_in.closed or midi_in.check() is not None) and midi_in.closed
+        left = midi_in.port
+        assert left in ports.LEFT_TO_EXIT and left.is_port_open()  # left open for the exit, as close said
+    finally:
+        if left is not None:
+            ports.LEFT_TO_EXIT.remove(left)
+            ports.release(left)
+        elif not midi_in.closed:
+            midi_in.close()
+
+
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
 def test_output_into_our_own_input_is_refused_in_one_line(capsys):
     from liveperceiver.cli import main
 
@@ -328,3 +359,48 @@ def test_output_into_our_own_input_is_refused_in_one_line(capsys):
     assert err.count("\n") == 1 and "loop" in err and "own input port" in err, err
     inputs, outputs = ports.list_ports("jack")
     assert not any(ports.VIRTUAL_IN in name for name in outputs)  # nothing left open
+
+
+# In a process of its own: RtMidi spins in send_message, holding the GIL, once its ring buffer is
+# full (about 2,300 notes with no process cycle to empty it), so a send that reached it would hang
+# the test's process, not fail it.
+GONE_SERVER_SENDER = """
+import sys
+from liveperceiver.live import ports
+watch = ports.JackServerWatch()
+midi_out = ports.MidiOutput("jack", log=print, server=watch)
+print(watch.watching, midi_out.send([0x90, 60, 90]), flush=True)
+sys.stdin.readline()  # the test stops the server
+print(watch.gone.wait(2), bool(watch.reason), flush=True)
+print(sum(midi_out.send([0x90, 60, 90]) for _ in range(5000)), flush=True)
+midi_out.close()
+watch.close()
+watch.close()
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.jack
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "stop"])
+def test_a_jack_server_that_goes_away_is_noticed_and_the_output_stops_sending(signum, monkeypatch):
+    require_command("jackd", "Debian/Ubuntu: apt install jackd2")
+    with private_jack_server("lp-gone") as name:
+        sender = subprocess.Popen(
+            [sys.executable, "-c", GONE_SERVER_SENDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert sender.stdout.readline().split() == ["True", "True"]  # watching, and a note sent
+            stop_jack_server(name, signum)
+            sender.stdin.write("go\n")
+            sender.stdin.flush()
+            said, _ = sender.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            said = "timed out: send() spun on a full buffer of a server that is gone"
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.wait(10)
+    # heard the server go (with its reason), sent none of 5,000 notes, closed
+    assert said.split() == ["True", "True", "0", "closed"], said
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", "lp-gone-no-such-server")
+    assert not ports.JackServerWatch().watching  # no server: nothing to watch, nothing fails

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from liveperceiver.live.commands import (
     Command,
+    Pause,
     PlayerEvent,
     PlayerNoteOff,
     PlayerNoteOn,
@@ -32,7 +33,7 @@ from liveperceiver.live.settings import Settings
 from liveperceiver.live.shared import SharedState, Timekeeper
 
 if TYPE_CHECKING:
-    from liveperceiver.live.ports import MidiInput, MidiOutput
+    from liveperceiver.live.ports import JackServerWatch, MidiInput, MidiOutput
     from liveperceiver.live.recorder import Recorder
     from liveperceiver.live.scheduler import Scheduler
 
@@ -86,6 +87,7 @@ class InputFilter:
         shared: SharedState,
         timekeeper: Timekeeper,
         commands: queue.SimpleQueue[Command],
+        jack_server: JackServerWatch | None = None,
     ) -> None:
         self._settings = settings  # the session's current settings (replaced whole by Session.update)
         self.scheduler = scheduler
@@ -98,6 +100,8 @@ class InputFilter:
         self.last_port_check = 0.0
         self.last_tempo_log = 0.0
         self.clock_source_shown = FREE  # the clock source last logged
+        self.jack_server = jack_server  # the session's watch of its JACK server (None: not on JACK)
+        self.midi_gone: str | None = None  # the line that said the MIDI system went away, once logged
 
     @property
     def settings(self) -> Settings:
@@ -120,7 +124,13 @@ class InputFilter:
                 self.shared.warn("input error: " + traceback.format_exc(limit=2).strip().splitlines()[-1])
 
     def _check_ports(self, now: float, ports: tuple[MidiInput, MidiOutput]) -> None:
-        """A port that vanished or came back, a change of clock source (logged), the tempo (journaled)."""
+        """The MIDI system gone, a port that vanished or came back, a change of clock source
+        (logged), the tempo (journaled)."""
+        if self.midi_gone is not None:
+            return
+        if self.jack_server is not None and self.jack_server.gone.is_set():
+            self._midi_system_gone(self.jack_server.reason)
+            return
         for port in ports:
             try:
                 line = port.check()
@@ -136,6 +146,20 @@ class InputFilter:
         if bpm is not None and now - self.last_tempo_log > TEMPO_LOG_S:
             self.last_tempo_log = now
             self.recorder.record_tempo(now, bpm)
+
+    def _midi_system_gone(self, reason: str) -> None:
+        """The JACK server stopped or died: nothing comes in or goes out any more (its ports never
+        say so: ports.JackServerWatch). The model's sounding notes are ended in the take (the output
+        sends nothing now) and the model pauses, so the take ends with what was heard; the line
+        goes to the log once, and headless play saves and exits on it (Session.midi_gone)."""
+        self.scheduler.silence()
+        self.commands.put(Pause(True))
+        line = (
+            f"the JACK server went away ({reason or 'no reason given'}): no MIDI in or out from here on, "
+            "the model is paused; the take so far is kept (quitting saves it): start JACK, then LivePerceiver again"
+        )
+        self.shared.warn(line)
+        self.midi_gone = line
 
     def hear(self, when: float, message: list[int]) -> None:
         """One incoming message: classify, filter, and pass on. Anything unknown is ignored."""

@@ -90,8 +90,10 @@ def _print_new_log_lines(session: Session, shown: int) -> int:
 
 def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> NoReturn:
     """Open the ports and play until the front end returns (the UI quits) or, headless, until
-    SIGINT/SIGTERM; then the one way out of a live session: close it (notes off, take saved, JACK
-    ports left open) and exit 0."""
+    SIGINT/SIGTERM or the MIDI system goes away (the JACK server stopped: exit 1, after the same
+    close); then the one way out of a live session: close it (notes off, take saved, JACK ports
+    left open) and exit 0."""
+    code = 0
     settings = settings_from_args(args)
     configure_inference(threads=LIVE_THREADS, device=checked_device(args.device).type, dtype=args.dtype)
     session = Session(
@@ -119,7 +121,11 @@ def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> 
                 print(f"journal: {session.recorder.path}  (Ctrl-C to stop and save)", flush=True)
                 shown = 0  # headless, the session's log goes to stdout (port lost, model errors, ...)
                 while not done.wait(LOG_POLL_S):
+                    gone = session.midi_gone()  # read before printing: its line is in the log by then
                     shown = _print_new_log_lines(session, shown)
+                    if gone:
+                        code = 1
+                        break
             else:
                 session.start()
                 front_end(session)  # its quit closes the session the same way (Session.close's default)
@@ -127,4 +133,4 @@ def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> 
             saved = session.close()
     if saved:
         print(f"saved {saved}", flush=True)
-    exit_now()
+    exit_now(code)

@@ -9,12 +9,15 @@ python-rtmidi directly (raw byte lists, no message objects on the real-time path
 - `MidiOutput.send()` is called by the scheduler thread only.
 - A port attached by name (`--in/--out`) is checked with `check()` from the session's input thread; when
   it vanishes this is reported once, and when a port of that name returns it is reopened.
+- On JACK a `JackServerWatch` hears the server stop or die (the ports themselves never tell); the
+  output then sends nothing and the session's input thread reports it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import queue
 import sys
@@ -50,29 +53,95 @@ JACK_GRACE_S = 0.1  # time JACK work in flight gets to finish: a process cycle, 
 # --------------------------------------------------------------------------- which APIs work here
 
 
-def jack_server_running() -> bool:
-    """True when a JACK server answers (asks libjack directly, never starts a server)."""
+_LibjackMessage = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_LibjackShutdown = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+# Kept for the life of the process: libjack keeps the pointer it is given, and calls it for every
+# later message (a thunk freed after one call crashed the next client's open in this process).
+_SILENCE = _LibjackMessage(lambda message: None)
+JACK_NO_START_SERVER = 0x01
+
+
+@functools.cache
+def _libjack() -> ctypes.CDLL | None:
+    """The system's libjack (not the copy python-rtmidi's wheel bundles: our own clients only), its
+    messages silenced, or None without one."""
     path = ctypes.util.find_library("jack")
     if path is None:
-        return False
+        return None
     try:
         jack = ctypes.CDLL(path)
     except OSError:
-        return False
-    silence = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(lambda message: None)
-    jack.jack_set_error_function(silence)
-    jack.jack_set_info_function(silence)
+        return None
+    jack.jack_set_error_function(_SILENCE)
+    jack.jack_set_info_function(_SILENCE)
     jack.jack_client_open.restype = ctypes.c_void_p
     jack.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     jack.jack_client_close.argtypes = [ctypes.c_void_p]
+    jack.jack_on_info_shutdown.argtypes = [ctypes.c_void_p, _LibjackShutdown, ctypes.c_void_p]
+    return jack
+
+
+def _open_jack_client(name: bytes) -> ctypes.c_void_p | None:
+    """A JACK client of our own with no ports, on a running server only (None if none answers)."""
+    jack = _libjack()
+    if jack is None:
+        return None
     status = ctypes.c_int(0)
-    no_start_server = 0x01
-    client = jack.jack_client_open(b"lp-probe", no_start_server, ctypes.byref(status))
-    if not client:
+    client = jack.jack_client_open(name, JACK_NO_START_SERVER, ctypes.byref(status))
+    if client:
+        jack_graph_changed()  # a client came
+    return client or None
+
+
+def _close_jack_client(client: ctypes.c_void_p) -> None:
+    _libjack().jack_client_close(client)
+    jack_graph_changed()  # a client went
+
+
+def jack_server_running() -> bool:
+    """True when a JACK server answers (asks libjack directly, never starts a server)."""
+    client = _open_jack_client(b"lp-probe")
+    if client is None:
         return False
-    jack.jack_client_close(client)
-    jack_graph_changed()  # a client came and went
+    _close_jack_client(client)
     return True
+
+
+class JackServerWatch:
+    """Notices the JACK server going away while a session runs on it.
+
+    Why: python-rtmidi's JACK clients never hear of it. Their port listings stay as they were (our
+    virtual ports included), and a send goes into a ring buffer that no process cycle empties any
+    more; once it is full (about 2,300 notes) RtMidi spins in `send_message` for good, and the
+    session's output thread with it. So the session keeps a client of its own, with no ports, whose
+    shutdown callback libjack calls on its own thread when the server stops or dies (within a few
+    milliseconds here); the output stops sending and the input thread reports it (`gone`).
+
+    Threads: libjack's thread sets `gone`; any thread reads it; the session's closing thread calls
+    `close`. Without libjack or a server it watches nothing (`watching` False)."""
+
+    def __init__(self) -> None:
+        self.gone = threading.Event()
+        self.reason = ""
+        self._on_shutdown = _LibjackShutdown(self._shutdown)  # referenced as long as the client lives
+        self._client = _open_jack_client(f"{CLIENT_NAME} watch".encode())
+        if self._client is not None:
+            _libjack().jack_on_info_shutdown(self._client, self._on_shutdown, None)
+
+    @property
+    def watching(self) -> bool:
+        return self._client is not None
+
+    def _shutdown(self, code: int, reason: bytes | None, arg) -> None:
+        """libjack's thread: the server stopped or died (reason: its words, e.g. "JACK server has been closed")."""
+        self.reason = (reason or b"").decode(errors="replace").strip()
+        self.gone.set()
+
+    def close(self) -> None:
+        """Close the watching client (on a server that went away too: libjack frees it). Safe twice."""
+        client, self._client = self._client, None
+        if client is not None:
+            _close_jack_client(client)
 
 
 def api_available(name: str) -> bool:
@@ -294,6 +363,7 @@ class _Port:
         self.lock = threading.Lock()  # guards self.port against check() reopening it during use
         self.connected_name: str | None = None
         self.registered_name: str | None = None  # our virtual port's full JACK name, when known
+        self.closed = False  # set by close(): check() leaves the port alone from then on
         self.port = self._new_client()
         if open_now:
             self.open(lister)
@@ -363,6 +433,8 @@ class _Port:
         if self.wanted is None:
             return None
         with self.lock:
+            if self.closed:
+                return None
             names = port_names(self.port)
             lost = self.connected_name if self.connected_name is not None and self.connected_name not in names else None
             if lost is not None:
@@ -381,7 +453,7 @@ class _Port:
             jack_graph_changed()  # the port's removal: its notifications may still be arriving
             wait_for_quiet_jack_graph()  # here, not under self.lock, where send() would wait with it
         with self.lock:
-            if not self.port.is_deleted:
+            if not self.closed:  # a close meanwhile decided what happens to the port (left to the exit, say)
                 unregister(self.port)
         return f"{self.direction} port {lost!r} vanished; waiting for it to return"
 
@@ -394,6 +466,7 @@ class _Port:
         (a DAW connecting) cannot be. A process that exits with its client open leaves the removal
         to the server, and nothing walks a list that changes."""
         with self.lock:
+            self.closed = True
             self._before_close()
             if release_port or self.api != "jack":
                 release(self.port)
@@ -441,8 +514,15 @@ class MidiOutput(_Port):
     direction = "output"
 
     def __init__(
-        self, api: str, wanted: str | None = None, log: Callable[[str], None] = print, lister=None, open_now=True
+        self,
+        api: str,
+        wanted: str | None = None,
+        log: Callable[[str], None] = print,
+        lister=None,
+        open_now=True,
+        server: JackServerWatch | None = None,
     ):
+        self.server = server  # the session's watch of its JACK server: nothing is sent once it is gone
         super().__init__(api, wanted, VIRTUAL_OUT, log, lister, open_now)
 
     def _new(self):
@@ -451,9 +531,10 @@ class MidiOutput(_Port):
         return port
 
     def send(self, message: list[int]) -> bool:
-        """Send raw bytes now; False when the port is disconnected (the message is dropped)."""
+        """Send raw bytes now; False when the port is disconnected or its JACK server is gone (the
+        message is dropped: RtMidi would spin for good once its buffer filled, JackServerWatch)."""
         with self.lock:
-            if self.connected_name is None:
+            if self.connected_name is None or (self.server is not None and self.server.gone.is_set()):
                 return False
             self.port.send_message(message)
             return True
@@ -515,16 +596,21 @@ class MidiOutput(_Port):
 
 
 def open_ports(
-    api: str, in_port: str | None, out_port: str | None, log: Callable[[str], None]
+    api: str,
+    in_port: str | None,
+    out_port: str | None,
+    log: Callable[[str], None],
+    server: JackServerWatch | None = None,
 ) -> tuple[MidiInput, MidiOutput]:
     """A session's two ports. Both clients first, then our virtual ports, each while the other's
     client lists its kind (so both know the names JACK registered: `_Port.open_virtual`), then the
     named ones (so a name that matches our own virtual port is seen: `feedback_loop`). Nothing is
-    left open on error."""
+    left open on error. `server`: the session's JackServerWatch, which silences the output once the
+    server is gone."""
     midi_in = MidiInput(api, in_port, log=log, open_now=False)
     midi_out = None
     try:
-        midi_out = MidiOutput(api, out_port, log=log, open_now=False)
+        midi_out = MidiOutput(api, out_port, log=log, open_now=False, server=server)
         for port, other in sorted(
             ((midi_in, midi_out), (midi_out, midi_in)), key=lambda pair: pair[0].wanted is not None
         ):

@@ -27,6 +27,9 @@ Threads and the part each one runs:
 - scheduler thread (scheduler.Scheduler): the only writer to the output; every note-on gets its
   note-off. Its callback `_on_sent` journals the model's notes, feeds the echo memory and the roll.
 - recorder thread: journal flushes.
+- libjack's thread of the JACK server watch (on JACK only, ports.JackServerWatch): marks the
+  server gone when it stops or dies; the output sends nothing from then on, and the input thread
+  logs it once, ends the model's notes in the take and pauses the model (`midi_gone()`).
 - link thread (only with Link on, link.LinkClock): owns the aalink.Link; publishes its beat grid as
   an immutable LinkTimeline; a peer's start/stop silences the scheduler and queues a Transport
   command, as a MIDI Stop/Start does.
@@ -50,7 +53,7 @@ from liveperceiver.live.commands import ApplySettings, Command, LinkReleased, Pa
 from liveperceiver.live.engine_options import EngineOptions, resolve_model
 from liveperceiver.live.input_filter import InputFilter
 from liveperceiver.live.link import DEFAULT_BPM, LINK, LinkClock, check_tempo, require_aalink
-from liveperceiver.live.ports import feedback_loop, open_ports, resolve_api
+from liveperceiver.live.ports import JackServerWatch, feedback_loop, open_ports, resolve_api
 from liveperceiver.live.recorder import MODEL, Recorder
 from liveperceiver.live.runs import RunController
 from liveperceiver.live.scheduler import Scheduler
@@ -124,12 +127,19 @@ class Session:
         self.settings = settings
         self.shared = SharedState()  # the state under one lock (the class docstring)
         self.api = resolve_api(api)
+        # JACK's server can stop or die under a session, and its ports never tell (ports.JackServerWatch)
+        self.jack_server = JackServerWatch() if self.api == "jack" else None
         # ports first: a wrong port name is reported before a slow model load
-        self.midi_in, self.midi_out = open_ports(self.api, in_port, out_port, log=self.warn)
+        try:
+            self.midi_in, self.midi_out = open_ports(
+                self.api, in_port, out_port, log=self.warn, server=self.jack_server
+            )
+        except BaseException:
+            self._close_jack_server()
+            raise
         loop = feedback_loop(self.midi_in, self.midi_out)
         if loop is not None and loop[1]:
-            self.midi_in.close(release_port=True)
-            self.midi_out.close(release_port=True)
+            self._close_ports()
             raise UserError(loop[0])
         if loop is not None:
             self.warn(loop[0])
@@ -139,8 +149,7 @@ class Session:
             loaded = resolve_model(model if model is not None else settings.model)
             engine = engine_options.build(loaded, settings)
         except BaseException:
-            self.midi_in.close()
-            self.midi_out.close()
+            self._close_ports()
             raise
         measured = " (measured the faster here)" if weights == "auto" and engine.device.type == "cpu" else ""
         self.info(f"engine: {engine.device.type}, {engine.precision}{measured}")
@@ -148,8 +157,7 @@ class Session:
         try:
             self.recorder = Recorder(session_dir or default_session_dir(), origin=t0)
         except OSError as error:
-            self.midi_in.close()
-            self.midi_out.close()
+            self._close_ports()
             raise UserError(f"{session_dir}: cannot write the session journal ({error.strerror or error})") from None
         self.record_path = Path(record_path) if record_path else None
         self.scheduler = Scheduler(self.midi_out.send, settings, on_sent=self._on_sent, log=self.warn)
@@ -159,7 +167,13 @@ class Session:
         self.closed = False
         self.saved_path: Path | None = None  # the take's MIDI file, once close() saved it
         self.input_filter = InputFilter(
-            self._current_settings, self.scheduler, self.recorder, self.shared, self.timekeeper, self.commands
+            self._current_settings,
+            self.scheduler,
+            self.recorder,
+            self.shared,
+            self.timekeeper,
+            self.commands,
+            jack_server=self.jack_server,
         )
         self.runs = RunController(
             loaded,
@@ -201,8 +215,7 @@ class Session:
                 self.timekeeper.link = self._new_link(settings)
             except BaseException:
                 self.recorder.close()
-                self.midi_in.close()
-                self.midi_out.close()
+                self._close_ports()
                 raise
 
     # ------------------------------------------------------------------ the parts, for tests and the bench
@@ -374,9 +387,28 @@ class Session:
             # cycle, which a starved machine can delay by tens of milliseconds (saving overlaps this)
             time.sleep(max(0.0, last_sent + DELIVERY_WAIT_S - time.monotonic()))
             self.recorder.close()
+            self._close_ports(release_ports)
+        return saved
+
+    def _close_ports(self, release_ports: bool = True) -> None:
+        """Stop using the ports, then the watch of their JACK server. JACK ports are left to the
+        process's exit when `release_ports` is False (close says why); a session that fails while it
+        is built releases them, as a port's own close does by default."""
+        try:
             self.midi_in.close(release_ports)
             self.midi_out.close(release_ports)
-        return saved
+        finally:
+            self._close_jack_server()
+
+    def _close_jack_server(self) -> None:
+        if self.jack_server is not None:
+            self.jack_server.close()
+
+    def midi_gone(self) -> str | None:
+        """The log line that said the session's MIDI system went away (the JACK server stopped or
+        died), once the input thread has logged it; None while it is there. Headless play then
+        saves and exits; the UI keeps the line in its log."""
+        return self.input_filter.midi_gone
 
     def snapshot(self) -> Snapshot:
         return self.snapshots.build()

@@ -89,6 +89,32 @@ def private_jack_server(prefix: str, period: int = 256) -> Iterator[str]:
             os.environ["JACK_DEFAULT_SERVER"] = previous
 
 
+def stop_jack_server(name: str, signum: int = signal.SIGKILL, timeout: float = 5.0) -> None:
+    """Stop the jackd that serves `name` as a crash (SIGKILL) or a user's stop (SIGTERM) would, and
+    wait until no server answers to that name: tests of a session whose server goes away. Linux."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                arguments = cmdline.read().split(b"\0")
+        except OSError:  # not a process, or one that just ended
+            continue
+        if arguments[:3] == [b"jackd", b"-n", name.encode()]:
+            os.kill(int(entry), signum)
+    previous = os.environ.get("JACK_DEFAULT_SERVER")
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    try:
+        deadline = time.monotonic() + timeout
+        while jack_server_running():
+            if time.monotonic() > deadline:
+                raise UserError(f"the JACK server {name!r} still runs {timeout:g} s after signal {signum}")
+            time.sleep(0.02)
+    finally:
+        if previous is None:
+            os.environ.pop("JACK_DEFAULT_SERVER", None)
+        else:
+            os.environ["JACK_DEFAULT_SERVER"] = previous
+
+
 def _start_jackd(name: str, period: int) -> tuple[subprocess.Popen | None, str]:
     """(the running jackd, "") or (None, what it printed before it failed)."""
     with tempfile.TemporaryFile() as log:
