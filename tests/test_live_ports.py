@@ -16,6 +16,7 @@ import rtmidi
 from liveperceiver.core.errors import UserError
 from liveperceiver.live import ports
 from liveperceiver.live.clock import ClockTracker
+from liveperceiver.live.jack_server import JackServerWatch
 from liveperceiver.live.recorder import Recorder, export_journal, recover
 from liveperceiver.live.scheduler import OutNote, Scheduler
 from liveperceiver.live.settings import Settings
@@ -367,7 +368,8 @@ def test_output_into_our_own_input_is_refused_in_one_line(capsys):
 GONE_SERVER_SENDER = """
 import sys
 from liveperceiver.live import ports
-watch = ports.JackServerWatch()
+from liveperceiver.live.jack_server import JackServerWatch
+watch = JackServerWatch()
 midi_out = ports.MidiOutput("jack", log=print, server=watch)
 print(watch.watching, midi_out.send([0x90, 60, 90]), flush=True)
 sys.stdin.readline()  # the test stops the server
@@ -403,4 +405,4 @@ def test_a_jack_server_that_goes_away_is_noticed_and_the_output_stops_sending(si
     # heard the server go (with its reason), sent none of 5,000 notes, closed
     assert said.split() == ["True", "True", "0", "closed"], said
     monkeypatch.setenv("JACK_DEFAULT_SERVER", "lp-gone-no-such-server")
-    assert not ports.JackServerWatch().watching  # no server: nothing to watch, nothing fails
+    assert not JackServerWatch().watching  # no server: nothing to watch, nothing fails

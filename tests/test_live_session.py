@@ -22,6 +22,7 @@ from liveperceiver.live.play import realtime_process
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import freeze_heap, thaw_heap
+from liveperceiver.testing.jack import private_jack_server, stop_jack_server
 from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import (  # noqa: F401 - the imported fixture
     Keyboard,
@@ -479,3 +480,22 @@ def test_play_takes_the_engines_compute_dtype(tmp_path, jack_server, capsys):  #
     )
     assert code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_session_whose_jack_server_goes_shows_it_pauses_and_still_closes(tmp_path):
+    with private_jack_server("lp-gone") as name:  # this test stops its server
+        session = Session(Settings(mode="duet"), model=str(TINY), api="jack", session_dir=tmp_path / "s")
+        try:
+            session.start()
+            snapshot = session.snapshot()
+            assert snapshot.in_connected and snapshot.out_connected and session.midi_gone() is None
+            stop_jack_server(name)
+            assert wait_for(lambda: session.midi_gone() is not None, timeout=3)
+            snapshot = session.snapshot()
+            assert not snapshot.in_connected and not snapshot.out_connected  # the UI shows both red
+            assert sum("the JACK server went away" in line for line in snapshot.log) == 1
+            assert wait_for(lambda: session.runs.paused, timeout=2)  # the model stops sampling into nothing
+            assert not session.midi_out.send([0x90, 60, 90])
+        finally:
+            saved = session.close(release_ports=True)  # on a server that is gone: frees its clients
+    assert saved is not None and saved.is_file()

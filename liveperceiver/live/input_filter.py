@@ -33,7 +33,8 @@ from liveperceiver.live.settings import Settings
 from liveperceiver.live.shared import SharedState, Timekeeper
 
 if TYPE_CHECKING:
-    from liveperceiver.live.ports import JackServerWatch, MidiInput, MidiOutput
+    from liveperceiver.live.jack_server import JackServerWatch
+    from liveperceiver.live.ports import MidiInput, MidiOutput
     from liveperceiver.live.recorder import Recorder
     from liveperceiver.live.scheduler import Scheduler
 
@@ -149,7 +150,7 @@ class InputFilter:
 
     def _midi_system_gone(self, reason: str) -> None:
         """The JACK server stopped or died: nothing comes in or goes out any more (its ports never
-        say so: ports.JackServerWatch). The model's sounding notes are ended in the take (the output
+        say so: jack_server.JackServerWatch). The model's sounding notes are ended in the take (the output
         sends nothing now) and the model pauses, so the take ends with what was heard; the line
         goes to the log once, and headless play saves and exits on it (Session.midi_gone)."""
         self.scheduler.silence()

@@ -9,15 +9,12 @@ python-rtmidi directly (raw byte lists, no message objects on the real-time path
 - `MidiOutput.send()` is called by the scheduler thread only.
 - A port attached by name (`--in/--out`) is checked with `check()` from the session's input thread; when
   it vanishes this is reported once, and when a port of that name returns it is reopened.
-- On JACK a `JackServerWatch` hears the server stop or die (the ports themselves never tell); the
-  output then sends nothing and the session's input thread reports it.
+- On JACK a `JackServerWatch` (jack_server.py) hears the server stop or die (the ports themselves
+  never tell); the output then sends nothing and the session's input thread reports it.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import os
 import queue
 import sys
@@ -28,6 +25,14 @@ from collections.abc import Callable
 import rtmidi
 
 from liveperceiver.core.errors import UserError
+from liveperceiver.live.jack_server import (
+    JACK_GRACE_S,
+    JackServerWatch,
+    graph_lock,
+    jack_graph_changed,
+    jack_server_running,
+    wait_for_quiet_jack_graph,
+)
 
 VIRTUAL_IN = "LivePerceiver In"
 VIRTUAL_OUT = "LivePerceiver Out"
@@ -47,101 +52,9 @@ StampedMessage = tuple[float, list[int]]  # (time.monotonic() seconds, raw MIDI 
 POLL_S = 0.0005  # how often an input is read when idle: adds at most this to a message's stamp
 POLLER_NICE = 10  # the input readers' nice value (lower_thread_priority)
 LISTING_ATTEMPTS = 5  # port_names(): listings tried while ports come and go
-JACK_GRACE_S = 0.1  # time JACK work in flight gets to finish: a process cycle, a graph change's notifications
 
 
 # --------------------------------------------------------------------------- which APIs work here
-
-
-_LibjackMessage = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
-_LibjackShutdown = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-# Kept for the life of the process: libjack keeps the pointer it is given, and calls it for every
-# later message (a thunk freed after one call crashed the next client's open in this process).
-_SILENCE = _LibjackMessage(lambda message: None)
-JACK_NO_START_SERVER = 0x01
-
-
-@functools.cache
-def _libjack() -> ctypes.CDLL | None:
-    """The system's libjack (not the copy python-rtmidi's wheel bundles: our own clients only), its
-    messages silenced, or None without one."""
-    path = ctypes.util.find_library("jack")
-    if path is None:
-        return None
-    try:
-        jack = ctypes.CDLL(path)
-    except OSError:
-        return None
-    jack.jack_set_error_function(_SILENCE)
-    jack.jack_set_info_function(_SILENCE)
-    jack.jack_client_open.restype = ctypes.c_void_p
-    jack.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
-    jack.jack_client_close.argtypes = [ctypes.c_void_p]
-    jack.jack_on_info_shutdown.argtypes = [ctypes.c_void_p, _LibjackShutdown, ctypes.c_void_p]
-    return jack
-
-
-def _open_jack_client(name: bytes) -> ctypes.c_void_p | None:
-    """A JACK client of our own with no ports, on a running server only (None if none answers)."""
-    jack = _libjack()
-    if jack is None:
-        return None
-    status = ctypes.c_int(0)
-    client = jack.jack_client_open(name, JACK_NO_START_SERVER, ctypes.byref(status))
-    if client:
-        jack_graph_changed()  # a client came
-    return client or None
-
-
-def _close_jack_client(client: ctypes.c_void_p) -> None:
-    _libjack().jack_client_close(client)
-    jack_graph_changed()  # a client went
-
-
-def jack_server_running() -> bool:
-    """True when a JACK server answers (asks libjack directly, never starts a server)."""
-    client = _open_jack_client(b"lp-probe")
-    if client is None:
-        return False
-    _close_jack_client(client)
-    return True
-
-
-class JackServerWatch:
-    """Notices the JACK server going away while a session runs on it.
-
-    Why: python-rtmidi's JACK clients never hear of it. Their port listings stay as they were (our
-    virtual ports included), and a send goes into a ring buffer that no process cycle empties any
-    more; once it is full (about 2,300 notes) RtMidi spins in `send_message` for good, and the
-    session's output thread with it. So the session keeps a client of its own, with no ports, whose
-    shutdown callback libjack calls on its own thread when the server stops or dies (within a few
-    milliseconds here); the output stops sending and the input thread reports it (`gone`).
-
-    Threads: libjack's thread sets `gone`; any thread reads it; the session's closing thread calls
-    `close`. Without libjack or a server it watches nothing (`watching` False)."""
-
-    def __init__(self) -> None:
-        self.gone = threading.Event()
-        self.reason = ""
-        self._on_shutdown = _LibjackShutdown(self._shutdown)  # referenced as long as the client lives
-        self._client = _open_jack_client(f"{CLIENT_NAME} watch".encode())
-        if self._client is not None:
-            _libjack().jack_on_info_shutdown(self._client, self._on_shutdown, None)
-
-    @property
-    def watching(self) -> bool:
-        return self._client is not None
-
-    def _shutdown(self, code: int, reason: bytes | None, arg) -> None:
-        """libjack's thread: the server stopped or died (reason: its words, e.g. "JACK server has been closed")."""
-        self.reason = (reason or b"").decode(errors="replace").strip()
-        self.gone.set()
-
-    def close(self) -> None:
-        """Close the watching client (on a server that went away too: libjack frees it). Safe twice."""
-        client, self._client = self._client, None
-        if client is not None:
-            _close_jack_client(client)
 
 
 def api_available(name: str) -> bool:
@@ -251,24 +164,6 @@ def release(port) -> None:
         jack_graph_changed()
 
 
-_graph_lock = threading.Lock()  # one JACK port unregistered at a time in this process
-_last_graph_change = 0.0  # time.monotonic() of this process's last JACK graph change; any thread sets it
-
-
-def jack_graph_changed() -> None:
-    """Note a JACK graph change this process made or saw: a client opened or closed, a port
-    registered, connected or gone. `unregister` waits until JACK_GRACE_S after the last one."""
-    global _last_graph_change
-    _last_graph_change = time.monotonic()
-
-
-def wait_for_quiet_jack_graph() -> None:
-    """Sleep until JACK_GRACE_S has passed since this process's last JACK graph change (one noted
-    meanwhile by another thread, the UI's port listing say, moves the end)."""
-    while (left := _last_graph_change + JACK_GRACE_S - time.monotonic()) > 0:
-        time.sleep(left)
-
-
 def unregister(port) -> None:
     """`close_port()`; an open JACK port only once the graph has been quiet for JACK_GRACE_S.
 
@@ -285,7 +180,7 @@ def unregister(port) -> None:
     if not port.is_port_open() or port.get_current_api() != rtmidi.API_UNIX_JACK:
         port.close_port()
         return
-    with _graph_lock:
+    with graph_lock:
         wait_for_quiet_jack_graph()
         port.close_port()
         jack_graph_changed()
@@ -355,9 +250,11 @@ class _Port:
         log: Callable[[str], None],
         lister=None,
         open_now: bool = True,
+        server: JackServerWatch | None = None,
     ):
         self.api = api
         self.wanted = wanted
+        self.server = server  # the session's watch of its JACK server (None: not watched)
         self.virtual_name = virtual_name
         self.log = log
         self.lock = threading.Lock()  # guards self.port against check() reopening it during use
@@ -428,6 +325,12 @@ class _Port:
     def name(self) -> str:
         return self.connected_name or f"{self.wanted} (disconnected)"
 
+    @property
+    def connected(self) -> bool:
+        """Open and reaching its MIDI system: False while a named port is gone, and for good once
+        the JACK server is (JackServerWatch)."""
+        return self.connected_name is not None and not (self.server is not None and self.server.gone.is_set())
+
     def check(self) -> str | None:
         """Notice a named port that vanished or came back; returns a log line on a change."""
         if self.wanted is None:
@@ -482,10 +385,16 @@ class MidiInput(_Port):
     direction = "input"
 
     def __init__(
-        self, api: str, wanted: str | None = None, log: Callable[[str], None] = print, lister=None, open_now=True
+        self,
+        api: str,
+        wanted: str | None = None,
+        log: Callable[[str], None] = print,
+        lister=None,
+        open_now=True,
+        server: JackServerWatch | None = None,
     ):
         self.queue: queue.SimpleQueue[StampedMessage] = queue.SimpleQueue()
-        super().__init__(api, wanted, VIRTUAL_IN, log, lister, open_now)
+        super().__init__(api, wanted, VIRTUAL_IN, log, lister, open_now, server)
         self.reader = InputReader(self.port, self.queue.put, name="midi-in")
 
     def _new(self):
@@ -522,8 +431,7 @@ class MidiOutput(_Port):
         open_now=True,
         server: JackServerWatch | None = None,
     ):
-        self.server = server  # the session's watch of its JACK server: nothing is sent once it is gone
-        super().__init__(api, wanted, VIRTUAL_OUT, log, lister, open_now)
+        super().__init__(api, wanted, VIRTUAL_OUT, log, lister, open_now, server)
 
     def _new(self):
         port = rtmidi.MidiOut(API_IDS[self.api], name=VIRTUAL_OUT if self.wanted is None else CLIENT_NAME)
@@ -534,7 +442,7 @@ class MidiOutput(_Port):
         """Send raw bytes now; False when the port is disconnected or its JACK server is gone (the
         message is dropped: RtMidi would spin for good once its buffer filled, JackServerWatch)."""
         with self.lock:
-            if self.connected_name is None or (self.server is not None and self.server.gone.is_set()):
+            if not self.connected:
                 return False
             self.port.send_message(message)
             return True
@@ -605,9 +513,9 @@ def open_ports(
     """A session's two ports. Both clients first, then our virtual ports, each while the other's
     client lists its kind (so both know the names JACK registered: `_Port.open_virtual`), then the
     named ones (so a name that matches our own virtual port is seen: `feedback_loop`). Nothing is
-    left open on error. `server`: the session's JackServerWatch, which silences the output once the
-    server is gone."""
-    midi_in = MidiInput(api, in_port, log=log, open_now=False)
+    left open on error. `server`: the session's JackServerWatch (the output sends nothing once the
+    server is gone, and neither port counts as connected)."""
+    midi_in = MidiInput(api, in_port, log=log, open_now=False, server=server)
     midi_out = None
     try:
         midi_out = MidiOutput(api, out_port, log=log, open_now=False, server=server)

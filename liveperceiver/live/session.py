@@ -27,7 +27,7 @@ Threads and the part each one runs:
 - scheduler thread (scheduler.Scheduler): the only writer to the output; every note-on gets its
   note-off. Its callback `_on_sent` journals the model's notes, feeds the echo memory and the roll.
 - recorder thread: journal flushes.
-- libjack's thread of the JACK server watch (on JACK only, ports.JackServerWatch): marks the
+- libjack's thread of the JACK server watch (on JACK only, jack_server.JackServerWatch): marks the
   server gone when it stops or dies; the output sends nothing from then on, and the input thread
   logs it once, ends the model's notes in the take and pauses the model (`midi_gone()`).
 - link thread (only with Link on, link.LinkClock): owns the aalink.Link; publishes its beat grid as
@@ -52,8 +52,9 @@ from liveperceiver.live.clock import ClockTracker
 from liveperceiver.live.commands import ApplySettings, Command, LinkReleased, Pause, Reset, Rollback, Stop, Transport
 from liveperceiver.live.engine_options import EngineOptions, resolve_model
 from liveperceiver.live.input_filter import InputFilter
+from liveperceiver.live.jack_server import JackServerWatch
 from liveperceiver.live.link import DEFAULT_BPM, LINK, LinkClock, check_tempo, require_aalink
-from liveperceiver.live.ports import JackServerWatch, feedback_loop, open_ports, resolve_api
+from liveperceiver.live.ports import feedback_loop, open_ports, resolve_api
 from liveperceiver.live.recorder import MODEL, Recorder
 from liveperceiver.live.runs import RunController
 from liveperceiver.live.scheduler import Scheduler
@@ -127,7 +128,7 @@ class Session:
         self.settings = settings
         self.shared = SharedState()  # the state under one lock (the class docstring)
         self.api = resolve_api(api)
-        # JACK's server can stop or die under a session, and its ports never tell (ports.JackServerWatch)
+        # JACK's server can stop or die under a session, and its ports never tell (jack_server.JackServerWatch)
         self.jack_server = JackServerWatch() if self.api == "jack" else None
         # ports first: a wrong port name is reported before a slow model load
         try:

@@ -57,7 +57,7 @@ class Snapshot:
     log: list[str] = field(default_factory=list)
     step_p99_ms: float | None = None
     pedal_down: bool = False
-    in_connected: bool = True  # False while a named port is gone (it reconnects when it returns)
+    in_connected: bool = True  # False while a named port is gone (it reconnects when it returns), or JACK is
     out_connected: bool = True
     api: str = ""
     session_dir: str = ""
@@ -168,8 +168,8 @@ class SnapshotBuilder:
             log=log,
             step_p99_ms=None if not steps else percentiles(steps, (99,))[0] * 1000,
             pedal_down=pedal_down,
-            in_connected=self.midi_in.connected_name is not None,
-            out_connected=self.midi_out.connected_name is not None,
+            in_connected=self.midi_in.connected,
+            out_connected=self.midi_out.connected,
             api=self.api,
             session_dir=str(self.recorder.dir),
             suppressed=suppressed,

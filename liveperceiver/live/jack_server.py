@@ -1,0 +1,130 @@
+"""The JACK server as libjack shows it to us: whether one runs, a watch that hears it go, and the
+bookkeeping of this process's graph changes that `ports.unregister` waits out (its docstring says why).
+
+Our own clients (the probe, the watch) use the system's libjack through ctypes; python-rtmidi's ports
+use the copy its wheel bundles, which never tells them the server went away (JackServerWatch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import threading
+import time
+
+WATCH_CLIENT = b"LivePerceiver watch"  # the watch's JACK client (it has no ports)
+JACK_GRACE_S = 0.1  # time JACK work in flight gets to finish: a process cycle, a graph change's notifications
+JACK_NO_START_SERVER = 0x01
+
+# --------------------------------------------------------------------------- graph changes
+
+graph_lock = threading.Lock()  # one JACK port unregistered at a time in this process (ports.unregister)
+_last_graph_change = 0.0  # time.monotonic() of this process's last JACK graph change; any thread sets it
+
+
+def jack_graph_changed() -> None:
+    """Note a JACK graph change this process made or saw: a client opened or closed, a port
+    registered, connected or gone. `ports.unregister` waits until JACK_GRACE_S after the last one."""
+    global _last_graph_change
+    _last_graph_change = time.monotonic()
+
+
+def wait_for_quiet_jack_graph() -> None:
+    """Sleep until JACK_GRACE_S has passed since this process's last JACK graph change (one noted
+    meanwhile by another thread, the UI's port listing say, moves the end)."""
+    while (left := _last_graph_change + JACK_GRACE_S - time.monotonic()) > 0:
+        time.sleep(left)
+
+
+# --------------------------------------------------------------------------- our own clients
+
+
+_LibjackMessage = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_LibjackShutdown = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+# Kept for the life of the process: libjack keeps the pointer it is given, and calls it for every
+# later message (a thunk freed after one call crashed the next client's open in this process).
+_SILENCE = _LibjackMessage(lambda message: None)
+
+
+@functools.cache
+def _libjack() -> ctypes.CDLL | None:
+    """The system's libjack (not the copy python-rtmidi's wheel bundles: our own clients only), its
+    messages silenced, or None without one."""
+    path = ctypes.util.find_library("jack")
+    if path is None:
+        return None
+    try:
+        jack = ctypes.CDLL(path)
+    except OSError:
+        return None
+    jack.jack_set_error_function(_SILENCE)
+    jack.jack_set_info_function(_SILENCE)
+    jack.jack_client_open.restype = ctypes.c_void_p
+    jack.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    jack.jack_client_close.argtypes = [ctypes.c_void_p]
+    jack.jack_on_info_shutdown.argtypes = [ctypes.c_void_p, _LibjackShutdown, ctypes.c_void_p]
+    return jack
+
+
+def _open_jack_client(name: bytes) -> ctypes.c_void_p | None:
+    """A JACK client of our own with no ports, on a running server only (None if none answers)."""
+    jack = _libjack()
+    if jack is None:
+        return None
+    status = ctypes.c_int(0)
+    client = jack.jack_client_open(name, JACK_NO_START_SERVER, ctypes.byref(status))
+    if client:
+        jack_graph_changed()  # a client came
+    return client or None
+
+
+def _close_jack_client(client: ctypes.c_void_p) -> None:
+    _libjack().jack_client_close(client)
+    jack_graph_changed()  # a client went
+
+
+def jack_server_running() -> bool:
+    """True when a JACK server answers (asks libjack directly, never starts a server)."""
+    client = _open_jack_client(b"lp-probe")
+    if client is None:
+        return False
+    _close_jack_client(client)
+    return True
+
+
+class JackServerWatch:
+    """Notices the JACK server going away while a session runs on it.
+
+    Why: python-rtmidi's JACK clients never hear of it. Their port listings stay as they were (our
+    virtual ports included), and a send goes into a ring buffer that no process cycle empties any
+    more; once it is full (about 2,300 notes) RtMidi spins in `send_message` for good, and the
+    session's output thread with it. So the session keeps a client of its own, with no ports, whose
+    shutdown callback libjack calls on its own thread when the server stops or dies (within a few
+    milliseconds here); the output stops sending and the input thread reports it (`gone`).
+
+    Threads: libjack's thread sets `gone`; any thread reads it; the session's closing thread calls
+    `close`. Without libjack or a server it watches nothing (`watching` False)."""
+
+    def __init__(self) -> None:
+        self.gone = threading.Event()
+        self.reason = ""
+        self._on_shutdown = _LibjackShutdown(self._shutdown)  # referenced as long as the client lives
+        self._client = _open_jack_client(WATCH_CLIENT)
+        if self._client is not None:
+            _libjack().jack_on_info_shutdown(self._client, self._on_shutdown, None)
+
+    @property
+    def watching(self) -> bool:
+        return self._client is not None
+
+    def _shutdown(self, code: int, reason: bytes | None, arg) -> None:
+        """libjack's thread: the server stopped or died (reason: its words, e.g. "JACK server has been closed")."""
+        self.reason = (reason or b"").decode(errors="replace").strip()
+        self.gone.set()
+
+    def close(self) -> None:
+        """Close the watching client (on a server that went away too: libjack frees it). Safe twice."""
+        client, self._client = self._client, None
+        if client is not None:
+            _close_jack_client(client)
