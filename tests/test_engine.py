@@ -611,3 +611,20 @@ def test_play_samples_only_the_pitches_its_output_plays(tiny_model):
     _, played = sample_under(tiny_model, settings.engine_constraints(), steps=600)
     onsets = [t for t in played if t < vocab.NOTE_OFF]
     assert onsets and all(55 <= t <= 67 for t in onsets)
+
+
+def test_cpu_weights_are_stored_for_a_few_rows(tiny_model):
+    """weights.store_for_few_rows: column by column where a Linear has at least as many outputs as
+    inputs, as it is (row by row) where it has fewer, the MLP's second layer (2x slower stored by
+    columns for one row); the values are the model's."""
+    engine = Engine(tiny_model, num_latents="2:4", device="cpu")
+    linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    wide = [m for m in linears if m.weight.shape[0] < m.weight.shape[1]]
+    assert wide and len(wide) < len(linears)
+    for module in linears:
+        outputs, inputs = module.weight.shape
+        by_columns = module.weight.stride() == (1, outputs)
+        assert by_columns == (outputs >= inputs), (tuple(module.weight.shape), module.weight.stride())
+    for ours, theirs in zip(engine.model.modules(), tiny_model.modules(), strict=True):
+        if isinstance(ours, torch.nn.Linear):
+            assert torch.equal(ours.weight, theirs.weight)

@@ -27,8 +27,9 @@ With window 1 a step is a chain of one-row products, so per-op overhead matters 
 layers are called through bare `F.linear`/`F.layer_norm` bound to their weights, and on float32 CPUs
 oneDNN should be off (its GELU costs 10 us of set-up per call, five times the op): a process-wide
 switch, so the entry point turns it off (runtime.configure_inference). On the CPU float weights are
-stored column by column (`store_column_major`, weights.py), the layout MKL multiplies a few rows by
-fastest; weights `blocked` store them in oneDNN's layout instead, faster still for large models.
+stored in the layout MKL multiplies a few rows by fastest (`store_for_few_rows`, weights.py: column
+by column, except matrices with fewer outputs than inputs); weights `blocked` store them in oneDNN's
+layout instead, faster still for large models.
 
 GPU-ready: a step builds no tensor from Python lists (ids, positions and masks are slices of device
 buffers), sums attention per token id in a fixed order (`sum_per_token`), and reads back only the
@@ -60,7 +61,7 @@ from liveperceiver.inference.weights import (
     bound_mlp,
     check_weights,
     pack_linear_layers,
-    store_column_major,
+    store_for_few_rows,
     stored_linear,
 )
 from liveperceiver.inference.window import LatentWindow, parse_window, resolve_window
@@ -453,12 +454,12 @@ class Engine:
 
     def _bind_layers(self) -> None:
         """Each layer's pieces as plain callables (see `bare`), after any weight packing; on the CPU
-        float weights stored column by column (`store_column_major`)."""
+        float weights stored for a few rows at a time (`store_for_few_rows`)."""
         model, config = self.model, self.config
         logits_weight = self.embedding
         if self.device.type == "cpu":
             for module in [*model.modules(), *self._fused_qkv, *self._fused_value_output]:
-                store_column_major(module)
+                store_for_few_rows(module)
             logits_weight = self.embedding.t().contiguous().t()  # rows stay rows for the table lookups
         ca = model.cross_attention
         self._cross_output = bare(ca.attention.o_proj)
