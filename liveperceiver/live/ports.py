@@ -241,21 +241,23 @@ class _Port:
     """Shared open/check/close logic; `wanted` None means our own virtual port."""
 
     direction = ""
+    virtual_name = ""  # our virtual port's name (and its client's)
 
     def __init__(
         self,
         api: str,
-        wanted: str | None,
-        virtual_name: str,
-        log: Callable[[str], None],
+        wanted: str | None = None,
+        log: Callable[[str], None] = print,
         lister=None,
         open_now: bool = True,
         server: JackServerWatch | None = None,
     ):
+        """`wanted`: a port to attach to by name, None for our own virtual port; `lister`: the
+        session's client of the other direction (open_virtual); `server`: the session's watch of its
+        JACK server (None: not watched)."""
         self.api = api
         self.wanted = wanted
-        self.server = server  # the session's watch of its JACK server (None: not watched)
-        self.virtual_name = virtual_name
+        self.server = server
         self.log = log
         self.lock = threading.Lock()  # guards self.port against check() reopening it during use
         self.connected_name: str | None = None
@@ -383,18 +385,12 @@ class MidiInput(_Port):
     is called by the session's input thread."""
 
     direction = "input"
+    virtual_name = VIRTUAL_IN
 
-    def __init__(
-        self,
-        api: str,
-        wanted: str | None = None,
-        log: Callable[[str], None] = print,
-        lister=None,
-        open_now=True,
-        server: JackServerWatch | None = None,
-    ):
+    def __init__(self, *args, **kwargs) -> None:
+        """_Port's arguments; the reader thread starts once the port is open."""
         self.queue: queue.SimpleQueue[StampedMessage] = queue.SimpleQueue()
-        super().__init__(api, wanted, VIRTUAL_IN, log, lister, open_now, server)
+        super().__init__(*args, **kwargs)
         self.reader = InputReader(self.port, self.queue.put, name="midi-in")
 
     def _new(self):
@@ -421,17 +417,7 @@ class MidiOutput(_Port):
     """An output port; `send` is called by the scheduler thread only."""
 
     direction = "output"
-
-    def __init__(
-        self,
-        api: str,
-        wanted: str | None = None,
-        log: Callable[[str], None] = print,
-        lister=None,
-        open_now=True,
-        server: JackServerWatch | None = None,
-    ):
-        super().__init__(api, wanted, VIRTUAL_OUT, log, lister, open_now, server)
+    virtual_name = VIRTUAL_OUT
 
     def _new(self):
         port = rtmidi.MidiOut(API_IDS[self.api], name=VIRTUAL_OUT if self.wanted is None else CLIENT_NAME)
