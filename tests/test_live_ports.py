@@ -16,7 +16,7 @@ import rtmidi
 from liveperceiver.core.errors import UserError
 from liveperceiver.live import ports
 from liveperceiver.live.clock import ClockTracker
-from liveperceiver.live.jack_server import JackServerWatch
+from liveperceiver.live.jack_server import JACK_GRACE_S, JackServerWatch, jack_graph_changed, jack_server_running
 from liveperceiver.live.recorder import Recorder, export_journal, recover
 from liveperceiver.live.scheduler import OutNote, Scheduler
 from liveperceiver.live.settings import Settings
@@ -91,18 +91,18 @@ def test_a_jack_port_is_unregistered_only_after_the_graph_was_quiet():
         port.open_virtual_port("quiet")
         assert any(name.endswith(":quiet") for name in ports.list_ports("jack")[1])
         changed = time.monotonic()
-        ports.jack_graph_changed()
+        jack_graph_changed()
         ports.unregister(port)
-        assert time.monotonic() - changed >= ports.JACK_GRACE_S
+        assert time.monotonic() - changed >= JACK_GRACE_S
         assert not any(name.endswith(":quiet") for name in ports.list_ports("jack")[1])
     finally:
         ports.release(port)
     output = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-quiet-out")
     output.open_virtual_port("quiet-out")
     changed = time.monotonic()
-    ports.jack_graph_changed()
+    jack_graph_changed()
     ports.release(output)  # release unregisters through the same wait (then the output's own grace)
-    assert time.monotonic() - changed >= 2 * ports.JACK_GRACE_S
+    assert time.monotonic() - changed >= 2 * JACK_GRACE_S
     assert not any(name.endswith(":quiet-out") for name in ports.list_ports("jack")[0])
 
 
@@ -113,7 +113,7 @@ def test_the_stress_loop_closes_each_port_after_a_quiet_graph():
     require_command("jackd", "Debian/Ubuntu: apt install jackd2")  # skips here, fails in CI
     seconds = 1.0
     rounds = jack_stress.stress(seconds, raw=False)
-    assert 1 <= rounds <= seconds / ports.JACK_GRACE_S + 1
+    assert 1 <= rounds <= seconds / JACK_GRACE_S + 1
 
 
 def test_ambiguous_port_name_is_a_user_error():
@@ -295,7 +295,7 @@ def test_a_silent_virtual_output_is_found_and_reopened(fresh_jack_server):  # no
 @pytest.mark.jack
 def test_private_jack_servers_reuse_a_small_pool_of_names(monkeypatch):
     with private_jack_server("lp-pool") as first:
-        assert first == "lp-pool-0" and ports.jack_server_running()
+        assert first == "lp-pool-0" and jack_server_running()
         with private_jack_server("lp-pool") as second:  # the first one runs: the next name
             assert second == "lp-pool-1" and os.environ["JACK_DEFAULT_SERVER"] == second
         assert os.environ["JACK_DEFAULT_SERVER"] == first
@@ -368,7 +368,10 @@ def test_output_into_our_own_input_is_refused_in_one_line(capsys):
 GONE_SERVER_SENDER = """
 import sys
 from liveperceiver.live import ports
+import gc
 from liveperceiver.live.jack_server import JackServerWatch
+JackServerWatch()  # dropped without close(): libjack keeps its callback, which must outlive it
+gc.collect()
 watch = JackServerWatch()
 midi_out = ports.MidiOutput("jack", log=print, server=watch)
 print(watch.watching, midi_out.send([0x90, 60, 90]), flush=True)

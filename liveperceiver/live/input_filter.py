@@ -153,7 +153,7 @@ class InputFilter:
         say so: jack_server.JackServerWatch). The model's sounding notes are ended in the take (the output
         sends nothing now) and the model pauses, so the take ends with what was heard; the line
         goes to the log once, and headless play saves and exits on it (Session.midi_gone)."""
-        self.scheduler.silence()
+        self.scheduler.silence()  # at once, as a barge-in does (the engine thread's pause does it again)
         self.commands.put(Pause(True))
         line = (
             f"the JACK server went away ({reason or 'no reason given'}): no MIDI in or out from here on, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import itertools
 import threading
 import time
 
@@ -67,7 +68,7 @@ def _libjack() -> ctypes.CDLL | None:
     return jack
 
 
-def _open_jack_client(name: bytes) -> ctypes.c_void_p | None:
+def _open_jack_client(name: bytes) -> int | None:
     """A JACK client of our own with no ports, on a running server only (None if none answers)."""
     jack = _libjack()
     if jack is None:
@@ -79,7 +80,7 @@ def _open_jack_client(name: bytes) -> ctypes.c_void_p | None:
     return client or None
 
 
-def _close_jack_client(client: ctypes.c_void_p) -> None:
+def _close_jack_client(client: int) -> None:
     _libjack().jack_client_close(client)
     jack_graph_changed()  # a client went
 
@@ -103,22 +104,28 @@ class JackServerWatch:
     shutdown callback libjack calls on its own thread when the server stops or dies (within a few
     milliseconds here); the output stops sending and the input thread reports it (`gone`).
 
+    Tested with JACK2 (jackd2, and the libjack python-rtmidi bundles): its client thread hears the
+    server go without the client being activated, so the watch never joins the process graph. Other
+    JACK implementations may tell only an activated client (not tried here).
+
     Threads: libjack's thread sets `gone`; any thread reads it; the session's closing thread calls
-    `close`. Without libjack or a server it watches nothing (`watching` False)."""
+    `close` (or leaves the watch to the process's exit: `leave_to_exit`). Without libjack or a
+    server it watches nothing (`watching` False)."""
 
     def __init__(self) -> None:
         self.gone = threading.Event()
         self.reason = ""
-        self._on_shutdown = _LibjackShutdown(self._shutdown)  # referenced as long as the client lives
+        self._key = next(_watch_keys)
         self._client = _open_jack_client(WATCH_CLIENT)
         if self._client is not None:
-            _libjack().jack_on_info_shutdown(self._client, self._on_shutdown, None)
+            _watches[self._key] = self
+            _libjack().jack_on_info_shutdown(self._client, _ON_SHUTDOWN, self._key)
 
     @property
     def watching(self) -> bool:
         return self._client is not None
 
-    def _shutdown(self, code: int, reason: bytes | None, arg) -> None:
+    def _shutdown(self, reason: bytes | None) -> None:
         """libjack's thread: the server stopped or died (reason: its words, e.g. "JACK server has been closed")."""
         self.reason = (reason or b"").decode(errors="replace").strip()
         self.gone.set()
@@ -128,3 +135,27 @@ class JackServerWatch:
         client, self._client = self._client, None
         if client is not None:
             _close_jack_client(client)
+            _watches.pop(self._key, None)
+
+    def leave_to_exit(self) -> None:
+        """Keep the client open until the process exits, which must follow (`play`). Why: closing a
+        JACK2 client cancels its thread, the one that runs the shutdown callback; a server stopping
+        at that moment (a logout stops JACK and LivePerceiver together) would have the thread
+        cancelled inside Python."""
+        self._client = None  # registered in _watches, so nothing is freed before the exit
+
+
+_watches: dict[int, JackServerWatch] = {}  # by key: the watches whose clients are open
+_watch_keys = itertools.count(1)
+
+
+def _on_shutdown(code: int, reason: bytes | None, key: int | None) -> None:
+    """libjack's thread: the server of the watch registered under `key` went away."""
+    watch = _watches.get(key or 0)
+    if watch is not None:
+        watch._shutdown(reason)
+
+
+# One callback for every watch, kept for the life of the process (libjack keeps the pointer: a
+# watch dropped without close() must not free it); the watch is found by the key libjack passes back.
+_ON_SHUTDOWN = _LibjackShutdown(_on_shutdown)

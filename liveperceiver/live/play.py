@@ -29,6 +29,7 @@ from liveperceiver.runtime import (
 
 LIVE_THREADS = 1  # torch threads for live inference (runtime.set_torch_threads says why one)
 LOG_POLL_S = 0.05  # headless: how often the session's new log lines are printed
+EXIT_MIDI_GONE = 3  # headless play's exit status when the MIDI system went away (2 is a user's mistake)
 
 
 def settings_from_args(args) -> Settings:
@@ -90,9 +91,9 @@ def _print_new_log_lines(session: Session, shown: int) -> int:
 
 def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> NoReturn:
     """Open the ports and play until the front end returns (the UI quits) or, headless, until
-    SIGINT/SIGTERM or the MIDI system goes away (the JACK server stopped: exit 1, after the same
-    close); then the one way out of a live session: close it (notes off, take saved, JACK ports
-    left open) and exit 0."""
+    SIGINT/SIGTERM or the MIDI system goes away (the JACK server stopped); then the one way out of
+    a live session: close it (notes off, take saved, JACK ports left open) and exit, 0, or
+    EXIT_MIDI_GONE when the MIDI system went away."""
     code = 0
     settings = settings_from_args(args)
     configure_inference(threads=LIVE_THREADS, device=checked_device(args.device).type, dtype=args.dtype)
@@ -124,7 +125,7 @@ def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> 
                     gone = session.midi_gone()  # read before printing: its line is in the log by then
                     shown = _print_new_log_lines(session, shown)
                     if gone:
-                        code = 1
+                        code = EXIT_MIDI_GONE
                         break
             else:
                 session.start()

@@ -130,6 +130,10 @@ class Session:
         self.api = resolve_api(api)
         # JACK's server can stop or die under a session, and its ports never tell (jack_server.JackServerWatch)
         self.jack_server = JackServerWatch() if self.api == "jack" else None
+        if self.jack_server is not None and not self.jack_server.watching:
+            self.warn(
+                "the JACK server is not watched (libjack would not open a client): if it stops, nothing will say so"
+            )
         # ports first: a wrong port name is reported before a slow model load
         try:
             self.midi_in, self.midi_out = open_ports(
@@ -392,18 +396,21 @@ class Session:
         return saved
 
     def _close_ports(self, release_ports: bool = True) -> None:
-        """Stop using the ports, then the watch of their JACK server. JACK ports are left to the
-        process's exit when `release_ports` is False (close says why); a session that fails while it
-        is built releases them, as a port's own close does by default."""
+        """Stop using the ports, then the watch of their JACK server. JACK ports and the watch are
+        left to the process's exit when `release_ports` is False (close and
+        JackServerWatch.leave_to_exit say why); a session that fails while it is built releases
+        them, as a port's own close does by default."""
         try:
             self.midi_in.close(release_ports)
             self.midi_out.close(release_ports)
         finally:
-            self._close_jack_server()
+            self._close_jack_server(release_ports)
 
-    def _close_jack_server(self) -> None:
-        if self.jack_server is not None:
+    def _close_jack_server(self, release: bool = True) -> None:
+        if self.jack_server is not None and release:
             self.jack_server.close()
+        elif self.jack_server is not None:
+            self.jack_server.leave_to_exit()
 
     def midi_gone(self) -> str | None:
         """The log line that said the session's MIDI system went away (the JACK server stopped or

@@ -73,9 +73,11 @@ def private_jack_server(prefix: str, period: int = 256) -> Iterator[str]:
                 raise UserError(f"jackd did not start: {last}")
         if process is None:
             raise UserError(f"no free JACK server name {prefix}-0..{JACK_SERVER_NAMES - 1}: stop some jackd")
+        _running_servers[name] = process
         yield name
     finally:
         if process is not None:
+            _running_servers.pop(name, None)
             process.terminate()
             try:
                 process.wait(5)
@@ -89,29 +91,19 @@ def private_jack_server(prefix: str, period: int = 256) -> Iterator[str]:
 
 
 def stop_jack_server(name: str, signum: int = signal.SIGKILL, timeout: float = 5.0) -> None:
-    """Stop the jackd that serves `name` as a crash (SIGKILL) or a user's stop (SIGTERM) would, and
-    wait until no server answers to that name: tests of a session whose server goes away. Linux."""
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                arguments = cmdline.read().split(b"\0")
-        except OSError:  # not a process, or one that just ended
-            continue
-        if arguments[:3] == [b"jackd", b"-n", name.encode()]:
-            os.kill(int(entry), signum)
-    previous = os.environ.get("JACK_DEFAULT_SERVER")
-    os.environ["JACK_DEFAULT_SERVER"] = name
+    """Stop a server `private_jack_server` started in this process as a crash (SIGKILL) or a
+    user's stop (SIGTERM) would, and wait for it to end: tests of a session whose server goes away."""
+    process = _running_servers.get(name)
+    if process is None:
+        raise UserError(f"no private JACK server {name!r} runs in this process")
+    process.send_signal(signum)
     try:
-        deadline = time.monotonic() + timeout
-        while jack_server_running():
-            if time.monotonic() > deadline:
-                raise UserError(f"the JACK server {name!r} still runs {timeout:g} s after signal {signum}")
-            time.sleep(0.02)
-    finally:
-        if previous is None:
-            os.environ.pop("JACK_DEFAULT_SERVER", None)
-        else:
-            os.environ["JACK_DEFAULT_SERVER"] = previous
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"the JACK server {name!r} still runs {timeout:g} s after signal {signum}") from None
+
+
+_running_servers: dict[str, subprocess.Popen] = {}  # private_jack_server's servers by name
 
 
 def _start_jackd(name: str, period: int) -> tuple[subprocess.Popen | None, str]:

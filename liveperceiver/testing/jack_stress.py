@@ -15,7 +15,8 @@ import time
 
 import rtmidi
 
-from liveperceiver.live.ports import jack_graph_changed, release
+from liveperceiver.live.jack_server import jack_graph_changed
+from liveperceiver.live.ports import release
 from liveperceiver.testing.jack import private_jack_server
 
 
