@@ -78,12 +78,18 @@ def private_jack_server(prefix: str, period: int = 256) -> Iterator[str]:
     finally:
         if process is not None:
             _running_servers.pop(name, None)
+            killed = process.poll() == -signal.SIGKILL  # by stop_jack_server: a crash
             process.terminate()
             try:
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+            if killed:  # its registry entry stays until a server of its name starts: start one, stop it cleanly
+                again, _ = _start_jackd(name, period)
+                if again is not None:
+                    again.terminate()
+                    again.wait(5)
         if previous is None:
             os.environ.pop("JACK_DEFAULT_SERVER", None)
         else:
