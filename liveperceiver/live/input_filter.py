@@ -76,7 +76,8 @@ class InputFilter:
     model or the disk.
 
     Threads: owned by the input thread, which alone writes `last_activity` (a float the engine
-    thread only reads), `last_port_check`, `last_tempo_log` and `clock_source_shown`. It feeds
+    thread only reads), `midi_gone` (set once; the caller's thread reads it through
+    Session.midi_gone), `last_port_check`, `last_tempo_log` and `clock_source_shown`. It feeds
     `timekeeper.clock`; the player's keys, pedal and counters go to `shared` under its lock;
     `echoes` has a lock of its own (the scheduler thread writes it)."""
 
