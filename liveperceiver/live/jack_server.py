@@ -104,9 +104,9 @@ class JackServerWatch:
     shutdown callback libjack calls on its own thread when the server stops or dies (within a few
     milliseconds here); the output stops sending and the input thread reports it (`gone`).
 
-    Tested with JACK2 (jackd2, and the libjack python-rtmidi bundles): its client thread hears the
-    server go without the client being activated, so the watch never joins the process graph. Other
-    JACK implementations may tell only an activated client (not tried here).
+    Tested with JACK2 (jackd2 and the system's libjack): its client thread hears the server go
+    without the client being activated, so the watch never joins the process graph. Other JACK
+    implementations may tell only an activated client (not tried here).
 
     Threads: libjack's thread sets `gone`; any thread reads it; the session's closing thread calls
     `close` (or leaves the watch to the process's exit: `leave_to_exit`). Without libjack or a
