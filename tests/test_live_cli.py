@@ -20,7 +20,7 @@ from liveperceiver.live.jack_server import jack_graph_changed
 from liveperceiver.live.play import EXIT_MIDI_GONE
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
-from liveperceiver.testing.jack import private_jack_server, stop_jack_server
+from liveperceiver.testing.jack import stop_jack_server
 from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, no_stuck_notes, wait_for  # noqa: F401
 
@@ -111,26 +111,29 @@ def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, fresh_
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "stop"])
-def test_jack_server_gone_is_one_line_then_the_take_is_saved_and_play_exits_with_its_status(tmp_path, signum):
-    with private_jack_server("lp-gone") as name:  # this test stops its server
-        process = start_play(tmp_path / "s", "--record", str(tmp_path / "take.mid"))  # duet: the model plays too
-        keys = None
-        try:
-            keys = Keyboard()
-            assert until_heard(keys, tmp_path / "s" / "journal.txt"), diagnose(tmp_path, name)
-            keys.phrase([60, 64, 67])
-            assert wait_for(lambda: " P 90435a" in (tmp_path / "s" / "journal.txt").read_text())  # 67 journaled
-            wait_for(keys.note_ons, timeout=5)  # the model answering, mostly (the take is checked either way)
-            stop_jack_server(name, signum)
-            stopped_at = time.monotonic()
+def test_jack_server_gone_is_one_line_then_the_take_is_saved_and_play_exits_with_its_status(
+    tmp_path,
+    fresh_jack_server,  # noqa: F811 - this test stops it
+    signum,
+):
+    process = start_play(tmp_path / "s", "--record", str(tmp_path / "take.mid"))  # duet: the model plays too
+    keys = None
+    try:
+        keys = Keyboard()
+        assert until_heard(keys, tmp_path / "s" / "journal.txt"), diagnose(tmp_path, fresh_jack_server)
+        keys.phrase([60, 64, 67])
+        assert wait_for(lambda: " P 90435a" in (tmp_path / "s" / "journal.txt").read_text())  # 67 journaled
+        wait_for(keys.note_ons, timeout=5)  # the model answering, mostly (the take is checked either way)
+        stop_jack_server(fresh_jack_server, signum)
+        stopped_at = time.monotonic()
+        process.wait(10)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        if process.poll() is None:
+            process.kill()
             process.wait(10)
-            elapsed = time.monotonic() - stopped_at
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
-            if keys is not None:
-                keys.close()  # on a server that is gone: frees its clients, nothing else
+        if keys is not None:
+            keys.close()  # on a server that is gone: frees its clients, nothing else
     said = (tmp_path / "play.out").read_text()
     assert process.returncode == EXIT_MIDI_GONE, said
     # the watch hears it in milliseconds, the input thread looks every 0.5 s, close joins for up to 0.5 s

@@ -366,9 +366,9 @@ def test_output_into_our_own_input_is_refused_in_one_line(capsys):
 # full (about 2,300 notes with no process cycle to empty it), so a send that reached it would hang
 # the test's process, not fail it.
 GONE_SERVER_SENDER = """
+import gc
 import sys
 from liveperceiver.live import ports
-import gc
 from liveperceiver.live.jack_server import JackServerWatch
 JackServerWatch()  # dropped without close(): libjack keeps its callback, which must outlive it
 gc.collect()
@@ -387,24 +387,26 @@ print("closed", flush=True)
 
 @pytest.mark.jack
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "stop"])
-def test_a_jack_server_that_goes_away_is_noticed_and_the_output_stops_sending(signum, monkeypatch):
-    require_command("jackd", "Debian/Ubuntu: apt install jackd2")
-    with private_jack_server("lp-gone") as name:
-        sender = subprocess.Popen(
-            [sys.executable, "-c", GONE_SERVER_SENDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert sender.stdout.readline().split() == ["True", "True"]  # watching, and a note sent
-            stop_jack_server(name, signum)
-            sender.stdin.write("go\n")
-            sender.stdin.flush()
-            said, _ = sender.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            said = "timed out: send() spun on a full buffer of a server that is gone"
-        finally:
-            if sender.poll() is None:
-                sender.kill()
-                sender.wait(10)
+def test_a_jack_server_that_goes_away_is_noticed_and_the_output_stops_sending(
+    fresh_jack_server,  # noqa: F811 - this test stops it
+    signum,
+    monkeypatch,
+):
+    sender = subprocess.Popen(
+        [sys.executable, "-c", GONE_SERVER_SENDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sender.stdout.readline().split() == ["True", "True"]  # watching, and a note sent
+        stop_jack_server(fresh_jack_server, signum)
+        sender.stdin.write("go\n")
+        sender.stdin.flush()
+        said, _ = sender.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        said = "timed out: send() spun on a full buffer of a server that is gone"
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(10)
     # heard the server go (with its reason), sent none of 5,000 notes, closed
     assert said.split() == ["True", "True", "0", "closed"], said
     monkeypatch.setenv("JACK_DEFAULT_SERVER", "lp-gone-no-such-server")

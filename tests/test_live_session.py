@@ -23,11 +23,12 @@ from liveperceiver.live.play import realtime_process
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import freeze_heap, thaw_heap
-from liveperceiver.testing.jack import private_jack_server, stop_jack_server
-from tests.conftest import MODEL_GOLDEN, require_command
+from liveperceiver.testing.jack import stop_jack_server
+from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import (  # noqa: F401 - the imported fixture
     Keyboard,
     assert_onsets_on_grid,
+    fresh_jack_server,
     jack_server,
     no_stuck_notes,
     play_timeline,
@@ -483,21 +484,19 @@ def test_play_takes_the_engines_compute_dtype(tmp_path, jack_server, capsys):  #
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_a_session_whose_jack_server_goes_shows_it_pauses_and_still_closes(tmp_path):
-    require_command("jackd", "Debian/Ubuntu: apt install jackd2")  # skips here, fails in CI
-    with private_jack_server("lp-gone") as name:  # this test stops its server
-        session = Session(Settings(mode="duet"), model=str(TINY), api="jack", session_dir=tmp_path / "s")
-        try:
-            session.start()
-            snapshot = session.snapshot()
-            assert snapshot.in_connected and snapshot.out_connected and session.midi_gone() is None
-            stop_jack_server(name)
-            assert wait_for(lambda: session.midi_gone() is not None, timeout=3)
-            snapshot = session.snapshot()
-            assert not snapshot.in_connected and not snapshot.out_connected  # the UI shows both red
-            assert sum("the JACK server went away" in line for line in snapshot.log) == 1
-            assert wait_for(lambda: session.runs.paused, timeout=2)  # the model stops sampling into nothing
-            assert not session.midi_out.send([0x90, 60, 90])
-        finally:
-            saved = session.close(release_ports=True)  # on a server that is gone: frees its clients
+def test_a_session_whose_jack_server_goes_shows_it_pauses_and_still_closes(tmp_path, fresh_jack_server):  # noqa: F811
+    session = Session(Settings(mode="duet"), model=str(TINY), api="jack", session_dir=tmp_path / "s")
+    try:
+        session.start()
+        snapshot = session.snapshot()
+        assert snapshot.in_connected and snapshot.out_connected and session.midi_gone() is None
+        stop_jack_server(fresh_jack_server)  # this test stops its server
+        assert wait_for(lambda: session.midi_gone() is not None, timeout=3)
+        snapshot = session.snapshot()
+        assert not snapshot.in_connected and not snapshot.out_connected  # the UI shows both red
+        assert sum("the JACK server went away" in line for line in snapshot.log) == 1
+        assert wait_for(lambda: session.runs.paused, timeout=2)  # the model stops sampling into nothing
+        assert not session.midi_out.send([0x90, 60, 90])
+    finally:
+        saved = session.close(release_ports=True)  # on a server that is gone: frees its clients
     assert saved is not None and saved.is_file()

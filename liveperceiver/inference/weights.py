@@ -218,8 +218,10 @@ def store_for_few_rows(module: nn.Module) -> None:
     VM, 2026-12-04). 16-bit, int8 and blocked weights keep their own kernels' layout."""
     if isinstance(module, nn.Linear) or (isinstance(module, PackedLinear) and not module.cast):
         weight = module.weight
-        outputs, inputs = weight.shape if weight.dim() == 2 else (0, 0)
-        if weight.dtype.is_floating_point and outputs >= inputs > 0 and weight.stride(1) != outputs:
+        if not weight.dtype.is_floating_point or weight.dim() != 2:
+            return
+        outputs, inputs = weight.shape
+        if outputs >= inputs and weight.stride(1) != outputs:
             columns = weight.detach().t().contiguous().t()
             module.weight = nn.Parameter(columns, requires_grad=False) if isinstance(module, nn.Linear) else columns
 
