@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -110,8 +111,9 @@ def no_jack_ports_left_to_the_exit():
     `play` command); a test process goes on, and ports left open by one test crashed a later one
     inside libjack. So a test must close with `release_ports=True` or free what it left."""
     yield
-    from liveperceiver.live import ports
-
+    ports = sys.modules.get("liveperceiver.live.ports")
+    if ports is None:  # never imported: no port was opened (and a machine without libasound can run the rest)
+        return
     left = list(ports.LEFT_TO_EXIT)
     if left:
         ports.LEFT_TO_EXIT.clear()

@@ -176,7 +176,9 @@ def synchronizing(calls) -> int:
             calls()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(warning.message) for warning in caught)
+    # torch's own words for a sync; its first set_sync_debug_mode also warns, once, that the mode is
+    # a prototype that does "not yet detect all synchronizing operations": not a sync (seen on an H200)
+    return sum("called a synchronizing CUDA operation" in str(warning.message) for warning in caught)
 
 
 @pytest.mark.cuda

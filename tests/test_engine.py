@@ -9,6 +9,7 @@ from collections import Counter
 import pretty_midi
 import pytest
 import torch
+from conftest import TEST_DEVICE
 
 from liveperceiver.core import vocab
 from liveperceiver.core.tokenizer import encode_midi
@@ -26,19 +27,21 @@ def full_forward_logits(model, engine: Engine) -> torch.Tensor:
 
 
 def max_difference(model, engine: Engine) -> float:
-    return (engine.next_logits() - full_forward_logits(model, engine)).abs().max().item()
+    return (engine.next_logits().cpu() - full_forward_logits(model, engine)).abs().max().item()
 
 
 def test_windowed_greedy_matches_reference(tiny_model, tiny_expected):
     for case in tiny_expected["windowed_greedy"]:
-        engine = Engine(tiny_model, num_latents=case["num_latents"], sampling=SamplingSettings(greedy=True))
+        engine = Engine(
+            tiny_model, device=TEST_DEVICE, num_latents=case["num_latents"], sampling=SamplingSettings(greedy=True)
+        )
         engine.append(case["prompt"])
         assert engine.sample(len(case["continuation"])) == case["continuation"]
 
 
 def test_exact_through_rollbacks_latent_changes_and_rebases(tiny_model):
     rng = random.Random(3)
-    engine = Engine(tiny_model, num_latents=4, sampling=SamplingSettings(seed=5))
+    engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=4, sampling=SamplingSettings(seed=5))
     engine.append([rng.randrange(388) for _ in range(30)])
     worst = 0.0
     checked = 0
@@ -59,7 +62,7 @@ def test_exact_through_rollbacks_latent_changes_and_rebases(tiny_model):
 
 
 def test_deep_rollback_below_the_buffer_base(tiny_model):
-    engine = Engine(tiny_model, num_latents=2, sampling=SamplingSettings(seed=1))
+    engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=2, sampling=SamplingSettings(seed=1))
     engine.append([rng_token for rng_token in range(0, 388, 3)] * 80)
     engine.step()
     assert engine._base > 0
@@ -70,18 +73,18 @@ def test_deep_rollback_below_the_buffer_base(tiny_model):
 def test_same_seed_same_output(tiny_model):
     outputs = []
     for _ in range(2):
-        engine = Engine(tiny_model, sampling=SamplingSettings(temperature=1.2, top_p=0.9, seed=42))
+        engine = Engine(tiny_model, device=TEST_DEVICE, sampling=SamplingSettings(temperature=1.2, top_p=0.9, seed=42))
         engine.append([60, 300, 188])
         outputs.append(engine.sample(64))
     assert outputs[0] == outputs[1]
-    engine = Engine(tiny_model, sampling=SamplingSettings(temperature=1.2, top_p=0.9, seed=43))
+    engine = Engine(tiny_model, device=TEST_DEVICE, sampling=SamplingSettings(temperature=1.2, top_p=0.9, seed=43))
     engine.append([60, 300, 188])
     assert engine.sample(64) != outputs[0]
 
 
 def test_top_k_one_is_greedy(tiny_model):
-    greedy = Engine(tiny_model, sampling=SamplingSettings(greedy=True))
-    top1 = Engine(tiny_model, sampling=SamplingSettings(top_k=1, seed=0))
+    greedy = Engine(tiny_model, device=TEST_DEVICE, sampling=SamplingSettings(greedy=True))
+    top1 = Engine(tiny_model, device=TEST_DEVICE, sampling=SamplingSettings(top_k=1, seed=0))
     for engine in (greedy, top1):
         engine.append([376, 60, 300, 188, 62])
     assert greedy.sample(40) == top1.sample(40)
@@ -100,14 +103,14 @@ def test_top_k_one_is_greedy(tiny_model):
     ],
 )
 def test_bad_settings_are_refused_before_any_change(tiny_model, change, message):
-    engine = Engine(tiny_model, num_latents=3, sampling=SamplingSettings(temperature=0.8))
+    engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=3, sampling=SamplingSettings(temperature=0.8))
     with pytest.raises(ValueError, match=message):
         engine.configure(num_latents=2, **change) if "num_latents" not in change else engine.configure(**change)
     assert engine.num_latents == 3 and engine.sampling.temperature == 0.8
 
 
 def test_out_of_range_tokens_are_refused_without_change(tiny_model):
-    engine = Engine(tiny_model)
+    engine = Engine(tiny_model, device=TEST_DEVICE)
     engine.append([60, 300])
     with pytest.raises(ValueError, match="389, outside 0..388"):
         engine.append([61, 389])
@@ -127,7 +130,9 @@ def sounding_before_each(tokens: list[int]):
 
 
 def sample_under(tiny_model, constraints: Constraints, steps: int = 400) -> tuple[list[int], list[int]]:
-    engine = Engine(tiny_model, sampling=SamplingSettings(temperature=2.0, seed=7), constraints=constraints)
+    engine = Engine(
+        tiny_model, device=TEST_DEVICE, sampling=SamplingSettings(temperature=2.0, seed=7), constraints=constraints
+    )
     engine.append([376, 60, 300, 62, 300, 64])
     return engine.tokens[:6], engine.sample(steps)
 
@@ -150,7 +155,7 @@ def test_a_pitch_struck_twice_while_sounding_is_closed_once_or_twice(tiny_model,
     the second note-off a doubled note); eval, scoring real streams, allows the second
     (`repeated_note_offs`)."""
     guard = Constraints(no_orphan_note_off=True, repeated_note_offs=repeated)
-    engine = Engine(tiny_model, constraints=guard)
+    engine = Engine(tiny_model, device=TEST_DEVICE, constraints=guard)
     midi = pretty_midi.PrettyMIDI()
     piano = pretty_midi.Instrument(program=0)
     piano.notes = [pretty_midi.Note(80, 60, 0.0, 1.0), pretty_midi.Note(80, 60, 0.5, 1.5)]  # overlapping
@@ -221,6 +226,57 @@ def test_constraint_min_onset_gap_bites(tiny_model):
     assert smallest_gap_ms(constrained) >= 100
 
 
+def test_a_velocity_while_no_note_may_start_leaves_tokens_to_sample():
+    """Dynamics follow lets only note-ons follow a velocity token; polyphony full or an onset too soon
+    forbids note-ons. Together they forbade every token (found on the GPU check: `no token can be
+    sampled`); now a velocity is not sampled while no note may start, and one that came anyway (the
+    player's, a prompt's) lets time pass or a note end."""
+    from liveperceiver.inference.sampling import StreamState
+
+    for blocking in (Constraints(max_polyphony=1), Constraints(min_onset_gap_ms=20)):
+        constraints = Constraints(
+            dynamics_follow=4.0,
+            max_polyphony=blocking.max_polyphony,
+            min_onset_gap_ms=blocking.min_onset_gap_ms,
+        )
+        state = StreamState()
+        for token in (vocab.velocity_token(80), vocab.note_on(60), vocab.velocity_token(90)):
+            state.push(token)
+        logits = torch.zeros(vocab.VOCAB_SIZE)
+        constraint_mask(constraints, state, logits)
+        allowed = torch.isfinite(logits)
+        assert not allowed[vocab.NOTE_ON : vocab.NOTE_OFF].any() and not allowed[vocab.VELOCITY : vocab.PAD].any()
+        assert allowed[vocab.TIME_SHIFT : vocab.VELOCITY].all() and allowed[vocab.note_off(60)]
+
+
+def test_every_constraint_at_once_never_leaves_nothing_to_sample(tiny_model):
+    """Every constraint and follow together, with adaptation, over a practice session's prompt."""
+    from liveperceiver.inference.adapt import practice_stream
+
+    everything = Constraints(
+        no_orphan_note_off=True,
+        pitch_range=(36, 96),
+        max_polyphony=6,
+        min_onset_gap_ms=20,
+        max_note_ms=8000,
+        key_follow=1.0,
+        dynamics_follow=4.0,
+        density_follow=1.0,
+        density_ratio=0.5,
+    )
+    for window, seed in ((4, 1), ("4:12", 0), (1, 2)):  # each raised before the fix
+        engine = Engine(
+            tiny_model,
+            device=TEST_DEVICE,
+            num_latents=window,
+            sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=seed),
+            constraints=everything,
+            adapt=0.7,
+        )
+        engine.append(practice_stream(300))
+        assert len(engine.sample(40)) == 40
+
+
 def test_long_prompts_keep_their_most_recent_part(tiny_model):
     """Only the last max_prefix_len + num_latents tokens matter (the reference pipeline keeps the oldest)."""
     rng = random.Random(9)
@@ -228,11 +284,11 @@ def test_long_prompts_keep_their_most_recent_part(tiny_model):
     window = tiny_model.config.max_prefix_len + 2
     outputs = []
     for tokens in (prompt, prompt[-window:]):
-        engine = Engine(tiny_model, num_latents=2, sampling=SamplingSettings(greedy=True))
+        engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=2, sampling=SamplingSettings(greedy=True))
         engine.append(tokens)
         outputs.append(engine.sample(30))
     assert outputs[0] == outputs[1]
-    engine = Engine(tiny_model, num_latents=2, sampling=SamplingSettings(greedy=True))
+    engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=2, sampling=SamplingSettings(greedy=True))
     engine.append(prompt[:window])
     assert engine.sample(30) != outputs[0]
 
@@ -260,7 +316,7 @@ def test_constraint_max_note_length_bites(tiny_model):
 
 def test_max_note_length_closes_only_the_models_notes(tiny_model):
     """A player holding a key for 5 s is not the model's to release; the model's own 5 s note is."""
-    engine = Engine(tiny_model, constraints=Constraints(max_note_ms=500))
+    engine = Engine(tiny_model, device=TEST_DEVICE, constraints=Constraints(max_note_ms=500))
     engine.append([376, 60] + [355] * 5)  # the player's middle C, held
     assert engine.state.overdue(500) == []
     engine.truncate(1)
@@ -304,7 +360,7 @@ def test_the_rest_guard_bites(tiny_model):
 def test_the_rest_guard_counts_only_the_models_own_waits(tiny_model):
     """A player resting 5 s is real time, not the model's stall; the model's own waits are, until
     anyone strikes a note; a rollback restores what the model had waited."""
-    engine = Engine(tiny_model, constraints=Constraints(max_rest_ms=500))
+    engine = Engine(tiny_model, device=TEST_DEVICE, constraints=Constraints(max_rest_ms=500))
     engine.append([376, 60] + [355] * 5)  # the player's note, then the player's 5 s rest
     assert engine.state.model_rest_ms == 0
     engine.state.push(330, sampled=True)  # the model waits 750 ms
@@ -341,7 +397,7 @@ def differences_over_changing_windows(model, engine: Engine, steps: int) -> list
 @pytest.mark.parametrize("storage, tolerance", [("float16", 0.02), ("bfloat16", 0.2)])
 def test_16_bit_weights_stay_close_to_the_float32_model(tiny_model, storage, tolerance):
     """16-bit weight storage (the fast CPU setting) changes the logits by rounding only."""
-    engine = Engine(tiny_model, num_latents=1, weights=storage, sampling=SamplingSettings(seed=2))
+    engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=1, weights=storage, sampling=SamplingSettings(seed=2))
     packed = [module for module in engine.model.modules() if isinstance(module, PackedLinear)]
     assert packed and all(module.weight.dtype == DTYPES[storage] for module in packed)
     assert not any(isinstance(module, torch.nn.Linear) for module in engine.model.modules())
@@ -353,7 +409,7 @@ def test_int8_layers_stay_close_to_the_float32_model(tiny_model):
     """int8 weights: every Linear and fused matrix is an Int8Linear, called as a module in the
     one-latent chain and in wider windows. The bound is half the largest difference torch.ao's
     dynamic quantisation gave (0.35), which also quantised the activations."""
-    engine = Engine(tiny_model, num_latents=1, weights="int8", sampling=SamplingSettings(seed=2))
+    engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=1, weights="int8", sampling=SamplingSettings(seed=2))
     int8 = [module for module in engine.model.modules() if isinstance(module, Int8Linear)]
     assert int8 and all(module.weight.dtype == torch.int8 for module in int8)
     assert not any(isinstance(module, torch.nn.Linear) for module in engine.model.modules())
@@ -365,7 +421,7 @@ def test_an_int8_engine_raises_no_warning(tiny_model):
     """torch.ao's dynamic quantisation warned that it is deprecated; the int8 kernel does not."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = Engine(tiny_model, weights="int8", sampling=SamplingSettings(seed=2))
+        engine = Engine(tiny_model, device=TEST_DEVICE, weights="int8", sampling=SamplingSettings(seed=2))
         engine.append([vocab.velocity_token(80), 60])
         engine.sample(3)
     assert [str(warning.message) for warning in caught] == []
@@ -397,7 +453,7 @@ def test_int8_linear_is_the_per_channel_quantised_product(width):
 def test_bench_times_what_the_engine_thread_does_when_the_player_plays(tiny_model):
     """`bench`'s player p99 is the live path (Session._absorb_player, then the next step): the
     unplayed look-ahead is rolled back, the player's tokens appended, one token sampled."""
-    engine = Engine(tiny_model, sampling=SamplingSettings(seed=0))
+    engine = Engine(tiny_model, device=TEST_DEVICE, sampling=SamplingSettings(seed=0))
     engine.append(range(50))
     engine.step()
     before = list(engine.tokens)
@@ -416,7 +472,7 @@ def test_the_engine_leaves_process_wide_settings_alone(tiny_model):
         torch.set_num_threads(2)
         for enabled in (False, True):
             torch.backends.mkldnn.enabled = enabled
-            engine = Engine(tiny_model, sampling=SamplingSettings(seed=0))
+            engine = Engine(tiny_model, device=TEST_DEVICE, sampling=SamplingSettings(seed=0))
             engine.append([vocab.velocity_token(80), 60])
             engine.step()
             assert torch.backends.mkldnn.enabled is enabled and torch.get_num_threads() == 2
@@ -428,7 +484,7 @@ def test_the_engine_leaves_process_wide_settings_alone(tiny_model):
 def test_bench_counts_the_weights_a_step_reads(tiny_model):
     """One latent reads each self-attention layer's fused value-output matrix (C x C) instead of its
     four projections; several latents read float32 copies of 16-bit weights (PackedLinear's rows)."""
-    float32, float16 = Engine(tiny_model), Engine(tiny_model, weights="float16")
+    float32, float16 = Engine(tiny_model, device=TEST_DEVICE), Engine(tiny_model, device=TEST_DEVICE, weights="float16")
     config = tiny_model.config
     projections = config.num_self_attention_layers * 3 * config.num_channels**2 * 4  # bytes
     assert weights_read_per_step(float32, 8) - weights_read_per_step(float32, 1) == projections
@@ -438,14 +494,14 @@ def test_bench_counts_the_weights_a_step_reads(tiny_model):
 
 def test_16_bit_weights_need_a_float32_model(tiny_model):
     with pytest.raises(ValueError, match="float32"):
-        Engine(tiny_model, weights="float16", dtype=torch.bfloat16)
+        Engine(tiny_model, device=TEST_DEVICE, weights="float16", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="not one of"):
-        Engine(tiny_model, weights="int4")
+        Engine(tiny_model, device=TEST_DEVICE, weights="int4")
 
 
 def test_quantize_is_a_deprecated_name_of_weights(tiny_model):
     with pytest.warns(DeprecationWarning, match="weights="):
-        engine = Engine(tiny_model, quantize="float16")
+        engine = Engine(tiny_model, device=TEST_DEVICE, quantize="float16")
     assert engine.precision == "float16 weights"
 
 
@@ -466,6 +522,7 @@ def test_key_follow_bites(tiny_model):
     def in_key_share(key_follow: float) -> float:
         engine = Engine(
             tiny_model,
+            device=TEST_DEVICE,
             sampling=SamplingSettings(temperature=2.0, seed=7),
             constraints=Constraints(key_follow=key_follow),
         )
@@ -549,7 +606,7 @@ def test_key_follow_hears_only_the_player_and_survives_rollback():
 
 def test_append_carries_whose_tokens_they_were(tiny_model):
     """A stream moved to a new engine (a model switch) keeps the model's notes as the model's."""
-    engine = Engine(tiny_model)
+    engine = Engine(tiny_model, device=TEST_DEVICE)
     engine.append([376, 60, 300, 188, 377, 61], sampled=[0, 0, 0, 0, 1, 1])
     assert list(engine.sampled) == [0, 0, 0, 0, 1, 1]
     assert engine.state.model_pitch_classes[1] == 1.0 and engine.state.player_pitch_classes[1] == 0.0
@@ -589,7 +646,7 @@ def test_per_token_sums_in_order_equal_index_add(tiny_model):
 def test_a_sampled_step_builds_no_tensor_from_python_lists(tiny_model, monkeypatch, window):
     """GPU-ready: ids, positions and masks are slices of device buffers, and a sampled token goes
     into the id buffer as it is chosen; only the player's tokens are copied in (once, at append)."""
-    engine = Engine(tiny_model, num_latents=window, sampling=SamplingSettings(seed=1))
+    engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=window, sampling=SamplingSettings(seed=1))
     engine.append(range(100, 160))
     engine.sample(3)
     built = []

@@ -289,7 +289,7 @@ class Engine:
             logits[ids.start : ids.stop] = float("-inf")
         token = choose(logits, self.sampling, self.generator)  # the step's one read back from the device
         if self.exact_tables and self._ids_upto == len(self.tokens) < self._base + self.capacity:
-            self.row_ids[self._ids_upto - self._base] = token  # a device write: no list, no copy
+            self.row_ids[self._ids_upto - self._base].fill_(token)  # a kernel's argument: no copy, no wait
             self._ids_upto += 1
         if self.cache is not None:
             self.cache_weight.fade(len(self.tokens))

@@ -21,6 +21,7 @@ runs the captured graph on CUDA against the CPU (tests/test_device.py).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -136,7 +137,13 @@ class OneRowStep:
 
     def _capture(self, key: tuple) -> None:
         """Capture `compute` as a CUDA graph. The warm-up runs write the new row's kept keys and
-        values, as the replay will again (the same values: the scalars do not change in between)."""
+        values, as the replay will again (the same values: the scalars do not change in between).
+
+        Garbage is collected first: an engine dropped earlier (engine and step refer to each other,
+        so only the cycle collector frees them) holds a graph, and destroying a graph while another
+        is being captured invalidates the capture (seen on an H200: the first graphed step of a new
+        engine failed with cudaErrorStreamCaptureInvalidated). torch.cuda.graph no longer collects."""
+        gc.collect()
         side = torch.cuda.Stream(device=self.engine.device)
         side.wait_stream(torch.cuda.current_stream(self.engine.device))
         with torch.cuda.stream(side):

@@ -435,20 +435,26 @@ def constraint_mask(
     they compose in any order and never change which type of event comes next."""
     minus_inf = float("-inf")
     after_velocity = vocab.VELOCITY <= state.last_token < vocab.PAD
+    polyphony_full = constraints.max_polyphony and len(state.onsets) >= constraints.max_polyphony
+    too_soon = constraints.min_onset_gap_ms and state.ms_since_onset < constraints.min_onset_gap_ms
+    notes_blocked = bool(polyphony_full or too_soon)  # no note may start now
+    # A velocity token is always followed by its note-on in the data; pushed toward a level it would
+    # not start a note at, the model sometimes waited instead, and the level was lost. So with
+    # dynamics follow a velocity token allows only note-ons next, unless no note may start: then
+    # only that rule would be left, and it would forbid every token.
+    note_on_next = bool(constraints.dynamics_follow) and after_velocity and not notes_blocked
     if constraints.density_follow:
         density_follow_bias(constraints.density_follow, constraints.density_ratio, state, logits, temperature)
     if constraints.dynamics_follow:
         dynamics_follow_bias(constraints.dynamics_follow, state, logits, temperature)
-        if after_velocity:
-            # A velocity token is always followed by its note-on in the data; pushed toward a level
-            # it would not start a note at, the model sometimes waited instead, and the level was lost.
+        if note_on_next:
             logits[vocab.NOTE_OFF :] = minus_inf
     if constraints.key_follow:
         key_follow_bias(constraints.key_follow, state, logits, temperature)
     overdue = state.overdue(constraints.max_note_ms) if constraints.max_note_ms else []
     # Right after a velocity token its note-on comes first (no time passes): a stream that ends on a
     # velocity while a note is overdue (a prompt cut there, its held notes handed over) closes it next.
-    if overdue and not (constraints.dynamics_follow and after_velocity):
+    if overdue and not note_on_next:
         # Only the overdue notes' note-offs stay possible.
         allowed = torch.zeros(len(logits), dtype=torch.bool)
         allowed[[vocab.note_off(pitch) for pitch in overdue]] = True
@@ -462,11 +468,10 @@ def constraint_mask(
         low, high = constraints.pitch_range
         logits[vocab.NOTE_ON : vocab.NOTE_ON + low] = minus_inf
         logits[vocab.NOTE_ON + high + 1 : vocab.NOTE_OFF] = minus_inf
-    polyphony_full = constraints.max_polyphony and len(state.onsets) >= constraints.max_polyphony
-    too_soon = constraints.min_onset_gap_ms and state.ms_since_onset < constraints.min_onset_gap_ms
-    if polyphony_full or too_soon:
+    if notes_blocked:  # neither a note-on nor the velocity that announces one
         logits[vocab.NOTE_ON : vocab.NOTE_OFF] = minus_inf
-    if constraints.max_rest_ms and state.model_rest_ms >= constraints.max_rest_ms and not (polyphony_full or too_soon):
+        logits[vocab.VELOCITY : vocab.PAD] = minus_inf
+    if constraints.max_rest_ms and state.model_rest_ms >= constraints.max_rest_ms and not notes_blocked:
         # The rest guard: a model that has waited this long on its own plays (or releases) next. Its
         # waits are its own decision step by step, and a slow, sparse prompt (the Gymnopédie) could
         # talk it into waiting for good (piano card, "Rests"). Only its own time-shifts count: the
@@ -499,7 +504,9 @@ def sample_id(logits: torch.Tensor, settings: SamplingSettings, generator: torch
     the argmax of p / q with q ~ Exp(1). multinomial reads its input back on the host first (two
     checks of the probabilities), two syncs per step on a GPU; the check here rides on the id."""
     logits = logits.float()
-    logits[vocab.PAD] = float("-inf")
+    # fill_, not `logits[PAD] = -inf`: a Python number written to one element of a CUDA tensor is
+    # copied from the host and waits for the device (seen on an H200); fill_ passes it to a kernel.
+    logits[vocab.PAD].fill_(float("-inf"))
     if settings.greedy:
         return logits.argmax()
     probs = apply_temperature_top_k_top_p(logits, settings)
