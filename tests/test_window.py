@@ -157,6 +157,37 @@ def test_only_new_rows_are_computed(tiny_model):
     assert rows == [8]  # the step itself ran no row
 
 
+@pytest.mark.parametrize("graph_step", [False, True])
+def test_a_step_after_one_absorbed_token_runs_each_new_row_through_the_fixed_shape_step(tiny_model, graph_step):
+    """One token appended, then a step: two new rows (the sampled token's and the appended one's).
+    With the fixed-shape step (a CUDA graph's replay on CUDA) each runs through it, one after the
+    other; three or more new rows go through the stack as one pass. Exact either way."""
+    engine = Engine(
+        tiny_model, device=TEST_DEVICE, num_latents="4:24", sampling=SamplingSettings(seed=5), graph_step=graph_step
+    )
+    rows: list[int] = []
+    extend = engine.stack.extend
+    engine.stack.extend = lambda x: rows.append(x.shape[0]) or extend(x)
+    if graph_step:
+        set_rows = engine.one_row_step.set_rows
+        engine.one_row_step.set_rows = lambda *positions: rows.append(1) or set_rows(*positions)
+    rng = random.Random(5)
+    engine.append([rng.randrange(388) for _ in range(30)])
+    engine.step()  # the first anchoring: 4 rows
+    worst, absorbed = 0.0, {1: 0, 3: 0}
+    for index in range(80):
+        count = 3 if index % 5 == 4 else 1
+        engine.append([rng.randrange(388) for _ in range(count)])
+        anchor_before = engine._anchor
+        rows.clear()
+        worst = max(worst, difference(tiny_model, engine, engine.window()))
+        if engine._anchor == anchor_before:  # not a re-anchoring (MIN rows at once)
+            absorbed[count] += 1
+            assert rows == ([1, 1] if graph_step and count == 1 else [count + 1]), (index, rows)
+        engine.step()
+    assert worst < 1e-4 and min(absorbed.values()) >= 5, absorbed
+
+
 def test_n_is_n_to_n_the_references_windowed_greedy(tiny_model, tiny_expected):
     for case in tiny_expected["windowed_greedy"]:
         n = case["num_latents"]
