@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -16,12 +17,18 @@ import rtmidi
 from liveperceiver.core.errors import UserError
 from liveperceiver.live import ports
 from liveperceiver.live.clock import ClockTracker
-from liveperceiver.live.jack_server import JACK_GRACE_S, JackServerWatch, jack_graph_changed, jack_server_running
+from liveperceiver.live.jack_server import (
+    JACK_GRACE_S,
+    STALL_S,
+    JackServerWatch,
+    jack_graph_changed,
+    jack_server_running,
+)
 from liveperceiver.live.recorder import Recorder, export_journal, recover
 from liveperceiver.live.scheduler import OutNote, Scheduler
 from liveperceiver.live.settings import Settings
 from liveperceiver.testing import jack_stress
-from liveperceiver.testing.jack import private_jack_server, stop_jack_server
+from liveperceiver.testing.jack import paused_jack_server, private_jack_server, stop_jack_server
 from tests.conftest import require_command
 from tests.jack_fixture import Keyboard, fresh_jack_server, jack_server, wait_for  # noqa: F401
 
@@ -411,3 +418,81 @@ def test_a_jack_server_that_goes_away_is_noticed_and_the_output_stops_sending(
     assert said.split() == ["True", "True", "0", "closed"], said
     monkeypatch.setenv("JACK_DEFAULT_SERVER", "lp-gone-no-such-server")
     assert not JackServerWatch().watching  # no server: nothing to watch, nothing fails
+
+
+# In a process of its own, as above: without the guard its 5,000 sends would spin on RtMidi's full
+# buffer until the server runs again.
+STALLED_SERVER_SENDER = """
+import sys
+import time
+import rtmidi
+from liveperceiver.live import ports
+from liveperceiver.live.jack_server import JackServerWatch
+from liveperceiver.live.scheduler import Scheduler
+from liveperceiver.live.settings import Settings
+watch = JackServerWatch()
+said = []
+midi_out = ports.MidiOutput("jack", log=said.append, server=watch)
+listener = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="stall listener")
+names = ports.port_names(listener)
+listener.open_port([i for i, name in enumerate(names) if name.endswith(":" + ports.VIRTUAL_OUT)][0], "in")
+time.sleep(0.3)
+before = [[0x90, 60, 90], [0xB0, 64, 127], [0x90, 62, 90]]  # two notes and the pedal down
+print(all(midi_out.send(message) for message in before), flush=True)
+sys.stdin.readline()  # the test stalls the server
+print(watch.stalled(), midi_out.connected, flush=True)
+during = [[0x80, 60, 0], [0xB0, 64, 0]] + [[0x90, 64, 90], [0x80, 64, 0]] * 2500  # 60 and the pedal end
+print(sum(midi_out.send(message) for message in during), flush=True)
+sys.stdin.readline()  # the test lets it run again
+time.sleep(0.3)
+print(watch.stalled(), midi_out.connected, flush=True)
+scheduler = Scheduler(midi_out.send, Settings(), log=said.append, on_wake=midi_out.catch_up)
+scheduler.start()  # nothing to play: its first wake sends what the stall owes
+time.sleep(0.3)
+scheduler.close()
+heard = []
+while (message := listener.get_message()) is not None:
+    heard.append(message[0])
+print(heard, flush=True)
+print(len(said), all("JACK server" in line for line in said), flush=True)
+listener.close_port()
+midi_out.close()
+watch.close()
+print("closed", flush=True)
+"""
+
+
+def read_line(process: subprocess.Popen, timeout: float = 20.0) -> str:
+    """The child's next line, or "timed out" (a child stuck in RtMidi's send must fail the test, not hang it)."""
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    return process.stdout.readline().strip() if ready else "timed out"
+
+
+@pytest.mark.jack
+def test_a_stalled_jack_server_drops_the_output_and_ends_its_notes_after(fresh_jack_server):  # noqa: F811
+    """A server that runs but runs no process cycle (SIGSTOP here, a hung driver for a player): the
+    output drops everything instead of filling RtMidi's buffer (no spin), both ports show as
+    disconnected, and once the server runs again the note-off and the pedal release dropped in the
+    stall go out (the note still held, 62, stays: it was never ended); the rest of the stall's
+    traffic never does."""
+    sender = subprocess.Popen(
+        [sys.executable, "-c", STALLED_SERVER_SENDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert read_line(sender) == "True"
+        with paused_jack_server(fresh_jack_server):
+            time.sleep(STALL_S + 0.3)
+            sender.stdin.write("go\n")
+            sender.stdin.flush()
+            stalled = [read_line(sender), read_line(sender)]
+        sender.stdin.write("go\n")
+        sender.stdin.flush()
+        after = [read_line(sender) for _ in range(4)]
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+        sender.wait(10)
+    assert stalled == ["True False", "0"], stalled  # stalled, shown disconnected, none of 5,002 sent
+    assert after[0] == "False True", after  # running again
+    assert after[1] == str([[0x90, 60, 90], [0xB0, 64, 127], [0x90, 62, 90], [0x80, 60, 0], [0xB0, 64, 0]]), after
+    assert after[2:] == ["2 True", "closed"], after  # one line when it stalled, one when it ran again

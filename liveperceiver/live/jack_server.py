@@ -17,6 +17,9 @@ import time
 WATCH_CLIENT = b"LivePerceiver watch"  # the watch's JACK client (it has no ports)
 JACK_GRACE_S = 0.1  # time JACK work in flight gets to finish: a process cycle, a graph change's notifications
 JACK_NO_START_SERVER = 0x01
+# No process cycle for this long and the server is stalled (hung, or stopped by SIGSTOP), not gone.
+# Above a starved dummy driver's gaps on a loaded 2-core machine; below what a listener waits out.
+STALL_S = 0.5
 
 # --------------------------------------------------------------------------- graph changes
 
@@ -65,6 +68,9 @@ def _libjack() -> ctypes.CDLL | None:
     jack.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     jack.jack_client_close.argtypes = [ctypes.c_void_p]
     jack.jack_on_info_shutdown.argtypes = [ctypes.c_void_p, _LibjackShutdown, ctypes.c_void_p]
+    for frames in (jack.jack_frame_time, jack.jack_last_frame_time, jack.jack_get_sample_rate):
+        frames.restype = ctypes.c_uint32
+        frames.argtypes = [ctypes.c_void_p]
     return jack
 
 
@@ -108,18 +114,25 @@ class JackServerWatch:
     without the client being activated, so the watch never joins the process graph. Other JACK
     implementations may tell only an activated client (not tried here).
 
-    Threads: libjack's thread sets `gone`; any thread reads it; the session's closing thread calls
-    `close` (or leaves the watch to the process's exit: `leave_to_exit`). Without libjack or a
-    server it watches nothing (`watching` False)."""
+    It also tells a server that still runs but has stopped running process cycles (`stalled`):
+    libjack's frame time goes on with the clock, the frame time of the last cycle does not.
+
+    Threads: libjack's thread sets `gone`; any thread reads it and asks `stalled`; the session's
+    closing thread calls `close` (or leaves the watch to the process's exit: `leave_to_exit`).
+    Without libjack or a server it watches nothing (`watching` False)."""
 
     def __init__(self) -> None:
         self.gone = threading.Event()
         self.reason = ""
         self._key = next(_watch_keys)
+        self._lock = threading.Lock()  # no libjack call on the client while close() frees it
         self._client = _open_jack_client(WATCH_CLIENT)
+        self._stall_frames = 0
         if self._client is not None:
             _watches[self._key] = self
-            _libjack().jack_on_info_shutdown(self._client, _ON_SHUTDOWN, self._key)
+            jack = _libjack()
+            jack.jack_on_info_shutdown(self._client, _ON_SHUTDOWN, self._key)
+            self._stall_frames = round(jack.jack_get_sample_rate(self._client) * STALL_S)
 
     @property
     def watching(self) -> bool:
@@ -130,9 +143,22 @@ class JackServerWatch:
         self.reason = (reason or b"").decode(errors="replace").strip()
         self.gone.set()
 
+    def stalled(self) -> bool:
+        """True while the server runs but has run no process cycle for STALL_S: hung (a stuck
+        driver), or stopped (SIGSTOP). Nothing sent reaches a listener then, and RtMidi's queue only
+        fills (StallGuard). Two reads of the server's shared memory: cheap enough for every send."""
+        with self._lock:
+            client = self._client
+            if client is None or self.gone.is_set():
+                return False
+            jack = _libjack()
+            behind = (jack.jack_frame_time(client) - jack.jack_last_frame_time(client)) & 0xFFFFFFFF
+        return behind > self._stall_frames
+
     def close(self) -> None:
         """Close the watching client (on a server that went away too: libjack frees it). Safe twice."""
-        client, self._client = self._client, None
+        with self._lock:
+            client, self._client = self._client, None
         if client is not None:
             _close_jack_client(client)
             _watches.pop(self._key, None)
@@ -142,7 +168,8 @@ class JackServerWatch:
         JACK2 client cancels its thread, the one that runs the shutdown callback; a server stopping
         at that moment (a logout stops JACK and LivePerceiver together) would have the thread
         cancelled inside Python."""
-        self._client = None  # registered in _watches, so nothing is freed before the exit
+        with self._lock:
+            self._client = None  # registered in _watches, so nothing is freed before the exit
 
 
 _watches: dict[int, JackServerWatch] = {}  # by key: the watches whose clients are open
@@ -159,3 +186,75 @@ def _on_shutdown(code: int, reason: bytes | None, key: int | None) -> None:
 # One callback for every watch, kept for the life of the process (libjack keeps the pointer: a
 # watch dropped without close() must not free it); the watch is found by the key libjack passes back.
 _ON_SHUTDOWN = _LibjackShutdown(_on_shutdown)
+
+
+class StallGuard:
+    """Drops MIDI out while the JACK server is stalled, and ends afterwards what that left sounding.
+
+    Why: RtMidi queues each message for the next process cycle, and a stalled server runs none.
+    Once RtMidi's ring buffer is full (about 2,300 notes) `send_message` spins, holding the GIL,
+    until the server runs again (measured: a SIGSTOPped jackd held the sender for as long as it
+    was stopped), and the whole session with it: no UI, no save. Messages queued meanwhile would
+    also all sound at once, late, when it runs again. So the output sends nothing while the watch
+    says `stalled` (MidiOutput.send); when the server runs again, each note whose note-on went out
+    before the stall and whose note-off was dropped during it gets its note-off, and each sustain
+    pedal left down likewise its release (`catch_up`), so nothing is left sounding.
+
+    Threads: the scheduler thread's (MidiOutput.send and catch_up run under the output's lock)."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self.stall_seen = False  # messages were dropped in a stall that catch_up has not ended yet
+        self.dropped = 0
+        self._queued: tuple[set, set] = (set(), set())  # (channel, pitch) sounding, channels pedalled
+        self._intended: tuple[set, set] = (set(), set())  # as every message sent or dropped leaves them
+
+    def queued(self, message: list[int]) -> None:
+        """`message` goes to RtMidi."""
+        _follow(self._queued, message)
+        _follow(self._intended, message)
+
+    def dropped_in_stall(self, message: list[int]) -> None:
+        """`message` is dropped: the server is stalled."""
+        if not self.stall_seen:
+            self.stall_seen, self.dropped = True, 0
+            self.log(
+                f"the JACK server has run no process cycle for {STALL_S:g} s: MIDI out is dropped until it runs again"
+            )
+        self.dropped += 1
+        _follow(self._intended, message)
+
+    def catch_up(self) -> list[list[int]]:
+        """After a stall, with the server running again: the note-offs and pedal releases the
+        stall dropped for what had gone out before it (to send now: they count as queued)."""
+        if not self.stall_seen:
+            return []
+        self.stall_seen = False
+        (notes, pedals), (wanted_notes, wanted_pedals) = self._queued, self._intended
+        owed = [[0x80 | channel, pitch, 0] for channel, pitch in sorted(notes - wanted_notes)]
+        owed += [[0xB0 | channel, 64, 0] for channel in sorted(pedals - wanted_pedals)]
+        for message in owed:
+            _follow(self._queued, message)
+        self.log(
+            f"the JACK server runs again: MIDI out goes on ({self.dropped} messages were dropped, "
+            f"{len(owed)} notes and pedals ended)"
+        )
+        return owed
+
+
+def _follow(state: tuple[set, set], message: list[int]) -> None:
+    """Update (notes sounding, pedals down) by one channel message."""
+    if len(message) != 3:
+        return
+    notes, pedals = state
+    status, channel = message[0] & 0xF0, message[0] & 0x0F
+    if status == 0x90 and message[2] > 0:
+        notes.add((channel, message[1]))
+    elif status in (0x80, 0x90):
+        notes.discard((channel, message[1]))
+    elif status == 0xB0 and message[1] == 64:
+        (pedals.add if message[2] >= 64 else pedals.discard)(channel)
+    elif status == 0xB0 and message[1] in (120, 123):  # all sound off, all notes off
+        notes.difference_update({note for note in notes if note[0] == channel})
+    elif status == 0xB0 and message[1] == 121:  # reset all controllers: the pedal too
+        pedals.discard(channel)

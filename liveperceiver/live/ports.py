@@ -28,6 +28,7 @@ from liveperceiver.core.errors import UserError
 from liveperceiver.live.jack_server import (
     JACK_GRACE_S,
     JackServerWatch,
+    StallGuard,
     graph_lock,
     jack_graph_changed,
     jack_server_running,
@@ -329,9 +330,13 @@ class _Port:
 
     @property
     def connected(self) -> bool:
-        """Open and reaching its MIDI system: False while a named port is gone, and for good once
-        the JACK server is (JackServerWatch)."""
-        return self.connected_name is not None and not (self.server is not None and self.server.gone.is_set())
+        """Open and reaching its MIDI system: False while a named port is gone or the JACK server
+        is stalled, and for good once the server is gone (JackServerWatch)."""
+        return self.connected_name is not None and not self._server_down()
+
+    def _server_down(self) -> bool:
+        server = self.server
+        return server is not None and (server.gone.is_set() or server.stalled())
 
     def check(self) -> str | None:
         """Notice a named port that vanished or came back; returns a log line on a change."""
@@ -419,19 +424,42 @@ class MidiOutput(_Port):
     direction = "output"
     virtual_name = VIRTUAL_OUT
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stall_guard = StallGuard(self.log)  # used when the JACK server is watched (send, catch_up)
+
     def _new(self):
         port = rtmidi.MidiOut(API_IDS[self.api], name=VIRTUAL_OUT if self.wanted is None else CLIENT_NAME)
         port.set_error_callback(lambda kind, message, data=None: self.log(f"output port error: {message}"))
         return port
 
     def send(self, message: list[int]) -> bool:
-        """Send raw bytes now; False when the port is disconnected or its JACK server is gone (the
-        message is dropped: RtMidi would spin for good once its buffer filled, JackServerWatch)."""
+        """Send raw bytes now; False when the port is disconnected or its JACK server is gone or
+        stalled (the message is dropped: RtMidi would spin once its buffer filled, JackServerWatch;
+        after a stall, StallGuard ends what it left sounding)."""
         with self.lock:
-            if not self.connected:
+            if self.connected_name is None:
                 return False
+            if self.server is not None:
+                if self.server.gone.is_set():
+                    return False
+                if self.server.stalled():
+                    self.stall_guard.dropped_in_stall(message)
+                    return False
+                for owed in self.stall_guard.catch_up():
+                    self.port.send_message(owed)
+                self.stall_guard.queued(message)
             self.port.send_message(message)
             return True
+
+    def catch_up(self) -> None:
+        """After a stall of the JACK server, once it runs again: the note-offs and pedal releases
+        the stall dropped (StallGuard). The scheduler thread calls it whenever it wakes, so they go
+        out even when nothing else is sent."""
+        with self.lock:
+            if self.stall_guard.stall_seen and self.connected:
+                for owed in self.stall_guard.catch_up():
+                    self.port.send_message(owed)
 
     def delivers(self, timeout: float = PROBE_S) -> bool | None:
         """Whether our JACK virtual output reaches a listener now: a private probe client connects to

@@ -83,8 +83,12 @@ class Scheduler:
         settings: Settings,
         on_sent: Callable[[float, list[int], bool], None] | None = None,
         log: Callable[[str], None] = print,
+        on_wake: Callable[[], None] | None = None,
     ):
+        """`on_wake`: called on the scheduler's thread at every turn of its loop (at least every
+        IDLE_WAKE_S), before anything is sent: the output's MidiOutput.catch_up."""
         self.send = send
+        self.on_wake = on_wake
         self.settings = settings  # replaced whole by the session; read once per event
         self.on_sent = on_sent or (lambda time, message, model: None)  # model=False: thru
         self.log = log
@@ -236,6 +240,8 @@ class Scheduler:
                         self.cond.wait(max(0.0, min(due, wake) - now))
             if not running:
                 return False
+            if self.on_wake is not None:
+                self.on_wake()
             if off_wanted:
                 self._all_off()
             for message in raw:

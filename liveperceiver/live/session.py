@@ -165,7 +165,9 @@ class Session:
             self._close_ports()
             raise UserError(f"{session_dir}: cannot write the session journal ({error.strerror or error})") from None
         self.record_path = Path(record_path) if record_path else None
-        self.scheduler = Scheduler(self.midi_out.send, settings, on_sent=self._on_sent, log=self.warn)
+        self.scheduler = Scheduler(
+            self.midi_out.send, settings, on_sent=self._on_sent, log=self.warn, on_wake=self.midi_out.catch_up
+        )
         self.timekeeper = Timekeeper(ClockTracker(), self._current_settings)
         self.commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.stopping = threading.Event()

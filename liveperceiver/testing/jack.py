@@ -109,6 +109,20 @@ def stop_jack_server(name: str, signum: int = signal.SIGKILL, timeout: float = 5
         raise UserError(f"the JACK server {name!r} still runs {timeout:g} s after signal {signum}") from None
 
 
+@contextmanager
+def paused_jack_server(name: str) -> Iterator[None]:
+    """Stall a server `private_jack_server` started in this process (SIGSTOP: it still runs, but runs
+    no process cycle, as a hung driver leaves it) until the block ends (SIGCONT, however it ends)."""
+    process = _running_servers.get(name)
+    if process is None:
+        raise UserError(f"no private JACK server {name!r} runs in this process")
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
 _running_servers: dict[str, subprocess.Popen] = {}  # private_jack_server's servers by name
 
 
