@@ -127,12 +127,27 @@ class JackServerWatch:
         self._key = next(_watch_keys)
         self._lock = threading.Lock()  # no libjack call on the client while close() frees it
         self._client = _open_jack_client(WATCH_CLIENT)
-        self._stall_frames = 0
+        self._stall_frames: int | None = None  # None: stalls are not told (see _cycles_seen)
         if self._client is not None:
             _watches[self._key] = self
             jack = _libjack()
             jack.jack_on_info_shutdown(self._client, _ON_SHUTDOWN, self._key)
-            self._stall_frames = round(jack.jack_get_sample_rate(self._client) * STALL_S)
+            if self._cycles_seen():
+                self._stall_frames = round(jack.jack_get_sample_rate(self._client) * STALL_S)
+
+    def _cycles_seen(self, timeout: float = 0.25) -> bool:
+        """Whether this (never activated) client sees the server's cycles go by: the frame time of
+        the last cycle moves within `timeout`. JACK2 shows it to every client; an implementation
+        that showed it only to active clients would look stalled for good and silence the output,
+        so without it stalls are not told (a server that runs no cycle now could not be used either)."""
+        jack = _libjack()
+        first = jack.jack_last_frame_time(self._client)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.005)
+            if jack.jack_last_frame_time(self._client) != first:
+                return True
+        return False
 
     @property
     def watching(self) -> bool:
@@ -149,7 +164,7 @@ class JackServerWatch:
         fills (StallGuard). Two reads of the server's shared memory: cheap enough for every send."""
         with self._lock:
             client = self._client
-            if client is None or self.gone.is_set():
+            if client is None or self._stall_frames is None or self.gone.is_set():
                 return False
             jack = _libjack()
             behind = (jack.jack_frame_time(client) - jack.jack_last_frame_time(client)) & 0xFFFFFFFF
