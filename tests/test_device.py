@@ -219,7 +219,7 @@ def test_on_cuda_a_step_reads_back_once(tiny_model, cuda, window):
     engine.sample(8)  # warm-up: tables, masks and pinned buffers are made once, the graph captured
     assert synchronizing(lambda: engine.sample(20)) == 20
     if window != 4:
-        assert engine.one_row_step is not None and engine.one_row_step.graph is not None
+        assert engine.row_steps and engine.row_steps[1].graph is not None
 
 
 @pytest.mark.cuda
@@ -228,7 +228,7 @@ def test_on_cuda_the_engine_gives_the_cpu_logits(tiny_model, cuda, window):
     """Teacher-forced on the CPU engine's greedy path, with rollbacks across the anchor, both engines'
     logits agree step by step; the one-row steps replay a CUDA graph (on by default on CUDA)."""
     engines = [Engine(tiny_model, num_latents=window, device=device) for device in ("cpu", cuda)]
-    assert engines[0].one_row_step is None and engines[1].one_row_step is not None
+    assert not engines[0].row_steps and engines[1].row_steps
     for engine in engines:
         engine.append(practice_stream(200))
     for index in range(150):
@@ -239,7 +239,7 @@ def test_on_cuda_the_engine_gives_the_cpu_logits(tiny_model, cuda, window):
             engine.append([token])
             if index % 40 == 39:
                 engine.truncate(len(engine) - 7)
-    assert (engines[1].one_row_step.graph is not None) == (window != 4)
+    assert (engines[1].row_steps[1].graph is not None) == (window != 4)
 
 
 # --------------------------------------------------------------------------- .ci/gpu-check

@@ -53,7 +53,7 @@ from liveperceiver.core.model import PerceiverAR, apply_rotary, rotary_rotation
 from liveperceiver.inference.adapt import CacheWeight, SessionCache, mix_logits
 from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
 from liveperceiver.inference.dynamic import DynamicOutput, OutputHead
-from liveperceiver.inference.graphed import OneRowStep
+from liveperceiver.inference.graphed import NewRowsStep
 from liveperceiver.inference.latents import BoundLayer, LatentStack
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
 from liveperceiver.inference.weights import (
@@ -67,11 +67,10 @@ from liveperceiver.inference.weights import (
 from liveperceiver.inference.window import LatentWindow, parse_window, resolve_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Between re-anchorings, up to this many new latent rows run as the fixed-shape step once per row
-# (a CUDA graph's replay each), more as one eager pass. Two covers the step after one absorbed token
-# (its row and the sampled token's). Measured on an H200 (2026-12-04, README "On a GPU"): the 134M
-# configuration's window step 9.55 -> 5.37 ms; the 5.6M model's 2.99 -> 3.76 ms (its eager pass of
-# two rows is cheaper than two replays). A GPU is for the large models.
+# Between re-anchorings, up to this many new latent rows run as one fixed-shape step (graphed.py; a
+# CUDA graph's replay), more as one eager pass. Two covers the step after one absorbed token (its row
+# and the sampled token's), which ran eagerly: on an H200 (2026-12-04, README "On a GPU") that cost
+# the 134M configuration's window step 3.5x its one-latent step.
 GRAPHED_ROWS_AT_MOST = 2
 
 
@@ -162,7 +161,10 @@ class Engine:
             self.dynamic = DynamicOutput(self.head)
             self._choose_output()
         use_graph = self.device.type == "cuda" if graph_step is None else graph_step
-        self.one_row_step = OneRowStep(self) if use_graph and self.exact_tables else None
+        # the fixed-shape steps by their number of new rows (none: the engine's own, sliced step)
+        self.row_steps: dict[int, NewRowsStep] = {}
+        if use_graph and self.exact_tables:
+            self.row_steps = {count: NewRowsStep(self, count) for count in range(1, GRAPHED_ROWS_AT_MOST + 1)}
         # for the UI: float32, bfloat16, ..., or "float16 weights" (activations stay float32)
         self.precision = f"{weights} weights" if weights is not None else str(dtype).removeprefix("torch.")
 
@@ -345,26 +347,27 @@ class Engine:
             start, anchor, end = self.window()
             self._prepare_rows(start, anchor, end)
             self._anchor = anchor
-            if self.one_row_step is not None:
-                return self._graph_step(start, anchor, end)
+            if self.row_steps:
+                return self._graph_step(start, anchor, end, 1)
             return self.stack.one_row_logits(self._cross_attention(start, anchor, anchor, end)).float()
-        if self.one_row_step is not None:
+        if self.row_steps:
             start, anchor, end = self.window()
             new_rows = end - anchor - self.stack.count
-            if anchor == self._anchor and 1 <= new_rows <= GRAPHED_ROWS_AT_MOST and not self.cache_weight.deferred:
-                self._prepare_rows(start, anchor, end)  # between re-anchorings: the fixed-shape step, row by row
-                for row_end in range(end - new_rows + 1, end + 1):
-                    logits = self._graph_step(start, anchor, row_end)
-                    self.stack.count = row_end - anchor
+            if anchor == self._anchor and new_rows in self.row_steps and not self.cache_weight.deferred:
+                self._prepare_rows(start, anchor, end)  # between re-anchorings, a new row or two: the fixed-shape step
+                logits = self._graph_step(start, anchor, end, new_rows)
+                self.stack.count = end - anchor
                 return logits
         end = self._advance()
         return self.stack.row_logits(end - 1 - self._anchor).float()
 
-    def _graph_step(self, start: int, anchor: int, end: int) -> torch.Tensor:
-        """The logits of the new row at stream position end - 1, its rows prepared: graphed.OneRowStep."""
+    def _graph_step(self, start: int, anchor: int, end: int, new_rows: int) -> torch.Tensor:
+        """The logits at stream position end - 1 after the `new_rows` rows up to it, their buffer
+        rows prepared: graphed.NewRowsStep."""
         base = self._base
-        self.one_row_step.set_rows(start - base, anchor - base, end - 1 - base)
-        return self.one_row_step()
+        step = self.row_steps[new_rows]
+        step.set_rows(start - base, anchor - base, end - 1 - base)
+        return step()
 
     @torch.inference_mode()
     def prepare(self) -> None:
