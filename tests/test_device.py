@@ -223,6 +223,30 @@ def test_on_cuda_a_step_reads_back_once(tiny_model, cuda, window):
 
 
 @pytest.mark.cuda
+def test_on_cuda_a_step_after_one_absorbed_token_reads_back_once(tiny_model, cuda):
+    """A player's token, then a step: two new rows, the two-row graph (graphed.NewRowsStep). Without
+    adaptation: with it, a player's token is judged from the eager rows (adapt.CacheWeight)."""
+    engine = Engine(
+        tiny_model,
+        device=cuda,
+        num_latents="4:12",
+        sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=0),
+        constraints=EVERYTHING,
+    )
+    engine.append(practice_stream(300))
+    player = iter(practice_stream(400, seed=2)[300:])
+
+    def absorb_and_step(count: int) -> None:
+        for _ in range(count):
+            engine.append([next(player)])
+            engine.step()
+
+    absorb_and_step(8)  # warm-up: the graphs captured
+    assert synchronizing(lambda: absorb_and_step(20)) == 20
+    assert engine.row_steps[2].graph is not None
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("window", [4, "4:12", 1])  # sliding (eager); cached and one latent (a CUDA graph)
 def test_on_cuda_the_engine_gives_the_cpu_logits(tiny_model, cuda, window):
     """Teacher-forced on the CPU engine's greedy path, with rollbacks across the anchor, both engines'

@@ -63,8 +63,8 @@ def difference(model, engine: Engine, window: tuple[int, int, int]) -> float:
     ("seed", "graph_step"), [(0, False), (1, False), (2, False), (3, True), (4, True)], ids=lambda v: str(v)
 )
 def test_random_windows_equal_full_forward_passes(tiny_model, engine_device, seed, graph_step):
-    """graph_step: the one-new-row steps run the fixed-shape step (inference/graphed.py): eagerly on
-    the CPU, as a captured CUDA graph under .ci/gpu-check."""
+    """graph_step: the steps of one or two new rows run the fixed-shape steps (inference/graphed.py):
+    eagerly on the CPU, as captured CUDA graphs under .ci/gpu-check."""
     rng = random.Random(seed)
     config = tiny_model.config
     schedule = Schedule(4, 12, config.max_prefix_len)

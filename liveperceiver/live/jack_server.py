@@ -13,6 +13,7 @@ import functools
 import itertools
 import threading
 import time
+from collections.abc import Callable
 
 WATCH_CLIENT = b"LivePerceiver watch"  # the watch's JACK client (it has no ports)
 JACK_GRACE_S = 0.1  # time JACK work in flight gets to finish: a process cycle, a graph change's notifications
@@ -167,8 +168,11 @@ class JackServerWatch:
             if client is None or self._stall_frames is None or self.gone.is_set():
                 return False
             jack = _libjack()
-            behind = (jack.jack_frame_time(client) - jack.jack_last_frame_time(client)) & 0xFFFFFFFF
-        return behind > self._stall_frames
+            last = jack.jack_last_frame_time(client)
+            behind = (jack.jack_frame_time(client) - last) & 0xFFFFFFFF  # 32-bit frame counters, wrapping
+        # Read as signed: a cycle that began before its predicted time, or one published between the
+        # two reads, puts the estimate a little behind the last cycle; after a stall it lags far behind.
+        return self._stall_frames < behind < 1 << 31
 
     def close(self) -> None:
         """Close the watching client (on a server that went away too: libjack frees it). Safe twice."""
@@ -210,14 +214,14 @@ class StallGuard:
     Once RtMidi's ring buffer is full (about 2,300 notes) `send_message` spins, holding the GIL,
     until the server runs again (measured: a SIGSTOPped jackd held the sender for as long as it
     was stopped), and the whole session with it: no UI, no save. Messages queued meanwhile would
-    also all sound at once, late, when it runs again. So the output sends nothing while the watch
-    says `stalled` (MidiOutput.send); when the server runs again, each note whose note-on went out
+    also all sound at once, late, when it runs again (those of the STALL_S before the stall is told
+    still do). So the output sends nothing while the watch says `stalled` (MidiOutput.send); when the server runs again, each note whose note-on went out
     before the stall and whose note-off was dropped during it gets its note-off, and each sustain
     pedal left down likewise its release (`catch_up`), so nothing is left sounding.
 
     Threads: the scheduler thread's (MidiOutput.send and catch_up run under the output's lock)."""
 
-    def __init__(self, log) -> None:
+    def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
         self.stall_seen = False  # messages were dropped in a stall that catch_up has not ended yet
         self.dropped = 0

@@ -39,7 +39,7 @@ VIRTUAL_IN = "LivePerceiver In"
 VIRTUAL_OUT = "LivePerceiver Out"
 CLIENT_NAME = "LivePerceiver"
 PROBE_S = 0.5  # how long the output check waits for its probe byte
-PROBE_ATTEMPTS = 3  # reopenings of a stalled JACK output at start
+PROBE_ATTEMPTS = 3  # reopenings of a silent JACK output at start (its client never ran a cycle)
 
 API_IDS = {
     "alsa": rtmidi.API_LINUX_ALSA,
@@ -501,7 +501,9 @@ class MidiOutput(_Port):
                 ok = self.delivers()
                 if ok is None or ok:
                     return ok
-                self.log(f"output port {self.virtual_name!r} delivers nothing (JACK client stalled); reopening it")
+                self.log(
+                    f"output port {self.virtual_name!r} delivers nothing (its JACK client runs no cycle); reopening it"
+                )
                 with self.lock:
                     release(self.port)
                     # a session cannot run without its output: UserError (one line) if this fails;
