@@ -14,6 +14,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 WATCH_CLIENT = b"LivePerceiver watch"  # the watch's JACK client (it has no ports)
 JACK_GRACE_S = 0.1  # time JACK work in flight gets to finish: a process cycle, a graph change's notifications
@@ -55,7 +56,8 @@ _SILENCE = _LibjackMessage(lambda message: None)
 @functools.cache
 def _libjack() -> ctypes.CDLL | None:
     """The system's libjack (not the copy python-rtmidi's wheel bundles: our own clients only), its
-    messages silenced, or None without one."""
+    messages silenced, or None without one. The bundled copy's messages are silenced too."""
+    _silence_bundled_libjack()
     path = ctypes.util.find_library("jack")
     if path is None:
         return None
@@ -73,6 +75,24 @@ def _libjack() -> ctypes.CDLL | None:
         frames.restype = ctypes.c_uint32
         frames.argtypes = [ctypes.c_void_p]
     return jack
+
+
+def _silence_bundled_libjack() -> None:
+    """Silence the libjack python-rtmidi's wheel bundles for its ports. Why: it prints to stderr,
+    and when the server goes away it prints six lines ("Cannot read socket fd = 10 ...",
+    "JackSocketClientChannel read fail") across the terminal UI just as the session's own line says
+    what happened (JackServerWatch). A python-rtmidi built against the system's libjack has no
+    bundled copy: `_libjack` silences that one."""
+    import rtmidi
+
+    site = Path(rtmidi.__file__).resolve().parent.parent  # the wheel's libraries: python_rtmidi.libs, or python_rtmidi.
+    for path in sorted(site.glob("python_rtmidi*/libjack*.so*")):
+        try:
+            jack = ctypes.CDLL(str(path))  # the copy rtmidi loaded: the same path is the same library
+        except OSError:
+            continue
+        jack.jack_set_error_function(_SILENCE)
+        jack.jack_set_info_function(_SILENCE)
 
 
 def _open_jack_client(name: bytes) -> int | None:
