@@ -403,6 +403,11 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
     parser.add_argument("--flat", action="store_true", help="also compare step time after 100k vs 5k tokens")
     parser.add_argument("--no-reference", action="store_true", help="skip perceiver-io's generate() even if installed")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each row, where its steps' time goes (torch.profiler's top operators)",
+    )
     parser.add_argument("--live", action="store_true", help="benchmark the live bridge over JACK dummy ports")
     parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
     parser.add_argument("--sessions", type=int, default=5, help="--live: randomized sessions with faults")

@@ -106,6 +106,15 @@ def test_bench_writes_rows_with_the_documented_keys(tmp_path):
         assert row["weights"] == "float32"
 
 
+def test_bench_profile_says_where_a_steps_time_goes():
+    result = run(
+        "bench", "--model", TINY, "--prefix", "0", "--latents", "1", "--steps", "10", "--no-reference", "--profile"
+    )
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("where 10 more steps of this row go:")[1]
+    assert "Self CPU" in table and "aten::" in table  # torch.profiler's table, operators by their own time
+
+
 def test_cli_weight_choices_are_the_engines():
     from liveperceiver import cli
     from liveperceiver.inference import weights

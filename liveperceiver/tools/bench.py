@@ -216,6 +216,30 @@ def bench_row(
     return row, engine
 
 
+PROFILE_ROWS = 15  # operators `--profile` prints per row
+
+
+def profile_steps(engine: Engine, steps: int) -> str:
+    """Where a bench step's time goes: torch.profiler over `steps` more steps (absorb one token,
+    sample one) of a warmed-up engine, its operators by their own time on the engine's device (on
+    CUDA the GPU's kernels, those of graph replays too), the top PROFILE_ROWS. Why: on an H200 one
+    replay of the 5.6M model's one-row graph cost 1.8 ms, close to the 134M model's 2.7 (README, "On
+    a GPU"), and step times alone cannot say which kernels take it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    rng = random.Random(1)
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            engine.append([rng.randrange(388)])
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+    by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=by, row_limit=PROFILE_ROWS)
+
+
 def sampled_steps(engine: Engine, steps: int, prepare: bool) -> list[float]:
     """Milliseconds per step that only samples (the model playing on its own). With `prepare` the
     engine first does, untimed, what the live engine thread does whenever it is ahead of playback
@@ -457,6 +481,9 @@ def run(args) -> list[dict]:
             if args.weights == "auto":
                 line += f"  weights {stored}"
             print(line, flush=True)
+            if args.profile:
+                print(f"where {min(args.steps, 50)} more steps of this row go:")
+                print(profile_steps(engine, min(args.steps, 50)), flush=True)
     adaptation = adaptation_cost(loaded.model, device)
     print(
         f"in-session adaptation (adapt.py; order {adaptation['adapt_order']}, {adaptation['adapt_window']}-token "
