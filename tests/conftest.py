@@ -14,6 +14,8 @@ from typing import NoReturn
 import pytest
 import torch
 
+from liveperceiver.inference.sampling import Constraints
+
 # One torch thread, as the engine uses live: OpenMP spin-waits across 2 threads on a loaded
 # 2-core machine make small-matrix work an order of magnitude slower.
 torch.set_num_threads(1)
@@ -36,6 +38,19 @@ def golden_midi_files() -> list[Path]:
 def load_json(path: Path):
     return json.loads(path.read_text())
 
+
+# Every constraint and follow at once (the overdue rule, which masks all else, has its own state)
+EVERYTHING = Constraints(
+    no_orphan_note_off=True,
+    pitch_range=(36, 96),
+    max_polyphony=6,
+    min_onset_gap_ms=20,
+    max_note_ms=8000,
+    key_follow=1.0,
+    dynamics_follow=4.0,
+    density_follow=1.0,
+    density_ratio=0.5,
+)
 
 # The device the engine's tests run on: the CPU unless LIVEPERCEIVER_TEST_DEVICE names another
 # (.ci/gpu-check runs them with cuda). Tests pin their device; none lets the engine pick one.

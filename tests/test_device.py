@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EVERYTHING
 
 from liveperceiver.core import vocab
 from liveperceiver.inference.adapt import (
@@ -49,18 +50,6 @@ SETTINGS = [
     SamplingSettings(temperature=0.7, top_k=50, top_p=0.8),
     SamplingSettings(greedy=True),
 ]
-# every constraint and follow at once (the overdue rule, which masks all else, has its own state)
-EVERYTHING = Constraints(
-    no_orphan_note_off=True,
-    pitch_range=(36, 96),
-    max_polyphony=6,
-    min_onset_gap_ms=20,
-    max_note_ms=8000,
-    key_follow=1.0,
-    dynamics_follow=4.0,
-    density_follow=1.0,
-    density_ratio=0.5,
-)
 
 
 def session_state() -> StreamState:

@@ -9,7 +9,7 @@ from collections import Counter
 import pretty_midi
 import pytest
 import torch
-from conftest import TEST_DEVICE
+from conftest import EVERYTHING, TEST_DEVICE
 
 from liveperceiver.core import vocab
 from liveperceiver.core.tokenizer import encode_midi
@@ -253,24 +253,13 @@ def test_every_constraint_at_once_never_leaves_nothing_to_sample(tiny_model):
     """Every constraint and follow together, with adaptation, over a practice session's prompt."""
     from liveperceiver.inference.adapt import practice_stream
 
-    everything = Constraints(
-        no_orphan_note_off=True,
-        pitch_range=(36, 96),
-        max_polyphony=6,
-        min_onset_gap_ms=20,
-        max_note_ms=8000,
-        key_follow=1.0,
-        dynamics_follow=4.0,
-        density_follow=1.0,
-        density_ratio=0.5,
-    )
     for window, seed in ((4, 1), ("4:12", 0), (1, 2)):  # each raised before the fix
         engine = Engine(
             tiny_model,
             device=TEST_DEVICE,
             num_latents=window,
             sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=seed),
-            constraints=everything,
+            constraints=EVERYTHING,
             adapt=0.7,
         )
         engine.append(practice_stream(300))
