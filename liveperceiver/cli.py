@@ -568,6 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"liveperceiver: error: {error}", file=sys.stderr)
         return 2
+    except ImportError as error:
+        if not (error.name or "").startswith("rtmidi"):
+            raise
+        # python-rtmidi's wheel loads the system's ALSA library: a minimal Linux may lack it (seen on a GPU host)
+        hint = "install the ALSA library (Debian/Ubuntu: apt install libasound2)" if sys.platform == "linux" else ""
+        print(f"liveperceiver: error: python-rtmidi does not load ({error}); {hint or 'reinstall it'}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return int(result or 0)

@@ -115,6 +115,15 @@ def test_bench_profile_says_where_a_steps_time_goes():
     assert "Self CPU" in table and "aten::" in table  # torch.profiler's table, operators by their own time
 
 
+def test_a_midi_library_that_does_not_load_is_one_line():
+    """python-rtmidi's wheel needs the system's libasound.so.2; without it (a GPU host had none) the
+    import fails. Here the import is made to fail as it would: one line, exit 2, no traceback."""
+    code = "import sys; sys.modules['rtmidi'] = None; from liveperceiver.cli import main; sys.exit(main(['ports']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "python-rtmidi does not load" in result.stderr, result.stderr
+
+
 def test_cli_weight_choices_are_the_engines():
     from liveperceiver import cli
     from liveperceiver.inference import weights
