@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -156,18 +158,28 @@ def cuda(engine_device) -> torch.device:
     return engine_device
 
 
-def synchronizing(calls) -> int:
-    """How many times `calls()` made the host wait for the GPU (torch's sync debug mode warns each time)."""
-    with warnings.catch_warnings(record=True) as caught:
+def synchronizing(calls) -> tuple[int, str]:
+    """How many times `calls()` made the host wait for the GPU (torch's sync debug mode warns each
+    time), and where: the innermost line of ours each came from, with counts (for the assertion's
+    message: a GPU check is rare, so a failure should say where at once)."""
+    sites: Counter[str] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        # torch's own words for a sync; its first set_sync_debug_mode also warns, once, that the mode
+        # is a prototype that does "not yet detect all synchronizing operations": not a sync (H200)
+        if "called a synchronizing CUDA operation" in str(message):
+            ours = [frame for frame in traceback.extract_stack()[:-1] if "/liveperceiver/" in frame.filename]
+            sites[f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "not in liveperceiver"] += 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             calls()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    # torch's own words for a sync; its first set_sync_debug_mode also warns, once, that the mode is
-    # a prototype that does "not yet detect all synchronizing operations": not a sync (seen on an H200)
-    return sum("called a synchronizing CUDA operation" in str(warning.message) for warning in caught)
+    return sum(sites.values()), ", ".join(f"{site} x{count}" for site, count in sites.most_common())
 
 
 @pytest.mark.cuda
@@ -187,7 +199,8 @@ def test_on_cuda_the_sampling_path_never_waits_for_the_gpu(cuda):
         results["logits"] = mixed
         results["ids"] = [sample_id(mixed.clone(), s, g) for s, g in zip(SETTINGS, generators, strict=True)]
 
-    assert synchronizing(sample) == 0
+    syncs, where = synchronizing(sample)
+    assert syncs == 0, where
     torch.testing.assert_close(results["logits"].cpu(), on_cpu, rtol=1e-5, atol=1e-5)
     assert int(results["ids"][-1]) == choose(on_cpu, SamplingSettings(greedy=True), torch.Generator())
     assert all(0 <= int(token) < vocab.PAD for token in results["ids"])
@@ -206,7 +219,8 @@ def test_on_cuda_a_step_reads_back_once(tiny_model, cuda, window):
     )
     engine.append(practice_stream(300))
     engine.sample(8)  # warm-up: tables, masks and pinned buffers are made once, the graph captured
-    assert synchronizing(lambda: engine.sample(20)) == 20
+    syncs, where = synchronizing(lambda: engine.sample(20))
+    assert syncs == 20, where  # the sampled id, once a step
     if window != 4:
         assert engine.row_steps and engine.row_steps[1].graph is not None
 
@@ -231,7 +245,8 @@ def test_on_cuda_a_step_after_one_absorbed_token_reads_back_once(tiny_model, cud
             engine.step()
 
     absorb_and_step(8)  # warm-up: the graphs captured
-    assert synchronizing(lambda: absorb_and_step(20)) == 20
+    syncs, where = synchronizing(lambda: absorb_and_step(20))
+    assert syncs == 20, where
     assert engine.row_steps[2].graph is not None
 
 
