@@ -569,11 +569,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"liveperceiver: error: {error}", file=sys.stderr)
         return 2
     except ImportError as error:
-        if not (error.name or "").startswith("rtmidi"):
+        # python-rtmidi's extension (`_rtmidi`, the name a failed load reports) needs the system's ALSA
+        # library, which a minimal Linux may lack (a GPU host did); any other rtmidi import error is an install's
+        if "rtmidi" not in (error.name or ""):
             raise
-        # python-rtmidi's wheel loads the system's ALSA library: a minimal Linux may lack it (seen on a GPU host)
-        hint = "install the ALSA library (Debian/Ubuntu: apt install libasound2)" if sys.platform == "linux" else ""
-        print(f"liveperceiver: error: python-rtmidi does not load ({error}); {hint or 'reinstall it'}", file=sys.stderr)
+        missing_alsa = "libasound" in str(error)
+        hint = "install the ALSA library (Debian/Ubuntu: apt install libasound2)" if missing_alsa else "reinstall it"
+        print(f"liveperceiver: error: python-rtmidi does not load ({error}); {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

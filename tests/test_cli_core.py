@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 from conftest import MODEL_GOLDEN, TOKENIZER_GOLDEN, load_json
@@ -115,13 +117,21 @@ def test_bench_profile_says_where_a_steps_time_goes():
     assert "Self CPU" in table and "aten::" in table  # torch.profiler's table, operators by their own time
 
 
-def test_a_midi_library_that_does_not_load_is_one_line():
-    """python-rtmidi's wheel needs the system's libasound.so.2; without it (a GPU host had none) the
-    import fails. Here the import is made to fail as it would: one line, exit 2, no traceback."""
-    code = "import sys; sys.modules['rtmidi'] = None; from liveperceiver.cli import main; sys.exit(main(['ports']))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def test_a_midi_library_that_does_not_load_is_one_line(tmp_path):
+    """python-rtmidi's extension needs the system's libasound.so.2; without it (a GPU host had none)
+    its load fails. Here a python-rtmidi whose extension is not a library fails to load the same way
+    (the loader's ImportError, named `_rtmidi`): one line, exit 2, no traceback."""
+    package = tmp_path / "rtmidi"
+    package.mkdir()
+    (package / "__init__.py").write_text("from ._rtmidi import *\n")
+    (package / f"_rtmidi{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"not a shared library")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "liveperceiver", "ports"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "python-rtmidi does not load" in result.stderr, result.stderr
+    assert "reinstall it" in result.stderr  # not ALSA's: the message does not name libasound
 
 
 def test_cli_weight_choices_are_the_engines():

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import EVERYTHING
 
+import liveperceiver
 from liveperceiver.core import vocab
 from liveperceiver.inference.adapt import (
     PRIOR_FRACTION,
@@ -43,6 +44,7 @@ from liveperceiver.inference.sampling import (
 from liveperceiver.tools.bench import device_clock
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGE = str(Path(liveperceiver.__file__).parent)  # where "our" lines are (synchronizing)
 GPU_CHECK = REPO / ".ci" / "gpu-check"
 
 SETTINGS = [
@@ -168,7 +170,7 @@ def synchronizing(calls) -> tuple[int, str]:
         # torch's own words for a sync; its first set_sync_debug_mode also warns, once, that the mode
         # is a prototype that does "not yet detect all synchronizing operations": not a sync (H200)
         if "called a synchronizing CUDA operation" in str(message):
-            ours = [frame for frame in traceback.extract_stack()[:-1] if "/liveperceiver/" in frame.filename]
+            ours = [frame for frame in traceback.extract_stack()[:-1] if frame.filename.startswith(PACKAGE)]
             sites[f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "not in liveperceiver"] += 1
 
     with warnings.catch_warnings():

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import functools
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -48,9 +49,21 @@ def wait_for_quiet_jack_graph() -> None:
 
 _LibjackMessage = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 _LibjackShutdown = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-# Kept for the life of the process: libjack keeps the pointer it is given, and calls it for every
-# later message (a thunk freed after one call crashed the next client's open in this process).
-_SILENCE = _LibjackMessage(lambda message: None)
+
+
+def _message_sink() -> _LibjackMessage:
+    """What libjack gets as its message functions: libc's strlen, a C function that reads the
+    message and does nothing else. Why not a Python callback: libjack calls it on its own threads up
+    to the process's exit (`play` leaves its ports to the exit), where a Python thunk would need the
+    GIL of an interpreter that may be finalizing; and a thunk freed after one call crashed the next
+    client's open in this process. Without a C library to look in (Windows), a Python no-op."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).strlen, _LibjackMessage)  # the process's symbols: libc's
+    except (OSError, TypeError, AttributeError):
+        return _LibjackMessage(lambda message: None)
+
+
+_SILENCE = _message_sink()  # kept for the life of the process: libjack keeps the pointer it is given
 
 
 @functools.cache
@@ -82,17 +95,18 @@ def _silence_bundled_libjack() -> None:
     and when the server goes away it prints six lines ("Cannot read socket fd = 10 ...",
     "JackSocketClientChannel read fail") across the terminal UI just as the session's own line says
     what happened (JackServerWatch). A python-rtmidi built against the system's libjack has no
-    bundled copy: `_libjack` silences that one."""
+    bundled copy: `_libjack` silences that one. libjack's message functions are process-wide, with
+    no per-client hook: they are set once, on the first use of JACK (`_libjack`), not per session."""
     import rtmidi
 
     site = Path(rtmidi.__file__).resolve().parent.parent  # the wheel's libraries: python_rtmidi.libs, or python_rtmidi.
     for path in sorted(site.glob("python_rtmidi*/libjack*.so*")):
-        try:
-            jack = ctypes.CDLL(str(path))  # the copy rtmidi loaded: the same path is the same library
-        except OSError:
+        try:  # only the copy rtmidi loaded (RTLD_NOLOAD: a leftover file is not loaded for nothing)
+            jack = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            jack.jack_set_error_function(_SILENCE)
+            jack.jack_set_info_function(_SILENCE)
+        except (OSError, AttributeError):
             continue
-        jack.jack_set_error_function(_SILENCE)
-        jack.jack_set_info_function(_SILENCE)
 
 
 def _open_jack_client(name: bytes) -> int | None:

@@ -217,6 +217,7 @@ def bench_row(
 
 
 PROFILE_ROWS = 15  # operators `--profile` prints per row
+PROFILE_STEPS = 50  # steps `--profile` profiles per row (fewer with --steps)
 
 
 def profile_steps(engine: Engine, steps: int) -> str:
@@ -447,6 +448,8 @@ def run(args) -> list[dict]:
             row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, weights, device)
             row.bandwidth_bound_ms = round(row.weights_mb / bandwidth, 3)  # MB / (GB/s) = ms
             row.gemv_bound_ms = round(row.weights_mb / gemv, 3)
+            if args.profile:  # before --flat, which leaves the engine 100k tokens further on
+                profile = profile_steps(engine, min(args.steps, PROFILE_STEPS))
             if args.flat:
                 row.flat_ratio = flat_ratio(engine, args.steps)
             reference_ms = None
@@ -482,8 +485,8 @@ def run(args) -> list[dict]:
                 line += f"  weights {stored}"
             print(line, flush=True)
             if args.profile:
-                print(f"where {min(args.steps, 50)} more steps of this row go:")
-                print(profile_steps(engine, min(args.steps, 50)), flush=True)
+                print(f"where {min(args.steps, PROFILE_STEPS)} more steps of this row go:")
+                print(profile, flush=True)
     adaptation = adaptation_cost(loaded.model, device)
     print(
         f"in-session adaptation (adapt.py; order {adaptation['adapt_order']}, {adaptation['adapt_window']}-token "
