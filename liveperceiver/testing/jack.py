@@ -110,17 +110,30 @@ def stop_jack_server(name: str, signum: int = signal.SIGKILL, timeout: float = 5
 
 
 @contextmanager
-def paused_jack_server(name: str) -> Iterator[None]:
+def paused_jack_server(name: str, limit_s: float = 30.0) -> Iterator[None]:
     """Stall a server `private_jack_server` started in this process (SIGSTOP: it still runs, but runs
-    no process cycle, as a hung driver leaves it) until the block ends (SIGCONT, however it ends)."""
+    no process cycle, as a hung driver leaves it) until the block ends (SIGCONT, however it ends).
+
+    A stopped process acts on no signal but SIGKILL, so if this process died inside the block (a run
+    stopped by hand, a timeout), the server would stay stopped for good, its name taken, deaf to the
+    SIGTERM it gets when we die (seen: a killed test run left one). A watchdog of its own session
+    continues it after `limit_s` whatever happens here; the pending SIGTERM then ends it."""
     process = _running_servers.get(name)
     if process is None:
         raise UserError(f"no private JACK server {name!r} runs in this process")
+    watchdog = subprocess.Popen(
+        ["sh", "-c", f"sleep {limit_s:g}; kill -CONT {process.pid}"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     process.send_signal(signal.SIGSTOP)
     try:
         yield
     finally:
         process.send_signal(signal.SIGCONT)
+        watchdog.kill()
+        watchdog.wait()
 
 
 _running_servers: dict[str, subprocess.Popen] = {}  # private_jack_server's servers by name
