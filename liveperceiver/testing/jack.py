@@ -124,6 +124,7 @@ def paused_jack_server(name: str, limit_s: float = 30.0) -> Iterator[None]:
     watchdog = subprocess.Popen(
         ["sh", "-c", f"sleep {limit_s:g}; kill -CONT {process.pid}"],
         start_new_session=True,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -132,7 +133,7 @@ def paused_jack_server(name: str, limit_s: float = 30.0) -> Iterator[None]:
         yield
     finally:
         process.send_signal(signal.SIGCONT)
-        watchdog.kill()
+        os.killpg(watchdog.pid, signal.SIGKILL)  # its shell and its sleep: nothing is left behind
         watchdog.wait()
 
 
