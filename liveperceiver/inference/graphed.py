@@ -14,9 +14,9 @@ It runs the steps that need one new latent row (every step with window 1, and th
 MIN:MAX between re-anchorings) and, with a window, those that need two (the step after one absorbed
 token: its row and the sampled token's), in one pass: on the GPU a step's cost is mostly its number
 of kernels, not their size, so two rows should cost about what one does (not yet measured: the
-H200's lease had ended). A re-anchoring, or more of the
-player's tokens at once, runs its rows eagerly. Everything before the logits (the token ids, the
-rotated keys) is written by the engine's eager code first, as for its own step.
+H200's lease had ended). A re-anchoring, or more of the player's tokens at once, runs its rows
+eagerly. Everything before the logits (the token ids, the rotated keys) is written by the engine's
+eager code first, as for its own step.
 
 On the CPU the engine keeps its sliced step (the masked one reads the whole key buffer); tests run
 this one eagerly on the CPU against full forward passes (tests/test_window.py), and `.ci/gpu-check`

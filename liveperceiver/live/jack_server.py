@@ -249,9 +249,10 @@ class StallGuard:
     until the server runs again (measured: a SIGSTOPped jackd held the sender for as long as it
     was stopped), and the whole session with it: no UI, no save. Messages queued meanwhile would
     also all sound at once, late, when it runs again (those of the STALL_S before the stall is told
-    still do). So the output sends nothing while the watch says `stalled` (MidiOutput.send); when the server runs again, each note whose note-on went out
-    before the stall and whose note-off was dropped during it gets its note-off, and each sustain
-    pedal left down likewise its release (`catch_up`), so nothing is left sounding.
+    still do). So the output sends nothing while the watch says `stalled` (MidiOutput.send); when
+    the server runs again, each note whose note-on went out before the stall and whose note-off was
+    dropped during it gets its note-off, and each sustain pedal left down likewise its release
+    (`catch_up`), so nothing is left sounding.
 
     Threads: the scheduler thread's (MidiOutput.send and catch_up run under the output's lock)."""
 

@@ -446,8 +446,7 @@ class MidiOutput(_Port):
                 if self.server.stalled():
                     self.stall_guard.dropped_in_stall(message)
                     return False
-                for owed in self.stall_guard.catch_up():
-                    self.port.send_message(owed)
+                self._send_owed()  # first: an owed note-off after a new note-on of its pitch would cut it
                 self.stall_guard.queued(message)
             self.port.send_message(message)
             return True
@@ -458,8 +457,12 @@ class MidiOutput(_Port):
         out even when nothing else is sent."""
         with self.lock:
             if self.stall_guard.stall_seen and self.connected:
-                for owed in self.stall_guard.catch_up():
-                    self.port.send_message(owed)
+                self._send_owed()
+
+    def _send_owed(self) -> None:
+        """What the last stall owes, if any (StallGuard.catch_up); under self.lock."""
+        for owed in self.stall_guard.catch_up():
+            self.port.send_message(owed)
 
     def delivers(self, timeout: float = PROBE_S) -> bool | None:
         """Whether our JACK virtual output reaches a listener now: a private probe client connects to

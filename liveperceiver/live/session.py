@@ -409,9 +409,11 @@ class Session:
             self._close_jack_server(release_ports)
 
     def _close_jack_server(self, release: bool = True) -> None:
-        if self.jack_server is not None and release:
+        if self.jack_server is None:
+            return
+        if release:
             self.jack_server.close()
-        elif self.jack_server is not None:
+        else:
             self.jack_server.leave_to_exit()
 
     def midi_gone(self) -> str | None:

@@ -99,9 +99,7 @@ def private_jack_server(prefix: str, period: int = 256) -> Iterator[str]:
 def stop_jack_server(name: str, signum: int = signal.SIGKILL, timeout: float = 5.0) -> None:
     """Stop a server `private_jack_server` started in this process as a crash (SIGKILL) or a
     user's stop (SIGTERM) would, and wait for it to end: tests of a session whose server goes away."""
-    process = _running_servers.get(name)
-    if process is None:
-        raise UserError(f"no private JACK server {name!r} runs in this process")
+    process = _private_server(name)
     process.send_signal(signum)
     try:
         process.wait(timeout)
@@ -118,9 +116,7 @@ def paused_jack_server(name: str, limit_s: float = 30.0) -> Iterator[None]:
     stopped by hand, a timeout), the server would stay stopped for good, its name taken, deaf to the
     SIGTERM it gets when we die (seen: a killed test run left one). A watchdog of its own session
     continues it after `limit_s` whatever happens here; the pending SIGTERM then ends it."""
-    process = _running_servers.get(name)
-    if process is None:
-        raise UserError(f"no private JACK server {name!r} runs in this process")
+    process = _private_server(name)
     watchdog = subprocess.Popen(
         ["sh", "-c", f"sleep {limit_s:g}; kill -CONT {process.pid}"],
         start_new_session=True,
@@ -138,6 +134,13 @@ def paused_jack_server(name: str, limit_s: float = 30.0) -> Iterator[None]:
 
 
 _running_servers: dict[str, subprocess.Popen] = {}  # private_jack_server's servers by name
+
+
+def _private_server(name: str) -> subprocess.Popen:
+    process = _running_servers.get(name)
+    if process is None:
+        raise UserError(f"no private JACK server {name!r} runs in this process")
+    return process
 
 
 def _start_jackd(name: str, period: int) -> tuple[subprocess.Popen | None, str]:

@@ -448,8 +448,9 @@ def run(args) -> list[dict]:
             row, engine = bench_row(loaded.model, prefix, latents, args.steps, dtype, weights, device)
             row.bandwidth_bound_ms = round(row.weights_mb / bandwidth, 3)  # MB / (GB/s) = ms
             row.gemv_bound_ms = round(row.weights_mb / gemv, 3)
-            if args.profile:  # before --flat, which leaves the engine 100k tokens further on
-                profile = profile_steps(engine, min(args.steps, PROFILE_STEPS))
+            profiled = min(args.steps, PROFILE_STEPS) if args.profile else 0
+            if profiled:  # before --flat, which leaves the engine 100k tokens further on
+                profile = profile_steps(engine, profiled)
             if args.flat:
                 row.flat_ratio = flat_ratio(engine, args.steps)
             reference_ms = None
@@ -484,8 +485,8 @@ def run(args) -> list[dict]:
             if args.weights == "auto":
                 line += f"  weights {stored}"
             print(line, flush=True)
-            if args.profile:
-                print(f"where {min(args.steps, PROFILE_STEPS)} more steps of this row go:")
+            if profiled:
+                print(f"where {profiled} more steps of this row go:")
                 print(profile, flush=True)
     adaptation = adaptation_cost(loaded.model, device)
     print(
