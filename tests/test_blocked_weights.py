@@ -92,9 +92,10 @@ def test_blocked_weights_need_a_float32_model_on_the_cpu(tiny_model, monkeypatch
         Engine(tiny_model, weights="blocked")
 
 
-def test_auto_weights_measures_blocked_where_it_works(tiny_model, monkeypatch):
-    """`auto` times a float32, a float16 and a blocked engine; without oneDNN it leaves blocked out
-    (building that engine would raise)."""
+def test_auto_weights_measures_blocked_and_int8_where_they_work(tiny_model, monkeypatch):
+    """`auto` times a float32, a float16, a blocked and an int8 engine; without oneDNN it leaves
+    blocked out (building that engine would raise), without torch's int8 kernel int8 (its
+    dequantising fallback is slower)."""
     built = []
 
     class RecordingEngine(Engine):
@@ -107,10 +108,14 @@ def test_auto_weights_measures_blocked_where_it_works(tiny_model, monkeypatch):
 
     monkeypatch.setattr(weights_module, "Engine", RecordingEngine)
     cpu = torch.device("cpu")
-    assert weights_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16", "blocked")
-    assert built == [None, "float16", "blocked"]
+    assert weights_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16", "blocked", "int8")
+    assert built == [None, "float16", "blocked", "int8"]
     built.clear()
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert weights_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16", "int8")
+    assert built == [None, "float16", "int8"]
+    built.clear()
+    monkeypatch.setattr(weights_module, "int8_kernel_available", lambda device: False)
     assert weights_module.faster_weights(tiny_model, cpu, budget_s=0.0) in (None, "float16")
     assert built == [None, "float16"]
     built.clear()

@@ -613,11 +613,45 @@ def test_auto_weights_measures_once_per_model_and_device(tiny_model, monkeypatch
     monkeypatch.setattr(weights_module, "faster_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
     cpu = torch.device("cpu")
     first = weights_module.resolve_weights("auto", cpu, tiny_model)
-    assert first in (None, "float16", "blocked")
+    assert first in (None, "float16", "blocked", "int8")
     assert weights_module.resolve_weights("auto", cpu, tiny_model) == first
     assert len(calls) == 1
     assert weights_module.resolve_weights("float32", cpu, tiny_model) is None
     assert weights_module.resolve_weights("auto", torch.device("meta"), tiny_model) is None  # not a CPU: float32
+
+
+def test_auto_weights_choose_the_fastest_duet_not_the_fastest_single_row(tiny_model, monkeypatch):
+    """`auto` picks the storage whose one-row step plus two-row step is fastest (a duet: the model's
+    own token, a player's token with it), not the fastest at one row: here float16 is the fastest
+    single-row step but the slowest with two rows, and int8 the fastest over both (delays added to
+    real engines' steps, far above their own cost)."""
+    import time as clock
+
+    from liveperceiver.inference import auto_weights as weights_module
+
+    delays_ms = {None: (4, 4), "float16": (0, 12), "blocked": (6, 6), "int8": (3, 3)}  # (one row, two rows)
+
+    class DelayedEngine(Engine):
+        def __init__(self, model, **settings) -> None:
+            super().__init__(model, **settings)
+            self.delays, self.appended = delays_ms[settings["weights"]], 0
+
+        def append(self, tokens, sampled=None, judged=True) -> None:
+            tokens = list(tokens)
+            self.appended += len(tokens)
+            super().append(tokens, sampled, judged)
+
+        def step(self, forbid=()) -> int:
+            clock.sleep(self.delays[min(self.appended, 2) - 1] / 1000)
+            self.appended = 0
+            return super().step(forbid)
+
+    monkeypatch.setattr(weights_module, "Engine", DelayedEngine)
+    monkeypatch.setattr(weights_module, "blocked_weights_available", lambda device: True)
+    monkeypatch.setattr(weights_module, "int8_kernel_available", lambda device: True)
+    assert weights_module.faster_weights(tiny_model, torch.device("cpu"), budget_s=0.0, num_latents="2:4") == "int8"
+    delays_ms["int8"] = (3, 8)  # now float32's 8 ms is the fastest duet
+    assert weights_module.faster_weights(tiny_model, torch.device("cpu"), budget_s=0.0, num_latents="2:4") is None
 
 
 def test_per_token_sums_in_order_equal_index_add(tiny_model):

@@ -55,6 +55,12 @@ def blocked_weights_available(device: torch.device) -> bool:
     )
 
 
+def int8_kernel_available(device: torch.device) -> bool:
+    """Whether `int8` weights go through torch's weight-only int8 kernel here (`Int8Linear`): on
+    the CPU, with a torch that has it (elsewhere they are dequantised in each call, which is slower)."""
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
 class PackedLinear(nn.Module):
     """A bias-optional Linear whose weight is stored in `storage` dtype for single-row inputs, the
     engine's one-latent steps and a window's steps between re-anchorings (cast in, cast back).
@@ -119,11 +125,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("kernel_scales", scales.to(torch.bfloat16) if self._kernel_fits(weight) else None)
 
     def _kernel_fits(self, weight: torch.Tensor) -> bool:
-        return (
-            weight.device.type == "cpu"
-            and self.in_features % self.KERNEL_WIDTH == 0
-            and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-        )
+        return int8_kernel_available(weight.device) and self.in_features % self.KERNEL_WIDTH == 0
 
     def dequantised(self, x: torch.Tensor) -> torch.Tensor:
         """The product without the kernel: x @ (weight * scales).T, for any device and width."""
