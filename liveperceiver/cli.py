@@ -360,6 +360,19 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def storages_flag(text: str) -> list[str]:
+    """`bench --turns`: weight storages (WEIGHTS but auto, which is not a storage), comma-separated;
+    a one-line UserError otherwise."""
+    storages = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    wrong = [storage for storage in storages if storage not in WEIGHTS[1:]]
+    if wrong or len(storages) < 2:
+        raise UserError(
+            f"--turns {text}: two or more of {', '.join(WEIGHTS[1:])}, comma-separated"
+            + (f" ({', '.join(wrong)} is not one)" if wrong else "")
+        )
+    return storages
+
+
 class DeprecatedFlag(argparse.Action):
     """An old flag kept as an alias of its new name: stores into the new one, with one line on stderr."""
 
@@ -408,6 +421,12 @@ def add_bench(subparsers) -> None:
         action="store_true",
         help="after each row, where its steps' time goes (torch.profiler's top operators)",
     )
+    parser.add_argument(
+        "--turns",
+        metavar="W,...",
+        help="also, for each row, these weight storages (e.g. float32,float16,int8) with their engines taking "
+        "turns step by step in one process: a comparison that a machine whose speed drifts between runs keeps fair",
+    )
     parser.add_argument("--live", action="store_true", help="benchmark the live bridge over JACK dummy ports")
     parser.add_argument("--calls", type=int, default=20, help="--live: calls answered and barged into")
     parser.add_argument("--sessions", type=int, default=5, help="--live: randomized sessions with faults")
@@ -430,6 +449,9 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.live:
         from liveperceiver.live.settings import Settings
 
+        if args.turns:
+            raise UserError("bench --turns times the engine's rows; --live times the live bridge: give one of them")
+
         window = str(args.latents or Settings.num_latents)
         if "," in window:
             raise UserError(f"bench --live --latents {window}: give one window")
@@ -444,6 +466,7 @@ def run_bench(args: argparse.Namespace) -> None:
     from liveperceiver.tools import bench
 
     args.latents = windows_flag("--latents", args.latents or [1, 16, 64])
+    args.turns = args.turns and storages_flag(args.turns)
     bench.run(args)
 
 

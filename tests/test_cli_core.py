@@ -161,3 +161,33 @@ def test_bench_live_takes_one_window():
     assert result.stderr.strip().splitlines() == [
         "liveperceiver: error: bench --live --latents 16:64 outside 1..32 (the model's max_latents)"
     ]
+
+
+def test_bench_turns_times_each_storage_in_the_same_run(tmp_path):
+    """`bench --turns`: per row, each storage's step and step alone with the engines taking turns,
+    printed under the row and recorded in its JSON."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", TINY, "--prefix", "0", "--latents", "1,4:8", "--steps", "10", "--no-reference"]
+    result = run(*args, "--turns", "float32,int8,float16", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = load_json(out)
+    assert [list(row["turns"]) for row in rows] == [["float32", "int8", "float16"]] * 2
+    for row in rows:
+        for times in row["turns"].values():
+            assert times["step_ms_p50"] > 0 and times["alone_ms_p50"] > 0
+    assert result.stdout.count("taking turns, step p50 ms: float32 ") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--turns", "float32"], "--turns float32: two or more of float32, int8, float16, bfloat16, blocked"),
+        (["--turns", "float32,auto"], "(auto is not one)"),
+        (["--turns", "float32,int8", "--dtype", "bfloat16"], "--turns compares the weight storages of a float32"),
+        (["--turns", "float32,int8", "--live"], "bench --turns times the engine's rows; --live times the live bridge"),
+    ],
+)
+def test_bench_turns_refuses_what_it_cannot_compare_in_one_line(args, message):
+    result = run("bench", "--model", TINY, "--prefix", "0", "--latents", "1", "--steps", "10", "--no-reference", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

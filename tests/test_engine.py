@@ -709,3 +709,23 @@ def test_cpu_weights_are_stored_for_a_few_rows(tiny_model):
     for ours, theirs in zip(engine.model.modules(), tiny_model.modules(), strict=True):
         if isinstance(ours, torch.nn.Linear):
             assert torch.equal(ours.weight, theirs.weight)
+
+
+def test_bench_turns_time_each_storage_on_its_own_engine(tiny_model, monkeypatch):
+    """bench's `storages_in_turns`: a delay in one storage's steps shows in its figures only (the
+    engines take turns, each timed on its own)."""
+    import time as clock
+
+    from liveperceiver.tools import bench
+
+    class SlowFloat16(Engine):
+        def step(self, forbid=()) -> int:
+            if self.weights == "float16":
+                clock.sleep(0.004)
+            return super().step(forbid)
+
+    monkeypatch.setattr(bench, "Engine", SlowFloat16)
+    turns = bench.storages_in_turns(tiny_model, 16, "2:4", ["float32", "float16"], 20, "cpu")
+    for figure in ("step_ms_p50", "alone_ms_p50"):
+        assert turns["float16"][figure] >= 4
+        assert turns["float16"][figure] - turns["float32"][figure] >= 3.5  # the delay is float16's alone

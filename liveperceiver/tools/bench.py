@@ -216,6 +216,60 @@ def bench_row(
     return row, engine
 
 
+def storages_in_turns(
+    model: PerceiverAR,
+    prefix: int,
+    latents: int | str | LatentWindow,
+    storages: list[str],
+    steps: int,
+    device: str | torch.device,
+) -> dict[str, dict[str, float]]:
+    """Per weight storage (`--turns`: "float32" or one of weights.STORED_WEIGHTS), the p50 of a bench
+    step (absorb one token, sample one) and of a step alone after it, their engines taking turns step
+    by step in one process, each first in turn, all absorbing the same tokens. Why: on a shared VM
+    the speed drifts between runs by more than storages differ (the same code's 1-latent p50 moved
+    2.0-2.9 ms between runs on one day), and rows measured one after the other inherit that drift."""
+    window = parse_window(latents)
+    rng = random.Random(0)
+    context = [rng.randrange(388) for _ in range(prefix + window.max)]
+    engines = []
+    for storage in storages:
+        try:
+            engine = Engine(
+                model,
+                num_latents=window,
+                prefix_cap=prefix,
+                sampling=SamplingSettings(seed=0),
+                weights=None if storage == "float32" else storage,
+                device=device,
+            )
+        except ValueError as error:  # e.g. blocked weights on a GPU
+            raise UserError(f"--turns {storage}: {error}") from None
+        engine.append(context)
+        engines.append(engine)
+    now = device_clock(engines[0].device)
+    counted: list[list[float]] = [[] for _ in storages]
+    alone: list[list[float]] = [[] for _ in storages]
+    warmup = max(5, steps // 10)
+    for index in range(warmup + steps):
+        token = rng.randrange(388)
+        first = index % len(engines)
+        for turn in [*range(first, len(engines)), *range(first)]:
+            start = now()
+            engines[turn].append([token])
+            engines[turn].step()
+            middle = now()
+            engines[turn].step()  # the token it sampled is its one new row
+            end = now()
+            if index >= warmup:
+                counted[turn].append((middle - start) * 1000)
+                alone[turn].append((end - middle) * 1000)
+    return {
+        storage: {"step_ms_p50": round(statistics.median(c), 3), "alone_ms_p50": round(statistics.median(a), 3)}
+        for storage, c, a in zip(storages, counted, alone, strict=True)
+    }
+
+
 PROFILE_ROWS = 15  # operators `--profile` prints per row
 PROFILE_STEPS = 50  # steps `--profile` profiles per row (fewer with --steps)
 
@@ -411,6 +465,8 @@ def run(args) -> list[dict]:
     from liveperceiver.runtime import checked_device, configure_inference
 
     device = checked_device(args.device)
+    if getattr(args, "turns", None) and args.dtype != "float32":
+        raise UserError(f"--turns compares the weight storages of a float32 engine; --dtype is {args.dtype}")
     configure_inference(args.threads, device.type, args.dtype)
     loaded = load_model(args.model)
     dtype = DTYPES[args.dtype]
@@ -458,6 +514,8 @@ def run(args) -> list[dict]:
                 # a window's column: generate() with num_latents = its MAX
                 reference_ms = reference_step_ms(loaded.model, prefix, window.max, min(args.steps, 100))
             extra = {}
+            if args.turns:
+                extra["turns"] = storages_in_turns(loaded.model, prefix, latents, args.turns, args.steps, device)
             if reference_ms is not None:
                 extra = {
                     "reference_ms_p50": round(reference_ms, 3),
@@ -485,6 +543,12 @@ def run(args) -> list[dict]:
             if args.weights == "auto":
                 line += f"  weights {stored}"
             print(line, flush=True)
+            if args.turns:
+                turns = "; ".join(
+                    f"{storage} {t['step_ms_p50']:.2f} (alone {t['alone_ms_p50']:.2f})"
+                    for storage, t in extra["turns"].items()
+                )
+                print(f"{'':>6} {'':>7}  taking turns, step p50 ms: {turns}", flush=True)
             if profiled:
                 print(f"where {profiled} more steps of this row go:")
                 print(profile, flush=True)

@@ -418,6 +418,7 @@ def run(args) -> None:
     import torch
 
     from liveperceiver.core.checkpoint import load_model
+    from liveperceiver.inference.auto_weights import resolve_weights
     from liveperceiver.inference.engine import pick_device
     from liveperceiver.tools.bench import machine_description
 
@@ -430,6 +431,8 @@ def run(args) -> None:
     except ValueError as error:
         raise UserError(f"bench --live --latents {error}") from None
     engine = BenchEngine(args.weights, args.latents[0])
+    # what `auto` stores here, measured once as the sessions' engines will ask for it (kept by model and window)
+    stored = resolve_weights(args.weights, pick_device(), model, args.latents[0])
     rng = random.Random(0)
     with (
         private_jack_server("lp-bench"),
@@ -441,6 +444,7 @@ def run(args) -> None:
             "model": spec,
             "torch_threads": torch.get_num_threads(),
             "weights": engine.weights,
+            "weights_stored": stored or "float32",
             "latents": window_text(engine.num_latents, model.config.max_latents),
             "machine": machine_description(),
             "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
@@ -492,7 +496,13 @@ def format_table(results: dict) -> str:
     call, duet, faults = results["call"], results["duet"], results["faults"]
     rtf = duet["realtime_factor"]
     lines = [
-        f"live bench: model {results['model']}, weights {results['weights']}, "
+        f"live bench: model {results['model']}, weights {results['weights']}"
+        + (
+            f" ({results['weights_stored']})"
+            if results.get("weights_stored", results["weights"]) != results["weights"]
+            else ""
+        )
+        + ", "
         f"latents {results.get('latents', 'n/a')}, "
         f"torch threads {results['torch_threads']}, {results['machine']}",
         f"JACK {results['jack']}",
