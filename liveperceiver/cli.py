@@ -513,8 +513,8 @@ def add_play(subparsers) -> None:
         "--weights",
         default="auto",
         choices=WEIGHTS,
-        help="how the engine stores Linear weights (auto: float32 on GPU; on CPU float32, float16 or blocked, "
-        "whichever steps faster)",
+        help="how the engine stores Linear weights (auto: float32 on GPU; on CPU float32, float16, blocked or "
+        "int8, whichever steps faster)",
     )
     parser.add_argument(
         "--dtype",

@@ -15,7 +15,7 @@ import pytest
 import rtmidi
 
 from liveperceiver.core.errors import UserError
-from liveperceiver.live import ports
+from liveperceiver.live import input_reader, ports
 from liveperceiver.live.clock import ClockTracker
 from liveperceiver.live.jack_server import (
     JACK_GRACE_S,
@@ -52,7 +52,7 @@ def test_virtual_ports_are_listed_and_stamp_input():
         assert before <= message[0] <= time.monotonic()
         if sys.platform.startswith("linux"):  # the reader yields to the output thread (ports.lower_thread_priority)
             reader_thread = midi_in.reader._thread
-            assert os.getpriority(os.PRIO_PROCESS, reader_thread.native_id) == ports.POLLER_NICE
+            assert os.getpriority(os.PRIO_PROCESS, reader_thread.native_id) == input_reader.POLLER_NICE
         keys.send([0xF8])  # clock is kept, not filtered
         assert midi_in.get(timeout=2)[1] == [0xF8]
         assert midi_out.send([0x90, 61, 80])
@@ -86,6 +86,39 @@ def test_named_port_errors_and_reconnects():
     finally:
         ports.release(keyboard)
         midi_in.close()
+
+
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
+def test_a_named_port_opens_the_port_it_matched_while_ports_come_and_go(monkeypatch):
+    """rtmidi opens a port by its index in a listing of its own: a port that goes between our
+    listing and the opening shifts the indices. Here one goes right after the listing, and the input
+    still opens (and hears) the port its name matched, not the one that took that index."""
+    keyboards = {}
+    for name in ("early", "target", "late"):
+        keyboards[name] = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"lp-test-{name}")
+        keyboards[name].open_virtual_port(name)
+    listed = ports.port_names
+
+    def listing_then_a_port_goes(port) -> list[str]:
+        names = listed(port)
+        if not keyboards["early"].is_deleted:
+            ports.release(keyboards["early"])
+        return names
+
+    monkeypatch.setattr(ports, "port_names", listing_then_a_port_goes)
+    midi_in = ports.MidiInput("jack", "lp-test-target", log=print)
+    try:
+        assert keyboards["early"].is_deleted  # it went after the listing that matched the name
+        assert midi_in.connected_name == "lp-test-target:target"
+        keyboards["late"].send_message([0x90, 61, 100])
+        keyboards["target"].send_message([0x90, 60, 100])
+        assert midi_in.get(timeout=2)[1] == [0x90, 60, 100]
+        assert midi_in.get(timeout=0.3) is None  # not connected to the port that took its index
+    finally:
+        midi_in.close()
+        for keyboard in keyboards.values():
+            ports.release(keyboard)
 
 
 @pytest.mark.jack

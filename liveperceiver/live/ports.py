@@ -3,8 +3,8 @@
 Stage 1 of the live data flow (ports -> stream encoder -> engine -> scheduler -> ports). We talk to
 python-rtmidi directly (raw byte lists, no message objects on the real-time path):
 
-- `MidiInput` reads its port from a thread of ours (`InputReader`), stamps every message with
-  `time.monotonic()` as it arrives and puts `(time, bytes)` on a queue. The backend's own thread (JACK's
+- `MidiInput` reads its port from a thread of ours (input_reader.py's `InputReader`), stamps every
+  message with `time.monotonic()` as it arrives and puts `(time, bytes)` on a queue. The backend's own thread (JACK's
   process cycle) never runs Python: see `InputReader` for why.
 - `MidiOutput.send()` is called by the scheduler thread only.
 - A port attached by name (`--in/--out`) is checked with `check()` from the session's input thread; when
@@ -25,6 +25,7 @@ from collections.abc import Callable
 import rtmidi
 
 from liveperceiver.core.errors import UserError
+from liveperceiver.live.input_reader import InputReader, StampedMessage
 from liveperceiver.live.jack_server import (
     JACK_GRACE_S,
     JackServerWatch,
@@ -49,10 +50,8 @@ API_IDS = {
 }
 API_CHOICES = ("auto", *API_IDS)
 
-StampedMessage = tuple[float, list[int]]  # (time.monotonic() seconds, raw MIDI bytes)
-POLL_S = 0.0005  # how often an input is read when idle: adds at most this to a message's stamp
-POLLER_NICE = 10  # the input readers' nice value (lower_thread_priority)
 LISTING_ATTEMPTS = 5  # port_names(): listings tried while ports come and go
+OPEN_ATTEMPTS = 5  # _Port._open_matching(): openings of a named port while ports come and go
 
 
 # --------------------------------------------------------------------------- which APIs work here
@@ -187,54 +186,6 @@ def unregister(port) -> None:
         jack_graph_changed()
 
 
-def lower_thread_priority(nice: int) -> None:
-    """Give the calling thread a nice value (Linux; lowering priority needs no permission).
-
-    Why for the input readers: a normal-priority thread that wakes every POLL_S on a 2-core machine
-    made the real-time output thread wait for the GIL for up to 20-30 ms at p99 (measured with a
-    busy engine thread; niced, 1.5-3 ms). The price: with both cores busy a niced reader can wake
-    later, and a message's stamp lags by that much. The live bench's reaction and barge-in rows start
-    at the stamp, so they do not show it; its barge-in "heard" row, timed from the player's send, does."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError:
-            pass
-
-
-class InputReader:
-    """Reads an rtmidi MidiIn from a thread of ours and stamps each message as it arrives.
-
-    Why not python-rtmidi's callback: it runs Python on the backend's thread, so JACK's process cycle
-    waits for the GIL and runs late (a late client reads port buffers the next cycle has rewritten:
-    lost or repeated MIDI), and cancelling the callback while a message is in flight frees the data
-    that thread is about to use (a segfault on close, seen in CI). Polling keeps the backend thread in
-    C, where rtmidi only queues the message; the price is at most POLL_S added to a stamp.
-    """
-
-    def __init__(self, midi_in, deliver: Callable[[StampedMessage], None], name: str):
-        self._midi_in = midi_in
-        self._deliver = deliver
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        lower_thread_priority(POLLER_NICE)
-        read = self._midi_in.get_message
-        while self._running:
-            message = read()
-            if message is None:
-                time.sleep(POLL_S)
-            else:
-                self._deliver((time.monotonic(), message[0]))
-
-    def stop(self) -> None:
-        """Returns once the thread no longer touches the port: call it before closing or deleting it."""
-        self._running = False
-        self._thread.join()
-
-
 LEFT_TO_EXIT: list = []  # JACK ports a closing session leaves open for its process's exit (_Port.close)
 
 
@@ -273,12 +224,21 @@ class _Port:
         if self.wanted is None:
             self.open_virtual(lister)
             return
-        index = match_port(port_names(self.port), self.wanted)
-        if index is None:
-            available = ", ".join(port_names(self.port)) or "none"
+        names = port_names(self.port)
+        try:
+            opened = self._open_matching(names)
+        except UserError:  # an ambiguous name
             release(self.port)
+            raise
+        if not opened:
+            names = port_names(self.port)
+            release(self.port)  # never use the client after this
+            if match_port(names, self.wanted) is not None:
+                raise UserError(
+                    f"MIDI {self.direction} ports kept changing while {self.wanted!r} was opened; try again"
+                )
+            available = ", ".join(names) or "none"
             raise UserError(f"no MIDI {self.direction} port matches {self.wanted!r}; available: {available}")
-        self._open(index)
 
     def _new(self):
         raise NotImplementedError
@@ -315,11 +275,29 @@ class _Port:
         )
         self.connected_name = self.registered_name if renamed else self.virtual_name
 
-    def _open(self, index: int) -> None:
-        name = port_names(self.port)[index]
-        self.port.open_port(index, self.virtual_name)
-        jack_graph_changed()
-        self.connected_name = name
+    def _open_matching(self, names: list[str]) -> bool:
+        """Open the port `wanted` matches in `names` (a listing of this client's); False when none
+        does, or when the ports kept changing. rtmidi opens a port by its index in a listing of its
+        own: a port that came or went since ours shifts the indices, and the wrong port would open.
+        So the ports are listed again once it is open: if that index no longer holds the name matched,
+        the port is closed and the match made anew on the new listing (OPEN_ATTEMPTS tries)."""
+        for _ in range(OPEN_ATTEMPTS):
+            index = match_port(names, self.wanted)
+            if index is None:
+                return False
+            try:
+                self.port.open_port(index, self.virtual_name)
+            except rtmidi.InvalidPortError:  # the index is past the ports listed by then
+                names = port_names(self.port)
+                continue
+            jack_graph_changed()
+            listed = port_names(self.port)
+            if index < len(listed) and listed[index] == names[index]:
+                self.connected_name = names[index]
+                return True
+            unregister(self.port)  # opened whatever the index held by then
+            names = listed
+        return False
 
     def _before_close(self) -> None:
         pass
@@ -351,12 +329,10 @@ class _Port:
                 self.connected_name = None  # send() drops from here on
             elif self.connected_name is None:
                 try:
-                    index = match_port(names, self.wanted)
-                except UserError:
+                    if self._open_matching(names):
+                        return f"{self.direction} port {self.connected_name!r} reconnected"
+                except UserError:  # ambiguous now: wait until the user's port is the only match
                     return None
-                if index is not None:
-                    self._open(index)
-                    return f"{self.direction} port {self.connected_name!r} reconnected"
         if lost is None:
             return None
         if self.api == "jack":

@@ -17,7 +17,7 @@ belong to the entry point (play.py, runtime.py), never to the session.
 
 Threads and the part each one runs:
 
-- reader thread (ports.InputReader, one per input port): polls the port, stamps and queues raw bytes.
+- reader thread (input_reader.InputReader, one per input port): polls the port, stamps and queues raw bytes.
 - input thread (input_filter.InputFilter): filters (channel, echoes of our own notes), MIDI clock,
   journals the player, barge-in (`scheduler.silence()` at once, before the engine hears of it), thru;
   hands the player's notes and pedal to the engine thread. Never waits on the model or the disk.

@@ -21,12 +21,11 @@ from contextlib import contextmanager
 import rtmidi
 
 from liveperceiver.core.errors import UserError
+from liveperceiver.live.input_reader import InputReader, StampedMessage
 from liveperceiver.live.jack_server import jack_graph_changed, jack_server_running
 from liveperceiver.live.ports import (
     VIRTUAL_IN,
     VIRTUAL_OUT,
-    InputReader,
-    StampedMessage,
     match_port,
     port_names,
     release,
