@@ -360,19 +360,6 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-def storages_flag(text: str) -> list[str]:
-    """`bench --turns`: weight storages (WEIGHTS but auto, which is not a storage), comma-separated;
-    a one-line UserError otherwise."""
-    storages = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    wrong = [storage for storage in storages if storage not in WEIGHTS[1:]]
-    if wrong or len(storages) < 2:
-        raise UserError(
-            f"--turns {text}: two or more of {', '.join(WEIGHTS[1:])}, comma-separated"
-            + (f" ({', '.join(wrong)} is not one)" if wrong else "")
-        )
-    return storages
-
-
 class DeprecatedFlag(argparse.Action):
     """An old flag kept as an alias of its new name: stores into the new one, with one line on stderr."""
 
@@ -466,7 +453,6 @@ def run_bench(args: argparse.Namespace) -> None:
     from liveperceiver.tools import bench
 
     args.latents = windows_flag("--latents", args.latents or [1, 16, 64])
-    args.turns = args.turns and storages_flag(args.turns)
     bench.run(args)
 
 

@@ -729,3 +729,25 @@ def test_bench_turns_time_each_storage_on_its_own_engine(tiny_model, monkeypatch
     for figure in ("step_ms_p50", "alone_ms_p50"):
         assert turns["float16"][figure] >= 4
         assert turns["float16"][figure] - turns["float32"][figure] >= 3.5  # the delay is float16's alone
+
+
+@pytest.mark.reference
+def test_the_reference_takes_turns_with_our_steps(tiny_model):
+    """bench's reference column: perceiver-io's generate() timed alone and with a run of our steps
+    between two of its tokens, ours timed apart from its own (run in the reference venv:
+    `python -m pytest -m reference tests/test_engine.py`)."""
+    import time as clock
+
+    pytest.importorskip("perceiver.model.audio.symbolic.huggingface")
+    from liveperceiver.tools.reference import OURS_PER_TOKEN, reference_step_ms
+
+    ours = []
+
+    def our_step() -> None:
+        ours.append(1)
+        clock.sleep(0.02)
+
+    times = reference_step_ms(tiny_model, 16, 2, 10, our_step)
+    assert len(ours) == OURS_PER_TOKEN * 11  # between every two of its 11 tokens and after the last
+    assert times.ours_in_turns_ms >= 20
+    assert 0 < times.in_turns_ms < 20 and 0 < times.alone_ms < 20  # its own steps, without ours

@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,9 +37,10 @@ from liveperceiver.inference.auto_weights import resolve_weights
 from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
 from liveperceiver.inference.engine import DTYPES, Engine
 from liveperceiver.inference.sampling import SamplingSettings
-from liveperceiver.inference.weights import Int8Linear, PackedLinear
+from liveperceiver.inference.weights import WEIGHTS, Int8Linear, PackedLinear
 from liveperceiver.inference.window import LatentWindow, parse_window
 from liveperceiver.stats import percentile
+from liveperceiver.tools.reference import reference_step_ms
 
 
 @dataclass
@@ -153,6 +155,12 @@ def _module_bytes(module: nn.Module, rows: int) -> int:
     return sum(_tensor_bytes(t) for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
 
+def bench_step(engine: Engine, rng: random.Random) -> None:
+    """The unit of live work a bench row times: absorb one token (a random one, as a player's), sample one."""
+    engine.append([rng.randrange(388)])
+    engine.step()
+
+
 def bench_row(
     model: PerceiverAR,
     prefix: int,
@@ -184,8 +192,7 @@ def bench_row(
     now = device_clock(engine.device)
     for index in range(warmup + steps):
         start = now()
-        engine.append([rng.randrange(388)])
-        engine.step()
+        bench_step(engine, rng)
         elapsed = now() - start
         if index >= warmup:
             step_times.append(elapsed * 1000)
@@ -214,6 +221,18 @@ def bench_row(
         gemv_bound_ms=0.0,
     )
     return row, engine
+
+
+def storages_flag(text: str) -> list[str]:
+    """`bench --turns`: two or more weight storages (WEIGHTS but auto, which is not one), comma-separated."""
+    storages = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    wrong = [storage for storage in storages if storage not in WEIGHTS[1:]]
+    if wrong or len(storages) < 2:
+        raise UserError(
+            f"--turns {text}: two or more of {', '.join(WEIGHTS[1:])}, comma-separated"
+            + (f" ({', '.join(wrong)} is not one)" if wrong else "")
+        )
+    return storages
 
 
 def storages_in_turns(
@@ -287,8 +306,7 @@ def profile_steps(engine: Engine, steps: int) -> str:
     rng = random.Random(1)
     with profile(activities=activities) as profiler:
         for _ in range(steps):
-            engine.append([rng.randrange(388)])
-            engine.step()
+            bench_step(engine, rng)
         if cuda:
             torch.cuda.synchronize(engine.device)
     by = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -336,8 +354,7 @@ def flat_ratio(engine: Engine, steps: int) -> float:
         times = []
         for _ in range(steps):
             start = now()
-            engine.append([rng.randrange(388)])
-            engine.step()
+            bench_step(engine, rng)
             times.append(now() - start)
         return statistics.median(times)
 
@@ -347,52 +364,6 @@ def flat_ratio(engine: Engine, steps: int) -> float:
     engine.append(rng.randrange(388) for _ in range(100_000 - len(engine)))
     late = median_step()
     return round(late / early, 3)
-
-
-def reference_step_ms(model: PerceiverAR, prefix: int, latents: int, steps: int) -> float | None:
-    """Median per-token time of perceiver-io's own `generate()` with its KV cache, on the same weights;
-    None when perceiver-io is not importable (it is an optional benchmark dependency)."""
-    try:
-        from perceiver.model.audio.symbolic.backend import SymbolicAudioModelConfig
-        from perceiver.model.audio.symbolic.huggingface import (
-            PerceiverSymbolicAudioModel,
-            PerceiverSymbolicAudioModelConfig,
-        )
-        from transformers import LogitsProcessor, LogitsProcessorList
-    except ImportError:
-        return None
-    from liveperceiver.core.checkpoint import to_reference_state_dict
-
-    class StepClock(LogitsProcessor):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
-            return scores
-
-    config = PerceiverSymbolicAudioModelConfig(SymbolicAudioModelConfig.create(**model.config.to_dict()))
-    config.is_decoder = True
-    reference = PerceiverSymbolicAudioModel(config).eval()
-    state = to_reference_state_dict(model.state_dict())
-    state["backend_model.input_adapter.frq_pos_encoding.inv_freq"] = reference.state_dict()[
-        "backend_model.input_adapter.frq_pos_encoding.inv_freq"
-    ]
-    reference.load_state_dict(state)
-    prompt = torch.randint(0, 388, (1, prefix + latents), generator=torch.Generator().manual_seed(0))
-    clock = StepClock()
-    with torch.inference_mode():
-        reference.generate(
-            input_ids=prompt,
-            max_new_tokens=steps + 1,
-            num_latents=latents,
-            do_sample=False,
-            use_cache=True,
-            logits_processor=LogitsProcessorList([clock]),
-            pad_token_id=388,
-        )
-    intervals = [(b - a) * 1000 for a, b in zip(clock.times, clock.times[1:], strict=False)]
-    return statistics.median(intervals)
 
 
 def top1_agreement(
@@ -465,7 +436,8 @@ def run(args) -> list[dict]:
     from liveperceiver.runtime import checked_device, configure_inference
 
     device = checked_device(args.device)
-    if getattr(args, "turns", None) and args.dtype != "float32":
+    args.turns = getattr(args, "turns", None) and storages_flag(args.turns)
+    if args.turns and args.dtype != "float32":
         raise UserError(f"--turns compares the weight storages of a float32 engine; --dtype is {args.dtype}")
     configure_inference(args.threads, device.type, args.dtype)
     loaded = load_model(args.model)
@@ -509,17 +481,26 @@ def run(args) -> list[dict]:
                 profile = profile_steps(engine, profiled)
             if args.flat:
                 row.flat_ratio = flat_ratio(engine, args.steps)
-            reference_ms = None
+            reference = None
             if not args.no_reference:
-                # a window's column: generate() with num_latents = its MAX
-                reference_ms = reference_step_ms(loaded.model, prefix, window.max, min(args.steps, 100))
+                # a window's column: generate() with num_latents = its MAX; in turns with this row's bench step
+                reference = reference_step_ms(
+                    loaded.model,
+                    prefix,
+                    window.max,
+                    min(args.steps, 100),
+                    partial(bench_step, engine, random.Random(2)),
+                )
             extra = {}
             if args.turns:
                 extra["turns"] = storages_in_turns(loaded.model, prefix, latents, args.turns, args.steps, device)
-            if reference_ms is not None:
+            if reference is not None:
                 extra = {
-                    "reference_ms_p50": round(reference_ms, 3),
-                    "speedup": round(reference_ms / row.step_ms_p50, 2),
+                    "reference_ms_p50": round(reference.alone_ms, 3),
+                    "speedup": round(reference.alone_ms / row.step_ms_p50, 2),
+                    "reference_in_turns_ms_p50": round(reference.in_turns_ms, 3),
+                    "ours_in_turns_ms_p50": round(reference.ours_in_turns_ms, 3),
+                    "speedup_in_turns": round(reference.in_turns_ms / reference.ours_in_turns_ms, 2),
                 }
             rows.append(
                 asdict(row)
@@ -538,8 +519,11 @@ def run(args) -> list[dict]:
             )
             if row.flat_ratio is not None:
                 line += f"  after-100k/5k {row.flat_ratio:.3f}"
-            if reference_ms is not None:
-                line += f"  reference {reference_ms:.2f} ms ({reference_ms / row.step_ms_p50:.1f}x)"
+            if reference is not None:
+                line += (
+                    f"  reference {reference.alone_ms:.2f} ms ({extra['speedup']:.1f}x); taking turns"
+                    f" {reference.in_turns_ms:.2f} against {reference.ours_in_turns_ms:.2f} ({extra['speedup_in_turns']:.1f}x)"
+                )
             if args.weights == "auto":
                 line += f"  weights {stored}"
             print(line, flush=True)
