@@ -73,3 +73,15 @@ def test_the_bench_runs_its_sessions_at_the_window_it_is_given(tmp_path, tiny_mo
     finally:
         session.close(release_ports=True)
         thaw_heap()
+
+
+def test_after_close_tells_a_lost_message_from_a_stuck_note():
+    """The live bench's 'after close' line: notes the scheduler left sounding, notes the listener
+    heard left sounding, and note messages lost on the way (a heard imbalance with none sent)."""
+    from liveperceiver.tools.live_bench import _after_close_text
+
+    lost = {"after_close": {"stuck_sent": 0, "stuck_heard": 1, "stuck_heard_by_synth": 0, "dropped": 1}}
+    assert _after_close_text("duet", lost) == "duet 0 sent, 1 heard (1 note message lost on the way to the listener)"
+    clean = {"after_close": {"stuck_sent": 0, "stuck_heard": 0, "stuck_heard_by_synth": 0, "dropped": 0}}
+    assert _after_close_text("call", clean) == "call 0 sent, 0 heard"
+    assert _after_close_text("call", {"stuck_after_close": 2}) == "call 2 heard"  # results written before

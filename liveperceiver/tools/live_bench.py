@@ -13,8 +13,9 @@ reported (medians and p99, after the first call as warm-up):
   session journal), and player's note sent -> that note-off heard (two JACK periods more);
 - stuck notes after each of N randomized sessions with faults (engine exceptions, mode switches,
   panics, resets, transpose changes, close mid-answer): note-ons minus note-offs as sent by the
-  scheduler, and as heard by the listening client (the second also counts messages JACK dropped
-  on the way, which a loaded machine does; the drop count is reported beside it);
+  scheduler, and as heard by the listening client (the second also counts messages lost on the
+  way, which a loaded machine does; the count is reported beside it), and the same after the call
+  and the duet close (`after_close`);
 - the share of CPU time the hypervisor took during each timed phase (Linux "steal"): on a shared
   VM the p99 rows move with it, so a reader can tell a slow run from slow code;
 - Ableton Link: calls answered on the beat of a second Link peer (the DAW, in that process) that
@@ -120,6 +121,21 @@ class Player(JackPlayer):
         return sounding
 
 
+def after_close(session: Session, player: Player) -> dict:
+    """Notes left sounding once a session closed (note-ons minus note-offs), as its scheduler sent
+    them and as the listening client heard them (also as a synth hears them: the closing CC123 ends
+    every note), and the note messages sent but not heard (`dropped`; negative: heard but never
+    sent). A heard imbalance with none sent is a message lost on the way: in a duet of 2026-12-04 a
+    second client listening to the same port heard the note-off the player's client missed."""
+    scheduler = session.scheduler
+    return {
+        "stuck_sent": scheduler.sent_on - scheduler.sent_off,
+        "stuck_heard": player.balance(),
+        "stuck_heard_by_synth": player.balance(as_synth=True),
+        "dropped": scheduler.sent_on + scheduler.sent_off - player.note_messages(),
+    }
+
+
 def is_note_on(message: list[int]) -> bool:
     return len(message) == 3 and message[0] & 0xF0 == 0x90 and message[2] > 0
 
@@ -184,9 +200,10 @@ def call_phase(model, rng: random.Random, calls: int, workdir: Path, engine: Ben
         session.close(release_ports=True)
         thaw_heap()  # the closed session becomes garbage again
         time.sleep(0.05)
-        result_stuck = player.balance()
+        closed = after_close(session, player)
         player.close()
-    result["stuck_after_close"] = result_stuck
+    result["after_close"] = closed
+    result["stuck_after_close"] = closed["stuck_heard"]
     result["barge_in_silence_sent"] = ms(barge_times_from_journal(session.recorder.path, barge_pitch=50))
     return result
 
@@ -252,7 +269,8 @@ def duet_phase(
         session.close(release_ports=True)
         thaw_heap()  # the closed session becomes garbage again
         time.sleep(0.05)
-        result["stuck_after_close"] = player.balance()
+        result["after_close"] = after_close(session, player)
+        result["stuck_after_close"] = result["after_close"]["stuck_heard"]
         player.close()
     return result
 
@@ -353,15 +371,7 @@ def _fault_session(model, index: int, workdir: Path, engine: BenchEngine) -> dic
         session.close(release_ports=True)  # mid-answer, like a SIGTERM
         thaw_heap()
         time.sleep(0.05)
-        scheduler = session.scheduler
-        row = {
-            "session": index,
-            "stuck_heard": player.balance(),
-            "stuck_heard_by_synth": player.balance(as_synth=True),
-            "stuck_sent": scheduler.sent_on - scheduler.sent_off,
-            "dropped": scheduler.sent_on + scheduler.sent_off - player.note_messages(),
-            "faults": log,
-        }
+        row = {"session": index, **after_close(session, player), "faults": log}
         player.close()
     return row
 
@@ -492,6 +502,17 @@ def _fmt(stat: dict) -> str:
     return f"{stat['p50_ms']:8.2f} {stat['p99_ms']:8.2f}  (n={stat['n']})"
 
 
+def _after_close_text(name: str, phase: dict) -> str:
+    """'duet 0 sent, 1 heard (1 note message lost on the way)'; older results: the heard count only."""
+    closed = phase.get("after_close")
+    if closed is None:
+        return f"{name} {phase['stuck_after_close']} heard"
+    text = f"{name} {closed['stuck_sent']} sent, {closed['stuck_heard']} heard"
+    if closed["dropped"] > 0:
+        text += f" ({closed['dropped']} note message{'s' * (closed['dropped'] > 1)} lost on the way to the listener)"
+    return text
+
+
 def format_table(results: dict) -> str:
     call, duet, faults = results["call"], results["duet"], results["faults"]
     rtf = duet["realtime_factor"]
@@ -522,10 +543,10 @@ def format_table(results: dict) -> str:
         f"CPU time taken by the hypervisor (steal): call {_share(call)}, duet {_share(duet)}, "
         f"duet with the UI {_share(results['duet_with_ui'])}",
         f"stuck notes across {faults['sessions']} randomized sessions with faults: {faults['stuck_notes_sent']} sent, "
-        f"{faults['stuck_notes_heard']} heard ({faults['messages_dropped_by_transport']} messages lost in JACK, "
+        f"{faults['stuck_notes_heard']} heard ({faults['messages_dropped_by_transport']} messages lost on the way, "
         f"{faults['extra_note_messages_heard']} heard but never sent), "
         f"{faults['stuck_notes_heard_by_synth']} still sounding on a synth after the closing all-notes-off; "
-        f"after close: call {call['stuck_after_close']}, duet {duet['stuck_after_close']} heard",
+        "after close: " + ", ".join(_after_close_text(name, phase) for name, phase in (("call", call), ("duet", duet))),
     ]
     return "\n".join(lines + _link_rows(results.get("link")))
 
