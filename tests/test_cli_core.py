@@ -178,9 +178,33 @@ def test_bench_turns_times_each_storage_in_the_same_run(tmp_path):
     assert result.stdout.count("taking turns, step p50 ms: float32 ") == 2
 
 
+def test_bench_turns_and_the_reference_in_one_row(tmp_path, monkeypatch, capsys):
+    """Where perceiver-io is installed a row carries both: its reference figures and --turns (here the
+    reference's timing is a stand-in that runs our steps as the real one does; perceiver-io itself is
+    not installed in CI)."""
+    from liveperceiver import cli
+    from liveperceiver.tools import bench
+    from liveperceiver.tools.reference import ReferenceTimes
+
+    def stand_in(model, prefix, latents, steps, ours) -> ReferenceTimes:
+        for _ in range(3):
+            ours()
+        return ReferenceTimes(alone_ms=10.0, in_turns_ms=12.0, ours_in_turns_ms=1.5)
+
+    monkeypatch.setattr(bench, "reference_step_ms", stand_in)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", TINY, "--prefix", "0", "--latents", "1", "--steps", "10", "--json", str(out)]
+    assert cli.main([*args, "--turns", "float32,int8"]) == 0
+    (row,) = load_json(out)
+    assert list(row["turns"]) == ["float32", "int8"] and row["speedup_in_turns"] == 8.0
+    printed = capsys.readouterr().out
+    assert "taking turns 12.00 against 1.50 (8.0x)" in printed and "taking turns, step p50 ms: float32" in printed
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--turns", ""], "--turns : two or more"),
         (["--turns", "float32"], "--turns float32: two or more of float32, int8, float16, bfloat16, blocked"),
         (["--turns", "float32,auto"], "(auto is not one)"),
         (["--turns", "float32,int8", "--dtype", "bfloat16"], "--turns compares the weight storages of a float32"),

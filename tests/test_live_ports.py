@@ -50,7 +50,9 @@ def test_virtual_ports_are_listed_and_stamp_input():
         message = midi_in.get(timeout=2)
         assert message is not None and message[1] == [0x90, 60, 90]
         assert before <= message[0] <= time.monotonic()
-        if sys.platform.startswith("linux"):  # the reader yields to the output thread (ports.lower_thread_priority)
+        if sys.platform.startswith(
+            "linux"
+        ):  # the reader yields to the output thread (input_reader.lower_thread_priority)
             reader_thread = midi_in.reader._thread
             assert os.getpriority(os.PRIO_PROCESS, reader_thread.native_id) == input_reader.POLLER_NICE
         keys.send([0xF8])  # clock is kept, not filtered
@@ -106,9 +108,22 @@ def test_a_named_port_opens_the_port_it_matched_while_ports_come_and_go(monkeypa
             ports.release(keyboards["early"])
         return names
 
+    unregister = ports.unregister
+    wrongly_opened = []
+
+    def the_wrong_port_plays_first(port) -> None:
+        if isinstance(port, rtmidi.MidiIn) and port.is_port_open():  # the input, on the port after its match
+            keyboards["late"].send_message([0x90, 62, 100])  # not the player's: never delivered
+            time.sleep(0.05)
+            wrongly_opened.append(port)
+        unregister(port)
+
     monkeypatch.setattr(ports, "port_names", listing_then_a_port_goes)
-    midi_in = ports.MidiInput("jack", "lp-test-target", log=print)
+    monkeypatch.setattr(ports, "unregister", the_wrong_port_plays_first)
+    midi_in = ports.MidiInput("jack", "lp-test-target", log=print, open_now=False)  # as a session opens it
+    midi_in.open()
     try:
+        assert len(wrongly_opened) == 1
         assert keyboards["early"].is_deleted  # it went after the listing that matched the name
         assert midi_in.connected_name == "lp-test-target:target"
         keyboards["late"].send_message([0x90, 61, 100])

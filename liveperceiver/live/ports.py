@@ -118,13 +118,17 @@ def list_ports(api: str) -> tuple[list[str], list[str]]:
 def port_names(port) -> list[str]:
     """`port.get_ports()`, listed again when a port vanished mid-listing: python-rtmidi asks for the
     count, then for each name by number, and a JACK port can go in between (InvalidPortError; seen
-    in a full test run while a starting session's probe port closed)."""
+    in a full test run while a starting session's probe port closed; a client with an error
+    callback of its own, as a session's, gets None for that name instead)."""
     for _ in range(LISTING_ATTEMPTS - 1):
         try:
-            return port.get_ports()
+            names = port.get_ports()
+            if None not in names:
+                return names
         except rtmidi.InvalidPortError:
-            time.sleep(0.01)
-    return port.get_ports()
+            pass
+        time.sleep(0.01)
+    return [name for name in port.get_ports() if name is not None]
 
 
 def match_port(names: list[str], wanted: str) -> int | None:
@@ -285,11 +289,8 @@ class _Port:
             index = match_port(names, self.wanted)
             if index is None:
                 return False
-            try:
-                self.port.open_port(index, self.virtual_name)
-            except rtmidi.InvalidPortError:  # the index is past the ports listed by then
-                names = port_names(self.port)
-                continue
+            # an index past the ports listed by then opens nothing (our error callback logs it): a mismatch
+            self.port.open_port(index, self.virtual_name)
             jack_graph_changed()
             listed = port_names(self.port)
             if index < len(listed) and listed[index] == names[index]:
@@ -372,7 +373,14 @@ class MidiInput(_Port):
         """_Port's arguments; the reader thread starts once the port is open."""
         self.queue: queue.SimpleQueue[StampedMessage] = queue.SimpleQueue()
         super().__init__(*args, **kwargs)
-        self.reader = InputReader(self.port, self.queue.put, name="midi-in")
+        self.reader = InputReader(self.port, self._deliver, name="midi-in")
+
+    def _deliver(self, stamped: StampedMessage) -> None:
+        """The reader thread's: queue a message, unless a named port is not (yet) the one its name
+        matched (`_open_matching` sets connected_name once it is): what a wrongly opened port sent is
+        not the player's."""
+        if self.wanted is None or self.connected_name is not None:
+            self.queue.put(stamped)
 
     def _new(self):
         port = rtmidi.MidiIn(API_IDS[self.api], name=VIRTUAL_IN if self.wanted is None else CLIENT_NAME)

@@ -37,7 +37,7 @@ from liveperceiver.inference.auto_weights import resolve_weights
 from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
 from liveperceiver.inference.engine import DTYPES, Engine
 from liveperceiver.inference.sampling import SamplingSettings
-from liveperceiver.inference.weights import WEIGHTS, Int8Linear, PackedLinear
+from liveperceiver.inference.weights import WEIGHTS, Int8Linear, PackedLinear, check_weights
 from liveperceiver.inference.window import LatentWindow, parse_window
 from liveperceiver.stats import percentile
 from liveperceiver.tools.reference import reference_step_ms
@@ -436,9 +436,15 @@ def run(args) -> list[dict]:
     from liveperceiver.runtime import checked_device, configure_inference
 
     device = checked_device(args.device)
-    args.turns = getattr(args, "turns", None) and storages_flag(args.turns)
+    turns = getattr(args, "turns", None)
+    args.turns = None if turns is None else storages_flag(turns)
     if args.turns and args.dtype != "float32":
         raise UserError(f"--turns compares the weight storages of a float32 engine; --dtype is {args.dtype}")
+    for storage in args.turns or ():  # before any row is measured
+        try:
+            check_weights(None if storage == "float32" else storage, torch.float32, device)
+        except ValueError as error:
+            raise UserError(f"--turns {storage}: {error}") from None
     configure_inference(args.threads, device.type, args.dtype)
     loaded = load_model(args.model)
     dtype = DTYPES[args.dtype]
@@ -495,7 +501,7 @@ def run(args) -> list[dict]:
             if args.turns:
                 extra["turns"] = storages_in_turns(loaded.model, prefix, latents, args.turns, args.steps, device)
             if reference is not None:
-                extra = {
+                extra |= {
                     "reference_ms_p50": round(reference.alone_ms, 3),
                     "speedup": round(reference.alone_ms / row.step_ms_p50, 2),
                     "reference_in_turns_ms_p50": round(reference.in_turns_ms, 3),

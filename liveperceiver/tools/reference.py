@@ -13,9 +13,10 @@ import torch
 
 from liveperceiver.core.model import PerceiverAR
 
-# Our steps run between two of the reference's tokens (`reference_step_ms`): a run of them, not one,
-# so that most of ours find their weights in the caches as they do when the engine runs alone (one
-# step between two reference tokens ran cold: the 5.6M model's 1-latent step 1.30 -> 1.99 ms)
+# The reference and ours take turns in runs of this many tokens and steps (`reference_step_ms`), and
+# each run's first, which starts with caches the other filled, is not timed: one step of ours between
+# two reference tokens ran cold (the 5.6M model's 1-latent step 1.30 -> 1.99 ms), and the reference's
+# token after a run of ours as well (13.4 -> 21.3 ms at 16:32, prefix 4096)
 OURS_PER_TOKEN = 8
 
 
@@ -33,10 +34,10 @@ def reference_step_ms(
 ) -> ReferenceTimes | None:
     """Median per-token time of perceiver-io's own `generate()` with its KV cache, on the same weights;
     None when perceiver-io is not importable (it is an optional benchmark dependency). Timed twice:
-    alone, then taking turns with `ours` (a bench step of our engine), of which a hook between two of
-    the reference's tokens runs and times OURS_PER_TOKEN: the two alternate in one process, so the
-    ratio holds on a VM whose speed drifts (the reference's own step varied 12.5-27.9 ms in four runs
-    of one session, ours 2.1-3.1 ms)."""
+    alone, then taking turns with `ours` (a bench step of our engine): at every OURS_PER_TOKEN-th
+    of its tokens a hook runs OURS_PER_TOKEN of ours and times them. The two alternate in one
+    process, so the ratio holds on a VM whose speed drifts (the reference's own step varied
+    12.5-27.9 ms in four runs of one session, ours 2.1-3.1 ms)."""
     try:
         from perceiver.model.audio.symbolic.backend import SymbolicAudioModelConfig
         from perceiver.model.audio.symbolic.huggingface import (
@@ -49,7 +50,8 @@ def reference_step_ms(
     from liveperceiver.core.checkpoint import to_reference_state_dict
 
     class StepClock(LogitsProcessor):
-        """Between two reference tokens: the time it arrived, then (with `between`) a run of ours, each timed."""
+        """Between two reference tokens: the time it arrived, then (with `between`, at every
+        OURS_PER_TOKEN-th token) a run of OURS_PER_TOKEN of ours, each timed."""
 
         def __init__(self, between: Callable[[], None] | None) -> None:
             self.between = between
@@ -59,12 +61,23 @@ def reference_step_ms(
 
         def __call__(self, input_ids, scores):
             self.arrived.append(time.perf_counter())
-            for _ in range(OURS_PER_TOKEN if self.between is not None else 0):
-                start = time.perf_counter()
-                self.between()
-                self.ours.append((time.perf_counter() - start) * 1000)
+            if self.between is not None and len(self.arrived) % OURS_PER_TOKEN == 1:
+                for step in range(OURS_PER_TOKEN):
+                    start = time.perf_counter()
+                    self.between()
+                    if step:  # the first is cold
+                        self.ours.append((time.perf_counter() - start) * 1000)
             self.resumed.append(time.perf_counter())
             return scores
+
+        def reference_ms(self) -> float:
+            """Its median token, over the tokens that did not follow a run of ours (those start
+            with caches ours filled, as ours would after its tokens: both are timed warm)."""
+            return statistics.median(
+                (arrived - resumed) * 1000
+                for index, (resumed, arrived) in enumerate(zip(self.resumed, self.arrived[1:], strict=False))
+                if self.between is None or index % OURS_PER_TOKEN != 0
+            )
 
     config = PerceiverSymbolicAudioModelConfig(SymbolicAudioModelConfig.create(**model.config.to_dict()))
     config.is_decoder = True
@@ -88,11 +101,8 @@ def reference_step_ms(
                 pad_token_id=388,
             )
 
-    def reference_ms(clock: StepClock) -> float:
-        return statistics.median((a - r) * 1000 for r, a in zip(clock.resumed, clock.arrived[1:], strict=False))
-
     return ReferenceTimes(
-        alone_ms=reference_ms(clocks[0]),
-        in_turns_ms=reference_ms(clocks[1]),
+        alone_ms=clocks[0].reference_ms(),
+        in_turns_ms=clocks[1].reference_ms(),
         ours_in_turns_ms=statistics.median(clocks[1].ours),
     )
