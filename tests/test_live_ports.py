@@ -138,6 +138,24 @@ def test_a_named_port_opens_the_port_it_matched_while_ports_come_and_go(monkeypa
 
 @pytest.mark.jack
 @pytest.mark.usefixtures("jack_server")
+def test_a_disconnected_output_drops_without_waiting_for_a_reopening():
+    """While check() reopens a named port it holds the port's lock (a wrong port's closing waits out
+    the graph); the scheduler's send meanwhile returns False at once instead of waiting for it."""
+    midi_out = ports.MidiOutput("jack", log=print)
+    try:
+        midi_out.connected_name = None  # as check() leaves a named port that vanished
+        results = []
+        with midi_out.lock:  # as check() holds it through a reopening
+            sender = threading.Thread(target=lambda: results.append(midi_out.send([0x90, 60, 100])))
+            sender.start()
+            sender.join(timeout=2)
+            assert not sender.is_alive() and results == [False]
+    finally:
+        midi_out.close()
+
+
+@pytest.mark.jack
+@pytest.mark.usefixtures("jack_server")
 def test_a_jack_port_is_unregistered_only_after_the_graph_was_quiet():
     """libjack's notification thread walks a client's port list after each graph change, unlocked
     against the unregister (jack2 #216): a port closed right after another change waits it out."""

@@ -420,7 +420,12 @@ class MidiOutput(_Port):
     def send(self, message: list[int]) -> bool:
         """Send raw bytes now; False when the port is disconnected or its JACK server is gone or
         stalled (the message is dropped: RtMidi would spin once its buffer filled, JackServerWatch;
-        after a stall, StallGuard ends what it left sounding)."""
+        after a stall, StallGuard ends what it left sounding). A disconnected port is told without
+        the lock, which check() holds while it reopens a named port (a reopening that opened the
+        wrong port waits out the graph before it closes it: up to 0.1 s a try), so the scheduler
+        never waits on it; the test is made again under the lock."""
+        if self.connected_name is None:
+            return False
         with self.lock:
             if self.connected_name is None:
                 return False
