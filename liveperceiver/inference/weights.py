@@ -89,12 +89,27 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cast:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[:-1].numel() > 1:
-            if self.rows_blocked is not None:
-                return self.rows_blocked(x)
-            return F.linear(x, self.rows_weight, self.bias)
-        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return packed_product(x, self.weight, self.bias, self.rows_product())
+
+    def rows_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The product for several rows: the blocked float32 copy, else the plain one."""
+        if self.rows_blocked is not None:
+            return self.rows_blocked.product
+        return partial(F.linear, weight=self.rows_weight, bias=self.bias)
+
+
+def packed_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """PackedLinear's product with a cast storage: one row through the stored `weight` (cast in and
+    back, the bias added in place to the fresh result), several through `rows`. A plain function so
+    that `bare` can bind it, like `int8_product`."""
+    if x.shape[:-1].numel() > 1:
+        return rows(x)
+    y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    if bias is not None:
+        y.add_(bias)
+    return y
 
 
 class Int8Linear(nn.Module):
@@ -201,8 +216,8 @@ def pack_linear_layers(model: nn.Module, weights: str) -> None:
 def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module` as a plain function: F.linear / F.layer_norm bound to its weights when it is a float
     Linear or LayerNorm (a module call costs more than a one-row product of these sizes), oneDNN's
-    product for blocked weights, the int8 kernel for int8 weights on the CPU (`int8_product`), else
-    the module itself (16-bit packed weights, int8 weights elsewhere)."""
+    product for blocked weights, the products of 16-bit packed weights (`packed_product`) and of int8
+    weights on the CPU (`int8_product`), else the module itself (int8 weights elsewhere)."""
     if isinstance(module, nn.LayerNorm):
         return partial(
             F.layer_norm,
@@ -215,6 +230,8 @@ def bare(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return partial(F.linear, weight=module.weight, bias=module.bias)
     if isinstance(module, BlockedLinear):
         return module.product
+    if isinstance(module, PackedLinear):  # a cast storage (the plain one is bound above)
+        return partial(packed_product, weight=module.weight, bias=module.bias, rows=module.rows_product())
     if isinstance(module, Int8Linear) and module.kernel_scales is not None and module.weight.device.type == "cpu":
         return partial(int8_product, weight=module.weight, scales=module.kernel_scales, bias=module.bias)
     return module
