@@ -100,6 +100,12 @@ def test_a_named_port_opens_the_port_it_matched_while_ports_come_and_go(monkeypa
     for name in ("early", "target", "late"):
         keyboards[name] = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"lp-test-{name}")
         keyboards[name].open_virtual_port(name)
+    sources = [name for name in ports.list_ports("jack")[0] if name.startswith("lp-test-")]
+    assert sources == [
+        "lp-test-early:early",
+        "lp-test-target:target",
+        "lp-test-late:late",
+    ]  # JACK lists by registration
     listed = ports.port_names
 
     def listing_then_a_port_goes(port) -> list[str]:
