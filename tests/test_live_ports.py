@@ -50,9 +50,8 @@ def test_virtual_ports_are_listed_and_stamp_input():
         message = midi_in.get(timeout=2)
         assert message is not None and message[1] == [0x90, 60, 90]
         assert before <= message[0] <= time.monotonic()
-        if sys.platform.startswith(
-            "linux"
-        ):  # the reader yields to the output thread (input_reader.lower_thread_priority)
+        # the reader yields to the output thread (input_reader.lower_thread_priority)
+        if sys.platform.startswith("linux"):
             reader_thread = midi_in.reader._thread
             assert os.getpriority(os.PRIO_PROCESS, reader_thread.native_id) == input_reader.POLLER_NICE
         keys.send([0xF8])  # clock is kept, not filtered
@@ -100,12 +99,9 @@ def test_a_named_port_opens_the_port_it_matched_while_ports_come_and_go(monkeypa
     for name in ("early", "target", "late"):
         keyboards[name] = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"lp-test-{name}")
         keyboards[name].open_virtual_port(name)
+    # JACK lists ports in the order they registered: the first going shifts the others' indices
     sources = [name for name in ports.list_ports("jack")[0] if name.startswith("lp-test-")]
-    assert sources == [
-        "lp-test-early:early",
-        "lp-test-target:target",
-        "lp-test-late:late",
-    ]  # JACK lists by registration
+    assert sources == ["lp-test-early:early", "lp-test-target:target", "lp-test-late:late"]
     listed = ports.port_names
 
     def listing_then_a_port_goes(port) -> list[str]:

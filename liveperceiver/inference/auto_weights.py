@@ -52,6 +52,13 @@ def resolve_weights(
 _MEASURED_WEIGHTS: dict[tuple[str, str, str], str | None] = {}
 
 
+def turn_order(round_index: int, count: int) -> list[int]:
+    """The order `count` engines taking turns step in at round `round_index`: each goes first in turn,
+    so none always runs right after another's (its caches filled by it) or always first."""
+    first = round_index % count
+    return [*range(first, count), *range(first)]
+
+
 def faster_weights(
     model: PerceiverAR, device: torch.device, budget_s: float = 0.3, num_latents: int | str | LatentWindow = 1
 ) -> str | None:
@@ -78,8 +85,7 @@ def faster_weights(
     deadline = time.perf_counter() + budget_s
     rounds = 0
     while rounds < 4 or (time.perf_counter() < deadline and rounds < 200):
-        first = rounds % len(engines)  # each engine in turn goes first
-        for index in [*range(first, len(engines)), *range(first)]:
+        for index in turn_order(rounds, len(engines)):
             elapsed = 0.0
             for rows in (1, 2):
                 # the context's last tokens taken back and played again: with a window their latent

@@ -33,7 +33,7 @@ from torch import nn
 
 from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.model import PerceiverAR
-from liveperceiver.inference.auto_weights import resolve_weights
+from liveperceiver.inference.auto_weights import resolve_weights, turn_order
 from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
 from liveperceiver.inference.engine import DTYPES, Engine
 from liveperceiver.inference.sampling import SamplingSettings
@@ -253,17 +253,14 @@ def storages_in_turns(
     context = [rng.randrange(388) for _ in range(prefix + window.max)]
     engines = []
     for storage in storages:
-        try:
-            engine = Engine(
-                model,
-                num_latents=window,
-                prefix_cap=prefix,
-                sampling=SamplingSettings(seed=0),
-                weights=None if storage == "float32" else storage,
-                device=device,
-            )
-        except ValueError as error:  # e.g. blocked weights on a GPU
-            raise UserError(f"--turns {storage}: {error}") from None
+        engine = Engine(
+            model,
+            num_latents=window,
+            prefix_cap=prefix,
+            sampling=SamplingSettings(seed=0),
+            weights=resolve_weights(storage, device, model),
+            device=device,
+        )
         engine.append(context)
         engines.append(engine)
     now = device_clock(engines[0].device)
@@ -272,8 +269,7 @@ def storages_in_turns(
     warmup = max(5, steps // 10)
     for index in range(warmup + steps):
         token = rng.randrange(388)
-        first = index % len(engines)
-        for turn in [*range(first, len(engines)), *range(first)]:
+        for turn in turn_order(index, len(engines)):
             start = now()
             engines[turn].append([token])
             engines[turn].step()
@@ -436,17 +432,16 @@ def run(args) -> list[dict]:
     from liveperceiver.runtime import checked_device, configure_inference
 
     device = checked_device(args.device)
-    turns = getattr(args, "turns", None)
-    args.turns = None if turns is None else storages_flag(turns)
+    args.turns = None if args.turns is None else storages_flag(args.turns)
     if args.turns and args.dtype != "float32":
         raise UserError(f"--turns compares the weight storages of a float32 engine; --dtype is {args.dtype}")
-    for storage in args.turns or ():  # before any row is measured
-        try:
-            check_weights(None if storage == "float32" else storage, torch.float32, device)
-        except ValueError as error:
-            raise UserError(f"--turns {storage}: {error}") from None
     configure_inference(args.threads, device.type, args.dtype)
     loaded = load_model(args.model)
+    for storage in args.turns or ():  # before any row is measured (storages_in_turns builds them unchecked)
+        try:
+            check_weights(resolve_weights(storage, device, loaded.model), torch.float32, device)
+        except ValueError as error:  # e.g. blocked weights on a GPU
+            raise UserError(f"--turns {storage}: {error}") from None
     dtype = DTYPES[args.dtype]
     bandwidth, gemv = read_bandwidth_gb_s(device=device), gemv_bandwidth_gb_s(device=device)  # the engine's device
     rows = []
