@@ -34,7 +34,6 @@ from torch import nn
 from liveperceiver.core.errors import UserError, atomic_output
 from liveperceiver.core.model import PerceiverAR
 from liveperceiver.inference.auto_weights import resolve_weights, turn_order
-from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
 from liveperceiver.inference.engine import DTYPES, Engine
 from liveperceiver.inference.sampling import SamplingSettings
 from liveperceiver.inference.weights import WEIGHTS, Int8Linear, PackedLinear, check_weights
@@ -384,43 +383,47 @@ def top1_agreement(
 
 
 def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int = 100, run: int = 8) -> dict:
-    """What in-session adaptation (on by default in `play`) adds per token, in the engine: runs of
-    `run` consecutive steps (as `play` samples an answer ahead) with the mix and without alternate,
-    first one then the other in turn, on one engine over a practice-like stream (a full window of
-    it, adapt.practice_stream), so both see the same machine and neither always comes first after
-    the stream moved on; the difference of their medians is the mix's cost (it includes the caches
-    it cools for the step), and the cache's push of each token is timed on its own."""
+    """What in-session adaptation (on by default in `play`) adds per token, in the engine: two
+    engines follow one practice-like stream (a full cache window of it, adapt.practice_stream), one
+    adapting and one that never adapted (no cache at all), taking turns, each first in turn. Per
+    player's token each samples `run` steps ahead (as `play` samples an answer), rolls them back and
+    absorbs the player's token. The cost per token is the difference of their medians: a step (the
+    mix, the learnt output layer, the cache taking the model's own token), a rolled-back step's share
+    of the rollback (the cache forgetting it), and the player's token (the cache taking it, the
+    weight judged and the output layer taught by it)."""
     from liveperceiver.inference import adapt
 
     stream = adapt.practice_stream(adapt.WINDOW + steps)
-    engine = Engine(model, sampling=SamplingSettings(seed=0), device=device, adapt=1.0)
-    engine.append(stream[: adapt.WINDOW])
-    mixed, alone, pushes = [], [], []
-    now = device_clock(engine.device)
+    adapting = Engine(model, sampling=SamplingSettings(seed=0), device=device, adapt=1.0)
+    plain = Engine(model, sampling=SamplingSettings(seed=0), device=device)
+    times: dict[Engine, dict[str, list[float]]] = {}
+    for engine in (adapting, plain):
+        engine.append(stream[: adapt.WINDOW])
+        times[engine] = {"step": [], "rollback": [], "absorb": []}
+    now = device_clock(adapting.device)
     for index, token in enumerate(stream[adapt.WINDOW :]):
-        turns = ((1.0, mixed), (0.0, alone))
-        for weight, times in turns if index % 2 else turns[::-1]:
-            engine.configure(adapt=weight)
+        for engine in (adapting, plain) if index % 2 else (plain, adapting):
+            spent = times[engine]
             for _ in range(run):
                 start = now()
                 engine.step()
-                times.append((now() - start) * 1000)
+                spent["step"].append((now() - start) * 1000)
+            start = time.perf_counter()
             engine.truncate(len(engine) - run)
-        start = time.perf_counter()  # the cache takes the token, the weight is judged and the output layer taught by it
-        if engine.dynamic is not None:
-            engine.dynamic.observe(len(engine), token, DYNAMIC_RATE, engine.cache_weight.predicted(len(engine)))
-        engine.cache_weight.observe(len(engine), token, 1.0)
-        engine.cache.push(token)
-        pushes.append((time.perf_counter() - start) * 1000)
-        engine.cache.truncate(len(engine.cache) - 1)
-        engine.append([token])
-    step = statistics.median(mixed) - statistics.median(alone)
-    push = statistics.median(pushes)
+            spent["rollback"].append((time.perf_counter() - start) * 1000 / run)
+            start = time.perf_counter()
+            engine.append([token])
+            spent["absorb"].append((time.perf_counter() - start) * 1000)
+    added = {
+        part: statistics.median(times[adapting][part]) - statistics.median(times[plain][part])
+        for part in ("step", "rollback", "absorb")
+    }
     return {
-        "adapt_ms_p50": round(step + push, 4),
-        "adapt_step_ms_p50": round(statistics.median(mixed), 4),
-        "adapt_step_ms_p50_without": round(statistics.median(alone), 4),
-        "adapt_push_ms_p50": round(push, 4),
+        "adapt_ms_p50": round(sum(added.values()), 4),
+        "adapt_step_ms_p50": round(statistics.median(times[adapting]["step"]), 4),
+        "adapt_step_ms_p50_without": round(statistics.median(times[plain]["step"]), 4),
+        "adapt_rollback_ms_p50": round(added["rollback"], 4),
+        "adapt_absorb_ms_p50": round(added["absorb"], 4),
         "adapt_run": run,
         "adapt_order": adapt.ORDER,
         "adapt_window": adapt.WINDOW,
@@ -542,7 +545,8 @@ def run(args) -> list[dict]:
         f"in-session adaptation (adapt.py; order {adaptation['adapt_order']}, {adaptation['adapt_window']}-token "
         f"window, a practice-like stream, 1 latent): {adaptation['adapt_ms_p50']:.3f} ms per token "
         f"(step p50 {adaptation['adapt_step_ms_p50']:.3f} ms with the mix, {adaptation['adapt_step_ms_p50_without']:.3f} "
-        f"without, runs of {adaptation['adapt_run']} interleaved; the cache's push {adaptation['adapt_push_ms_p50']:.3f} ms)"
+        f"without adaptation, runs of {adaptation['adapt_run']}; a rolled-back step {adaptation['adapt_rollback_ms_p50']:.3f} ms "
+        f"more, the player's token {adaptation['adapt_absorb_ms_p50']:.3f} ms more)"
     )
     for row in rows:
         row.update(adaptation)
