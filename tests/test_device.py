@@ -134,18 +134,18 @@ def test_the_sampling_path_never_reads_the_device_back():
 
 def test_the_device_mix_is_the_cpu_mix():
     cache = session_cache()
-    a, b = cache.terms()
     weight = 0.7 * PRIOR_FRACTION  # mix_logits without a learnt weight: the prior's mean
+    part, b = cache.terms(weight)  # the cache's part at that weight
     state = session_state()
     experts = session_experts(state)
     assert {first for first, _, _ in experts} == {vocab.VELOCITY, vocab.NOTE_OFF}  # both experts have work to do
     for seed in range(5):
         logits = random_logits(seed)
-        on_cpu, (on_device, probs) = mix_logits(logits, cache, 0.7), mix_on_device(logits, a, b, weight)
+        on_cpu, (on_device, probs) = mix_logits(logits, cache, 0.7), mix_on_device(logits, part, b, weight)
         torch.testing.assert_close(probs, torch.softmax(logits, -1))
         assert on_device.dtype == on_cpu.dtype and not torch.equal(on_cpu, logits)
         torch.testing.assert_close(on_device, on_cpu, rtol=1e-6, atol=1e-6)
-        leaned, _ = mix_on_device(logits, a, b, weight, experts, 0.7 * EXPERT_SHARE)
+        leaned, _ = mix_on_device(logits, part, b, weight, experts, 0.7 * EXPERT_SHARE)
         torch.testing.assert_close(leaned, mix_logits(logits, cache, 0.7, state), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(leaned, on_cpu)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,6 +68,10 @@ STEPS_KEPT = 512  # steps remembered for judging a player's token (more than any
 SIZE = vocab.PAD  # the cache predicts real events only (ids 0..387); a pad in a stream counts for nothing
 
 
+BASE = vocab.VOCAB_SIZE + 1  # a sequence's key: its tokens as digits token + 1 in this base, the last the lowest
+TOTAL, MASS = -1, -2  # a history's record keeps its total and discounted mass beside its counts, under these ids
+
+
 class SessionCache:
     """A causal interpolated Kneser-Ney n-gram over the last `window` tokens of one stream, kept in
     step with it.
@@ -74,7 +79,13 @@ class SessionCache:
     `push` and `truncate` mirror Engine.append/step and Engine.truncate; `distribution` is the
     cache's P(next token) over the real events, `terms` the same as a discounted part and a
     back-off weight on the floor (so the floor can be the uniform one or the model itself). The
-    counts are always exactly those of a Kneser-Ney model fitted on tokens[-window:] alone."""
+    counts are always exactly those of a Kneser-Ney model fitted on tokens[-window:] alone.
+
+    A sequence of tokens is known by one integer, its key (BASE): the keys of the sequences ending
+    at a position follow from the position before by one multiply-add each, so no tuple is built
+    or hashed per n-gram. Everything counted is a dictionary of integers, which the garbage
+    collector never scans (records as lists were: a full collection over a full window's 80,000 of
+    them took 8-13 ms holding the GIL, a stall of every thread in a live session)."""
 
     def __init__(
         self, order: int = ORDER, own_weight: float = OWN_WEIGHT, discount: float = DISCOUNT, window: int = WINDOW
@@ -99,19 +110,22 @@ class SessionCache:
     def reset(self) -> None:
         self.tokens.clear()
         self.units.clear()
-        n = self.order + 1
-        # per order n (1..order): history (the n-1 tokens before) -> [total, mass, {token: count}] in
-        # units, mass being the sum of min(count, D); the top order holds real counts, lower orders
-        # continuation counts (distinct one-token left extensions). One record per history: a
-        # push updates about two dozen of them, so each costs one dictionary lookup.
-        self.levels: list[dict[tuple[int, ...], list]] = [{} for _ in range(n)]
+        # per position (from `_keys_from`): the keys of the sequences ending there, of lengths 0..order
+        # (rows of the last two windows are kept: a rollback and the window's far end read them)
+        self._keys: list[tuple[int, ...]] = []
+        self._keys_from = 0
+        # history key -> record: {token: count, TOTAL: total, MASS: the sum of min(count, D)} in units,
+        # for the order len(history) + 1: the top order holds real counts, lower orders continuation
+        # counts (distinct one-token left extensions). One record per history: a push updates about
+        # two dozen of them, so each costs one dictionary lookup.
+        self.histories: dict[int, dict[int, int]] = {}
+        # n-gram key -> real count, for the n-grams below the top order (n >= 2): the continuation counts come from them
+        self.grams: dict[int, int] = {}
         # the counts of orders 1 and 2 less their discounts (max(count - D, 0)) as dense rows: their
         # contexts have hundreds of successors, and one vector operation reads a row faster than a
         # dictionary's scattered entries
         self.unigram_excess = np.zeros(SIZE)
         self.bigram_excess = np.zeros((vocab.VOCAB_SIZE, SIZE)) if self.order >= 2 else None
-        # real counts of the n-grams below the top order (n >= 2): the continuation counts come from them
-        self.real: list[dict[tuple[int, ...], int]] = [{} for _ in range(n)]
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -125,12 +139,36 @@ class SessionCache:
             self._starting_at(length - self.window, length, -1)
         self.tokens.append(token)
         self.units.append(self._units(token, sampled))
+        self._add_keys(length)
         self._ending_at(length, max(0, length + 1 - self.window), 1)
 
     def _units(self, token: int, sampled: bool) -> int:
         """How much the n-grams ending at `token` count: the model's own tokens `own_units`; pad,
         which is not an event (nothing predicts it), nothing."""
         return 0 if not vocab.is_event(token) else self.own_units if sampled else UNIT
+
+    def _add_keys(self, end: int) -> None:
+        """The keys of the sequences ending at the token just appended at `end`."""
+        digit = self.tokens[end] + 1
+        before = self._row(end - 1)
+        self._keys.append((0, *(key * BASE + digit for key in before[: self.order])))
+        if len(self._keys) > 2 * (self.window + self.order):  # the older half is never read again
+            drop = self.window + self.order
+            del self._keys[:drop]
+            self._keys_from += drop
+
+    def _row(self, end: int) -> tuple[int, ...]:
+        """The keys of the sequences ending at `end` (lengths 0..order; lengths beyond the stream's
+        start repeat the whole prefix, and are never counted): kept, or made again from the tokens
+        after a rollback reached further back than the kept rows."""
+        if 0 <= end - self._keys_from < len(self._keys):
+            return self._keys[end - self._keys_from]
+        keys, key = [0], 0
+        for back in range(self.order):
+            if end - back >= 0:
+                key += (self.tokens[end - back] + 1) * BASE**back
+            keys.append(key)
+        return tuple(keys)
 
     def extend(self, tokens, sampled=None) -> None:
         """Push `tokens` (`sampled[i]`: token i was the model's). Into an empty cache only the last
@@ -141,7 +179,11 @@ class SessionCache:
             first = len(tokens) - self.window
             self.tokens.extend(int(token) for token in tokens)
             self.units.extend(self._units(token, flag) for token, flag in zip(tokens, flags, strict=True))
+            row = self._row(first - 1)
+            self._keys_from = first - 1
+            self._keys.append(row)
             for end in range(first, len(tokens)):
+                self._add_keys(end)
                 self._ending_at(end, first, 1)
             return
         for token, flag in zip(tokens, flags, strict=True):
@@ -160,76 +202,82 @@ class SessionCache:
                 self._starting_at(end - self.window, end, 1)
             self.tokens.pop()
             self.units.pop()
+            if end >= self._keys_from:
+                self._keys.pop()
+        if not self._keys:  # rolled back to or past the oldest kept row: keep the new end's
+            row = self._row(length - 1)
+            self._keys_from = length - 1
+            self._keys.append(row)
 
     def _ending_at(self, end: int, first: int, sign: int) -> None:
         """Count (sign 1) or uncount (-1) the n-grams ending at `end` that start at `first` or later."""
+        delta = sign * self.units[end]
+        if not delta:
+            return
+        keys, before = self._row(end), self._row(end - 1)
         for n in range(1 if self.order == 1 else 2, self.order + 1):
             if end - n + 1 < first:
                 break
-            self._gram(end - n + 1, end, sign * self.units[end])
+            self._gram(n, keys, before, self.tokens[end], delta)
 
     def _starting_at(self, start: int, stop: int, sign: int) -> None:
         """Count or uncount the n-grams starting at `start` that end before `stop`."""
         for end in range(start + (0 if self.order == 1 else 1), min(stop, start + self.order)):
-            self._gram(start, end, sign * self.units[end])
+            delta = sign * self.units[end]
+            if delta:
+                self._gram(end - start + 1, self._row(end), self._row(end - 1), self.tokens[end], delta)
 
-    def _gram(self, start: int, end: int, delta: int) -> None:
-        """Add `delta` units to the n-gram tokens[start:end + 1] (n >= 2, or n = 1 for a unigram cache)."""
-        if not delta:
-            return
-        seq, top = self.tokens, self.order
-        token = seq[end]
-        n = end - start + 1
-        if n == top:
-            old = self._add(top, tuple(seq[start:end]), token, delta)
-            if top == 1:
+    def _gram(self, n: int, keys: tuple[int, ...], before: tuple[int, ...], token: int, delta: int) -> None:
+        """Add `delta` units to the n-gram of length n ending in `token`: `keys` are those of the
+        sequences ending at it, `before` those ending just before (its history's, n >= 2, or n = 1
+        for a unigram cache)."""
+        if n == self.order:
+            old = self._add(n, before[n - 1], token, delta)
+            if n == 1:
                 return
         else:
-            real, gram = self.real[n], tuple(seq[start : end + 1])
-            old = real.get(gram, 0)
+            grams, gram = self.grams, keys[n]
+            old = grams.get(gram, 0)
             if old + delta:
-                real[gram] = old + delta
+                grams[gram] = old + delta
             else:
-                del real[gram]
+                del grams[gram]
         # a left extension counts once (UNIT) for the order below, or its weight if it is less
         new = old + delta
         change = (new if new < UNIT else UNIT) - (old if old < UNIT else UNIT)
         if change:
-            self._add(n - 1, tuple(seq[start + 1 : end]), token, change)
+            self._add(n - 1, before[n - 2], token, change)
 
-    def _add(self, n: int, history: tuple[int, ...], token: int, delta: int) -> int:
-        """Change one count of order n; returns the count before."""
-        level = self.levels[n]
-        record = level.get(history)
+    def _add(self, n: int, history: int, token: int, delta: int) -> int:
+        """Change one count of order n (`history`: the key of its n - 1 tokens); returns the count before."""
+        record = self.histories.get(history)
         if record is None:
-            record = level[history] = [0, 0, {}]
-        counts = record[2]
-        old = counts.get(token, 0)
+            record = self.histories[history] = {TOTAL: 0, MASS: 0}
+        old = record.get(token, 0)
         new = old + delta
         if new:
-            counts[token] = new
+            record[token] = new
         else:
-            del counts[token]
+            del record[token]
         discount = self.discount
         if n == 1:
             self.unigram_excess[token] = new - discount if new > discount else 0
         elif n == 2:
-            self.bigram_excess[history[0], token] = new - discount if new > discount else 0
-        record[0] += delta
-        if record[0]:
-            record[1] += (new if new < discount else discount) - (old if old < discount else discount)
+            self.bigram_excess[history - 1, token] = new - discount if new > discount else 0
+        total = record[TOTAL] + delta
+        if total:
+            record[TOTAL] = total
+            record[MASS] += (new if new < discount else discount) - (old if old < discount else discount)
         else:
-            del level[history]
+            del self.histories[history]
         return old
 
-    def _levels(self) -> list[list]:
-        """[total, mass, counts] of each order from 1 up to the longest history the cache has seen."""
-        seq, levels = self.tokens, []
-        length = len(seq)
-        for n in range(1, self.order + 1):
-            if n - 1 > length:
-                break
-            record = self.levels[n].get(tuple(seq[length - n + 1 :]) if n > 1 else ())
+    def _levels(self) -> list[dict[int, int]]:
+        """The records of each order from 1 up to the longest history the cache has seen."""
+        length = len(self.tokens)
+        keys, histories, levels = self._row(length - 1), self.histories, []
+        for n in range(1, min(self.order, length + 1) + 1):
+            record = histories.get(keys[n - 1])
             if record is None:
                 break  # a longer history was never seen either
             levels.append(record)
@@ -237,40 +285,40 @@ class SessionCache:
 
     # ------------------------------------------------------------------ probabilities
 
-    def terms(self) -> tuple[np.ndarray, float]:
-        """(a, b): P_cache(t) = a[t] + b * floor(t) for any floor distribution (uniform: the cache
-        alone). `a` is what the seen n-grams give after their discounts, `b` the mass they leave."""
-        a = None
-        scale = 1.0
-        discount = self.discount
-        small: dict[int, float] = {}  # the long contexts have a few successors each: plain Python is faster
+    def terms(self, weight: float = 1.0) -> tuple[np.ndarray, float]:
+        """(weight * a, b): P_cache(t) = a[t] + b * floor(t) for any floor distribution (uniform: the
+        cache alone). `a` is what the seen n-grams give after their discounts, `b` the mass they leave.
+        Three array operations at most (each costs microseconds on caches cooled by a step's weights):
+        the dense rows of orders 2 and 1 make `a`, then the few successors of each longer context are
+        added one by one."""
         levels = self._levels()
-        for n in range(len(levels), 0, -1):
-            total, mass, counts = levels[n - 1]
-            factor = scale / total
-            if n <= 2:
-                row = self.unigram_excess if n == 1 else self.bigram_excess[self.tokens[-1]]
-                if a is None:
-                    a = factor * row
-                else:
-                    a += factor * row
-            else:
-                for token, count in counts.items():
-                    if count > discount:
-                        small[token] = small.get(token, 0.0) + factor * (count - discount)
-            scale *= mass / total
-        if a is None:
+        factors, back_off = [], 1.0  # each level's share, from the longest context down
+        for record in reversed(levels):
+            total = record[TOTAL]
+            factors.append(weight * back_off / total)
+            back_off *= record[MASS] / total
+        factors.reverse()  # by order, from 1
+        if len(levels) >= 2:
+            a = factors[1] * self.bigram_excess[self.tokens[-1]]
+            a += factors[0] * self.unigram_excess
+        elif levels:
+            a = factors[0] * self.unigram_excess
+        else:
             a = np.zeros(SIZE)
-        if small:
-            a[list(small)] += list(small.values())
-        return a, scale
+        discount = self.discount
+        for record, factor in zip(levels[2:], factors[2:], strict=True):
+            for token, count in record.items():
+                if count > discount and token >= 0:
+                    a[token] += factor * (count - discount)
+        return a, back_off
 
     def token_terms(self, token: int) -> tuple[float, float]:
         """`terms()` at one token: (a[token], b), in O(order) (eval scores only the true token)."""
         a, scale = 0.0, 1.0
-        for total, mass, counts in reversed(self._levels()):
-            a += scale * max(counts.get(token, 0) - self.discount, 0) / total
-            scale *= mass / total
+        for record in reversed(self._levels()):
+            total = record[TOTAL]
+            a += scale * max(record.get(token, 0) - self.discount, 0) / total
+            scale *= record[MASS] / total
         return a, scale
 
     def distribution(self) -> np.ndarray:
@@ -305,7 +353,7 @@ class CacheWeight:
     Threads: owned by the engine's thread (Engine keeps it in step with its stream)."""
 
     def __init__(self) -> None:
-        self._steps: dict[int, tuple] = {}  # position -> (model probabilities, a, b, hidden) of the step there
+        self._steps: dict[int, tuple] = {}  # position -> (model probabilities, hidden state) of the step there
         # the player's tokens no step predicted, to be judged from the engine's latent rows once they
         # are run (`judge_from_rows`): (position, token, the cache's a and b for it there); the oldest
         # leave at HISTORY (only the last window's can still get a row)
@@ -322,32 +370,32 @@ class CacheWeight:
         self._log_posterior = [0.0] * len(WEIGHTS)
         self.fraction = PRIOR_FRACTION  # the posterior's mean weight, as a fraction of `adapt`
 
-    def remember(self, position: int, probs, a: np.ndarray, b: float, hidden: torch.Tensor | None = None) -> None:
+    def remember(self, position: int, probs, hidden: torch.Tensor | None = None) -> None:
         """The step at stream `position`: the model's probabilities (numpy, or a device tensor read
-        back at one token when a player's token is judged), the cache's terms, the logits' hidden state
+        back at one token when a player's token is judged) and the logits' hidden state
         (dynamic.DynamicOutput learns at the same steps)."""
-        self._steps[position] = (probs, a, b, hidden)
+        self._steps[position] = (probs, hidden)
         if len(self._steps) > STEPS_KEPT:  # a long answer: the oldest step is far behind what plays
             del self._steps[next(iter(self._steps))]
 
     def predicted(self, position: int) -> tuple:
         """(the model's probabilities, the hidden state) of the step that predicted `position`, or Nones."""
-        probs, _, _, hidden = self._steps.get(position, (None, None, None, None))
-        return probs, hidden
+        return self._steps.get(position, (None, None))
 
-    def observe(self, position: int, token: int, adapt: float) -> bool:
+    def observe(self, position: int, token: int, adapt: float, cache: SessionCache) -> bool:
         """The player's `token` came at `position`: judge the candidates by it if a step predicted it
-        there. Every step remembered is dropped: those beyond it predicted another stream, and those
-        before it are played (a later rollback that far back would leave them to the rows). False
-        when no step predicted it (the engine may judge it later from its window's rows)."""
+        there, by the cache's terms for it (`cache` holds the stream up to `position`, as it did at that
+        step: a rollback restores its counts exactly). Every step remembered is dropped: those beyond
+        it predicted another stream, and those before it are played (a later rollback that far back
+        would leave them to the rows). False when no step predicted it (the engine may judge it later
+        from its window's rows)."""
         step = self._steps.get(position)
         self._steps.clear()
         if not adapt or not vocab.is_event(token):
             return True  # nothing to judge
         if step is None:
             return False
-        probs, a, b, _ = step
-        self.judge(position, float(probs[token]), float(a[token]), b, adapt)
+        self.judge(position, float(step[0][token]), *cache.token_terms(token), adapt)
         return True
 
     def judge(self, position: int, p_model: float, a_token: float, b: float, adapt: float) -> None:
@@ -419,14 +467,46 @@ class CacheWeight:
         if length == 0:
             self.reset()
             return
-        for stale in [p for p in self._steps if p > length]:
-            del self._steps[stale]
-        self.deferred = deque((entry for entry in self.deferred if entry[0] < length), maxlen=HISTORY)
+        steps = self._steps  # remembered in stream order (a rollback drops the later ones first): the newest last
+        while steps and (newest := next(reversed(steps))) > length:
+            del steps[newest]
+        while self.deferred and self.deferred[-1][0] >= length:  # in stream order too
+            self.deferred.pop()
         restored = None
         while self._history and self._history[-1][0] >= length:
             restored = self._history.pop()[1]
         if restored is not None:
             self._set(restored)
+
+
+class MixPlan(NamedTuple):
+    """What the mix adds to the model's distribution (mix_logits), made from the session alone
+    (plan_mix): the engine makes it before the step's forward pass, right after the cache took the
+    last token, while the cache's records and the code that reads them are still in the processor's
+    caches (made after the forward pass, which streams the model's weights through them, the same
+    work took about three times as long)."""
+
+    cache_part: np.ndarray  # the cache's terms (SessionCache.terms) at its weight in the mix: cache_weight * a, and b
+    b: float
+    cache_weight: float
+    experts: list[Expert]  # the session experts (experts.py) and their share of their type
+    share: float
+
+    @property
+    def says_nothing(self) -> bool:
+        """Neither the cache nor an expert has anything to go on (b is 1 exactly when no count the
+        cache has seen there exceeds its discount, and then a is 0)."""
+        return self.b >= 1.0 and not self.experts
+
+
+def plan_mix(
+    cache: SessionCache, adapt: float, state: StreamState | None = None, weight: CacheWeight | None = None
+) -> MixPlan:
+    """The mix's plan for the next step (MixPlan)."""
+    cache_weight = adapt * (weight.fraction if weight is not None else PRIOR_FRACTION)
+    cache_part, b = cache.terms(cache_weight)
+    experts = session_experts(state) if state is not None else []
+    return MixPlan(cache_part, b, cache_weight, experts, adapt * EXPERT_SHARE)
 
 
 def mix_logits(
@@ -437,6 +517,7 @@ def mix_logits(
     weight: CacheWeight | None = None,
     position: int | None = None,
     hidden: torch.Tensor | None = None,
+    plan: MixPlan | None = None,
 ) -> torch.Tensor:
     """The mix as logits (log-probabilities) of the same shape, device and dtype: the cache with the
     model as its floor, mixed with the model at `adapt` times the learnt fraction of `weight` (the
@@ -444,6 +525,7 @@ def mix_logits(
     this module's docstring and experts.py). Where neither the cache nor an expert has anything to
     go on, `logits` themselves. With `weight` and the stream `position` predicted, the step (and the logits' `hidden`
     state) is remembered there for the player's token that comes at it (CacheWeight.remember).
+    `plan`: plan_mix's for this cache, state and weight, made before (else made here).
 
     Both are taken at temperature 1, where each is an estimate of the next token's probability and
     the mix is the one `eval` scores; the sampling temperature, key follow and the masks then act on
@@ -451,41 +533,40 @@ def mix_logits(
     the weight means the same at every temperature). On the CPU computed in numpy: a few operations
     on 389 numbers, where each torch call would cost more than its arithmetic. Elsewhere on the
     device (`mix_on_device`): reading the logits back would stall the step."""
-    a, b = cache.terms()
-    experts = session_experts(state) if state is not None else []
-    if b >= 1.0 and not a.any() and not experts:
+    if plan is None:
+        plan = plan_mix(cache, adapt, state, weight)
+    if plan.says_nothing:
         return logits
-    cache_weight = adapt * (weight.fraction if weight is not None else PRIOR_FRACTION)
-    share = adapt * EXPERT_SHARE
     if logits.device.type != "cpu":
-        mixed, probs = mix_on_device(logits, a, b, cache_weight, experts, share)
+        mixed, probs = mix_on_device(logits, plan.cache_part, plan.b, plan.cache_weight, plan.experts, plan.share)
     else:
         probs = torch.softmax(logits.float(), -1).numpy()
-        mixed = probs * np.float32(1.0 - cache_weight + cache_weight * b)
-        mixed[:SIZE] += cache_weight * a
-        lean_on_experts(mixed, experts, share)
+        mixed = probs * np.float32(1.0 - plan.cache_weight + plan.cache_weight * plan.b)
+        mixed[:SIZE] += plan.cache_part
+        lean_on_experts(mixed, plan.experts, plan.share)
         # torch's log: a token the model gives exactly 0 and the cache nothing is -inf, without numpy's warning
         mixed = torch.from_numpy(mixed).log_().to(dtype=logits.dtype)
     if weight is not None and position is not None:
-        weight.remember(position, probs, a, b, hidden)
+        weight.remember(position, probs, hidden)
     return mixed
 
 
 def mix_on_device(
     logits: torch.Tensor,
-    a: np.ndarray,
+    cache_part: np.ndarray,
     b: float,
     weight: float,
     experts: Sequence[Expert] = (),
     share: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mix_logits`' mix on the logits' own device, the cache's terms (`a`, `b`) and the experts sent
-    there without a host sync (sampling.host_to_device); float32 throughout (a few roundings from
-    the CPU's numpy mix, which adds the cache's part in float64). Returns the mixed logits and the
-    model's probabilities (both on the device)."""
+    """`mix_logits`' mix on the logits' own device, the cache's terms at its `weight` (`cache_part`:
+    weight * a, and `b`; SessionCache.terms) and the experts sent there without a host sync
+    (sampling.host_to_device); float32 throughout (a few roundings from the CPU's numpy mix, which
+    makes the cache's part in float64). Returns the mixed logits and the model's probabilities (both
+    on the device)."""
     probs = torch.softmax(logits.float(), -1)
     mixed = probs * (1.0 - weight + weight * b)
-    mixed[:SIZE] += host_to_device(torch.from_numpy(weight * a).float(), logits.device)
+    mixed[:SIZE] += host_to_device(torch.from_numpy(cache_part).float(), logits.device)
     for first, expert, members in experts:
         group = mixed[first : first + len(expert)]
         if members is None:

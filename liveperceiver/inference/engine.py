@@ -50,7 +50,7 @@ from torch import nn
 
 from liveperceiver.core import vocab
 from liveperceiver.core.model import PerceiverAR, apply_rotary, rotary_rotation
-from liveperceiver.inference.adapt import CacheWeight, SessionCache, mix_logits
+from liveperceiver.inference.adapt import CacheWeight, MixPlan, SessionCache, mix_logits, plan_mix
 from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
 from liveperceiver.inference.dynamic import DynamicOutput, OutputHead
 from liveperceiver.inference.graphed import NewRowsStep
@@ -256,7 +256,7 @@ class Engine:
                         self.dynamic.observe(
                             position, token, self.adapt * DYNAMIC_RATE, self.cache_weight.predicted(position)
                         )
-                    observed = self.cache_weight.observe(position, token, self.adapt)
+                    observed = self.cache_weight.observe(position, token, self.adapt, self.cache)
                     if not observed and self.keeps_rows():
                         self.cache_weight.deferred.append((position, token, *self.cache.token_terms(token)))
                 self.cache.push(token, sampled=bool(flag))
@@ -292,7 +292,12 @@ class Engine:
         """Sample the next token, append it, and return it; ids in the `forbid` ranges are never
         chosen (the live session uses it so that an answer begins with a note, not a pause)."""
         temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
-        logits = self.played_logits(self.next_logits(), temperature)
+        # the mix's part that needs no logits first, while the cache's data are warm from the last token
+        # (adapt.MixPlan); after the forward pass where that judges the player's tokens from the rows first
+        plan = None
+        if self.adapt and not self.cache_weight.deferred:
+            plan = plan_mix(self.cache, self.adapt, self.state, self.cache_weight)
+        logits = self.played_logits(self.next_logits(), temperature, plan)
         for ids in forbid:
             logits[ids.start : ids.stop] = float("-inf")
         token = choose(logits, self.sampling, self.generator)  # the step's one read back from the device
@@ -307,14 +312,15 @@ class Engine:
         self.state.push(token, sampled=True)
         return token
 
-    def played_logits(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    def played_logits(self, logits: torch.Tensor, temperature: float, plan: MixPlan | None = None) -> torch.Tensor:
         """The model's `logits` as the engine samples from them: the session cache and its experts
-        mixed in at temperature 1, before everything else (adapt.mix_logits), then the constraints at
-        the sampling `temperature` (in place where nothing was mixed). eval's `nll` scores these at
-        temperature 1 (training/nll.py), so what it scores is what `play` plays."""
+        mixed in at temperature 1, before everything else (adapt.mix_logits; `plan`: its plan for this
+        step, made before), then the constraints at the sampling `temperature` (in place where nothing
+        was mixed). eval's `nll` scores these at temperature 1 (training/nll.py), so what it scores is
+        what `play` plays."""
         if self.adapt:  # the step's hidden state kept with it, for the output layer to learn from the player's token
             position, hidden, self._step_hidden = len(self.tokens), self._step_hidden, None
-            logits = mix_logits(logits, self.cache, self.adapt, self.state, self.cache_weight, position, hidden)
+            logits = mix_logits(logits, self.cache, self.adapt, self.state, self.cache_weight, position, hidden, plan)
         if self.constraints.active:
             constraint_mask(self.constraints, self.state, logits, temperature)
         return logits
