@@ -16,15 +16,14 @@ from liveperceiver.core import vocab
 from liveperceiver.core.errors import UserError
 from liveperceiver.inference.adapt import (
     PRIOR_FRACTION,
-    SIZE,
     CacheWeight,
-    SessionCache,
     loop_rate,
     mix_logits,
     mixed_probability,
 )
 from liveperceiver.inference.engine import Engine
 from liveperceiver.inference.sampling import Constraints, SamplingSettings
+from liveperceiver.inference.session_cache import SIZE, SessionCache
 from liveperceiver.live.settings import Settings
 from liveperceiver.training.ngram import KneserNey
 from liveperceiver.training.nll import adapted_nll, model_nll, stream_nll

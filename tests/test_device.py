@@ -24,7 +24,6 @@ from liveperceiver.core import vocab
 from liveperceiver.inference.adapt import (
     PRIOR_FRACTION,
     CacheWeight,
-    SessionCache,
     mix_logits,
     mix_on_device,
     practice_stream,
@@ -41,6 +40,7 @@ from liveperceiver.inference.sampling import (
     density_factor,
     sample_id,
 )
+from liveperceiver.inference.session_cache import SessionCache
 from liveperceiver.tools.bench import device_clock
 
 REPO = Path(__file__).resolve().parents[1]

@@ -50,12 +50,13 @@ from torch import nn
 
 from liveperceiver.core import vocab
 from liveperceiver.core.model import PerceiverAR, apply_rotary, rotary_rotation
-from liveperceiver.inference.adapt import CacheWeight, MixPlan, SessionCache, mix_logits, plan_mix
+from liveperceiver.inference.adapt import CacheWeight, MixPlan, mix_logits, plan_mix
 from liveperceiver.inference.dynamic import RATE as DYNAMIC_RATE
 from liveperceiver.inference.dynamic import DynamicOutput, OutputHead
 from liveperceiver.inference.graphed import NewRowsStep
 from liveperceiver.inference.latents import BoundLayer, LatentStack
 from liveperceiver.inference.sampling import Constraints, SamplingSettings, StreamState, choose, constraint_mask
+from liveperceiver.inference.session_cache import SessionCache
 from liveperceiver.inference.weights import (
     bare,
     bound_mlp,
@@ -150,8 +151,7 @@ class Engine:
             adapt=adapt,
         )
         self.exact_tables = not self.config.abs_pos_emb
-        # Weight storage: the model's dtype unless `weights` asks for int8, 16-bit or blocked weights.
-        self.weights = weights
+        self.weights = weights  # how Linear weights are stored: the model's dtype unless int8, 16-bit or blocked
         if self.exact_tables:
             self._build_tables()
         if weights is not None:
@@ -292,9 +292,7 @@ class Engine:
         """Sample the next token, append it, and return it; ids in the `forbid` ranges are never
         chosen (the live session uses it so that an answer begins with a note, not a pause)."""
         temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
-        # the mix's part that needs no logits first, while the cache's data are warm from the last token
-        # (adapt.MixPlan); after the forward pass where that judges the player's tokens from the rows first
-        plan = None
+        plan = None  # the mix's part that needs no logits first (adapt.MixPlan), unless the rows judge the player first
         if self.adapt and not self.cache_weight.deferred:
             plan = plan_mix(self.cache, self.adapt, self.state, self.cache_weight)
         logits = self.played_logits(self.next_logits(), temperature, plan)

@@ -391,17 +391,18 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
     mix, the learnt output layer, the cache taking the model's own token), a rolled-back step's share
     of the rollback (the cache forgetting it), and the player's token (the cache taking it, the
     weight judged and the output layer taught by it)."""
-    from liveperceiver.inference import adapt
+    from liveperceiver.inference.adapt import practice_stream
+    from liveperceiver.inference.session_cache import ORDER, WINDOW
 
-    stream = adapt.practice_stream(adapt.WINDOW + steps)
+    stream = practice_stream(WINDOW + steps)
     adapting = Engine(model, sampling=SamplingSettings(seed=0), device=device, adapt=1.0)
     plain = Engine(model, sampling=SamplingSettings(seed=0), device=device)
     times: dict[Engine, dict[str, list[float]]] = {}
     for engine in (adapting, plain):
-        engine.append(stream[: adapt.WINDOW])
+        engine.append(stream[:WINDOW])
         times[engine] = {"step": [], "rollback": [], "absorb": []}
     now = device_clock(adapting.device)
-    for index, token in enumerate(stream[adapt.WINDOW :]):
+    for index, token in enumerate(stream[WINDOW:]):
         for engine in (adapting, plain) if index % 2 else (plain, adapting):
             spent = times[engine]
             for _ in range(run):
@@ -425,8 +426,8 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
         "adapt_rollback_ms_p50": round(added["rollback"], 4),
         "adapt_absorb_ms_p50": round(added["absorb"], 4),
         "adapt_run": run,
-        "adapt_order": adapt.ORDER,
-        "adapt_window": adapt.WINDOW,
+        "adapt_order": ORDER,
+        "adapt_window": WINDOW,
     }
 
 

@@ -34,16 +34,16 @@ TYPES = ("note_on", "note_off", "time_shift", "velocity")
 
 
 def adaptation_settings() -> dict:
-    """The session cache's fixed settings (adapt.py), for the record next to its weight."""
-    from liveperceiver.inference import adapt
+    """The session cache's fixed settings (session_cache.py, adapt.py), for the record next to its weight."""
+    from liveperceiver.inference import adapt, session_cache
 
     return {
-        "order": adapt.ORDER,
-        "window": adapt.WINDOW,
-        "discount": adapt.DISCOUNT,
+        "order": session_cache.ORDER,
+        "window": session_cache.WINDOW,
+        "discount": session_cache.DISCOUNT,
         "weights": list(adapt.WEIGHTS),
         "forget": adapt.FORGET,
-        "own_weight": adapt.OWN_WEIGHT,
+        "own_weight": session_cache.OWN_WEIGHT,
     }
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from liveperceiver.core.model import PerceiverAR
-from liveperceiver.inference.adapt import CacheWeight, SessionCache, mixed_probability
+from liveperceiver.inference.adapt import CacheWeight, mixed_probability
+from liveperceiver.inference.session_cache import SessionCache
 from liveperceiver.training.windows import piece_windows
 
 
