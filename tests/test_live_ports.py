@@ -368,6 +368,59 @@ def test_a_silent_virtual_output_is_found_and_reopened(fresh_jack_server):  # no
 
 
 @pytest.mark.jack
+def test_the_delivery_probe_hears_our_output_only_while_ports_come_and_go(fresh_jack_server, monkeypatch):  # noqa: F811
+    """The delivery probe opens our output by its index too: here a port goes right after the
+    probe's listing, and the port that took our index is a keyboard sending Active Sensing all the
+    while, as many do; our output itself sends nothing. The probe must say it delivers nothing (it
+    said True when it listened to the keyboard, or kept what it heard while opened on it)."""
+    early = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-early")
+    early.open_virtual_port("early")
+    output = ports.MidiOutput("jack", log=print)
+    keyboard = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-late")
+    keyboard.open_virtual_port("late")
+    sensing, closes = threading.Event(), []
+
+    def active_sensing() -> None:
+        while not sensing.wait(0.01):
+            keyboard.send_message([0xFE])
+
+    sender = threading.Thread(target=active_sensing, daemon=True)
+    try:
+        sources = ports.list_ports("jack")[0]  # JACK lists them in the order they registered
+        assert len(sources) == 3 and sources[0] == "lp-test-early:early" and sources[2] == "lp-test-late:late"
+        assert sources[1].endswith(":" + output.virtual_name)
+        listed, unregister = ports.port_names, ports.unregister
+
+        def listing_then_a_port_goes(port) -> list[str]:
+            names = listed(port)
+            if not early.is_deleted:
+                ports.release(early)
+            return names
+
+        def closing_late(port) -> None:
+            if isinstance(port, rtmidi.MidiIn) and port.is_port_open():  # the probe: first on the keyboard
+                time.sleep(0.05 if not closes else 0)
+                closes.append(port)
+            unregister(port)
+
+        monkeypatch.setattr(ports, "port_names", listing_then_a_port_goes)
+        monkeypatch.setattr(ports, "unregister", closing_late)
+        monkeypatch.setattr(output, "send", lambda message: True)  # our client runs no cycle: nothing leaves
+        sender.start()
+        assert output.delivers() is False
+        assert len(closes) == 2 and early.is_deleted  # the keyboard's port, then ours once the probe was done
+        sensing.set()
+        sender.join()
+        monkeypatch.undo()
+        assert output.delivers() is True  # our output sending: the probe hears it
+    finally:
+        sensing.set()
+        output.close()
+        for port in (early, keyboard):
+            ports.release(port)
+
+
+@pytest.mark.jack
 def test_private_jack_servers_reuse_a_small_pool_of_names(monkeypatch):
     with private_jack_server("lp-pool") as first:
         assert first == "lp-pool-0" and jack_server_running()

@@ -131,6 +131,19 @@ def port_names(port) -> list[str]:
     return [name for name in port.get_ports() if name is not None]
 
 
+def open_confirmed(port, names: list[str], index: int, port_name: str) -> list[str] | None:
+    """Open `port` on names[index] (a listing of its own) by index, as rtmidi must, and list again:
+    None when that index still holds that name, else (a port came or went since the listing, so
+    another opened, or none: our error callback logs it) closed again, and the new listing to match anew."""
+    port.open_port(index, port_name)
+    jack_graph_changed()
+    listed = port_names(port)
+    if index < len(listed) and listed[index] == names[index]:
+        return None
+    unregister(port)
+    return listed
+
+
 def match_port(names: list[str], wanted: str) -> int | None:
     """Index of the port named exactly `wanted`, else of the only port containing it; None if absent.
 
@@ -281,23 +294,16 @@ class _Port:
 
     def _open_matching(self, names: list[str]) -> bool:
         """Open the port `wanted` matches in `names` (a listing of this client's); False when none
-        does, or when the ports kept changing. rtmidi opens a port by its index in a listing of its
-        own: a port that came or went since ours shifts the indices, and the wrong port would open.
-        So the ports are listed again once it is open: if that index no longer holds the name matched,
-        the port is closed and the match made anew on the new listing (OPEN_ATTEMPTS tries)."""
+        does, or when the ports kept changing (`open_confirmed`, OPEN_ATTEMPTS tries)."""
         for _ in range(OPEN_ATTEMPTS):
             index = match_port(names, self.wanted)
             if index is None:
                 return False
-            # an index past the ports listed by then opens nothing (our error callback logs it): a mismatch
-            self.port.open_port(index, self.virtual_name)
-            jack_graph_changed()
-            listed = port_names(self.port)
-            if index < len(listed) and listed[index] == names[index]:
+            relisted = open_confirmed(self.port, names, index, self.virtual_name)
+            if relisted is None:
                 self.connected_name = names[index]
                 return True
-            unregister(self.port)  # opened whatever the index held by then
-            names = listed
+            names = relisted
         return False
 
     def _before_close(self) -> None:
@@ -456,7 +462,8 @@ class MidiOutput(_Port):
     def delivers(self, timeout: float = PROBE_S) -> bool | None:
         """Whether our JACK virtual output reaches a listener now: a private probe client connects to
         it and must hear one Active Sensing byte (harmless: nothing sounds yet). None when it cannot
-        tell (not our JACK virtual port, or several ports of that name, e.g. a second instance)."""
+        tell (not our JACK virtual port, several ports of that name, e.g. a second instance, or ports
+        that kept coming and going while the probe opened: `open_confirmed`)."""
         if self.api != "jack" or self.wanted is not None:
             return None
         heard = threading.Event()
@@ -466,13 +473,18 @@ class MidiOutput(_Port):
         reader = InputReader(probe, lambda stamped: heard.set() if stamped[1] == [0xFE] else None, "midi-probe")
         try:
             names = port_names(probe)
-            ours = [index for index, name in enumerate(names) if name.endswith(":" + self.virtual_name)]
-            if len(ours) > 1:
+            for _ in range(OPEN_ATTEMPTS):
+                ours = [index for index, name in enumerate(names) if name.endswith(":" + self.virtual_name)]
+                if len(ours) > 1:
+                    return None
+                if not ours:
+                    return False
+                names = open_confirmed(probe, names, ours[0], f"{CLIENT_NAME} probe")
+                if names is None:
+                    break
+            else:
                 return None
-            if not ours:
-                return False
-            probe.open_port(ours[0], f"{CLIENT_NAME} probe")
-            jack_graph_changed()
+            heard.clear()  # a port opened by mistake meanwhile may have sent Active Sensing (keyboards do)
             deadline = time.monotonic() + timeout
             while not heard.is_set() and time.monotonic() < deadline:
                 self.send([0xFE])
