@@ -1,7 +1,7 @@
 """The n-gram baseline of `eval`: an interpolated Kneser-Ney model over token ids, fitted on a
 dataset's train split and scored on the same targets as the model, so "x% below the baseline" says
-what the Perceiver's long context buys over local statistics. (The live session cache, adapt.py, is
-the same estimator kept incrementally.)"""
+what the Perceiver's long context buys over local statistics. (The live session cache, session_cache.py,
+is the same estimator kept incrementally.)"""
 
 from __future__ import annotations
 
