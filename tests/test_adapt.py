@@ -73,6 +73,30 @@ def test_the_garbage_collector_never_scans_the_cache(chorale_tokens):
     assert not any(gc.is_tracked(record) for record in cache.histories.values())
 
 
+def test_an_adapting_engine_leaves_no_growing_heap_for_the_garbage_collector(tiny_model, chorale_tokens):
+    """What adaptation and the stream's state keep per token (the cache's counts, the learnt weight's
+    history, the steps, the output layer's updates, the state's snapshots) is bounded or out of the
+    collector's lists: a full collection, which holds the GIL, then costs the same after a long
+    session as after a short one."""
+    import gc
+
+    engine = Engine(tiny_model, num_latents="4:8", sampling=SamplingSettings(seed=1), device="cpu", adapt=1.0)
+    played = (chorale_tokens * 16)[:7000]
+
+    def duet(tokens: list[int]) -> None:  # the player's tokens come, the model answers ahead and is rolled back
+        for start in range(0, len(tokens), 4):
+            engine.append(tokens[start : start + 4])
+            engine.sample(6)
+            engine.truncate(len(engine) - 6)
+
+    duet(played[:3000])
+    gc.collect()
+    before = len(gc.get_objects())
+    duet(played[3000:7000])  # 4,000 more tokens, 6,000 sampled and rolled back
+    gc.collect()
+    assert len(gc.get_objects()) - before < 150  # 8,000 more with the learnt weight's history as lists
+
+
 @pytest.mark.parametrize("own_weight", [0.0, 0.5, 1.0])
 def test_rollback_restores_the_counts_exactly_with_own_tokens(chorale_tokens, own_weight):
     """The model's own tokens count `own_weight`: after any pushes and truncates the counts are the

@@ -421,6 +421,35 @@ def test_the_delivery_probe_hears_our_output_only_while_ports_come_and_go(fresh_
 
 
 @pytest.mark.jack
+def test_the_delivery_probe_tries_again_when_our_port_was_last_and_one_before_it_went(fresh_jack_server, monkeypatch):  # noqa: F811
+    """Our output last in the probe's listing, and a port before it gone before the opening: the
+    index is past the ports (the probe, with no error callback of its own, got InvalidPortError out
+    of delivers()); it lists again and hears our output."""
+    early = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="lp-test-early")
+    early.open_virtual_port("early")
+    output = ports.MidiOutput("jack", log=print)
+    try:
+        sources = ports.list_ports("jack")[0]
+        assert (
+            len(sources) == 2 and sources[0] == "lp-test-early:early" and sources[1].endswith(":" + output.virtual_name)
+        )
+        listed = ports.port_names
+
+        def listing_then_a_port_goes(port) -> list[str]:
+            names = listed(port)
+            if not early.is_deleted:
+                ports.release(early)
+            return names
+
+        monkeypatch.setattr(ports, "port_names", listing_then_a_port_goes)
+        assert output.delivers() is True
+        assert early.is_deleted
+    finally:
+        output.close()
+        ports.release(early)
+
+
+@pytest.mark.jack
 def test_private_jack_servers_reuse_a_small_pool_of_names(monkeypatch):
     with private_jack_server("lp-pool") as first:
         assert first == "lp-pool-0" and jack_server_running()

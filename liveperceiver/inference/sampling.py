@@ -194,18 +194,20 @@ class StreamState:
         self._snapshots: list[tuple] = [self._capture()]
 
     def _capture(self) -> tuple:
+        """A snapshot of numbers, dictionaries of numbers and tuples, which the garbage collector
+        leaves out of its scans (an unbounded stream keeps one per SNAPSHOT_EVERY tokens)."""
         return (
             dict(self.onsets),
             dict(self.open_notes),
-            set(self.sampled),
+            tuple(self.sampled),
             self.clock_ms,
             self.last_onset_ms,
             self.model_rest_ms,
-            list(self.player_pitch_classes),
-            list(self.model_pitch_classes),
-            list(self.player_velocities),
-            list(self.model_velocities),
-            [list(side) for side in self.rates],
+            tuple(self.player_pitch_classes),
+            tuple(self.model_pitch_classes),
+            tuple(self.player_velocities),
+            tuple(self.model_velocities),
+            tuple(tuple(side) for side in self.rates),
             self.last_token,
         )
 

@@ -134,8 +134,11 @@ def port_names(port) -> list[str]:
 def open_confirmed(port, names: list[str], index: int, port_name: str) -> list[str] | None:
     """Open `port` on names[index] (a listing of its own) by index, as rtmidi must, and list again:
     None when that index still holds that name, else (a port came or went since the listing, so
-    another opened, or none: our error callback logs it) closed again, and the new listing to match anew."""
-    port.open_port(index, port_name)
+    another opened, or none) closed again, and the new listing to match anew."""
+    try:
+        port.open_port(index, port_name)
+    except rtmidi.InvalidPortError:  # past the ports by then, for a client without an error callback of its own
+        pass
     jack_graph_changed()
     listed = port_names(port)
     if index < len(listed) and listed[index] == names[index]:
@@ -466,33 +469,30 @@ class MidiOutput(_Port):
         that kept coming and going while the probe opened: `open_confirmed`)."""
         if self.api != "jack" or self.wanted is not None:
             return None
-        heard = threading.Event()
-        probe = rtmidi.MidiIn(API_IDS[self.api], name=f"{CLIENT_NAME} probe")
-        jack_graph_changed()
-        probe.ignore_types(sysex=True, timing=True, active_sense=False)
-        reader = InputReader(probe, lambda stamped: heard.set() if stamped[1] == [0xFE] else None, "midi-probe")
-        try:
-            names = port_names(probe)
-            for _ in range(OPEN_ATTEMPTS):
+        for _ in range(OPEN_ATTEMPTS):  # a new probe each time: one opened on another port may hold what it sent
+            heard = threading.Event()
+            probe = rtmidi.MidiIn(API_IDS[self.api], name=f"{CLIENT_NAME} probe")
+            jack_graph_changed()
+            probe.ignore_types(sysex=True, timing=True, active_sense=False)
+            reader = InputReader(
+                probe, lambda stamped, heard=heard: heard.set() if stamped[1] == [0xFE] else None, "midi-probe"
+            )
+            try:
+                names = port_names(probe)
                 ours = [index for index, name in enumerate(names) if name.endswith(":" + self.virtual_name)]
-                if len(ours) > 1:
-                    return None
-                if not ours:
-                    return False
-                names = open_confirmed(probe, names, ours[0], f"{CLIENT_NAME} probe")
-                if names is None:
-                    break
-            else:
-                return None
-            heard.clear()  # a port opened by mistake meanwhile may have sent Active Sensing (keyboards do)
-            deadline = time.monotonic() + timeout
-            while not heard.is_set() and time.monotonic() < deadline:
-                self.send([0xFE])
-                heard.wait(0.05)
-            return heard.is_set()
-        finally:
-            reader.stop()
-            release(probe)
+                if len(ours) != 1:
+                    return None if ours else False
+                if open_confirmed(probe, names, ours[0], f"{CLIENT_NAME} probe") is not None:
+                    continue
+                deadline = time.monotonic() + timeout
+                while not heard.is_set() and time.monotonic() < deadline:
+                    self.send([0xFE])
+                    heard.wait(0.05)
+                return heard.is_set()
+            finally:
+                reader.stop()
+                release(probe)
+        return None
 
     def ensure_delivery(self, attempts: int = PROBE_ATTEMPTS) -> bool | None:
         """Check our JACK virtual output at start and reopen it while it delivers nothing.
