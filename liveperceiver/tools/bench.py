@@ -390,7 +390,9 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
     absorbs the player's token. The cost per token is the difference of their medians: a step (the
     mix, the learnt output layer, the cache taking the model's own token), a rolled-back step's share
     of the rollback (the cache forgetting it), and the player's token (the cache taking it, the
-    weight judged and the output layer taught by it)."""
+    weight judged and the output layer taught by it). Their sum is the cost of a player's token
+    that a step predicted and that came after the look-ahead was sampled (a step, its rollback and
+    the token): the dearest kind; a model's own token costs the step's part."""
     from liveperceiver.inference.adapt import practice_stream
     from liveperceiver.inference.session_cache import ORDER, WINDOW
 
@@ -409,12 +411,12 @@ def adaptation_cost(model: PerceiverAR, device: str | torch.device, steps: int =
                 start = now()
                 engine.step()
                 spent["step"].append((now() - start) * 1000)
-            start = time.perf_counter()
+            start = now()  # the device's clock throughout: its queued work is timed where it was queued
             engine.truncate(len(engine) - run)
-            spent["rollback"].append((time.perf_counter() - start) * 1000 / run)
-            start = time.perf_counter()
+            spent["rollback"].append((now() - start) * 1000 / run)
+            start = now()
             engine.append([token])
-            spent["absorb"].append((time.perf_counter() - start) * 1000)
+            spent["absorb"].append((now() - start) * 1000)
     added = {
         part: statistics.median(times[adapting][part]) - statistics.median(times[plain][part])
         for part in ("step", "rollback", "absorb")
