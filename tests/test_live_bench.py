@@ -41,7 +41,7 @@ def test_a_phase_reports_the_hypervisors_share_of_cpu_time():
     from /proc/stat around the phase and is a share, whatever the machine."""
     import sys
 
-    from liveperceiver.tools.live_bench import cpu_times, with_steal
+    from liveperceiver.tools.host_load import cpu_times, with_steal
 
     def busy() -> dict:
         deadline = time.perf_counter() + 0.3
@@ -73,6 +73,25 @@ def test_the_bench_runs_its_sessions_at_the_window_it_is_given(tmp_path, tiny_mo
     finally:
         session.close(release_ports=True)
         thaw_heap()
+
+
+def test_the_garbage_collectors_pauses_are_timed_by_generation():
+    """`bench --live` reports the collections that ran while its sessions did, by generation: a
+    full collection over some cyclic garbage is counted and timed, and nothing after the phase."""
+    import gc
+
+    from liveperceiver.tools.host_load import collection_pauses
+
+    with collection_pauses() as pauses:
+        for _ in range(20000):
+            cycle: list = []
+            cycle.append(cycle)
+        gc.collect()
+    full = pauses["generation_2"]
+    assert full["count"] >= 1 and full["longest_ms"] > 0
+    assert pauses["generation_0"]["count"] >= 1  # 20,000 new containers pass the young threshold
+    gc.collect()
+    assert pauses["generation_2"] == full  # its callback left with the phase
 
 
 def test_after_close_tells_a_lost_message_from_a_stuck_note():

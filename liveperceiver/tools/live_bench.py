@@ -16,6 +16,8 @@ reported (medians and p99, after the first call as warm-up):
   scheduler, and as heard by the listening client (the second also counts messages lost on the
   way, which a loaded machine does; the count is reported beside it), and the same after the call
   and the duet close (`after_close`);
+- the garbage collector's pauses while the sessions run: each holds the GIL, so every thread of a
+  session (the scheduler's too) waits it out;
 - the share of CPU time the hypervisor took during each timed phase (Linux "steal"): on a shared
   VM the p99 rows move with it, so a reader can tell a slow run from slow code;
 - Ableton Link: calls answered on the beat of a second Link peer (the DAW, in that process) that
@@ -49,6 +51,7 @@ from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import configure_inference, freeze_heap, realtime_switch_interval, thaw_heap
 from liveperceiver.stats import percentiles
 from liveperceiver.testing.jack import JackPlayer, private_jack_server
+from liveperceiver.tools.host_load import collection_pauses, with_steal
 
 
 @dataclass(frozen=True)
@@ -448,6 +451,7 @@ def run(args) -> None:
         private_jack_server("lp-bench"),
         tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp,
         realtime_switch_interval(),
+        collection_pauses() as collections,
     ):
         workdir = Path(tmp)
         results = {
@@ -465,30 +469,11 @@ def run(args) -> None:
             ),
             "faults": fault_phase(model, args.sessions, workdir, args.faults_log, args.first_session, engine),
         }
+    results["garbage_collections"] = collections
     results["link"] = link_in_namespace(args)  # a child with a JACK server of its own, after this one stops
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-
-
-def cpu_times() -> tuple[int, int] | None:
-    """(steal, total) CPU time of all cores in clock ticks, from /proc/stat; None off Linux."""
-    try:
-        first_line = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    ticks = [int(value) for value in first_line[1:9]]  # user .. steal (guest time is inside user)
-    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
-
-
-def with_steal(phase) -> dict:
-    """Run a phase; its result gains `cpu_steal_share`, the share of CPU time the hypervisor took."""
-    before = cpu_times()
-    result = phase()
-    after = cpu_times()
-    total = None if before is None or after is None else after[1] - before[1]
-    result["cpu_steal_share"] = round((after[0] - before[0]) / total, 4) if total else None
-    return result
 
 
 def _share(result: dict) -> str:
@@ -540,6 +525,7 @@ def format_table(results: dict) -> str:
         f"calls answered: {call['answered']}/{call['calls']}; duet notes out: {duet['notes_out']}, "
         f"rolled back tokens: {duet['rolled_back_tokens']}",
         f"{'events already due when sampled':34}{_fmt(duet['late_events'])}",
+        _collections_text(results.get("garbage_collections")),
         f"CPU time taken by the hypervisor (steal): call {_share(call)}, duet {_share(duet)}, "
         f"duet with the UI {_share(results['duet_with_ui'])}",
         f"stuck notes across {faults['sessions']} randomized sessions with faults: {faults['stuck_notes_sent']} sent, "
@@ -549,6 +535,18 @@ def format_table(results: dict) -> str:
         "after close: " + ", ".join(_after_close_text(name, phase) for name, phase in (("call", call), ("duet", duet))),
     ]
     return "\n".join(lines + _link_rows(results.get("link")))
+
+
+def _collections_text(collections: dict | None) -> str:
+    """'garbage collections (each holds the GIL): 812 young, longest 0.41 ms; 3 full, longest 2.10 ms'."""
+    if collections is None:
+        return "garbage collections: n/a"
+    young = [collections[f"generation_{g}"] for g in (0, 1)]
+    full = collections["generation_2"]
+    return (
+        f"garbage collections (each holds the GIL): {sum(y['count'] for y in young)} young, longest "
+        f"{max(y['longest_ms'] for y in young):.2f} ms; {full['count']} full, longest {full['longest_ms']:.2f} ms"
+    )
 
 
 def _link_rows(link: dict | None) -> list[str]:

@@ -1,0 +1,56 @@
+"""What the host did while a benchmark phase ran, beside our own timings: the share of CPU time
+the hypervisor took (steal: on a shared VM the p99 rows move with it, so a reader can tell a slow run
+from slow code), and the garbage collector's pauses (each holds the GIL, so every thread of a live
+session, the scheduler's too, waits it out). Used by `bench --live` (live_bench.py), its entry point.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def collection_pauses() -> Iterator[dict]:
+    """Times every garbage collection while it is open (gc.callbacks, process-wide: this entry
+    point's); the dict it yields is filled on exit: count and longest pause (ms) per generation."""
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def timing(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append((time.perf_counter() - started[0]) * 1000)
+
+    summary: dict = {}
+    gc.callbacks.append(timing)
+    try:
+        yield summary
+    finally:
+        gc.callbacks.remove(timing)
+        for generation, times in pauses.items():
+            summary[f"generation_{generation}"] = {"count": len(times), "longest_ms": round(max(times, default=0.0), 3)}
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) CPU time of all cores in clock ticks, from /proc/stat; None off Linux."""
+    try:
+        first_line = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    ticks = [int(value) for value in first_line[1:9]]  # user .. steal (guest time is inside user)
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
+
+
+def with_steal(phase) -> dict:
+    """Run a phase; its result gains `cpu_steal_share`, the share of CPU time the hypervisor took."""
+    before = cpu_times()
+    result = phase()
+    after = cpu_times()
+    total = None if before is None or after is None else after[1] - before[1]
+    result["cpu_steal_share"] = round((after[0] - before[0]) / total, 4) if total else None
+    return result
