@@ -76,22 +76,34 @@ def test_the_bench_runs_its_sessions_at_the_window_it_is_given(tmp_path, tiny_mo
 
 
 def test_the_garbage_collectors_pauses_are_timed_by_generation():
-    """`bench --live` reports the collections that ran while its sessions did, by generation: a
-    full collection over some cyclic garbage is counted and timed, and nothing after the phase."""
+    """`bench --live` reports the collections that ran while its sessions played (their heap
+    frozen, as a session's is) apart from those between sessions: a full collection over some cyclic
+    garbage is counted and timed on its side, and nothing after the phase."""
     import gc
 
+    from liveperceiver.runtime import freeze_heap, thaw_heap
     from liveperceiver.tools.host_load import collection_pauses
 
-    with collection_pauses() as pauses:
+    def garbage() -> None:
         for _ in range(20000):
             cycle: list = []
             cycle.append(cycle)
-        gc.collect()
-    full = pauses["generation_2"]
-    assert full["count"] >= 1 and full["longest_ms"] > 0
-    assert pauses["generation_0"]["count"] >= 1  # 20,000 new containers pass the young threshold
+
+    with collection_pauses() as pauses:
+        garbage()
+        gc.collect()  # between sessions
+        freeze_heap()  # a session starts (one collection, then the freeze)
+        try:
+            garbage()
+            gc.collect()  # while it plays
+        finally:
+            thaw_heap()
+    playing, between = pauses["generation_2"], pauses["between_sessions"]["generation_2"]
+    assert playing["count"] == 1 and playing["longest_ms"] > 0
+    assert between["count"] == 2 and between["longest_ms"] > 0
+    assert pauses["generation_0"]["count"] + pauses["between_sessions"]["generation_0"]["count"] >= 1
     gc.collect()
-    assert pauses["generation_2"] == full  # its callback left with the phase
+    assert pauses["generation_2"] == playing  # its callback left with the phase
 
 
 def test_after_close_tells_a_lost_message_from_a_stuck_note():

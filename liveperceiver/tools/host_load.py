@@ -16,15 +16,24 @@ from pathlib import Path
 @contextmanager
 def collection_pauses() -> Iterator[dict]:
     """Times every garbage collection while it is open (gc.callbacks, process-wide: this entry
-    point's); the dict it yields is filled on exit: count and longest pause (ms) per generation."""
-    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    started = [0.0]
+    point's); the dict it yields is filled on exit, per generation: count and longest pause (ms) of
+    the collections that ran while a session's heap was frozen (runtime.freeze_heap: while it
+    plays), and of those between sessions (`between_sessions`: loading, closing, a closed session
+    becoming garbage), which no note waits for."""
+    pauses: dict[bool, dict[int, list[float]]] = {True: {0: [], 1: [], 2: []}, False: {0: [], 1: [], 2: []}}
+    started = [0.0, False]
 
     def timing(phase: str, info: dict) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
+            started[:] = time.perf_counter(), gc.get_freeze_count() > 0
         else:
-            pauses[info["generation"]].append((time.perf_counter() - started[0]) * 1000)
+            pauses[started[1]][info["generation"]].append((time.perf_counter() - started[0]) * 1000)
+
+    def counted(by_generation: dict[int, list[float]]) -> dict:
+        return {
+            f"generation_{generation}": {"count": len(times), "longest_ms": round(max(times, default=0.0), 3)}
+            for generation, times in by_generation.items()
+        }
 
     summary: dict = {}
     gc.callbacks.append(timing)
@@ -32,8 +41,7 @@ def collection_pauses() -> Iterator[dict]:
         yield summary
     finally:
         gc.callbacks.remove(timing)
-        for generation, times in pauses.items():
-            summary[f"generation_{generation}"] = {"count": len(times), "longest_ms": round(max(times, default=0.0), 3)}
+        summary.update(counted(pauses[True]), between_sessions=counted(pauses[False]))
 
 
 def cpu_times() -> tuple[int, int] | None:

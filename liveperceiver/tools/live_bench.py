@@ -538,13 +538,13 @@ def format_table(results: dict) -> str:
 
 
 def _collections_text(collections: dict | None) -> str:
-    """'garbage collections (each holds the GIL): 812 young, longest 0.41 ms; 3 full, longest 2.10 ms'."""
+    """'garbage collections while playing (each holds the GIL): 812 young, longest 0.41 ms; 3 full, longest 2.10 ms'."""
     if collections is None:
         return "garbage collections: n/a"
     young = [collections[f"generation_{g}"] for g in (0, 1)]
     full = collections["generation_2"]
     return (
-        f"garbage collections (each holds the GIL): {sum(y['count'] for y in young)} young, longest "
+        f"garbage collections while playing (each holds the GIL): {sum(y['count'] for y in young)} young, longest "
         f"{max(y['longest_ms'] for y in young):.2f} ms; {full['count']} full, longest {full['longest_ms']:.2f} ms"
     )
 
