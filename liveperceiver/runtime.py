@@ -33,19 +33,32 @@ def set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+_heap_frozen = False  # between freeze_heap and thaw_heap: a session plays
+
+
 def freeze_heap() -> None:
     """Move every object alive now (torch, the model, the UI's widgets) out of the garbage collector's
     reach: a full collection otherwise scans them all while holding the GIL, and stalled the
     scheduler thread for 80-120 ms with the UI running (measured by `bench --live`)."""
+    global _heap_frozen
     gc.collect()
     gc.freeze()
+    _heap_frozen = True
 
 
 def thaw_heap() -> None:
     """Undo `freeze_heap` when a session closes: frozen objects are never collected, so without this
     every closed session (its engine buffers, its threads' cycles) would stay in memory for good
     (`bench --live` grew by 50 MB per fault session)."""
+    global _heap_frozen
     gc.unfreeze()
+    _heap_frozen = False
+
+
+def heap_frozen() -> bool:
+    """Whether `freeze_heap` holds now. Not gc.get_freeze_count(): it counts the frozen objects one
+    by one, milliseconds holding the GIL (asked at every collection, it stalled the music by 10 ms)."""
+    return _heap_frozen
 
 
 @contextmanager

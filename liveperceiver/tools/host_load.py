@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from liveperceiver.runtime import heap_frozen
+
 
 @contextmanager
 def collection_pauses() -> Iterator[dict]:
@@ -25,7 +27,7 @@ def collection_pauses() -> Iterator[dict]:
 
     def timing(phase: str, info: dict) -> None:
         if phase == "start":
-            started[:] = time.perf_counter(), gc.get_freeze_count() > 0
+            started[:] = time.perf_counter(), heap_frozen()
         else:
             pauses[started[1]][info["generation"]].append((time.perf_counter() - started[0]) * 1000)
 
