@@ -41,7 +41,7 @@ def test_a_phase_reports_the_hypervisors_share_of_cpu_time():
     from /proc/stat around the phase and is a share, whatever the machine."""
     import sys
 
-    from liveperceiver.tools.host_load import cpu_times, with_steal
+    from liveperceiver.tools.host_load import cpu_times, with_host_load
 
     def busy() -> dict:
         deadline = time.perf_counter() + 0.3
@@ -49,8 +49,9 @@ def test_a_phase_reports_the_hypervisors_share_of_cpu_time():
             pass
         return {"phase": "done"}
 
-    result = with_steal(busy)
+    result = with_host_load(busy)
     assert result["phase"] == "done"
+    assert set(result["garbage_collections"]) == {"generation_0", "generation_1", "generation_2", "between_sessions"}
     if sys.platform.startswith("linux"):
         before = cpu_times()
         assert before is not None and 0 <= before[0] <= before[1]

@@ -56,11 +56,14 @@ def cpu_times() -> tuple[int, int] | None:
     return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
 
 
-def with_steal(phase) -> dict:
-    """Run a phase; its result gains `cpu_steal_share`, the share of CPU time the hypervisor took."""
+def with_host_load(phase) -> dict:
+    """Run a phase; its result gains `cpu_steal_share`, the share of CPU time the hypervisor took,
+    and `garbage_collections` (collection_pauses) while it ran."""
     before = cpu_times()
-    result = phase()
+    with collection_pauses() as collections:
+        result = phase()
     after = cpu_times()
     total = None if before is None or after is None else after[1] - before[1]
     result["cpu_steal_share"] = round((after[0] - before[0]) / total, 4) if total else None
+    result["garbage_collections"] = collections
     return result

@@ -22,7 +22,8 @@ from liveperceiver.core.errors import UserError
 from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import configure_inference, realtime_switch_interval, thaw_heap
 from liveperceiver.testing.jack import private_jack_server
-from liveperceiver.tools.live_bench import BenchEngine, Player, is_note_on, ms, wait_until, with_steal
+from liveperceiver.tools.host_load import with_host_load
+from liveperceiver.tools.live_bench import BenchEngine, Player, is_note_on, ms, wait_until
 
 LINK_HEAD_START_S = 1.0  # the peer's session is the older one: Link keeps its timeline (and tempo)
 LINK_TEMPI = (100.0, 128.0)  # the peer's tempo, changed halfway through the calls
@@ -149,7 +150,7 @@ def link_phase_main(argv: list[str]) -> int:
             tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp,
             realtime_switch_interval(),
         ):
-            result = with_steal(lambda: link_phase(model, random.Random(1), args.calls, Path(tmp), engine))
+            result = with_host_load(lambda: link_phase(model, random.Random(1), args.calls, Path(tmp), engine))
     except UserError as error:
         print(f"bench --live, Link phase: {error}", file=sys.stderr)
         return 2

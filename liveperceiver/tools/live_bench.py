@@ -51,7 +51,7 @@ from liveperceiver.live.settings import Settings
 from liveperceiver.runtime import configure_inference, freeze_heap, realtime_switch_interval, thaw_heap
 from liveperceiver.stats import percentiles
 from liveperceiver.testing.jack import JackPlayer, private_jack_server
-from liveperceiver.tools.host_load import collection_pauses, with_steal
+from liveperceiver.tools.host_load import with_host_load
 
 
 @dataclass(frozen=True)
@@ -451,7 +451,6 @@ def run(args) -> None:
         private_jack_server("lp-bench"),
         tempfile.TemporaryDirectory(prefix="lp-bench-") as tmp,
         realtime_switch_interval(),
-        collection_pauses() as collections,
     ):
         workdir = Path(tmp)
         results = {
@@ -462,14 +461,13 @@ def run(args) -> None:
             "latents": window_text(engine.num_latents, model.config.max_latents),
             "machine": machine_description(),
             "jack": "dummy driver, 48 kHz, 256 frames (5.3 ms period)",
-            "call": with_steal(lambda: call_phase(model, rng, args.calls, workdir, engine)),
-            "duet": with_steal(lambda: duet_phase(model, rng, args.duet_seconds, workdir, engine=engine)),
-            "duet_with_ui": with_steal(
+            "call": with_host_load(lambda: call_phase(model, rng, args.calls, workdir, engine)),
+            "duet": with_host_load(lambda: duet_phase(model, rng, args.duet_seconds, workdir, engine=engine)),
+            "duet_with_ui": with_host_load(
                 lambda: duet_phase(model, rng, args.duet_seconds, workdir, ui_size=(160, 48), engine=engine)
             ),
             "faults": fault_phase(model, args.sessions, workdir, args.faults_log, args.first_session, engine),
         }
-    results["garbage_collections"] = collections
     results["link"] = link_in_namespace(args)  # a child with a JACK server of its own, after this one stops
     print(format_table(results))
     if args.json:
@@ -525,7 +523,11 @@ def format_table(results: dict) -> str:
         f"calls answered: {call['answered']}/{call['calls']}; duet notes out: {duet['notes_out']}, "
         f"rolled back tokens: {duet['rolled_back_tokens']}",
         f"{'events already due when sampled':34}{_fmt(duet['late_events'])}",
-        _collections_text(results.get("garbage_collections")),
+        "garbage collections while playing (each holds the GIL): "
+        + "; ".join(
+            _collections_text(name, results[phase])
+            for name, phase in (("call", "call"), ("duet", "duet"), ("duet with the UI", "duet_with_ui"))
+        ),
         f"CPU time taken by the hypervisor (steal): call {_share(call)}, duet {_share(duet)}, "
         f"duet with the UI {_share(results['duet_with_ui'])}",
         f"stuck notes across {faults['sessions']} randomized sessions with faults: {faults['stuck_notes_sent']} sent, "
@@ -537,15 +539,16 @@ def format_table(results: dict) -> str:
     return "\n".join(lines + _link_rows(results.get("link")))
 
 
-def _collections_text(collections: dict | None) -> str:
-    """'garbage collections while playing (each holds the GIL): 812 young, longest 0.41 ms; 3 full, longest 2.10 ms'."""
+def _collections_text(name: str, phase: dict) -> str:
+    """'duet: 812 young, longest 0.41 ms; 3 full, longest 2.10 ms' (older results: n/a)."""
+    collections = phase.get("garbage_collections")
     if collections is None:
-        return "garbage collections: n/a"
+        return f"{name} n/a"
     young = [collections[f"generation_{g}"] for g in (0, 1)]
     full = collections["generation_2"]
     return (
-        f"garbage collections while playing (each holds the GIL): {sum(y['count'] for y in young)} young, longest "
-        f"{max(y['longest_ms'] for y in young):.2f} ms; {full['count']} full, longest {full['longest_ms']:.2f} ms"
+        f"{name} {sum(y['count'] for y in young)} young (longest {max(y['longest_ms'] for y in young):.2f} ms), "
+        f"{full['count']} full (longest {full['longest_ms']:.2f} ms)"
     )
 
 
