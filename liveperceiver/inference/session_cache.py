@@ -43,9 +43,9 @@ class SessionCache:
 
     A sequence of tokens is known by one integer, its key (BASE): the keys of the sequences ending
     at a position follow from the position before by one multiply-add each, so no tuple is built
-    or hashed per n-gram. Everything counted is a dictionary of integers, which the garbage
-    collector never scans (records as lists were: a full collection over a full window's 80,000 of
-    them took 8-13 ms holding the GIL, a stall of every thread in a live session)."""
+    or hashed per n-gram. Everything counted is in dictionaries of integers, which the garbage
+    collector keeps out of its lists (records as lists were in them: a full collection over a full
+    window's 80,000 took 7-13 ms holding the GIL, a stall of every thread in a live session)."""
 
     def __init__(
         self, order: int = ORDER, own_weight: float = OWN_WEIGHT, discount: float = DISCOUNT, window: int = WINDOW
