@@ -545,7 +545,7 @@ def run(args) -> list[dict]:
                 print(profile, flush=True)
     adaptation = adaptation_cost(loaded.model, device)
     print(
-        f"in-session adaptation (adapt.py; order {adaptation['adapt_order']}, {adaptation['adapt_window']}-token "
+        f"in-session adaptation (adapt.py, session_cache.py; order {adaptation['adapt_order']}, {adaptation['adapt_window']}-token "
         f"window, a practice-like stream, 1 latent): {adaptation['adapt_ms_p50']:.3f} ms per token "
         f"(step p50 {adaptation['adapt_step_ms_p50']:.3f} ms with the mix, {adaptation['adapt_step_ms_p50_without']:.3f} "
         f"without adaptation, runs of {adaptation['adapt_run']}; a rolled-back step {adaptation['adapt_rollback_ms_p50']:.3f} ms "

@@ -16,8 +16,8 @@ reported (medians and p99, after the first call as warm-up):
   scheduler, and as heard by the listening client (the second also counts messages lost on the
   way, which a loaded machine does; the count is reported beside it), and the same after the call
   and the duet close (`after_close`);
-- the garbage collector's pauses while the sessions run: each holds the GIL, so every thread of a
-  session (the scheduler's too) waits it out;
+- the garbage collector's pauses while each phase's sessions play (host_load.py): each holds the
+  GIL, so every thread of a session (the scheduler's too) waits it out;
 - the share of CPU time the hypervisor took during each timed phase (Linux "steal"): on a shared
   VM the p99 rows move with it, so a reader can tell a slow run from slow code;
 - Ableton Link: calls answered on the beat of a second Link peer (the DAW, in that process) that
@@ -540,7 +540,7 @@ def format_table(results: dict) -> str:
 
 
 def _collections_text(name: str, phase: dict) -> str:
-    """'duet: 812 young, longest 0.41 ms; 3 full, longest 2.10 ms' (older results: n/a)."""
+    """'duet 812 young (longest 0.41 ms), 3 full (longest 2.10 ms)' (older results: 'duet n/a')."""
     collections = phase.get("garbage_collections")
     if collections is None:
         return f"{name} n/a"
