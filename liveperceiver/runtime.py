@@ -34,30 +34,47 @@ def set_torch_threads(threads: int) -> None:
 
 
 _heap_frozen = False  # between freeze_heap and thaw_heap: a session plays
+_thresholds_before: tuple[int, int, int] | None = None  # the collector's thresholds before freeze_heap
+
+# While a session plays, the scheduler thread collects the garbage in the gaps between its events
+# (scheduler.GapCollector); the collector's own automatic collections stay as a safety net, far
+# rarer than Python's (every 700 new objects) so that they never come first while the scheduler runs.
+SESSION_GC_THRESHOLDS = (50_000, 10, 10)
 
 
 def freeze_heap() -> None:
     """Move every object alive now (torch, the model, the UI's widgets) out of the garbage collector's
     reach: a full collection otherwise scans them all while holding the GIL, and stalled the
-    scheduler thread for 80-120 ms with the UI running (measured by `bench --live`)."""
-    global _heap_frozen
+    scheduler thread for 80-120 ms with the UI running (measured by `bench --live`). And leave the
+    collections of what comes after to the scheduler's gaps (SESSION_GC_THRESHOLDS): with the UI
+    drawing, the automatic ones came every 20 ms or so and delayed a note by up to 8-11 ms when one
+    fell on its time (`bench --live`'s duet with the UI, output jitter max). Calling it again (the UI
+    freezes its widgets once mounted) freezes what came since."""
+    global _heap_frozen, _thresholds_before
     gc.collect()
     gc.freeze()
+    if not _heap_frozen:
+        _thresholds_before = gc.get_threshold()
+        gc.set_threshold(*SESSION_GC_THRESHOLDS)
     _heap_frozen = True
 
 
 def thaw_heap() -> None:
     """Undo `freeze_heap` when a session closes: frozen objects are never collected, so without this
     every closed session (its engine buffers, its threads' cycles) would stay in memory for good
-    (`bench --live` grew by 50 MB per fault session)."""
-    global _heap_frozen
+    (`bench --live` grew by 50 MB per fault session); the automatic collections come back."""
+    global _heap_frozen, _thresholds_before
     gc.unfreeze()
+    if _thresholds_before is not None:
+        gc.set_threshold(*_thresholds_before)
+        _thresholds_before = None
     _heap_frozen = False
 
 
 def heap_frozen() -> bool:
-    """Whether `freeze_heap` holds now. Not gc.get_freeze_count(): it counts the frozen objects one
-    by one, milliseconds holding the GIL (asked at every collection, it stalled the music by 10 ms)."""
+    """Whether `freeze_heap` holds now (the scheduler then collects in its gaps). Not
+    gc.get_freeze_count(): it counts the frozen objects one by one, milliseconds holding the GIL
+    (asked at every collection, it stalled the music by 10 ms)."""
     return _heap_frozen
 
 

@@ -8,13 +8,17 @@ generous deadlines; nothing here asserts a speed.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
-from liveperceiver.live.scheduler import OutNote, Scheduler
+from liveperceiver.live import scheduler as scheduler_module
+from liveperceiver.live.scheduler import GapCollector, OutNote, Scheduler
 from liveperceiver.live.settings import Settings
+from liveperceiver.runtime import SESSION_GC_THRESHOLDS, freeze_heap, thaw_heap
 
 DEADLINE = 10.0  # seconds a scenario may wait for the scheduler thread on a loaded machine
 
@@ -261,3 +265,102 @@ def test_a_send_that_fails_leaves_the_bookkeeping_whole(make_scheduler):
     assert any("output send failed: port vanished" in line for line in logs), logs
     assert wire.sent() == [[0x80, 60, 0], [0x90, 62, 80], [0x80, 62, 0]]
     assert scheduler.sent_on == 2 and scheduler.sounding_pitches() == []
+
+
+# --------------------------------------------------------------------------- garbage collections in the gaps
+
+
+class Cycle:
+    """A reference cycle: only the garbage collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def make_cyclic_garbage(count: int) -> weakref.ref:
+    """`count` unreachable cycles; a weak reference to the last, dead once it is collected."""
+    for _ in range(count - 1):
+        Cycle()
+    return weakref.ref(Cycle())
+
+
+@pytest.fixture
+def frozen_heap():
+    """The heap as `play` runs a session (runtime.freeze_heap), thawed after the test."""
+    freeze_heap()
+    try:
+        yield
+    finally:
+        thaw_heap()
+
+
+def test_the_gap_collector_collects_what_is_due_only_when_it_fits_before_the_next_event():
+    collector = GapCollector()
+    young, middle, full = (scheduler_module.YOUNG_OBJECTS, scheduler_module.MIDDLE_EVERY, scheduler_module.FULL_EVERY)
+    assert collector.generation(1.0, (young - 1, 0, 0)) is None  # nothing due
+    assert collector.generation(1.0, (young, 0, 0)) == 0
+    assert collector.generation(0.0015, (young, 0, 0)) is None  # the next event comes first
+    assert collector.generation(1.0, (0, middle, 0)) == 1
+    assert collector.generation(1.0, (young, middle, full)) == 2
+    # a full collection is due but only a young one fits: the young one now, the full one later
+    assert collector.generation(0.0025, (young, middle, full)) == 0
+    collector.expected_s[0] = 0.01  # a young collection took long lately: it needs a longer gap
+    assert collector.generation(0.015, (young, 0, 0)) is None
+    assert collector.generation(0.025, (young, 0, 0)) == 0
+
+
+def test_while_a_session_plays_the_scheduler_collects_the_garbage_in_its_gaps(make_scheduler, frozen_heap):
+    assert gc.get_threshold() == SESSION_GC_THRESHOLDS
+    scheduler, wire, _ = make_scheduler()
+    before = sum(scheduler.collector.collections)
+    cycle = make_cyclic_garbage(5_000)  # a tenth of the automatic threshold: only the scheduler collects it
+    assert wait_for(lambda: cycle() is None)
+    assert sum(scheduler.collector.collections) > before
+
+
+def test_the_scheduler_does_not_collect_while_its_events_leave_no_gap(frozen_heap):
+    sent_at: list[float] = []
+    wire = Wire()
+
+    def send(message: list[int]) -> bool:
+        sent_at.append(time.monotonic())
+        return wire.send(message)
+
+    scheduler = Scheduler(send, Settings(), log=lambda line: None)
+    started_at: list[float] = []  # the scheduler's collections
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start" and threading.current_thread() is scheduler.thread:
+            started_at.append(time.monotonic())
+
+    gc.callbacks.append(record)
+    try:
+        scheduler.start()
+        # the thread waits between these (SPIN_S before each), but the gaps are below GAP_MARGIN_S
+        spacing = scheduler_module.SPIN_S + 0.9 * scheduler_module.GAP_MARGIN_S
+        scheduler.schedule(notes(*((0.05 + i * spacing, i % 2 == 0, 60) for i in range(400))))
+        assert wait_for(lambda: sent_at)
+        cycle = make_cyclic_garbage(5_000)  # due while the events leave no gap
+        assert wait_for(lambda: cycle() is None)  # collected in the first gap after them
+        assert len(sent_at) == 400
+        assert started_at
+        assert not [start for start in started_at if sent_at[0] <= start <= sent_at[-1]]
+    finally:
+        gc.callbacks.remove(record)
+    assert unpaired(closed(scheduler, wire)) == []
+
+
+def test_a_scheduler_collects_nothing_unless_a_session_froze_the_heap(make_scheduler):
+    scheduler, _, _ = make_scheduler()
+    make_cyclic_garbage(5_000)
+    time.sleep(0.3)  # three idle turns of its loop
+    assert scheduler.collector.collections == [0, 0, 0]
+
+
+def test_freezing_the_heap_twice_then_thawing_it_restores_the_collector_s_thresholds():
+    thresholds = gc.get_threshold()
+    freeze_heap()
+    freeze_heap()  # the UI freezes its widgets again once mounted
+    assert gc.get_threshold() == SESSION_GC_THRESHOLDS
+    thaw_heap()
+    assert gc.get_threshold() == thresholds

@@ -10,10 +10,13 @@ Timing: the thread sleeps on a condition until about 1.5 ms before an event is d
 (yielding the GIL) until its time. `jitter()` reports actual minus scheduled send times. Where the
 OS allows it (Linux with an rtprio limit, as JACK setups have), the thread runs at real-time
 priority, so a busy core (the engine, the DAW) does not delay a note by a scheduler time slice.
+While a session plays (runtime.freeze_heap) the thread also runs the process's garbage collections,
+in the gaps between its events (GapCollector).
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import os
@@ -26,10 +29,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from liveperceiver.live.settings import Settings
+from liveperceiver.runtime import heap_frozen
 
 SPIN_S = 0.0015  # wake this long before an event and spin the rest
 IDLE_WAKE_S = 0.1  # wake at least this often to run the watchdog
 REALTIME_PRIORITY = 10  # SCHED_FIFO: before every normal thread, below JACK's own threads (60-95)
+
+# The garbage collections' schedule (GapCollector): Python's own defaults
+YOUNG_OBJECTS = 700  # new tracked objects before a young collection
+MIDDLE_EVERY = 10  # young collections before a middle one
+FULL_EVERY = 10  # middle collections before a full one
+FIRST_GUESS_S = (0.0005, 0.001, 0.01)  # what each generation's collection takes, until one is timed
+GUESS_DECAY = 0.9  # per collection, a long one is forgotten this fast
+GAP_MARGIN_S = 0.001  # more than twice the collection's time must be left before the next event
 
 
 def raise_thread_priority() -> str:
@@ -52,6 +64,45 @@ def raise_thread_priority() -> str:
         return "raised priority (nice -10)"
     except OSError:
         return "normal priority (no permission for real-time: see README, Troubleshooting)"
+
+
+class GapCollector:
+    """The process's garbage collections while a session plays, run by the scheduler thread when its
+    next event is far enough away. Why: a collection holds the GIL, and one that falls on a note's
+    time delays it; with the UI drawing (its cyclic garbage made one every 20 ms or so) notes went out
+    up to 8-11 ms late (`bench --live`, the duet with the UI). runtime.freeze_heap raises the
+    automatic thresholds to a rare safety net for this; the schedule is Python's own (young, middle,
+    full by YOUNG_OBJECTS, MIDDLE_EVERY, FULL_EVERY), each collection run only when more than twice
+    the longest it took lately is left before the next event (the GIL also stalls the engine and
+    the input threads for that long, as an automatic collection did).
+
+    Threads: owned by the scheduler thread."""
+
+    def __init__(self) -> None:
+        self.expected_s = list(FIRST_GUESS_S)  # per generation
+        self.collections = [0, 0, 0]  # run here, per generation
+
+    def generation(self, gap_s: float, counts: tuple[int, int, int]) -> int | None:
+        """The generation to collect with `gap_s` seconds left before the next event, from
+        gc.get_count()'s `counts` (new objects, young collections since a middle one, middle since a
+        full one), or None: nothing is due, or nothing due fits in the gap."""
+        for generation, count, every in (
+            (2, counts[2], FULL_EVERY),
+            (1, counts[1], MIDDLE_EVERY),
+            (0, counts[0], YOUNG_OBJECTS),
+        ):
+            if count >= every and gap_s > 2 * self.expected_s[generation] + GAP_MARGIN_S:
+                return generation
+        return None
+
+    def collect(self, generation: int) -> float:
+        """Collect `generation` (and the younger ones) now; returns the seconds it took."""
+        start = time.perf_counter()
+        gc.collect(generation)
+        took = time.perf_counter() - start
+        self.expected_s[generation] = max(took, GUESS_DECAY * self.expected_s[generation])
+        self.collections[generation] += 1
+        return took
 
 
 @dataclass(order=True)
@@ -110,6 +161,7 @@ class Scheduler:
         self.running = False
         self.priority = ""  # what raise_thread_priority() granted the thread (set before start() returns)
         self.started = threading.Event()
+        self.collector = GapCollector()  # while a session plays (runtime.heap_frozen); thread-owned
         self.thread = threading.Thread(target=self._run, name="lp-scheduler", daemon=True)
 
     # ----------------------------------------------------------------- called from other threads
@@ -228,7 +280,7 @@ class Scheduler:
                 off_wanted = self.off_requests != self.seen_off_requests
                 self.seen_off_requests = self.off_requests
                 running = self.running
-                note = None
+                note = generation = None
                 if running and not raw and not off_wanted:
                     now = time.monotonic()
                     wake = self._watchdog_deadline(now)
@@ -237,9 +289,14 @@ class Scheduler:
                         self.last_tag = max(self.last_tag, note.tag)
                     else:
                         due = self.pending[0].time - SPIN_S if self.pending else now + IDLE_WAKE_S
-                        self.cond.wait(max(0.0, min(due, wake) - now))
+                        if heap_frozen():
+                            generation = self.collector.generation(due - now, gc.get_count())
+                        if generation is None:
+                            self.cond.wait(max(0.0, min(due, wake) - now))
             if not running:
                 return False
+            if generation is not None:  # outside the lock: a collection holds the GIL for long enough
+                self.collector.collect(generation)
             if self.on_wake is not None:
                 self.on_wake()
             if off_wanted:

@@ -153,8 +153,8 @@ def wait_until(predicate, timeout: float) -> bool:
 
 
 def ms(values: list[float]) -> dict:
-    p50, p99 = percentiles([v * 1000 for v in values])
-    return {"p50_ms": p50, "p99_ms": p99, "n": len(values)}
+    p50, p99, worst = percentiles([v * 1000 for v in values], (50, 99, 100))
+    return {"p50_ms": p50, "p99_ms": p99, "max_ms": worst, "n": len(values)}
 
 
 # --------------------------------------------------------------------------- phases
@@ -267,6 +267,8 @@ def duet_phase(
             "step": ms(list(session.shared.step_times)),
             "realtime_factor": snap.realtime_factor,
             "context_tokens": snap.context_tokens,
+            # run by the scheduler thread between its notes (scheduler.GapCollector), per generation
+            "collections_in_gaps": list(session.scheduler.collector.collections),
         }
     finally:
         session.close(release_ports=True)
@@ -482,7 +484,10 @@ def _share(result: dict) -> str:
 def _fmt(stat: dict) -> str:
     if stat["p50_ms"] is None:
         return "n/a"
-    return f"{stat['p50_ms']:8.2f} {stat['p99_ms']:8.2f}  (n={stat['n']})"
+    worst = stat.get("max_ms")  # older results have none
+    return (
+        f"{stat['p50_ms']:8.2f} {stat['p99_ms']:8.2f} {'n/a' if worst is None else f'{worst:8.2f}':>8}  (n={stat['n']})"
+    )
 
 
 def _after_close_text(name: str, phase: dict) -> str:
@@ -510,7 +515,7 @@ def format_table(results: dict) -> str:
         f"latents {results.get('latents', 'n/a')}, "
         f"torch threads {results['torch_threads']}, {results['machine']}",
         f"JACK {results['jack']}",
-        f"{'':34}{'p50 ms':>8} {'p99 ms':>8}",
+        f"{'':34}{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
         f"{'reaction (stamp -> absorbed)':34}{_fmt(call['reaction'])}",
         f"{'answer start after silence (sent)':34}{_fmt(call['answer_start_sent'])}",
         f"{'answer start after silence (heard)':34}{_fmt(call['answer_start_heard'])}",
@@ -540,15 +545,19 @@ def format_table(results: dict) -> str:
 
 
 def _collections_text(name: str, phase: dict) -> str:
-    """'duet 812 young (longest 0.41 ms), 3 full (longest 2.10 ms)' (older results: 'duet n/a')."""
+    """'duet 812 young (longest 0.41 ms; 790 in the scheduler's gaps), 3 full (longest 2.10 ms; 3 in
+    its gaps)' (older results: 'duet n/a', or without the gaps)."""
     collections = phase.get("garbage_collections")
     if collections is None:
         return f"{name} n/a"
     young = [collections[f"generation_{g}"] for g in (0, 1)]
     full = collections["generation_2"]
+    in_gaps = phase.get("collections_in_gaps")  # the duets since GapCollector
+    young_in_gaps = "" if in_gaps is None else f"; {in_gaps[0] + in_gaps[1]} in the scheduler's gaps"
+    full_in_gaps = "" if in_gaps is None else f"; {in_gaps[2]} in its gaps"
     return (
-        f"{name} {sum(y['count'] for y in young)} young (longest {max(y['longest_ms'] for y in young):.2f} ms), "
-        f"{full['count']} full (longest {full['longest_ms']:.2f} ms)"
+        f"{name} {sum(y['count'] for y in young)} young (longest {max(y['longest_ms'] for y in young):.2f} ms"
+        f"{young_in_gaps}), {full['count']} full (longest {full['longest_ms']:.2f} ms{full_in_gaps})"
     )
 
 
