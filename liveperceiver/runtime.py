@@ -38,7 +38,8 @@ _thresholds_before: tuple[int, int, int] | None = None  # the collector's thresh
 
 # While a session plays, the scheduler thread collects the garbage in the gaps between its events
 # (scheduler.GapCollector); the collector's own automatic collections stay as a safety net, far
-# rarer than Python's (every 700 new objects) so that they never come first while the scheduler runs.
+# rarer than Python's (every 700 new objects): they come only when 50,000 objects were made between
+# two turns of the scheduler's loop (a model loading) or the scheduler is not running.
 SESSION_GC_THRESHOLDS = (50_000, 10, 10)
 
 
@@ -47,7 +48,7 @@ def freeze_heap() -> None:
     reach: a full collection otherwise scans them all while holding the GIL, and stalled the
     scheduler thread for 80-120 ms with the UI running (measured by `bench --live`). And leave the
     collections of what comes after to the scheduler's gaps (SESSION_GC_THRESHOLDS): with the UI
-    drawing, the automatic ones came every 20 ms or so and delayed a note by up to 8-11 ms when one
+    drawing, the automatic ones came every 20 ms or so and delayed a note by up to 15 ms when one
     fell on its time (`bench --live`'s duet with the UI, output jitter max). Calling it again (the UI
     freezes its widgets once mounted) freezes what came since."""
     global _heap_frozen, _thresholds_before

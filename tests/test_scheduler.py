@@ -296,17 +296,51 @@ def frozen_heap():
 
 def test_the_gap_collector_collects_what_is_due_only_when_it_fits_before_the_next_event():
     collector = GapCollector()
-    young, middle, full = (scheduler_module.YOUNG_OBJECTS, scheduler_module.MIDDLE_EVERY, scheduler_module.FULL_EVERY)
-    assert collector.generation(1.0, (young - 1, 0, 0)) is None  # nothing due
+    young = scheduler_module.YOUNG_OBJECTS + 1  # past each threshold
+    middle, full = scheduler_module.MIDDLE_EVERY + 1, scheduler_module.FULL_EVERY + 1
+    assert collector.generation(1.0, (young - 1, middle, full)) is None  # nothing due: too few new objects
     assert collector.generation(1.0, (young, 0, 0)) == 0
     assert collector.generation(0.0015, (young, 0, 0)) is None  # the next event comes first
-    assert collector.generation(1.0, (0, middle, 0)) == 1
+    assert collector.generation(1.0, (young, middle, 0)) == 1
     assert collector.generation(1.0, (young, middle, full)) == 2
     # a full collection is due but only a young one fits: the young one now, the full one later
     assert collector.generation(0.0025, (young, middle, full)) == 0
     collector.expected_s[0] = 0.01  # a young collection took long lately: it needs a longer gap
     assert collector.generation(0.015, (young, 0, 0)) is None
     assert collector.generation(0.025, (young, 0, 0)) == 0
+
+
+def test_a_collection_that_once_took_long_still_gets_the_gaps_of_a_rest():
+    collector = GapCollector()
+    collector.expected_s[2] = 0.5  # as if one had taken half a second
+    make_cyclic_garbage(1_000)
+    assert collector.collect(2) is not None
+    assert collector.expected_s[2] == scheduler_module.LONGEST_GUESS_S
+    assert collector.generation(0.05, (1_000, 0, scheduler_module.FULL_EVERY + 1)) == 2
+
+
+def test_a_collection_running_on_another_thread_is_not_counted_and_the_next_turn_waits():
+    """gc.collect returns at once while another thread collects: the scheduler must not take that
+    for a collection (it would try again at every turn, spinning, and learn a time of 0)."""
+    collector = GapCollector()
+    inside: list = []
+
+    def during(phase: str, info: dict) -> None:
+        if phase == "start" and not inside:
+            inside.append(collector.collect(0))
+
+    make_cyclic_garbage(1_000)
+    gc.callbacks.append(during)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(during)
+    assert inside == [None]
+    assert collector.collections == [0, 0, 0]
+    assert collector.expected_s == list(scheduler_module.FIRST_GUESS_S)
+    due = (scheduler_module.YOUNG_OBJECTS + 1, 0, 0)
+    assert collector.generation(1.0, due) is None  # this turn waits
+    assert collector.generation(1.0, due) == 0
 
 
 def test_while_a_session_plays_the_scheduler_collects_the_garbage_in_its_gaps(make_scheduler, frozen_heap):
@@ -357,10 +391,24 @@ def test_a_scheduler_collects_nothing_unless_a_session_froze_the_heap(make_sched
     assert scheduler.collector.collections == [0, 0, 0]
 
 
+def test_the_scheduler_runs_middle_and_full_collections_too(make_scheduler, frozen_heap):
+    scheduler, _, _ = make_scheduler()
+    collections = scheduler.collector.collections
+    deadline = time.monotonic() + DEADLINE
+    while not collections[2] and time.monotonic() < deadline:  # about 130 young collections
+        before = sum(collections)
+        make_cyclic_garbage(scheduler_module.YOUNG_OBJECTS + 100)
+        scheduler.schedule([])  # wakes its loop
+        wait_for(lambda before=before: sum(collections) > before, timeout=1.0)
+    assert collections[1] >= 1 and collections[2] >= 1
+
+
 def test_freezing_the_heap_twice_then_thawing_it_restores_the_collector_s_thresholds():
     thresholds = gc.get_threshold()
-    freeze_heap()
-    freeze_heap()  # the UI freezes its widgets again once mounted
-    assert gc.get_threshold() == SESSION_GC_THRESHOLDS
-    thaw_heap()
+    try:
+        freeze_heap()
+        freeze_heap()  # the UI freezes its widgets again once mounted
+        assert gc.get_threshold() == SESSION_GC_THRESHOLDS
+    finally:
+        thaw_heap()
     assert gc.get_threshold() == thresholds

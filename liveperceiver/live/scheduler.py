@@ -35,13 +35,14 @@ SPIN_S = 0.0015  # wake this long before an event and spin the rest
 IDLE_WAKE_S = 0.1  # wake at least this often to run the watchdog
 REALTIME_PRIORITY = 10  # SCHED_FIFO: before every normal thread, below JACK's own threads (60-95)
 
-# The garbage collections' schedule (GapCollector): Python's own defaults
-YOUNG_OBJECTS = 700  # new tracked objects before a young collection
-MIDDLE_EVERY = 10  # young collections before a middle one
-FULL_EVERY = 10  # middle collections before a full one
+# The garbage collections' schedule (GapCollector): Python's thresholds
+YOUNG_OBJECTS = 700  # more new tracked objects than this: a collection is due
+MIDDLE_EVERY = 10  # more young collections than this since a middle one: the middle one is due
+FULL_EVERY = 10  # more middle collections than this since a full one: the full one is due
 FIRST_GUESS_S = (0.0005, 0.001, 0.01)  # what each generation's collection takes, until one is timed
 GUESS_DECAY = 0.9  # per collection, a long one is forgotten this fast
-GAP_MARGIN_S = 0.001  # more than twice the collection's time must be left before the next event
+LONGEST_GUESS_S = 0.02  # a collection that once took longer still gets a gap of 41 ms (rests have them)
+GAP_MARGIN_S = 0.001  # left over after twice the collection's expected time, before the next event
 
 
 def raise_thread_priority() -> str:
@@ -70,37 +71,49 @@ class GapCollector:
     """The process's garbage collections while a session plays, run by the scheduler thread when its
     next event is far enough away. Why: a collection holds the GIL, and one that falls on a note's
     time delays it; with the UI drawing (its cyclic garbage made one every 20 ms or so) notes went out
-    up to 8-11 ms late (`bench --live`, the duet with the UI). runtime.freeze_heap raises the
-    automatic thresholds to a rare safety net for this; the schedule is Python's own (young, middle,
-    full by YOUNG_OBJECTS, MIDDLE_EVERY, FULL_EVERY), each collection run only when more than twice
-    the longest it took lately is left before the next event (the GIL also stalls the engine and
-    the input threads for that long, as an automatic collection did).
+    up to 15 ms late (`bench --live`'s duet with the UI; README). runtime.freeze_heap raises the
+    automatic thresholds to a rare safety net for this. A collection is due by Python's thresholds
+    (YOUNG_OBJECTS, then the oldest generation past MIDDLE_EVERY or FULL_EVERY; without Python's rule
+    that holds a full collection back until a quarter of the long-lived objects are new, so full ones
+    come somewhat more often, over the objects made since the heap was frozen only), and runs only
+    if more than twice what that generation took lately, plus GAP_MARGIN_S, is left before the
+    next event or watchdog cut; else a younger generation that fits, or none. The engine and input
+    threads wait for the GIL meanwhile, as they did for an automatic collection, and finalizers now
+    run on this thread (nothing of ours with a finalizer that blocks is collected as a cycle).
 
     Threads: owned by the scheduler thread."""
 
     def __init__(self) -> None:
         self.expected_s = list(FIRST_GUESS_S)  # per generation
         self.collections = [0, 0, 0]  # run here, per generation
+        self.busy = False  # the last collect() found another thread collecting: wait one turn
 
     def generation(self, gap_s: float, counts: tuple[int, int, int]) -> int | None:
         """The generation to collect with `gap_s` seconds left before the next event, from
         gc.get_count()'s `counts` (new objects, young collections since a middle one, middle since a
         full one), or None: nothing is due, or nothing due fits in the gap."""
-        for generation, count, every in (
-            (2, counts[2], FULL_EVERY),
-            (1, counts[1], MIDDLE_EVERY),
-            (0, counts[0], YOUNG_OBJECTS),
-        ):
-            if count >= every and gap_s > 2 * self.expected_s[generation] + GAP_MARGIN_S:
+        if self.busy:
+            self.busy = False
+            return None
+        if counts[0] <= YOUNG_OBJECTS:
+            return None
+        oldest = 2 if counts[2] > FULL_EVERY else 1 if counts[1] > MIDDLE_EVERY else 0
+        for generation in range(oldest, -1, -1):
+            if gap_s > 2 * self.expected_s[generation] + GAP_MARGIN_S:
                 return generation
         return None
 
-    def collect(self, generation: int) -> float:
-        """Collect `generation` (and the younger ones) now; returns the seconds it took."""
+    def collect(self, generation: int) -> float | None:
+        """Collect `generation` (and the younger ones) now; returns the seconds it took, or None when
+        another thread was collecting (gc.collect then returns at once, the counts untouched)."""
+        new_objects = gc.get_count()[0]  # above YOUNG_OBJECTS (generation())
         start = time.perf_counter()
         gc.collect(generation)
         took = time.perf_counter() - start
-        self.expected_s[generation] = max(took, GUESS_DECAY * self.expected_s[generation])
+        if gc.get_count()[0] >= new_objects:  # every collection starts the count of new objects again
+            self.busy = True
+            return None
+        self.expected_s[generation] = min(LONGEST_GUESS_S, max(took, GUESS_DECAY * self.expected_s[generation]))
         self.collections[generation] += 1
         return took
 
@@ -289,8 +302,8 @@ class Scheduler:
                         self.last_tag = max(self.last_tag, note.tag)
                     else:
                         due = self.pending[0].time - SPIN_S if self.pending else now + IDLE_WAKE_S
-                        if heap_frozen():
-                            generation = self.collector.generation(due - now, gc.get_count())
+                        if heap_frozen():  # a watchdog cut is due on time too
+                            generation = self.collector.generation(min(due, wake) - now, gc.get_count())
                         if generation is None:
                             self.cond.wait(max(0.0, min(due, wake) - now))
             if not running:
