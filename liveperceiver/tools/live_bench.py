@@ -530,8 +530,13 @@ def format_table(results: dict) -> str:
         f"{'events already due when sampled':34}{_fmt(duet['late_events'])}",
         "garbage collections while playing (each holds the GIL): "
         + "; ".join(
-            _collections_text(name, results[phase])
-            for name, phase in (("call", "call"), ("duet", "duet"), ("duet with the UI", "duet_with_ui"))
+            _collections_text(name, phase)
+            for name, phase in (
+                ("call", call),
+                ("duet", duet),
+                ("duet with the UI", results["duet_with_ui"]),
+                *((("Link", results["link"]),) if "garbage_collections" in results.get("link", {}) else ()),
+            )
         ),
         f"CPU time taken by the hypervisor (steal): call {_share(call)}, duet {_share(duet)}, "
         f"duet with the UI {_share(results['duet_with_ui'])}",
