@@ -78,8 +78,8 @@ class GapCollector:
     come somewhat more often, over the objects made since the heap was frozen only), and runs only
     if more than twice what that generation took lately, plus GAP_MARGIN_S, is left before the
     next event or watchdog cut; else a younger generation that fits, or none. The engine and input
-    threads wait for the GIL meanwhile, as they did for an automatic collection, and finalizers now
-    run on this thread (nothing of ours with a finalizer that blocks is collected as a cycle).
+    threads wait for the GIL meanwhile, as they did for an automatic collection; the finalizers of
+    collected cycles now run on this thread, so one that blocked would hold the output too.
 
     Threads: owned by the scheduler thread."""
 
