@@ -302,10 +302,11 @@ class Scheduler:
                         self.last_tag = max(self.last_tag, note.tag)
                     else:
                         due = self.pending[0].time - SPIN_S if self.pending else now + IDLE_WAKE_S
-                        if heap_frozen():  # a watchdog cut is due on time too
-                            generation = self.collector.generation(min(due, wake) - now, gc.get_count())
+                        gap = min(due, wake) - now  # until the next note or watchdog cut
+                        if heap_frozen():
+                            generation = self.collector.generation(gap, gc.get_count())
                         if generation is None:
-                            self.cond.wait(max(0.0, min(due, wake) - now))
+                            self.cond.wait(max(0.0, gap))
             if not running:
                 return False
             if generation is not None:  # outside the lock: a collection holds the GIL for long enough
