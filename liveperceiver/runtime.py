@@ -35,6 +35,7 @@ def set_torch_threads(threads: int) -> None:
 
 _heap_frozen = False  # between freeze_heap and thaw_heap: a session plays
 _thresholds_before: tuple[int, int, int] | None = None  # the collector's thresholds before freeze_heap
+_freeze_asked = False  # freeze_heap_soon while a session plays: the scheduler freezes in a gap
 
 # While a session plays, the scheduler thread collects the garbage in the gaps between its events
 # (scheduler.GapCollector); the collector's own automatic collections stay as a safety net, far
@@ -60,11 +61,38 @@ def freeze_heap() -> None:
     _heap_frozen = True
 
 
+def freeze_heap_soon() -> None:
+    """`freeze_heap` for what came since a session froze the heap (the UI's widgets, once mounted),
+    without stalling the music: its full collection held the GIL for 8-16 ms (`bench --live`), so
+    while a session plays the scheduler thread runs it in a gap between its events
+    (scheduler.GapCollector) and then freezes (`freeze_collected`); with no session playing, now."""
+    global _freeze_asked
+    if _heap_frozen:
+        _freeze_asked = True
+    else:
+        freeze_heap()
+
+
+def freeze_asked() -> bool:
+    """Whether `freeze_heap_soon` waits for the scheduler's full collection."""
+    return _freeze_asked
+
+
+def freeze_collected() -> None:
+    """Called by the scheduler thread after the full collection `freeze_heap_soon` asked for:
+    freeze what survived it (unless the session closed meanwhile: frozen objects would stay)."""
+    global _freeze_asked
+    if _heap_frozen and _freeze_asked:
+        gc.freeze()
+    _freeze_asked = False
+
+
 def thaw_heap() -> None:
     """Undo `freeze_heap` when a session closes: frozen objects are never collected, so without this
     every closed session (its engine buffers, its threads' cycles) would stay in memory for good
     (`bench --live` grew by 50 MB per fault session); the automatic collections come back."""
-    global _heap_frozen, _thresholds_before
+    global _heap_frozen, _thresholds_before, _freeze_asked
+    _freeze_asked = False
     gc.unfreeze()
     if _thresholds_before is not None:
         gc.set_threshold(*_thresholds_before)

@@ -18,7 +18,7 @@ import pytest
 from liveperceiver.live import scheduler as scheduler_module
 from liveperceiver.live.scheduler import GapCollector, OutNote, Scheduler
 from liveperceiver.live.settings import Settings
-from liveperceiver.runtime import SESSION_GC_THRESHOLDS, freeze_heap, thaw_heap
+from liveperceiver.runtime import SESSION_GC_THRESHOLDS, freeze_asked, freeze_heap, freeze_heap_soon, thaw_heap
 
 DEADLINE = 10.0  # seconds a scenario may wait for the scheduler thread on a loaded machine
 
@@ -286,12 +286,19 @@ def make_cyclic_garbage(count: int) -> weakref.ref:
 
 @pytest.fixture
 def frozen_heap():
-    """The heap as `play` runs a session (runtime.freeze_heap), thawed after the test."""
+    """The heap as `play` runs a session (runtime.freeze_heap), thawed after the test. The tests that
+    use it count the collections of their own scheduler: another one still running (an earlier
+    test's, not closed) would collect their garbage too, so it is waited for, and named if it stays."""
+    assert wait_for(lambda: not scheduler_threads()), f"schedulers of earlier tests still run: {scheduler_threads()}"
     freeze_heap()
     try:
         yield
     finally:
         thaw_heap()
+
+
+def scheduler_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "lp-scheduler"]
 
 
 def test_the_gap_collector_collects_what_is_due_only_when_it_fits_before_the_next_event():
@@ -308,6 +315,55 @@ def test_the_gap_collector_collects_what_is_due_only_when_it_fits_before_the_nex
     collector.expected_s[0] = 0.01  # a young collection took long lately: it needs a longer gap
     assert collector.generation(0.015, (young, 0, 0)) is None
     assert collector.generation(0.025, (young, 0, 0)) == 0
+
+
+def test_a_freeze_asked_for_is_a_full_collection_in_a_gap_that_fits_the_longest_one():
+    collector = GapCollector()
+    longest = 2 * scheduler_module.LONGEST_GUESS_S + scheduler_module.GAP_MARGIN_S
+    assert collector.generation(1.0, (0, 0, 0), freeze=True) == 2  # whatever the counts
+    assert collector.generation(longest - 0.001, (0, 0, 0), freeze=True) is None
+    young = (scheduler_module.YOUNG_OBJECTS + 1, 0, 0)
+    assert collector.generation(longest - 0.001, young, freeze=True) == 0  # a young one fits meanwhile
+    collector.busy = True  # another thread collected: this turn waits, freeze or not
+    assert collector.generation(1.0, (0, 0, 0), freeze=True) is None
+
+
+def test_a_freeze_asked_while_a_session_plays_runs_on_the_scheduler_thread(make_scheduler, frozen_heap):
+    """The UI, once mounted, freezes its widgets (runtime.freeze_heap_soon): the full collection
+    before it held the GIL for 8-16 ms on the UI's thread; now the scheduler runs it in a gap."""
+    scheduler, _, _ = make_scheduler()
+    full_on: list[str] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full_on.append(threading.current_thread().name)
+
+    widgets = [Cycle() for _ in range(20_000)]  # long-lived, made after the session froze the heap
+    cycle = make_cyclic_garbage(100)
+    frozen_before = gc.get_freeze_count()
+    gc.callbacks.append(record)
+    try:
+        freeze_heap_soon()
+        assert wait_for(lambda: not freeze_asked())
+    finally:
+        gc.callbacks.remove(record)
+    assert cycle() is None  # collected first: garbage is not frozen
+    assert full_on == ["lp-scheduler"]
+    assert gc.get_freeze_count() >= frozen_before + len(widgets)
+    assert scheduler.collector.collections[2] >= 1
+
+
+def test_with_no_session_playing_a_freeze_asked_for_is_done_at_once():
+    thresholds = gc.get_threshold()
+    cycle = make_cyclic_garbage(100)
+    try:
+        freeze_heap_soon()
+        assert not freeze_asked()
+        assert cycle() is None
+        assert gc.get_threshold() == SESSION_GC_THRESHOLDS
+    finally:
+        thaw_heap()
+    assert gc.get_threshold() == thresholds
 
 
 def test_a_collection_that_once_took_long_still_gets_the_gaps_of_a_rest():

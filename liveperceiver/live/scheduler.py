@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from liveperceiver.live.settings import Settings
-from liveperceiver.runtime import heap_frozen
+from liveperceiver.runtime import freeze_asked, freeze_collected, heap_frozen
 
 SPIN_S = 0.0015  # wake this long before an event and spin the rest
 IDLE_WAKE_S = 0.1  # wake at least this often to run the watchdog
@@ -77,7 +77,9 @@ class GapCollector:
     that holds a full collection back until a quarter of the long-lived objects are new, so full ones
     come somewhat more often, over the objects made since the heap was frozen only), and runs only
     if more than twice what that generation took lately, plus GAP_MARGIN_S, is left before the
-    next event or watchdog cut; else a younger generation that fits, or none. The engine and input
+    next event or watchdog cut; else a younger generation that fits, or none. A freeze asked for
+    (runtime.freeze_heap_soon: the UI's widgets once mounted) is a full collection, whatever the
+    counts, in a gap that fits the longest one (LONGEST_GUESS_S), then gc.freeze. The engine and input
     threads wait for the GIL meanwhile, as they did for an automatic collection; the finalizers of
     collected cycles now run on this thread, so one that blocked would hold the output too.
 
@@ -88,13 +90,16 @@ class GapCollector:
         self.collections = [0, 0, 0]  # run here, per generation
         self.busy = False  # the last collect() found another thread collecting: wait one turn
 
-    def generation(self, gap_s: float, counts: tuple[int, int, int]) -> int | None:
+    def generation(self, gap_s: float, counts: tuple[int, int, int], freeze: bool = False) -> int | None:
         """The generation to collect with `gap_s` seconds left before the next event, from
         gc.get_count()'s `counts` (new objects, young collections since a middle one, middle since a
-        full one), or None: nothing is due, or nothing due fits in the gap."""
+        full one), or None: nothing is due, or nothing due fits in the gap. `freeze`: a freeze is
+        asked for (runtime.freeze_asked)."""
         if self.busy:
             self.busy = False
             return None
+        if freeze and gap_s > 2 * LONGEST_GUESS_S + GAP_MARGIN_S:
+            return 2
         if counts[0] <= YOUNG_OBJECTS:
             return None
         oldest = 2 if counts[2] > FULL_EVERY else 1 if counts[1] > MIDDLE_EVERY else 0
@@ -294,6 +299,7 @@ class Scheduler:
                 self.seen_off_requests = self.off_requests
                 running = self.running
                 note = generation = None
+                freeze = False
                 if running and not raw and not off_wanted:
                     now = time.monotonic()
                     wake = self._watchdog_deadline(now)
@@ -304,13 +310,16 @@ class Scheduler:
                         due = self.pending[0].time - SPIN_S if self.pending else now + IDLE_WAKE_S
                         gap = min(due, wake) - now  # until the next note or watchdog cut
                         if heap_frozen():
-                            generation = self.collector.generation(gap, gc.get_count())
+                            freeze = freeze_asked()
+                            generation = self.collector.generation(gap, gc.get_count(), freeze)
                         if generation is None:
                             self.cond.wait(max(0.0, gap))
             if not running:
                 return False
             if generation is not None:  # outside the lock: a collection holds the GIL for long enough
-                self.collector.collect(generation)
+                took = self.collector.collect(generation)
+                if freeze and generation == 2 and took is not None:
+                    freeze_collected()
             if self.on_wake is not None:
                 self.on_wake()
             if off_wanted:

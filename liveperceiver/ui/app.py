@@ -27,7 +27,7 @@ from textual.widgets import Footer, Input, Label, OptionList, Static
 from liveperceiver.inference.window import next_window
 from liveperceiver.live.settings import MODES, QUANTIZE_GRIDS
 from liveperceiver.live.snapshot import LiveSession, Snapshot
-from liveperceiver.runtime import freeze_heap
+from liveperceiver.runtime import freeze_heap_soon
 from liveperceiver.ui.widgets import (
     CONTROLS,
     ModelInfo,
@@ -238,7 +238,7 @@ class LivePerceiverApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        freeze_heap()  # the widgets are long-lived: keep full collections from stalling the music
+        freeze_heap_soon()  # the widgets are long-lived: keep full collections from stalling the music
         self.query_one("#roll-box").border_title = "Piano roll  [#4fc3f7]■[/] you  [#ffb74d]■[/] model  z x zoom"
         self.refresh_view()
         self.set_interval(1 / REFRESH_HZ, self._frame)
