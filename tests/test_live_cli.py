@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import random
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 
 import mido
@@ -70,7 +75,7 @@ def diagnose(tmp_path, server: str) -> str:
     return f"{(tmp_path / 'play.out').read_text()[-2000:]}\nJACK graph:\n{graph}\njournal:\n{journal}"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # SIGHUP: the terminal closed
 def test_sigterm_turns_every_note_off_saves_and_exits_zero_fast(tmp_path, fresh_jack_server, signum):  # noqa: F811
     process = start_play(tmp_path / "s", "--record", str(tmp_path / "take.mid"))
     keys = None
@@ -145,6 +150,107 @@ def test_jack_server_gone_is_one_line_then_the_take_is_saved_and_play_exits_with
     model_notes = [m for m in midi.tracks[2] if m.type in ("note_on", "note_off")]
     sounding = sum(1 if m.type == "note_on" and m.velocity else -1 for m in model_notes)
     assert sounding == 0, model_notes  # every note the model began ends in the take
+
+
+class Terminal:
+    """A pseudo-terminal of 120x40 for `liveperceiver play` with its UI; a thread reads what it draws
+    (a terminal nobody reads would block the UI once its buffer is full)."""
+
+    def __init__(self) -> None:
+        self.controller, self.device = pty.openpty()
+        fcntl.ioctl(self.device, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.output = bytearray()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.controller, 65536)
+            except OSError:  # closed
+                return
+            if not data:
+                return
+            self.output += data
+
+    def text(self) -> str:
+        return self.output.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        os.close(self.device)
+        os.close(self.controller)
+
+
+def test_sigterm_stops_the_ui_as_its_quit_does_and_a_file_that_cannot_be_written_keeps_the_others(
+    tmp_path,
+    fresh_jack_server,  # noqa: F811
+):
+    """With its terminal UI (the default), `play` must not die on SIGTERM or SIGHUP (a closed terminal
+    or ssh connection) with the model's notes sounding and the take unsaved: the UI quits as `q` does.
+    A --record file that cannot be written keeps neither session.mid nor the exit status from the rest."""
+    session_dir = tmp_path / "s"
+    session_dir.mkdir()
+    (tmp_path / "seeded.toml").write_text('mode = "duet"\n[sampling]\nseed = 5\n')
+    (tmp_path / "file").write_text("")  # --record below names a folder that is a file
+    terminal = Terminal()
+    command = [
+        sys.executable,
+        "-m",
+        "liveperceiver",
+        "play",
+        "--midi-api",
+        "jack",
+        "--preset",
+        str(tmp_path / "seeded.toml"),
+    ]
+    command += [
+        "--session-dir",
+        str(session_dir),
+        "--silence-ms",
+        "200",
+        "--record",
+        str(tmp_path / "file" / "take.mid"),
+    ]
+    environment = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    process = subprocess.Popen(
+        command,
+        stdin=terminal.device,
+        stdout=terminal.device,
+        stderr=terminal.device,
+        env=environment,
+        start_new_session=True,
+    )
+    keys = None
+    try:
+        assert wait_for(lambda: ports.VIRTUAL_OUT in " ".join(ports.list_ports("jack")[0]), timeout=30, step=0.05), (
+            terminal.text()[-2000:]
+        )
+        keys = Keyboard()
+        assert until_heard(keys, session_dir / "journal.txt"), terminal.text()[-2000:]
+        keys.phrase([60, 64, 67, 72])
+        if not wait_for(lambda: keys.note_ons(), timeout=20):
+            pytest.skip("the model stayed silent for 20 s (see the headless SIGTERM test)")
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+        jack_graph_changed()
+        said = terminal.text()
+        assert process.returncode == 0, said[-3000:]
+        assert no_stuck_notes(keys, session_dir / "journal.txt")
+        assert "Traceback" not in said, said[-3000:]
+        assert f"saved {session_dir / 'session.mid'}" in said, said[-3000:]
+        assert "take.mid: cannot write MIDI file" in said, said[-3000:]
+        midi = mido.MidiFile(session_dir / "session.mid")
+        assert [m.note for m in midi.tracks[1] if m.type == "note_on" and m.velocity > 1] == [60, 64, 67, 72]
+        assert [m.note for m in midi.tracks[2] if m.type == "note_on" and m.velocity] == [
+            m[1] for _, m in keys.note_ons()
+        ]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if keys is not None:
+            keys.close()
+        terminal.close()
 
 
 def test_kill_9_then_recover_rebuilds_the_take(tmp_path, capsys):

@@ -259,22 +259,23 @@ def test_journal_becomes_a_type1_midi_file_and_survives_a_torn_line(tmp_path):
     recorder.record("P", 100.010, [0x90, 60, 90])
     recorder.record("P", 100.020, [0xB0, 64, 127])
     recorder.record("P", 100.510, [0x80, 60, 0])
-    recorder.record("M", 101.000, [0x90, 72, 80])  # never turned off: closed at the end
+    recorder.record("M", 101.000, [0x90, 72, 80])  # never turned off: closed when the take is saved
     recorder.record("M", 101.250, [0x90, 74, 80])
     recorder.record("M", 101.500, [0x80, 74, 0])
     recorder.record_tempo(101.0, 120.0)
-    out = recorder.save()
+    out = recorder.save(at=101.6)
     midi = mido.MidiFile(out)
     assert midi.type == 1 and [t.name for t in midi.tracks] == ["Tempo", "Player", "LivePerceiver"]
     assert midi.ticks_per_beat == 500  # 120 bpm: one tick per millisecond
-    player = [(m.type, getattr(m, "note", None)) for m in midi.tracks[1] if not m.is_meta]
-    assert player == [("note_on", 60), ("control_change", None), ("note_off", 60)]
+    player = [(m.type, getattr(m, "value", None)) for m in midi.tracks[1] if not m.is_meta]
+    # the pedal left down is let up where the take ends
+    assert player == [("note_on", None), ("control_change", 127), ("note_off", None), ("control_change", 0)]
     ticks, now = {}, 0
     for message in midi.tracks[2]:
         now += message.time
         if message.type in ("note_on", "note_off"):
             ticks.setdefault((message.type, message.note), now)
-    assert ticks == {("note_on", 72): 1000, ("note_on", 74): 1250, ("note_off", 74): 1500, ("note_off", 72): 1500}
+    assert ticks == {("note_on", 72): 1000, ("note_on", 74): 1250, ("note_off", 74): 1500, ("note_off", 72): 1600}
     recorder.close()
     with open(tmp_path / "s" / "journal.txt", "a") as journal:
         journal.write("1600.000 M 90")  # a torn line, as after kill -9

@@ -30,13 +30,16 @@ def _new_sibling(path: Path) -> tuple[int, Path]:
 @contextmanager
 def atomic_output(path: str | Path, mode: str = "wb") -> Iterator:
     """Write a file via a temporary sibling and rename it into place, so a failure leaves nothing behind.
-    The file gets the permissions a plain open() would give it."""
+    The file gets the permissions a plain open() would give it. Its bytes reach the disk before the
+    rename: else a power cut soon after could leave the new name on an empty file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = _new_sibling(path)
     try:
         with os.fdopen(handle, mode) as file:
             yield file
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -2,13 +2,16 @@
 
 The process-wide settings are made here, once, and nowhere in the session (runtime.py says why each
 one matters): torch's threads and kernels before the engine is built, the GIL switch interval and
-the heap freeze while the session runs, the stop signals (headless) and the final exit. The Textual
+the heap freeze while the session runs, the stop signals and the final exit. The Textual
 UI is a front end the command line passes in (`front_end=liveperceiver.ui.run_ui`): live never
 imports ui.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -27,6 +30,11 @@ from liveperceiver.runtime import (
     thaw_heap,
 )
 
+# Signals that stop a session cleanly (notes off, the take saved): a terminal closed or an ssh
+# connection lost sends SIGHUP. The UI reads its own Ctrl-C (the terminal is in raw mode).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+UI_STOP_SIGNALS = tuple(signum for signum in STOP_SIGNALS if signum != signal.SIGINT)
+EXIT_NOT_SAVED = 4  # play's exit status when the take's MIDI file could not be written (the journal stays)
 LIVE_THREADS = 1  # torch threads for live inference (runtime.set_torch_threads says why one)
 LOG_POLL_S = 0.05  # headless: how often the session's new log lines are printed
 EXIT_MIDI_GONE = 3  # headless play's exit status when the MIDI system went away (2 is a user's mistake)
@@ -89,12 +97,14 @@ def _print_new_log_lines(session: Session, shown: int) -> int:
     return total
 
 
-def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> NoReturn:
-    """Open the ports and play until the front end returns (the UI quits) or, headless, until
-    SIGINT/SIGTERM or the MIDI system goes away (the JACK server stopped); then the one way out of
-    a live session: close it (notes off, take saved, JACK ports left open) and exit, 0, or
-    EXIT_MIDI_GONE when the MIDI system went away."""
+def run_play(args, front_end: Callable[[LiveSession, threading.Event], object] | None = None) -> NoReturn:
+    """Open the ports and play until the front end returns (the UI quits), or headless until
+    SIGINT/SIGTERM/SIGHUP or the MIDI system goes away (the JACK server stopped); SIGTERM and SIGHUP
+    make the UI quit too. Then the one way out of a live session: close it (notes off, take saved,
+    JACK ports left open), say where the take is, and exit: 0, EXIT_MIDI_GONE when the MIDI system
+    went away, EXIT_NOT_SAVED when no MIDI file could be written (the journal keeps the take)."""
     code = 0
+    stop = stop_event_on_signals(STOP_SIGNALS if front_end is None else UI_STOP_SIGNALS)
     settings = settings_from_args(args)
     configure_inference(threads=LIVE_THREADS, device=checked_device(args.device).type, dtype=args.dtype)
     session = Session(
@@ -113,7 +123,6 @@ def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> 
     with realtime_process():
         try:
             if front_end is None:
-                done = stop_event_on_signals()
                 session.start()
                 print(
                     f"LivePerceiver {settings.mode}: in {session.midi_in.name!r}, out {session.midi_out.name!r}",
@@ -121,7 +130,7 @@ def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> 
                 )
                 print(f"journal: {session.recorder.path}  (Ctrl-C to stop and save)", flush=True)
                 shown = 0  # headless, the session's log goes to stdout (port lost, model errors, ...)
-                while not done.wait(LOG_POLL_S):
+                while not stop.wait(LOG_POLL_S):
                     gone = session.midi_gone()  # read before printing: its line is in the log by then
                     shown = _print_new_log_lines(session, shown)
                     if gone:
@@ -129,9 +138,19 @@ def run_play(args, front_end: Callable[[LiveSession], object] | None = None) -> 
                         break
             else:
                 session.start()
-                front_end(session)  # its quit closes the session the same way (Session.close's default)
+                front_end(session, stop)  # its quit closes the session the same way (Session.close's default)
         finally:
             saved = session.close()
+    for line in session.close_warnings:  # the UI that showed them is gone; headless stopped printing
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     if saved:
         print(f"saved {saved}", flush=True)
+    else:
+        journal = session.recorder.path
+        print(
+            f"no MIDI file saved: the take is in {journal} (`liveperceiver recover {journal.parent} -o take.mid`)",
+            file=sys.stderr,
+            flush=True,
+        )
+        code = EXIT_NOT_SAVED
     exit_now(code)

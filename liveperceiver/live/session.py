@@ -41,7 +41,9 @@ Other threads reach the engine thread only through typed commands (commands.py) 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import itertools
 import queue
 import threading
 import time
@@ -67,10 +69,21 @@ JOIN_WAIT_S = 0.5  # close(): time the input and engine threads get to finish
 
 
 def default_session_dir() -> Path:
+    """A new directory for a session, named by when it starts (-2, -3, ... for another started in
+    the same second), made here so that no other session takes it."""
     import platformdirs
 
+    sessions = Path(platformdirs.user_data_dir("liveperceiver")) / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(platformdirs.user_data_dir("liveperceiver")) / "sessions" / stamp
+    for number in itertools.count(1):
+        directory = sessions / (stamp if number == 1 else f"{stamp}-{number}")
+        try:
+            directory.mkdir()
+            return directory
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 class Session:
@@ -160,10 +173,14 @@ class Session:
         self.info(f"engine: {engine.device.type}, {engine.precision}{measured}")
         t0 = time.monotonic()
         try:
-            self.recorder = Recorder(session_dir or default_session_dir(), origin=t0)
+            self.recorder = Recorder(session_dir or default_session_dir(), origin=t0, warn=self.warn)
         except OSError as error:
             self._close_ports()
-            raise UserError(f"{session_dir}: cannot write the session journal ({error.strerror or error})") from None
+            where = session_dir or "the default session directory"
+            raise UserError(f"{where}: cannot write the session journal ({error.strerror or error})") from None
+        except UserError:  # the directory is another session's
+            self._close_ports()
+            raise
         self.record_path = Path(record_path) if record_path else None
         self.scheduler = Scheduler(
             self.midi_out.send, settings, on_sent=self._on_sent, log=self.warn, on_wake=self.midi_out.catch_up
@@ -173,6 +190,7 @@ class Session:
         self.stopping = threading.Event()
         self.closed = False
         self.saved_path: Path | None = None  # the take's MIDI file, once close() saved it
+        self.close_warnings: list[str] = []  # what close() could not do (a file not written)
         self.input_filter = InputFilter(
             self._current_settings,
             self.scheduler,
@@ -221,7 +239,8 @@ class Session:
             try:
                 self.timekeeper.link = self._new_link(settings)
             except BaseException:
-                self.recorder.close()
+                with contextlib.suppress(OSError):  # the link's error is the one to tell
+                    self.recorder.close()
                 self._close_ports()
                 raise
 
@@ -384,18 +403,32 @@ class Session:
         last_sent = time.monotonic()
         saved = None
         try:
-            saved = self.saved_path = self.recorder.save(self.record_path)
-            if self.record_path is not None:
-                self.recorder.save()
-        except UserError as error:
-            self.warn(str(error))
+            # session.mid first, beside the journal; then --record's file, whose failure keeps neither
+            # from being written (each failure a warning in the log, which play prints after this)
+            written, failures = self.recorder.save_all([None, self.record_path] if self.record_path else [None])
+            for failure in failures:
+                self._close_warning(failure)
+            if written:
+                saved = self.saved_path = written[-1]  # --record's file when it was written
         finally:
             # the last note-offs must leave before the port goes: JACK sends them in its next process
             # cycle, which a starved machine can delay by tens of milliseconds (saving overlaps this)
             time.sleep(max(0.0, last_sent + DELIVERY_WAIT_S - time.monotonic()))
-            self.recorder.close()
-            self._close_ports(release_ports)
+            try:
+                self.recorder.close()
+            except OSError as error:
+                self._close_warning(
+                    f"{self.recorder.path}: the journal could not be finished ({error.strerror or error})"
+                )
+            finally:
+                self._close_ports(release_ports)
         return saved
+
+    def _close_warning(self, line: str) -> None:
+        """A warning while closing (a file not written): in the log, and in `close_warnings` for the
+        entry point to print once the UI is gone."""
+        self.close_warnings.append(line)
+        self.warn(line)
 
     def _close_ports(self, release_ports: bool = True) -> None:
         """Stop using the ports, then the watch of their JACK server. JACK ports and the watch are

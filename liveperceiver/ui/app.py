@@ -9,6 +9,7 @@ preset, listing ports) runs in a worker thread, so a slow terminal or disk never
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -202,10 +203,17 @@ class LivePerceiverApp(App):
     ]
 
     def __init__(
-        self, session: LiveSession, clock: Callable[[], float] = time.monotonic, presets: list | None = None
+        self,
+        session: LiveSession,
+        clock: Callable[[], float] = time.monotonic,
+        presets: list | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        """`stop`: set by the entry point's signal handlers (SIGTERM, SIGHUP: a closed terminal or
+        ssh connection); the next frame quits as `q` does (notes off, saved)."""
         super().__init__()
         self.session = session
+        self.stop = stop
         self.clock = clock
         self.started = clock()
         self.presets = presets
@@ -287,6 +295,8 @@ class LivePerceiverApp(App):
     def _frame(self) -> None:
         """The timer's frame: the roll always, the text panels every TEXT_EVERY frames."""
         self.frames += 1
+        if self.stop is not None and self.stop.is_set() and not self.quitting:
+            self.run_worker(self.action_quit())
         self.refresh_view(text_panels=self.frames % TEXT_EVERY == 0)
 
     def refresh_view(self, text_panels: bool = True) -> None:
@@ -544,11 +554,12 @@ class LivePerceiverApp(App):
 # --------------------------------------------------------------------------- entry point
 
 
-def run_ui(session: LiveSession) -> Path | None:
-    """Run the UI over a started session until the player quits; returns the saved MIDI file.
+def run_ui(session: LiveSession, stop: threading.Event | None = None) -> Path | None:
+    """Run the UI over a started session until the player quits, or `stop` is set; returns the
+    saved MIDI file.
 
     `liveperceiver` and `liveperceiver play` (without --headless) pass this to `play.run_play` as
-    its front end: it builds and starts the session, calls this, then leaves through its one exit
-    (closing twice is safe).
+    its front end: it builds and starts the session, sets `stop` on SIGTERM and SIGHUP, calls this,
+    then leaves through its one exit (closing twice is safe).
     """
-    return LivePerceiverApp(session).run()
+    return LivePerceiverApp(session, stop=stop).run()
