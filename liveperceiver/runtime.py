@@ -123,10 +123,12 @@ def realtime_switch_interval(interval_s: float = REALTIME_SWITCH_INTERVAL_S) -> 
 def stop_event_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> threading.Event:
     """An event set by any of `signums`, for a loop (headless play) or a front end (the UI) that then
     stops cleanly: notes off, the take saved (only the main thread may install handlers, so only an
-    entry point calls this)."""
+    entry point calls this). A signal the process was started ignoring stays ignored: `nohup
+    liveperceiver play --headless` must outlive its terminal (SIGHUP)."""
     done = threading.Event()
     for signum in signums:
-        signal.signal(signum, lambda *_: done.set())
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, lambda *_: done.set())
     return done
 
 

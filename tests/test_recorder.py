@@ -1,10 +1,12 @@
 """The recorder never loses a take: a journal write that fails (a full disk) keeps what the disk
 refused and writes it later, a save writes every file it can, a held note or pedal ends where the
-take ends, a session directory used again keeps every earlier file, and two recorders never share
-a directory. Real files throughout; the full disk is a real file-size limit in a child process."""
+take ends, a session directory used again keeps every earlier file, two recorders never share a
+directory, and a closed terminal (SIGHUP) stops `play` so that it saves, unless run under nohup.
+Real files throughout; the full disk is a real file-size limit in a child process."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -130,3 +132,32 @@ def test_two_recorders_never_share_a_session_folder(tmp_path):
         first.close()
     Recorder(tmp_path / "s", origin=0.0).close()  # free again once the first is closed
     assert (tmp_path / "s" / "take-1.txt").exists()
+
+
+STOP_SIGNALS = textwrap.dedent(
+    """
+    import signal
+    from liveperceiver.live.play import STOP_SIGNALS
+    from liveperceiver.runtime import stop_event_on_signals
+
+    stop = stop_event_on_signals(STOP_SIGNALS)
+    signal.raise_signal(signal.SIGHUP)
+    print(stop.is_set())
+    """
+)
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["in a terminal", "under nohup"])
+def test_sighup_stops_play_cleanly_unless_it_was_started_ignoring_it(ignored):
+    """SIGHUP (a closed terminal) stops `play` as Ctrl-C does, but `nohup liveperceiver play` must
+    outlive its terminal: a signal ignored at start stays ignored."""
+
+    def start() -> None:
+        if ignored:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    result = subprocess.run(
+        [sys.executable, "-c", STOP_SIGNALS], capture_output=True, text=True, timeout=60, preexec_fn=start
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("False" if ignored else "True")
