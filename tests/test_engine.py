@@ -70,6 +70,24 @@ def test_deep_rollback_below_the_buffer_base(tiny_model):
     assert max_difference(tiny_model, engine) < 1e-4
 
 
+@pytest.mark.parametrize("num_latents", [1, "4:8"])
+def test_a_reset_after_a_rebase_then_a_stream_past_the_old_base(tiny_model, num_latents):
+    """A session reset (truncate to 0) after its buffer was rebased, then the player plays on past the
+    old base before the next step: the buffer rows from 0 must be written again (found by a review:
+    every step raised until about 4,000 more tokens)."""
+    engine = Engine(tiny_model, device=TEST_DEVICE, num_latents=num_latents, sampling=SamplingSettings(seed=1))
+    engine.append([token for token in range(0, 388, 3)] * 80)
+    engine.step()
+    old_base = engine._base
+    assert old_base > 0
+    engine.reset()
+    for index in range(old_base + 8 + engine.prefix_cap):
+        engine.append([index * 7 % 388])
+    assert max_difference(tiny_model, engine) < 1e-4
+    engine.step()
+    assert max_difference(tiny_model, engine) < 1e-4
+
+
 def test_same_seed_same_output(tiny_model):
     outputs = []
     for _ in range(2):

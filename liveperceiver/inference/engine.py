@@ -375,10 +375,10 @@ class Engine:
 
     @torch.inference_mode()
     def prepare(self) -> None:
-        """Do now what the next step would do before its logits: re-anchor if it must, and run the
-        rows of the tokens appended since. The live engine thread calls it when it has nothing due
-        (ahead of playback, or waiting for the player), so that a re-anchoring, MIN rows at once,
-        is paid in idle time and not when a token is due."""
+        """Do now what a step would do before its logits: re-anchor if it must (at today's length), and
+        run the rows appended since. The live engine thread calls it with nothing due, so a re-anchoring
+        (MIN rows) is paid in idle time. Tokens appended after it (the player's) grow the window it
+        anchored (window.py's schedule would re-anchor after them): at most MAX latents, exact still."""
         if self.tokens and self.exact_tables and self.latents.max > 1:
             self._advance()
         if self.dynamic is not None:
@@ -497,9 +497,9 @@ class Engine:
         )
 
     def _prepare_rows(self, start: int, anchor: int, end: int) -> None:
-        """Make the buffer rows of positions [start, anchor) prefix rows and [anchor, end) latent
-        rows, writing only rows that are not so yet (after a rebase: all of them)."""
-        if start < self._base or end > self._base + self.capacity:
+        """Make the buffer rows of positions [start, anchor) prefix rows and [anchor, end) latent rows,
+        writing only rows not so yet (after a rebase, which a rollback below the base also asks: all)."""
+        if start < self._base or end > self._base + self.capacity or self._kv_upto < self._base:
             self._base = max(0, end - self.config.max_seq_len)
             self._ids_upto = self._kv_upto = self._keys_upto = self._base
         base = self._base

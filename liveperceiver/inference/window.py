@@ -12,7 +12,10 @@ The schedule, exactly (tests/test_window.py checks it against perceiver-io's own
 before predicting the token at stream position L from tokens[0:L], if there is no anchor yet, or
 L - anchor > MAX, or anchor >= L (after a rollback), the anchor becomes max(0, L - MIN). The latents
 are tokens[anchor:L], the prefix the at most `prefix_cap` tokens before the anchor. `N` alone is `N:N`:
-the anchor moves every step, today's sliding window.
+the anchor moves every step, today's sliding window. In a live session the engine may apply it early:
+`Engine.prepare` re-anchors in idle time at the stream's length then, and the player's tokens that
+arrive before the next step grow that window (to at most MAX latents) instead of re-anchoring after
+them, so a live window can hold more latents than the schedule's; every step stays exact over its own.
 
 Pure Python: the CLI parses windows without importing torch.
 """
