@@ -123,11 +123,12 @@ def realtime_switch_interval(interval_s: float = REALTIME_SWITCH_INTERVAL_S) -> 
 def stop_event_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> threading.Event:
     """An event set by any of `signums`, for a loop (headless play) or a front end (the UI) that then
     stops cleanly: notes off, the take saved (only the main thread may install handlers, so only an
-    entry point calls this). A signal the process was started ignoring stays ignored: `nohup
-    liveperceiver play --headless` must outlive its terminal (SIGHUP)."""
+    entry point calls this). A SIGHUP the process was started ignoring stays ignored: `nohup
+    liveperceiver play --headless` must outlive its terminal. (SIGINT is ignored too in a job a
+    script starts in the background, and there it must still stop the session.)"""
     done = threading.Event()
     for signum in signums:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
+        if signum != getattr(signal, "SIGHUP", None) or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, lambda *_: done.set())
     return done
 

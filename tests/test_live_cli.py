@@ -34,6 +34,10 @@ pytestmark = [pytest.mark.jack, pytest.mark.usefixtures("jack_server")]
 TINY = str(MODEL_GOLDEN / "tiny-a")
 
 
+def hangup_as_default() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start_play(session_dir, *extra: str) -> subprocess.Popen:
     """`liveperceiver play --headless` in duet mode with a seeded preset and the shipped default model
     (the random tiny model can sample nothing but silence for many seconds); output goes to files."""
@@ -43,7 +47,10 @@ def start_play(session_dir, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "liveperceiver", "play", "--headless", "--midi-api", "jack"]
     command += ["--preset", str(preset), "--session-dir", str(session_dir), "--silence-ms", "200", *extra]
     stdout = open(session_dir.parent / "play.out", "w")  # noqa: SIM115 - a pipe nobody reads could block it
-    process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+    # as from a terminal, whatever runs the tests (nohup gives its children SIGHUP ignored, which play keeps)
+    process = subprocess.Popen(
+        command, stdout=stdout, stderr=subprocess.STDOUT, text=True, preexec_fn=hangup_as_default
+    )
     # every poll opens and closes two JACK clients (libjack's races): poll every 50 ms, not 5
     if not wait_for(lambda: ports.VIRTUAL_OUT in " ".join(ports.list_ports("jack")[0]), timeout=30, step=0.05):
         process.kill()  # seen once in a full run: say what play printed, it is gone with the tmp dir later

@@ -182,6 +182,38 @@ def test_panic_ends_every_note_and_sends_all_notes_off(make_scheduler):
     assert unpaired(sent) == [] and scheduler.pending_count() == 0
 
 
+def test_panic_lets_up_the_player_s_notes_and_pedal_passed_thru(make_scheduler):
+    """Panic is for a note-off lost on the way: the player's keys and pedal passed thru end too."""
+    scheduler, wire, _ = make_scheduler(out_channel=1)
+    for message in ([0xB1, 64, 127], [0x91, 60, 90], [0x91, 64, 90], [0x81, 64, 0]):
+        scheduler.send_raw(message)
+    assert wait_for(lambda: len(wire.sent()) == 4)
+    scheduler.panic()
+    assert wait_for(lambda: [0xB0, 123, 0] in wire.sent())
+    assert wire.sent()[4:] == [[0x81, 60, 0], [0xB1, 64, 0], [0xB0, 123, 0]]
+    assert unpaired(wire.sent()) == []
+
+
+def test_a_failing_wake_up_call_loses_none_of_the_player_s_messages(make_scheduler):
+    """`on_wake` (the output's catch-up) runs before the turn's thru messages: if it raises, they
+    must still go out, and the failure is said once, not at every turn."""
+    wire, logs = Wire(), []
+
+    def fail() -> None:
+        raise OSError("port vanished")
+
+    scheduler = Scheduler(wire.send, Settings(), log=logs.append, on_wake=fail)
+    scheduler.start()
+    for message in ([0xB0, 64, 127], [0x90, 60, 90], [0x80, 60, 0], [0xB0, 64, 0]):
+        scheduler.send_raw(message)
+        time.sleep(0.02)
+    assert wait_for(lambda: len(wire.sent()) == 4), wire.sent()
+    sent = closed(scheduler, wire)
+    assert sent[:4] == [[0xB0, 64, 127], [0x90, 60, 90], [0x80, 60, 0], [0xB0, 64, 0]]
+    assert unpaired(sent) == []
+    assert [line for line in logs if "catch-up failed" in line] == ["output catch-up failed: port vanished"]
+
+
 def test_the_watchdog_cuts_a_note_whose_off_never_comes(make_scheduler):
     scheduler, wire, logs = make_scheduler(max_note_seconds=0.5)
     scheduler.schedule(notes((0.01, True, 60), (0.01, True, 62), (0.1, False, 62), (3.0, False, 60)))

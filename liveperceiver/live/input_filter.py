@@ -52,20 +52,23 @@ class EchoMemory:
     def __init__(self, window_s: float = FEEDBACK_WINDOW_S, size: int = 256) -> None:
         self.window_s = window_s
         self.lock = threading.Lock()
-        self.recent: deque[tuple[float, bool, int, int]] = deque(maxlen=size)  # (time, is_on, pitch, velocity)
+        # (time, is_on, channel, pitch, velocity)
+        self.recent: deque[tuple[float, bool, int, int, int]] = deque(maxlen=size)
 
-    def sent(self, when: float, is_on: bool, pitch: int, velocity: int) -> None:
+    def sent(self, when: float, is_on: bool, channel: int, pitch: int, velocity: int) -> None:
         with self.lock:
-            self.recent.append((when, is_on, pitch, velocity))
+            self.recent.append((when, is_on, channel, pitch, velocity))
 
-    def is_echo(self, when: float, is_on: bool, pitch: int, velocity: int) -> bool:
-        """A routed-back copy of a note we sent: same pitch and kind within the window, and for a
-        note-on the same velocity (a player striking that key right then almost never matches it).
-        Each note sent explains one echo at most."""
+    def is_echo(self, when: float, is_on: bool, channel: int, pitch: int, velocity: int) -> bool:
+        """A routed-back copy of a note we sent: same channel, pitch and kind within the window, and
+        for a note-on the same velocity (a player striking that key right then almost never matches
+        it). Each note sent explains one echo at most. The caller never asks it about the release of
+        a key the player holds (InputFilter.hear): that note-off is the player's."""
         with self.lock:
-            for index, (sent, sent_on, sent_pitch, sent_velocity) in enumerate(self.recent):
+            for index, (sent, sent_on, sent_channel, sent_pitch, sent_velocity) in enumerate(self.recent):
+                same_note = sent_channel == channel and sent_pitch == pitch and sent_on == is_on
                 same_velocity = sent_velocity == velocity or not is_on
-                if sent_pitch == pitch and sent_on == is_on and same_velocity and 0 <= when - sent <= self.window_s:
+                if same_note and same_velocity and 0 <= when - sent <= self.window_s:
                     del self.recent[index]
                     return True
         return False
@@ -77,7 +80,8 @@ class InputFilter:
 
     Threads: owned by the input thread, which alone writes `last_activity` (a float the engine
     thread only reads), `midi_gone` (set once; the caller's thread reads it through
-    Session.midi_gone), `last_port_check`, `last_tempo_log` and `clock_source_shown`. It feeds
+    Session.midi_gone), `last_port_check`, `last_tempo_log`, `clock_source_shown`, `pedals_down`,
+    `thru_keys` and `thru_pedals`. It feeds
     `timekeeper.clock`; the player's keys, pedal and counters go to `shared` under its lock;
     `echoes` has a lock of its own (the scheduler thread writes it)."""
 
@@ -104,6 +108,11 @@ class InputFilter:
         self.clock_source_shown = FREE  # the clock source last logged
         self.jack_server = jack_server  # the session's watch of its JACK server (None: not on JACK)
         self.midi_gone: str | None = None  # the line that said the MIDI system went away, once logged
+        # What was taken down and must be let up whatever the settings say now (thru turned off, or
+        # another input channel, while a key or the pedal is down): see `_ends_what_was_taken`, `_thru`
+        self.pedals_down: set[int] = set()  # channels whose pedal went down through this filter
+        self.thru_keys: set[tuple[int, int]] = set()  # (channel, pitch) passed thru, not released yet
+        self.thru_pedals: set[int] = set()  # channels whose pedal went down thru
 
     @property
     def settings(self) -> Settings:
@@ -180,12 +189,14 @@ class InputFilter:
         if len(message) < 3 or kind not in (0x80, 0x90, 0xB0) or any(b > 127 for b in message[1:3]):
             return
         settings = self.settings
-        if settings.in_channel and channel != settings.in_channel - 1:
-            return
         number, value = message[1], message[2]
+        if settings.in_channel and channel != settings.in_channel - 1:
+            if not self._ends_what_was_taken(kind, channel, number, value):
+                return
         shared = self.shared
         if kind == 0xB0:
             if number == 64:
+                (self.pedals_down.add if value >= 64 else self.pedals_down.discard)(channel)
                 self._player(when, message, PlayerPedal(when, value, channel))
                 with shared.lock:
                     shared.pedal_down = value >= 64
@@ -199,10 +210,11 @@ class InputFilter:
                     self._player(when, [0x80 | held_channel, pitch, 0], PlayerNoteOff(when, pitch, held_channel))
             return
         is_on = kind == 0x90 and value > 0
-        if self.echoes.is_echo(when, is_on, number, value):
-            with shared.lock:
-                shared.suppressed += 1
-            return
+        if is_on or not self._holds(channel, number):  # the release of a held key is the player's
+            if self.echoes.is_echo(when, is_on, channel, number, value):
+                with shared.lock:
+                    shared.suppressed += 1
+                return
         if is_on:
             if settings.mode == "call":  # barge-in: the answer stops at once
                 tag, _ = self.scheduler.silence()
@@ -218,11 +230,36 @@ class InputFilter:
                 shared.held.discard((channel, number))
             self._player(when, message, PlayerNoteOff(when, number, channel))
 
+    def _holds(self, channel: int, pitch: int) -> bool:
+        with self.shared.lock:
+            return (channel, pitch) in self.shared.held
+
+    def _ends_what_was_taken(self, kind: int, channel: int, number: int, value: int) -> bool:
+        """The release of a key or pedal taken before the input channel changed: it still ends (else
+        the key stays held, and call mode waits for it forever)."""
+        if kind == 0xB0:
+            return number == 64 and value < 64 and channel in self.pedals_down
+        return (kind == 0x80 or value == 0) and self._holds(channel, number)
+
+    def _thru(self, message: list[int]) -> bool:
+        """Whether to pass `message` thru: when asked, and always the release of a key or pedal that
+        went thru (thru turned off meanwhile, by hand or by a preset, would leave it held)."""
+        kind, channel = message[0] & 0xF0, message[0] & 0x0F
+        down = message[2] >= 64 if kind == 0xB0 else kind == 0x90 and message[2] > 0
+        taken, item = (self.thru_pedals, channel) if kind == 0xB0 else (self.thru_keys, (channel, message[1]))
+        if self.settings.thru:
+            (taken.add if down else taken.discard)(item)
+            return True
+        if not down and item in taken:
+            taken.discard(item)
+            return True
+        return False
+
     def _player(self, when: float, message: list[int], event: PlayerEvent) -> None:
         """The player's note or pedal: journal, thru, the roll and the count, then the engine thread."""
         self.last_activity = when
         self.recorder.record(PLAYER, when, message)
-        if self.settings.thru:
+        if self._thru(message):
             self.scheduler.send_raw(list(message))
         if not isinstance(event, PlayerPedal):
             is_on = isinstance(event, PlayerNoteOn)

@@ -165,6 +165,8 @@ class Scheduler:
         self.pending: list[OutNote] = []  # heap, guarded by cond
         self.raw: deque[list[int]] = deque()  # thru messages and panic CCs, sent as soon as possible
         self.off_requests = 0  # incremented by silence(); the thread answers with all notes off
+        self.thru_release_requests = 0  # incremented by panic(); the thread lets the thru notes and pedal up
+        self.wake_failed = False  # on_wake raised at the last turn (said once); thread-owned
         self.last_tag = -1  # highest tag of the events taken for sending (guarded by cond)
         self.epoch = 0  # bumped by silence(); schedule() drops notes planned in an older epoch
         self.sounding: dict[int, Sounding] = {}  # model pitch -> what was sent; thread-owned
@@ -225,9 +227,11 @@ class Scheduler:
             return self.last_tag
 
     def panic(self) -> None:
-        """All sounding notes off plus CC123 (all notes off) on the output channel."""
+        """All sounding notes off, the player's notes and pedal passed thru let up (panic is for a
+        note-off lost on the way), plus CC123 (all notes off) on the output channel."""
         self.silence()
         with self.cond:
+            self.thru_release_requests += 1
             self.raw.append([0xB0 | (self.settings.out_channel - 1), 123, 0])
             self.cond.notify()
 
@@ -269,7 +273,7 @@ class Scheduler:
     # ----------------------------------------------------------------- the thread
 
     def _run(self) -> None:
-        self.seen_off_requests = 0
+        self.seen_off_requests = self.seen_thru_release_requests = 0
         self.priority = raise_thread_priority()
         self.started.set()
         try:
@@ -277,13 +281,7 @@ class Scheduler:
                 pass
         finally:
             self._all_off()
-            for channel, pitch in list(self.thru_sounding):
-                self._emit([0x80 | channel, pitch, 0], model=False)
-            self.thru_sounding.clear()
-            # a pedal left down would sustain the notes just ended (all notes off spares held notes)
-            for channel in sorted(self.thru_pedal):
-                self._emit([0xB0 | channel, 64, 0], model=False)
-            self.thru_pedal.clear()
+            self._release_thru()
             if self.sent_on:
                 # A note-off lost on the way (an overloaded JACK drops messages) would leave the
                 # synth holding a note that was closed here: all notes off on the output channel.
@@ -297,10 +295,12 @@ class Scheduler:
                 self.raw.clear()
                 off_wanted = self.off_requests != self.seen_off_requests
                 self.seen_off_requests = self.off_requests
+                release_thru = self.thru_release_requests != self.seen_thru_release_requests
+                self.seen_thru_release_requests = self.thru_release_requests
                 running = self.running
                 note = generation = None
                 freeze = False
-                if running and not raw and not off_wanted:
+                if running and not raw and not off_wanted and not release_thru:
                     now = time.monotonic()
                     wake = self._watchdog_deadline(now)
                     if self.pending and self.pending[0].time - now <= SPIN_S:
@@ -321,9 +321,17 @@ class Scheduler:
                 if freeze and generation == 2 and took is not None:
                     freeze_collected()
             if self.on_wake is not None:
-                self.on_wake()
+                try:  # before the player's messages taken this turn: a failure must not lose them
+                    self.on_wake()
+                    self.wake_failed = False
+                except Exception as error:
+                    if not self.wake_failed:  # once, not at every turn
+                        self.log(f"output catch-up failed: {error}")
+                    self.wake_failed = True
             if off_wanted:
                 self._all_off()
+            if release_thru:
+                self._release_thru()
             for message in raw:
                 self._send_raw(message)
             self._watchdog(time.monotonic())
@@ -362,6 +370,16 @@ class Scheduler:
                 return  # already cut (watchdog, silence) or never sent (out of range)
             sent = self._off(note.pitch)
         (self.lateness if note.late else self.jitters).append(sent - note.time)
+
+    def _release_thru(self) -> None:
+        """The player's notes passed thru off, then their pedal up: a pedal left down would sustain
+        the notes just ended (all notes off spares held notes)."""
+        for channel, pitch in list(self.thru_sounding):
+            self._emit([0x80 | channel, pitch, 0], model=False)
+        self.thru_sounding.clear()
+        for channel in sorted(self.thru_pedal):
+            self._emit([0xB0 | channel, 64, 0], model=False)
+        self.thru_pedal.clear()
 
     def _off(self, model_pitch: int) -> float:
         sounding = self.sounding.pop(model_pitch)

@@ -478,7 +478,7 @@ class Session:
         is_note = status in (0x80, 0x90) and len(message) == 3
         is_on = is_note and status == 0x90 and message[2] > 0
         if is_note:
-            self.input_filter.echoes.sent(when, is_on, message[1], message[2])
+            self.input_filter.echoes.sent(when, is_on, message[0] & 0x0F, message[1], message[2])
         if not model:
             return  # thru: the player's own notes, already journaled as the player's
         self.recorder.record(MODEL, when, message)
