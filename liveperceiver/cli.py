@@ -27,6 +27,7 @@ def lazy(module: str, function: str) -> Callable[[argparse.Namespace], object]:
 
 
 # engine.WEIGHTS, spelled out here so that building the parser does not import torch
+MAX_CONTINUE_SECONDS = 3600  # `continue --seconds`: an hour of music
 WEIGHTS = ("auto", "float32", "int8", "float16", "bfloat16", "blocked")
 
 # --------------------------------------------------------------------------- tokenize / detokenize
@@ -294,18 +295,20 @@ def read_prompt(path: Path) -> list[int]:
 
 def run_continue(args: argparse.Namespace) -> None:
     from liveperceiver.core.checkpoint import load_model
-    from liveperceiver.core.errors import atomic_output
+    from liveperceiver.core.errors import atomic_output, check_outputs
     from liveperceiver.inference.continuation import generate, write_continuation
     from liveperceiver.inference.engine import DTYPES, Engine
-    from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
+    from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag, check_sampling_flags
     from liveperceiver.inference.sampling import Constraints, SamplingSettings
     from liveperceiver.inference.window import window_flag
     from liveperceiver.runtime import checked_device, configure_inference
 
+    check_outputs([args.output, args.tokens_out, args.wav], [args.prompt])
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    if args.seconds is not None and args.seconds <= 0:
-        raise UserError(f"--seconds {args.seconds} must be > 0")
+    if args.seconds is not None and not 0 < args.seconds <= MAX_CONTINUE_SECONDS:
+        raise UserError(f"--seconds {args.seconds:g} must be > 0 and at most {MAX_CONTINUE_SECONDS} (an hour)")
+    check_sampling_flags(args)
     check_key_follow_flag(args.key_follow)
     check_follow_flags(args)
     num_latents = window_flag("--num-latents", args.num_latents)

@@ -28,8 +28,9 @@ def set_torch_threads(threads: int) -> None:
     spin-waits made steps 10x slower."""
     import torch
 
-    if threads < 1:
-        raise ValueError(f"threads {threads} must be >= 1")
+    most = 4 * (os.cpu_count() or 1)  # far more crashed torch (100,000: a segfault)
+    if not 1 <= threads <= most:
+        raise ValueError(f"threads {threads} must be 1 .. {most} (4 per processor here)")
     torch.set_num_threads(threads)
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -148,3 +149,18 @@ def chorale_tokens() -> list[int]:
 
     [(_, data)] = _score_to_midis(music21_corpus_dir() / "bach" / "bwv1.6.mxl")
     return encode_midi(pretty_midi.PrettyMIDI(io.BytesIO(data)))
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`liveperceiver ARGS` as a user runs it, in `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "liveperceiver", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The one line a user's mistake gets (exit 2, no traceback)."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]

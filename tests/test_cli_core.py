@@ -73,7 +73,11 @@ def test_continue_seconds_and_no_prompt(tmp_path):
             "unknown model",
         ),
         (lambda d: None, ["continue", str(TOKENIZER_GOLDEN / "v_basic.mid"), "--model", "{d}"], "no config.json"),
-        (lambda d: None, ["continue", str(TOKENIZER_GOLDEN / "v_basic.mid"), "--model", TINY, "--top-p", "2"], "top_p"),
+        (
+            lambda d: None,
+            ["continue", str(TOKENIZER_GOLDEN / "v_basic.mid"), "--model", TINY, "--top-p", "2"],
+            "--top-p",
+        ),
         (lambda d: (d / "t.json").write_text("[1, 2, 999]"), ["detokenize", "{d}/t.json"], "999"),
     ],
 )

@@ -4,28 +4,12 @@ and a journal with a few unreadable lines is recovered with a warning naming the
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import mido
+from conftest import cli, one_line_error
 
 from liveperceiver.live.recorder import Recorder
 
 HEADER = "LPJ1 2026-01-01T12:00:00+00:00\n"
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "liveperceiver", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_render_of_a_session_without_notes_is_refused(tmp_path):

@@ -132,7 +132,7 @@ def test_unknown_top_level_key_and_section(tmp_path):
     [
         ("[sampling]\ntop_k = true\n", "sampling.top_k", "388"),  # a bool is not an int
         ("[sampling]\ntop_k = 2.5\n", "sampling.top_k", "388"),
-        ('[sampling]\ntemperature = "hot"\n', "sampling.temperature", "temperature <= 5"),
+        ('[sampling]\ntemperature = "hot"\n', "sampling.temperature", "0.01 .. 5"),
         ("[timing]\nquantize = 8\n", "timing.quantize", "1/16"),
         ("[input]\nthru = 1\n", "input.thru", "true or false"),
         ("mode = 1\n", "mode", "duet"),
@@ -151,7 +151,7 @@ def test_int_is_accepted_for_float(tmp_path):
 @pytest.mark.parametrize(
     "text, key, allowed",
     [
-        ("[sampling]\ntemperature = 9.0\n", "sampling.temperature", "0 < temperature <= 5"),
+        ("[sampling]\ntemperature = 9.0\n", "sampling.temperature", "0.01 .. 5"),
         ("[output]\nout_channel = 17\n", "output.out_channel", "1 .. 16"),
         ('mode = "solo"\n', "mode", "call, duet, listen"),
         ('[timing]\nquantize = "1/5"\n', "timing.quantize", "1/8t"),

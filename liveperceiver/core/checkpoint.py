@@ -134,15 +134,20 @@ def build_model(config: PerceiverARConfig, state: dict[str, torch.Tensor] | None
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         raise UserError(f"{path}: cannot read checkpoint config ({error})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: not a checkpoint config (a JSON object)")
+    return values
 
 
-def _config_from(values: dict, source: str) -> PerceiverARConfig:
+def _config_from(values: object, source: str) -> PerceiverARConfig:
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: invalid model config (not a JSON object)")
     try:
         return PerceiverARConfig.from_dict(values)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ZeroDivisionError) as error:
         raise UserError(f"{source}: invalid model config ({error})") from None
 
 

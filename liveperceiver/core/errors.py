@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,13 +29,67 @@ def _new_sibling(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
+def check_outputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None] = ()) -> None:
+    """Before a command's work, in one line each: an output that is one of its inputs (it would be
+    overwritten), a folder, named for two outputs, or under a file instead of a folder. So a mistake
+    costs neither a file nor a run (`continue` wrote its MIDI file before finding its --wav path bad)."""
+    given = [Path(path) for path in outputs if path is not None]
+    sources = [Path(path) for path in inputs if path is not None]
+    for index, output in enumerate(given):
+        if output.is_dir():
+            raise UserError(f"{output}: is a folder; give a file name")
+        for source in sources:
+            if _same_file(output, source):
+                raise UserError(f"{output}: is the input {source}, which it would overwrite; give another file name")
+        for earlier in given[:index]:
+            if _same_file(output, earlier):
+                raise UserError(f"{output}: named for two outputs; give each its own file")
+        _folder_for(output)
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
+
+
+def _folder_for(path: Path) -> None:
+    """UserError of one line if a file stands where a folder of `path` must be."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{path}: {folder} is a file, not a folder")
+
+
+def _written_path(path: str | Path) -> Path:
+    """Where a write to `path` lands: a symbolic link's target (the link stays a link), its folders
+    made; a file in the way of a folder is one line."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    _folder_for(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _in_place(path: Path) -> bool:
+    """A path that exists and is no regular file (/dev/null, a named pipe): written into as it is,
+    never replaced by a renamed file (which would turn a device into a plain file)."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 @contextmanager
 def atomic_output(path: str | Path, mode: str = "wb") -> Iterator:
     """Write a file via a temporary sibling and rename it into place, so a failure leaves nothing behind.
     The file gets the permissions a plain open() would give it. Its bytes reach the disk before the
-    rename: else a power cut soon after could leave the new name on an empty file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    rename: else a power cut soon after could leave the new name on an empty file. A symbolic link
+    is written through; a device or named pipe is written into (`_in_place`)."""
+    path = _written_path(path)
+    if _in_place(path):
+        with open(path, mode) as file:
+            yield file
+        return
     handle, temporary = _new_sibling(path)
     try:
         with os.fdopen(handle, mode) as file:
@@ -50,9 +106,16 @@ def atomic_output(path: str | Path, mode: str = "wb") -> Iterator:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """atomic_output for writers that take a file name (FluidSynth, safetensors): they write the
     yielded temporary path, which then replaces `path`. A writer that replaces the file instead of
-    writing into it (safetensors renames its own private 0600 file over it) gets open()'s mode back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writing into it (safetensors renames its own private 0600 file over it) gets open()'s mode back.
+    A device or named pipe at `path` gets the finished file's bytes copied into it."""
+    path = _written_path(path)
+    if _in_place(path):
+        with tempfile.TemporaryDirectory(prefix="liveperceiver-") as scratch:
+            temporary = Path(scratch) / path.name
+            yield temporary
+            with open(temporary, "rb") as source, open(path, "wb") as target:
+                shutil.copyfileobj(source, target)
+        return
     handle, temporary = _new_sibling(path)
     try:
         mode = os.fstat(handle).st_mode & 0o7777

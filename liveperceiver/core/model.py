@@ -44,6 +44,8 @@ class PerceiverARConfig:
     init_scale: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.num_channels < 1:
+            raise ValueError(f"num_heads ({self.num_heads}) and num_channels ({self.num_channels}) must be >= 1")
         if self.num_channels % self.num_heads:
             raise ValueError(f"num_channels ({self.num_channels}) must be divisible by num_heads ({self.num_heads})")
         if not 0 < self.max_latents <= self.max_seq_len:

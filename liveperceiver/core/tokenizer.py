@@ -26,7 +26,7 @@ from pathlib import Path
 import pretty_midi
 
 from liveperceiver.core import vocab
-from liveperceiver.core.errors import UserError, atomic_output
+from liveperceiver.core.errors import UserError, atomic_output, check_outputs
 
 # music21 writes 10,080 ticks per quarter and a session recording one tick per ms, so long pieces pass
 # pretty_midi's MAX_TICK (10^7; it guards the tick -> time table it allocates, 8 bytes per tick).
@@ -299,7 +299,7 @@ def read_token_file(path: Path) -> list[int]:
         data = json.loads(path.read_text())
     except OSError as error:
         raise UserError(f"{path}: cannot read token file ({error.strerror or error})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise UserError(f"{path}: not a JSON token list ({error})") from None
     if isinstance(data, dict):
         data = data.get("tokens")
@@ -317,5 +317,10 @@ def run_tokenize(args) -> None:
 
 
 def run_detokenize(args) -> None:
-    """`liveperceiver detokenize`: the MIDI file decoded from a JSON token list."""
-    write_midi(decode_midi(read_token_file(args.tokens)), args.output)
+    """`liveperceiver detokenize`: the MIDI file decoded from a JSON token list; tokens that decode
+    to no note are refused, as `render` and `recover` refuse, rather than written over a file."""
+    check_outputs([args.output], [args.tokens])
+    midi = decode_midi(read_token_file(args.tokens))
+    if not any(instrument.notes for instrument in midi.instruments):
+        raise UserError(f"{args.tokens}: the tokens decode to no note; {args.output} not written")
+    write_midi(midi, args.output)

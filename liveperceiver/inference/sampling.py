@@ -23,6 +23,7 @@ from liveperceiver.inference.limits import (  # one set of limits for presets, f
     MAX_DENSITY_FOLLOW,
     MAX_DYNAMICS_FOLLOW,
     MAX_KEY_FOLLOW,
+    sampling_problem,
 )
 
 # The pitch-class histograms forget: each note-on scales its side's histogram (the player's or the
@@ -89,12 +90,9 @@ class SamplingSettings:
     seed: int | None = None
 
     def validate(self) -> None:
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature {self.temperature} must be > 0 (or use greedy sampling)")
-        if not 0 <= self.top_k <= vocab.VOCAB_SIZE:
-            raise ValueError(f"top_k {self.top_k} outside 0..{vocab.VOCAB_SIZE} (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p {self.top_p} outside (0, 1]")
+        problem = sampling_problem(self.temperature, self.top_k, self.top_p, self.greedy, self.seed)
+        if problem is not None:
+            raise ValueError(" ".join(problem))
 
     def updated(self, **changes) -> SamplingSettings:
         new = replace(self, **changes)

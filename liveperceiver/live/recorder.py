@@ -36,7 +36,7 @@ try:
 except ImportError:  # Windows: session directories are not locked
     fcntl = None
 
-from liveperceiver.core.errors import UserError, atomic_output
+from liveperceiver.core.errors import UserError, atomic_output, check_outputs
 
 JOURNAL = "journal.txt"
 SESSION_MIDI = "session.mid"
@@ -44,6 +44,8 @@ FLUSH_S = 0.1
 FSYNC_S = 1.0
 PLAYER, MODEL, TEMPO = "P", "M", "T"
 SUSTAIN = 64  # the sustain pedal's controller
+MAX_JOURNAL_MS = 0x0FFFFFFF  # a MIDI file's longest delta time at one tick per ms (74 h): later is no event
+TEMPO_RANGE = (10.0, 1000.0)  # bpm a journal's tempo line may hold (the file's ticks per beat follow it)
 TRACK_NAMES = {PLAYER: "Player", MODEL: "LivePerceiver"}
 
 
@@ -249,8 +251,13 @@ def _parse_journal(
             if len(parts) != 3 or parts[1] not in (TEMPO, *events):
                 raise ValueError(line)
             ms = float(parts[0])
+            if not 0 <= ms <= MAX_JOURNAL_MS:  # NaN too
+                raise ValueError(line)
             if parts[1] == TEMPO:
-                tempos.append(float(parts[2]))
+                bpm = float(parts[2])
+                if not TEMPO_RANGE[0] <= bpm <= TEMPO_RANGE[1]:
+                    raise ValueError(line)
+                tempos.append(bpm)
             else:
                 events[parts[1]].append((ms, list(bytes.fromhex(parts[2]))))
         except ValueError:
@@ -350,6 +357,7 @@ def recover(session_dir: str | Path, out: str | Path) -> dict[str, int]:
     journal = session_dir / JOURNAL if session_dir.is_dir() else session_dir
     if not journal.is_file():
         raise UserError(f"{session_dir}: no session journal ({JOURNAL}) found")
+    check_outputs([out], [journal])
     _, _, unreadable = _parse_journal(journal)
     midi, counts = journal_midi(journal)
     junk = ""

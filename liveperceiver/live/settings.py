@@ -14,10 +14,12 @@ from liveperceiver.inference.limits import (  # one set of limits for presets, f
     MAX_DENSITY_FOLLOW,
     MAX_DYNAMICS_FOLLOW,
     MAX_KEY_FOLLOW,
+    TEMPERATURE_RANGE,
 )
 from liveperceiver.inference.window import AUTO, LatentWindow, parse_window, resolve_window
 
 MODES = ("call", "duet", "listen")
+TEMPERATURE_TEXT = f"{TEMPERATURE_RANGE[0]:g} .. {TEMPERATURE_RANGE[1]:g}"
 QUANTIZE_GRIDS = ("off", "1/4", "1/8", "1/8t", "1/16", "1/16t", "1/32")
 ANSWER_ON = ("threshold", "beat", "bar")  # call mode with Link: where an answer starts (liveperceiver/live/link.py)
 
@@ -91,7 +93,11 @@ class Settings:
         """Raise ValueError naming the first field outside its allowed values."""
         checks = [
             ("mode", self.mode in MODES, f"one of {', '.join(MODES)}"),
-            ("temperature", 0.0 < self.temperature <= 5.0, "0 < temperature <= 5"),
+            (
+                "temperature",
+                TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1],
+                TEMPERATURE_TEXT,
+            ),
             ("top_k", 0 <= self.top_k <= 388, "0 (off) .. 388"),
             ("top_p", 0.0 < self.top_p <= 1.0, "0 < top_p <= 1"),
             (

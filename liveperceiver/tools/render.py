@@ -17,7 +17,7 @@ import tempfile
 import wave
 from pathlib import Path
 
-from liveperceiver.core.errors import UserError, atomic_path
+from liveperceiver.core.errors import UserError, atomic_path, check_outputs
 
 SOUNDFONT_CANDIDATES = [
     "/usr/share/sounds/sf2/FluidR3_GM.sf2",  # Debian/Ubuntu: fluid-soundfont-gm
@@ -40,6 +40,9 @@ INSTALL_HINT = (
 
 SILENCE_LEVEL = 4  # 16-bit sample values at or below this are FluidSynth's dither, not sound (about -78 dBFS)
 TAIL_SECONDS = 0.5  # kept after the last audible sample so a release is never cut mid-fade
+
+
+MAX_RENDER_SECONDS = 6 * 3600  # 16-bit stereo at 44.1 kHz: about 3.8 GB of WAV
 
 
 def find_fluidsynth() -> str:
@@ -93,9 +96,15 @@ def render_midi(
     midi_path, wav_path = Path(midi_path), Path(wav_path)
     if not 8000 <= sample_rate <= 96000:
         raise UserError(f"--sample-rate {sample_rate} is outside FluidSynth's range (8000 .. 96000)")
+    check_outputs([wav_path], [midi_path])
     midi = read_midi(midi_path)  # a corrupt file fails here, with the tokenizer's one-line message
     if not any(instrument.notes for instrument in midi.instruments):
         raise UserError(f"{midi_path}: no notes to render (a silent WAV would be all it held); nothing written")
+    if midi.get_end_time() > MAX_RENDER_SECONDS:  # a stray huge delta time: FluidSynth would fill the disk
+        hours = midi.get_end_time() / 3600
+        raise UserError(
+            f"{midi_path}: lasts {hours:.1f} h; render takes at most {MAX_RENDER_SECONDS // 3600} h; nothing written"
+        )
     fluidsynth = find_fluidsynth()
     font = find_soundfont(soundfont)
     try:

@@ -274,11 +274,12 @@ def check_windows(windows: list[int | str], max_latents: int) -> None:
 def run_eval(args) -> None:
     from liveperceiver.core.checkpoint import load_model
     from liveperceiver.core.errors import atomic_output
-    from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag
+    from liveperceiver.inference.limits import check_follow_flags, check_key_follow_flag, check_sampling_flags
     from liveperceiver.runtime import checked_device, configure_inference
 
     check_key_follow_flag(args.key_follow)
     check_follow_flags(args)
+    check_sampling_flags(args)
     if not 0.0 <= args.adapt <= 1.0:
         raise UserError(f"--adapt {args.adapt:g} is outside the allowed values (0 (off) .. 1)")
     check_counts(args)
