@@ -13,8 +13,9 @@ import threading
 
 import mido
 import pytest
-from conftest import MODEL_GOLDEN, TOKENIZER_GOLDEN, cli, one_line_error
+from conftest import MODEL_GOLDEN, TOKENIZER_GOLDEN
 
+from liveperceiver.cli import main
 from liveperceiver.core.errors import atomic_output
 
 PROMPT = TOKENIZER_GOLDEN / "v_basic.mid"
@@ -22,13 +23,30 @@ HEADER = "LPJ1 2026-01-01T12:00:00+00:00\n"
 
 
 @pytest.fixture
-def files(tmp_path):
-    """A prompt MIDI file, a token file and a session journal of the user's, in tmp_path."""
+def files(tmp_path, monkeypatch):
+    """A prompt MIDI file, a token file and a session journal of the user's, in tmp_path, the
+    working folder (the commands run in this process: `main`, as the console script calls it)."""
+    monkeypatch.chdir(tmp_path)
     shutil.copy(PROMPT, tmp_path / "prompt.mid")
     (tmp_path / "tokens.json").write_text(json.dumps([356 + 20, 60, 300, 188]))
     (tmp_path / "session").mkdir()
     (tmp_path / "session" / "journal.txt").write_text(HEADER + "10.000 P 903c50\n500.000 P 803c00\n")
     return tmp_path
+
+
+@pytest.fixture
+def user_error(capsys):
+    """Run a command; the one line its mistake gets (exit 2; a traceback would raise here)."""
+
+    def run(*args: str) -> str:
+        code = main(list(args))
+        err = capsys.readouterr().err
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        return lines[0]
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -42,20 +60,20 @@ def files(tmp_path):
     ],
     ids=["continue", "continue-tokens-out", "detokenize", "render", "recover"],
 )
-def test_an_output_named_like_an_input_is_refused_and_the_input_kept(files, command):
+def test_an_output_named_like_an_input_is_refused_and_the_input_kept(files, user_error, command):
     before = {path: path.read_bytes() for path in files.rglob("*") if path.is_file()}
-    message = one_line_error(cli(*command, cwd=files))
+    message = user_error(*command)
     assert "is the input" in message and "overwrite" in message, message
     assert {path: path.read_bytes() for path in files.rglob("*") if path.is_file()} == before
 
 
-def test_a_bad_extra_output_is_refused_before_the_main_one_is_written(files):
+def test_a_bad_extra_output_is_refused_before_the_main_one_is_written(files, user_error):
     (files / "out.mid").write_bytes(b"the user's earlier take")
     (files / "a-file").write_text("")
-    message = one_line_error(cli("continue", "prompt.mid", "-o", "out.mid", "--wav", "a-file/x.wav", cwd=files))
+    message = user_error("continue", "prompt.mid", "-o", "out.mid", "--wav", "a-file/x.wav")
     assert "a-file is a file, not a folder" in message, message
     assert (files / "out.mid").read_bytes() == b"the user's earlier take"
-    message = one_line_error(cli("continue", "prompt.mid", "-o", "out.mid", "--tokens-out", "out.mid", cwd=files))
+    message = user_error("continue", "prompt.mid", "-o", "out.mid", "--tokens-out", "out.mid")
     assert "named for two outputs" in message, message
 
 
@@ -73,20 +91,20 @@ def test_a_bad_extra_output_is_refused_before_the_main_one_is_written(files):
         (["--threads", "100000"], "threads 100000 must be 1 .."),
     ],
 )
-def test_numbers_that_are_not_numbers_are_refused_by_name(files, flags, named):
-    message = one_line_error(cli("continue", "prompt.mid", "-o", "out.mid", *flags, cwd=files))
+def test_numbers_that_are_not_numbers_are_refused_by_name(files, user_error, flags, named):
+    message = user_error("continue", "prompt.mid", "-o", "out.mid", *flags)
     assert named in message, message
     assert not (files / "out.mid").exists()
 
 
-def test_tokens_that_decode_to_no_note_are_not_written_over_a_file(files):
+def test_tokens_that_decode_to_no_note_are_not_written_over_a_file(files, user_error):
     (files / "out.mid").write_bytes(b"the user's earlier file")
     (files / "empty.json").write_text("[355, 355, 355]")
-    message = one_line_error(cli("detokenize", "empty.json", "-o", "out.mid", cwd=files))
+    message = user_error("detokenize", "empty.json", "-o", "out.mid")
     assert "decode to no note" in message, message
     assert (files / "out.mid").read_bytes() == b"the user's earlier file"
     (files / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    message = one_line_error(cli("detokenize", "deep.json", "-o", "deep.mid", cwd=files))
+    message = user_error("detokenize", "deep.json", "-o", "deep.mid")
     assert "not a JSON token list" in message, message
 
 
@@ -100,7 +118,7 @@ def test_tokens_that_decode_to_no_note_are_not_written_over_a_file(files):
     ],
     ids=["a-number", "null", "no-heads", "not-utf-8"],
 )
-def test_a_broken_model_folder_is_one_line(files, config, named):
+def test_a_broken_model_folder_is_one_line(files, user_error, config, named):
     model = files / "model"
     shutil.copytree(MODEL_GOLDEN / "tiny-a", model)
     if config is None:
@@ -108,29 +126,28 @@ def test_a_broken_model_folder_is_one_line(files, config, named):
         values["model_config"]["num_heads"] = 0
         config = json.dumps(values)
     (model / "config.json").write_bytes(config if isinstance(config, bytes) else config.encode())
-    message = one_line_error(cli("continue", "prompt.mid", "-o", "out.mid", "--model", "model", cwd=files))
+    message = user_error("continue", "prompt.mid", "-o", "out.mid", "--model", "model")
     assert named in message, message
 
 
-def test_a_journal_with_impossible_values_is_recovered_without_them(files):
+def test_a_journal_with_impossible_values_is_recovered_without_them(files, capsys):
     journal = files / "session" / "journal.txt"
     bad = ["1000.000 T 0", "1000.000 T nan", "nan P 903e50", "inf P 903e50", "1e300 P 903e50", "1100.000 T 2"]
     journal.write_text(HEADER + "10.000 P 903c50\n" + "\n".join(bad) + "\n500.000 P 803c00\n")
-    result = cli("recover", "session", "-o", "take.mid", cwd=files)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    assert "6 lines are not journal events" in result.stderr, result.stderr
+    assert main(["recover", "session", "-o", "take.mid"]) == 0
+    assert "6 lines are not journal events" in capsys.readouterr().err
     midi = mido.MidiFile(files / "take.mid")  # a file the project's own reader opens
     assert [m.note for m in midi.tracks[1] if m.type == "note_on"] == [60]
 
 
-def test_a_midi_file_hours_long_is_not_rendered(files):
+def test_a_midi_file_hours_long_is_not_rendered(files, user_error):
     midi = mido.MidiFile(ticks_per_beat=480)
     track = mido.MidiTrack()
     track.append(mido.Message("note_on", note=60, velocity=80, time=0x0FFFFFFF))  # a stray huge delta: 77 h
     track.append(mido.Message("note_off", note=60, velocity=0, time=480))
     midi.tracks.append(track)
     midi.save(files / "long.mid")
-    message = one_line_error(cli("render", "long.mid", "-o", "long.wav", cwd=files))
+    message = user_error("render", "long.mid", "-o", "long.wav")
     assert "render takes at most 6 h" in message, message
     assert not (files / "long.wav").exists()
 

@@ -245,7 +245,7 @@ def test_sigterm_stops_the_ui_as_its_quit_does_and_a_file_that_cannot_be_written
         assert no_stuck_notes(keys, session_dir / "journal.txt")
         assert "Traceback" not in said, said[-3000:]
         assert f"saved {session_dir / 'session.mid'}" in said, said[-3000:]
-        assert "take.mid: cannot write MIDI file" in said, said[-3000:]
+        assert "take.mid: " in said and "file is a file, not a folder" in said, said[-3000:]
         midi = mido.MidiFile(session_dir / "session.mid")
         assert [m.note for m in midi.tracks[1] if m.type == "note_on" and m.velocity > 1] == [60, 64, 67, 72]
         assert [m.note for m in midi.tracks[2] if m.type == "note_on" and m.velocity] == [
