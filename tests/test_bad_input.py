@@ -10,11 +10,13 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import mido
 import pytest
 from conftest import MODEL_GOLDEN, TOKENIZER_GOLDEN
 
+import liveperceiver
 from liveperceiver.cli import main
 from liveperceiver.core.errors import atomic_output
 
@@ -36,15 +38,16 @@ def files(tmp_path, monkeypatch):
 
 @pytest.fixture
 def user_error(capsys):
-    """Run a command; the one line its mistake gets (exit 2; a traceback would raise here)."""
+    """Run a command; the one line its mistake gets, last on stderr after what the command reported
+    before it (train its dataset's summary): exit 2, and a traceback would raise here."""
 
     def run(*args: str) -> str:
         code = main(list(args))
         err = capsys.readouterr().err
         assert code == 2, err
         lines = err.strip().splitlines()
-        assert len(lines) == 1, err
-        return lines[0]
+        assert lines[-1].startswith("liveperceiver: error: ") and err.count("liveperceiver: error: ") == 1, err
+        return lines[-1]
 
     return run
 
@@ -172,3 +175,46 @@ def test_writes_go_through_a_symbolic_link_and_into_a_named_pipe(tmp_path):
     reader.join(10)
     assert heard == [b"through the pipe"]
     assert not pipe.is_file() and pipe.exists()  # still a pipe
+
+
+@pytest.fixture(scope="module")
+def built_dataset(tmp_path_factory):
+    """A dataset built from the tokenizer's golden MIDI files (`dataset build`, in this process)."""
+    from liveperceiver.training.dataset import build, find_sources
+
+    folder = tmp_path_factory.mktemp("midis")
+    for path in TOKENIZER_GOLDEN.glob("v_*.mid"):
+        shutil.copy(path, folder / path.name)
+    out = tmp_path_factory.mktemp("dataset")
+    build(find_sources(str(folder)), out, jobs=1, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda index, tokens: (dict(index, pieces=[5]), tokens), "piece 1 is damaged"),
+        (lambda index, tokens: (dict(index, pieces=[{}]), tokens), "piece 1 is damaged"),
+        (lambda index, tokens: (dict(index, pieces=[dict(index["pieces"][0], length="14")]), tokens), "is damaged"),
+        (lambda index, tokens: (index, tokens[:-1]), "not whole 16-bit tokens"),
+        (lambda index, tokens: (index, tokens[:-2] + b"\xff\xff"), "token ids above 388"),
+    ],
+    ids=["a-number", "an-empty-entry", "a-text-length", "cut-short", "an-impossible-token"],
+)
+def test_a_damaged_dataset_is_one_line_for_eval_and_train(built_dataset, tmp_path, user_error, damage, named):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(built_dataset, damaged)
+    index, tokens = damage(json.loads((damaged / "index.json").read_text()), (damaged / "tokens.u16").read_bytes())
+    (damaged / "index.json").write_text(json.dumps(index))
+    (damaged / "tokens.u16").write_bytes(tokens)
+    assert named in user_error("eval", str(damaged), "--max-tokens", "100")
+    config = Path(liveperceiver.__file__).parent / "configs" / "tiny-test.toml"
+    assert named in user_error("train", "--config", str(config), "--data", str(damaged), "--out", str(tmp_path / "run"))
+
+
+def test_an_empty_name_to_evaluate_and_no_build_jobs_are_refused(tmp_path, user_error):
+    assert "an empty name was given" in user_error("eval", "")
+    assert "--jobs 0 must be at least 1" in user_error(
+        "dataset", "build", "--source", str(TOKENIZER_GOLDEN), "--out", str(tmp_path / "d"), "--jobs", "0"
+    )
+    assert not (tmp_path / "d").exists()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from liveperceiver.core import vocab
 from liveperceiver.core.errors import UserError
 from liveperceiver.training.sources import (
     MIDI_SUFFIXES,
@@ -399,7 +400,26 @@ def read_index(directory: Path) -> dict:
         raise UserError(
             f"{index_path}: not a dataset index (no 'pieces' list); rebuild with `liveperceiver dataset build`"
         )
+    for number, piece in enumerate(index["pieces"], start=1):
+        if not _piece_entry_ok(piece):
+            raise UserError(
+                f"{index_path}: piece {number} is damaged (it needs source, split, offset, length and shippable); "
+                "rebuild with `liveperceiver dataset build`"
+            )
     return index
+
+
+def _piece_entry_ok(piece: object) -> bool:
+    """An index entry as `build` writes it (an index edited by hand, or cut short, may not be)."""
+    if not isinstance(piece, dict):
+        return False
+    numbers = [piece.get("offset"), piece.get("length")]
+    return (
+        isinstance(piece.get("source"), str)
+        and piece.get("split") in ("train", "validation", "test")
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+        and isinstance(piece.get("shippable"), bool)
+    )
 
 
 def read_tokens(directory: Path) -> np.ndarray:
@@ -407,9 +427,19 @@ def read_tokens(directory: Path) -> np.ndarray:
     path = directory / "tokens.u16"
     if not path.is_file():
         raise UserError(f"{directory}: no tokens.u16; rebuild with `liveperceiver dataset build`")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    if size % 2:
+        raise UserError(
+            f"{path}: {size} bytes, not whole 16-bit tokens (cut short?); rebuild with `liveperceiver dataset build`"
+        )
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if int(tokens.max()) > vocab.PAD:  # one pass over the file: milliseconds for the datasets here
+        raise UserError(
+            f"{path}: holds token ids above {vocab.PAD} (damaged); rebuild with `liveperceiver dataset build`"
+        )
+    return tokens
 
 
 def source_group(piece: dict) -> str:
@@ -486,6 +516,8 @@ def run_build(args) -> None:
         raise UserError("no MIDI or score files found in the given sources")
     if getattr(args, "evaluation_only", False):  # an evaluation set: all in test, refused by train
         sources = [replace(source, evaluation_only=True) for source in sources]
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs} must be at least 1")
     summary = build(sources, Path(args.out), jobs=args.jobs, progress=not args.quiet, render=render)
     held = summary["evaluation_only_pieces"]
     print(

@@ -85,6 +85,8 @@ def load_inputs(inputs: list[str], split: str) -> tuple[list[list[int]], Path | 
         raise UserError(f"--split {split!r}: not a split (a dataset has {', '.join(SPLITS)})")
     pieces, dataset_dir = [], None
     for spec in inputs:
+        if not spec.strip():  # Path("") is the working folder: every MIDI file under it would be scored
+            raise UserError("an empty name was given for a dataset, folder or MIDI file to evaluate")
         path = Path(spec)
         if (path / "index.json").is_file():
             data = TokenDataset(path, split)
