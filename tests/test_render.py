@@ -87,6 +87,16 @@ def test_a_file_that_is_not_a_soundfont_is_refused(midi_file, tmp_path):
         render_midi(midi_file, tmp_path / "out.wav", soundfont=fake)
 
 
+def test_a_soundfont_fluidsynth_cannot_load_is_refused(midi_file, tmp_path):
+    # A SoundFont's header and nothing else passes the header check; FluidSynth then renders with
+    # its default one and exits 0.
+    fake = tmp_path / "header-only.sf2"
+    fake.write_bytes(b"RIFF\x04\x00\x00\x00sfbk")
+    with pytest.raises(UserError, match="FluidSynth cannot load this SoundFont"):
+        render_midi(midi_file, tmp_path / "out.wav", soundfont=fake)
+    assert not (tmp_path / "out.wav").exists() and leftovers(tmp_path) == []
+
+
 def test_soundfont_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LIVEPERCEIVER_SOUNDFONT", str(tmp_path / "nope.sf2"))
     with pytest.raises(UserError, match="LIVEPERCEIVER_SOUNDFONT"):

@@ -116,6 +116,8 @@ def render_midi(
             command = [fluidsynth, "-n", "-i", "-T", "wav", "-O", "s16", "-r", str(sample_rate)]
             command += ["-F", str(temporary), str(font), str(source)]
             result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if "Failed to load SoundFont" in result.stderr + result.stdout:  # it renders on with its default one
+                raise UserError(f"{font}: FluidSynth cannot load this SoundFont (damaged?); nothing written")
             if result.returncode != 0 or os.path.getsize(temporary) <= 44:
                 lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
                 detail = lines[-1] if lines else f"exit status {result.returncode}"
