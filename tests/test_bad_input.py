@@ -218,3 +218,17 @@ def test_an_empty_name_to_evaluate_and_no_build_jobs_are_refused(tmp_path, user_
         "dataset", "build", "--source", str(TOKENIZER_GOLDEN), "--out", str(tmp_path / "d"), "--jobs", "0"
     )
     assert not (tmp_path / "d").exists()
+
+
+def test_dataset_build_never_writes_into_a_folder_of_other_files_and_says_when_nothing_was_read(tmp_path, user_error):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("the user's own files")
+    message = user_error("dataset", "build", "--source", str(TOKENIZER_GOLDEN), "--out", str(tmp_path / "project"))
+    assert "not a dataset; give a new or empty folder" in message, message
+    assert sorted(path.name for path in (tmp_path / "project").iterdir()) == ["notes.txt"]
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.mid").write_bytes(b"not a MIDI file")
+    message = user_error(
+        "dataset", "build", "--source", str(tmp_path / "junk"), "--out", str(tmp_path / "d"), "--quiet"
+    )
+    assert "none of the 1 files could be read" in message, message

@@ -60,6 +60,9 @@ MUSIC21_DEFAULT_LICENCE = ("music21 corpus: mixed encodings, see music21/corpus/
 CCARH_RESERVED = "Rights to all derivative electronic formats reserved"
 
 
+BUILT = ("index.json", "tokens.u16", "cache")  # what `build` writes in its folder (cache/: a build cut short)
+
+
 def split_of(name: str, validation: float = 0.05, test: float = 0.05) -> str:
     """train/validation/test from a SHA-1 of the source name: stable across machines and reruns."""
     value = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
@@ -283,6 +286,8 @@ def build(
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder (the dataset is written as a folder)")
+    if out.is_dir() and not (out / "index.json").exists() and any(p.name not in BUILT for p in out.iterdir()):
+        raise UserError(f"{out}: a folder with other files in it, not a dataset; give a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -519,6 +524,10 @@ def run_build(args) -> None:
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs} must be at least 1")
     summary = build(sources, Path(args.out), jobs=args.jobs, progress=not args.quiet, render=render)
+    if not summary["pieces"]:
+        raise UserError(
+            f"none of the {summary['files']} files could be read (the warnings above say why); {args.out} holds no piece"
+        )
     held = summary["evaluation_only_pieces"]
     print(
         f"{summary['files']} files ({summary['converted']} converted, {summary['files'] - summary['converted']} cached), "
