@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import os
+import signal
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
@@ -144,3 +147,52 @@ def test_cli_renders(midi_file, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert out.stat().st_size > 44 * 1000
+
+
+def renders_into(folder: Path) -> list[int]:
+    """Process ids of the FluidSynth renders writing into `folder` (their command line names it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not a process
+            continue
+        if (
+            entry.name.isdigit()
+            and command
+            and command[0].endswith(b"fluidsynth")
+            and str(folder).encode() in b" ".join(command)
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+@needs_soundfont
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_render_takes_its_fluidsynth_with_it(tmp_path):
+    """A render whose process is killed must not leave FluidSynth writing on (seen: a test's timeout
+    killed the Python process, and its FluidSynth wrote 38 GB in 12 minutes)."""
+    midi = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(program=0)
+    piano.notes.append(pretty_midi.Note(velocity=100, pitch=60, start=0.0, end=1.0))
+    piano.notes.append(pretty_midi.Note(velocity=100, pitch=64, start=5 * 3600.0, end=5 * 3600.0 + 1))  # 5 hours
+    midi.instruments.append(piano)
+    midi.write(str(tmp_path / "long.mid"))
+    script = "import sys; from liveperceiver.tools.render import render_midi; render_midi(sys.argv[1], sys.argv[2])"
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "long.mid"), str(tmp_path / "long.wav")])
+    try:
+        deadline = time.monotonic() + 60
+        while not renders_into(tmp_path) and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.05)
+        assert renders_into(tmp_path), "FluidSynth never started"
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while renders_into(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert renders_into(tmp_path) == []
+    finally:
+        for pid in renders_into(tmp_path):  # never leave one writing, whatever failed above
+            os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
