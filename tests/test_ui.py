@@ -8,6 +8,7 @@ real `Session` with the tiny model.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from liveperceiver.live.commands import PlayerNoteOff, PlayerNoteOn
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.live.snapshot import Snapshot
-from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen
+from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen, in_time_order
 from liveperceiver.ui.widgets import CONTROLS, Panel, PianoRoll
 from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import Keyboard, jack_server, wait_for  # noqa: F401
@@ -279,6 +280,96 @@ def test_snapshot_error_is_shown_and_the_ui_keeps_running(tiny_model, tmp_path):
             assert any("temperature" in line for line in app.ui_log)
 
     asyncio.run(drive())
+
+
+def test_the_key_that_closes_the_help_does_nothing_else(tiny_model, tmp_path):
+    """`?` then `q` quit the session (the help's key went on to the app), `r` reset it, space paused."""
+    app, session = replay_app(tiny_model, tmp_path)
+
+    async def drive():
+        async with app.run_test(size=(100, 30)) as pilot:
+            for key in ("q", "r", "space", "s", "p"):
+                await pilot.press("question_mark")
+                assert isinstance(app.screen, HelpScreen)
+                await pilot.press(key)
+                await pilot.pause()
+                assert not isinstance(app.screen, HelpScreen | SaveScreen), key
+            assert session.calls == [] and not app.quitting
+
+    asyncio.run(drive())
+
+
+def test_a_save_name_never_replaces_a_file_and_a_name_of_no_file_is_one_warning(tiny_model, tmp_path):
+    app, session = replay_app(tiny_model, tmp_path)
+    folder = session.recorder.dir = tmp_path  # where the session saves (the replay writes there too)
+    (folder / "take-1.mid").write_bytes(b"an earlier take")
+
+    async def save_as(pilot, name: str) -> None:
+        await pilot.press("s")
+        app.screen.query_one("Input").value = name
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+    async def drive():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await save_as(pilot, "take-1")  # taken: numbered beside it
+            await save_as(pilot, "take-1.5")  # a dot in the name is not its suffix
+            await save_as(pilot, "/")  # crashed the UI (ValueError from with_suffix)
+            await save_as(pilot, "..")
+            saved = [call[1].name for call in session.calls if call[0] == "save"]
+            assert saved == ["take-1-2.mid", "take-1.5.mid"]
+            assert sum("names no file; nothing saved" in line for line in app.ui_log) == 2
+            assert app.is_running
+
+    asyncio.run(drive())
+    assert (folder / "take-1.mid").read_bytes() == b"an earlier take"
+
+
+def test_space_pauses_and_resumes_by_what_it_asked_last(tiny_model, tmp_path):
+    """The snapshot says "paused" only once the engine thread applied it, and "stopped" while the
+    DAW's transport is: two quick presses sent pause(True) twice, and a stopped transport never resumed."""
+    app, session = replay_app(tiny_model, tmp_path)
+    session.pause = lambda paused=True: session.calls.append(("pause", paused))  # applied later, elsewhere
+
+    async def drive():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("space", "space", "space")
+            assert [call for call in session.calls if call[0] == "pause"] == [
+                ("pause", True),
+                ("pause", False),
+                ("pause", True),
+            ]
+
+    asyncio.run(drive())
+
+
+def test_the_arrow_keys_change_the_temperature_on_a_short_terminal(tiny_model, tmp_path):
+    """At 80x18 the side panel scrolls, and it took the arrow keys (the temperature never moved)."""
+    app, session = replay_app(tiny_model, tmp_path)
+    before = session.settings.temperature
+
+    async def drive():
+        async with app.run_test(size=(80, 18)) as pilot:
+            await pilot.press("up")
+            await pilot.pause()
+
+    asyncio.run(drive())
+    assert session.settings.temperature == pytest.approx(before + 0.05)
+
+
+def test_the_log_stays_in_time_order_across_midnight():
+    lines = ["23:59:40 before midnight", "00:00:20 after midnight", "23:58:00 earlier", "not stamped"]
+    now = datetime.datetime(2026, 12, 6, 0, 0, 30)
+    assert in_time_order(lines, now) == [
+        "23:58:00 earlier",
+        "23:59:40 before midnight",
+        "00:00:20 after midnight",
+        "not stamped",
+    ]
+    assert in_time_order(["12:00:05 a moment later"], datetime.datetime(2026, 12, 6, 12, 0, 0)) == [
+        "12:00:05 a moment later"
+    ]
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -100,7 +100,9 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         yield Static(HELP, id="help")
 
-    def on_key(self) -> None:
+    def on_key(self, event: events.Key) -> None:
+        event.stop()  # the key only closes the help: `?` then `q` quit the session
+        event.prevent_default()
         self.dismiss()
 
     def on_click(self) -> None:
@@ -224,6 +226,7 @@ class LivePerceiverApp(App):
         self.counts = (0, 0)
         self.lit = [-1e9, -1e9]  # when the in/out lights last turned on
         self.quitting = False
+        self.paused = False  # what space asked last (action_pause)
         self.last_warning = ""
         self.saved: Path | None = None
         self.info = self._model_info()
@@ -239,7 +242,7 @@ class LivePerceiverApp(App):
         with Horizontal(id="middle"):
             with Vertical(id="roll-box"):
                 yield PianoRoll(id="roll")
-            with VerticalScroll(id="side"):
+            with VerticalScroll(id="side", can_focus=False):  # else, scrollable, it takes the arrow keys
                 yield Panel("Controls  , . select  - + change", id="controls")
                 yield Panel("Meters  p50 / p99", id="meters")
         yield Panel("Log", id="log")
@@ -346,7 +349,7 @@ class LivePerceiverApp(App):
         controls.show(controls_text(snap, self.selected, height=controls.content_size.height))
         screen.query_one("#meters", Panel).show(meters_text(snap))
         log = screen.query_one("#log", Panel)
-        lines = sorted([*snap.log[-20:], *list(self.ui_log)[-20:]])
+        lines = in_time_order([*snap.log[-20:], *list(self.ui_log)[-20:]], datetime.datetime.now())
         shown = lines[-max(1, log.content_size.height) :]
         log.show(Text("\n".join(shown), no_wrap=True, overflow="ellipsis", style="#9aa3b5"))
 
@@ -365,9 +368,11 @@ class LivePerceiverApp(App):
         return True
 
     def action_pause(self) -> None:
-        paused = self.snap is not None and self.snap.state == "paused"
-        self.session.pause(not paused)
-        self.log_line("model resumed" if paused else "model paused")
+        """Pause or resume by what was asked last, not by the snapshot: the engine thread applies
+        a pause a moment later, and a stopped transport shows as "stopped", not "paused"."""
+        self.paused = not self.paused
+        self.session.pause(self.paused)
+        self.log_line("model paused" if self.paused else "model resumed")
 
     def action_mode(self) -> None:
         mode = self.session.settings.mode
@@ -429,15 +434,26 @@ class LivePerceiverApp(App):
         self.push_screen(SaveScreen(default), self._save_named)
 
     def _save_named(self, name: str | None) -> None:
+        """The name typed in the save dialog: in the session folder unless a path, `.mid` added to
+        the whole name (`take-1.5` is `take-1.5.mid`); a name that names no file is one warning."""
         if name is None:
             return
         snap = self.snap
         folder = Path(snap.session_dir) if snap is not None and snap.session_dir else Path.cwd()
-        path = Path(name) if Path(name).is_absolute() else folder / name
-        self.save_in_background(path if path.suffix in (".mid", ".midi") else path.with_suffix(".mid"))
+        typed = Path(name.strip()).expanduser()
+        if typed.name in ("", ".", ".."):
+            self.log_line(f"warning: save: {name!r} names no file; nothing saved")
+            return
+        path = typed if typed.is_absolute() else folder / typed
+        self.save_in_background(
+            path if path.suffix.lower() in (".mid", ".midi") else path.with_name(path.name + ".mid")
+        )
 
     @work(thread=True, group="save")
     def save_in_background(self, path: Path) -> None:
+        """Save off the event loop; a file of that name already there (an earlier take) is kept and
+        this one numbered beside it."""
+        path = unused_name(path)
         try:
             saved = self.session.save(path)
         except Exception as error:
@@ -549,6 +565,36 @@ class LivePerceiverApp(App):
     def _select(self, index: int) -> None:
         self.selected = index
         self.refresh_view()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or `name-2.mid`, `name-3.mid`, ... beside it if that is taken: a save never replaces a file."""
+    candidate, number = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        number += 1
+    return candidate
+
+
+SKEW_S = 60  # a line stamped up to this much after `now` is the newest, not a day old
+
+
+def in_time_order(lines: list[str], now: datetime.datetime) -> list[str]:
+    """Log lines stamped HH:MM:SS, oldest first, across midnight too: by how long before `now` each
+    was stamped (modulo a day), not by the text (00:00:20 sorted above 23:59:40 and was hidden)."""
+    today = now.hour * 3600 + now.minute * 60 + now.second
+
+    def age(line: str) -> int:
+        try:
+            hours, minutes, seconds = (int(part) for part in line[:8].split(":"))
+        except ValueError:
+            return 0
+        return (today - (hours * 3600 + minutes * 60 + seconds) + SKEW_S) % 86400 - SKEW_S
+
+    return sorted(lines, key=age, reverse=True)
 
 
 # --------------------------------------------------------------------------- entry point
