@@ -22,8 +22,8 @@ from liveperceiver.live.commands import PlayerNoteOff, PlayerNoteOn
 from liveperceiver.live.session import Session
 from liveperceiver.live.settings import Settings
 from liveperceiver.live.snapshot import Snapshot
-from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen, in_time_order
-from liveperceiver.ui.widgets import CONTROLS, Panel, PianoRoll
+from liveperceiver.ui.app import HelpScreen, LivePerceiverApp, PortsScreen, SaveScreen
+from liveperceiver.ui.widgets import CONTROLS, Panel, PianoRoll, in_time_order
 from tests.conftest import MODEL_GOLDEN
 from tests.jack_fixture import Keyboard, jack_server, wait_for  # noqa: F401
 

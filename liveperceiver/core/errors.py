@@ -127,3 +127,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or `name-2.mid`, `name-3.mid`, ... beside it if that is taken: a save never replaces a file."""
+    candidate, number = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        number += 1
+    return candidate

@@ -25,6 +25,7 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 
+from liveperceiver.core.errors import unused_name
 from liveperceiver.inference.window import next_window
 from liveperceiver.live.settings import MODES, QUANTIZE_GRIDS
 from liveperceiver.live.snapshot import LiveSession, Snapshot
@@ -35,6 +36,7 @@ from liveperceiver.ui.widgets import (
     Panel,
     PianoRoll,
     controls_text,
+    in_time_order,
     meters_text,
     model_text,
     ports_text,
@@ -565,36 +567,6 @@ class LivePerceiverApp(App):
     def _select(self, index: int) -> None:
         self.selected = index
         self.refresh_view()
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def unused_name(path: Path) -> Path:
-    """`path`, or `name-2.mid`, `name-3.mid`, ... beside it if that is taken: a save never replaces a file."""
-    candidate, number = path, 2
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
-        number += 1
-    return candidate
-
-
-SKEW_S = 60  # a line stamped up to this much after `now` is the newest, not a day old
-
-
-def in_time_order(lines: list[str], now: datetime.datetime) -> list[str]:
-    """Log lines stamped HH:MM:SS, oldest first, across midnight too: by how long before `now` each
-    was stamped (modulo a day), not by the text (00:00:20 sorted above 23:59:40 and was hidden)."""
-    today = now.hour * 3600 + now.minute * 60 + now.second
-
-    def age(line: str) -> int:
-        try:
-            hours, minutes, seconds = (int(part) for part in line[:8].split(":"))
-        except ValueError:
-            return 0
-        return (today - (hours * 3600 + minutes * 60 + seconds) + SKEW_S) % 86400 - SKEW_S
-
-    return sorted(lines, key=age, reverse=True)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -6,6 +6,7 @@ terminal only delays drawing, never the music.
 
 from __future__ import annotations
 
+import datetime
 from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
@@ -356,3 +357,21 @@ def clock_line(snapshot: Snapshot, width: int = 40) -> str:
     tempo = "" if snapshot.bpm is None else f" {snapshot.bpm:.1f} BPM"
     line = f"{'clock':<10}" + ("MIDI" + tempo if source == MIDI_CLOCK else "free")
     return line + ("  (link: 0 peers)" if link is not None else "")
+
+
+SKEW_S = 60  # a line stamped up to this much after `now` is the newest, not a day old
+
+
+def in_time_order(lines: list[str], now: datetime.datetime) -> list[str]:
+    """Log lines stamped HH:MM:SS, oldest first, across midnight too: by how long before `now` each
+    was stamped (modulo a day), not by the text (00:00:20 sorted above 23:59:40 and was hidden)."""
+    today = now.hour * 3600 + now.minute * 60 + now.second
+
+    def age(line: str) -> int:
+        try:
+            hours, minutes, seconds = (int(part) for part in line[:8].split(":"))
+        except ValueError:
+            return 0
+        return (today - (hours * 3600 + minutes * 60 + seconds) + SKEW_S) % 86400 - SKEW_S
+
+    return sorted(lines, key=age, reverse=True)
