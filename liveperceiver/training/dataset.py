@@ -421,7 +421,7 @@ def _piece_entry_ok(piece: object) -> bool:
     numbers = [piece.get("offset"), piece.get("length")]
     return (
         isinstance(piece.get("source"), str)
-        and piece.get("split") in ("train", "validation", "test")
+        and piece.get("split") in SPLITS
         and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
         and isinstance(piece.get("shippable"), bool)
     )
